@@ -1,0 +1,259 @@
+"""The facade: ``Agent(env, seed, **overrides)`` with learn / predict / save, plus ``load`` and ``evaluate``.
+
+It composes the parts — policy, critic, sampler, actor update (curvature × step rule), logger — and
+owns none of the maths itself.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from . import checkpoint
+from .algorithms import default_config, make_actor_update
+from .config import Config
+from .critics import ValueCritic
+from .envs import ObsNormalizer, RewardScaler, check_spaces, env_family, make_vec_env, probe_spaces
+from .logger import Logger
+from .policies import make_policy
+from .rollout import Sampler
+from .train import iteration
+
+
+def space_to_dict(space: gym.Space) -> dict[str, Any]:
+    if isinstance(space, gym.spaces.Box):
+        return {"type": "Box", "low": space.low.tolist(), "high": space.high.tolist(),
+                "shape": list(space.shape), "dtype": str(space.dtype)}
+    if isinstance(space, gym.spaces.Discrete):
+        return {"type": "Discrete", "n": int(space.n), "start": int(space.start)}
+    raise ValueError(f"cannot record space {space}")
+
+
+def space_from_dict(d: dict[str, Any]) -> gym.Space:
+    if d["type"] == "Box":
+        return gym.spaces.Box(np.array(d["low"], dtype=d["dtype"]), np.array(d["high"], dtype=d["dtype"]),
+                              dtype=d["dtype"])
+    if d["type"] == "Discrete":
+        return gym.spaces.Discrete(d["n"], start=d["start"])
+    raise ValueError(f"unknown space type {d['type']!r} in checkpoint")
+
+
+class Agent:
+    """An on-policy agent. Subclasses only name their algorithm; the composition comes from the config."""
+
+    algorithm = "npg"
+
+    def __init__(self, env: str, seed: int = 0, **overrides: Any):
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        config = default_config(self.algorithm, env_family(env)).override(**overrides).validate()
+        self._build(env, seed, config, *probe_spaces(env))
+
+    def _build(self, env_id: str, seed: int, config: Config, observation_space: gym.Space,
+               action_space: gym.Space) -> None:
+        check_spaces(observation_space, action_space)
+        if config.run.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={config.run.device!r} requested but CUDA is not available")
+        self.env_id, self.seed, self.config = env_id, seed, config
+        self.observation_space, self.action_space = observation_space, action_space
+        self.device = torch.device(config.run.device)
+        torch.set_num_threads(config.run.torch_threads)
+        torch.manual_seed(seed)
+        p, c = config.policy, config.critic
+        obs_dim = int(np.prod(observation_space.shape))
+        self.policy = make_policy(observation_space, action_space, p.hidden, p.activation, p.log_std_init).to(self.device)
+        self.critic = ValueCritic(obs_dim, c.critic_hidden, p.activation, c.critic_lr, c.critic_epochs,
+                                  c.critic_minibatch).to(self.device)
+        self.obs_normalizer = ObsNormalizer((obs_dim,), config.env.obs_clip, config.env.normalize_obs)
+        self.reward_scaler = RewardScaler(config.env.n_envs, config.advantage.gamma, config.env.reward_clip,
+                                          config.env.normalize_reward)
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.cpu_generator = torch.Generator().manual_seed(seed + 1)
+        self.actor_update = make_actor_update(config, self.cpu_generator)
+        self.env_steps = 0
+        self.updates = 0
+        self._sampler: Sampler | None = None
+
+    # --- training -------------------------------------------------------------------------------
+    def learn(self, total_steps: int, out_dir: str | None = None, progress_bar: bool = False,
+              reset: bool = True, callback=None) -> "Agent":
+        """Train for ``total_steps`` more environment steps (rounded down to whole batches).
+
+        ``out_dir`` receives progress.csv, TensorBoard events and checkpoints; ``reset=False`` keeps
+        stepping the environments where the previous ``learn`` left them.
+        """
+        batch = self.config.batch_size
+        if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < batch:
+            raise ValueError(f"total_steps must be an integer ≥ one batch ({self.config.env.n_envs} envs × "
+                             f"{self.config.rollout.n_steps} steps = {batch}), got {total_steps!r}")
+        n_updates = total_steps // batch
+        if reset or self._sampler is None:
+            self._close_sampler()
+            envs = make_vec_env(self.env_id, self.config.env.n_envs, self.config.env.vectorization)
+            self._sampler = Sampler(envs, self.obs_normalizer, self.reward_scaler, self.seed + self.updates,
+                                    self.device, self.generator)
+        self.obs_normalizer.frozen = False
+        run = self.config.run
+        logger = Logger(out_dir, run.tensorboard, progress_bar, total_steps=self.env_steps + n_updates * batch,
+                        resume=not reset)
+        start = time.perf_counter()
+        steps_at_start = self.env_steps
+        try:
+            for _ in range(n_updates):
+                stats = iteration(self._sampler, self.policy, self.critic, self.actor_update, self.config,
+                                  self.config.rollout.n_steps, self.cpu_generator)
+                self.updates += 1
+                self.env_steps += batch
+                wall = time.perf_counter() - start
+                row = {"env_steps": self.env_steps, "updates": self.updates,
+                       "ep_return_mean": self.recent_return(), "ep_length_mean": _mean(self._sampler.recent_lengths),
+                       "episodes": self._sampler.episodes, "wall_s": wall,
+                       "steps_per_s": (self.env_steps - steps_at_start) / max(wall, 1e-9), **stats}
+                if self.updates % run.log_interval == 0:
+                    logger.record(row)
+                if out_dir and run.checkpoint_every and self.updates % run.checkpoint_every == 0:
+                    self.save(out_dir)
+                if callback is not None and callback(self, row) is False:
+                    break
+        finally:
+            logger.close()
+        if out_dir:
+            self.save(out_dir)
+        return self
+
+    def recent_return(self) -> float:
+        """Mean undiscounted return of the last (up to) 100 finished training episodes."""
+        return _mean(self._sampler.recent_returns) if self._sampler else float("nan")
+
+    def _close_sampler(self) -> None:
+        if self._sampler is not None:
+            self._sampler.close()
+            self._sampler = None
+
+    def close(self) -> None:
+        self._close_sampler()
+
+    # --- acting ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
+        """Action(s) for one observation or a batch (numpy in, numpy out), with frozen normalisation.
+
+        Box actions are clipped to the action bounds, as they are when training.
+        """
+        shape = self.observation_space.shape
+        obs = np.asarray(obs, dtype=np.float64)
+        if obs.shape == shape:
+            single = True
+        elif obs.shape[1:] == shape and obs.ndim == len(shape) + 1:
+            single = False
+        else:
+            raise ValueError(f"observation of shape {obs.shape} does not match the policy's observation shape "
+                             f"{shape} (or a batch of them, [B, {', '.join(map(str, shape))}])")
+        flat = obs.reshape(1 if single else obs.shape[0], -1)
+        x = torch.from_numpy(self.obs_normalizer.normalize(flat)).to(self.device)
+        eta = self.policy(x)
+        act = (self.policy.mode(eta) if deterministic else self.policy.sample(eta, self.generator)).cpu().numpy()
+        if isinstance(self.action_space, gym.spaces.Box):
+            act = np.clip(act, self.action_space.low, self.action_space.high).astype(self.action_space.dtype)
+        return act[0] if single else act
+
+    # --- persistence ----------------------------------------------------------------------------
+    def save(self, path: str) -> str:
+        """Write a checkpoint to ``path`` (a directory, or a file ending in .pt); returns the file written."""
+        meta = {
+            "algorithm": self.algorithm, "env_id": self.env_id, "seed": self.seed, "config": self.config.to_dict(),
+            "observation_space": space_to_dict(self.observation_space),
+            "action_space": space_to_dict(self.action_space),
+            "obs_normalizer": self.obs_normalizer.rms.state_dict(),
+            "reward_scaler": self.reward_scaler.rms.state_dict(),
+            "env_steps": self.env_steps, "updates": self.updates,
+        }
+        tensors = {"policy": self.policy.state_dict(), "critic": self.critic.state_dict(),
+                   "critic_optimizer": self.critic.optimizer.state_dict()}
+        file = checkpoint.write(path, meta, tensors)
+        if not str(path).endswith(".pt"):
+            import json
+
+            with open(os.path.join(path, "config.json"), "w") as f:
+                json.dump({"algorithm": self.algorithm, "env_id": self.env_id, "seed": self.seed,
+                           **self.config.to_dict()}, f, indent=2)
+        return file
+
+    @classmethod
+    def _from_checkpoint(cls, meta: dict[str, Any], tensors: dict[str, Any]) -> "Agent":
+        agent = cls.__new__(cls)
+        config = Config.from_dict(meta["config"]).validate()
+        agent._build(meta["env_id"], meta["seed"], config, space_from_dict(meta["observation_space"]),
+                     space_from_dict(meta["action_space"]))
+        agent.policy.load_state_dict(tensors["policy"])
+        agent.critic.load_state_dict(tensors["critic"])
+        agent.critic.optimizer.load_state_dict(tensors["critic_optimizer"])
+        agent.obs_normalizer.rms.load_state_dict(meta["obs_normalizer"])
+        agent.reward_scaler.rms.load_state_dict(meta["reward_scaler"])
+        agent.env_steps, agent.updates = int(meta["env_steps"]), int(meta["updates"])
+        return agent
+
+
+def _mean(values) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+class NPG(Agent):
+    """Natural policy gradient (Kakade 2001): d = F⁻¹g by CG on exact Fisher products, KL-budget or fixed step."""
+
+    algorithm = "npg"
+
+
+class TRPO(Agent):
+    """TRPO (Schulman et al. 2015): the NPG direction with a backtracking line search on KL and surrogate."""
+
+    algorithm = "trpo"
+
+
+class VPG(Agent):
+    """Vanilla policy gradient: the standard gradient (identity curvature) with a fixed step."""
+
+    algorithm = "vpg"
+
+
+ALGORITHM_CLASSES: dict[str, type[Agent]] = {"npg": NPG, "trpo": TRPO, "vpg": VPG}
+
+
+def load(path: str) -> Agent:
+    """Load a checkpoint written by ``Agent.save``; the algorithm class is recorded inside."""
+    meta, tensors = checkpoint.read(path)
+    algo = meta.get("algorithm")
+    if algo not in ALGORITHM_CLASSES:
+        raise ValueError(f"checkpoint at {path!r} is for algorithm {algo!r}, unknown to this natpg "
+                         f"(known: {sorted(ALGORITHM_CLASSES)})")
+    return ALGORITHM_CLASSES[algo]._from_checkpoint(meta, tensors)
+
+
+def evaluate(agent: Agent, env: str | None = None, episodes: int = 10, seed: int = 123,
+             deterministic: bool = True) -> tuple[float, float]:
+    """Mean and std of the undiscounted return over ``episodes`` episodes, with frozen normalisation.
+
+    Episodes run in parallel copies of ``env`` (default: the agent's own), copy i seeded ``seed + i``.
+    """
+    env_id = env or agent.env_id
+    if not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"episodes must be an integer ≥ 1, got {episodes!r}")
+    envs = make_vec_env(env_id, episodes, "sync")
+    try:
+        obs, _ = envs.reset(seed=seed)
+        returns = np.zeros(episodes)
+        finished = np.zeros(episodes, bool)
+        while not finished.all():
+            act = agent.predict(obs, deterministic=deterministic)
+            obs, rew, term, trunc, _ = envs.step(act)
+            returns += np.where(finished, 0.0, rew)
+            finished |= term | trunc
+    finally:
+        envs.close()
+    return float(returns.mean()), float(returns.std())

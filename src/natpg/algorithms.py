@@ -1,0 +1,118 @@
+"""Algorithms as compositions: actor update = curvature × step rule (or PPO's clip), plus the critic.
+
+NPG, TRPO, ACKTR and VPG differ only in how F⁻¹g is approximated and how the step length is chosen;
+each is a row of ``COMPOSITIONS`` and a preset, never a subclass with a copied update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributions import kl_divergence
+
+from . import fisher
+from .config import Config
+from .params import flatten
+from .steps import FixedStep, KLStep, LineSearch
+
+
+@dataclass
+class Batch:
+    """One update's data, flattened over (T, N). obs [B, D], act [B, ...], adv [B], ret [B],
+    logp_old [B] and eta_old [B, K] (old distribution parameters, detached)."""
+
+    obs: torch.Tensor
+    act: torch.Tensor
+    adv: torch.Tensor
+    ret: torch.Tensor
+    logp_old: torch.Tensor
+    eta_old: torch.Tensor
+
+
+def surrogate(policy: nn.Module, batch: Batch) -> torch.Tensor:
+    """L(θ) = mean_b π_θ(a_b|s_b)/π_old(a_b|s_b) · A_b; its gradient at θ_old is the policy gradient."""
+    logp = policy.dist(batch.obs).log_prob(batch.act)
+    return (torch.exp(logp - batch.logp_old) * batch.adv).mean()
+
+
+def mean_kl(policy: nn.Module, batch: Batch) -> torch.Tensor:
+    """mean_b KL(π_old(·|s_b) ‖ π_θ(·|s_b)), old first and detached."""
+    return kl_divergence(policy.head.dist(batch.eta_old), policy.dist(batch.obs)).mean()
+
+
+def make_curvature(cfg: Config, generator: torch.Generator | None):
+    c = cfg.curvature
+    if c.fisher == "cg":
+        return fisher.CG(damping=c.damping, iters=c.cg_iters, tol=c.cg_tol, subsample=c.fvp_subsample,
+                         warm_start=c.cg_warm_start, generator=generator)
+    if c.fisher == "dense":
+        return fisher.Dense(damping=c.damping, subsample=c.fvp_subsample, generator=generator)
+    if c.fisher == "identity":
+        return fisher.Identity()
+    approximations = {"kfac": "KFAC", "diagonal": "Diagonal", "empirical": "Empirical"}
+    cls = getattr(fisher, approximations[c.fisher], None)
+    if cls is None:
+        raise ValueError(f"fisher={c.fisher!r} is not available in this build of natpg")
+    return cls(damping=c.damping, generator=generator)
+
+
+def make_step_rule(cfg: Config):
+    s = cfg.step
+    if s.step == "fixed":
+        return FixedStep(s.alpha)
+    if s.step == "kl":
+        return KLStep(s.max_kl)
+    if s.step == "linesearch":
+        return LineSearch(s.max_kl, s.backtrack_shrink, s.backtrack_iters)
+    raise ValueError(f"step={s.step!r} is not available for algorithm {cfg.algorithm!r}")
+
+
+class NaturalGradientUpdate:
+    """One natural-gradient actor update: g = ∇L, d = F⁻¹g, then the step rule moves θ along d."""
+
+    def __init__(self, curvature, step_rule):
+        self.curvature, self.step_rule = curvature, step_rule
+
+    def update(self, policy: nn.Module, batch: Batch) -> dict[str, Any]:
+        params = policy.actor_parameters()
+        surr_before = surrogate(policy, batch)
+        g = flatten(torch.autograd.grad(surr_before, params)).detach()
+        self.curvature.fit(policy, batch.obs, batch.act)
+        d = self.curvature.solve(g)
+
+        @torch.no_grad()
+        def evaluate() -> tuple[float, float]:
+            return float(surrogate(policy, batch)), float(mean_kl(policy, batch))
+
+        stats = self.step_rule.apply(params, d, g, self.curvature, evaluate)
+        with torch.no_grad():
+            stats["step/kl"] = float(mean_kl(policy, batch))
+            stats["step/surrogate_gain"] = float(surrogate(policy, batch)) - float(surr_before)
+        stats["grad/norm"] = float(g.norm())
+        return {**stats, **self.curvature.stats}
+
+
+def make_actor_update(cfg: Config, generator: torch.Generator | None):
+    return NaturalGradientUpdate(make_curvature(cfg, generator), make_step_rule(cfg))
+
+
+# Presets: algorithm defaults, then per environment family. Sources are cited in docs/algorithms.md.
+ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "npg": {"fisher": "cg", "step": "kl", "max_kl": 0.01},
+    "trpo": {"fisher": "cg", "step": "linesearch", "max_kl": 0.01},
+    "vpg": {"fisher": "identity", "step": "fixed"},
+}
+FAMILY_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
+    ("npg", "classic"): {"n_envs": 8, "n_steps": 256, "max_kl": 0.02, "damping": 0.1},
+    ("npg", "mujoco"): {"n_envs": 8, "n_steps": 256, "max_kl": 0.02, "damping": 0.1, "normalize_reward": True},
+}
+
+
+def default_config(algorithm: str, family: str) -> Config:
+    if algorithm not in ALGORITHM_DEFAULTS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; valid: {sorted(ALGORITHM_DEFAULTS)}")
+    return Config(algorithm=algorithm).override(**{**ALGORITHM_DEFAULTS[algorithm],
+                                                **FAMILY_DEFAULTS.get((algorithm, family), {})})

@@ -1,0 +1,233 @@
+"""Typed configuration: one dataclass per concern, every field documented, unknown keys rejected.
+
+Users override fields by their flat names (``natpg.NPG(env, max_kl=0.02, n_envs=4)``); every field
+name is unique across the sections so a flat name says exactly what it sets. ``Config.validate()``
+runs before any work and names the valid choices when a value is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ALGORITHMS = ("npg", "trpo", "acktr", "nac", "ppo", "vpg")
+FISHERS = ("cg", "dense", "kfac", "diagonal", "empirical", "identity")
+STEP_RULES = ("fixed", "kl", "linesearch", "kfac_clip", "ppo_clip")
+
+
+@dataclass
+class EnvConfig:
+    n_envs: int = 8
+    """Number of environment copies stepped together by one vector environment."""
+    vectorization: str = "sync"
+    """'sync' steps the copies in this process; 'async' runs each in a subprocess."""
+    normalize_obs: bool = True
+    """Running mean/std normalisation of observations (saved with the model, frozen at evaluation)."""
+    obs_clip: float = 10.0
+    """Normalised observations are clipped to [-obs_clip, obs_clip]."""
+    normalize_reward: bool = False
+    """Divide rewards by the running std of the discounted return (VecNormalize-style reward scaling)."""
+    reward_clip: float = 10.0
+    """Scaled rewards are clipped to [-reward_clip, reward_clip]."""
+
+
+@dataclass
+class RolloutConfig:
+    n_steps: int = 256
+    """Steps per environment per update; the batch is n_envs × n_steps transitions."""
+
+
+@dataclass
+class AdvantageConfig:
+    gamma: float = 0.99
+    """Discount factor γ."""
+    gae_lambda: float = 0.95
+    """GAE λ: 0 is one-step TD, 1 is Monte-Carlo minus the baseline."""
+    normalize_advantages: bool = True
+    """Standardise advantages per batch: (A − mean) / (std + 1e-8)."""
+
+
+@dataclass
+class PolicyConfig:
+    hidden: tuple = (64, 64)
+    """Hidden layer sizes of the actor MLP."""
+    activation: str = "tanh"
+    """Hidden activation of actor and critic: 'tanh', 'relu' or 'elu'."""
+    log_std_init: float = 0.0
+    """Initial log standard deviation of the Gaussian policy (Box actions)."""
+
+
+@dataclass
+class CriticConfig:
+    critic_hidden: tuple = (64, 64)
+    """Hidden layer sizes of the value network."""
+    critic_lr: float = 1e-3
+    """Adam learning rate of the value regression."""
+    critic_epochs: int = 10
+    """Passes over the batch per update for the value regression."""
+    critic_minibatch: int = 256
+    """Minibatch size of the value regression."""
+
+
+@dataclass
+class CurvatureConfig:
+    fisher: str = "cg"
+    """How F⁻¹g is applied: 'cg', 'dense', 'kfac', 'diagonal', 'empirical', or 'identity' (vanilla gradient)."""
+    damping: float = 0.1
+    """Tikhonov damping λ: the solver applies (F + λI)⁻¹."""
+    cg_iters: int = 10
+    """Conjugate-gradient iteration cap."""
+    cg_tol: float = 1e-10
+    """Conjugate-gradient relative residual tolerance ‖r‖ ≤ tol·‖g‖."""
+    fvp_subsample: float = 1.0
+    """Fraction of the batch used for Fisher products, drawn once per update and kept for it."""
+    cg_warm_start: bool = False
+    """Start CG from the previous update's direction instead of zero."""
+
+
+@dataclass
+class StepConfig:
+    step: str = "kl"
+    """Step rule: 'fixed' (θ += α·d), 'kl' (α = √(2δ / dᵀFd)), 'linesearch' (TRPO), 'kfac_clip' (ACKTR), 'ppo_clip'."""
+    alpha: float = 0.1
+    """Fixed step size α of the 'fixed' rule (and the learning rate of first-order rules)."""
+    max_kl: float = 0.01
+    """KL budget δ of the 'kl', 'linesearch' and 'kfac_clip' rules."""
+    backtrack_shrink: float = 0.8
+    """Line search: factor by which the step shrinks after a rejected try."""
+    backtrack_iters: int = 10
+    """Line search: number of tries before giving up and restoring the parameters."""
+
+
+@dataclass
+class RunConfig:
+    device: str = "cpu"
+    """Device of the update computations ('cpu' or 'cuda'); environments always step on the CPU."""
+    torch_threads: int = 1
+    """torch.set_num_threads for the process (1 is usually fastest for small networks on few cores)."""
+    log_interval: int = 1
+    """Write a progress row every this many updates."""
+    checkpoint_every: int = 50
+    """With an output directory, write a checkpoint every this many updates (0: only at the end)."""
+    tensorboard: bool = True
+    """Write TensorBoard events to the output directory."""
+
+
+SECTIONS = {
+    "env": EnvConfig, "rollout": RolloutConfig, "advantage": AdvantageConfig, "policy": PolicyConfig,
+    "critic": CriticConfig, "curvature": CurvatureConfig, "step": StepConfig, "run": RunConfig,
+}
+
+
+@dataclass
+class Config:
+    algorithm: str = "npg"
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
+    step: StepConfig = field(default_factory=StepConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @staticmethod
+    def field_index() -> dict[str, str]:
+        """Flat field name → section name."""
+        return {f.name: sec for sec, cls in SECTIONS.items() for f in fields(cls)}
+
+    def override(self, **overrides: Any) -> "Config":
+        """A copy with flat-named fields replaced; an unknown name is a ValueError listing the valid ones."""
+        index = self.field_index()
+        unknown = sorted(k for k in overrides if k not in index)
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown}; valid settings: {sorted(index)}")
+        cfg = self.to_dict()
+        for k, v in overrides.items():
+            cfg[index[k]][k] = v
+        return Config.from_dict(cfg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "Config":
+        d = dict(d)
+        unknown = sorted(set(d) - {"algorithm", *SECTIONS})
+        if unknown:
+            raise ValueError(f"unknown config section(s) {unknown}; valid: {['algorithm', *SECTIONS]}")
+        kwargs: dict[str, Any] = {"algorithm": d.get("algorithm", "npg")}
+        for sec, cls in SECTIONS.items():
+            values = dict(d.get(sec, {}))
+            valid = {f.name for f in fields(cls)}
+            bad = sorted(set(values) - valid)
+            if bad:
+                raise ValueError(f"unknown setting(s) {bad} in section {sec!r}; valid: {sorted(valid)}")
+            for k in ("hidden", "critic_hidden"):
+                if k in values:
+                    values[k] = tuple(values[k])
+            kwargs[sec] = cls(**values)
+        return Config(**kwargs)
+
+    def validate(self) -> "Config":
+        """Check every value; raise one ValueError naming what is wrong and what is valid."""
+        e, r, a, p, c, k, s, run = (self.env, self.rollout, self.advantage, self.policy, self.critic,
+                                    self.curvature, self.step, self.run)
+        problems: list[str] = []
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                problems.append(msg)
+
+        def pos_int(name: str, v: Any) -> None:
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an integer ≥ 1, got {v!r}")
+
+        def pos_num(name: str, v: Any, allow_zero: bool = False) -> None:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v >= 0 if allow_zero else v > 0)
+            need(ok, f"{name} must be a finite number {'≥' if allow_zero else '>'} 0, got {v!r}")
+
+        def choice(name: str, v: Any, valid: tuple) -> None:
+            need(v in valid, f"{name} must be one of {list(valid)}, got {v!r}")
+
+        choice("algorithm", self.algorithm, ALGORITHMS)
+        pos_int("n_envs", e.n_envs)
+        choice("vectorization", e.vectorization, ("sync", "async"))
+        pos_num("obs_clip", e.obs_clip)
+        pos_num("reward_clip", e.reward_clip)
+        pos_int("n_steps", r.n_steps)
+        need(isinstance(a.gamma, (int, float)) and 0 <= a.gamma < 1, f"gamma must be in [0, 1), got {a.gamma!r}")
+        need(isinstance(a.gae_lambda, (int, float)) and 0 <= a.gae_lambda <= 1,
+             f"gae_lambda must be in [0, 1], got {a.gae_lambda!r}")
+        for name, hid in (("hidden", p.hidden), ("critic_hidden", c.critic_hidden)):
+            need(all(isinstance(h, int) and h >= 1 for h in hid), f"{name} must be positive integers, got {hid!r}")
+        choice("activation", p.activation, ("tanh", "relu", "elu"))
+        pos_num("critic_lr", c.critic_lr)
+        pos_int("critic_epochs", c.critic_epochs)
+        pos_int("critic_minibatch", c.critic_minibatch)
+        choice("fisher", k.fisher, FISHERS)
+        pos_num("damping", k.damping, allow_zero=True)
+        pos_int("cg_iters", k.cg_iters)
+        pos_num("cg_tol", k.cg_tol, allow_zero=True)
+        need(isinstance(k.fvp_subsample, (int, float)) and 0 < k.fvp_subsample <= 1,
+             f"fvp_subsample must be in (0, 1], got {k.fvp_subsample!r}")
+        choice("step", s.step, STEP_RULES)
+        pos_num("alpha", s.alpha)
+        pos_num("max_kl", s.max_kl)
+        need(isinstance(s.backtrack_shrink, (int, float)) and 0 < s.backtrack_shrink < 1,
+             f"backtrack_shrink must be in (0, 1), got {s.backtrack_shrink!r}")
+        pos_int("backtrack_iters", s.backtrack_iters)
+        need(isinstance(run.device, str) and (run.device == "cpu" or run.device.startswith("cuda")),
+             f"device must be 'cpu' or 'cuda[:N]', got {run.device!r}")
+        pos_int("torch_threads", run.torch_threads)
+        pos_int("log_interval", run.log_interval)
+        need(isinstance(run.checkpoint_every, int) and run.checkpoint_every >= 0,
+             f"checkpoint_every must be an integer ≥ 0, got {run.checkpoint_every!r}")
+        if problems:
+            raise ValueError("invalid settings:\n  " + "\n  ".join(problems))
+        return self
+
+    @property
+    def batch_size(self) -> int:
+        return self.env.n_envs * self.rollout.n_steps

@@ -1,0 +1,42 @@
+"""The value network V(s) and its regression on returns."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .policies import mlp
+
+
+class ValueCritic(nn.Module):
+    """V(s) as an MLP with orthogonal init; ``fit`` regresses it on return targets with Adam."""
+
+    def __init__(self, obs_dim: int, hidden: Sequence[int] = (64, 64), activation: str = "tanh",
+                 lr: float = 1e-3, epochs: int = 10, minibatch: int = 256):
+        super().__init__()
+        self.net = mlp(obs_dim, 1, hidden, activation, out_gain=1.0)
+        self.epochs, self.minibatch = epochs, minibatch
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+    def fit(self, obs: torch.Tensor, returns: torch.Tensor, generator: torch.Generator | None = None
+            ) -> dict[str, float]:
+        """Minimise mean (V(s) − R)² over ``epochs`` shuffled passes; obs [B, D], returns [B]."""
+        B = obs.shape[0]
+        with torch.no_grad():
+            before = float(((self(obs) - returns) ** 2).mean())
+        for _ in range(self.epochs):
+            perm = torch.randperm(B, generator=generator).to(obs.device)
+            for start in range(0, B, self.minibatch):
+                idx = perm[start : start + self.minibatch]
+                loss = ((self(obs[idx]) - returns[idx]) ** 2).mean()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+        with torch.no_grad():
+            after = float(((self(obs) - returns) ** 2).mean())
+        return {"critic/loss_before": before, "critic/loss_after": after}

@@ -1,0 +1,50 @@
+"""Conjugate gradient for F x = b with F symmetric positive (semi-)definite, given only v ↦ F v."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class CGInfo:
+    iterations: int
+    residual_norm: float  # ‖b − F x‖ at return (tracked by the recurrence)
+    converged: bool
+
+
+def conjugate_gradient(mv: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor,
+                       x0: torch.Tensor | None = None, max_iters: int = 10,
+                       tol: float = 1e-10) -> tuple[torch.Tensor, CGInfo]:
+    """Solve F x = b by conjugate gradient (Hestenes–Stiefel), deterministic.
+
+    Starts from ``x0`` (zero when None) and stops after ``max_iters`` products or once
+    ‖r‖ ≤ tol·‖b‖. A non-positive curvature pᵀFp stops the iteration early and returns the iterate
+    reached so far (it is still a descent-consistent direction).
+    """
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - mv(x) if x0 is not None else b.clone()
+    p = r.clone()
+    rr = torch.dot(r, r)
+    b_norm = float(torch.linalg.vector_norm(b))
+    threshold = tol * b_norm
+    it = 0
+    for it in range(1, max_iters + 1):
+        if float(rr.sqrt()) <= threshold:
+            it -= 1
+            break
+        Fp = mv(p)
+        pFp = torch.dot(p, Fp)
+        if not bool(pFp > 0):
+            it -= 1
+            break
+        alpha = rr / pFp
+        x = x + alpha * p
+        r = r - alpha * Fp
+        rr_new = torch.dot(r, r)
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    res = float(rr.sqrt())
+    return x, CGInfo(iterations=it, residual_norm=res, converged=res <= threshold)

@@ -1,0 +1,106 @@
+"""The curvature interface: every way of applying F⁻¹ behind the same three methods.
+
+``fit(policy, obs, act)`` looks at one batch (``act`` = the actions taken, used only by estimators
+that need them, e.g. the empirical Fisher); ``solve(g)`` returns ≈ (F + λI)⁻¹ g; ``mv(v)`` returns the
+product with the (damped) matrix that ``solve`` inverts, so that step rules measure dᵀFd with the
+same matrix the direction came from. ``stats`` holds what the last fit/solve wants logged.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .cg import conjugate_gradient
+from .dense import dense_fisher
+from .fvp import fisher_vector_product
+
+
+class Curvature(Protocol):
+    damping: float
+    stats: dict[str, float]
+
+    def fit(self, policy: nn.Module, obs: torch.Tensor, act: torch.Tensor | None = None) -> None: ...
+
+    def solve(self, g: torch.Tensor) -> torch.Tensor: ...
+
+    def mv(self, v: torch.Tensor) -> torch.Tensor: ...
+
+
+def fixed_subsample(obs: torch.Tensor, fraction: float, generator: torch.Generator | None) -> torch.Tensor:
+    """A random subset of ``fraction`` of the rows, drawn once and kept for the whole update."""
+    if fraction >= 1.0:
+        return obs
+    n = max(1, int(round(fraction * obs.shape[0])))
+    idx = torch.randperm(obs.shape[0], generator=generator)[:n].to(obs.device)
+    return obs[idx]
+
+
+class CG:
+    """Conjugate gradient on exact Fisher-vector products (Gauss–Newton form), from x0 = 0 or a warm start."""
+
+    def __init__(self, damping: float = 0.1, iters: int = 10, tol: float = 1e-10, subsample: float = 1.0,
+                 warm_start: bool = False, generator: torch.Generator | None = None):
+        self.damping, self.iters, self.tol = damping, iters, tol
+        self.subsample, self.warm_start, self.generator = subsample, warm_start, generator
+        self._fvp = None
+        self._last: torch.Tensor | None = None
+        self.stats: dict[str, float] = {}
+
+    def fit(self, policy: nn.Module, obs: torch.Tensor, act: torch.Tensor | None = None) -> None:
+        self._fvp = fisher_vector_product(policy, fixed_subsample(obs, self.subsample, self.generator),
+                                          self.damping)
+
+    def mv(self, v: torch.Tensor) -> torch.Tensor:
+        return self._fvp(v)
+
+    def solve(self, g: torch.Tensor) -> torch.Tensor:
+        x0 = self._last if self.warm_start else None
+        x, info = conjugate_gradient(self._fvp, g, x0=x0, max_iters=self.iters, tol=self.tol)
+        self._last = x.detach()
+        self.stats = {"fisher/cg_iters": info.iterations, "fisher/cg_residual": info.residual_norm}
+        return x
+
+
+class Dense:
+    """The exact Fisher formed as a P×P matrix and solved directly (small policies, tests, reference)."""
+
+    def __init__(self, damping: float = 0.1, subsample: float = 1.0, generator: torch.Generator | None = None):
+        self.damping, self.subsample, self.generator = damping, subsample, generator
+        self.matrix: torch.Tensor | None = None
+        self.stats: dict[str, float] = {}
+
+    def fit(self, policy: nn.Module, obs: torch.Tensor, act: torch.Tensor | None = None) -> None:
+        F = dense_fisher(policy, fixed_subsample(obs, self.subsample, self.generator))
+        self.matrix = F + self.damping * torch.eye(F.shape[0], dtype=F.dtype, device=F.device)
+
+    def mv(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matrix @ v
+
+    def solve(self, g: torch.Tensor) -> torch.Tensor:
+        # Cholesky when F + λI is positive definite; least squares (pseudo-inverse) when λ = 0 leaves it singular.
+        L, info = torch.linalg.cholesky_ex(self.matrix)
+        if int(info) == 0:
+            return torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
+        return torch.linalg.lstsq(self.matrix, g.unsqueeze(-1), driver="gelsd" if g.device.type == "cpu" else None
+                                  ).solution.squeeze(-1)
+
+
+class Identity:
+    """F ≈ I: the standard (vanilla) gradient, the seed's "standard gradient" column."""
+
+    damping = 0.0
+
+    def __init__(self) -> None:
+        self.stats: dict[str, float] = {}
+
+    def fit(self, policy: nn.Module, obs: torch.Tensor, act: torch.Tensor | None = None) -> None:
+        pass
+
+    def mv(self, v: torch.Tensor) -> torch.Tensor:
+        return v
+
+    def solve(self, g: torch.Tensor) -> torch.Tensor:
+        return g

@@ -1,0 +1,77 @@
+"""Progress logging: CSV (progress.csv), TensorBoard events and a live progress bar."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from typing import Any
+
+
+class Logger:
+    """Writes one row per logged update. Columns are fixed by the first row; later new keys are dropped
+    from the CSV (they still go to TensorBoard). Non-numeric values go to ``events.log``."""
+
+    def __init__(self, out_dir: str | None, tensorboard: bool = True, progress_bar: bool = False,
+                 total_steps: int = 0, resume: bool = False):
+        self.out_dir = out_dir
+        self._csv_file = None
+        self._writer = None
+        self._columns: list[str] | None = None
+        self._bar = None
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            path = os.path.join(out_dir, "progress.csv")
+            if resume and os.path.exists(path):
+                with open(path, newline="") as f:
+                    header = next(csv.reader(f), None)
+                self._columns = header
+                self._csv_file = open(path, "a", newline="")
+            else:
+                self._csv_file = open(path, "w", newline="")
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:  # tensorboard is a dependency, but a stripped install should still train
+                    SummaryWriter = None
+                if SummaryWriter is not None:
+                    self._writer = SummaryWriter(os.path.join(out_dir, "tb"))
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, unit="step", unit_scale=True, dynamic_ncols=True)
+
+    def record(self, row: dict[str, Any]) -> None:
+        numeric = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        text = {k: v for k, v in row.items() if k not in numeric}
+        step = int(numeric.get("env_steps", 0))
+        if self._csv_file is not None:
+            if self._columns is None:
+                self._columns = list(numeric)
+                csv.writer(self._csv_file).writerow(self._columns)
+            csv.writer(self._csv_file).writerow([_fmt(numeric.get(c, float("nan"))) for c in self._columns])
+            self._csv_file.flush()
+            if text:
+                with open(os.path.join(self.out_dir, "events.log"), "a") as f:
+                    f.write(f"env_steps={step} {text}\n")
+        if self._writer is not None:
+            for k, v in numeric.items():
+                if k != "env_steps" and math.isfinite(v):
+                    self._writer.add_scalar(k, v, step)
+        if self._bar is not None:
+            self._bar.n = step
+            ret = numeric.get("ep_return_mean", float("nan"))
+            self._bar.set_postfix_str(f"return {ret:.1f}  {numeric.get('steps_per_s', 0):.0f} steps/s", refresh=False)
+            self._bar.refresh()
+
+    def close(self) -> None:
+        if self._csv_file is not None:
+            self._csv_file.close()
+        if self._writer is not None:
+            self._writer.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _fmt(v: float) -> str:
+    return repr(v) if not float(v).is_integer() else str(int(v)) if abs(v) < 1e15 else repr(v)
