@@ -1,0 +1,86 @@
+"""Throughput of natpg NPG against sb3-contrib TRPO and the raw env stepping rate, in one run.
+
+Same machine, same run, alternating (BENCHMARKING.md): for each repeat, measure the raw env rate, then
+natpg, then sb3-contrib, each after one warm-up update; report the median and spread over repeats.
+Equal work per update: the same batch (env steps per update), [64, 64] tanh actor and critic, CG 10
+iterations, 10 critic epochs with minibatch 256... as far as each library's knobs allow (printed).
+
+    python benchmarks/throughput.py --env HalfCheetah-v5 --batch 2048 --updates 5 --repeats 3
+
+Needs sb3-contrib (pip install 'natpg[bench]'); without it only natpg and the raw rate are measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from natpg.bench import raw_env_rate
+
+
+def natpg_rate(env_id: str, batch: int, updates: int, n_envs: int) -> float:
+    import natpg
+
+    agent = natpg.NPG(env_id, seed=0, n_envs=n_envs, n_steps=batch // n_envs, critic_epochs=10,
+                      critic_minibatch=256, cg_iters=10, tensorboard=False)
+    agent.learn(batch)
+    start = time.perf_counter()
+    agent.learn(updates * batch, reset=False)
+    rate = updates * batch / (time.perf_counter() - start)
+    agent.close()
+    return rate
+
+
+def sb3_rate(env_id: str, batch: int, updates: int) -> float:
+    from sb3_contrib import TRPO
+
+    # sb3-contrib's own defaults for the critic: n_critic_updates=10 passes with batch_size 128 minibatches.
+    model = TRPO("MlpPolicy", env_id, n_steps=batch, batch_size=256, n_critic_updates=10, cg_max_steps=10,
+                 policy_kwargs={"net_arch": [64, 64], "activation_fn": torch.nn.Tanh}, seed=0, device="cpu")
+    model.learn(batch)
+    start = time.perf_counter()
+    model.learn(updates * batch, reset_num_timesteps=False)
+    rate = updates * batch / (time.perf_counter() - start)
+    model.env.close()
+    return rate
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", default="HalfCheetah-v5")
+    p.add_argument("--batch", type=int, default=2048)
+    p.add_argument("--updates", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--n-envs", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    try:
+        import sb3_contrib  # noqa: F401
+        have_sb3 = True
+    except ImportError:
+        have_sb3 = False
+    rows: dict[str, list[float]] = {"raw": [], "natpg": [], "sb3": []}
+    for _ in range(args.repeats):
+        rows["raw"].append(raw_env_rate(args.env))
+        rows["natpg"].append(natpg_rate(args.env, args.batch, args.updates, args.n_envs))
+        torch.set_num_threads(args.threads)
+        if have_sb3:
+            rows["sb3"].append(sb3_rate(args.env, args.batch, args.updates))
+            torch.set_num_threads(args.threads)
+    summary = {k: {"median": round(statistics.median(v), 1), "min": round(min(v), 1), "max": round(max(v), 1)}
+               for k, v in rows.items() if v}
+    med = {k: v["median"] for k, v in summary.items()}
+    summary["natpg_over_raw"] = round(med["natpg"] / med["raw"], 3)
+    if "sb3" in med:
+        summary["natpg_over_sb3"] = round(med["natpg"] / med["sb3"], 2)
+    summary["settings"] = vars(args)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Throughput: natpg's env-steps/s (updates included) against the raw stepping rate of the same env."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+
+def raw_env_rate(env_id: str, steps: int = 20_000, seed: int = 0) -> float:
+    """Steps/s of one environment copy with random actions in this process (the ceiling)."""
+    env = gym.make(env_id)
+    env.reset(seed=seed)
+    env.action_space.seed(seed)
+    actions = [env.action_space.sample() for _ in range(1000)]
+    start = time.perf_counter()
+    for i in range(steps):
+        _, _, term, trunc, _ = env.step(actions[i % 1000])
+        if term or trunc:
+            env.reset()
+    rate = steps / (time.perf_counter() - start)
+    env.close()
+    return rate
+
+
+def throughput(algo: str, env_id: str, batch: int = 2048, updates: int = 5, **overrides: Any) -> dict[str, Any]:
+    """Median-free single measurement: one warm-up update, then ``updates`` timed updates."""
+    from .agent import ALGORITHM_CLASSES
+
+    if algo not in ALGORITHM_CLASSES:
+        raise ValueError(f"unknown algorithm {algo!r}; valid: {sorted(ALGORITHM_CLASSES)}")
+    n_envs = overrides.pop("n_envs", 8)
+    if batch % n_envs:
+        raise ValueError(f"batch {batch} is not a multiple of n_envs {n_envs}")
+    t0 = time.perf_counter()
+    agent = ALGORITHM_CLASSES[algo](env_id, seed=0, n_envs=n_envs, n_steps=batch // n_envs, **overrides)
+    agent.learn(batch)  # warm-up
+    startup = time.perf_counter() - t0
+    start = time.perf_counter()
+    agent.learn(updates * batch, reset=False)
+    train_rate = updates * batch / (time.perf_counter() - start)
+    agent.close()
+    raw = raw_env_rate(env_id)
+    return {"algo": algo, "env_id": env_id, "batch": batch, "n_envs": n_envs, "torch_threads": torch.get_num_threads(),
+            "natpg_steps_per_s": round(train_rate, 1), "raw_env_steps_per_s": round(raw, 1),
+            "fraction_of_raw": round(train_rate / raw, 3), "startup_s": round(startup, 2)}
