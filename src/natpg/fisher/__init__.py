@@ -3,7 +3,10 @@
 from .cg import CGInfo, conjugate_gradient
 from .curvature import CG, Curvature, Dense, Identity
 from .dense import dense_fisher
+from .diagonal import Diagonal
+from .empirical import Empirical, per_sample_scores
 from .fvp import fisher_vector_product, kl_hessian_vector_product
+from .kfac import KFAC
 
-__all__ = ["CG", "CGInfo", "Curvature", "Dense", "Identity", "conjugate_gradient", "dense_fisher",
-           "fisher_vector_product", "kl_hessian_vector_product"]
+__all__ = ["CG", "CGInfo", "Curvature", "Dense", "Diagonal", "Empirical", "Identity", "KFAC", "conjugate_gradient",
+           "dense_fisher", "fisher_vector_product", "kl_hessian_vector_product", "per_sample_scores"]

@@ -1,0 +1,121 @@
+"""The empirical Fisher: outer products of the scores of the actions actually taken."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import grad, vmap
+
+from .cg import conjugate_gradient
+from .dense import DEFAULT_MAX_BYTES
+from .fvp import functional_policy
+
+
+def per_sample_scores(policy: nn.Module, obs: torch.Tensor, act: torch.Tensor, chunk: int | None = 256
+                      ) -> torch.Tensor:
+    """s_b = ∇_θ log π(a_b|s_b) for every sample, in ``actor_parameters()`` order: obs [N, obs_dim], act [N, …] → [N, P]."""
+    f, theta = functional_policy(policy)
+    head = policy.head
+
+    def logp(th: tuple[torch.Tensor, ...], o: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return head.dist(f(th, o.unsqueeze(0))).log_prob(a.unsqueeze(0)).sum()
+
+    parts = vmap(grad(logp), in_dims=(None, 0, 0), chunk_size=chunk)(theta, obs, act)
+    return torch.cat([p.reshape(obs.shape[0], -1) for p in parts], dim=1).detach()
+
+
+class Empirical:
+    """F_emp = (1/N) Σ_b s_b s_bᵀ with s_b = ∇_θ log π(a_b|s_b) for the TAKEN actions a_b; solves (F_emp + λI) x = g.
+
+    How it differs from the true Fisher F = E_s E_{a~π}[s sᵀ]: the inner expectation over the policy's own
+    actions is replaced by the one action in the data, so F_emp is the (uncentred) second moment of the
+    data's score vectors rather than the curvature of the policy's distribution. It is a consistent
+    estimate of F only when the actions were drawn from the current π itself (on-policy, before any
+    update) — then E[F_emp] = F but with much more variance than the sampled or exact Fisher; once the
+    policy moves away from the data's action distribution (a second step on the same batch, off-policy
+    data, replay) it is biased, and for actions that π finds unlikely it is dominated by large scores.
+    Its directions are those of the gradient's own summands, so it "includes the gradient's signal":
+    F_emp⁻¹g rescales the gradient by the spread of its own terms (Adam-like) instead of by the
+    geometry of π, and can fail to be a natural gradient at all (Kunstner, Balles & Hennig, 2019,
+    "Limitations of the empirical Fisher approximation for natural gradient descent"). Use it as a
+    cheap, model-free preconditioner or to compare; prefer ``CG``/``KFAC`` for the natural gradient.
+
+    Solve: with N < P samples, the Woodbury identity turns the P×P solve into an N×N one,
+    ``(λI + SᵀS/N)⁻¹ g = (g − Sᵀ (SSᵀ + NλI)⁻¹ S g)/λ`` for the score matrix S [N, P] (Cholesky of the
+    Gram matrix in float64, formed once per fit; λ = 0 uses the pseudo-inverse); with N ≥ P, conjugate
+    gradient (``cg_iters``, ``cg_tol``, from zero) on the matrix-free ``v ↦ Sᵀ(Sv)/N + λv``.
+    Cost per fit: N per-sample gradients (``torch.func.vmap(grad)``) and, for N < P, the N×N Gram matrix;
+    memory N·P for S (refused above ``max_bytes``: lower ``subsample``).
+    """
+
+    def __init__(self, damping: float = 0.01, cg_iters: int = 10, cg_tol: float = 1e-10, subsample: float = 1.0,
+                 chunk: int | None = 256, max_bytes: int = DEFAULT_MAX_BYTES,
+                 generator: torch.Generator | None = None):
+        self.damping, self.cg_iters, self.cg_tol = damping, cg_iters, cg_tol
+        self.subsample, self.chunk, self.max_bytes, self.generator = subsample, chunk, max_bytes, generator
+        self.scores: torch.Tensor | None = None  # S [N, P]
+        self._gram: torch.Tensor | None = None  # SSᵀ [N, N] in float64, only when N < P (Woodbury)
+        self._factor_cache: tuple[float, tuple[str, torch.Tensor]] | None = None
+        self.stats: dict[str, float] = {}
+
+    def fit(self, policy: nn.Module, obs: torch.Tensor, act: torch.Tensor | None = None) -> None:
+        if act is None:
+            raise ValueError("the empirical Fisher needs the taken actions: fit(policy, obs, act)")
+        if self.subsample < 1.0:  # the same rows of obs and act, drawn once for the whole update
+            n = max(1, int(round(self.subsample * obs.shape[0])))
+            idx = torch.randperm(obs.shape[0], generator=self.generator)[:n].to(obs.device)
+            obs, act = obs[idx], act[idx]
+        N = obs.shape[0]
+        P = sum(p.numel() for p in policy.actor_parameters())
+        nbytes = N * P * obs.element_size()
+        if nbytes > self.max_bytes:
+            raise ValueError(f"the empirical Fisher's {N}x{P} score matrix needs {nbytes / 2**30:.2f} GiB, more than "
+                             f"max_bytes={self.max_bytes / 2**30:.2f} GiB; lower subsample or use another fisher")
+        S = per_sample_scores(policy, obs, act, self.chunk)
+        woodbury = N < P
+        self.scores, self._gram, self._factor_cache = S, (S @ S.T).double() if woodbury else None, None
+        self.stats = {"fisher/emp_samples": float(N), "fisher/emp_woodbury": float(woodbury)}
+
+    def _factor(self) -> tuple[str, torch.Tensor]:
+        """Factorisation of the N×N system for the current damping (cached): Cholesky of SSᵀ + NλI, or,
+        for λ = 0 (or a numerically indefinite matrix), the pseudo-inverse (SSᵀ)⁺."""
+        if self._factor_cache is not None and self._factor_cache[0] == self.damping:
+            return self._factor_cache[1]
+        N = self._gram.shape[0]
+        if self.damping > 0:
+            M = self._gram + N * self.damping * torch.eye(N, dtype=self._gram.dtype, device=self._gram.device)
+            L, info = torch.linalg.cholesky_ex(M)
+            out = ("chol", L) if int(info) == 0 else ("pinv_damped", torch.linalg.pinv(M, hermitian=True))
+        else:
+            out = ("pinv", torch.linalg.pinv(self._gram, hermitian=True))
+        self._factor_cache = (self.damping, out)
+        return out
+
+    def mv(self, v: torch.Tensor) -> torch.Tensor:
+        """(F_emp + λI) v = Sᵀ(S v)/N + λ v."""
+        S = self._need()
+        return S.T @ (S @ v) / S.shape[0] + self.damping * v
+
+    def solve(self, g: torch.Tensor) -> torch.Tensor:
+        """≈ (F_emp + λI)⁻¹ g [P] → [P]: Woodbury when N < P, CG otherwise."""
+        S = self._need()
+        N = S.shape[0]
+        if self._gram is None:
+            x, info = conjugate_gradient(self.mv, g, max_iters=self.cg_iters, tol=self.cg_tol)
+            self.stats.update({"fisher/cg_iters": float(info.iterations), "fisher/cg_residual": info.residual_norm})
+            return x
+        kind, M = self._factor()
+        Sg = (S @ g).double().unsqueeze(-1)
+        if kind == "chol":  # (λI + SᵀS/N)⁻¹ g = (g − Sᵀ (SSᵀ + NλI)⁻¹ S g) / λ
+            y = torch.cholesky_solve(Sg, M).squeeze(-1).to(g.dtype)
+            return (g - S.T @ y) / self.damping
+        if kind == "pinv_damped":  # Cholesky failed in floating point: the same identity, pseudo-inverse
+            return (g - S.T @ (M @ Sg).squeeze(-1).to(g.dtype)) / self.damping
+        # λ = 0: the minimum-norm x = (SᵀS/N)⁺ g = N Sᵀ (SSᵀ)⁺² S g (exact when g lies in the span of the scores)
+        y = (M @ (M @ Sg)).squeeze(-1).to(g.dtype)
+        return N * (S.T @ y)
+
+    def _need(self) -> torch.Tensor:
+        if self.scores is None:
+            raise RuntimeError("call fit(policy, obs, act) before solve/mv")
+        return self.scores

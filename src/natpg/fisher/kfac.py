@@ -1,0 +1,479 @@
+"""K-FAC: the Kronecker-factored approximate Fisher (Martens & Grosse, 2015; Grosse & Martens, 2016 for
+convolutions), and the layer machinery it shares with the diagonal Fisher.
+
+For a layer ``s = W̄ ā`` (``W̄ = [W | b]``, ``ā = [a; 1]`` — the bias as a homogeneous coordinate) the
+per-sample score is ``∇_W̄ log π(a|s) = g āᵀ`` with ``g = ∂ log π / ∂s``, so the layer's Fisher block is
+
+    F_W̄ = E[(ā āᵀ) ⊗ (g gᵀ)]  ≈  E[ā āᵀ] ⊗ E[g gᵀ] = A ⊗ G,
+
+and different layers are taken to be uncorrelated (block diagonal). With row-major ``vec`` the
+block acts on a matrix ``V`` [out, in+1] as ``(G ⊗ A) vec V = vec(G V A)``, and its inverse as
+``vec(G⁻¹ V A⁻¹)``: a P×P solve becomes two small eigendecompositions per layer.
+
+How ``g`` is obtained (``estimator``):
+
+* ``"sampled"`` — ``a ~ π(·|s)`` drawn from the policy itself, one backward pass: an unbiased
+  estimate of the true Fisher's G (Martens & Grosse's choice, and ACKTR's).
+* ``"exact"`` — actions integrated out analytically: backward passes of the R columns of a square root
+  ``F_out = L Lᵀ`` of the output distribution's Fisher (R = its dimension K, batched into one
+  vectorised backward). ``G = E_s[(∂η/∂s)ᵀ F_out (∂η/∂s)]`` exactly, at R× the backward cost.
+* ``"empirical"`` — the actions taken in the batch (``act``): the empirical-Fisher variant of K-FAC, which
+  inherits the empirical Fisher's bias (see ``natpg.fisher.empirical``).
+
+Parameters that are not the weight/bias of a ``nn.Linear`` or ``nn.Conv2d`` (the Gaussian log-std)
+get their own dense block ``E_s[J_sᵀ F_out J_s]`` (or, with ``"empirical"``, the taken actions' score
+outer products), from per-sample forward-mode Jacobians of η with respect to just those parameters;
+the cost grows with their number, which is meant to be small.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as Fn
+from torch import nn
+from torch.func import functional_call, jacfwd, vmap
+
+from ..params import parameter_names
+
+Estimator = Literal["sampled", "exact", "empirical"]
+ESTIMATORS = ("sampled", "exact", "empirical")
+
+# A damped eigenvalue below this fraction of the largest one is raised to it (and counted as a fallback):
+# it bounds the condition number of every inverted factor by 1e10.
+EIG_FLOOR = 1e-10
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layers of a policy and one pass that captures their inputs and output gradients
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class LayerSlot:
+    """A Linear/Conv2d layer whose weight is an actor parameter, and where it lives in the flat vector."""
+
+    module: nn.Module
+    weight: slice  # positions of the weight (row-major [out, in]) in the flat actor vector
+    bias: slice | None  # positions of the bias, None when the layer has no actor bias
+    out_dim: int
+    in_dim: int  # columns of the weight matrix (C·kh·kw for a convolution), without the homogeneous 1
+
+    @property
+    def cols(self) -> int:
+        """Columns of W̄ = [W | b]."""
+        return self.in_dim + (self.bias is not None)
+
+    def gather(self, v: torch.Tensor) -> torch.Tensor:
+        """Flat vector [P] → this layer's W̄-shaped part [out, cols]."""
+        V = v[self.weight].view(self.out_dim, self.in_dim)
+        return torch.cat([V, v[self.bias].view(-1, 1)], dim=1) if self.bias is not None else V
+
+    def scatter(self, out: torch.Tensor, V: torch.Tensor) -> None:
+        """Write a W̄-shaped [out, cols] into its positions of the flat vector ``out`` [P]."""
+        out[self.weight] = V[:, : self.in_dim].reshape(-1)
+        if self.bias is not None:
+            out[self.bias] = V[:, self.in_dim]
+
+
+@dataclass
+class Structure:
+    """The policy's actor parameters split into K-FAC layers and the rest (flat positions ``rest_idx``)."""
+
+    layers: list[LayerSlot]
+    rest: list[nn.Parameter]
+    rest_idx: torch.Tensor  # [R] long
+    num_params: int
+    key: tuple[int, ...]  # parameter identities, to notice a different policy
+
+
+def find_layers(policy: nn.Module) -> Structure:
+    """Find every ``nn.Linear``/``nn.Conv2d`` of ``policy`` whose weight is in ``actor_parameters()``."""
+    params = list(policy.actor_parameters())
+    offsets, start = {}, 0
+    for p in params:
+        offsets[id(p)] = slice(start, start + p.numel())
+        start += p.numel()
+    claimed: set[int] = set()
+    layers: list[LayerSlot] = []
+    for m in policy.modules():
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) or id(m.weight) not in offsets or id(m.weight) in claimed:
+            continue
+        if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)
+                                         and m.padding != "valid"):
+            raise NotImplementedError(f"K-FAC supports Conv2d with groups=1, zero padding given as numbers; got {m}")
+        has_bias = m.bias is not None and id(m.bias) in offsets
+        layers.append(LayerSlot(m, offsets[id(m.weight)], offsets[id(m.bias)] if has_bias else None,
+                                m.weight.shape[0], m.weight[0].numel()))
+        claimed |= {id(m.weight)} | ({id(m.bias)} if has_bias else set())
+    rest = [p for p in params if id(p) not in claimed]
+    idx = [torch.arange(offsets[id(p)].start, offsets[id(p)].stop) for p in rest]
+    rest_idx = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
+    return Structure(layers, rest, rest_idx.to(params[0].device), start, tuple(id(p) for p in params))
+
+
+def _layer_input(m: nn.Module, x: torch.Tensor, homogeneous: bool) -> torch.Tensor:
+    """The layer's input as rows ā: [B, T, cols] (T = spatial positions for a convolution, else the flattened
+    extra leading dimensions, usually 1)."""
+    x = x.detach()
+    if isinstance(m, nn.Conv2d):
+        pad = 0 if m.padding == "valid" else m.padding
+        x = Fn.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride).transpose(1, 2)
+    else:
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+    if homogeneous:
+        x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+    return x
+
+
+def _layer_output_grad(m: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. the layer output [S, B, *out_shape] → [S, B, T, out]."""
+    if isinstance(m, nn.Conv2d):
+        return g.flatten(3).transpose(2, 3)
+    return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
+
+
+@dataclass
+class Captured:
+    a: list[torch.Tensor]  # per layer ā [B, T, cols]
+    g: list[torch.Tensor]  # per layer g [S, B, T, out]: per-sample gradients of S pseudo log-likelihoods
+    eta: torch.Tensor  # [B, K], detached
+
+
+def capture(policy: nn.Module, obs: torch.Tensor, layers: list[LayerSlot],
+            cotangents: Callable[[torch.Tensor], torch.Tensor]) -> Captured:
+    """One forward pass with hooks on ``layers`` and one (vectorised) backward pass from η.
+
+    ``cotangents(η)`` [B, K] → [S, B, K] gives the vectors pulled back from η: a score ∇_η log π(a|s)
+    (S = 1) or the columns of a square root of F_out (S = K). The backward goes only to the layer
+    outputs, so it neither needs nor touches the parameters' ``.grad``.
+    """
+    inputs: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
+
+    def hook(i: int):
+        def fn(module, args, out):
+            if i in outputs:
+                raise ValueError(f"layer {module} ran twice in one forward pass; K-FAC needs each layer used once")
+            inputs[i], outputs[i] = args[0], out
+        return fn
+
+    handles = [slot.module.register_forward_hook(hook(i)) for i, slot in enumerate(layers)]
+    try:
+        with torch.enable_grad():
+            eta = policy(obs)
+    finally:
+        for h in handles:
+            h.remove()
+    cot = cotangents(eta.detach())  # [S, B, K]
+    used = [i for i in range(len(layers)) if i in outputs and outputs[i].requires_grad]
+    grads: tuple = ()
+    if used:
+        batched = cot.shape[0] > 1
+        grads = torch.autograd.grad(eta, [outputs[i] for i in used], grad_outputs=cot if batched else cot[0],
+                                    is_grads_batched=batched, allow_unused=True)
+    by_layer = dict(zip(used, grads))
+    a, g = [], []
+    for i, slot in enumerate(layers):
+        m = slot.module
+        if i in inputs:
+            a.append(_layer_input(m, inputs[i], slot.bias is not None))
+        else:  # a layer the forward pass never reached: no curvature
+            a.append(torch.zeros(eta.shape[0], 1, slot.cols, dtype=eta.dtype, device=eta.device))
+        gi = by_layer.get(i)
+        if gi is None:
+            shape = (cot.shape[0], eta.shape[0], a[-1].shape[1], slot.out_dim)
+            g.append(torch.zeros(shape, dtype=eta.dtype, device=eta.device))
+        else:
+            g.append(_layer_output_grad(m, gi if cot.shape[0] > 1 else gi.unsqueeze(0)).detach())
+    return Captured(a, g, eta.detach())
+
+
+# ----------------------------------------------------------------------------------------------------
+# What is pulled back from η: scores of sampled/taken actions, or a square root of the output Fisher
+# ----------------------------------------------------------------------------------------------------
+
+def output_fisher_sqrt(head, eta: torch.Tensor) -> torch.Tensor:
+    """L with L Lᵀ = F_out(η_b) for every sample, as columns: [B, K] → [R, B, K] (R = K)."""
+    if hasattr(head, "fisher_diag"):  # diagonal heads: L = diag(√f)
+        return torch.diag_embed(head.fisher_diag(eta).sqrt()).permute(2, 0, 1)
+    lam, Q = torch.linalg.eigh(head.fisher(eta))  # [B, K], [B, K, K]; PSD, possibly singular (categorical)
+    return (Q * lam.clamp_min(0).sqrt().unsqueeze(-2)).permute(2, 0, 1)
+
+
+def sample_actions(policy: nn.Module, eta: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """a ~ π(·|η), reproducible given ``generator``."""
+    if hasattr(policy, "sample"):
+        return policy.sample(eta, generator=generator)
+    seed = int(torch.randint(2**62, (), generator=generator))
+    with torch.random.fork_rng(devices=[eta.device] if eta.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return policy.head.dist(eta).sample()
+
+
+def score_wrt_eta(head, eta: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """∇_η log π(a_b | η_b) per sample: [B, K]."""
+    with torch.enable_grad():
+        e = eta.detach().requires_grad_(True)
+        (s,) = torch.autograd.grad(head.dist(e).log_prob(act).sum(), e)
+    return s
+
+
+def make_cotangents(estimator: str, policy: nn.Module, act: torch.Tensor | None,
+                    generator: torch.Generator | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; valid: {list(ESTIMATORS)}")
+    if estimator == "empirical" and act is None:
+        raise ValueError("estimator='empirical' needs the taken actions: fit(policy, obs, act)")
+    if estimator == "exact":
+        return lambda eta: output_fisher_sqrt(policy.head, eta)
+    if estimator == "empirical":
+        return lambda eta: score_wrt_eta(policy.head, eta, act).unsqueeze(0)
+    return lambda eta: score_wrt_eta(policy.head, eta, sample_actions(policy, eta, generator)).unsqueeze(0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parameters outside Linear/Conv2d layers: their own dense block
+# ----------------------------------------------------------------------------------------------------
+
+def rest_jacobian(policy: nn.Module, obs: torch.Tensor, rest: list[nn.Parameter]) -> torch.Tensor:
+    """Per-sample ∂η_b/∂θ_rest by forward mode, one tangent per rest parameter: [B, K, R]."""
+    names = parameter_names(policy, rest)
+
+    def f(*theta: torch.Tensor) -> torch.Tensor:
+        return functional_call(policy, dict(zip(names, theta)), (obs,), strict=False)
+
+    with torch.no_grad():  # forward mode only; no reverse graph for the rest of the network
+        jac = jacfwd(f, argnums=tuple(range(len(rest))))(*[p.detach() for p in rest])
+    return torch.cat([j.reshape(j.shape[0], j.shape[1], -1) for j in jac], dim=-1)
+
+
+def rest_block(policy: nn.Module, obs: torch.Tensor, rest: list[nn.Parameter], eta: torch.Tensor,
+               act: torch.Tensor | None = None, chunk: int = 4096) -> torch.Tensor:
+    """Fisher block of the rest parameters, (1/B) Σ_b J_bᵀ F_out(η_b) J_b — or, given the taken actions
+    ``act``, the empirical (1/B) Σ_b s_b s_bᵀ with s_b = J_bᵀ ∇_η log π(a_b|s_b). Returns [R, R]."""
+    R = sum(p.numel() for p in rest)
+    out = torch.zeros(R, R, dtype=eta.dtype, device=eta.device)
+    for i in range(0, obs.shape[0], chunk):
+        J = rest_jacobian(policy, obs[i : i + chunk], rest)  # [b, K, R]
+        e = eta[i : i + chunk]
+        if act is None:
+            FJ = vmap(policy.head.fisher_mv, in_dims=(None, 2), out_dims=2)(e, J)  # F_out J: [b, K, R]
+            out += torch.einsum("bkp,bkq->pq", J, FJ)
+        else:
+            s = torch.einsum("bkp,bk->bp", J, score_wrt_eta(policy.head, e, act[i : i + chunk]))
+            out += s.T @ s
+    return out / obs.shape[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Damped symmetric inverses with a fallback
+# ----------------------------------------------------------------------------------------------------
+
+def eigh_or_diagonal(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Eigendecomposition of a symmetric PSD matrix in float64: (Q, λ ≥ 0, failed). When ``eigh`` fails
+    (it can on ill-conditioned or non-finite input) the diagonal of M is used instead (Q = I)."""
+    M = M.double()
+    try:
+        if not bool(torch.isfinite(M).all()):
+            raise torch.linalg.LinAlgError("non-finite factor")
+        lam, Q = torch.linalg.eigh(0.5 * (M + M.T))
+        return Q, lam.clamp_min(0.0), False
+    except torch.linalg.LinAlgError:
+        d = torch.nan_to_num(M.diagonal(), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
+        return torch.eye(M.shape[0], dtype=M.dtype, device=M.device), d, True
+
+
+def floor_eigenvalues(d: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Raise damped eigenvalues below EIG_FLOOR·max (or exactly zero) to that floor: (d, whether any was)."""
+    floor = max(EIG_FLOOR * float(d.max()) if d.numel() else 0.0, torch.finfo(torch.float64).tiny)
+    low = d < floor
+    return (d.clamp_min(floor), True) if bool(low.any()) else (d, False)
+
+
+def pi_correction(A: torch.Tensor, G: torch.Tensor) -> float:
+    """π = sqrt((tr A / dim A) / (tr G / dim G)), 1 when either trace vanishes (Martens & Grosse §6.3)."""
+    ta, tg = float(A.trace()) / A.shape[0], float(G.trace()) / G.shape[0]
+    if not (ta > 0 and tg > 0 and math.isfinite(ta) and math.isfinite(tg)):
+        return 1.0
+    return math.sqrt(ta / tg)
+
+
+@dataclass
+class _Eig:
+    """Undamped eigendecomposition of one layer's factors, taken at the last refresh (float64)."""
+
+    QA: torch.Tensor  # [cols, cols], working dtype
+    lamA: torch.Tensor  # [cols], float64, ≥ 0
+    QG: torch.Tensor  # [out, out]
+    lamG: torch.Tensor  # [out]
+    pi: float
+
+
+# ----------------------------------------------------------------------------------------------------
+# K-FAC
+# ----------------------------------------------------------------------------------------------------
+
+class KFAC:
+    """Kronecker-factored approximate Fisher: F ≈ blockdiag(A_l ⊗ G_l, …, F_rest), damped and inverted per block.
+
+    The matrix that ``solve`` inverts and ``mv`` multiplies is, in ``actor_parameters()`` order,
+
+        blockdiag over layers of (A_l + π_l √λ I) ⊗ (G_l + √λ/π_l I),  and  F_rest + λ I,
+
+    with the factored Tikhonov damping of Martens & Grosse (§6.3): π_l = sqrt((tr A_l/dim A_l)/(tr G_l/dim G_l))
+    balances the two factors so their product carries ≈ λ I. A_l = E[ā āᵀ] (layer inputs with a 1
+    appended for the bias; for a convolution averaged over positions too), G_l = E[Σ_positions g gᵀ]
+    (g = ∂ log π/∂(layer output)), each an exponential moving average over fits with decay
+    ``ema_decay`` (the first fit initialises it). Factors are accumulated and eigendecomposed in
+    float64; the decompositions (and so ``solve`` and ``mv``) are refreshed every ``refresh_every``
+    fits, the first fit included. A damped eigenvalue below 1e-10 of the largest, or an ``eigh``
+    failure (then the factor's diagonal is used), counts in ``stats["fisher/kfac_fallbacks"]``.
+
+    When K-FAC is exact (``estimator="exact"``, λ = 0; with ``"sampled"`` the same holds in expectation
+    over the sampled actions, since A is exact and G is an unbiased estimate): for a layer block
+    F_W̄ = E_s[(ā āᵀ) ⊗ E_a[g gᵀ|s]] and K-FAC's A ⊗ G coincide whenever E_a[g gᵀ|s] does not depend on s,
+    or ā does not. Checked numerically in tests/test_curvature.py, the cases are:
+
+    * a policy that is a single Linear layer (no hidden layers) with a diagonal Gaussian head
+      (``GaussianMLP(hidden=())``), any batch: E_a[g gᵀ|s] = diag(1/σ²) is constant, the log-std block is
+      computed exactly and the Gaussian's mean/log-std cross terms are zero, so K-FAC = F;
+    * a single Linear layer with any head (e.g. categorical) on a batch of identical observations;
+    * for any depth, the output layer's block of a diagonal Gaussian policy (its g has the constant
+      conditional covariance diag(1/σ²)), and on identical observations every layer's diagonal block —
+      but not the full F, whose cross-layer blocks K-FAC drops.
+
+    It is not exact for a categorical (or any other) policy whose output Fisher varies with the state
+    over a batch of distinct states, nor for hidden layers in general.
+
+    Cost per fit: one forward and one backward pass (R backward vectors for ``"exact"``, vectorised), the
+    factor products O(B·(in² + out²)) per layer, and, on a refresh, eigendecompositions O(in³ + out³).
+    Per solve/mv: O(out·in·(in + out)) per layer.
+    """
+
+    def __init__(self, damping: float = 0.01, ema_decay: float = 0.95, refresh_every: int = 1,
+                 estimator: Estimator = "sampled", generator: torch.Generator | None = None):
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if refresh_every < 1:
+            raise ValueError(f"refresh_every must be ≥ 1, got {refresh_every}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}; valid: {list(ESTIMATORS)}")
+        self.damping, self.ema_decay, self.refresh_every = damping, ema_decay, refresh_every
+        self.estimator, self.generator = estimator, generator
+        self.structure: Structure | None = None
+        self.factors: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (A [cols, cols], G [out, out]), float64
+        self.rest_fisher: torch.Tensor | None = None  # [R, R] float64
+        self.fits = 0
+        self.fallbacks = 0
+        self._eig: list[_Eig] = []
+        self._rest_eig: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._damped: tuple[float, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None] | None = None
+        self._dtype = torch.float32
+        self.stats: dict[str, float] = {}
+
+    # -- fit ------------------------------------------------------------------------------------------
+
+    def fit(self, policy: nn.Module, obs: torch.Tensor, act: torch.Tensor | None = None) -> None:
+        """Fold the batch's factors into the moving averages; refresh the decompositions when due."""
+        structure = find_layers(policy)
+        if self.structure is None or structure.key != self.structure.key:
+            self.structure, self.factors, self.rest_fisher, self.fits = structure, [], None, 0
+        cap = capture(policy, obs, structure.layers, make_cotangents(self.estimator, policy, act, self.generator))
+        B = obs.shape[0]
+        batch = []
+        for a, g in zip(cap.a, cap.g):
+            A = torch.einsum("bti,btj->ij", a, a) / (a.shape[0] * a.shape[1])
+            G = torch.einsum("sbto,sbtp->op", g, g) / B
+            batch.append((A.double(), G.double()))
+        rest = None
+        if structure.rest:
+            rest = rest_block(policy, obs, structure.rest, cap.eta,
+                              act if self.estimator == "empirical" else None).double()
+        skipped = 0
+        if self.fits == 0:
+            self.factors, self.rest_fisher = batch, rest
+        else:
+            self.factors = [(self._ema(A0, A), self._ema(G0, G)) for (A0, G0), (A, G) in zip(self.factors, batch)]
+            if rest is not None:
+                self.rest_fisher = self._ema(self.rest_fisher, rest)
+        skipped = sum(not bool(torch.isfinite(A).all() and torch.isfinite(G).all()) for A, G in batch)
+        self._dtype = cap.eta.dtype
+        refresh = self.fits % self.refresh_every == 0
+        self.fits += 1
+        if refresh:
+            self._refresh()
+        self.stats = {"fisher/kfac_refreshed": float(refresh), "fisher/kfac_fallbacks": float(self.fallbacks),
+                      "fisher/kfac_nonfinite_layers": float(skipped), "fisher/kfac_layers": float(len(batch))}
+        self._damped_eigs()  # counts fallbacks now, so the stats of this fit include them
+        self.stats["fisher/kfac_fallbacks"] = float(self.fallbacks)
+
+    def _ema(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        # A non-finite batch statistic is dropped rather than poisoning the average for good.
+        if not bool(torch.isfinite(new).all()):
+            return old
+        return self.ema_decay * old + (1.0 - self.ema_decay) * new
+
+    def _refresh(self) -> None:
+        self._eig = []
+        for A, G in self.factors:
+            QA, lamA, failA = eigh_or_diagonal(A)
+            QG, lamG, failG = eigh_or_diagonal(G)
+            self.fallbacks += failA + failG
+            # Bases kept in the working dtype (decomposed in float64 above) so a solve does not cast them.
+            self._eig.append(_Eig(QA.to(self._dtype), lamA, QG.to(self._dtype), lamG, pi_correction(A, G)))
+        self._rest_eig = None
+        if self.rest_fisher is not None:
+            Q, lam, fail = eigh_or_diagonal(self.rest_fisher)
+            self.fallbacks += fail
+            self._rest_eig = (Q.to(self._dtype), lam)
+        self._damped = None
+
+    def _damped_eigs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Damped eigenvalues (d_A, d_G) per layer for the current ``damping`` (recomputed if it changed)."""
+        if self._damped is not None and self._damped[0] == self.damping:
+            return self._damped[1]
+        sq = math.sqrt(self.damping)
+        cond, out = 1.0, []
+        for e in self._eig:
+            dA, lowA = floor_eigenvalues(e.lamA + e.pi * sq)
+            dG, lowG = floor_eigenvalues(e.lamG + sq / e.pi)
+            self.fallbacks += lowA + lowG
+            cond = max(cond, float(dA.max() / dA.min()), float(dG.max() / dG.min()))
+            out.append((dA, dG))
+        d_rest = None
+        if self._rest_eig is not None:
+            d_rest, low = floor_eigenvalues(self._rest_eig[1] + self.damping)
+            self.fallbacks += low
+        self._damped = (self.damping, out, d_rest)
+        self.stats["fisher/kfac_cond_max"] = cond
+        return out
+
+    # -- solve / mv -----------------------------------------------------------------------------------
+
+    def _apply(self, v: torch.Tensor, power: int) -> torch.Tensor:
+        """The damped K-FAC matrix to the power ±1 times a flat vector v [P]."""
+        if self.structure is None:
+            raise RuntimeError("call fit(policy, obs) before solve/mv")
+        damped = self._damped_eigs()
+        out = torch.empty_like(v)
+        for slot, e, (dA, dG) in zip(self.structure.layers, self._eig, damped):
+            QA, QG = e.QA.to(v.dtype), e.QG.to(v.dtype)
+            V = QG.T @ slot.gather(v) @ QA  # eigenbasis of G ⊗ A
+            V = V * (dG.unsqueeze(1) * dA.unsqueeze(0)).to(v.dtype) ** power
+            slot.scatter(out, QG @ V @ QA.T)
+        if self._rest_eig is not None:
+            Q, d = self._rest_eig[0].to(v.dtype), self._damped[2].to(v.dtype)
+            idx = self.structure.rest_idx
+            out[idx] = Q @ ((Q.T @ v[idx]) * d**power)
+        return out
+
+    def solve(self, g: torch.Tensor) -> torch.Tensor:
+        """≈ (F + λI)⁻¹ g: the inverse of the damped K-FAC matrix times g [P] → [P]."""
+        return self._apply(g, -1)
+
+    def mv(self, v: torch.Tensor) -> torch.Tensor:
+        """The damped K-FAC matrix (the one ``solve`` inverts) times v [P] → [P]."""
+        return self._apply(v, 1)

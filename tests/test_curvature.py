@@ -1,0 +1,498 @@
+"""K-FAC, diagonal and empirical Fisher against independent references (float64).
+
+References never come from the code under test: the dense Fisher (``dense_fisher``, itself checked
+against the KL Hessian elsewhere), per-sample scores from a plain loop of ``torch.autograd.grad``,
+layer activations re-run by hand, Jacobians from ``torch.autograd.functional.jacobian`` one sample at a
+time, explicit ``torch.kron`` matrices and ``torch.linalg.solve``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from natpg.fisher import CG, KFAC, Dense, Diagonal, Empirical, dense_fisher
+from natpg.policies import CategoricalHead, CategoricalMLP, GaussianMLP
+
+OBS_DIM = 3
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def make_policy(kind: str, hidden: tuple[int, ...] = (5,), seed: int = 0) -> nn.Module:
+    """A small policy with random (not near-uniform) parameters, so output Fishers vary with the state."""
+    torch.manual_seed(seed)
+    policy = GaussianMLP(OBS_DIM, 2, hidden) if kind == "gauss" else CategoricalMLP(OBS_DIM, 4, hidden)
+    with torch.no_grad():
+        for p in policy.actor_parameters():
+            p.normal_(0.0, 0.7)
+    return policy
+
+
+def batch(policy: nn.Module, n: int = 24, seed: int = 1, identical: bool = False):
+    """Observations [n, obs_dim] and actions sampled from the policy."""
+    gen = torch.Generator().manual_seed(seed)
+    obs = torch.randn(1 if identical else n, OBS_DIM, generator=gen).expand(n, OBS_DIM).contiguous()
+    with torch.no_grad():
+        act = policy.sample(policy(obs), generator=gen)
+    return obs, act
+
+
+def offsets(policy: nn.Module) -> dict[int, int]:
+    """Start of every actor parameter in the flat vector, by identity."""
+    out, i = {}, 0
+    for p in policy.actor_parameters():
+        out[id(p)] = i
+        i += p.numel()
+    return out
+
+
+def linear_layers(policy: nn.Module) -> list[nn.Linear]:
+    return [m for m in policy.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def wbar_index(policy: nn.Module, layer: nn.Module) -> torch.Tensor:
+    """Flat positions of W̄ = [W | b] in row-major order: entry (o, i) of W̄ → its position in the flat vector."""
+    off = offsets(policy)
+    out_dim, in_dim = layer.weight.shape[0], layer.weight[0].numel()
+    idx = [[off[id(layer.weight)] + o * in_dim + i for i in range(in_dim)] + [off[id(layer.bias)] + o]
+           for o in range(out_dim)]
+    return torch.tensor(idx).reshape(-1)
+
+
+def rest_index(policy: nn.Module) -> torch.Tensor:
+    off = offsets(policy)
+    in_layers = {id(p) for m in linear_layers(policy) for p in (m.weight, m.bias)}
+    return torch.tensor([off[id(p)] + j for p in policy.actor_parameters() if id(p) not in in_layers
+                         for j in range(p.numel())], dtype=torch.long)
+
+
+def block(F: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return F[idx][:, idx]
+
+
+def as_matrix(mv, P: int) -> torch.Tensor:
+    return torch.stack([mv(e) for e in torch.eye(P)], dim=1)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def explicit_kfac(policy: nn.Module, kfac: KFAC, damping: float, rest: torch.Tensor | None) -> torch.Tensor:
+    """blockdiag((A + π√λ I) ⊗ (G + √λ/π I), rest + λI) in flat order, from the fitted factors, by torch.kron."""
+    P = sum(p.numel() for p in policy.actor_parameters())
+    M = torch.zeros(P, P)
+    for layer, (A, G) in zip(linear_layers(policy), kfac.factors):
+        pi = math.sqrt((A.trace() / A.shape[0]) / (G.trace() / G.shape[0]))
+        Ad = A + pi * math.sqrt(damping) * torch.eye(A.shape[0])
+        Gd = G + math.sqrt(damping) / pi * torch.eye(G.shape[0])
+        idx = wbar_index(policy, layer)
+        M[idx.unsqueeze(1), idx.unsqueeze(0)] = torch.kron(Gd, Ad)  # row-major vec(W̄): index o·cols + i
+    if rest is not None:
+        r = rest_index(policy)
+        M[r.unsqueeze(1), r.unsqueeze(0)] = rest + damping * torch.eye(len(r))
+    return M
+
+
+# --------------------------------------------------------------------------------------------------
+# Diagonal
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["gauss", "cat"])
+def test_diagonal_equals_diag_of_dense_fisher(kind):
+    policy = make_policy(kind, hidden=(5, 4))
+    obs, _ = batch(policy)
+    d = Diagonal(damping=0.0)
+    d.fit(policy, obs)
+    torch.testing.assert_close(d.diag, dense_fisher(policy, obs).diagonal(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["gauss", "cat"])
+def test_sampled_estimators_are_unbiased(kind):
+    """Sampled actions: many draws at a few states average to the exact diagonal and the exact K-FAC G."""
+    policy = make_policy(kind, hidden=(4,))
+    obs = torch.randn(4, OBS_DIM).repeat(5000, 1)
+    gen = torch.Generator().manual_seed(0)
+    d_s, d_e = Diagonal(0.0, estimator="sampled", generator=gen), Diagonal(0.0, estimator="exact")
+    d_s.fit(policy, obs), d_e.fit(policy, obs)
+    assert rel(d_s.diag, d_e.diag) < 0.05
+    k_s, k_e = KFAC(0.0, estimator="sampled", generator=gen), KFAC(0.0, estimator="exact")
+    k_s.fit(policy, obs), k_e.fit(policy, obs)
+    for (A_s, G_s), (A_e, G_e) in zip(k_s.factors, k_e.factors):
+        torch.testing.assert_close(A_s, A_e)  # A does not depend on the actions
+        assert rel(G_s, G_e) < 0.05
+
+
+# --------------------------------------------------------------------------------------------------
+# K-FAC: where it is exact, and where it is not
+# --------------------------------------------------------------------------------------------------
+
+def test_kfac_equals_fisher_for_linear_gaussian_policy():
+    """No hidden layer + diagonal Gaussian: E_a[g gᵀ|s] = diag(1/σ²) for every state, so K-FAC = F on any batch."""
+    policy = make_policy("gauss", hidden=())
+    obs, _ = batch(policy, n=40)
+    F = dense_fisher(policy, obs)
+    kfac = KFAC(damping=0.0, estimator="exact")
+    kfac.fit(policy, obs)
+    torch.testing.assert_close(as_matrix(kfac.mv, F.shape[0]), F, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["gauss", "cat"])
+@pytest.mark.parametrize("estimator", ["exact", "empirical"])
+def test_kfac_single_layer_exact_on_identical_observations(kind, estimator):
+    """One Linear layer, every state the same: ā is constant, so E[(āāᵀ)⊗(ggᵀ)] = āāᵀ ⊗ E[ggᵀ]. With the taken
+    actions the same argument gives the empirical Fisher's block (reference: a loop of autograd.grad)."""
+    policy = make_policy(kind, hidden=())
+    obs, act = batch(policy, identical=True)
+    (layer,) = linear_layers(policy)
+    ref = dense_fisher(policy, obs) if estimator == "exact" else loop_empirical_fisher(policy, obs, act)
+    kfac = KFAC(damping=0.0, estimator=estimator)
+    kfac.fit(policy, obs, act)
+    (A, G), = kfac.factors
+    idx = wbar_index(policy, layer)
+    torch.testing.assert_close(torch.kron(G, A), block(ref, idx), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("kind", ["gauss", "cat"])
+def test_kfac_deep_identical_observations_exact_per_layer_but_drops_cross_layer_blocks(kind):
+    policy = make_policy(kind, hidden=(4, 3))
+    obs, _ = batch(policy, identical=True)
+    F = dense_fisher(policy, obs)
+    kfac = KFAC(damping=0.0, estimator="exact")
+    kfac.fit(policy, obs)
+    layers = linear_layers(policy)
+    for layer, (A, G) in zip(layers, kfac.factors):
+        torch.testing.assert_close(torch.kron(G, A), block(F, wbar_index(policy, layer)), rtol=1e-9, atol=1e-11)
+    i0, i1 = wbar_index(policy, layers[0]), wbar_index(policy, layers[-1])
+    assert F[i0][:, i1].norm() > 1e-3 * F.norm()  # the cross-layer block K-FAC sets to zero is not zero
+
+
+def test_kfac_gaussian_output_layer_exact_hidden_layer_not():
+    policy = make_policy("gauss", hidden=(5,))
+    obs, _ = batch(policy, n=40)
+    F = dense_fisher(policy, obs)
+    kfac = KFAC(damping=0.0, estimator="exact")
+    kfac.fit(policy, obs)
+    (hidden, out) = linear_layers(policy)
+    (A0, G0), (A1, G1) = kfac.factors
+    torch.testing.assert_close(torch.kron(G1, A1), block(F, wbar_index(policy, out)), rtol=1e-9, atol=1e-11)
+    assert rel(torch.kron(G0, A0), block(F, wbar_index(policy, hidden))) > 1e-2
+
+
+def test_kfac_not_exact_for_categorical_on_distinct_states():
+    """The test with teeth: a single Linear layer whose output Fisher varies with the state."""
+    policy = make_policy("cat", hidden=())
+    obs, _ = batch(policy, n=40)
+    F = dense_fisher(policy, obs)
+    kfac = KFAC(damping=0.0, estimator="exact")
+    kfac.fit(policy, obs)
+    (A, G), = kfac.factors
+    assert rel(torch.kron(G, A), block(F, wbar_index(policy, linear_layers(policy)[0]))) > 1e-2
+
+
+def test_kfac_log_std_block_equals_dense_block():
+    policy = make_policy("gauss", hidden=(5,))
+    obs, _ = batch(policy)
+    F = dense_fisher(policy, obs)
+    kfac = KFAC(damping=0.0)
+    kfac.fit(policy, obs)
+    r = rest_index(policy)
+    torch.testing.assert_close(kfac.rest_fisher, block(F, r))
+    torch.testing.assert_close(kfac.rest_fisher, 2.0 * torch.eye(len(r)))  # Fisher of log σ is 2 per dimension
+
+
+@pytest.mark.parametrize("kind", ["gauss", "cat"])
+def test_kfac_factors_match_hand_computation(kind):
+    """A from activations re-run layer by layer; G = (1/B) Σ_b J_bᵀ F_out J_b with J_b = ∂η_b/∂s_l by
+    ``torch.autograd.functional.jacobian``, one sample at a time."""
+    policy = make_policy(kind, hidden=(4, 3))
+    obs, _ = batch(policy, n=10)
+    kfac = KFAC(damping=0.0, estimator="exact")
+    kfac.fit(policy, obs)
+    net = policy.mean_net if kind == "gauss" else policy.logits_net
+    mods = list(net)
+    lin = [i for i, m in enumerate(mods) if isinstance(m, nn.Linear)]
+
+    def eta_from(s: torch.Tensor, after: int) -> torch.Tensor:
+        x = s
+        for m in mods[after + 1 :]:
+            x = m(x)
+        return torch.cat([x, policy.log_std.expand_as(x)], -1) if kind == "gauss" else x
+
+    with torch.no_grad():
+        x = obs
+        for li, (A, G) in zip(lin, kfac.factors):
+            a = torch.cat([x, torch.ones(len(x), 1)], 1)
+            torch.testing.assert_close(A, a.T @ a / len(a))
+            s = mods[li](x)
+            G_ref = torch.zeros_like(G)
+            for b in range(len(obs)):
+                J = torch.autograd.functional.jacobian(lambda sb: eta_from(sb, li), s[b])  # [K, out]
+                G_ref += J.T @ policy.head.fisher(eta_from(s[b : b + 1], li))[0] @ J
+            torch.testing.assert_close(G, G_ref / len(obs))
+            x = mods[li + 1](s) if li + 1 < len(mods) else s  # the activation after a hidden layer
+
+
+# --------------------------------------------------------------------------------------------------
+# K-FAC algebra: damping, solve, mv
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["gauss", "cat"])
+def test_kfac_mv_and_solve_match_explicit_kron_matrix(kind):
+    policy = make_policy(kind, hidden=(5,))
+    obs, act = batch(policy)
+    lam = 0.1
+    kfac = KFAC(damping=lam, generator=torch.Generator().manual_seed(3))
+    kfac.fit(policy, obs, act)
+    rest = block(dense_fisher(policy, obs), rest_index(policy)) if kind == "gauss" else None
+    M = explicit_kfac(policy, kfac, lam, rest)
+    torch.testing.assert_close(as_matrix(kfac.mv, M.shape[0]), M, rtol=1e-9, atol=1e-11)
+    g = torch.randn(M.shape[0])
+    torch.testing.assert_close(kfac.solve(g), torch.linalg.solve(M, g), rtol=1e-8, atol=1e-10)
+    assert kfac.stats["fisher/kfac_fallbacks"] == 0
+
+
+class ConvPolicy(nn.Module):
+    """Categorical policy on a 2×3×3 image: Conv2d (kernel 2, padding 1) → tanh → Linear; no ``sample`` method."""
+
+    def __init__(self, kernel: int = 2, padding: int = 1, head_layer: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, kernel_size=kernel, padding=padding)
+        side = 3 + 2 * padding - kernel + 1
+        self.fc = nn.Linear(3 * side * side, 4) if head_layer else None
+        self.head = CategoricalHead()
+        with torch.no_grad():
+            for p in self.parameters():
+                p.normal_(0.0, 0.5)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        s = self.conv(obs.view(-1, 2, 3, 3))
+        return self.fc(torch.tanh(s).flatten(1)) if self.fc is not None else s.flatten(1)
+
+    def dist(self, obs):
+        return self.head.dist(self(obs))
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        return list(self.parameters())
+
+
+def test_kfac_conv_factors_loop_reference_and_solve():
+    torch.manual_seed(0)
+    policy = ConvPolicy()
+    obs = torch.randn(6, 18)
+    kfac = KFAC(damping=0.05, estimator="exact")
+    kfac.fit(policy, obs)
+    (A, G), _ = kfac.factors
+    x = nn.functional.pad(obs.view(-1, 2, 3, 3), (1, 1, 1, 1))
+    with torch.no_grad():
+        s = policy.conv(obs.view(-1, 2, 3, 3))  # [B, 3, 4, 4]
+    A_ref, G_ref = torch.zeros_like(A), torch.zeros_like(G)
+    for b in range(len(obs)):
+        J = torch.autograd.functional.jacobian(lambda sb: policy.fc(torch.tanh(sb).flatten().unsqueeze(0))[0], s[b])
+        Fout = policy.head.fisher(policy(obs[b : b + 1]).detach())[0]
+        for i in range(4):
+            for j in range(4):
+                patch = torch.cat([x[b, :, i : i + 2, j : j + 2].reshape(-1), torch.ones(1)])
+                A_ref += torch.outer(patch, patch)
+                Jt = J[:, :, i, j]  # [K, out channels]
+                G_ref += Jt.T @ Fout @ Jt
+    torch.testing.assert_close(A, A_ref / (len(obs) * 16))
+    torch.testing.assert_close(G, G_ref / len(obs))
+    M = explicit_kfac(policy, kfac, 0.05, None)
+    g = torch.randn(M.shape[0])
+    torch.testing.assert_close(kfac.solve(g), torch.linalg.solve(M, g), rtol=1e-8, atol=1e-10)
+
+
+def test_kfac_conv_with_full_kernel_is_exact_on_identical_observations():
+    """A kernel covering the whole image has one position: a Linear layer in disguise."""
+    torch.manual_seed(1)
+    policy = ConvPolicy(kernel=3, padding=0, head_layer=False)
+    obs = torch.randn(1, 18).expand(8, 18).contiguous()
+    kfac = KFAC(damping=0.0, estimator="exact")
+    kfac.fit(policy, obs)
+    (A, G), = kfac.factors
+    F = dense_fisher(policy, obs)
+    torch.testing.assert_close(torch.kron(G, A), block(F, wbar_index(policy, policy.conv)), rtol=1e-9, atol=1e-11)
+
+
+# --------------------------------------------------------------------------------------------------
+# K-FAC: moving averages, refresh, fallback
+# --------------------------------------------------------------------------------------------------
+
+def test_kfac_ema_and_refresh_every():
+    policy = make_policy("gauss", hidden=(5,))
+    batches = [batch(policy, seed=s)[0] for s in (1, 2, 3)]
+    fresh = []
+    for obs in batches:
+        k = KFAC(damping=0.1, estimator="exact")
+        k.fit(policy, obs)
+        fresh.append(k)
+
+    k = KFAC(damping=0.1, ema_decay=0.0, estimator="exact")  # decay 0: the last batch's factors
+    for obs in batches:
+        k.fit(policy, obs)
+    for (A, G), (A3, G3) in zip(k.factors, fresh[2].factors):
+        torch.testing.assert_close(A, A3), torch.testing.assert_close(G, G3)
+
+    k = KFAC(damping=0.1, ema_decay=0.7, estimator="exact")
+    k.fit(policy, batches[0]), k.fit(policy, batches[1])
+    for (A, G), (A1, G1), (A2, G2) in zip(k.factors, fresh[0].factors, fresh[1].factors):
+        torch.testing.assert_close(A, 0.7 * A1 + 0.3 * A2), torch.testing.assert_close(G, 0.7 * G1 + 0.3 * G2)
+
+    # refresh_every=2: fits 1 and 3 refresh; after fit 2 solve and mv still use the decomposition of fit 1
+    k = KFAC(damping=0.1, ema_decay=0.0, refresh_every=2, estimator="exact")
+    g = torch.randn(sum(p.numel() for p in policy.actor_parameters()))
+    k.fit(policy, batches[0])
+    assert k.stats["fisher/kfac_refreshed"] == 1
+    k.fit(policy, batches[1])
+    assert k.stats["fisher/kfac_refreshed"] == 0
+    torch.testing.assert_close(k.solve(g), fresh[0].solve(g))
+    torch.testing.assert_close(k.mv(k.solve(g)), g)
+    k.fit(policy, batches[2])
+    assert k.stats["fisher/kfac_refreshed"] == 1
+    torch.testing.assert_close(k.solve(g), fresh[2].solve(g))
+
+
+def test_kfac_fallback_on_singular_factors():
+    """Constant observations make A rank one; with zero damping the inverse must still be finite, and counted."""
+    policy = make_policy("cat", hidden=(4,))
+    obs, _ = batch(policy, identical=True)
+    kfac = KFAC(damping=0.0, estimator="exact")
+    kfac.fit(policy, obs)
+    g = torch.randn(sum(p.numel() for p in policy.actor_parameters()))
+    assert torch.isfinite(kfac.solve(g)).all()
+    assert kfac.stats["fisher/kfac_fallbacks"] >= 1
+
+
+def test_kfac_fallback_when_eigh_fails(monkeypatch):
+    policy = make_policy("gauss", hidden=(4,))
+    obs, _ = batch(policy)
+
+    def broken_eigh(*args, **kwargs):
+        raise torch.linalg.LinAlgError("simulated failure")
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken_eigh)
+    kfac = KFAC(damping=0.1, estimator="exact")
+    kfac.fit(policy, obs)
+    monkeypatch.undo()
+    assert kfac.stats["fisher/kfac_fallbacks"] == 5  # 2 layers × (A, G) + the log-std block
+    g = torch.randn(sum(p.numel() for p in policy.actor_parameters()))
+    d = kfac.solve(g)
+    assert torch.isfinite(d).all()
+    # the diagonal fallback: per layer (diag A + π√λ) ⊗ (diag G + √λ/π), still inverted by mv
+    torch.testing.assert_close(kfac.mv(d), g)
+
+
+# --------------------------------------------------------------------------------------------------
+# Empirical Fisher
+# --------------------------------------------------------------------------------------------------
+
+def loop_empirical_fisher(policy: nn.Module, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """(1/N) Σ_b s_b s_bᵀ, s_b from torch.autograd.grad one sample at a time."""
+    params = list(policy.actor_parameters())
+    P = sum(p.numel() for p in params)
+    F = torch.zeros(P, P)
+    for b in range(len(obs)):
+        logp = policy.dist(obs[b : b + 1]).log_prob(act[b : b + 1]).sum()
+        s = torch.cat([t.reshape(-1) for t in torch.autograd.grad(logp, params)])
+        F += torch.outer(s, s)
+    return F / len(obs)
+
+
+@pytest.mark.parametrize("kind", ["gauss", "cat"])
+def test_empirical_equals_loop_of_score_outer_products(kind):
+    policy = make_policy(kind, hidden=(4,))
+    obs, act = batch(policy, n=12)
+    emp = Empirical(damping=0.0)
+    emp.fit(policy, obs, act)
+    F_ref = loop_empirical_fisher(policy, obs, act)
+    torch.testing.assert_close(emp.scores.T @ emp.scores / len(obs), F_ref)
+    torch.testing.assert_close(as_matrix(emp.mv, F_ref.shape[0]), F_ref)
+
+
+@pytest.mark.parametrize("kind", ["gauss", "cat"])
+@pytest.mark.parametrize("n", [10, 80])  # P = 34 (gauss) / 36 (cat): Woodbury for 10, CG for 80
+def test_empirical_solve_woodbury_and_cg(kind, n):
+    policy = make_policy(kind, hidden=(4,))
+    obs, act = batch(policy, n=n)
+    lam = 0.05
+    emp = Empirical(damping=lam, cg_iters=200, cg_tol=1e-14)
+    emp.fit(policy, obs, act)
+    P = emp.scores.shape[1]
+    assert emp.stats["fisher/emp_woodbury"] == float(n < P)
+    F_ref = loop_empirical_fisher(policy, obs, act)
+    g = torch.randn(P)
+    torch.testing.assert_close(emp.solve(g), torch.linalg.solve(F_ref + lam * torch.eye(P), g),
+                               rtol=1e-7, atol=1e-9)
+
+
+def test_empirical_zero_damping_uses_pseudo_inverse():
+    policy = make_policy("cat", hidden=(4,))
+    obs, act = batch(policy, n=8)
+    emp = Empirical(damping=0.0)
+    emp.fit(policy, obs, act)
+    F_ref = loop_empirical_fisher(policy, obs, act)
+    g = F_ref @ torch.randn(F_ref.shape[0])  # in the range of F_emp
+    x = emp.solve(g)
+    torch.testing.assert_close(F_ref @ x, g, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(x, torch.linalg.pinv(F_ref, hermitian=True) @ g, rtol=1e-6, atol=1e-8)
+
+
+# --------------------------------------------------------------------------------------------------
+# Every solver against a dense solve of the matrix it approximates; determinism
+# --------------------------------------------------------------------------------------------------
+
+SOLVERS = ["cg", "dense", "kfac", "diagonal", "empirical"]
+
+
+@pytest.mark.parametrize("kind", ["gauss", "cat"])
+@pytest.mark.parametrize("name", SOLVERS)
+def test_every_solver_matches_dense_solve_of_its_matrix(name, kind):
+    policy = make_policy(kind, hidden=(5,))
+    obs, act = batch(policy, n=20)
+    lam = 0.1
+    P = sum(p.numel() for p in policy.actor_parameters())
+    F = dense_fisher(policy, obs)
+    eye = torch.eye(P)
+    solver, M = {
+        "cg": lambda: (CG(damping=lam, iters=4 * P, tol=1e-14), F + lam * eye),
+        "dense": lambda: (Dense(damping=lam), F + lam * eye),
+        "kfac": lambda: (KFAC(damping=lam, estimator="exact"), None),
+        "diagonal": lambda: (Diagonal(damping=lam), torch.diag(F.diagonal() + lam)),
+        "empirical": lambda: (Empirical(damping=lam), loop_empirical_fisher(policy, obs, act) + lam * eye),
+    }[name]()
+    solver.fit(policy, obs, act)
+    if name == "kfac":
+        M = explicit_kfac(policy, solver, lam, block(F, rest_index(policy)) if kind == "gauss" else None)
+    g = torch.randn(P)
+    torch.testing.assert_close(solver.solve(g), torch.linalg.solve(M, g), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(solver.mv(g), M @ g, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("make", [
+    lambda gen: KFAC(damping=0.1, generator=gen),
+    lambda gen: Diagonal(damping=0.1, estimator="sampled", generator=gen),
+    lambda gen: Empirical(damping=0.1, subsample=0.5, generator=gen),
+], ids=["kfac", "diagonal", "empirical"])
+def test_deterministic_given_generator(make):
+    policy = make_policy("gauss", hidden=(5,))
+    obs, act = batch(policy, n=20)
+    g = torch.randn(sum(p.numel() for p in policy.actor_parameters()))
+
+    def run(seed: int) -> torch.Tensor:
+        solver = make(torch.Generator().manual_seed(seed))
+        solver.fit(policy, obs, act)
+        return solver.solve(g)
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.equal(run(0), run(1))
