@@ -1,0 +1,93 @@
+"""Exact tabular MDPs, policy gradient and natural policy gradient (numpy only, no sampling).
+
+The theory of the natural policy gradient made runnable: exact policy evaluation, the softmax
+policy-gradient theorem, the Fisher under the discounted state distribution and its closed-form
+natural gradient ``A / (1 - gamma)``, NPG / PG / entropy-regularised NPG runs, and the standard
+example MDPs. See ``docs/theory.md`` for the claims and the tests that check them.
+"""
+
+from .builders import (
+    chain,
+    cliff_walking,
+    frozen_lake,
+    from_gymnasium,
+    gridworld,
+    kakade_bad_start,
+    kakade_two_state,
+    random_mdp,
+    taxi,
+)
+from .mdp import (
+    MDP,
+    advantages,
+    greedy_policy,
+    optimal_policy,
+    optimal_values,
+    policy_reward,
+    policy_transition,
+    q_values,
+    start_value,
+    state_distribution,
+    value_iteration,
+    values,
+)
+from .policy_gradient import (
+    History,
+    fisher,
+    fisher_blocks,
+    log_softmax_policy,
+    natural_gradient,
+    natural_gradient_closed_form,
+    npg,
+    npg_bound,
+    npg_step,
+    pg,
+    policy_gradient,
+    policy_kl,
+    soft_optimal_policy,
+    soft_policy_gradient,
+    soft_values,
+    softmax_policy,
+    step_sizes,
+)
+
+__all__ = [
+    "MDP",
+    "History",
+    "advantages",
+    "chain",
+    "cliff_walking",
+    "fisher",
+    "fisher_blocks",
+    "from_gymnasium",
+    "frozen_lake",
+    "greedy_policy",
+    "gridworld",
+    "kakade_bad_start",
+    "kakade_two_state",
+    "log_softmax_policy",
+    "natural_gradient",
+    "natural_gradient_closed_form",
+    "npg",
+    "npg_bound",
+    "npg_step",
+    "optimal_policy",
+    "optimal_values",
+    "pg",
+    "policy_gradient",
+    "policy_kl",
+    "policy_reward",
+    "policy_transition",
+    "q_values",
+    "random_mdp",
+    "soft_optimal_policy",
+    "soft_policy_gradient",
+    "soft_values",
+    "softmax_policy",
+    "start_value",
+    "state_distribution",
+    "step_sizes",
+    "taxi",
+    "value_iteration",
+    "values",
+]
