@@ -354,7 +354,7 @@ def test_history_layout():
 
 @pytest.mark.parametrize("seed, gamma", [(0, 0.9), (1, 0.9), (2, 0.5), (3, 0.8)])
 def test_npg_satisfies_agarwal_bound_and_improves_monotonically(seed, gamma):
-    """Agarwal et al. (2021, Thm 16): from theta = 0, rewards in [0, 1], for every T >= 1,
+    """Agarwal et al. (2021), NPG for softmax policies: from theta = 0, rewards in [0, 1], for every T >= 1,
     V*(rho) - V^(T)(rho) <= log|A| / (eta T) + 1 / ((1 - gamma)^2 T)."""
     m = random_mdp(12, 4, gamma, seed=seed, rho="dirichlet")
     v_star = m.optimal_value()
@@ -364,7 +364,7 @@ def test_npg_satisfies_agarwal_bound_and_improves_monotonically(seed, gamma):
         gap = v_star - h.values[1:]
         assert (gap <= npg_bound(eta, T, gamma, 4)).all()
         assert (gap >= -1e-10).all()
-        # Per-state monotone improvement V^(t+1)(s) >= V^(t)(s) (Agarwal et al., Lemma 5.2 / 17).
+        # Per-state monotone improvement V^(t+1)(s) >= V^(t)(s) (the improvement lemma of Agarwal et al.).
         Vs = np.array([ref_solve_values(m, p) for p in h.policies[:30]])
         assert (np.diff(Vs, axis=0) >= -1e-10).all()
 

@@ -248,4 +248,4 @@ def kakade_bad_start(strength: float = 6.0) -> np.ndarray:
     Each state prefers its bad action by ``strength`` logits, i.e. the good action has
     probability ``1 / (1 + e^strength)`` (``strength = 6``: about 0.25%).
     """
-    return np.array([[strength, 0.0], [0.0, strength]]) / 1.0
+    return np.array([[strength, 0.0], [0.0, strength]], dtype=np.float64)

@@ -3,7 +3,7 @@
 The policy is ``pi_theta(a|s) = exp theta[s, a] / sum_b exp theta[s, b]`` with ``theta[S, A]``;
 flattened parameter vectors use row-major order, index ``s * A + a``.
 
-Key identities (Agarwal et al. 2021, Sec. 4-5; Kakade 2001):
+Key identities (Kakade 2001; Agarwal et al. 2021):
 
 - policy gradient theorem for the softmax:
   ``dV(rho)/dtheta[s, a] = 1/(1 - gamma) d^pi_rho(s) pi(a|s) A^pi(s, a)``;
@@ -165,8 +165,9 @@ def soft_values(mdp: MDP, theta: np.ndarray, tau: float) -> tuple[np.ndarray, np
 def soft_policy_gradient(mdp: MDP, theta: np.ndarray, tau: float) -> np.ndarray:
     """``grad_theta V_tau(rho)[S, A] = d(s) pi(a|s) (Q_tau - tau log pi - V_tau)(s, a) / (1 - gamma)``.
 
-    The softmax policy gradient theorem applied to the reward ``R - tau log pi``, plus the direct
-    derivative of ``-tau log pi``, which cancels against the per-state mean (Mei et al. 2020).
+    The softmax policy gradient theorem applied to the reward ``R - tau log pi``; the direct
+    derivative of ``-tau log pi(a|s)`` averages to zero under ``pi`` (``sum_a grad pi(a|s) = 0``),
+    and ``V_tau(s)`` enters only as a baseline (Mei et al. 2020).
     """
     theta = _check_theta(mdp, theta)
     logp = log_softmax_policy(theta)
@@ -421,7 +422,7 @@ def pg(
 
 
 def npg_bound(eta: float, T: int | np.ndarray, gamma: float, n_actions: int) -> np.ndarray | float:
-    """Agarwal et al. (2021, Thm 16) bound for NPG from ``theta = 0`` with rewards in [0, 1]:
+    """Agarwal et al. (2021) global-convergence bound for NPG from ``theta = 0`` with rewards in [0, 1]:
 
     ``V*(rho) - V^(T)(rho) <= log|A| / (eta T) + 1 / ((1 - gamma)^2 T)``.
     """
