@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .algorithms import default_config, make_actor_update
+from .algorithms import default_config, make_actor_update, make_critic
 from .config import Config
-from .critics import ValueCritic
 from .envs import ObsNormalizer, RewardScaler, check_spaces, env_family, make_vec_env, probe_spaces
 from .logger import Logger
 from .policies import make_policy
@@ -65,11 +64,10 @@ class Agent:
         self.device = torch.device(config.run.device)
         torch.set_num_threads(config.run.torch_threads)
         torch.manual_seed(seed)
-        p, c = config.policy, config.critic
+        p = config.policy
         obs_dim = int(np.prod(observation_space.shape))
         self.policy = make_policy(observation_space, action_space, p.hidden, p.activation, p.log_std_init).to(self.device)
-        self.critic = ValueCritic(obs_dim, c.critic_hidden, p.activation, c.critic_lr, c.critic_epochs,
-                                  c.critic_minibatch).to(self.device)
+        self.critic = make_critic(config, obs_dim).to(self.device)
         self.obs_normalizer = ObsNormalizer((obs_dim,), config.env.obs_clip, config.env.normalize_obs)
         self.reward_scaler = RewardScaler(config.env.n_envs, config.advantage.gamma, config.env.reward_clip,
                                           config.env.normalize_reward)
@@ -222,7 +220,20 @@ class VPG(Agent):
     algorithm = "vpg"
 
 
-ALGORITHM_CLASSES: dict[str, type[Agent]] = {"npg": NPG, "trpo": TRPO, "vpg": VPG}
+class ACKTR(Agent):
+    """ACKTR (Wu et al. 2017): K-FAC natural gradient with a clipped trust-region step and momentum for the
+    actor, and a Gauss-Newton K-FAC step for the critic."""
+
+    algorithm = "acktr"
+
+
+class PPO(Agent):
+    """PPO (Schulman et al. 2017): the clipped surrogate over minibatch epochs of Adam (first-order baseline)."""
+
+    algorithm = "ppo"
+
+
+ALGORITHM_CLASSES: dict[str, type[Agent]] = {"npg": NPG, "trpo": TRPO, "vpg": VPG, "acktr": ACKTR, "ppo": PPO}
 
 
 def load(path: str) -> Agent:

@@ -15,8 +15,9 @@ from torch.distributions import kl_divergence
 
 from . import fisher
 from .config import Config
+from .critics import ValueCritic
 from .params import flatten
-from .steps import FixedStep, KLStep, LineSearch
+from .steps import AdamStep, FixedStep, KFACClip, KLStep, LineSearch
 
 
 @dataclass
@@ -63,10 +64,14 @@ def make_step_rule(cfg: Config):
     s = cfg.step
     if s.step == "fixed":
         return FixedStep(s.alpha)
+    if s.step == "adam":
+        return AdamStep(s.alpha, s.max_grad_norm)
     if s.step == "kl":
         return KLStep(s.max_kl)
     if s.step == "linesearch":
         return LineSearch(s.max_kl, s.backtrack_shrink, s.backtrack_iters)
+    if s.step == "kfac_clip":
+        return KFACClip(s.max_kl, s.eta_max, s.momentum)
     raise ValueError(f"step={s.step!r} is not available for algorithm {cfg.algorithm!r}")
 
 
@@ -96,14 +101,40 @@ class NaturalGradientUpdate:
 
 
 def make_actor_update(cfg: Config, generator: torch.Generator | None):
+    """PPO's clipped objective for step='ppo_clip', else curvature × step rule."""
+    s = cfg.step
+    if s.step == "ppo_clip":
+        from .ppo import ClippedSurrogateUpdate
+
+        return ClippedSurrogateUpdate(s.alpha, s.clip_range, s.ppo_epochs, s.ppo_minibatch, s.target_kl,
+                                      s.max_grad_norm, generator)
     return NaturalGradientUpdate(make_curvature(cfg, generator), make_step_rule(cfg))
+
+
+def make_critic(cfg: Config, obs_dim: int) -> nn.Module:
+    """The value network with its step: Adam regression, PPO's clipped regression, or ACKTR's K-FAC step."""
+    c, activation = cfg.critic, cfg.policy.activation
+    args = (obs_dim, c.critic_hidden, activation, c.critic_lr, c.critic_epochs, c.critic_minibatch)
+    if c.critic_optimizer == "kfac":
+        from .acktr import KFACCritic
+
+        return KFACCritic(*args, max_kl=c.critic_max_kl, eta_max=c.critic_eta_max, damping=c.critic_damping,
+                          momentum=c.critic_momentum)
+    if c.value_clip:
+        from .ppo import ClippedValueCritic
+
+        return ClippedValueCritic(*args, value_clip=c.value_clip)
+    return ValueCritic(*args)
 
 
 # Presets: algorithm defaults, then per environment family. Sources are cited in docs/algorithms.md.
 ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
     "npg": {"fisher": "cg", "step": "kl", "max_kl": 0.01},
     "trpo": {"fisher": "cg", "step": "linesearch", "max_kl": 0.01},
-    "vpg": {"fisher": "identity", "step": "fixed"},
+    "acktr": {"fisher": "kfac", "step": "kfac_clip", "max_kl": 0.001, "eta_max": 0.25, "momentum": 0.9,
+              "damping": 0.01, "critic_optimizer": "kfac"},
+    "vpg": {"fisher": "identity", "step": "fixed", "alpha": 0.1},
+    "ppo": {"step": "ppo_clip", "alpha": 3e-4, "clip_range": 0.2, "ppo_epochs": 10, "ppo_minibatch": 64},
 }
 FAMILY_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("npg", "classic"): {"n_envs": 8, "n_steps": 256, "max_kl": 0.02, "damping": 0.1},

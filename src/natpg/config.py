@@ -14,7 +14,8 @@ from typing import Any
 
 ALGORITHMS = ("npg", "trpo", "acktr", "nac", "ppo", "vpg")
 FISHERS = ("cg", "dense", "kfac", "diagonal", "empirical", "identity")
-STEP_RULES = ("fixed", "kl", "linesearch", "kfac_clip", "ppo_clip")
+STEP_RULES = ("fixed", "adam", "kl", "linesearch", "kfac_clip", "ppo_clip")
+CRITIC_OPTIMIZERS = ("adam", "kfac")
 
 
 @dataclass
@@ -69,6 +70,18 @@ class CriticConfig:
     """Passes over the batch per update for the value regression."""
     critic_minibatch: int = 256
     """Minibatch size of the value regression."""
+    critic_optimizer: str = "adam"
+    """Value step: 'adam', or 'kfac' (ACKTR: Gauss-Newton K-FAC natural step inside a trust region)."""
+    critic_max_kl: float = 0.05
+    """K-FAC critic: KL budget δ_c per step for the output model N(V(s), σ²), σ = std of the batch's targets."""
+    critic_eta_max: float = 1.0
+    """K-FAC critic: cap on the step length, η = min(critic_eta_max, √(2δ_c / ΔᵀF̂Δ))."""
+    critic_damping: float = 0.01
+    """K-FAC critic: Tikhonov damping λ of the (normalised) Gauss-Newton K-FAC matrix."""
+    critic_momentum: float = 0.9
+    """K-FAC critic: momentum μ of the preconditioned direction, v ← μ·v + (1 − μ)·Δ."""
+    value_clip: float = 0.0
+    """PPO-style value clipping: V − V_old is clipped to ±value_clip in the loss (return units; 0: off)."""
 
 
 @dataclass
@@ -90,15 +103,30 @@ class CurvatureConfig:
 @dataclass
 class StepConfig:
     step: str = "kl"
-    """Step rule: 'fixed' (θ += α·d), 'kl' (α = √(2δ / dᵀFd)), 'linesearch' (TRPO), 'kfac_clip' (ACKTR), 'ppo_clip'."""
+    """Step rule: 'fixed' (θ += α·d), 'adam' (Adam on d), 'kl' (α = √(2δ / dᵀFd)), 'linesearch' (TRPO),
+    'kfac_clip' (ACKTR), 'ppo_clip' (PPO)."""
     alpha: float = 0.1
-    """Fixed step size α of the 'fixed' rule (and the learning rate of first-order rules)."""
+    """Fixed step size α of the 'fixed' rule (and the learning rate of the first-order rules 'adam', 'ppo_clip')."""
     max_kl: float = 0.01
     """KL budget δ of the 'kl', 'linesearch' and 'kfac_clip' rules."""
     backtrack_shrink: float = 0.8
     """Line search: factor by which the step shrinks after a rejected try."""
     backtrack_iters: int = 10
     """Line search: number of tries before giving up and restoring the parameters."""
+    eta_max: float = 0.25
+    """ACKTR ('kfac_clip'): cap η_max on the step length, η = min(η_max, √(2δ / vᵀF̂v))."""
+    momentum: float = 0.9
+    """ACKTR ('kfac_clip'): momentum μ of the preconditioned direction, v ← μ·v + (1 − μ)·Δ (0: none)."""
+    clip_range: float = 0.2
+    """PPO ('ppo_clip'): ratio clip ε of the surrogate min(r·A, clip(r, 1 − ε, 1 + ε)·A)."""
+    ppo_epochs: int = 10
+    """PPO: passes over the batch per update (the learning rate is ``alpha``)."""
+    ppo_minibatch: int = 64
+    """PPO: minibatch size of the actor's Adam steps."""
+    target_kl: float = 0.0
+    """PPO: stop the epochs once a minibatch's exact KL(old‖new) exceeds this, before its step (0: never)."""
+    max_grad_norm: float = 0.5
+    """First-order rules ('ppo_clip', 'adam'): clip the actor gradient's norm to this (0: no clipping)."""
 
 
 @dataclass
@@ -218,6 +246,21 @@ class Config:
         need(isinstance(s.backtrack_shrink, (int, float)) and 0 < s.backtrack_shrink < 1,
              f"backtrack_shrink must be in (0, 1), got {s.backtrack_shrink!r}")
         pos_int("backtrack_iters", s.backtrack_iters)
+        pos_num("eta_max", s.eta_max)
+        for name, mu in (("momentum", s.momentum), ("critic_momentum", c.critic_momentum)):
+            need(isinstance(mu, (int, float)) and not isinstance(mu, bool) and 0 <= mu < 1,
+                 f"{name} must be in [0, 1), got {mu!r}")
+        pos_num("clip_range", s.clip_range)
+        pos_int("ppo_epochs", s.ppo_epochs)
+        pos_int("ppo_minibatch", s.ppo_minibatch)
+        pos_num("target_kl", s.target_kl, allow_zero=True)
+        pos_num("max_grad_norm", s.max_grad_norm, allow_zero=True)
+        choice("critic_optimizer", c.critic_optimizer, CRITIC_OPTIMIZERS)
+        pos_num("critic_max_kl", c.critic_max_kl)
+        pos_num("critic_eta_max", c.critic_eta_max)
+        pos_num("critic_damping", c.critic_damping, allow_zero=True)
+        pos_num("value_clip", c.value_clip, allow_zero=True)
+        need(not (c.value_clip and c.critic_optimizer == "kfac"), "value_clip applies to critic_optimizer='adam' only")
         need(isinstance(run.device, str) and (run.device == "cpu" or run.device.startswith("cuda")),
              f"device must be 'cpu' or 'cuda[:N]', got {run.device!r}")
         pos_int("torch_threads", run.torch_threads)

@@ -65,10 +65,16 @@ class KLStep:
 class LineSearch:
     """TRPO: the KL step, then backtracking Δ ← shrink·Δ until KL(old‖new) ≤ δ and the surrogate improves.
 
-    If every try fails the parameters are restored bit-exactly from a saved copy.
+    Try k = 0, 1, …, tries − 1 sets θ = θ_old + shrinkᵏ·α·d (from the saved θ_old, never by repeated
+    subtraction) and measures the exact mean KL and the surrogate there. The first try with both
+    conditions is kept; if every try fails the parameters are restored bit-exactly from the saved copy.
+    Logged: the first-order improvement predicted for the accepted length (``step/expected_improve``
+    = shrinkᵏ·α·gᵀd), the measured one, their ratio, the KL of the full step and of the kept one.
     """
 
     def __init__(self, max_kl: float, shrink: float = 0.8, tries: int = 10):
+        if not 0.0 < shrink < 1.0 or tries < 1:
+            raise ValueError(f"need 0 < shrink < 1 and tries ≥ 1, got shrink={shrink!r}, tries={tries!r}")
         self.max_kl, self.shrink, self.tries = max_kl, shrink, tries
 
     def apply(self, params, d: torch.Tensor, g: torch.Tensor, curvature: Curvature, evaluate: Evaluate) -> dict:
@@ -77,15 +83,95 @@ class LineSearch:
             return skipped(fault)
         theta_old = get_flat(params)
         surr_before, _ = evaluate()
-        expected = alpha * float(torch.dot(g, d))  # first-order improvement of the full step
+        expected = alpha * float(torch.dot(g, d))  # first-order improvement gᵀΔ of the full step
+        kl_full = float("nan")
         for k in range(self.tries):
             frac = self.shrink**k
             set_flat(params, theta_old + (frac * alpha) * d)
             surr, kl = evaluate()
+            if k == 0:
+                kl_full = kl
             if math.isfinite(surr) and math.isfinite(kl) and kl <= self.max_kl and surr > surr_before:
+                actual = surr - surr_before
                 return {"step/size": frac * alpha, "step/dFd": dFd, "step/backtracks": float(k),
-                        "step/accepted": 1.0, "step/skipped": 0.0, "step/kl": kl,
-                        "step/expected_improve": frac * expected, "step/actual_improve": surr - surr_before}
+                        "step/accepted": 1.0, "step/skipped": 0.0, "step/kl": kl, "step/kl_full_step": kl_full,
+                        "step/expected_improve": frac * expected, "step/actual_improve": actual,
+                        "step/improve_ratio": actual / (frac * expected) if expected else float("nan")}
         set_flat(params, theta_old)
         return {"step/size": 0.0, "step/dFd": dFd, "step/backtracks": float(self.tries), "step/accepted": 0.0,
-                "step/skipped": 0.0, "step/kl": 0.0, "step/expected_improve": expected, "step/actual_improve": 0.0}
+                "step/skipped": 0.0, "step/kl": 0.0, "step/kl_full_step": kl_full,
+                "step/expected_improve": expected, "step/actual_improve": 0.0, "step/improve_ratio": 0.0}
+
+
+class AdamStep:
+    """A first-order baseline: Adam (Kingma & Ba 2015) ascending along d, one step per update.
+
+    With the identity curvature (d = g) this is vanilla policy gradient with Adam, as in Spinning Up's
+    VPG. Moments persist across updates; the direction's norm is first clipped to ``max_norm`` (0: off).
+    """
+
+    def __init__(self, lr: float, max_norm: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        self.lr, self.max_norm, self.betas, self.eps = lr, max_norm, betas, eps
+        self.m: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.t = 0
+
+    def apply(self, params, d: torch.Tensor, g: torch.Tensor, curvature: Curvature, evaluate: Evaluate) -> dict:
+        if not bool(torch.isfinite(d).all()):
+            return skipped("non-finite direction")
+        norm = float(d.norm())
+        if self.max_norm and norm > self.max_norm:
+            d = d * (self.max_norm / norm)
+        b1, b2 = self.betas
+        if self.m is None or self.m.shape != d.shape:
+            self.m, self.v, self.t = torch.zeros_like(d), torch.zeros_like(d), 0
+        self.t += 1
+        self.m = b1 * self.m + (1 - b1) * d
+        self.v = b2 * self.v + (1 - b2) * d * d
+        m_hat, v_hat = self.m / (1 - b1**self.t), self.v / (1 - b2**self.t)
+        add_flat(params, m_hat / (v_hat.sqrt() + self.eps), self.lr)
+        return {"step/size": self.lr, "step/skipped": 0.0, "step/direction_norm": norm}
+
+
+class KFACClip:
+    """ACKTR (Wu et al. 2017): a momentum direction v and the trust-region length η = min(η_max, √(2δ / vᵀF̂v)).
+
+    v ← μ·v + (1 − μ)·d, with v = d on the first update (and whenever gᵀv ≤ 0, i.e. the remembered
+    direction no longer ascends this batch's surrogate); then θ ← θ + η·v.
+
+    KL convention: δ is the quadratic model of KL(old‖new), ½ (ηv)ᵀF̂(ηv) ≤ δ, with equality whenever η <
+    η_max — the same δ as the 'kl' and 'linesearch' rules, measured with the damped matrix F̂ that
+    ``curvature.solve`` inverts (``curvature.mv``). The ACKTR paper writes the same formula; the
+    baselines code clips η²·vᵀF̂v ≤ kfac_clip without the ½, so its kfac_clip = 0.001 is δ = 0.0005 here.
+    Momentum is applied before the clip (baselines applies MomentumOptimizer(lr·(1 − μ), μ) after it), so
+    the step that moves the parameters is the one that meets the KL budget; (1 − μ) keeps the
+    steady-state length of v that of d, as in baselines.
+    """
+
+    def __init__(self, max_kl: float, eta_max: float, momentum: float = 0.9):
+        self.max_kl, self.eta_max, self.momentum = max_kl, eta_max, momentum
+        self.v: torch.Tensor | None = None
+
+    def apply(self, params, d: torch.Tensor, g: torch.Tensor, curvature: Curvature, evaluate: Evaluate) -> dict:
+        if not bool(torch.isfinite(d).all()):
+            return skipped("non-finite direction")
+        reset = self.v is None or self.v.shape != d.shape or self.momentum == 0.0
+        v = d if reset else self.momentum * self.v + (1.0 - self.momentum) * d
+        if not reset and float(torch.dot(g, v)) <= 0.0:
+            v, reset = d, True
+        eta_kl, vFv, fault = quadratic_kl_step(v, curvature, self.max_kl)
+        if fault:
+            return skipped(fault)
+        eta = min(self.eta_max, eta_kl)
+        self.v = v.detach().clone()
+        add_flat(params, v, eta)
+        return {"step/size": eta, "step/dFd": vFv, "step/kl_bound_active": float(eta_kl < self.eta_max),
+                "step/quadratic_kl": 0.5 * eta * eta * vFv, "step/momentum_reset": float(reset),
+                "step/skipped": 0.0}
+
+    def state_dict(self) -> dict:
+        return {"v": self.v}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.v = state["v"]

@@ -1,0 +1,153 @@
+"""ACKTR's critic (Wu et al. 2017, §3.2): a Gauss-Newton K-FAC natural step on the value network.
+
+The actor half of ACKTR needs nothing new: ``NaturalGradientUpdate(fisher.KFAC, steps.KFACClip)``.
+The critic is given the output model p(R | s) = N(R; V(s), σ²), whose Fisher is the Gauss-Newton
+matrix of the squared error divided by σ²:
+
+    F_V = (1/σ²) · GN,   GN = mean_b J_bᵀ J_b,   J_b = ∂V(s_b)/∂θ,   KL(N(V, σ²) ‖ N(V', σ²)) = (V − V')² / (2σ²).
+
+The paper takes σ = 1; here σ is the standard deviation of the batch's return targets (fixed for one
+``fit``), so the critic's KL budget δ_c means "RMS change of V ≈ √(2δ_c)·σ per step" whatever the
+scale of the returns. K-FAC approximates GN per Linear layer (s = W̄ā, W̄ = [W | b], ā = [a; 1]):
+
+    GN_W̄ ≈ A ⊗ G,   A = mean ā āᵀ,   G = mean (∂V/∂s)(∂V/∂s)ᵀ,
+
+which is exact for the output layer (∂V/∂s = 1) and so for a linear critic. The damped matrix is
+(A ⊗ G + λI)/σ² (λ in the units of the σ = 1 Gauss-Newton matrix), inverted exactly in the factors'
+eigenbases. The step is ``steps.KFACClip``, the same rule as the actor's: with g = −∇ ½ mean(V − R)²/σ²,
+d = F̂⁻¹g = (A⊗G + λI)⁻¹ ∇(−½ mean(V − R)²) is a (damped) Gauss-Newton step — η = 1 fits the
+linearised targets — and η = min(η_max, √(2δ_c / vᵀF̂v)).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .critics import ValueCritic
+from .fisher.kfac import eigh_or_diagonal
+from .steps import KFACClip
+
+
+def linear_layers(net: nn.Module) -> list[nn.Linear]:
+    """The Linear layers of the value network, in ``net.parameters()`` order ([W, b] per layer)."""
+    layers = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if sum(p.numel() for m in layers for p in m.parameters()) != sum(p.numel() for p in net.parameters()):
+        raise ValueError("the K-FAC critic needs a network whose parameters all belong to nn.Linear layers")
+    return layers
+
+
+class GaussNewtonKFAC:
+    """K-FAC of the critic's Gauss-Newton matrix; the Curvature interface on flat vectors in ``net.parameters()``
+    order, plus ``fit(net, obs, returns)`` that also returns the log-likelihood gradient g [P]."""
+
+    def __init__(self, damping: float = 0.01):
+        self.damping = damping
+        self.sigma2 = 1.0
+        self.factors: list[tuple[torch.Tensor, torch.Tensor]] = []  # (A [in+1, in+1], G [out, out]) float64
+        self._eig: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._shapes: list[tuple[int, int]] = []
+        self.fallbacks = 0
+        self.stats: dict[str, float] = {}
+
+    def fit(self, net: nn.Module, obs: torch.Tensor, returns: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Factors A_l, G_l on this batch and g = −∇_θ ½ mean_b (V(s_b) − R_b)² / σ² (flat [P]), one forward."""
+        layers = linear_layers(net)
+        inputs, outputs = {}, {}
+
+        def hook(i):
+            def fn(module, args, out):
+                inputs[i], outputs[i] = args[0].detach(), out
+            return fn
+
+        handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(layers)]
+        try:
+            with torch.enable_grad():
+                V = net(obs).squeeze(-1)
+                # Per-sample ∂V_b/∂s_b at every layer: the samples do not interact, so ∂(Σ_b V_b)/∂s = rows.
+                dV_ds = torch.autograd.grad(V.sum(), [outputs[i] for i in range(len(layers))])
+        finally:
+            for h in handles:
+                h.remove()
+        B = obs.shape[0]
+        self.sigma2 = sigma * sigma
+        r = (V.detach() - returns) / self.sigma2  # ∂(½(V − R)²/σ²)/∂V
+        g_parts, self.factors, self._shapes = [], [], []
+        for i, m in enumerate(layers):
+            a = torch.cat([inputs[i], inputs[i].new_ones(B, 1)], dim=1)  # ā [B, in+1]
+            s = dV_ds[i]  # [B, out]
+            W_grad = -(s * r.unsqueeze(1)).T @ a / B  # [out, in+1] = [∇W | ∇b] of the log-likelihood
+            g_parts += [W_grad[:, :-1].reshape(-1), W_grad[:, -1]]
+            self.factors.append(((a.T @ a / B).double(), (s.T @ s / B).double()))
+            self._shapes.append((m.out_features, m.in_features))
+        self._eig = []
+        for A, G in self.factors:
+            QA, lamA, failA = eigh_or_diagonal(A)
+            QG, lamG, failG = eigh_or_diagonal(G)
+            self.fallbacks += failA + failG
+            self._eig.append((QA, lamA, QG, lamG))
+        self.stats = {"critic/kfac_fallbacks": float(self.fallbacks), "critic/sigma": sigma}
+        return torch.cat(g_parts).detach()
+
+    def _apply(self, v: torch.Tensor, power: int) -> torch.Tensor:
+        """((A⊗G + λI)/σ²)^power · v, layer by layer in the factors' eigenbases (float64 inside)."""
+        out, i = [], 0
+        for (out_dim, in_dim), (QA, lamA, QG, lamG) in zip(self._shapes, self._eig):
+            nW = out_dim * in_dim
+            Wb = torch.cat([v[i : i + nW].view(out_dim, in_dim), v[i + nW : i + nW + out_dim].view(-1, 1)], 1)
+            i += nW + out_dim
+            M = QG.T @ Wb.double() @ QA  # vec(G V A) = (A ⊗ G) vec V, diagonal in these bases
+            M = M * ((lamG.unsqueeze(1) * lamA.unsqueeze(0) + self.damping) / self.sigma2) ** power
+            M = (QG @ M @ QA.T).to(v.dtype)
+            out += [M[:, :-1].reshape(-1), M[:, -1]]
+        return torch.cat(out)
+
+    def solve(self, g: torch.Tensor) -> torch.Tensor:
+        return self._apply(g, -1)
+
+    def mv(self, v: torch.Tensor) -> torch.Tensor:
+        return self._apply(v, 1)
+
+
+class KFACCritic(ValueCritic):
+    """The value network of ``ValueCritic`` fitted by ACKTR's K-FAC step instead of Adam.
+
+    ``fit`` runs ``epochs`` shuffled passes of ``minibatch``-sized K-FAC steps (factors refitted on each
+    minibatch); each step is ``KFACClip(max_kl, eta_max, momentum)`` on the Gauss-Newton K-FAC matrix.
+    ``self.optimizer`` is that step rule (its momentum is what a checkpoint saves).
+    """
+
+    def __init__(self, obs_dim: int, hidden: Sequence[int] = (64, 64), activation: str = "tanh", lr: float = 1e-3,
+                 epochs: int = 10, minibatch: int = 256, *, max_kl: float = 0.05, eta_max: float = 1.0,
+                 damping: float = 0.01, momentum: float = 0.9):
+        super().__init__(obs_dim, hidden, activation, lr, epochs, minibatch)
+        self.curvature = GaussNewtonKFAC(damping)
+        self.optimizer = KFACClip(max_kl, eta_max, momentum)
+
+    def fit(self, obs: torch.Tensor, returns: torch.Tensor, generator: torch.Generator | None = None
+            ) -> dict[str, float]:
+        B = obs.shape[0]
+        sigma = float(returns.std()) if B > 1 else 1.0
+        sigma = sigma if sigma > 1e-8 else 1.0
+        params = list(self.net.parameters())
+        with torch.no_grad():
+            before = float(((self(obs) - returns) ** 2).mean())
+        sizes, kls, skipped = [], [], 0
+        for _ in range(self.epochs):
+            perm = torch.randperm(B, generator=generator).to(obs.device)
+            for start in range(0, B, self.minibatch):
+                idx = perm[start : start + self.minibatch]
+                g = self.curvature.fit(self.net, obs[idx], returns[idx], sigma)
+                d = self.curvature.solve(g)
+                step = self.optimizer.apply(params, d, g, self.curvature, None)
+                skipped += int(step["step/skipped"])
+                sizes.append(step["step/size"])
+                kls.append(step.get("step/quadratic_kl", 0.0))
+        with torch.no_grad():
+            after = float(((self(obs) - returns) ** 2).mean())
+        n = max(len(sizes), 1)
+        return {"critic/loss_before": before, "critic/loss_after": after, "critic/step_size": sum(sizes) / n,
+                "critic/quadratic_kl": sum(kls) / n, "critic/skipped": float(skipped), **self.curvature.stats}
+

@@ -1,0 +1,124 @@
+"""PPO (Schulman et al. 2017): the clipped surrogate as an actor update, and the optionally clipped critic.
+
+PPO is the first-order baseline beside the natural-gradient updates: it shares sampling, advantages
+(``train.make_batch``) and the value network (``critics.ValueCritic``) with them and replaces only the
+actor step, ``ClippedSurrogateUpdate.update(policy, batch)``, which has the same signature as
+``algorithms.NaturalGradientUpdate.update``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributions import kl_divergence
+
+from .algorithms import Batch, mean_kl, surrogate
+from .critics import ValueCritic
+from .params import flatten
+
+
+def clipped_surrogate(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor,
+                      clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """L^CLIP = mean_b min(r_b A_b, clip(r_b, 1 − ε, 1 + ε) A_b) with r_b = exp(logp_b − logp_old_b).
+
+    Shapes: logp, logp_old, adv [B]. Returns (L^CLIP, fraction of samples where the clipped term is
+    the smaller one, i.e. where the gradient is zero).
+    """
+    ratio = torch.exp(logp - logp_old)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * adv
+    return torch.minimum(unclipped, clipped).mean(), (clipped < unclipped).float().mean()
+
+
+class ClippedSurrogateUpdate:
+    """PPO's actor update: ``epochs`` shuffled passes of Adam steps on −L^CLIP over minibatches.
+
+    With ``target_kl > 0`` the passes stop before the first minibatch whose exact mean KL(old‖new)
+    (old first, from the batch's detached ``eta_old``) exceeds target_kl. Stable-Baselines3 stops at
+    1.5·target_kl of an estimated KL, so its target_kl = 0.01 is about 0.015 here. The Adam state
+    persists across updates; it is created on the first update, for ``policy.actor_parameters()``.
+    """
+
+    def __init__(self, lr: float, clip_range: float, epochs: int, minibatch: int, target_kl: float = 0.0,
+                 max_grad_norm: float = 0.0, generator: torch.Generator | None = None):
+        self.lr, self.clip_range, self.epochs, self.minibatch = lr, clip_range, epochs, minibatch
+        self.target_kl, self.max_grad_norm, self.generator = target_kl, max_grad_norm, generator
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._params: list[nn.Parameter] = []
+
+    def update(self, policy: nn.Module, batch: Batch) -> dict[str, Any]:
+        params = list(policy.actor_parameters())
+        if self.optimizer is None or [id(p) for p in params] != [id(p) for p in self._params]:
+            self.optimizer, self._params = torch.optim.Adam(params, lr=self.lr, eps=1e-5), params
+        with torch.no_grad():
+            surr_before = float(surrogate(policy, batch))
+        B = batch.obs.shape[0]
+        steps, clip_fracs, grad_norms, stopped = 0, [], [], False
+        for epoch in range(self.epochs):
+            perm = torch.randperm(B, generator=self.generator).to(batch.obs.device)
+            for start in range(0, B, self.minibatch):
+                idx = perm[start : start + self.minibatch]
+                dist = policy.dist(batch.obs[idx])
+                if self.target_kl:
+                    with torch.no_grad():
+                        kl = float(kl_divergence(policy.head.dist(batch.eta_old[idx]), dist).mean())
+                    if kl > self.target_kl:
+                        stopped = True
+                        break
+                L, clip_frac = clipped_surrogate(dist.log_prob(batch.act[idx]), batch.logp_old[idx], batch.adv[idx],
+                                                 self.clip_range)
+                self.optimizer.zero_grad(set_to_none=True)
+                (-L).backward()
+                if self.max_grad_norm:
+                    grad_norms.append(float(nn.utils.clip_grad_norm_(params, self.max_grad_norm)))
+                else:
+                    grad_norms.append(float(flatten([p.grad for p in params]).norm()))
+                self.optimizer.step()
+                steps += 1
+                clip_fracs.append(float(clip_frac))
+            if stopped:
+                break
+        with torch.no_grad():
+            kl, surr_after = float(mean_kl(policy, batch)), float(surrogate(policy, batch))
+        return {"step/kl": kl, "step/surrogate_gain": surr_after - surr_before, "step/sgd_steps": float(steps),
+                "step/epochs": steps * self.minibatch / B, "step/early_stop": float(stopped),
+                "step/clip_fraction": sum(clip_fracs) / max(len(clip_fracs), 1),
+                "grad/norm": sum(grad_norms) / max(len(grad_norms), 1), "step/skipped": 0.0}
+
+
+class ClippedValueCritic(ValueCritic):
+    """The value regression with PPO2's value clipping (baselines ``cliprange_vf``, SB3 ``clip_range_vf``).
+
+    Loss per sample: max((V − R)², (V_old + clip(V − V_old, −c, c) − R)²), with V_old the critic's values
+    at the start of ``fit`` (those GAE used). c is in return units, so it is only meaningful with
+    normalised rewards.
+    """
+
+    def __init__(self, *args, value_clip: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.value_clip = value_clip
+
+    def fit(self, obs: torch.Tensor, returns: torch.Tensor, generator: torch.Generator | None = None
+            ) -> dict[str, float]:
+        B, c = obs.shape[0], self.value_clip
+        with torch.no_grad():
+            v_old = self(obs)
+            before = float(((v_old - returns) ** 2).mean())
+        clipped = []
+        for _ in range(self.epochs):
+            perm = torch.randperm(B, generator=generator).to(obs.device)
+            for start in range(0, B, self.minibatch):
+                idx = perm[start : start + self.minibatch]
+                v, R, v0 = self(obs[idx]), returns[idx], v_old[idx]
+                v_clip = v0 + torch.clamp(v - v0, -c, c)
+                loss = torch.maximum((v - R) ** 2, (v_clip - R) ** 2).mean()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                clipped.append(float(((v - v0).abs() > c).float().mean()))
+        with torch.no_grad():
+            after = float(((self(obs) - returns) ** 2).mean())
+        return {"critic/loss_before": before, "critic/loss_after": after,
+                "critic/clip_fraction": sum(clipped) / max(len(clipped), 1)}

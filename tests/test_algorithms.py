@@ -1,0 +1,539 @@
+"""TRPO, ACKTR, VPG and PPO: each step rule against an independent reference, then learning tests.
+
+References never come from the code under test: KL(old‖new) measured exactly with ``mean_kl``; the
+dense Fisher (``dense_fisher``); K-FAC matrices assembled by ``torch.kron`` from the fitted factors;
+Gauss-Newton matrices from per-sample Jacobians (``torch.func.jacrev``); least squares by
+``torch.linalg.lstsq``; PPO's objective by hand.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import natpg
+from natpg import fisher
+from natpg.acktr import GaussNewtonKFAC, KFACCritic
+from natpg.algorithms import Batch, NaturalGradientUpdate, default_config, make_actor_update, mean_kl, surrogate
+from natpg.config import Config
+from natpg.critics import ValueCritic
+from natpg.params import flatten, get_flat
+from natpg.policies import CategoricalMLP, GaussianMLP
+from natpg.ppo import ClippedSurrogateUpdate, ClippedValueCritic, clipped_surrogate
+from natpg.steps import AdamStep, FixedStep, KFACClip, LineSearch
+
+OBS_DIM = 3
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def make_policy(kind: str, hidden: tuple[int, ...] = (8,), seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    policy = GaussianMLP(OBS_DIM, 2, hidden) if kind == "gauss" else CategoricalMLP(OBS_DIM, 3, hidden)
+    with torch.no_grad():  # away from the near-uniform init, so the Fisher varies with the state
+        for p in policy.actor_parameters():
+            p.normal_(0.0, 0.5)
+    return policy
+
+
+def make_batch(policy: nn.Module, n: int = 64, seed: int = 1) -> Batch:
+    gen = torch.Generator().manual_seed(seed)
+    obs = torch.randn(n, OBS_DIM, generator=gen)
+    with torch.no_grad():
+        eta = policy(obs)
+        act = policy.sample(eta, generator=gen)
+        logp = policy.head.dist(eta).log_prob(act)
+    adv = torch.randn(n, generator=gen)
+    return Batch(obs=obs, act=act, adv=(adv - adv.mean()) / adv.std(), ret=torch.zeros(n), logp_old=logp,
+                 eta_old=eta)
+
+
+def kl_now(policy: nn.Module, batch: Batch) -> float:
+    with torch.no_grad():
+        return float(mean_kl(policy, batch))
+
+
+def evaluator(policy: nn.Module, batch: Batch, log: list | None = None):
+    @torch.no_grad()
+    def evaluate():
+        out = float(surrogate(policy, batch)), float(mean_kl(policy, batch))
+        if log is not None:
+            log.append(out)
+        return out
+
+    return evaluate
+
+
+def gradient(policy: nn.Module, batch: Batch) -> torch.Tensor:
+    return flatten(torch.autograd.grad(surrogate(policy, batch), policy.actor_parameters())).detach()
+
+
+class ScaledCurvature:
+    """A curvature whose ``mv`` under-reports F by ``scale`` — makes the quadratic KL step too long on purpose."""
+
+    def __init__(self, inner, scale: float):
+        self.inner, self.scale, self.damping, self.stats = inner, scale, inner.damping, {}
+
+    def fit(self, policy, obs, act=None):
+        self.inner.fit(policy, obs, act)
+
+    def solve(self, g):
+        return self.inner.solve(g)
+
+    def mv(self, v):
+        return self.scale * self.inner.mv(v)
+
+
+# --------------------------------------------------------------------------------------------------
+# TRPO: line search
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["gauss", "cat"])
+def test_trpo_accepted_step_satisfies_kl_bound_measured_exactly(kind):
+    policy = make_policy(kind)
+    batch = make_batch(policy)
+    delta = 0.01
+    update = NaturalGradientUpdate(fisher.CG(damping=1e-3, iters=50), LineSearch(delta, 0.8, 10))
+    stats = update.update(policy, batch)
+    kl = kl_now(policy, batch)
+    assert stats["step/accepted"] == 1.0
+    assert 0.0 < kl <= delta
+    assert stats["step/kl"] == pytest.approx(kl, rel=1e-12)
+    assert stats["step/surrogate_gain"] > 0.0
+    assert stats["step/actual_improve"] == pytest.approx(stats["step/surrogate_gain"], rel=1e-9)
+    # The first-order prediction of a short natural step is close to what the surrogate measures.
+    assert stats["step/improve_ratio"] == pytest.approx(1.0, abs=0.3)
+
+
+@pytest.mark.parametrize("kind", ["gauss", "cat"])
+def test_trpo_backtracks_until_kl_bound_holds(kind):
+    """mv under-reports F 50×, so the full step's KL is ≈ 50δ; the search must shrink until KL ≤ δ."""
+    policy = make_policy(kind)
+    batch = make_batch(policy)
+    delta, shrink = 0.005, 0.5
+    curvature = ScaledCurvature(fisher.Dense(damping=1e-3), 0.02)
+    log: list = []
+    curvature.fit(policy, batch.obs)
+    g = gradient(policy, batch)
+    d = curvature.solve(g)
+    stats = LineSearch(delta, shrink, 15).apply(policy.actor_parameters(), d, g, curvature,
+                                                evaluator(policy, batch, log))
+    kl = kl_now(policy, batch)
+    assert stats["step/accepted"] == 1.0
+    assert stats["step/backtracks"] >= 2
+    assert kl <= delta and kl == pytest.approx(stats["step/kl"], rel=1e-12)
+    assert stats["step/kl_full_step"] > 10 * delta
+    # Every try before the accepted one failed (KL too large or no improvement); log[0] is surr_before.
+    surr_before = log[0][0]
+    for surr, kl_k in log[1:-1]:
+        assert kl_k > delta or surr <= surr_before
+    assert stats["step/size"] == pytest.approx(math.sqrt(2 * delta / stats["step/dFd"]) * shrink**stats["step/backtracks"])
+
+
+@pytest.mark.parametrize("kind", ["gauss", "cat"])
+def test_trpo_descent_direction_rejected_and_parameters_restored_bit_exactly(kind):
+    policy = make_policy(kind)
+    batch = make_batch(policy)
+    before = [p.detach().clone() for p in policy.actor_parameters()]
+    curvature = fisher.CG(damping=1e-3, iters=50)
+    curvature.fit(policy, batch.obs)
+    g = gradient(policy, batch)
+    d = -curvature.solve(g)  # lowers the surrogate at every length
+    tries, log = 10, []
+    stats = LineSearch(0.01, 0.8, tries).apply(policy.actor_parameters(), d, g, curvature,
+                                               evaluator(policy, batch, log))
+    assert stats["step/accepted"] == 0.0 and stats["step/backtracks"] == tries
+    assert len(log) == 1 + tries
+    assert all(surr < log[0][0] for surr, _ in log[1:])  # rejected at every shrink for lack of improvement
+    assert all(torch.equal(p, b) for p, b in zip(policy.actor_parameters(), before))
+    assert kl_now(policy, batch) == 0.0
+
+
+@pytest.mark.parametrize("rule", [LineSearch(0.01), KFACClip(0.01, 1.0), FixedStep(0.1), AdamStep(0.1)])
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_non_finite_direction_never_reaches_parameters(rule, bad):
+    policy = make_policy("gauss")
+    batch = make_batch(policy)
+    before = get_flat(policy.actor_parameters())
+    curvature = fisher.Dense(damping=0.1)
+    curvature.fit(policy, batch.obs)
+    g = gradient(policy, batch)
+    d = curvature.solve(g)
+    d[3] = float(bad)
+    stats = rule.apply(policy.actor_parameters(), d, g, curvature, evaluator(policy, batch))
+    assert stats["step/skipped"] == 1.0 and "non-finite" in stats["step/fault"]
+    assert torch.equal(get_flat(policy.actor_parameters()), before)
+
+
+@pytest.mark.parametrize("rule", [LineSearch(0.01), KFACClip(0.01, 1.0)])
+def test_non_positive_curvature_is_skipped(rule):
+    policy = make_policy("gauss")
+    batch = make_batch(policy)
+    before = get_flat(policy.actor_parameters())
+    curvature = ScaledCurvature(fisher.Dense(damping=0.1), -1.0)  # dᵀFd < 0
+    curvature.fit(policy, batch.obs)
+    g = gradient(policy, batch)
+    stats = rule.apply(policy.actor_parameters(), curvature.solve(g), g, curvature, evaluator(policy, batch))
+    assert stats["step/skipped"] == 1.0 and "not positive" in stats["step/fault"]
+    assert torch.equal(get_flat(policy.actor_parameters()), before)
+
+
+# --------------------------------------------------------------------------------------------------
+# ACKTR: the actor's K-FAC trust-region step
+# --------------------------------------------------------------------------------------------------
+
+def wbar_index(params: list[nn.Parameter], layer: nn.Linear) -> torch.Tensor:
+    """Flat positions of W̄ = [W | b] (row-major) in the flat vector of ``params``."""
+    off, i = {}, 0
+    for p in params:
+        off[id(p)] = i
+        i += p.numel()
+    out_dim, in_dim = layer.weight.shape
+    return torch.tensor([[off[id(layer.weight)] + o * in_dim + j for j in range(in_dim)] + [off[id(layer.bias)] + o]
+                         for o in range(out_dim)]).reshape(-1)
+
+
+def dense_kfac(policy: nn.Module, kfac: fisher.KFAC) -> torch.Tensor:
+    """The documented damped K-FAC matrix blockdiag((A + π√λI) ⊗ (G + √λ/π I), F_rest + λI), by torch.kron."""
+    params = list(policy.actor_parameters())
+    P = sum(p.numel() for p in params)
+    M = torch.zeros(P, P)
+    lam = kfac.damping
+    layers = [m for m in policy.modules() if isinstance(m, nn.Linear)]
+    for layer, (A, G) in zip(layers, kfac.factors):
+        pi = math.sqrt((A.trace() / A.shape[0]) / (G.trace() / G.shape[0]))
+        idx = wbar_index(params, layer)
+        M[idx.unsqueeze(1), idx.unsqueeze(0)] = torch.kron(G + math.sqrt(lam) / pi * torch.eye(G.shape[0]),
+                                                           A + pi * math.sqrt(lam) * torch.eye(A.shape[0]))
+    if kfac.rest_fisher is not None:
+        r = kfac.structure.rest_idx
+        M[r.unsqueeze(1), r.unsqueeze(0)] = kfac.rest_fisher + lam * torch.eye(len(r))
+    return M
+
+
+@pytest.mark.parametrize("kind", ["gauss", "cat"])
+def test_acktr_step_meets_documented_quadratic_kl(kind):
+    """½ ΔθᵀF̂Δθ = δ exactly (F̂ the damped K-FAC matrix, dense, float64) when η_max does not bind, ≤ δ when it does."""
+    policy = make_policy(kind, hidden=(6, 5))
+    batch = make_batch(policy, n=80)
+    delta = 2e-3
+    kfac = fisher.KFAC(damping=0.01, estimator="exact")
+    kfac.fit(policy, batch.obs)
+    M = dense_kfac(policy, kfac)
+    g = gradient(policy, batch)
+    d = kfac.solve(g)
+    torch.testing.assert_close(M @ d, g, rtol=1e-8, atol=1e-10)  # d = F̂⁻¹g with this very matrix
+    params = policy.actor_parameters()
+
+    theta0 = get_flat(params)
+    rule = KFACClip(delta, eta_max=1e6, momentum=0.9)
+    stats = rule.apply(params, d, g, kfac, evaluator(policy, batch))
+    step = get_flat(params) - theta0
+    assert 0.5 * float(step @ M @ step) == pytest.approx(delta, rel=1e-9)
+    assert stats["step/kl_bound_active"] == 1.0
+    assert stats["step/size"] == pytest.approx(math.sqrt(2 * delta / float(d @ M @ d)), rel=1e-9)
+    # The baselines convention: η = min(lr, √(kfac_clip / ΔᵀF̂Δ)) is this rule with δ = kfac_clip / 2.
+    kfac_clip = 2 * delta
+    assert stats["step/size"] == pytest.approx(min(1e6, math.sqrt(kfac_clip / float(d @ M @ d))), rel=1e-12)
+
+    # Second update with momentum: the step is along v = μ·v_prev + (1 − μ)·d₂ and still meets δ.
+    policy_before = get_flat(params)
+    batch2 = make_batch(policy, n=80, seed=2)
+    kfac.fit(policy, batch2.obs)
+    M2 = dense_kfac(policy, kfac)
+    g2 = gradient(policy, batch2)
+    d2 = kfac.solve(g2)
+    stats2 = rule.apply(params, d2, g2, kfac, evaluator(policy, batch2))
+    step2 = get_flat(params) - policy_before
+    v = 0.9 * d + 0.1 * d2 if float(g2 @ (0.9 * d + 0.1 * d2)) > 0 else d2
+    assert stats2["step/momentum_reset"] == float(float(g2 @ (0.9 * d + 0.1 * d2)) <= 0)
+    cos = float(step2 @ v) / float(step2.norm() * v.norm())
+    assert cos == pytest.approx(1.0, abs=1e-12)
+    assert 0.5 * float(step2 @ M2 @ step2) == pytest.approx(delta, rel=1e-9)
+
+    # η_max binds: the step is η_max·d and stays inside the budget.
+    set_params = get_flat(params)
+    capped = KFACClip(delta, eta_max=1e-3, momentum=0.0)
+    capped_stats = capped.apply(params, d2, g2, kfac, evaluator(policy, batch2))
+    step3 = get_flat(params) - set_params
+    torch.testing.assert_close(step3, 1e-3 * d2, rtol=1e-12, atol=1e-15)
+    assert capped_stats["step/kl_bound_active"] == 0.0 and 0.5 * float(step3 @ M2 @ step3) < delta
+
+
+def test_acktr_step_kl_against_dense_fisher_and_exact_kl_where_kfac_is_exact():
+    """Linear Gaussian policy, λ = 0: K-FAC = F, so ½ΔᵀFΔ = δ with the exact dense Fisher, and the exact
+    mean KL(old‖new) agrees with δ to second order."""
+    policy = make_policy("gauss", hidden=())
+    batch = make_batch(policy, n=100)
+    delta = 1e-4
+    kfac = fisher.KFAC(damping=0.0, estimator="exact")
+    kfac.fit(policy, batch.obs)
+    F = fisher.dense_fisher(policy, batch.obs)
+    g = gradient(policy, batch)
+    params = policy.actor_parameters()
+    theta0 = get_flat(params)
+    KFACClip(delta, eta_max=1e6).apply(params, kfac.solve(g), g, kfac, evaluator(policy, batch))
+    step = get_flat(params) - theta0
+    assert 0.5 * float(step @ F @ step) == pytest.approx(delta, rel=1e-8)
+    assert kl_now(policy, batch) == pytest.approx(delta, rel=0.05)
+
+
+# --------------------------------------------------------------------------------------------------
+# ACKTR: the critic's Gauss-Newton K-FAC step
+# --------------------------------------------------------------------------------------------------
+
+def critic_jacobian(critic: ValueCritic, obs: torch.Tensor) -> torch.Tensor:
+    """Per-sample ∂V(s_b)/∂θ [B, P] in ``net.parameters()`` order, by ``torch.func.jacrev``."""
+    names = [n for n, _ in critic.net.named_parameters()]
+    theta = tuple(p.detach() for p in critic.net.parameters())
+
+    def v(th, x):
+        return torch.func.functional_call(critic.net, dict(zip(names, th)), (x.unsqueeze(0),)).reshape(())
+
+    jac = torch.func.vmap(torch.func.jacrev(v), in_dims=(None, 0))(theta, obs)
+    return torch.cat([j.reshape(obs.shape[0], -1) for j in jac], dim=1)
+
+
+def critic_data(hidden, n=50, seed=0):
+    torch.manual_seed(seed)
+    critic = KFACCritic(OBS_DIM, hidden, "tanh", epochs=1, minibatch=n, max_kl=0.05, eta_max=1.0, damping=0.0)
+    gen = torch.Generator().manual_seed(seed + 1)
+    obs = torch.randn(n, OBS_DIM, generator=gen)
+    ret = 3.0 * torch.randn(n, generator=gen) + 5.0
+    return critic, obs, ret
+
+
+def test_critic_kfac_is_the_gauss_newton_matrix_for_a_linear_critic():
+    critic, obs, ret = critic_data(hidden=())
+    sigma = float(ret.std())
+    lam = 0.03
+    gn = GaussNewtonKFAC(damping=lam)
+    g = gn.fit(critic.net, obs, ret, sigma)
+    J = critic_jacobian(critic, obs)
+    GN = J.T @ J / obs.shape[0]
+    M = (GN + lam * torch.eye(GN.shape[0])) / sigma**2
+    torch.testing.assert_close(torch.stack([gn.mv(e) for e in torch.eye(M.shape[0])], 1), M, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        resid = critic(obs) - ret
+    torch.testing.assert_close(g, -(J.T @ resid) / obs.shape[0] / sigma**2, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gn.solve(g), torch.linalg.solve(M, g), rtol=1e-9, atol=1e-11)
+
+
+def explicit_critic_kfac(critic: ValueCritic, obs: torch.Tensor, lam: float, sigma: float) -> torch.Tensor:
+    """(blockdiag A_l ⊗ G_l + λI)/σ² by torch.kron, with the factors re-run by hand: layer inputs ā by a manual
+    forward, per-sample ∂V/∂s_l from the Jacobian of V w.r.t. each bias (∂V/∂b_l = ∂V/∂s_l)."""
+    params = list(critic.net.parameters())
+    P = sum(p.numel() for p in params)
+    M = torch.zeros(P, P)
+    J = critic_jacobian(critic, obs)
+    layers = [m for m in critic.net if isinstance(m, nn.Linear)]
+    x, off = obs, 0
+    for k, layer in enumerate(layers):
+        a = torch.cat([x, torch.ones(x.shape[0], 1)], 1)
+        nW, nb = layer.weight.numel(), layer.bias.numel()
+        dV_ds = J[:, off + nW : off + nW + nb]
+        A, G = a.T @ a / obs.shape[0], dV_ds.T @ dV_ds / obs.shape[0]
+        idx = wbar_index(params, layer)
+        M[idx.unsqueeze(1), idx.unsqueeze(0)] = torch.kron(G, A)
+        off += nW + nb
+        with torch.no_grad():
+            x = torch.tanh(layer(x)) if k < len(layers) - 1 else x
+    return (M + lam * torch.eye(P)) / sigma**2
+
+
+def test_critic_kfac_matches_explicit_kron_for_a_deep_critic():
+    critic, obs, ret = critic_data(hidden=(6, 4))
+    lam, sigma = 0.01, 2.0
+    gn = GaussNewtonKFAC(damping=lam)
+    g = gn.fit(critic.net, obs, ret, sigma)
+    M = explicit_critic_kfac(critic, obs, lam, sigma)
+    torch.testing.assert_close(torch.stack([gn.mv(e) for e in torch.eye(M.shape[0])], 1), M, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(gn.solve(g), torch.linalg.solve(M, g), rtol=1e-8, atol=1e-10)
+    J = critic_jacobian(critic, obs)
+    with torch.no_grad():
+        resid = critic(obs) - ret
+    torch.testing.assert_close(g, -(J.T @ resid) / obs.shape[0] / sigma**2, rtol=1e-10, atol=1e-12)
+
+
+def test_critic_step_meets_its_kl_budget_and_a_full_step_solves_least_squares():
+    # One step (one epoch, one minibatch): ½ ΔᵀF̂Δ = δ_c for N(V, σ²), σ = std of the targets, F̂ explicit.
+    critic, obs, ret = critic_data(hidden=(6,))
+    lam, delta = 0.01, 0.01
+    critic.curvature.damping = lam
+    critic.optimizer = KFACClip(delta, 1e6, 0.0)
+    M = explicit_critic_kfac(critic, obs, lam, float(ret.std()))
+    theta0 = get_flat(list(critic.net.parameters()))
+    stats = critic.fit(obs, ret)
+    step = get_flat(list(critic.net.parameters())) - theta0
+    assert 0.5 * float(step @ M @ step) == pytest.approx(delta, rel=1e-9)
+    assert stats["critic/quadratic_kl"] == pytest.approx(delta, rel=1e-9)
+    assert stats["critic/loss_after"] < stats["critic/loss_before"]
+    # A linear critic, no damping, a budget that does not bind: η = η_max = 1 is the Gauss-Newton step —
+    # here the exact Newton step of the quadratic loss — which lands on the least-squares solution.
+    critic, obs, ret = critic_data(hidden=())
+    critic.optimizer = KFACClip(1e6, 1.0, 0.0)
+    critic.fit(obs, ret)
+    X = torch.cat([obs, torch.ones(obs.shape[0], 1)], 1)
+    w = torch.linalg.lstsq(X, ret.unsqueeze(1)).solution.squeeze(1)
+    torch.testing.assert_close(flatten(list(critic.net.parameters())), w, rtol=1e-8, atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------
+# PPO and VPG
+# --------------------------------------------------------------------------------------------------
+
+def test_ppo_clipped_objective_against_hand_computation():
+    ratio = torch.tensor([0.5, 1.0, 1.5, 1.5, 0.7, 0.9])
+    adv = torch.tensor([1.0, 2.0, 1.0, -1.0, -1.0, 0.5])
+    logp_old = torch.tensor([-1.0, -0.3, -2.0, -0.5, -1.2, -0.1])
+    logp = (logp_old + ratio.log()).requires_grad_(True)
+    eps = 0.2
+    L, frac = clipped_surrogate(logp, logp_old, adv, eps)
+    # min(r·A, clip(r)·A) per sample:
+    #  0.5·1 = 0.5 < 0.8·1;  1·2 = 2;  1.2·1 = 1.2 < 1.5;  −1.5 < −1.2·1;  −0.8 < −0.7;  0.9·0.5 = 0.45 (inside)
+    terms = [0.5, 2.0, 1.2, -1.5, -0.8, 0.45]
+    assert float(L) == pytest.approx(sum(terms) / 6, rel=1e-12)
+    assert float(frac) == pytest.approx(2 / 6)  # samples 3 and 5 take the clipped (constant) term
+    (grad,) = torch.autograd.grad(L, logp)
+    # ∂/∂logp of r·A is r·A where the unclipped term is taken, 0 where the clipped one is.
+    expected = torch.tensor([0.5 * 1, 1.0 * 2, 0.0, 1.5 * -1, 0.0, 0.9 * 0.5]) / 6
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_ppo_update_improves_surrogate_and_target_kl_stops_early():
+    policy = make_policy("gauss")
+    batch = make_batch(policy, n=128)
+    update = ClippedSurrogateUpdate(lr=1e-2, clip_range=0.2, epochs=4, minibatch=32,
+                                    generator=torch.Generator().manual_seed(0))
+    stats = update.update(policy, batch)
+    assert stats["step/sgd_steps"] == 16 and stats["step/early_stop"] == 0.0
+    assert stats["step/surrogate_gain"] > 0 and stats["step/kl"] == pytest.approx(kl_now(policy, batch))
+    # target_kl: the first minibatch (KL = 0) steps, the second sees KL > 1e-12 and stops the passes.
+    policy = make_policy("cat")
+    batch = make_batch(policy, n=128)
+    update = ClippedSurrogateUpdate(lr=1e-2, clip_range=0.2, epochs=4, minibatch=32, target_kl=1e-12,
+                                    generator=torch.Generator().manual_seed(0))
+    stats = update.update(policy, batch)
+    assert stats["step/sgd_steps"] == 1 and stats["step/early_stop"] == 1.0
+
+
+def test_value_clipping_limits_the_loss_to_the_clipped_range():
+    torch.manual_seed(0)
+    critic = ClippedValueCritic(OBS_DIM, (8,), "tanh", lr=1e-2, epochs=5, minibatch=16, value_clip=0.1)
+    obs = torch.randn(64, OBS_DIM)
+    with torch.no_grad():
+        v0 = critic(obs)
+    stats = critic.fit(obs, v0 + 10.0)  # targets far outside the clip range
+    with torch.no_grad():
+        moved = (critic(obs) - v0).abs()
+    # Once |V − V_old| > c with the target beyond it, max(·) picks the constant clipped term: no gradient,
+    # so the values stop near the clip boundary instead of travelling the full 10.
+    assert float(moved.max()) < 1.0 and stats["critic/clip_fraction"] > 0
+
+
+def test_vpg_fixed_step_is_theta_plus_alpha_g():
+    policy = make_policy("cat")
+    batch = make_batch(policy)
+    cfg = default_config("vpg", "classic")
+    update = make_actor_update(cfg, None)
+    theta0 = get_flat(policy.actor_parameters())
+    g = gradient(policy, batch)
+    update.update(policy, batch)
+    torch.testing.assert_close(get_flat(policy.actor_parameters()), theta0 + cfg.step.alpha * g, rtol=0, atol=1e-14)
+
+
+def test_adam_step_matches_torch_adam():
+    policy = make_policy("gauss")
+    params = policy.actor_parameters()
+    clone = [p.detach().clone().requires_grad_(True) for p in params]
+    opt = torch.optim.Adam(clone, lr=0.05, eps=1e-8)
+    rule = AdamStep(0.05)
+    for seed in range(3):
+        batch = make_batch(policy, seed=seed)
+        g = gradient(policy, batch)
+        rule.apply(params, g, g, fisher.Identity(), None)
+        for c, gi in zip(clone, torch.split(g, [p.numel() for p in params])):
+            c.grad = -gi.view_as(c)  # torch minimises; the rule ascends
+        opt.step()
+        torch.testing.assert_close(get_flat(params), flatten([c.detach() for c in clone]), rtol=1e-12, atol=1e-14)
+
+
+# --------------------------------------------------------------------------------------------------
+# Composition: every algorithm reachable, with its parts
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls,fisher_name,step,critic", [
+    (natpg.TRPO, "cg", "linesearch", ValueCritic), (natpg.ACKTR, "kfac", "kfac_clip", KFACCritic),
+    (natpg.VPG, "identity", "fixed", ValueCritic), (natpg.PPO, None, "ppo_clip", ValueCritic)])
+@pytest.mark.parametrize("env", ["CartPole-v1", "Pendulum-v1"])
+def test_algorithms_are_compositions(cls, fisher_name, step, critic, env):
+    torch.set_default_dtype(torch.float32)
+    agent = cls(env, seed=0, n_envs=2, n_steps=16)
+    assert agent.config.algorithm == cls.algorithm and agent.config.step.step == step
+    assert type(agent.critic) is critic
+    if fisher_name is not None:
+        assert isinstance(agent.actor_update, NaturalGradientUpdate)
+        assert agent.config.curvature.fisher == fisher_name
+    agent.learn(64)
+    assert agent.env_steps == 64
+    assert natpg.agent.ALGORITHM_CLASSES[cls.algorithm] is cls
+
+
+@pytest.mark.parametrize("cls", [natpg.ACKTR, natpg.PPO])
+def test_new_algorithms_save_and_load(cls, tmp_path):
+    torch.set_default_dtype(torch.float32)
+    agent = cls("Pendulum-v1", seed=0, n_envs=2, n_steps=32).learn(64)
+    agent.save(str(tmp_path / "m"))
+    loaded = natpg.load(str(tmp_path / "m"))
+    assert type(loaded) is cls
+    obs = np.zeros((3, 3))
+    np.testing.assert_array_equal(agent.predict(obs), loaded.predict(obs))
+    for a, b in zip(agent.critic.parameters(), loaded.critic.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_new_settings_are_validated():
+    for bad in ({"momentum": 1.0}, {"clip_range": 0.0}, {"ppo_epochs": 0}, {"target_kl": -1.0},
+                {"critic_optimizer": "sgd"}, {"critic_max_kl": 0.0}, {"value_clip": 0.2, "critic_optimizer": "kfac"}):
+        with pytest.raises(ValueError):
+            Config().override(**bad).validate()
+
+
+# --------------------------------------------------------------------------------------------------
+# Learning: a return threshold within a step budget (deterministic evaluation, 10 episodes)
+# --------------------------------------------------------------------------------------------------
+
+# (algorithm, env) → (step budget, threshold). Presets come from algorithms.FAMILY_DEFAULTS / ENV_DEFAULTS.
+LEARNING = {
+    ("TRPO", "CartPole-v1"): (100_000, 475.0),
+    ("TRPO", "Pendulum-v1"): (100_000, -300.0),
+    ("ACKTR", "CartPole-v1"): (100_000, 475.0),
+    ("ACKTR", "Pendulum-v1"): (100_000, -300.0),
+    ("VPG", "CartPole-v1"): (100_000, 475.0),
+    ("VPG", "Pendulum-v1"): (100_000, -300.0),
+    ("PPO", "CartPole-v1"): (100_000, 475.0),
+    ("PPO", "Pendulum-v1"): (100_000, -300.0),
+}
+
+
+@pytest.mark.learning
+@pytest.mark.parametrize("algo,env", list(LEARNING))
+def test_learns(algo, env):
+    torch.set_default_dtype(torch.float32)
+    budget, threshold = LEARNING[(algo, env)]
+    start = time.perf_counter()
+    agent = getattr(natpg, algo)(env, seed=0, torch_threads=1).learn(budget)
+    mean, std = natpg.evaluate(agent, episodes=10, seed=1000)
+    print(f"{algo} {env}: {mean:.1f} ± {std:.1f} after {agent.env_steps} steps, {time.perf_counter() - start:.1f} s")
+    assert mean >= threshold
