@@ -80,12 +80,17 @@ class Dense:
         return self.matrix @ v
 
     def solve(self, g: torch.Tensor) -> torch.Tensor:
-        # Cholesky when F + λI is positive definite; least squares (pseudo-inverse) when λ = 0 leaves it singular.
-        L, info = torch.linalg.cholesky_ex(self.matrix)
-        if int(info) == 0:
-            return torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
-        return torch.linalg.lstsq(self.matrix, g.unsqueeze(-1), driver="gelsd" if g.device.type == "cpu" else None
-                                  ).solution.squeeze(-1)
+        # Cholesky when damping makes F + λI safely positive definite; otherwise the pseudo-inverse, so that
+        # the direction stays in the range of F (a Cholesky of a numerically singular F "succeeds" and
+        # returns huge components along its null space, which change the policy at second order).
+        if self.damping > 0:
+            L, info = torch.linalg.cholesky_ex(self.matrix)
+            if int(info) == 0:
+                return torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
+        evals, evecs = torch.linalg.eigh(self.matrix)
+        cutoff = evals.abs().max() * evals.shape[0] * torch.finfo(evals.dtype).eps
+        inv = torch.where(evals > cutoff, 1.0 / evals, torch.zeros_like(evals))
+        return evecs @ (inv * (evecs.T @ g))
 
 
 class Identity:

@@ -1,0 +1,149 @@
+"""The facade: config validation, predict, save/load round-trip, evaluation, the CLI end to end."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import natpg
+from natpg.cli import main as cli
+
+
+def small(**kw):
+    return dict(n_envs=2, n_steps=32, tensorboard=False, **kw)
+
+
+def test_unknown_setting_is_rejected_before_any_work_naming_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['max_kll'\].*max_kl"):
+        natpg.NPG("CartPole-v1", max_kll=0.1)
+
+
+@pytest.mark.parametrize("setting,pattern", [
+    (dict(max_kl=-0.01), "max_kl must be a finite number > 0"),
+    (dict(n_envs=0), "n_envs must be an integer ≥ 1"),
+    (dict(fisher="bogus"), r"fisher must be one of \['cg'"),
+    (dict(gamma=1.0), r"gamma must be in \[0, 1\)"),
+    (dict(step="nope"), "step must be one of"),
+    (dict(fvp_subsample=0.0), r"fvp_subsample must be in \(0, 1\]"),
+    (dict(device="tpu"), "device must be"),
+])
+def test_invalid_settings_are_named(setting, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        natpg.NPG("CartPole-v1", **setting)
+
+
+def test_unknown_environment_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown environment id 'NoSuchEnv-v0'"):
+        natpg.NPG("NoSuchEnv-v0")
+
+
+def test_step_budget_smaller_than_one_batch_is_rejected():
+    agent = natpg.NPG("CartPole-v1", **small())
+    with pytest.raises(ValueError, match="total_steps must be an integer ≥ one batch"):
+        agent.learn(10)
+
+
+def test_predict_single_and_batch_and_shape_errors():
+    agent = natpg.NPG("Pendulum-v1", **small())
+    single = agent.predict(np.zeros(3))
+    batch = agent.predict(np.zeros((5, 3)))
+    assert single.shape == (1,) and batch.shape == (5, 1)
+    assert np.all(batch <= 2.0) and np.all(batch >= -2.0)
+    with pytest.raises(ValueError, match=r"observation of shape \(4,\) does not match"):
+        agent.predict(np.zeros(4))
+    cart = natpg.NPG("CartPole-v1", **small())
+    assert cart.predict(np.zeros(4)).shape == () and cart.predict(np.zeros((3, 4))).shape == (3,)
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_save_load_round_trip_gives_identical_actions(tmp_path, env_id):
+    agent = natpg.NPG(env_id, seed=3, **small())
+    agent.learn(128)
+    agent.save(str(tmp_path / "model"))
+    loaded = natpg.load(str(tmp_path / "model"))
+    assert type(loaded) is natpg.NPG and loaded.env_steps == 128
+    obs = np.random.default_rng(0).normal(size=(20, agent.observation_space.shape[0]))
+    np.testing.assert_array_equal(agent.predict(obs), loaded.predict(obs))
+    np.testing.assert_array_equal(agent.obs_normalizer.rms.mean, loaded.obs_normalizer.rms.mean)
+    for a, b in zip(agent.policy.state_dict().values(), loaded.policy.state_dict().values()):
+        assert torch.equal(a, b)
+    assert natpg.evaluate(agent, episodes=3, seed=7) == natpg.evaluate(loaded, episodes=3, seed=7)
+
+
+def test_load_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no natpg checkpoint"):
+        natpg.load(str(tmp_path / "missing"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable natpg checkpoint"):
+        natpg.load(str(bad))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(ValueError, match="not a natpg checkpoint"):
+        natpg.load(str(foreign))
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    agent = natpg.NPG("CartPole-v1", **small())
+    file = agent.save(str(tmp_path / "m"))
+    data = open(file, "rb").read()
+    open(file, "wb").write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        natpg.load(str(tmp_path / "m"))
+
+
+def test_observation_normaliser_is_frozen_at_evaluation():
+    agent = natpg.NPG("CartPole-v1", **small())
+    agent.learn(64)
+    mean = agent.obs_normalizer.rms.mean.copy()
+    count = agent.obs_normalizer.rms.count
+    natpg.evaluate(agent, episodes=2, seed=0)
+    agent.predict(np.ones((4, 4)))
+    assert agent.obs_normalizer.rms.count == count
+    np.testing.assert_array_equal(agent.obs_normalizer.rms.mean, mean)
+
+
+def test_cli_train_eval_plot(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli(["train", "npg", "CartPole-v1", "--steps", "256", "--seed", "1", "--out", str(out), "--no-progress",
+              "--n-envs", "2", "--set", "n_steps=64", "--set", "checkpoint_every=1"])
+    assert rc == 0
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["algorithm"] == "npg" and cfg["env"]["n_envs"] == 2 and cfg["rollout"]["n_steps"] == 64
+    rows = list(csv.DictReader(open(out / "progress.csv")))
+    assert [int(r["env_steps"]) for r in rows] == [128, 256]
+    assert {"env_steps", "ep_return_mean", "wall_s", "step/kl", "fisher/cg_residual"} <= set(rows[0])
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tb"))
+    capsys.readouterr()
+    assert cli(["eval", str(out), "--episodes", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["episodes"] == 2 and result["env_steps_trained"] == 256 and result["return_mean"] > 0
+    pytest.importorskip("matplotlib")
+    assert cli(["plot", str(out), "-o", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["train", "npgg", "CartPole-v1"], "unknown algorithm 'npgg'"),
+    (["train", "npg", "CartPole-v1", "--set", "max_kl=-1"], "max_kl must be"),
+    (["train", "npg", "CartPole-v1", "--set", "oops"], "--set expects key=value"),
+    (["eval", "/nonexistent/run"], "no natpg checkpoint"),
+])
+def test_cli_errors_are_messages_without_traceback(argv, pattern, capsys):
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith(f"natpg {argv[0]}: error: ")
+    assert pytest.importorskip("re").search(pattern, err)
+
+
+def test_training_is_reproducible_with_a_seed():
+    runs = []
+    for _ in range(2):
+        agent = natpg.NPG("CartPole-v1", seed=11, **small())
+        agent.learn(128)
+        runs.append(torch.cat([p.detach().reshape(-1) for p in agent.policy.parameters()]))
+    assert torch.equal(*runs)

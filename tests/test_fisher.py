@@ -1,0 +1,170 @@
+"""The exact Fisher three independent ways: score outer products (enumerated / exact quadrature),
+the Gauss–Newton product, and the KL Hessian by double backward — all in float64."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from natpg.fisher import (CG, Dense, conjugate_gradient, dense_fisher, fisher_vector_product,
+                          kl_hessian_vector_product)
+from natpg.params import flatten
+from natpg.policies import CategoricalMLP, GaussianMLP
+
+
+def perturbed(policy, scale=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return policy
+
+
+def score(policy, obs_row, action):
+    logp = policy.dist(obs_row.unsqueeze(0)).log_prob(action.unsqueeze(0)).sum()
+    return flatten(torch.autograd.grad(logp, policy.actor_parameters()))
+
+
+def categorical_score_fisher(policy, obs):
+    """Σ_a π(a|s) ∇log π(a|s) ∇log π(a|s)ᵀ averaged over s, actions enumerated exactly."""
+    P = sum(p.numel() for p in policy.actor_parameters())
+    F = torch.zeros(P, P)
+    for s in obs:
+        probs = policy.dist(s.unsqueeze(0)).probs.squeeze(0).detach()
+        for a in range(policy.n_actions):
+            g = score(policy, s, torch.tensor(a))
+            F += probs[a] * torch.outer(g, g)
+    return F / len(obs)
+
+
+def gaussian_score_fisher(policy, obs, nodes=6):
+    """E_{a~N(μ,σ²)}[∇log π ∇log πᵀ] by tensor-product Gauss–Hermite quadrature: the score is a
+    polynomial of degree ≤ 2 in a, its outer product degree ≤ 4, so 6 nodes integrate it exactly."""
+    x, w = np.polynomial.hermite_e.hermegauss(nodes)  # weight exp(−x²/2)
+    w = w / w.sum()
+    P = sum(p.numel() for p in policy.actor_parameters())
+    F = torch.zeros(P, P)
+    for s in obs:
+        eta = policy(s.unsqueeze(0)).detach().squeeze(0)
+        mean, std = eta[: policy.act_dim], eta[policy.act_dim:].exp()
+        for idx in itertools.product(range(nodes), repeat=policy.act_dim):
+            a = mean + std * torch.tensor(x[list(idx)])
+            g = score(policy, s, a)
+            F += float(np.prod(w[list(idx)])) * torch.outer(g, g)
+    return F / len(obs)
+
+
+POLICIES = {
+    "categorical": lambda: CategoricalMLP(3, 4, hidden=(5, 4)),
+    "gaussian": lambda: GaussianMLP(3, 2, hidden=(5, 4), log_std_init=-0.3),
+}
+
+
+@pytest.mark.parametrize("kind", POLICIES)
+def test_dense_fisher_equals_expected_score_outer_product(float64, kind):
+    torch.manual_seed(0)
+    policy = perturbed(POLICIES[kind]())
+    obs = torch.randn(6, 3)
+    reference = categorical_score_fisher(policy, obs) if kind == "categorical" else gaussian_score_fisher(policy, obs)
+    F = dense_fisher(policy, obs)
+    assert torch.allclose(F, reference, atol=1e-12, rtol=1e-10)
+    if kind == "gaussian":  # the log-std block is part of the actor's Fisher: 2·I for a state-independent log σ
+        d = policy.act_dim
+        assert torch.allclose(F[-d:, -d:], 2.0 * torch.eye(d), atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", POLICIES)
+def test_fvp_equals_dense_and_kl_hessian(float64, kind):
+    torch.manual_seed(1)
+    policy = perturbed(POLICIES[kind]())
+    obs = torch.randn(9, 3)
+    F = dense_fisher(policy, obs)
+    fvp = fisher_vector_product(policy, obs)
+    hvp = kl_hessian_vector_product(policy, obs)
+    damped = fisher_vector_product(policy, obs, damping=0.3)
+    for _ in range(3):
+        v = torch.randn(F.shape[0])
+        assert torch.allclose(fvp(v), F @ v, atol=1e-12, rtol=1e-10)
+        assert torch.allclose(hvp(v), F @ v, atol=1e-12, rtol=1e-10)
+        assert torch.allclose(damped(v), F @ v + 0.3 * v, atol=1e-12, rtol=1e-10)
+
+
+def test_kl_hessian_vanishes_if_old_distribution_is_not_detached(float64):
+    """The trap the oracle avoids: differentiating through both arguments of KL(π_θ‖π_θ) gives zero."""
+    torch.manual_seed(2)
+    policy = perturbed(POLICIES["gaussian"]())
+    obs = torch.randn(5, 3)
+    params = policy.actor_parameters()
+    kl = torch.distributions.kl_divergence(policy.dist(obs), policy.dist(obs)).mean()
+    grads = torch.autograd.grad(kl, params, create_graph=True)
+    v = torch.randn(sum(p.numel() for p in params))
+    gv = torch.dot(flatten(grads), v)
+    hv = torch.autograd.grad(gv, params, allow_unused=True)
+    assert all(h is None or torch.all(h == 0) for h in hv)
+    assert torch.linalg.vector_norm(kl_hessian_vector_product(policy, obs)(v)) > 1e-3
+
+
+def test_conjugate_gradient_matches_linalg_solve(float64):
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(30, 30, generator=g)
+    F = A @ A.T / 30 + 0.05 * torch.eye(30)
+    b = torch.randn(30, generator=g)
+    x, info = conjugate_gradient(lambda v: F @ v, b, max_iters=200, tol=1e-13)
+    assert info.converged
+    assert torch.allclose(x, torch.linalg.solve(F, b), atol=1e-9)
+
+
+def test_conjugate_gradient_is_deterministic_and_honours_x0_and_cap(float64):
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(20, 20, generator=g)
+    F = A @ A.T + torch.eye(20)
+    b = torch.randn(20, generator=g)
+    x1, _ = conjugate_gradient(lambda v: F @ v, b, max_iters=5)
+    x2, _ = conjugate_gradient(lambda v: F @ v, b, max_iters=5)
+    assert torch.equal(x1, x2)
+    exact = torch.linalg.solve(F, b)
+    x, info = conjugate_gradient(lambda v: F @ v, b, x0=exact, max_iters=5, tol=1e-8)
+    assert info.iterations == 0 and torch.equal(x, exact)
+    calls = []
+    _, info = conjugate_gradient(lambda v: calls.append(1) or F @ v, b, max_iters=3, tol=0.0)
+    assert info.iterations == 3 and len(calls) == 3  # x0 = 0 needs no product for the first residual
+    x1, _ = conjugate_gradient(lambda v: F @ v, b, max_iters=1)
+    assert torch.allclose(x1, (b @ b) / (b @ F @ b) * b)  # one CG step from zero = exact line search along b
+
+
+@pytest.mark.parametrize("kind", POLICIES)
+def test_cg_and_dense_curvatures_solve_the_damped_fisher(float64, kind):
+    torch.manual_seed(5)
+    policy = perturbed(POLICIES[kind]())
+    obs = torch.randn(12, 3)
+    F = dense_fisher(policy, obs)
+    lam = 0.05
+    g = torch.randn(F.shape[0])
+    expected = torch.linalg.solve(F + lam * torch.eye(F.shape[0]), g)
+    cg = CG(damping=lam, iters=500, tol=1e-14)
+    cg.fit(policy, obs)
+    dense = Dense(damping=lam)
+    dense.fit(policy, obs)
+    assert torch.allclose(cg.solve(g), expected, atol=1e-7)
+    assert torch.allclose(dense.solve(g), expected, atol=1e-9)
+    assert cg.stats["fisher/cg_residual"] < 1e-10
+
+
+def test_fvp_subsample_is_fixed_for_one_update(float64):
+    torch.manual_seed(6)
+    policy = perturbed(POLICIES["gaussian"]())
+    obs = torch.randn(40, 3)
+    cg = CG(damping=0.0, subsample=0.25, generator=torch.Generator().manual_seed(0))
+    cg.fit(policy, obs)
+    v = torch.randn(sum(p.numel() for p in policy.actor_parameters()))
+    first = cg.mv(v)
+    assert torch.equal(cg.mv(v), first)  # the same 10 rows on every product within the update
+    F_full = dense_fisher(policy, obs)
+    assert not torch.allclose(first, F_full @ v)  # it really is a subsample
+
+
+def test_dense_fisher_refuses_sizes_that_do_not_fit():
+    policy = GaussianMLP(3, 2, hidden=(8,))
+    with pytest.raises(ValueError, match="dense .*Fisher needs"):
+        dense_fisher(policy, torch.randn(2, 3), max_bytes=1000)
