@@ -93,7 +93,8 @@ class Agent:
         n_updates = total_steps // batch
         if reset or self._sampler is None:
             self._close_sampler()
-            envs = make_vec_env(self.env_id, self.config.env.n_envs, self.config.env.vectorization)
+            envs = make_vec_env(self.env_id, self.config.env.n_envs, self.config.env.vectorization,
+                                self.config.env.n_workers)
             self._sampler = Sampler(envs, self.obs_normalizer, self.reward_scaler, self.seed + self.updates,
                                     self.device, self.generator)
         self.obs_normalizer.frozen = False
@@ -227,13 +228,21 @@ class ACKTR(Agent):
     algorithm = "acktr"
 
 
+class NAC(Agent):
+    """Natural actor-critic (Peters & Schaal 2008): the compatible critic's least-squares weights w are the
+    natural gradient, w = (F_emp + λI)⁻¹g; KL-budget or fixed step (natpg.nac, docs/nac.md)."""
+
+    algorithm = "nac"
+
+
 class PPO(Agent):
     """PPO (Schulman et al. 2017): the clipped surrogate over minibatch epochs of Adam (first-order baseline)."""
 
     algorithm = "ppo"
 
 
-ALGORITHM_CLASSES: dict[str, type[Agent]] = {"npg": NPG, "trpo": TRPO, "vpg": VPG, "acktr": ACKTR, "ppo": PPO}
+ALGORITHM_CLASSES: dict[str, type[Agent]] = {"npg": NPG, "trpo": TRPO, "vpg": VPG, "acktr": ACKTR, "nac": NAC,
+                                             "ppo": PPO}
 
 
 def load(path: str) -> Agent:

@@ -23,7 +23,10 @@ class EnvConfig:
     n_envs: int = 8
     """Number of environment copies stepped together by one vector environment."""
     vectorization: str = "sync"
-    """'sync' steps the copies in this process; 'async' runs each in a subprocess."""
+    """'sync' steps the copies in this process; 'async' runs each copy in its own subprocess (Gymnasium);
+    'multiproc' splits the copies over n_workers processes, several copies each (natpg.vector)."""
+    n_workers: int = 2
+    """Worker processes of the 'multiproc' vectorization (at most n_envs)."""
     normalize_obs: bool = True
     """Running mean/std normalisation of observations (saved with the model, frozen at evaluation)."""
     obs_clip: float = 10.0
@@ -221,7 +224,8 @@ class Config:
 
         choice("algorithm", self.algorithm, ALGORITHMS)
         pos_int("n_envs", e.n_envs)
-        choice("vectorization", e.vectorization, ("sync", "async"))
+        choice("vectorization", e.vectorization, ("sync", "async", "multiproc"))
+        pos_int("n_workers", e.n_workers)
         pos_num("obs_clip", e.obs_clip)
         pos_num("reward_clip", e.reward_clip)
         pos_int("n_steps", r.n_steps)

@@ -1,4 +1,10 @@
-"""Vector environments, space checks with clear errors, and running normalisers."""
+"""Vector environments, space checks with clear errors, running normalisers, and environment snapshots.
+
+``env_state(env)`` / ``set_env_state(env, state)`` capture and restore the simulator state of one
+environment copy as plain JSON-able data (no pickle), for the families natpg targets: Gymnasium's
+classic control tasks and its MuJoCo tasks. Anything else raises ``EnvStateError``; natpg then resumes
+a run by resetting the environments (documented as not bit-exact).
+"""
 
 from __future__ import annotations
 
@@ -48,7 +54,7 @@ def probe_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
     return obs_space, act_space
 
 
-def make_vec_env(env_id: str, n_envs: int, vectorization: str = "sync") -> gym.vector.VectorEnv:
+def make_vec_env(env_id: str, n_envs: int, vectorization: str = "sync", n_workers: int = 2):
     """``n_envs`` copies in one vector env that resets a finished copy in the same step.
 
     With same-step autoreset the observation returned for a finished copy is already the first one of
@@ -56,6 +62,10 @@ def make_vec_env(env_id: str, n_envs: int, vectorization: str = "sync") -> gym.v
     to bootstrap truncated episodes from V(final observation).
     """
     check_env_id(env_id)
+    if vectorization == "multiproc":  # several copies per worker process (natpg.vector)
+        from .vector import MultiprocVectorEnv
+
+        return MultiprocVectorEnv(env_id, n_envs, min(n_workers, n_envs))
     return gym.make_vec(env_id, num_envs=n_envs, vectorization_mode=vectorization,
                         vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP})
 
@@ -122,3 +132,164 @@ class RewardScaler:
         self.rms.update(self.ret)
         self.ret[done] = 0.0
         return np.clip(rew / np.sqrt(self.rms.var + 1e-8), -self.clip, self.clip)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Environment snapshots (for bit-exact resume)
+# ------------------------------------------------------------------------------------------------------
+
+class EnvStateError(ValueError):
+    """The environment's state cannot be captured or restored by natpg."""
+
+
+# Wrappers that gym.make puts around a registered environment and how their state is kept. TimeLimit
+# counts the episode's steps; OrderEnforcing and PassiveEnvChecker hold flags that a reset sets.
+_STATEFUL_WRAPPERS = {"TimeLimit": ("_elapsed_steps",), "OrderEnforcing": ("_has_reset",)}
+_STATELESS_WRAPPERS = ("PassiveEnvChecker",)
+# Attributes of a classic-control environment that change while it runs (all else is configuration).
+_CLASSIC_DYNAMIC = ("state", "steps_beyond_terminated", "last_u")
+# Derived MuJoCo quantities that environments read *before* stepping (e.g. Ant's torso xpos, Humanoid's
+# mass centre from xipos, Reacher's body positions): after mj_step they describe the pre-step
+# kinematics, so they are saved as they are rather than recomputed from the restored positions.
+_MUJOCO_DERIVED = ("xpos", "xquat", "xmat", "xipos", "ximat", "xanchor", "xaxis", "geom_xpos", "geom_xmat",
+                   "site_xpos", "site_xmat", "subtree_com", "cinert", "cdof", "cvel", "cacc", "cfrc_int",
+                   "cfrc_ext", "qfrc_actuator", "actuator_force", "sensordata")
+
+
+def _wrapper_chain(env: gym.Env) -> list[gym.Env]:
+    chain = []
+    while isinstance(env, gym.Wrapper):
+        chain.append(env)
+        env = env.env
+    return chain
+
+
+def _family(env: gym.Env) -> str:
+    u = env.unwrapped
+    module = type(u).__module__
+    if module.startswith("gymnasium.envs.classic_control"):
+        return "classic"
+    try:
+        from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
+    except Exception:  # MuJoCo not installed
+        MujocoEnv = ()
+    if MujocoEnv and isinstance(u, MujocoEnv):
+        return "mujoco"
+    raise EnvStateError(f"cannot snapshot environment {type(u).__module__}.{type(u).__name__}: natpg saves the "
+                        f"simulator state of Gymnasium classic-control and MuJoCo tasks only")
+
+
+def _array_to_json(a: Any) -> Any:
+    if a is None:
+        return None
+    if isinstance(a, np.ndarray):
+        return {"array": a.tolist(), "dtype": str(a.dtype), "shape": list(a.shape)}
+    if isinstance(a, (tuple, list)):
+        return {"tuple": [_array_to_json(x) for x in a]}
+    if isinstance(a, (bool, np.bool_)):
+        return bool(a)
+    if isinstance(a, (int, np.integer)):
+        return int(a)
+    if isinstance(a, (float, np.floating)):
+        return {"float": float(a), "dtype": type(a).__name__ if isinstance(a, np.floating) else "float"}
+    raise EnvStateError(f"cannot record a value of type {type(a).__name__} in an environment snapshot")
+
+
+def _array_from_json(d: Any) -> Any:
+    if d is None or isinstance(d, (bool, int)):
+        return d
+    if "array" in d:
+        return np.asarray(d["array"], dtype=d["dtype"]).reshape(d["shape"])
+    if "tuple" in d:
+        return tuple(_array_from_json(x) for x in d["tuple"])
+    if "float" in d:
+        return float(d["float"]) if d["dtype"] == "float" else getattr(np, d["dtype"])(d["float"])
+    raise EnvStateError(f"unreadable value {d!r} in an environment snapshot")
+
+
+def env_state(env: gym.Env) -> dict[str, Any]:
+    """The state of one environment (with its gym.make wrappers) as JSON-able data.
+
+    Classic control: the ``state`` vector (and ``steps_beyond_terminated``, Pendulum's ``last_u``);
+    MuJoCo: the full integration state (``mj_getState(mjSTATE_INTEGRATION)``: time, qpos, qvel, act,
+    warm start, controls, applied forces, mocap) plus the derived kinematics environments read before
+    stepping; for both the random generator's bit-generator state and the TimeLimit step count.
+    Raises ``EnvStateError`` for other environments or wrappers.
+    """
+    family = _family(env)
+    wrappers = {}
+    for w in _wrapper_chain(env):
+        name = type(w).__name__
+        if name in _STATEFUL_WRAPPERS:
+            wrappers[name] = {a: _array_to_json(getattr(w, a)) for a in _STATEFUL_WRAPPERS[name]}
+        elif name not in _STATELESS_WRAPPERS:
+            raise EnvStateError(f"cannot snapshot wrapper {name} of {env.spec.id if env.spec else env}: "
+                                f"natpg knows the state of {sorted(_STATEFUL_WRAPPERS) + list(_STATELESS_WRAPPERS)}")
+    u = env.unwrapped
+    out: dict[str, Any] = {"family": family, "class": f"{type(u).__module__}.{type(u).__name__}",
+                           "wrappers": wrappers, "np_random": u.np_random.bit_generator.state,
+                           "np_random_seed": getattr(u, "_np_random_seed", None)}
+    if family == "classic":
+        out["attrs"] = {a: _array_to_json(getattr(u, a)) for a in _CLASSIC_DYNAMIC if hasattr(u, a)}
+    else:
+        import mujoco
+
+        spec = mujoco.mjtState.mjSTATE_INTEGRATION
+        state = np.empty(mujoco.mj_stateSize(u.model, spec), np.float64)
+        mujoco.mj_getState(u.model, u.data, state, spec)
+        out["integration"] = state.tolist()
+        out["derived"] = {k: np.asarray(getattr(u.data, k)).tolist() for k in _MUJOCO_DERIVED}
+    return out
+
+
+def set_env_state(env: gym.Env, state: dict[str, Any]) -> None:
+    """Restore what ``env_state`` captured into an environment of the same id (reset at least once)."""
+    family = _family(env)
+    u = env.unwrapped
+    cls = f"{type(u).__module__}.{type(u).__name__}"
+    if state.get("family") != family or state.get("class") != cls:
+        raise EnvStateError(f"snapshot of {state.get('class')!r} cannot be restored into {cls!r}")
+    chain = {type(w).__name__: w for w in _wrapper_chain(env)}
+    if set(state["wrappers"]) != {n for n in chain if n in _STATEFUL_WRAPPERS}:
+        raise EnvStateError(f"snapshot has wrappers {sorted(state['wrappers'])}, the environment "
+                            f"{sorted(chain)}")
+    for name, attrs in state["wrappers"].items():
+        for a, v in attrs.items():
+            setattr(chain[name], a, _array_from_json(v))
+    u.np_random.bit_generator.state = state["np_random"]
+    if state.get("np_random_seed") is not None:
+        u._np_random_seed = state["np_random_seed"]
+    if family == "classic":
+        for a, v in state["attrs"].items():
+            setattr(u, a, _array_from_json(v))
+    else:
+        import mujoco
+
+        spec = mujoco.mjtState.mjSTATE_INTEGRATION
+        integration = np.asarray(state["integration"], np.float64)
+        if integration.shape != (mujoco.mj_stateSize(u.model, spec),):
+            raise EnvStateError(f"MuJoCo snapshot has {integration.size} state entries, the model needs "
+                                f"{mujoco.mj_stateSize(u.model, spec)}")
+        mujoco.mj_setState(u.model, u.data, integration, spec)
+        mujoco.mj_forward(u.model, u.data)
+        mujoco.mj_rnePostConstraint(u.model, u.data)
+        mujoco.mj_setState(u.model, u.data, integration, spec)  # forward must not have moved the warm start
+        for k, v in state["derived"].items():
+            getattr(u.data, k)[...] = np.asarray(v, np.float64).reshape(getattr(u.data, k).shape)
+
+
+def vector_env_state(envs: gym.vector.VectorEnv) -> list[dict[str, Any]]:
+    """``env_state`` of every copy of a synchronous vector env (EnvStateError for other vector envs)."""
+    if not isinstance(envs, gym.vector.SyncVectorEnv):
+        raise EnvStateError(f"cannot snapshot the copies of a {type(envs).__name__}: natpg reads environment "
+                            f"state only from vectorization='sync'")
+    return [env_state(e) for e in envs.envs]
+
+
+def set_vector_env_state(envs: gym.vector.VectorEnv, states: list[dict[str, Any]]) -> None:
+    if not isinstance(envs, gym.vector.SyncVectorEnv):
+        raise EnvStateError(f"cannot restore the copies of a {type(envs).__name__} (vectorization='sync' only)")
+    if len(states) != envs.num_envs:
+        raise EnvStateError(f"snapshot of {len(states)} environment copies, the vector env has {envs.num_envs}")
+    for e, st in zip(envs.envs, states):
+        set_env_state(e, st)

@@ -1,0 +1,121 @@
+"""A vector environment whose copies step in a few worker processes, several copies per worker.
+
+Gymnasium's ``AsyncVectorEnv`` gives every copy its own process and pays one pipe round trip per copy
+per step; on a machine with few cores that costs more than it saves. Here each of ``n_workers``
+processes owns a slice of the copies as a same-step-autoreset ``SyncVectorEnv`` and answers one
+message per step for the whole slice, so the simulators of different slices run in parallel while the
+main process does the policy forward. Copy i is seeded ``seed + i`` exactly as in the in-process
+vector env, so with the same seed both produce the same trajectories.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import traceback
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector import AutoresetMode
+
+
+def _worker(conn, env_id: str, n_envs: int, make_kwargs: dict[str, Any]) -> None:
+    envs = None
+    try:
+        envs = gym.make_vec(env_id, num_envs=n_envs, vectorization_mode="sync",
+                            vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP}, **make_kwargs)
+        conn.send(("ok", (envs.single_observation_space, envs.single_action_space, envs.metadata)))
+        while True:
+            cmd, data = conn.recv()
+            if cmd == "step":
+                obs, rew, term, trunc, info = envs.step(data)
+                done = term | trunc
+                final = [np.asarray(info["final_obs"][i]) for i in np.flatnonzero(done)] if done.any() else []
+                conn.send(("ok", (obs, rew, term, trunc, final)))
+            elif cmd == "reset":
+                obs, _ = envs.reset(seed=data)
+                conn.send(("ok", obs))
+            elif cmd == "close":
+                break
+    except (KeyboardInterrupt, EOFError):
+        pass
+    except Exception as exc:  # report to the parent instead of dying silently
+        conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:
+        if envs is not None:
+            envs.close()
+        conn.close()
+
+
+class MultiprocVectorEnv:
+    """``n_envs`` copies of ``env_id`` split over ``n_workers`` processes (the API subset natpg's sampler uses:
+    ``reset(seed)``, ``step(actions)`` with ``info['final_obs']``, ``num_envs``, the single spaces, ``close``)."""
+
+    def __init__(self, env_id: str, n_envs: int, n_workers: int, **make_kwargs: Any):
+        if n_workers < 1 or n_workers > n_envs:
+            raise ValueError(f"n_workers must be between 1 and n_envs={n_envs}, got {n_workers}")
+        self.num_envs = n_envs
+        sizes = [n_envs // n_workers + (1 if w < n_envs % n_workers else 0) for w in range(n_workers)]
+        self.offsets = np.cumsum([0, *sizes[:-1]]).tolist()
+        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+        self.conns, self.procs = [], []
+        for size in sizes:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, env_id, size, make_kwargs), daemon=True)
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        spaces = [self._receive(c) for c in self.conns]
+        self.single_observation_space, self.single_action_space, self.metadata = spaces[0]
+        self.sizes = sizes
+        self.closed = False
+
+    def _receive(self, conn) -> Any:
+        try:
+            status, payload = conn.recv()
+        except EOFError:
+            raise RuntimeError("an environment worker process died") from None
+        if status == "error":
+            raise RuntimeError(f"environment worker failed: {payload}")
+        return payload
+
+    def reset(self, seed: int | None = None, options: dict | None = None):
+        for conn, off in zip(self.conns, self.offsets):
+            conn.send(("reset", None if seed is None else seed + off))
+        return np.concatenate([self._receive(c) for c in self.conns]), {}
+
+    def step(self, actions: np.ndarray):
+        for conn, off, size in zip(self.conns, self.offsets, self.sizes):
+            conn.send(("step", actions[off : off + size]))
+        parts = [self._receive(c) for c in self.conns]
+        obs = np.concatenate([p[0] for p in parts])
+        rew = np.concatenate([p[1] for p in parts])
+        term = np.concatenate([p[2] for p in parts])
+        trunc = np.concatenate([p[3] for p in parts])
+        final_obs = np.empty(self.num_envs, dtype=object)
+        done_idx = np.flatnonzero(term | trunc)
+        finals = [f for p in parts for f in p[4]]
+        for i, f in zip(done_idx, finals):  # workers list their finished copies in index order
+            final_obs[i] = f
+        return obs, rew, term, trunc, {"final_obs": final_obs}
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for conn in self.conns:
+            try:
+                conn.send(("close", None))
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self.procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
