@@ -61,7 +61,7 @@ class Logger:
         if self._bar is not None:
             self._bar.n = step
             ret = numeric.get("ep_return_mean", float("nan"))
-            self._bar.set_postfix_str(f"return {ret:.1f}  {numeric.get('steps_per_s', 0):.0f} steps/s", refresh=False)
+            self._bar.set_postfix_str(f"return {ret:.1f}", refresh=False)  # tqdm itself shows steps/s
             self._bar.refresh()
 
     def close(self) -> None:
