@@ -125,11 +125,15 @@ class RewardScaler:
         self.ret = np.zeros(n_envs, np.float64)
         self.gamma, self.clip, self.enabled = gamma, clip, enabled
 
-    def __call__(self, rew: np.ndarray, done: np.ndarray) -> np.ndarray:
+    def __call__(self, rew: np.ndarray, done: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+        """Scaled rewards; ``valid`` (bool [n_envs], None: all) leaves dropped copies out of the statistics."""
         if not self.enabled:
             return rew
         self.ret = self.ret * self.gamma + rew
-        self.rms.update(self.ret)
+        if valid is None:
+            self.rms.update(self.ret)
+        elif valid.any():
+            self.rms.update(self.ret[valid])
         self.ret[done] = 0.0
         return np.clip(rew / np.sqrt(self.rms.var + 1e-8), -self.clip, self.clip)
 

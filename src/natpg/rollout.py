@@ -7,21 +7,26 @@ single small forward pass whatever the number of environment copies.
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 
-from .envs import ObsNormalizer, RewardScaler
+from .envs import EnvStateError, ObsNormalizer, RewardScaler, set_vector_env_state, vector_env_state
 
 
 @dataclass
 class Rollout:
     """T steps from N copies. obs [T, N, D] (normalised, as the policy saw them), act [T, N, ...],
     rew [T, N] (scaled), terminated/truncated [T, N] bool, next_obs [T, N, D]: the observation after the
-    step (the episode's final one where it ended; zeros after a termination, where it is never used)."""
+    step (the episode's final one where it ended; zeros after a termination, where it is never used).
+    valid [T, N] bool (None: all valid): False marks a transition dropped for a non-finite observation or
+    reward (``nonfinite_env='drop'``); it must be left out of the batch, and the transition before it is
+    marked truncated so that nothing is bootstrapped across it."""
 
     obs: torch.Tensor
     act: torch.Tensor
@@ -29,6 +34,7 @@ class Rollout:
     terminated: torch.Tensor
     truncated: torch.Tensor
     next_obs: torch.Tensor
+    valid: torch.Tensor | None = None
 
     @property
     def num_steps(self) -> int:
@@ -36,37 +42,60 @@ class Rollout:
 
 
 class NonFiniteEnvError(RuntimeError):
-    pass
+    """The environment produced a NaN or infinite observation or reward (``nonfinite_env='raise'``)."""
+
+
+NONFINITE_MODES = ("raise", "drop")
 
 
 class Sampler:
-    """Owns the vector env, the running normalisers and episode statistics across updates."""
+    """Owns the vector env, the running normalisers and episode statistics across updates.
+
+    ``nonfinite='raise'`` stops at the first NaN/inf observation or reward with the sampler step and the
+    env copy; ``'drop'`` ends that copy's episode as truncated at its last finite observation, leaves the
+    offending transition out of the batch (``Rollout.valid``), resets the copy and counts it in
+    ``dropped``. ``state_dict``/``load_state_dict`` capture everything needed to continue bit-exactly.
+    """
 
     def __init__(self, envs: gym.vector.VectorEnv, obs_normalizer: ObsNormalizer, reward_scaler: RewardScaler,
-                 seed: int, device: torch.device, generator: torch.Generator):
+                 seed: int, device: torch.device, generator: torch.Generator, nonfinite: str = "raise"):
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {list(NONFINITE_MODES)}, got {nonfinite!r}")
         self.envs, self.obs_norm, self.rew_scale = envs, obs_normalizer, reward_scaler
-        self.device, self.generator = device, generator
+        self.device, self.generator, self.nonfinite = device, generator, nonfinite
         self.n_envs = envs.num_envs
         space = envs.single_action_space
         self.discrete = isinstance(space, gym.spaces.Discrete)
         self.low = None if self.discrete else space.low
         self.high = None if self.discrete else space.high
+        self.steps = 0  # vector steps taken (each is n_envs transitions)
         raw, _ = envs.reset(seed=seed)
         self.obs = self._flat(raw)
+        bad = ~np.isfinite(self.obs).all(1)
+        if bad.any():
+            raise NonFiniteEnvError(f"environment returned a non-finite observation at reset (env copies "
+                                    f"{np.flatnonzero(bad).tolist()}): {self.obs[bad][0].tolist()}")
         self.ep_return = np.zeros(self.n_envs)
         self.ep_length = np.zeros(self.n_envs, np.int64)
         self.recent_returns: deque[float] = deque(maxlen=100)
         self.recent_lengths: deque[int] = deque(maxlen=100)
         self.episodes = 0
         self.total_steps = 0
+        self.dropped = 0  # episodes ended early because of a non-finite observation or reward
 
     def _flat(self, obs: np.ndarray) -> np.ndarray:
-        obs = np.asarray(obs, np.float64).reshape(self.n_envs, -1)
-        if not np.isfinite(obs).all():
-            bad = np.where(~np.isfinite(obs).all(1))[0].tolist()
-            raise NonFiniteEnvError(f"environment returned a non-finite observation (env copies {bad}, "
-                                    f"after {self.total_steps} steps)")
-        return obs
+        return np.asarray(obs, np.float64).reshape(self.n_envs, -1)
+
+    def _nonfinite_message(self, bad: np.ndarray, rew: np.ndarray, after: np.ndarray, next_obs: np.ndarray) -> str:
+        i = int(np.flatnonzero(bad)[0])
+        if not np.isfinite(rew[i]):
+            what = f"reward {rew[i]!r}"
+        else:
+            o = after[i] if not np.isfinite(after[i]).all() else next_obs[i]
+            what = f"observation {np.array2string(o, precision=4, threshold=8)}"
+        return (f"environment returned a non-finite {what} at sampler step {self.steps} (env copy {i}, step "
+                f"{int(self.ep_length[i]) + 1} of its episode; affected copies {np.flatnonzero(bad).tolist()}). "
+                f"Set nonfinite_env='drop' to end such episodes and leave the transition out instead.")
 
     @torch.no_grad()
     def collect(self, policy: torch.nn.Module, n_steps: int) -> Rollout:
@@ -77,6 +106,7 @@ class Sampler:
         rew_buf = np.zeros((T, N), np.float32)
         term_buf = np.zeros((T, N), bool)
         trunc_buf = np.zeros((T, N), bool)
+        valid = np.ones((T, N), bool)
         acts = []
         for t in range(T):
             obs_n = self.obs_norm(self.obs)
@@ -87,31 +117,106 @@ class Sampler:
             env_act = act.numpy() if self.discrete else np.clip(act.numpy(), self.low, self.high)
             raw_next, rew, term, trunc, info = self.envs.step(env_act)
             rew = np.asarray(rew, np.float64)
-            if not np.isfinite(rew).all():
-                raise NonFiniteEnvError(f"environment returned a non-finite reward (env copies "
-                                        f"{np.where(~np.isfinite(rew))[0].tolist()}, after {self.total_steps} steps)")
+            term, trunc = np.asarray(term, bool), np.asarray(trunc, bool)
             next_obs = self._flat(raw_next)
             done = term | trunc
-            self.ep_return += rew
-            self.ep_length += 1
-            rew_buf[t] = self.rew_scale(rew, done)
-            term_buf[t], trunc_buf[t] = term, trunc
             # The observation after this step: the next one, or the final one of a finished episode.
             after = next_obs.copy()
-            if done.any():
-                for i in np.flatnonzero(done):
-                    after[i] = np.asarray(info["final_obs"][i], np.float64).reshape(-1)
+            for i in np.flatnonzero(done):
+                after[i] = np.asarray(info["final_obs"][i], np.float64).reshape(-1)
+            next_ok = np.isfinite(next_obs).all(1)
+            bad = ~np.isfinite(rew) | ~np.isfinite(after).all(1) | ~next_ok
+            if bad.any():
+                if self.nonfinite == "raise":
+                    raise NonFiniteEnvError(self._nonfinite_message(bad, rew, after, next_obs))
+                next_obs = self._drop(bad, done, next_ok, next_obs, rew, after)
+                valid[t, bad] = False
+                if t > 0:
+                    trunc_buf[t - 1, bad] |= ~term_buf[t - 1, bad]
+                rew = np.where(bad, 0.0, rew)
+                after[bad] = self.obs[bad]  # a finite placeholder; the transition is not used
+                term, trunc = term & ~bad, trunc | bad
+                done = term | trunc
+            self.ep_return += rew
+            self.ep_length += 1
+            rew_buf[t] = self.rew_scale(rew, done, None if valid[t].all() else valid[t])
+            term_buf[t], trunc_buf[t] = term, trunc
+            finished = done & valid[t]
+            if finished.any():
+                for i in np.flatnonzero(finished):
                     self.recent_returns.append(float(self.ep_return[i]))
                     self.recent_lengths.append(int(self.ep_length[i]))
-                self.episodes += int(done.sum())
+                self.episodes += int(finished.sum())
+            if done.any():
                 self.ep_return[done] = 0.0
                 self.ep_length[done] = 0
             next_buf[t] = self.obs_norm.normalize(after)
             self.obs = next_obs
             self.total_steps += N
+            self.steps += 1
         to = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
         return Rollout(obs=to(obs_buf), act=torch.stack(acts).to(self.device), rew=to(rew_buf),
-                       terminated=to(term_buf), truncated=to(trunc_buf), next_obs=to(next_buf))
+                       terminated=to(term_buf), truncated=to(trunc_buf), next_obs=to(next_buf),
+                       valid=None if valid.all() else to(valid))
+
+    def _drop(self, bad: np.ndarray, done: np.ndarray, next_ok: np.ndarray, next_obs: np.ndarray,
+              rew: np.ndarray, after: np.ndarray) -> np.ndarray:
+        """End the bad copies' episodes and reset those the vector env has not already reset cleanly."""
+        self.dropped += int(bad.sum())
+        need = bad & ~(done & next_ok)
+        if need.any():
+            raw, _ = self.envs.reset(options={"reset_mask": need.copy()})
+            fresh = self._flat(raw)
+            next_obs = next_obs.copy()
+            next_obs[need] = fresh[need]
+            if not np.isfinite(next_obs[need]).all():
+                raise NonFiniteEnvError(f"environment returned a non-finite observation again right after "
+                                        f"resetting env copies {np.flatnonzero(need).tolist()} at sampler step "
+                                        f"{self.steps}; cannot drop the episode")
+        return next_obs
+
+    # --- resume -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state: current observations, episode accumulators, statistics, counters and the
+        simulator state of every copy (``None`` with the reason when the environment cannot be snapshot)."""
+        try:
+            env_states, reason = vector_env_state(self.envs), None
+        except EnvStateError as exc:
+            env_states, reason = None, str(exc)
+        return {"n_envs": self.n_envs, "obs": self.obs.tolist(), "ep_return": self.ep_return.tolist(),
+                "ep_length": self.ep_length.tolist(), "recent_returns": list(self.recent_returns),
+                "recent_lengths": list(self.recent_lengths), "episodes": self.episodes,
+                "total_steps": self.total_steps, "steps": self.steps, "dropped": self.dropped,
+                "env_states": env_states, "env_state_error": reason}
+
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Continue from ``state_dict()``; returns True when the environments were restored exactly.
+
+        Without a usable environment snapshot the environments keep their fresh reset (the run continues,
+        but not bit-exactly: a warning says so) and only the statistics and counters are restored.
+        """
+        if state["n_envs"] != self.n_envs:
+            raise ValueError(f"saved sampler state has {state['n_envs']} environment copies, this run {self.n_envs}")
+        self.recent_returns.extend(float(x) for x in state["recent_returns"])
+        self.recent_lengths.extend(int(x) for x in state["recent_lengths"])
+        self.episodes, self.total_steps = int(state["episodes"]), int(state["total_steps"])
+        self.steps, self.dropped = int(state["steps"]), int(state["dropped"])
+        reason = state.get("env_state_error")
+        if state.get("env_states") is not None:
+            try:
+                set_vector_env_state(self.envs, state["env_states"])
+                obs = np.asarray(state["obs"], np.float64)
+                if obs.shape != self.obs.shape:
+                    raise EnvStateError(f"saved observations have shape {obs.shape}, the environments {self.obs.shape}")
+                self.obs = obs
+                self.ep_return = np.asarray(state["ep_return"], np.float64)
+                self.ep_length = np.asarray(state["ep_length"], np.int64)
+                return True
+            except EnvStateError as exc:
+                reason = str(exc)
+        warnings.warn(f"resuming with freshly reset environments, so the continuation is not bit-exact: {reason}",
+                      RuntimeWarning, stacklevel=2)
+        return False
 
     def close(self) -> None:
         self.envs.close()
