@@ -35,6 +35,9 @@ class EnvConfig:
     """Divide rewards by the running std of the discounted return (VecNormalize-style reward scaling)."""
     reward_clip: float = 10.0
     """Scaled rewards are clipped to [-reward_clip, reward_clip]."""
+    nonfinite_env: str = "raise"
+    """A NaN/inf observation or reward: 'raise' (NonFiniteEnvError naming the step and copy) or 'drop' (end that
+    copy's episode as truncated at its last finite observation, leave the transition out, reset the copy)."""
 
 
 @dataclass
@@ -144,6 +147,9 @@ class RunConfig:
     """With an output directory, write a checkpoint every this many updates (0: only at the end)."""
     tensorboard: bool = True
     """Write TensorBoard events to the output directory."""
+    max_consecutive_faults: int = 5
+    """Stop with TrainingFault (after writing a checkpoint) once this many updates in a row were skipped for a
+    non-finite gradient, direction, step, loss or parameter (each skip leaves the parameters untouched)."""
 
 
 SECTIONS = {
@@ -197,7 +203,7 @@ class Config:
             if bad:
                 raise ValueError(f"unknown setting(s) {bad} in section {sec!r}; valid: {sorted(valid)}")
             for k in ("hidden", "critic_hidden"):
-                if k in values:
+                if isinstance(values.get(k), list):
                     values[k] = tuple(values[k])
             kwargs[sec] = cls(**values)
         return Config(**kwargs)
@@ -229,11 +235,25 @@ class Config:
         pos_num("obs_clip", e.obs_clip)
         pos_num("reward_clip", e.reward_clip)
         pos_int("n_steps", r.n_steps)
-        need(isinstance(a.gamma, (int, float)) and 0 <= a.gamma < 1, f"gamma must be in [0, 1), got {a.gamma!r}")
+        def flag(name: str, v: Any) -> None:
+            need(isinstance(v, bool), f"{name} must be True or False, got {v!r}")
+
+        for name in ("normalize_obs", "normalize_reward"):
+            flag(name, getattr(e, name))
+        choice("nonfinite_env", e.nonfinite_env, ("raise", "drop"))
+        need(not (e.nonfinite_env == "drop" and e.vectorization == "multiproc"),
+             "nonfinite_env='drop' needs vectorization 'sync' or 'async' (it resets single copies)")
+        flag("normalize_advantages", a.normalize_advantages)
+        flag("cg_warm_start", k.cg_warm_start)
+        flag("tensorboard", run.tensorboard)
+        need(isinstance(p.log_std_init, (int, float)) and not isinstance(p.log_std_init, bool)
+             and math.isfinite(p.log_std_init), f"log_std_init must be a finite number, got {p.log_std_init!r}")
+        need(isinstance(a.gamma, (int, float)) and not isinstance(a.gamma, bool) and 0 <= a.gamma < 1, f"gamma must be in [0, 1), got {a.gamma!r}")
         need(isinstance(a.gae_lambda, (int, float)) and 0 <= a.gae_lambda <= 1,
              f"gae_lambda must be in [0, 1], got {a.gae_lambda!r}")
         for name, hid in (("hidden", p.hidden), ("critic_hidden", c.critic_hidden)):
-            need(all(isinstance(h, int) and h >= 1 for h in hid), f"{name} must be positive integers, got {hid!r}")
+            need(isinstance(hid, tuple) and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hid),
+                 f"{name} must be a tuple of positive integers such as (64, 64), got {hid!r}")
         choice("activation", p.activation, ("tanh", "relu", "elu"))
         pos_num("critic_lr", c.critic_lr)
         pos_int("critic_epochs", c.critic_epochs)
@@ -269,7 +289,9 @@ class Config:
              f"device must be 'cpu' or 'cuda[:N]', got {run.device!r}")
         pos_int("torch_threads", run.torch_threads)
         pos_int("log_interval", run.log_interval)
-        need(isinstance(run.checkpoint_every, int) and run.checkpoint_every >= 0,
+        pos_int("max_consecutive_faults", run.max_consecutive_faults)
+        need(isinstance(run.checkpoint_every, int) and not isinstance(run.checkpoint_every, bool)
+             and run.checkpoint_every >= 0,
              f"checkpoint_every must be an integer ≥ 0, got {run.checkpoint_every!r}")
         if problems:
             raise ValueError("invalid settings:\n  " + "\n  ".join(problems))
