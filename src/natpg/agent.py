@@ -22,7 +22,7 @@ from .envs import ObsNormalizer, RewardScaler, check_spaces, env_family, make_ve
 from .logger import Logger
 from .policies import make_policy
 from .rollout import Sampler
-from .train import iteration
+from .train import TrainingFault, fault_of, iteration
 
 
 def space_to_dict(space: gym.Space) -> dict[str, Any]:
@@ -76,7 +76,10 @@ class Agent:
         self.actor_update = make_actor_update(config, self.cpu_generator)
         self.env_steps = 0
         self.updates = 0
+        self.consecutive_faults = 0  # updates in a row skipped for a numerical fault
+        self.train_wall_s = 0.0  # wall-clock seconds spent in learn, summed over resumes
         self._sampler: Sampler | None = None
+        self._saved_sampler: dict[str, Any] | None = None  # sampler state read from a checkpoint, for reset=False
 
     # --- training -------------------------------------------------------------------------------
     def learn(self, total_steps: int, out_dir: str | None = None, progress_bar: bool = False,
@@ -84,24 +87,40 @@ class Agent:
         """Train for ``total_steps`` more environment steps (rounded down to whole batches).
 
         ``out_dir`` receives progress.csv, TensorBoard events and checkpoints; ``reset=False`` keeps
-        stepping the environments where the previous ``learn`` left them.
+        stepping the environments where the previous ``learn`` left them — or, for an agent just loaded
+        from a checkpoint, where the saved run left them (bit-exact for classic-control and MuJoCo tasks
+        with vectorization='sync'; otherwise from freshly reset environments, with a warning), and appends
+        to ``out_dir``'s progress.csv after dropping rows newer than the checkpoint.
+
+        A numerically faulty update (non-finite gradient, direction, step, loss or parameters) is skipped
+        with the parameters untouched and logged (``step/fault``/``critic/fault`` in events.log); after
+        ``max_consecutive_faults`` in a row a checkpoint is written to ``out_dir`` and ``TrainingFault`` raised.
         """
         batch = self.config.batch_size
         if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < batch:
             raise ValueError(f"total_steps must be an integer ≥ one batch ({self.config.env.n_envs} envs × "
                              f"{self.config.rollout.n_steps} steps = {batch}), got {total_steps!r}")
+        if out_dir is not None:
+            if not isinstance(out_dir, (str, os.PathLike)):
+                raise ValueError(f"out_dir must be a directory path, got {out_dir!r}")
+            if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+                raise ValueError(f"out_dir {str(out_dir)!r} exists and is not a directory")
         n_updates = total_steps // batch
         if reset or self._sampler is None:
             self._close_sampler()
             envs = make_vec_env(self.env_id, self.config.env.n_envs, self.config.env.vectorization,
                                 self.config.env.n_workers)
             self._sampler = Sampler(envs, self.obs_normalizer, self.reward_scaler, self.seed + self.updates,
-                                    self.device, self.generator)
+                                    self.device, self.generator, self.config.env.nonfinite_env)
+            if not reset and self._saved_sampler is not None:
+                self._sampler.load_state_dict(self._saved_sampler)
+        self._saved_sampler = None
         self.obs_normalizer.frozen = False
         run = self.config.run
         logger = Logger(out_dir, run.tensorboard, progress_bar, total_steps=self.env_steps + n_updates * batch,
-                        resume=not reset)
+                        resume=not reset, resume_step=self.env_steps)
         start = time.perf_counter()
+        wall_before = self.train_wall_s
         steps_at_start = self.env_steps
         try:
             for _ in range(n_updates):
@@ -109,13 +128,23 @@ class Agent:
                                   self.config.rollout.n_steps, self.cpu_generator)
                 self.updates += 1
                 self.env_steps += batch
+                fault = fault_of(stats)
+                self.consecutive_faults = self.consecutive_faults + 1 if fault else 0
                 wall = time.perf_counter() - start
+                self.train_wall_s = wall_before + wall
                 row = {"env_steps": self.env_steps, "updates": self.updates,
                        "ep_return_mean": self.recent_return(), "ep_length_mean": _mean(self._sampler.recent_lengths),
-                       "episodes": self._sampler.episodes, "wall_s": wall,
-                       "steps_per_s": (self.env_steps - steps_at_start) / max(wall, 1e-9), **stats}
-                if self.updates % run.log_interval == 0:
+                       "episodes": self._sampler.episodes, "wall_s": self.train_wall_s,
+                       "steps_per_s": (self.env_steps - steps_at_start) / max(wall, 1e-9),
+                       "faults/consecutive": self.consecutive_faults, **stats}
+                if self.updates % run.log_interval == 0 or fault:
                     logger.record(row)
+                if self.consecutive_faults >= run.max_consecutive_faults:
+                    saved = f"; checkpoint written to {self.save(out_dir)}" if out_dir else ""
+                    raise TrainingFault(
+                        f"training stopped: {self.consecutive_faults} consecutive updates (up to update "
+                        f"{self.updates}, {self.env_steps} env steps) were skipped for numerical faults, the last "
+                        f"one: {fault}. The parameters are those from before the faults{saved}.")
                 if out_dir and run.checkpoint_every and self.updates % run.checkpoint_every == 0:
                     self.save(out_dir)
                 if callback is not None and callback(self, row) is False:
@@ -128,7 +157,9 @@ class Agent:
 
     def recent_return(self) -> float:
         """Mean undiscounted return of the last (up to) 100 finished training episodes."""
-        return _mean(self._sampler.recent_returns) if self._sampler else float("nan")
+        if self._sampler is None:
+            return _mean(self._saved_sampler["recent_returns"]) if self._saved_sampler else float("nan")
+        return _mean(self._sampler.recent_returns)
 
     def _close_sampler(self) -> None:
         if self._sampler is not None:
@@ -146,7 +177,13 @@ class Agent:
         Box actions are clipped to the action bounds, as they are when training.
         """
         shape = self.observation_space.shape
-        obs = np.asarray(obs, dtype=np.float64)
+        try:
+            obs = np.asarray(obs, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"observation must be numeric (an array of shape {shape} or a batch of them), "
+                             f"got {type(obs).__name__}: {exc}") from None
+        if not np.isfinite(obs).all():
+            raise ValueError(f"observation contains non-finite values (NaN or inf): {obs.tolist()!r:.200}")
         if obs.shape == shape:
             single = True
         elif obs.shape[1:] == shape and obs.ndim == len(shape) + 1:
@@ -171,18 +208,28 @@ class Agent:
             "action_space": space_to_dict(self.action_space),
             "obs_normalizer": self.obs_normalizer.rms.state_dict(),
             "reward_scaler": self.reward_scaler.rms.state_dict(),
+            "reward_scaler_ret": self.reward_scaler.ret.tolist(),
             "env_steps": self.env_steps, "updates": self.updates,
+            "consecutive_faults": self.consecutive_faults, "train_wall_s": self.train_wall_s,
+            # Everything needed to continue bit-exactly (learn(..., reset=False) after load; CLI --resume):
+            "sampler": self._sampler.state_dict() if self._sampler is not None else self._saved_sampler,
         }
         tensors = {"policy": self.policy.state_dict(), "critic": self.critic.state_dict(),
-                   "critic_optimizer": self.critic.optimizer.state_dict()}
+                   "critic_optimizer": self.critic.optimizer.state_dict(),
+                   "rng": {"generator": self.generator.get_state(), "cpu_generator": self.cpu_generator.get_state()},
+                   "actor_update": {name: obj.state_dict() for name, obj in self._stateful_update_parts().items()}}
         file = checkpoint.write(path, meta, tensors)
         if not str(path).endswith(".pt"):
-            import json
-
-            with open(os.path.join(path, "config.json"), "w") as f:
-                json.dump({"algorithm": self.algorithm, "env_id": self.env_id, "seed": self.seed,
-                           **self.config.to_dict()}, f, indent=2)
+            checkpoint.write_json(os.path.join(path, "config.json"),
+                                  {"algorithm": self.algorithm, "env_id": self.env_id, "seed": self.seed,
+                                   **self.config.to_dict()})
         return file
+
+    def _stateful_update_parts(self) -> dict[str, Any]:
+        """Parts of the actor update that carry state across updates and can save it (``state_dict``)."""
+        parts = {"update": self.actor_update, "step_rule": getattr(self.actor_update, "step_rule", None),
+                 "curvature": getattr(self.actor_update, "curvature", None)}
+        return {k: v for k, v in parts.items() if hasattr(v, "state_dict") and hasattr(v, "load_state_dict")}
 
     @classmethod
     def _from_checkpoint(cls, meta: dict[str, Any], tensors: dict[str, Any]) -> "Agent":
@@ -196,6 +243,17 @@ class Agent:
         agent.obs_normalizer.rms.load_state_dict(meta["obs_normalizer"])
         agent.reward_scaler.rms.load_state_dict(meta["reward_scaler"])
         agent.env_steps, agent.updates = int(meta["env_steps"]), int(meta["updates"])
+        if "reward_scaler_ret" in meta:
+            agent.reward_scaler.ret = np.asarray(meta["reward_scaler_ret"], np.float64)
+        agent.consecutive_faults = int(meta.get("consecutive_faults", 0))
+        agent.train_wall_s = float(meta.get("train_wall_s", 0.0))
+        agent._saved_sampler = meta.get("sampler")
+        if "rng" in tensors:
+            agent.generator.set_state(tensors["rng"]["generator"])
+            agent.cpu_generator.set_state(tensors["rng"]["cpu_generator"])
+        for name, part in agent._stateful_update_parts().items():
+            if name in tensors.get("actor_update", {}):
+                part.load_state_dict(tensors["actor_update"][name])
         return agent
 
 
@@ -247,12 +305,21 @@ ALGORITHM_CLASSES: dict[str, type[Agent]] = {"npg": NPG, "trpo": TRPO, "vpg": VP
 
 def load(path: str) -> Agent:
     """Load a checkpoint written by ``Agent.save``; the algorithm class is recorded inside."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a run directory or a .pt checkpoint file, got {path!r}")
+    path = os.fspath(path)
     meta, tensors = checkpoint.read(path)
     algo = meta.get("algorithm")
     if algo not in ALGORITHM_CLASSES:
         raise ValueError(f"checkpoint at {path!r} is for algorithm {algo!r}, unknown to this natpg "
                          f"(known: {sorted(ALGORITHM_CLASSES)})")
-    return ALGORITHM_CLASSES[algo]._from_checkpoint(meta, tensors)
+    try:
+        return ALGORITHM_CLASSES[algo]._from_checkpoint(meta, tensors)
+    except KeyError as exc:
+        raise ValueError(f"checkpoint at {path!r} lacks the entry {exc} (written by another natpg version?)") from None
+    except (RuntimeError, TypeError) as exc:  # tensors that do not fit the recorded config
+        raise ValueError(f"checkpoint at {path!r} is inconsistent with its recorded config: "
+                         f"{str(exc).splitlines()[0]}") from None
 
 
 def evaluate(agent: Agent, env: str | None = None, episodes: int = 10, seed: int = 123,
@@ -262,8 +329,16 @@ def evaluate(agent: Agent, env: str | None = None, episodes: int = 10, seed: int
     Episodes run in parallel copies of ``env`` (default: the agent's own), copy i seeded ``seed + i``.
     """
     env_id = env or agent.env_id
-    if not isinstance(episodes, int) or episodes < 1:
+    if not isinstance(episodes, int) or isinstance(episodes, bool) or episodes < 1:
         raise ValueError(f"episodes must be an integer ≥ 1, got {episodes!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if env is not None:
+        obs_space, act_space = probe_spaces(env_id)
+        if obs_space.shape != agent.observation_space.shape or act_space != agent.action_space:
+            raise ValueError(f"environment {env_id!r} (observations {obs_space}, actions {act_space}) does not "
+                             f"match the agent trained on {agent.env_id!r} (observations "
+                             f"{agent.observation_space}, actions {agent.action_space})")
     envs = make_vec_env(env_id, episodes, "sync")
     try:
         obs, _ = envs.reset(seed=seed)

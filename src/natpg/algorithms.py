@@ -85,6 +85,9 @@ class NaturalGradientUpdate:
         params = policy.actor_parameters()
         surr_before = surrogate(policy, batch)
         g = flatten(torch.autograd.grad(surr_before, params)).detach()
+        if not (bool(torch.isfinite(surr_before)) and bool(torch.isfinite(g).all())):  # before any curvature state
+            return {"step/skipped": 1.0, "step/fault": "non-finite surrogate or gradient", "step/size": 0.0,
+                    "grad/norm": float(g.norm())}
         self.curvature.fit(policy, batch.obs, batch.act)
         d = self.curvature.solve(g)
 

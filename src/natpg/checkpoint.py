@@ -1,14 +1,19 @@
-"""Checkpoints: one file, written atomically, loaded without executing code.
+"""Checkpoints: one file, written atomically, loaded without executing code, checked for corruption.
 
-A checkpoint is a single ``model.pt`` holding tensors (policy, critic, optimiser state) and a JSON
-string of metadata (format version, algorithm, environment, config, spaces, normaliser statistics,
-counters). It is written to a temporary file, flushed and fsynced, then renamed over the old one,
-so a crash leaves either the previous or the new checkpoint, never half of one. It is read with
-``torch.load(weights_only=True)``, which refuses pickled code.
+A checkpoint is a single ``model.pt`` holding tensors (policy, critic, optimiser state, random generator
+states) and a JSON string of metadata (format version, algorithm, environment, config, spaces,
+normaliser statistics, counters, sampler and environment state). It is written to a temporary file in
+the same directory, flushed and fsynced, then renamed over the old one (and the directory fsynced), so
+a crash at any moment leaves either the previous or the new checkpoint, never half of one. It is read
+with ``torch.load(weights_only=True)``, which refuses pickled code, and its content is compared with
+a SHA-256 digest stored inside (version 2), so a truncated or corrupted file is an error, never
+silently different weights. One process writes a given checkpoint at a time.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
 import tempfile
@@ -17,23 +22,73 @@ from typing import Any
 import torch
 
 FORMAT = "natpg-checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no digest
 FILENAME = "model.pt"
 
 
 def checkpoint_file(path: str) -> str:
     """A path ending in '.pt' is the file itself; anything else is a directory holding model.pt."""
-    return path if str(path).endswith(".pt") else os.path.join(path, FILENAME)
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"a checkpoint path must be a directory or a .pt file name, got {path!r}")
+    path = os.fspath(path)
+    return path if path.endswith(".pt") else os.path.join(path, FILENAME)
 
 
-def write(path: str, meta: dict[str, Any], tensors: dict[str, Any]) -> str:
-    file = checkpoint_file(path)
-    os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
-    payload = {"format": FORMAT, "version": VERSION, "meta": json.dumps(meta), **tensors}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=os.path.dirname(os.path.abspath(file)))
+def digest(meta_json: str, tensors: dict[str, Any]) -> str:
+    """SHA-256 over the metadata string and every tensor's dtype, shape and bytes (and every other leaf's repr),
+    walking nested dicts/lists in a fixed order."""
+    h = hashlib.sha256(meta_json.encode())
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, dict):
+            h.update(b"D%d" % len(x))
+            for k in sorted(x, key=repr):
+                h.update(repr(k).encode())
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(b"L%d" % len(x))
+            for v in x:
+                walk(v)
+        else:
+            h.update(repr(x).encode())
+
+    walk(tensors)
+    return h.hexdigest()
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not supported on this platform
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(file: str, write) -> None:
+    directory = os.path.dirname(os.path.abspath(file))
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"cannot write {file!r}: {directory!r} exists and is not a directory")
+    os.makedirs(directory, exist_ok=True)
+    prefix = f".{os.path.basename(file)}.tmp-"
+    for stale in glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + "*")):
+        try:  # left behind by a writer that was killed mid-write
+            os.unlink(stale)
+        except OSError:
+            pass
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, file)
@@ -41,23 +96,55 @@ def write(path: str, meta: dict[str, Any], tensors: dict[str, Any]) -> str:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(directory)
+
+
+def write(path: str, meta: dict[str, Any], tensors: dict[str, Any]) -> str:
+    """Write (meta, tensors) atomically to ``path``; returns the file written."""
+    file = checkpoint_file(path)
+    meta_json = json.dumps(meta)
+    payload = {"format": FORMAT, "version": VERSION, "meta": meta_json, "sha256": digest(meta_json, tensors),
+               **tensors}
+    _atomic_write(file, lambda f: torch.save(payload, f))
     return file
+
+
+def write_json(file: str, obj: Any) -> None:
+    """Write a JSON file atomically (same temp-file-and-rename discipline as the checkpoint)."""
+    _atomic_write(file, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def read(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(meta, tensors) of a checkpoint, or a clear error: missing, truncated, corrupted or foreign file."""
     file = checkpoint_file(path)
     if not os.path.exists(file):
-        raise FileNotFoundError(f"no natpg checkpoint at {path!r} (looked for {file!r})")
+        hint = " (a directory without model.pt: not a natpg run, or one killed before its first checkpoint)" \
+            if os.path.isdir(path) else ""
+        raise FileNotFoundError(f"no natpg checkpoint at {path!r} (looked for {file!r}){hint}")
+    if os.path.isdir(file):
+        raise ValueError(f"{file!r} is a directory, not a natpg checkpoint file")
     try:
         payload = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, bad pickle, foreign content
+    except Exception as exc:  # truncated zip, bad pickle, foreign or malicious content
         raise ValueError(f"{file!r} is not a readable natpg checkpoint (truncated or corrupted?): "
                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{file!r} is not a natpg checkpoint (no '{FORMAT}' marker)")
-    if payload.get("version") != VERSION:
+    if payload.get("version") not in READABLE_VERSIONS:
         raise ValueError(f"{file!r} has checkpoint version {payload.get('version')!r}; this natpg reads "
-                         f"version {VERSION}")
-    meta = json.loads(payload.pop("meta"))
-    return meta, payload
+                         f"versions {list(READABLE_VERSIONS)}")
+    meta_json = payload.pop("meta")
+    expected = payload.pop("sha256", None)
+    tensors = {k: v for k, v in payload.items() if k not in ("format", "version")}
+    if not isinstance(meta_json, str):
+        raise ValueError(f"{file!r} is corrupted: its metadata is not a string")
+    if payload["version"] >= 2 and expected != digest(meta_json, tensors):
+        raise ValueError(f"{file!r} is corrupted: its content does not match the SHA-256 digest stored inside "
+                         f"(truncated or corrupted?)")
+    try:
+        meta = json.loads(meta_json)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file!r} is corrupted: unreadable metadata ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file!r} is corrupted: its metadata is not a JSON object")
+    return meta, tensors

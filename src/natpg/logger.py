@@ -10,10 +10,16 @@ from typing import Any
 
 class Logger:
     """Writes one row per logged update. Columns are fixed by the first row; later new keys are dropped
-    from the CSV (they still go to TensorBoard). Non-numeric values go to ``events.log``."""
+    from the CSV (they still go to TensorBoard). Non-numeric values go to ``events.log``.
+
+    ``resume=True`` appends to an existing progress.csv (keeping its columns). With ``resume_step`` (the
+    env_steps of the checkpoint being resumed) it first drops the rows written after that checkpoint
+    (by a run killed between a log row and its next checkpoint) and a partly written last line, so
+    that the resumed file equals the one an uninterrupted run writes.
+    """
 
     def __init__(self, out_dir: str | None, tensorboard: bool = True, progress_bar: bool = False,
-                 total_steps: int = 0, resume: bool = False):
+                 total_steps: int = 0, resume: bool = False, resume_step: int | None = None):
         self.out_dir = out_dir
         self._csv_file = None
         self._writer = None
@@ -23,9 +29,7 @@ class Logger:
             os.makedirs(out_dir, exist_ok=True)
             path = os.path.join(out_dir, "progress.csv")
             if resume and os.path.exists(path):
-                with open(path, newline="") as f:
-                    header = next(csv.reader(f), None)
-                self._columns = header
+                self._columns = _truncate_progress(path, resume_step)
                 self._csv_file = open(path, "a", newline="")
             else:
                 self._csv_file = open(path, "w", newline="")
@@ -75,3 +79,36 @@ class Logger:
 
 def _fmt(v: float) -> str:
     return repr(v) if not float(v).is_integer() else str(int(v)) if abs(v) < 1e15 else repr(v)
+
+
+def _truncate_progress(path: str, resume_step: int | None) -> list[str] | None:
+    """Keep progress.csv's header and its complete rows with env_steps ≤ resume_step (all complete rows
+    when None); rewrite the file atomically when anything is dropped. Returns the header (None if empty)."""
+    with open(path, newline="") as f:
+        text = f.read()
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines = lines[:-1]  # a row cut short by a kill
+    if not lines:
+        header = None
+    else:
+        header = next(csv.reader([lines[0]]))
+        if "env_steps" in header and resume_step is not None:
+            col = header.index("env_steps")
+            kept = [lines[0]]
+            for line in lines[1:]:
+                row = next(csv.reader([line]), [])
+                try:
+                    step = float(row[col])
+                except (IndexError, ValueError):
+                    break
+                if step > resume_step:
+                    break
+                kept.append(line)
+            lines = kept
+    new = "".join(lines)
+    if new != text:
+        from .checkpoint import _atomic_write
+
+        _atomic_write(path, lambda f: f.write(new.encode()))
+    return header

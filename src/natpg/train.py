@@ -1,7 +1,17 @@
-"""One training iteration, in the order of the paper: collect → advantages → g → solve → step → critic."""
+"""One training iteration, in the order of the paper: collect → advantages → g → solve → step → critic.
+
+Numerical faults never reach the parameters: a batch with non-finite advantages or returns is not
+used; an actor update that reports a fault (``step/skipped`` with ``step/fault``) or leaves a
+non-finite parameter or KL behind is undone bit-exactly from a copy; a critic fit whose loss or
+parameters end non-finite is undone together with its optimiser state. Each such iteration is logged
+with its reason, and the caller counts consecutive faults (``Agent.learn`` stops with
+``TrainingFault`` after ``max_consecutive_faults``).
+"""
 
 from __future__ import annotations
 
+import copy
+import math
 import time
 from typing import Any
 
@@ -14,22 +24,90 @@ from .config import AdvantageConfig
 from .rollout import Rollout
 
 
+class TrainingFault(RuntimeError):
+    """Training stopped after ``max_consecutive_faults`` updates in a row were skipped for numerical faults."""
+
+
 @torch.no_grad()
 def make_batch(rollout: Rollout, policy: nn.Module, critic: nn.Module, cfg: AdvantageConfig) -> Batch:
-    """Old distribution parameters, values and GAE for a rollout, in batched forwards, flattened over (T, N)."""
+    """Old distribution parameters, values and GAE for a rollout, in batched forwards, flattened over (T, N).
+
+    Transitions marked invalid (``rollout.valid``, dropped for a non-finite observation or reward) are left
+    out after GAE, which never runs across them (the transition before each is marked truncated).
+    """
     T, N = rollout.rew.shape
     obs = rollout.obs.reshape(T * N, -1)
     act = rollout.act.reshape(T * N, *rollout.act.shape[2:])
-    eta_old = policy(obs)
-    logp_old = policy.head.dist(eta_old).log_prob(act)
     values = critic(obs).reshape(T, N)
     next_values = critic(rollout.next_obs.reshape(T * N, -1)).reshape(T, N)
     done = rollout.terminated | rollout.truncated
     adv, ret = gae(rollout.rew, values, next_values, rollout.terminated, done, cfg.gamma, cfg.gae_lambda)
-    adv = adv.reshape(-1)
+    adv, ret = adv.reshape(-1), ret.reshape(-1)
+    if rollout.valid is not None:
+        keep = rollout.valid.reshape(-1)
+        obs, act, adv, ret = obs[keep], act[keep], adv[keep], ret[keep]
+    eta_old = policy(obs)
+    logp_old = policy.head.dist(eta_old).log_prob(act)
     if cfg.normalize_advantages:
         adv = normalize_advantages(adv)
-    return Batch(obs=obs, act=act, adv=adv, ret=ret.reshape(-1), logp_old=logp_old, eta_old=eta_old)
+    return Batch(obs=obs, act=act, adv=adv, ret=ret, logp_old=logp_old, eta_old=eta_old)
+
+
+def _finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _finite_module(module: nn.Module) -> bool:
+    return _finite(*(p.detach() for p in module.parameters()))
+
+
+def _restore(module: nn.Module, saved: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, s in zip(module.parameters(), saved):
+            p.copy_(s)
+
+
+def guarded_actor_update(actor_update, policy: nn.Module, batch: Batch) -> dict[str, Any]:
+    """``actor_update.update(policy, batch)``, undone when it reports a fault or leaves a non-finite parameter
+    or KL behind. Always returns ``step/skipped`` (0 or 1); ``step/fault`` names the reason of a skip."""
+    saved = [p.detach().clone() for p in policy.parameters()]
+    stats = actor_update.update(policy, batch)
+    fault = stats.get("step/fault") if stats.get("step/skipped") else None
+    if fault is None and not _finite_module(policy):
+        fault = "non-finite parameters after the step"
+    if fault is None and not math.isfinite(float(stats.get("step/kl", 0.0))):
+        fault = "non-finite KL after the step (the stepped policy is not finite)"
+    if fault is not None:
+        _restore(policy, saved)
+        stats = {**stats, "step/skipped": 1.0, "step/fault": fault, "step/size": 0.0}
+    stats.setdefault("step/skipped", 0.0)
+    return stats
+
+
+def guarded_critic_fit(critic: nn.Module, batch: Batch, generator: torch.Generator) -> dict[str, Any]:
+    """``critic.fit``, undone (parameters and optimiser state) when its loss or parameters end non-finite."""
+    saved = [p.detach().clone() for p in critic.parameters()]
+    optimizer = getattr(critic, "optimizer", None)
+    saved_opt = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
+    stats = critic.fit(batch.obs, batch.ret, generator)
+    loss = float(stats.get("critic/loss_after", 0.0))
+    fault = None
+    if not _finite_module(critic):
+        fault = "non-finite critic parameters after the fit"
+    elif not math.isfinite(loss):
+        fault = f"non-finite critic loss ({loss!r})"
+    if fault is not None:
+        _restore(critic, saved)
+        if optimizer is not None:
+            optimizer.load_state_dict(saved_opt)
+        return {**stats, "critic/skipped": 1.0, "critic/fault": fault}
+    return {**stats, "critic/skipped": 0.0}
+
+
+def fault_of(stats: dict[str, Any]) -> str | None:
+    """The reason an iteration's update was (partly) skipped, or None."""
+    reasons = [stats[k] for k in ("step/fault", "critic/fault") if stats.get(k)]
+    return "; ".join(str(r) for r in reasons) or None
 
 
 def iteration(sampler, policy: nn.Module, critic, actor_update, cfg, n_steps: int,
@@ -39,9 +117,16 @@ def iteration(sampler, policy: nn.Module, critic, actor_update, cfg, n_steps: in
     rollout = sampler.collect(policy, n_steps)
     t1 = time.perf_counter()
     batch = make_batch(rollout, policy, critic, cfg.advantage)
-    stats = actor_update.update(policy, batch)
-    t2 = time.perf_counter()
-    stats |= critic.fit(batch.obs, batch.ret, generator)
-    t3 = time.perf_counter()
-    stats |= {"time/collect_s": t1 - t0, "time/actor_s": t2 - t1, "time/critic_s": t3 - t2}
+    if not _finite(batch.adv, batch.ret, batch.eta_old, batch.logp_old):
+        reason = "non-finite advantages, returns or old policy outputs"
+        stats: dict[str, Any] = {"step/skipped": 1.0, "step/fault": reason, "step/size": 0.0,
+                                 "critic/skipped": 1.0, "critic/fault": reason}
+        t2 = t3 = time.perf_counter()
+    else:
+        stats = guarded_actor_update(actor_update, policy, batch)
+        t2 = time.perf_counter()
+        stats |= guarded_critic_fit(critic, batch, generator)
+        t3 = time.perf_counter()
+    stats |= {"env/nonfinite_dropped": float(getattr(sampler, "dropped", 0)),
+              "time/collect_s": t1 - t0, "time/actor_s": t2 - t1, "time/critic_s": t3 - t2}
     return stats
