@@ -6,6 +6,7 @@ import argparse
 import ast
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -26,10 +27,17 @@ def parse_setting(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in the same one-line form as every other error: 'natpg CMD: error: ...', exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .agent import ALGORITHM_CLASSES
 
-    p = argparse.ArgumentParser(prog="natpg", description="Natural policy gradient methods for Gymnasium.")
+    p = _Parser(prog="natpg", description="Natural policy gradient methods for Gymnasium.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train an agent and write config.json, progress.csv, TensorBoard events "
@@ -39,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("algo", type=str.lower, help=f"algorithm: {', '.join(sorted(ALGORITHM_CLASSES))}")
     t.add_argument("env_id", help="Gymnasium environment id, e.g. CartPole-v1 or HalfCheetah-v5")
     t.add_argument("--steps", type=int, default=1_000_000, help="environment steps to train for (default 1e6)")
-    t.add_argument("--seed", type=int, default=0, help="random seed of networks, sampling and environments")
+    t.add_argument("--seed", type=int, default=None, help="random seed of networks, sampling and environments "
+                                                          "(default 0)")
     t.add_argument("--out", default=None, help="output directory (default runs/ALGO-ENV-sSEED)")
     t.add_argument("--fisher", default=None, help="how F⁻¹g is applied: cg, dense, kfac, diagonal, empirical")
     t.add_argument("--n-envs", type=int, default=None, help="environment copies per vector env")
@@ -47,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set max_kl=0.02 --set hidden=[64,64]")
     t.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    t.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run in DIR (its recorded config, checkpoint, generators and environment "
+                        "state) until it has --steps steps in all; bit-exact for classic-control and MuJoCo tasks")
 
     e = sub.add_parser("eval", help="evaluate a saved agent with deterministic actions")
     e.add_argument("run_dir", help="run directory or checkpoint file written by natpg train / agent.save")
@@ -82,13 +94,83 @@ def cmd_train(args: argparse.Namespace) -> int:
     for key, value in (("fisher", args.fisher), ("n_envs", args.n_envs), ("device", args.device)):
         if value is not None:
             overrides[key] = value
-    out = args.out or os.path.join("runs", f"{args.algo}-{args.env_id}-s{args.seed}")
-    agent = ALGORITHM_CLASSES[args.algo](args.env_id, seed=args.seed, **overrides)
-    agent.save(out)  # config.json and an initial checkpoint before any work
-    agent.learn(args.steps, out_dir=out, progress_bar=not args.no_progress)
+    if args.resume is not None:
+        agent = _resume(args, overrides)
+        out = args.out or args.resume
+        steps, reset = args.steps - agent.env_steps, False
+        if steps < agent.config.batch_size:
+            print(f"the run in {args.resume} already has {agent.env_steps} of --steps {args.steps} environment "
+                  f"steps; nothing to do")
+            return 0
+    else:
+        seed = 0 if args.seed is None else args.seed
+        out = args.out or os.path.join("runs", f"{args.algo}-{args.env_id}-s{seed}")
+        agent = ALGORITHM_CLASSES[args.algo](args.env_id, seed=seed, **overrides)
+        steps, reset = args.steps, True
+        if not isinstance(steps, int) or steps < agent.config.batch_size:
+            agent.learn(steps)  # the step-budget error, before writing anything
+        agent.save(out)  # config.json and an initial checkpoint before any work
+    stop = _StopOnSignal()
+    try:
+        agent.learn(steps, out_dir=out, progress_bar=not args.no_progress, reset=reset, callback=stop.callback)
+    finally:
+        stop.restore()
+    if stop.signum is not None:
+        name = signal.Signals(stop.signum).name
+        print(f"natpg train: stopped by {name} after {agent.env_steps} environment steps; checkpoint saved to "
+              f"{out} (continue with --resume {out})", file=sys.stderr)
+        return 128 + stop.signum
     print(f"trained {args.algo} on {args.env_id} for {agent.env_steps} steps; recent return "
           f"{agent.recent_return():.1f}; saved to {out}")
     return 0
+
+
+def _resume(args: argparse.Namespace, overrides: dict[str, Any]):
+    from .agent import load
+    from .checkpoint import checkpoint_file
+
+    file = checkpoint_file(args.resume)
+    if not os.path.isfile(file):
+        raise ValueError(f"--resume {args.resume!r}: not a natpg run (no checkpoint {file!r}); start one with "
+                         f"natpg train ALGO ENV_ID --out DIR")
+    if overrides:
+        raise ValueError(f"--resume continues a run with its recorded config; settings cannot change it "
+                         f"(got {sorted(overrides)})")
+    agent = load(args.resume)
+    if (agent.algorithm, agent.env_id) != (args.algo, args.env_id):
+        raise ValueError(f"--resume {args.resume!r}: that run is {agent.algorithm} on {agent.env_id}, not "
+                         f"{args.algo} on {args.env_id}")
+    if args.seed is not None and args.seed != agent.seed:
+        raise ValueError(f"--resume {args.resume!r}: that run has seed {agent.seed}, not {args.seed}")
+    return agent
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM end training at the next iteration boundary, where the state is consistent: learn then
+    writes its final checkpoint and returns. A second signal interrupts at once (the last periodic checkpoint
+    stays)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def callback(self, agent, row) -> bool:
+        return self.signum is None
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -123,11 +205,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .rollout import NonFiniteEnvError
+    from .train import TrainingFault
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors (already printed) and --help
+        return exc.code if isinstance(exc.code, int) else 2
     handler = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "bench": cmd_bench}[args.command]
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, FileNotFoundError, ImportError, TrainingFault, NonFiniteEnvError) as exc:
         print(f"natpg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
