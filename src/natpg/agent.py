@@ -52,6 +52,10 @@ class Agent:
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         config = default_config(self.algorithm, env_family(env)).override(**overrides).validate()
+        if config.distributed.sampler == "ray":
+            from .distributed import check_ray_installed
+
+            check_ray_installed()
         self._build(env, seed, config, *probe_spaces(env))
 
     def _build(self, env_id: str, seed: int, config: Config, observation_space: gym.Space,
@@ -108,10 +112,7 @@ class Agent:
         n_updates = total_steps // batch
         if reset or self._sampler is None:
             self._close_sampler()
-            envs = make_vec_env(self.env_id, self.config.env.n_envs, self.config.env.vectorization,
-                                self.config.env.n_workers)
-            self._sampler = Sampler(envs, self.obs_normalizer, self.reward_scaler, self.seed + self.updates,
-                                    self.device, self.generator, self.config.env.nonfinite_env)
+            self._sampler = self._make_sampler(self.seed + self.updates)
             if not reset and self._saved_sampler is not None:
                 self._sampler.load_state_dict(self._saved_sampler)
         self._saved_sampler = None
@@ -136,7 +137,8 @@ class Agent:
                        "ep_return_mean": self.recent_return(), "ep_length_mean": _mean(self._sampler.recent_lengths),
                        "episodes": self._sampler.episodes, "wall_s": self.train_wall_s,
                        "steps_per_s": (self.env_steps - steps_at_start) / max(wall, 1e-9),
-                       "faults/consecutive": self.consecutive_faults, **stats}
+                       "faults/consecutive": self.consecutive_faults, **stats,
+                       **getattr(self._sampler, "log_stats", dict)()}
                 if self.updates % run.log_interval == 0 or fault:
                     logger.record(row)
                 if self.consecutive_faults >= run.max_consecutive_faults:
@@ -154,6 +156,20 @@ class Agent:
         if out_dir:
             self.save(out_dir)
         return self
+
+    def _make_sampler(self, seed: int):
+        """The sampler chosen by ``config.distributed.sampler``: 'local' (one vector env here), 'ray' (Ray
+        actors) or 'workers' (the Ray worker code in this process); copy i is seeded ``seed + i`` in all three."""
+        kind = self.config.distributed.sampler
+        if kind != "local":
+            from .distributed import make_sampler
+
+            return make_sampler(kind, self.env_id, self.config, seed, self.obs_normalizer, self.reward_scaler,
+                                self.device)
+        envs = make_vec_env(self.env_id, self.config.env.n_envs, self.config.env.vectorization,
+                            self.config.env.n_workers)
+        return Sampler(envs, self.obs_normalizer, self.reward_scaler, seed, self.device, self.generator,
+                       self.config.env.nonfinite_env)
 
     def recent_return(self) -> float:
         """Mean undiscounted return of the last (up to) 100 finished training episodes."""

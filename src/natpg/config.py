@@ -16,6 +16,7 @@ ALGORITHMS = ("npg", "trpo", "acktr", "nac", "ppo", "vpg")
 FISHERS = ("cg", "dense", "kfac", "diagonal", "empirical", "identity")
 STEP_RULES = ("fixed", "adam", "kl", "linesearch", "kfac_clip", "ppo_clip")
 CRITIC_OPTIMIZERS = ("adam", "kfac")
+SAMPLERS = ("local", "ray", "workers")
 
 
 @dataclass
@@ -152,9 +153,27 @@ class RunConfig:
     non-finite gradient, direction, step, loss or parameter (each skip leaves the parameters untouched)."""
 
 
+@dataclass
+class DistributedConfig:
+    sampler: str = "local"
+    """Who steps the environments: 'local' (one vector env in this process), 'ray' (the n_envs copies split
+    over `workers` Ray actors) or 'workers' (the Ray sampler's worker code run in this process, one worker
+    after the other: its reference). With 'ray'/'workers' the normaliser statistics are frozen during an
+    iteration and updated afterwards (docs/distributed.md)."""
+    workers: int = 1
+    """Rollout workers of the 'ray' and 'workers' samplers (at most n_envs); worker 0 holds the first copies."""
+    ray_address: str | None = None
+    """Ray cluster to join: None (use the Ray instance already started in this process, or start a local
+    one), 'auto' (the cluster this machine belongs to, after `ray start`) or 'HOST:PORT'."""
+    worker_timeout: float = 300.0
+    """Seconds a Ray worker may take to start or to return one rollout before it counts as failed and is
+    replaced (its share of the iteration then runs again on the replacement)."""
+
+
 SECTIONS = {
     "env": EnvConfig, "rollout": RolloutConfig, "advantage": AdvantageConfig, "policy": PolicyConfig,
     "critic": CriticConfig, "curvature": CurvatureConfig, "step": StepConfig, "run": RunConfig,
+    "distributed": DistributedConfig,
 }
 
 
@@ -169,6 +188,7 @@ class Config:
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
     step: StepConfig = field(default_factory=StepConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @staticmethod
     def field_index() -> dict[str, str]:
@@ -293,6 +313,18 @@ class Config:
         need(isinstance(run.checkpoint_every, int) and not isinstance(run.checkpoint_every, bool)
              and run.checkpoint_every >= 0,
              f"checkpoint_every must be an integer ≥ 0, got {run.checkpoint_every!r}")
+        d = self.distributed
+        choice("sampler", d.sampler, SAMPLERS)
+        pos_int("workers", d.workers)
+        if isinstance(d.workers, int) and isinstance(e.n_envs, int):
+            need(d.workers <= e.n_envs, f"workers ({d.workers}) must be at most n_envs ({e.n_envs}): each worker "
+                                        f"steps at least one environment copy")
+            need(d.workers == 1 or d.sampler != "local",
+                 f"workers={d.workers} needs sampler='ray' (or 'workers', its in-process reference)")
+        need(d.ray_address is None or (isinstance(d.ray_address, str) and d.ray_address.strip() != ""),
+             f"ray_address must be None, 'auto' or 'HOST:PORT', got {d.ray_address!r}")
+        need(d.ray_address is None or d.sampler == "ray", "ray_address needs sampler='ray'")
+        pos_num("worker_timeout", d.worker_timeout)
         if problems:
             raise ValueError("invalid settings:\n  " + "\n  ".join(problems))
         return self

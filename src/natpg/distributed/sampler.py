@@ -1,0 +1,307 @@
+"""Samplers that split the environment copies over rollout workers: in-process (the reference) or on Ray.
+
+Both present the interface of ``natpg.rollout.Sampler`` that training uses (``collect(policy, n_steps)``,
+``recent_returns``, ``recent_lengths``, ``episodes``, ``total_steps``, ``close``). One iteration:
+
+1. the learner sends every worker the policy weights (``state_dict`` as CPU tensors) and the statistics
+   of the observation normaliser and the reward scaler;
+2. each worker steps its copies ``n_steps`` times with its own policy copy and its own generator, the
+   statistics frozen for the whole rollout;
+3. the rollouts come back and are concatenated along the copy axis in worker order (worker 0's copies
+   first), so copy i of the batch is the global copy i, seeded ``seed + i`` as in the local sampler;
+4. the learner updates the statistics from the raw observations (and discounted returns) the workers
+   saw, one sampler step at a time over all copies, and keeps the episode statistics.
+
+Unlike the local sampler, which updates the observation statistics before every step, the statistics
+change once per iteration here; with the same seed and number of workers, ``sampler='ray'`` and
+``sampler='workers'`` give identical batches (docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..envs import ObsNormalizer, RewardScaler
+from ..rollout import Rollout
+from .workers import RolloutWorker, WorkerResult, WorkerSpec, generator_seed
+
+RAY_INSTALL_HINT = "pip install 'natpg[ray]'"
+
+
+def require_ray():
+    """Import Ray, or raise an ImportError that says how to install it."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ImportError(f"sampler='ray' needs Ray, an optional dependency of natpg: {RAY_INSTALL_HINT} "
+                          f"(or pip install 'ray>=2.9')") from exc
+    return ray
+
+
+def check_ray_installed() -> None:
+    """Raise the install hint if Ray cannot be imported (without importing it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ImportError(f"sampler='ray' needs Ray, an optional dependency of natpg: {RAY_INSTALL_HINT}")
+
+
+class WorkerFailure(RuntimeError):
+    """A rollout worker died (or did not answer in time) again after being replaced."""
+
+
+def split(n_envs: int, workers: int) -> list[int]:
+    """Copies per worker: as even as possible, the first ``n_envs % workers`` workers one more."""
+    if not 1 <= workers <= n_envs:
+        raise ValueError(f"workers must be between 1 and n_envs={n_envs}, got {workers}")
+    return [n_envs // workers + (1 if w < n_envs % workers else 0) for w in range(workers)]
+
+
+class DistributedSampler:
+    """Common part of the worker samplers: the specs of the workers, the merge, the statistics.
+
+    ``obs_normalizer`` and ``reward_scaler`` are the learner's (saved with the model); the workers only
+    ever normalise with a frozen copy of their statistics. ``seed`` seeds the copies (global copy i gets
+    ``seed + i``); worker w samples actions with a generator seeded from ``(seed, w)``.
+    """
+
+    def __init__(self, env_id: str, config, seed: int, obs_normalizer: ObsNormalizer,
+                 reward_scaler: RewardScaler, device: torch.device):
+        e, p = config.env, config.policy
+        self.env_id, self.seed, self.device = env_id, seed, torch.device(device)
+        self.obs_norm, self.rew_scale = obs_normalizer, reward_scaler
+        self.n_envs = e.n_envs
+        self.n_workers = config.distributed.workers
+        self.sizes = split(self.n_envs, self.n_workers)
+        self.offsets = np.cumsum([0, *self.sizes[:-1]]).tolist()
+        self._spec_args = dict(env_id=env_id, hidden=tuple(p.hidden), activation=p.activation,
+                               log_std_init=float(p.log_std_init), obs_clip=e.obs_clip,
+                               normalize_obs=e.normalize_obs, gamma=config.advantage.gamma,
+                               reward_clip=e.reward_clip, normalize_reward=e.normalize_reward,
+                               nonfinite=e.nonfinite_env, torch_threads=config.run.torch_threads)
+        self.restarts = [0] * self.n_workers  # replacements per worker
+        self.recent_returns: deque[float] = deque(maxlen=100)
+        self.recent_lengths: deque[int] = deque(maxlen=100)
+        self.episodes = 0
+        self.total_steps = 0
+        self.steps = 0
+        self.dropped = 0
+
+    def spec(self, w: int) -> WorkerSpec:
+        """The spec of worker w; its r-th replacement seeds its copies ``seed + i + r·n_envs`` (fresh
+        episodes, no seed shared with any other copy) and its generator from ``(seed, w, r)``."""
+        r = self.restarts[w]
+        return WorkerSpec(offset=self.offsets[w], n_envs=self.sizes[w],
+                          reset_seed=self.seed + self.offsets[w] + r * self.n_envs,
+                          generator_seed=generator_seed(self.seed, w, r), **self._spec_args)
+
+    @property
+    def worker_restarts(self) -> int:
+        return sum(self.restarts)
+
+    def log_stats(self) -> dict[str, Any]:
+        """Columns for the progress log."""
+        return {"sampler/workers": self.n_workers, "sampler/worker_restarts": self.worker_restarts}
+
+    # --- one iteration ----------------------------------------------------------------------------
+    def collect(self, policy: torch.nn.Module, n_steps: int) -> Rollout:
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in policy.state_dict().items()}
+        obs_stats = self.obs_norm.rms.state_dict() if self.obs_norm.enabled else None
+        reward_stats = self.rew_scale.rms.state_dict() if self.rew_scale.enabled else None
+        results = self._run(weights, obs_stats, reward_stats, n_steps)
+        return self._merge(results, n_steps)
+
+    def _run(self, weights, obs_stats, reward_stats, n_steps: int) -> list[WorkerResult]:
+        raise NotImplementedError
+
+    def _merge(self, results: list[WorkerResult], n_steps: int) -> Rollout:
+        results = sorted(results, key=lambda r: r.worker)
+        rolls = [r.rollout for r in results]
+        cat = lambda name: torch.cat([getattr(x, name) for x in rolls], dim=1).to(self.device)  # noqa: E731
+        valid = None
+        if any(x.valid is not None for x in rolls):
+            valid = torch.cat([x.valid if x.valid is not None else torch.ones_like(x.rew, dtype=torch.bool)
+                               for x in rolls], dim=1).to(self.device)
+        rollout = Rollout(obs=cat("obs"), act=cat("act"), rew=cat("rew"), terminated=cat("terminated"),
+                          truncated=cat("truncated"), next_obs=cat("next_obs"), valid=valid)
+        # Statistics: step by step over all copies, as one sampler updating once per step would.
+        if self.obs_norm.enabled and not self.obs_norm.frozen:
+            raw = np.concatenate([r.raw_obs for r in results], axis=1)
+            for t in range(raw.shape[0]):
+                self.obs_norm.rms.update(raw[t])
+        if self.rew_scale.enabled:
+            ret = np.concatenate([r.returns for r in results], axis=1)
+            ok = np.concatenate([r.returns_valid for r in results], axis=1)
+            for t in range(ret.shape[0]):
+                if ok[t].any():
+                    self.rew_scale.rms.update(ret[t][ok[t]])
+        finished = sorted(((t, r.worker, k, ret, length) for r in results
+                           for k, (t, ret, length) in enumerate(r.episodes)))
+        for _, _, _, ret, length in finished:
+            self.recent_returns.append(float(ret))
+            self.recent_lengths.append(int(length))
+        self.episodes += len(finished)
+        self.dropped += sum(r.dropped for r in results)
+        self.total_steps += rollout.num_steps
+        self.steps += n_steps
+        return rollout
+
+    # --- resume (statistics only: remote environments are not snapshot) ----------------------------
+    def state_dict(self) -> dict[str, Any]:
+        reason = f"the environments of sampler {type(self).__name__} live in its workers and are not snapshot"
+        return {"n_envs": self.n_envs, "recent_returns": list(self.recent_returns),
+                "recent_lengths": list(self.recent_lengths), "episodes": self.episodes,
+                "total_steps": self.total_steps, "steps": self.steps, "dropped": self.dropped,
+                "env_states": None, "env_state_error": reason}
+
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        import warnings
+
+        if state["n_envs"] != self.n_envs:
+            raise ValueError(f"saved sampler state has {state['n_envs']} environment copies, this run {self.n_envs}")
+        self.recent_returns.extend(float(x) for x in state["recent_returns"])
+        self.recent_lengths.extend(int(x) for x in state["recent_lengths"])
+        self.episodes, self.total_steps = int(state["episodes"]), int(state["total_steps"])
+        self.steps, self.dropped = int(state["steps"]), int(state["dropped"])
+        warnings.warn("resuming with freshly reset environments in the rollout workers, so the continuation "
+                      "is not bit-exact", RuntimeWarning, stacklevel=2)
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+class WorkerSampler(DistributedSampler):
+    """The reference: the same ``RolloutWorker`` code as the Ray sampler, run one worker after the other
+    in this process (``sampler='workers'``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.workers = [RolloutWorker(self.spec(w), w) for w in range(self.n_workers)]
+
+    def _run(self, weights, obs_stats, reward_stats, n_steps: int) -> list[WorkerResult]:
+        return [w.collect(weights, obs_stats, reward_stats, n_steps) for w in self.workers]
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.close()
+        self.workers = []
+
+
+class RaySampler(DistributedSampler):
+    """Each worker is a Ray actor (one CPU each) holding its share of the copies (``sampler='ray'``).
+
+    ``address``: None connects to the Ray instance already initialised in this process, or starts a
+    local one; 'auto' or 'HOST:PORT' joins a running cluster. A worker that dies, or does not answer
+    within ``timeout`` seconds, is killed and replaced by a fresh actor (fresh episodes, see ``spec``)
+    and its share of the iteration is run again on the replacement; a second failure of the same share
+    in one iteration raises ``WorkerFailure``. Errors raised inside the worker (a non-finite observation,
+    a bug in the environment) are not faults of the worker and propagate as they are.
+    """
+
+    retries = 1  # re-runs of a failed worker's share per iteration
+
+    def __init__(self, *args: Any, address: str | None = None, timeout: float = 300.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        ray = self.ray = require_ray()
+        self.timeout = float(timeout)
+        if not ray.is_initialized():
+            if address is None:
+                ray.init(num_cpus=max(os.cpu_count() or 1, self.n_workers), include_dashboard=False)
+            else:
+                ray.init(address=address)
+        self._actor_class = ray.remote(num_cpus=1, max_restarts=0)(RolloutWorker)
+        self.actors = [self._start(w) for w in range(self.n_workers)]
+        self._wait_started(list(range(self.n_workers)))
+
+    def _start(self, w: int):
+        return self._actor_class.remote(self.spec(w), w)
+
+    def _wait_started(self, which: list[int]) -> None:
+        refs = {self.actors[w].ready.remote(): w for w in which}
+        ready, pending = self.ray.wait(list(refs), num_returns=len(refs), timeout=self.timeout)
+        try:
+            self.ray.get(ready)
+        except self.ray.exceptions.RayTaskError as exc:
+            self.close()
+            raise exc.as_instanceof_cause() from None
+        except self.ray.exceptions.RayActorError as exc:
+            self.close()
+            raise WorkerFailure(f"a rollout worker died while starting: {exc}") from None
+        if pending:
+            cpus = self.ray.available_resources().get("CPU", 0)
+            self.close()
+            raise WorkerFailure(f"rollout workers {sorted(refs[r] for r in pending)} did not start within "
+                                f"worker_timeout={self.timeout:g} s (each needs 1 CPU; the cluster has {cpus:g} "
+                                f"CPUs free)")
+
+    def _replace(self, w: int) -> None:
+        try:
+            self.ray.kill(self.actors[w], no_restart=True)
+        except Exception:  # already gone
+            pass
+        self.restarts[w] += 1
+        self.actors[w] = self._start(w)
+
+    def _run(self, weights, obs_stats, reward_stats, n_steps: int) -> list[WorkerResult]:
+        ray = self.ray
+        args = (ray.put(weights), obs_stats, reward_stats, n_steps)
+        pending: dict[Any, tuple[int, int, float]] = {}  # ref → (worker, attempt, deadline)
+
+        def submit(w: int, attempt: int) -> None:
+            pending[self.actors[w].collect.remote(*args)] = (w, attempt, time.monotonic() + self.timeout)
+
+        def failed(w: int, attempt: int, why: str) -> None:
+            self._replace(w)
+            if attempt >= self.retries:
+                raise WorkerFailure(f"rollout worker {w} failed {attempt + 1} times in one iteration "
+                                    f"(last: {why}); giving up")
+            submit(w, attempt + 1)
+
+        for w in range(self.n_workers):
+            submit(w, 0)
+        results: list[WorkerResult] = []
+        while pending:
+            wait_s = max(0.0, min(d for _, _, d in pending.values()) - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
+            for ref in ready:
+                w, attempt, _ = pending.pop(ref)
+                try:
+                    results.append(ray.get(ref))
+                except ray.exceptions.RayTaskError as exc:  # raised by the environment or natpg code
+                    raise exc.as_instanceof_cause() from None
+                except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
+                        ray.exceptions.WorkerCrashedError) as exc:
+                    failed(w, attempt, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            now = time.monotonic()
+            for ref, (w, attempt, deadline) in list(pending.items()):
+                if deadline <= now and ref not in ready:
+                    del pending[ref]
+                    failed(w, attempt, f"no answer within worker_timeout={self.timeout:g} s")
+        return results
+
+    def close(self) -> None:
+        for actor in getattr(self, "actors", []):
+            try:
+                self.ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
+        self.actors = []
+
+
+def make_sampler(kind: str, env_id: str, config, seed: int, obs_normalizer: ObsNormalizer,
+                 reward_scaler: RewardScaler, device: torch.device):
+    """The ``sampler='workers'`` or ``sampler='ray'`` sampler for a run (``config.distributed``)."""
+    d = config.distributed
+    if kind == "workers":
+        return WorkerSampler(env_id, config, seed, obs_normalizer, reward_scaler, device)
+    if kind == "ray":
+        return RaySampler(env_id, config, seed, obs_normalizer, reward_scaler, device,
+                          address=d.ray_address, timeout=d.worker_timeout)
+    raise ValueError(f"unknown sampler {kind!r}; valid: 'local', 'workers', 'ray'")

@@ -1,0 +1,166 @@
+"""A rollout worker: a share of the environment copies, its own policy copy, frozen normalisers.
+
+``RolloutWorker`` is plain Python (no Ray): the Ray sampler wraps it in an actor with ``ray.remote``,
+the in-process reference sampler (``sampler='workers'``) calls it directly, so both run the same code
+and, given the same seed and number of workers, produce the same batches bit for bit.
+
+Each call of ``collect`` receives the learner's policy weights and normaliser statistics, steps the
+worker's copies ``n_steps`` times with the normalisers frozen, and returns the rollout together with what
+the learner needs to update its statistics (the raw observations the policy saw, the discounted returns
+the reward scaler tracked) and the episodes that finished, each tagged with the sampler step it ended at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..envs import ObsNormalizer, RewardScaler, make_vec_env
+from ..policies import make_policy
+from ..rollout import Rollout, Sampler
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs to build itself; plain data, cheap to ship to a remote machine."""
+
+    env_id: str
+    offset: int
+    """Global index of the worker's first environment copy (worker 0's copies come first)."""
+    n_envs: int
+    """Number of copies this worker steps."""
+    reset_seed: int
+    """Seed of the worker's first copy; copy j of the worker is seeded ``reset_seed + j``."""
+    generator_seed: int
+    """Seed of the worker's torch.Generator for action sampling."""
+    hidden: tuple
+    activation: str
+    log_std_init: float
+    obs_clip: float
+    normalize_obs: bool
+    gamma: float
+    reward_clip: float
+    normalize_reward: bool
+    nonfinite: str = "raise"
+    torch_threads: int = 1
+
+
+def generator_seed(seed: int, worker: int, restart: int = 0) -> int:
+    """The action-sampling seed of worker ``worker`` (its ``restart``-th replacement), from the run seed."""
+    return int(np.random.SeedSequence([seed, worker, restart]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class RecordingObsNormalizer(ObsNormalizer):
+    """Normalises with statistics set from outside and never updated here; records the raw observations
+    it was asked to normalise-and-update (one array [n_envs, D] per sampler step) for the learner."""
+
+    def __init__(self, shape: tuple[int, ...], clip: float, enabled: bool = True):
+        super().__init__(shape, clip, enabled)
+        self.frozen = True
+        self.seen: list[np.ndarray] = []
+
+    def __call__(self, obs: np.ndarray, update: bool = True) -> np.ndarray:
+        if self.enabled and update:
+            self.seen.append(np.array(obs, np.float64))
+        return self.normalize(obs)
+
+
+class RecordingRewardScaler(RewardScaler):
+    """Like ``RewardScaler`` but with statistics frozen for the iteration: keeps the per-copy discounted
+    returns, scales by the statistics set from outside, and records the returns (and which copies were
+    valid) so that the learner can update the shared statistics afterwards."""
+
+    def __init__(self, n_envs: int, gamma: float, clip: float, enabled: bool = False):
+        super().__init__(n_envs, gamma, clip, enabled)
+        self.seen: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def __call__(self, rew: np.ndarray, done: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+        if not self.enabled:
+            return rew
+        self.ret = self.ret * self.gamma + rew
+        ok = np.ones(len(self.ret), bool) if valid is None else np.asarray(valid, bool).copy()
+        self.seen.append((self.ret.copy(), ok))
+        self.ret[done] = 0.0
+        return np.clip(rew / np.sqrt(self.rms.var + 1e-8), -self.clip, self.clip)
+
+
+class _StepTagged(list):
+    """Stands in for the sampler's recent-episode deque: records (step of this rollout, value) of each
+    finished episode, so that the learner can merge the workers' episodes in the order one sampler would
+    have (by step, then by copy)."""
+
+    def __init__(self, sampler: Sampler):
+        super().__init__()
+        self.sampler, self.start = sampler, sampler.steps
+
+    def append(self, value) -> None:  # the sampler appends in copy order within a step
+        super().append((self.sampler.steps - self.start, value))
+
+
+@dataclass
+class WorkerResult:
+    """What one worker returns from ``collect`` (CPU tensors and numpy arrays only)."""
+
+    worker: int
+    rollout: Rollout
+    raw_obs: np.ndarray | None
+    """[T, n, D] float64: the raw observations the policy saw (None when observation normalisation is off)."""
+    returns: np.ndarray | None
+    """[T, n] float64: the reward scaler's discounted returns per step (None when reward scaling is off)."""
+    returns_valid: np.ndarray | None
+    """[T, n] bool: which of those returns enter the statistics (copies not dropped that step)."""
+    episodes: list[tuple[int, float, int]]
+    """(step of this rollout, return, length) of every episode that finished, in the order they finished."""
+    dropped: int
+    """Episodes ended this iteration for a non-finite observation or reward."""
+
+
+class RolloutWorker:
+    """Steps ``spec.n_envs`` copies of the environment (copy j seeded ``spec.reset_seed + j``) with a local
+    policy copy; ``collect`` is the only thing the learner calls each iteration."""
+
+    def __init__(self, spec: WorkerSpec, worker: int):
+        torch.set_num_threads(spec.torch_threads)
+        self.spec, self.worker = spec, worker
+        envs = make_vec_env(spec.env_id, spec.n_envs, "sync")
+        obs_dim = int(np.prod(envs.single_observation_space.shape))
+        self.obs_norm = RecordingObsNormalizer((obs_dim,), spec.obs_clip, spec.normalize_obs)
+        self.rew_scale = RecordingRewardScaler(spec.n_envs, spec.gamma, spec.reward_clip, spec.normalize_reward)
+        self.generator = torch.Generator().manual_seed(spec.generator_seed)
+        self.sampler = Sampler(envs, self.obs_norm, self.rew_scale, spec.reset_seed, torch.device("cpu"),
+                               self.generator, spec.nonfinite)
+        self.policy = make_policy(envs.single_observation_space, envs.single_action_space, spec.hidden,
+                                  spec.activation, spec.log_std_init)
+
+    def ready(self) -> int:
+        """The worker's index (a cheap call to wait for the actor to have started)."""
+        return self.worker
+
+    @torch.no_grad()
+    def collect(self, weights: dict[str, torch.Tensor], obs_stats: dict[str, Any] | None,
+                reward_stats: dict[str, Any] | None, n_steps: int) -> WorkerResult:
+        """One rollout of ``n_steps`` steps with the given policy weights and (frozen) normaliser statistics."""
+        self.policy.load_state_dict(weights)
+        if obs_stats is not None:
+            self.obs_norm.rms.load_state_dict(obs_stats)
+        if reward_stats is not None:
+            self.rew_scale.rms.load_state_dict(reward_stats)
+        self.obs_norm.seen, self.rew_scale.seen = [], []
+        s = self.sampler
+        s.recent_returns, s.recent_lengths = _StepTagged(s), _StepTagged(s)
+        dropped_before = s.dropped
+        rollout = s.collect(self.policy, n_steps)
+        raw = np.stack(self.obs_norm.seen) if self.obs_norm.seen else None
+        if self.rew_scale.seen:
+            returns = np.stack([r for r, _ in self.rew_scale.seen])
+            returns_valid = np.stack([v for _, v in self.rew_scale.seen])
+        else:
+            returns = returns_valid = None
+        episodes = [(t, ret, length) for (t, ret), (_, length) in zip(s.recent_returns, s.recent_lengths)]
+        return WorkerResult(self.worker, rollout, raw, returns, returns_valid, episodes, s.dropped - dropped_before)
+
+    def close(self) -> None:
+        self.sampler.close()
