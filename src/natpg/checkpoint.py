@@ -110,8 +110,16 @@ def write(path: str, meta: dict[str, Any], tensors: dict[str, Any]) -> str:
 
 
 def write_json(file: str, obj: Any) -> None:
-    """Write a JSON file atomically (same temp-file-and-rename discipline as the checkpoint)."""
-    _atomic_write(file, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+    """Write a JSON file atomically (same temp-file-and-rename discipline as the checkpoint); a file that
+    already holds exactly this content is left alone."""
+    data = json.dumps(obj, indent=2).encode()
+    try:
+        with open(file, "rb") as f:
+            if f.read() == data:
+                return
+    except OSError:
+        pass
+    _atomic_write(file, lambda f: f.write(data))
 
 
 def read(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
