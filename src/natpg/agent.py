@@ -113,7 +113,7 @@ class Agent:
         if reset or self._sampler is None:
             self._close_sampler()
             self._sampler = self._make_sampler(self.seed + self.updates)
-            if not reset and self._saved_sampler is not None:
+            if not reset and self._saved_sampler is not None and hasattr(self._sampler, "load_state_dict"):
                 self._sampler.load_state_dict(self._saved_sampler)
         self._saved_sampler = None
         self.obs_normalizer.frozen = False
@@ -228,7 +228,7 @@ class Agent:
             "env_steps": self.env_steps, "updates": self.updates,
             "consecutive_faults": self.consecutive_faults, "train_wall_s": self.train_wall_s,
             # Everything needed to continue bit-exactly (learn(..., reset=False) after load; CLI --resume):
-            "sampler": self._sampler.state_dict() if self._sampler is not None else self._saved_sampler,
+            "sampler": self._sampler_state(),
         }
         tensors = {"policy": self.policy.state_dict(), "critic": self.critic.state_dict(),
                    "critic_optimizer": self.critic.optimizer.state_dict(),
@@ -240,6 +240,13 @@ class Agent:
                                   {"algorithm": self.algorithm, "env_id": self.env_id, "seed": self.seed,
                                    **self.config.to_dict()})
         return file
+
+    def _sampler_state(self) -> dict[str, Any] | None:
+        """The sampler's resume state (None for a sampler that cannot save one: resume then resets the envs)."""
+        if self._sampler is None:
+            return self._saved_sampler
+        state_dict = getattr(self._sampler, "state_dict", None)
+        return state_dict() if state_dict is not None else None
 
     def _stateful_update_parts(self) -> dict[str, Any]:
         """Parts of the actor update that carry state across updates and can save it (``state_dict``)."""

@@ -38,6 +38,9 @@ def check_spaces(observation_space: gym.Space, action_space: gym.Space) -> None:
         raise ValueError(f"unsupported observation space {observation_space}; supported {SUPPORTED}")
     if not isinstance(action_space, (gym.spaces.Box, gym.spaces.Discrete)):
         raise ValueError(f"unsupported action space {action_space}; supported {SUPPORTED}")
+    if isinstance(action_space, gym.spaces.Discrete) and int(action_space.start) != 0:
+        raise ValueError(f"unsupported action space {action_space}: Discrete actions must start at 0; "
+                         f"supported {SUPPORTED}")
 
 
 def probe_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
