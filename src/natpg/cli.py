@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set max_kl=0.02 --set hidden=[64,64]")
     t.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    t.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="split the environment copies over N rollout workers; N > 1 samples on Ray "
+                        "(sampler=ray, unless --set sampler=... says otherwise; docs/distributed.md)")
+    t.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster to sample on: 'auto' (after `ray start`) or HOST:PORT (default: a local "
+                        "Ray instance); implies sampler=ray")
     t.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run in DIR (its recorded config, checkpoint, generators and environment "
                         "state) until it has --steps steps in all; bit-exact for classic-control and MuJoCo tasks")
@@ -91,9 +97,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.algo not in ALGORITHM_CLASSES:
         raise ValueError(f"unknown algorithm {args.algo!r}; valid: {', '.join(sorted(ALGORITHM_CLASSES))}")
     overrides = dict(parse_setting(s) for s in args.settings)
-    for key, value in (("fisher", args.fisher), ("n_envs", args.n_envs), ("device", args.device)):
+    for key, value in (("fisher", args.fisher), ("n_envs", args.n_envs), ("device", args.device),
+                       ("workers", args.workers), ("ray_address", args.ray_address)):
         if value is not None:
             overrides[key] = value
+    if "sampler" not in overrides and ((args.workers or 1) > 1 or args.ray_address is not None):
+        overrides["sampler"] = "ray"
     if args.resume is not None:
         agent = _resume(args, overrides)
         out = args.out or args.resume
