@@ -13,8 +13,8 @@ scale of the returns. K-FAC approximates GN per Linear layer (s = W̄ā, W̄ = [
     GN_W̄ ≈ A ⊗ G,   A = mean ā āᵀ,   G = mean (∂V/∂s)(∂V/∂s)ᵀ,
 
 which is exact for the output layer (∂V/∂s = 1) and so for a linear critic. The damped matrix is
-(A ⊗ G + λI)/σ² (λ in the units of the σ = 1 Gauss-Newton matrix), inverted exactly in the factors'
-eigenbases. The step is ``steps.KFACClip``, the same rule as the actor's: with g = −∇ ½ mean(V − R)²/σ²,
+blockdiag((A + π√λ I) ⊗ (G + √λ/π I))/σ² — the factored Tikhonov damping of ``fisher.KFAC``, λ in the
+units of the σ = 1 Gauss-Newton matrix — inverted factor by factor (Cholesky, float64). The step is ``steps.KFACClip``, the same rule as the actor's: with g = −∇ ½ mean(V − R)²/σ²,
 d = F̂⁻¹g = (A⊗G + λI)⁻¹ ∇(−½ mean(V − R)²) is a (damped) Gauss-Newton step — η = 1 fits the
 linearised targets — and η = min(η_max, √(2δ_c / vᵀF̂v)).
 """
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .critics import ValueCritic
-from .fisher.kfac import eigh_or_diagonal
+from .fisher.kfac import pi_correction
 from .steps import KFACClip
 
 
@@ -39,15 +39,24 @@ def linear_layers(net: nn.Module) -> list[nn.Linear]:
     return layers
 
 
+def damped_factor_inverse(M: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Inverse of a damped (positive definite) factor by Cholesky in float64; its diagonal if that fails."""
+    L, info = torch.linalg.cholesky_ex(M)
+    if int(info) == 0 and bool(torch.isfinite(L).all()):
+        return torch.cholesky_inverse(L), False
+    d = torch.nan_to_num(M.diagonal(), nan=1.0).clamp_min(torch.finfo(M.dtype).tiny)
+    return torch.diag(1.0 / d), True
+
+
 class GaussNewtonKFAC:
     """K-FAC of the critic's Gauss-Newton matrix; the Curvature interface on flat vectors in ``net.parameters()``
-    order, plus ``fit(net, obs, returns)`` that also returns the log-likelihood gradient g [P]."""
+    order, plus ``fit(net, obs, returns, sigma)`` that also returns the log-likelihood gradient g [P]."""
 
     def __init__(self, damping: float = 0.01):
         self.damping = damping
         self.sigma2 = 1.0
-        self.factors: list[tuple[torch.Tensor, torch.Tensor]] = []  # (A [in+1, in+1], G [out, out]) float64
-        self._eig: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.factors: list[tuple[torch.Tensor, torch.Tensor]] = []  # undamped (A [in+1, in+1], G [out, out]), float64
+        self._damped: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # A_d, G_d, A_d⁻¹, G_d⁻¹
         self._shapes: list[tuple[int, int]] = []
         self.fallbacks = 0
         self.stats: dict[str, float] = {}
@@ -74,41 +83,42 @@ class GaussNewtonKFAC:
         B = obs.shape[0]
         self.sigma2 = sigma * sigma
         r = (V.detach() - returns) / self.sigma2  # ∂(½(V − R)²/σ²)/∂V
-        g_parts, self.factors, self._shapes = [], [], []
+        sq = self.damping**0.5
+        g_parts, self.factors, self._damped, self._shapes = [], [], [], []
         for i, m in enumerate(layers):
             a = torch.cat([inputs[i], inputs[i].new_ones(B, 1)], dim=1)  # ā [B, in+1]
             s = dV_ds[i]  # [B, out]
             W_grad = -(s * r.unsqueeze(1)).T @ a / B  # [out, in+1] = [∇W | ∇b] of the log-likelihood
             g_parts += [W_grad[:, :-1].reshape(-1), W_grad[:, -1]]
-            self.factors.append(((a.T @ a / B).double(), (s.T @ s / B).double()))
-            self._shapes.append((m.out_features, m.in_features))
-        self._eig = []
-        for A, G in self.factors:
-            QA, lamA, failA = eigh_or_diagonal(A)
-            QG, lamG, failG = eigh_or_diagonal(G)
+            A, G = (a.T @ a / B).double(), (s.T @ s / B).double()
+            pi = pi_correction(A, G)
+            A_d = A + pi * sq * torch.eye(A.shape[0], dtype=A.dtype)
+            G_d = G + sq / pi * torch.eye(G.shape[0], dtype=G.dtype)
+            (A_inv, failA), (G_inv, failG) = damped_factor_inverse(A_d), damped_factor_inverse(G_d)
             self.fallbacks += failA + failG
-            self._eig.append((QA, lamA, QG, lamG))
+            self.factors.append((A, G))
+            self._damped.append((A_d, G_d, A_inv, G_inv))
+            self._shapes.append((m.out_features, m.in_features))
         self.stats = {"critic/kfac_fallbacks": float(self.fallbacks), "critic/sigma": sigma}
         return torch.cat(g_parts).detach()
 
-    def _apply(self, v: torch.Tensor, power: int) -> torch.Tensor:
-        """((A⊗G + λI)/σ²)^power · v, layer by layer in the factors' eigenbases (float64 inside)."""
+    def _apply(self, v: torch.Tensor, inverse: bool) -> torch.Tensor:
+        """(damped K-FAC / σ²)^(±1) · v, per layer G_d V A_d / σ² or σ² G_d⁻¹ V A_d⁻¹ (float64 inside)."""
         out, i = [], 0
-        for (out_dim, in_dim), (QA, lamA, QG, lamG) in zip(self._shapes, self._eig):
+        for (out_dim, in_dim), (A_d, G_d, A_inv, G_inv) in zip(self._shapes, self._damped):
             nW = out_dim * in_dim
-            Wb = torch.cat([v[i : i + nW].view(out_dim, in_dim), v[i + nW : i + nW + out_dim].view(-1, 1)], 1)
+            V = torch.cat([v[i : i + nW].view(out_dim, in_dim), v[i + nW : i + nW + out_dim].view(-1, 1)], 1).double()
             i += nW + out_dim
-            M = QG.T @ Wb.double() @ QA  # vec(G V A) = (A ⊗ G) vec V, diagonal in these bases
-            M = M * ((lamG.unsqueeze(1) * lamA.unsqueeze(0) + self.damping) / self.sigma2) ** power
-            M = (QG @ M @ QA.T).to(v.dtype)
+            M = (G_inv @ V @ A_inv) * self.sigma2 if inverse else (G_d @ V @ A_d) / self.sigma2  # (A⊗G) vec V
+            M = M.to(v.dtype)
             out += [M[:, :-1].reshape(-1), M[:, -1]]
         return torch.cat(out)
 
     def solve(self, g: torch.Tensor) -> torch.Tensor:
-        return self._apply(g, -1)
+        return self._apply(g, inverse=True)
 
     def mv(self, v: torch.Tensor) -> torch.Tensor:
-        return self._apply(v, 1)
+        return self._apply(v, inverse=False)
 
 
 class KFACCritic(ValueCritic):

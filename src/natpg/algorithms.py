@@ -53,6 +53,8 @@ def make_curvature(cfg: Config, generator: torch.Generator | None):
         return fisher.Dense(damping=c.damping, subsample=c.fvp_subsample, generator=generator)
     if c.fisher == "identity":
         return fisher.Identity()
+    if c.fisher == "kfac":
+        return fisher.KFAC(damping=c.damping, ema_decay=c.kfac_ema_decay, generator=generator)
     approximations = {"kfac": "KFAC", "diagonal": "Diagonal", "empirical": "Empirical"}
     cls = getattr(fisher, approximations[c.fisher], None)
     if cls is None:

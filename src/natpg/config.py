@@ -105,6 +105,8 @@ class CurvatureConfig:
     """Fraction of the batch used for Fisher products, drawn once per update and kept for it."""
     cg_warm_start: bool = False
     """Start CG from the previous update's direction instead of zero."""
+    kfac_ema_decay: float = 0.95
+    """K-FAC: decay of the factors' moving average across updates (0: each update's batch alone)."""
 
 
 @dataclass
@@ -291,6 +293,8 @@ class Config:
              f"backtrack_shrink must be in (0, 1), got {s.backtrack_shrink!r}")
         pos_int("backtrack_iters", s.backtrack_iters)
         pos_num("eta_max", s.eta_max)
+        need(isinstance(k.kfac_ema_decay, (int, float)) and not isinstance(k.kfac_ema_decay, bool)
+             and 0 <= k.kfac_ema_decay < 1, f"kfac_ema_decay must be in [0, 1), got {k.kfac_ema_decay!r}")
         for name, mu in (("momentum", s.momentum), ("critic_momentum", c.critic_momentum)):
             need(isinstance(mu, (int, float)) and not isinstance(mu, bool) and 0 <= mu < 1,
                  f"{name} must be in [0, 1), got {mu!r}")

@@ -47,11 +47,22 @@ class ClippedSurrogateUpdate:
         self.target_kl, self.max_grad_norm, self.generator = target_kl, max_grad_norm, generator
         self.optimizer: torch.optim.Optimizer | None = None
         self._params: list[nn.Parameter] = []
+        self._pending: dict | None = None  # Adam state loaded before the first update
+
+    def state_dict(self) -> dict:
+        return {"adam": self.optimizer.state_dict() if self.optimizer is not None else self._pending}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending = state["adam"]
+        if self.optimizer is not None and self._pending is not None:
+            self.optimizer.load_state_dict(self._pending)
 
     def update(self, policy: nn.Module, batch: Batch) -> dict[str, Any]:
         params = list(policy.actor_parameters())
         if self.optimizer is None or [id(p) for p in params] != [id(p) for p in self._params]:
             self.optimizer, self._params = torch.optim.Adam(params, lr=self.lr, eps=1e-5), params
+            if self._pending is not None:
+                self.optimizer.load_state_dict(self._pending)
         with torch.no_grad():
             surr_before = float(surrogate(policy, batch))
         B = batch.obs.shape[0]

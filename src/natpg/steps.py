@@ -133,6 +133,12 @@ class AdamStep:
         add_flat(params, m_hat / (v_hat.sqrt() + self.eps), self.lr)
         return {"step/size": self.lr, "step/skipped": 0.0, "step/direction_norm": norm}
 
+    def state_dict(self) -> dict:
+        return {"m": self.m, "v": self.v, "t": self.t}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.m, self.v, self.t = state["m"], state["v"], int(state["t"])
+
 
 class KFACClip:
     """ACKTR (Wu et al. 2017): a momentum direction v and the trust-region length η = min(η_max, √(2δ / vᵀF̂v)).
