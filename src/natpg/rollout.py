@@ -89,7 +89,7 @@ class Sampler:
     def _nonfinite_message(self, bad: np.ndarray, rew: np.ndarray, after: np.ndarray, next_obs: np.ndarray) -> str:
         i = int(np.flatnonzero(bad)[0])
         if not np.isfinite(rew[i]):
-            what = f"reward {rew[i]!r}"
+            what = f"reward {float(rew[i])!r}"
         else:
             o = after[i] if not np.isfinite(after[i]).all() else next_obs[i]
             what = f"observation {np.array2string(o, precision=4, threshold=8)}"

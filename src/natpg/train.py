@@ -67,11 +67,27 @@ def _restore(module: nn.Module, saved: list[torch.Tensor]) -> None:
             p.copy_(s)
 
 
+def numerical_error(exc: BaseException) -> str | None:
+    """The reason, when an exception raised inside an update is a numerical fault rather than a bug: a value
+    that overflows the parameters' dtype, a distribution built from NaN/inf parameters, a failed factorisation."""
+    msg = str(exc).splitlines()[0] if str(exc) else ""
+    if isinstance(exc, torch.linalg.LinAlgError) or (isinstance(exc, RuntimeError) and "overflow" in msg) or \
+            (isinstance(exc, ValueError) and "invalid values" in str(exc)):
+        return f"{type(exc).__name__}: {msg[:200]}"
+    return None
+
+
 def guarded_actor_update(actor_update, policy: nn.Module, batch: Batch) -> dict[str, Any]:
-    """``actor_update.update(policy, batch)``, undone when it reports a fault or leaves a non-finite parameter
-    or KL behind. Always returns ``step/skipped`` (0 or 1); ``step/fault`` names the reason of a skip."""
+    """``actor_update.update(policy, batch)``, undone when it reports a fault, raises a numerical error or leaves a
+    non-finite parameter or KL behind. Always returns ``step/skipped`` (0 or 1); ``step/fault`` names the reason."""
     saved = [p.detach().clone() for p in policy.parameters()]
-    stats = actor_update.update(policy, batch)
+    try:
+        stats = actor_update.update(policy, batch)
+    except (RuntimeError, ValueError) as exc:
+        reason = numerical_error(exc)
+        if reason is None:
+            raise
+        stats = {"step/skipped": 1.0, "step/fault": f"numerical error in the actor update ({reason})"}
     fault = stats.get("step/fault") if stats.get("step/skipped") else None
     if fault is None and not _finite_module(policy):
         fault = "non-finite parameters after the step"
@@ -89,10 +105,18 @@ def guarded_critic_fit(critic: nn.Module, batch: Batch, generator: torch.Generat
     saved = [p.detach().clone() for p in critic.parameters()]
     optimizer = getattr(critic, "optimizer", None)
     saved_opt = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
-    stats = critic.fit(batch.obs, batch.ret, generator)
+    try:
+        stats = critic.fit(batch.obs, batch.ret, generator)
+    except (RuntimeError, ValueError) as exc:
+        reason = numerical_error(exc)
+        if reason is None:
+            raise
+        stats = {"critic/loss_after": float("nan"), "critic/error": reason}
     loss = float(stats.get("critic/loss_after", 0.0))
     fault = None
-    if not _finite_module(critic):
+    if "critic/error" in stats:
+        fault = f"numerical error in the critic fit ({stats.pop('critic/error')})"
+    elif not _finite_module(critic):
         fault = "non-finite critic parameters after the fit"
     elif not math.isfinite(loss):
         fault = f"non-finite critic loss ({loss!r})"

@@ -1,0 +1,813 @@
+"""Reliability and safety (issue #8): clear errors for bad input, numerical faults that never reach the
+parameters, crash-safe checkpoints, bit-exact resume, and property-based checks of the maths.
+
+docs/RELIABILITY.md lists each guarantee with the test here that shows it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, SyncVectorEnv
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import natpg
+from natpg import checkpoint
+from natpg.advantages import gae, normalize_advantages
+from natpg.cli import main as cli
+from natpg.envs import EnvStateError, ObsNormalizer, RewardScaler, env_state, set_env_state
+from natpg.fisher import CG, KFAC, Dense, Diagonal, Empirical, conjugate_gradient
+from natpg.policies import CategoricalMLP, GaussianMLP
+from natpg.rollout import NonFiniteEnvError, Rollout, Sampler
+from natpg.train import TrainingFault, make_batch
+
+SRC = Path(natpg.__file__).resolve().parent
+
+
+def small(**kw):
+    """A fast configuration: batch 2 × 16 = 32 transitions."""
+    return dict(n_envs=2, n_steps=16, tensorboard=False, hidden=(16,), critic_hidden=(16,), critic_epochs=2,
+                cg_iters=5, **kw)
+
+
+BATCH = 32
+
+
+# ------------------------------------------------------------------------------------------------------
+# Test environments
+# ------------------------------------------------------------------------------------------------------
+
+class _SpaceEnv(gym.Env):
+    """An environment with arbitrary spaces (only its spaces matter here)."""
+
+    def __init__(self, observation_space, action_space):
+        self.observation_space, self.action_space = observation_space, action_space
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), 0.0, False, False, {}
+
+
+class DriftEnv(gym.Env):
+    """A custom (neither classic-control nor MuJoCo) task: natpg cannot snapshot its state."""
+
+    observation_space = spaces.Box(-np.inf, np.inf, (2,), np.float64)
+    action_space = spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.x = self.np_random.normal(size=2)
+        return self.x.copy(), {}
+
+    def step(self, action):
+        self.x = 0.9 * self.x + (0.1 if action else -0.1) + 0.01 * self.np_random.normal(size=2)
+        return self.x.copy(), float(-abs(self.x[0])), bool(abs(self.x[0]) > 3), False, {}
+
+
+class NaNAt(gym.Wrapper):
+    """Returns a NaN observation (or reward) at the ``at``-th step of this copy, once."""
+
+    def __init__(self, env, at: int = 5, what: str = "obs"):
+        super().__init__(env)
+        self.at, self.what, self.count = at, what, 0
+
+    def step(self, action):
+        obs, rew, term, trunc, info = self.env.step(action)
+        self.count += 1
+        if self.count == self.at:
+            if self.what == "obs":
+                obs = np.full_like(obs, np.nan)
+            elif self.what == "inf_obs":
+                obs = np.full_like(obs, np.inf)
+            else:
+                rew = float("nan")
+        return obs, rew, term, trunc, info
+
+
+def _nan_cartpole(at: int = 7, what: str = "obs"):
+    from gymnasium.envs.classic_control import CartPoleEnv
+
+    return NaNAt(CartPoleEnv(), at=at, what=what)
+
+
+TEST_ENVS = {
+    "natpgtest/DictObs-v0": lambda: _SpaceEnv(spaces.Dict({"pos": spaces.Box(-1, 1, (2,))}), spaces.Discrete(2)),
+    "natpgtest/MultiBinaryAct-v0": lambda: _SpaceEnv(spaces.Box(-1, 1, (3,)), spaces.MultiBinary(3)),
+    "natpgtest/MultiDiscreteAct-v0": lambda: _SpaceEnv(spaces.Box(-1, 1, (3,)), spaces.MultiDiscrete([2, 3])),
+    "natpgtest/ShiftedDiscrete-v0": lambda: _SpaceEnv(spaces.Box(-1, 1, (3,)), spaces.Discrete(3, start=1)),
+    "natpgtest/Drift-v0": DriftEnv,
+    "natpgtest/NaNCartPole-v0": _nan_cartpole,
+}
+for _id, _entry in TEST_ENVS.items():
+    if _id not in gym.registry:
+        gym.register(id=_id, entry_point=_entry, max_episode_steps=200)
+
+
+def flat_params(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def progress_rows(run_dir) -> list[dict[str, str]]:
+    """progress.csv without its wall-clock columns."""
+    with open(os.path.join(run_dir, "progress.csv"), newline="") as f:
+        return [{k: v for k, v in r.items() if not (k.startswith("time/") or k in ("wall_s", "steps_per_s"))}
+                for r in csv.DictReader(f)]
+
+
+# ------------------------------------------------------------------------------------------------------
+# 1. Bad input: a clear error before any work, raised by natpg itself (never from deep inside)
+# ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """A saved CartPole run, a saved Pendulum run, and broken or foreign checkpoint files."""
+    root = tmp_path_factory.mktemp("artifacts")
+    cart = natpg.NPG("CartPole-v1", **small())
+    cart.save(str(root / "cart"))
+    natpg.NPG("Pendulum-v1", **small()).save(str(root / "pend"))
+    (root / "empty").mkdir()
+    (root / "logs_only").mkdir()
+    (root / "logs_only" / "progress.csv").write_text("env_steps\n32\n")
+    (root / "garbage").mkdir()
+    (root / "garbage" / "model.pt").write_bytes(b"not a checkpoint at all")
+    torch.save({"weights": torch.zeros(3)}, root / "foreign.pt")
+    meta, tensors = checkpoint.read(str(root / "cart"))
+    payload = {"format": checkpoint.FORMAT, "version": 99, "meta": json.dumps(meta), **tensors}
+    torch.save(payload, root / "future.pt")
+    checkpoint.write(str(root / "no_config.pt"), {k: v for k, v in meta.items() if k != "config"}, tensors)
+    checkpoint.write(str(root / "alien_algo.pt"), {**meta, "algorithm": "sarsa"}, tensors)
+    shrunk = dict(tensors, policy={k: v[..., :1] for k, v in tensors["policy"].items()})
+    checkpoint.write(str(root / "wrong_shapes.pt"), meta, shrunk)
+    (root / "a_file").write_text("x")
+    return {"root": root, "cart": cart}
+
+
+def _agent_cls(algorithm):
+    return type("Custom", (natpg.Agent,), {"algorithm": algorithm})
+
+
+API_CASES = [
+    ("unknown env id", lambda a: natpg.NPG("NoSuchEnv-v0"), ValueError, "unknown environment id 'NoSuchEnv-v0'"),
+    ("empty env id", lambda a: natpg.NPG(""), ValueError, "environment id must be a non-empty string"),
+    ("env id not a string", lambda a: natpg.NPG(123), ValueError, "environment id must be a non-empty string"),
+    ("Dict observations", lambda a: natpg.NPG("natpgtest/DictObs-v0"), ValueError,
+     r"unsupported observation space Dict.*supported observations: Box.*actions: Box .*Discrete"),
+    ("MultiBinary actions", lambda a: natpg.NPG("natpgtest/MultiBinaryAct-v0"), ValueError,
+     r"unsupported action space MultiBinary.*supported observations: Box"),
+    ("MultiDiscrete actions", lambda a: natpg.NPG("natpgtest/MultiDiscreteAct-v0"), ValueError,
+     r"unsupported action space MultiDiscrete.*supported"),
+    ("Discrete(start=1) actions", lambda a: natpg.NPG("natpgtest/ShiftedDiscrete-v0"), ValueError,
+     r"Discrete actions must start at 0"),
+    ("negative seed", lambda a: natpg.NPG("CartPole-v1", seed=-1), ValueError, "seed must be a non-negative integer"),
+    ("float seed", lambda a: natpg.NPG("CartPole-v1", seed=1.5), ValueError, "seed must be a non-negative integer"),
+    ("string seed", lambda a: natpg.NPG("CartPole-v1", seed="0"), ValueError, "seed must be a non-negative integer"),
+    ("negative delta", lambda a: natpg.NPG("CartPole-v1", max_kl=-0.01), ValueError,
+     "max_kl must be a finite number > 0, got -0.01"),
+    ("NaN delta", lambda a: natpg.NPG("CartPole-v1", max_kl=float("nan")), ValueError, "max_kl must be a finite number"),
+    ("zero envs", lambda a: natpg.NPG("CartPole-v1", n_envs=0), ValueError, "n_envs must be an integer ≥ 1, got 0"),
+    ("non-integer envs", lambda a: natpg.NPG("CartPole-v1", n_envs=2.5), ValueError, "n_envs must be an integer ≥ 1"),
+    ("string n_steps", lambda a: natpg.NPG("CartPole-v1", n_steps="32"), ValueError, "n_steps must be an integer ≥ 1"),
+    ("gamma out of range", lambda a: natpg.NPG("CartPole-v1", gamma=1.5), ValueError, r"gamma must be in \[0, 1\)"),
+    ("hidden not a tuple", lambda a: natpg.NPG("CartPole-v1", hidden=5), ValueError,
+     "hidden must be a tuple of positive integers"),
+    ("hidden with a zero", lambda a: natpg.NPG("CartPole-v1", hidden=(64, 0)), ValueError,
+     "hidden must be a tuple of positive integers"),
+    ("string flag", lambda a: natpg.NPG("CartPole-v1", normalize_obs="yes"), ValueError,
+     "normalize_obs must be True or False"),
+    ("unknown fisher", lambda a: natpg.NPG("CartPole-v1", fisher="bogus"), ValueError, r"fisher must be one of \['cg'"),
+    ("unknown step rule", lambda a: natpg.NPG("CartPole-v1", step="nope"), ValueError, "step must be one of"),
+    ("unknown algorithm", lambda a: _agent_cls("bogus")("CartPole-v1"), ValueError, "unknown algorithm 'bogus'"),
+    ("unknown key", lambda a: natpg.NPG("CartPole-v1", max_kll=0.1), ValueError,
+     r"unknown setting\(s\) \['max_kll'\].*max_kl"),
+    ("unknown nonfinite mode", lambda a: natpg.NPG("CartPole-v1", nonfinite_env="ignore"), ValueError,
+     r"nonfinite_env must be one of \['raise', 'drop'\]"),
+    ("zero fault budget", lambda a: natpg.NPG("CartPole-v1", max_consecutive_faults=0), ValueError,
+     "max_consecutive_faults must be an integer ≥ 1"),
+    ("unknown device", lambda a: natpg.NPG("CartPole-v1", device="tpu"), ValueError, "device must be"),
+    ("unknown config section", lambda a: natpg.Config.from_dict({"bogus": {}}), ValueError,
+     r"unknown config section\(s\) \['bogus'\]"),
+    ("budget below one batch", lambda a: a["cart"].learn(10), ValueError,
+     r"total_steps must be an integer ≥ one batch \(2 envs × 16 steps = 32\), got 10"),
+    ("float budget", lambda a: a["cart"].learn(64.0), ValueError, "total_steps must be an integer"),
+    ("out_dir is a file", lambda a: a["cart"].learn(BATCH, out_dir=str(a["root"] / "a_file")), ValueError,
+     "exists and is not a directory"),
+    ("predict wrong shape", lambda a: a["cart"].predict(np.zeros(5)), ValueError,
+     r"observation of shape \(5,\) does not match the policy's observation shape \(4,\)"),
+    ("predict wrong batch shape", lambda a: a["cart"].predict(np.zeros((2, 3))), ValueError,
+     r"observation of shape \(2, 3\) does not match"),
+    ("predict non-numeric", lambda a: a["cart"].predict("abc"), ValueError, "observation must be numeric"),
+    ("predict NaN", lambda a: a["cart"].predict(np.array([0.0, np.nan, 0.0, 0.0])), ValueError,
+     "observation contains non-finite values"),
+    ("load missing", lambda a: natpg.load(str(a["root"] / "missing")), FileNotFoundError, "no natpg checkpoint"),
+    ("load directory without model.pt", lambda a: natpg.load(str(a["root"] / "empty")), FileNotFoundError,
+     "no natpg checkpoint .*directory without model.pt"),
+    ("load non-path", lambda a: natpg.load(123), ValueError, "must be a run directory or a .pt checkpoint"),
+    ("load garbage", lambda a: natpg.load(str(a["root"] / "garbage")), ValueError,
+     "not a readable natpg checkpoint"),
+    ("load foreign torch file", lambda a: natpg.load(str(a["root"] / "foreign.pt")), ValueError,
+     "is not a natpg checkpoint"),
+    ("load future version", lambda a: natpg.load(str(a["root"] / "future.pt")), ValueError,
+     r"checkpoint version 99; this natpg reads versions \[1, 2\]"),
+    ("load checkpoint without config", lambda a: natpg.load(str(a["root"] / "no_config.pt")), ValueError,
+     "lacks the entry 'config'"),
+    ("load unknown algorithm", lambda a: natpg.load(str(a["root"] / "alien_algo.pt")), ValueError,
+     "algorithm 'sarsa', unknown to this natpg"),
+    ("load tensors that do not fit", lambda a: natpg.load(str(a["root"] / "wrong_shapes.pt")), ValueError,
+     "inconsistent with its recorded config"),
+    ("evaluate zero episodes", lambda a: natpg.evaluate(a["cart"], episodes=0), ValueError,
+     "episodes must be an integer ≥ 1"),
+    ("evaluate on another task", lambda a: natpg.evaluate(a["cart"], "Pendulum-v1", episodes=1), ValueError,
+     "does not match the agent trained on 'CartPole-v1'"),
+]
+
+
+@pytest.mark.parametrize("name,call,exc,pattern", API_CASES, ids=[c[0] for c in API_CASES])
+def test_bad_input_is_a_clear_error_from_natpg(artifacts, name, call, exc, pattern):
+    with pytest.raises(exc, match=pattern) as info:
+        call(artifacts)
+    # Raised by natpg's own checks, not by torch/numpy/gymnasium deep inside (whose errors are re-worded).
+    raised_in = Path(str(info.traceback[-1].path)).resolve()
+    assert SRC in raised_in.parents, f"raised from {raised_in}"
+
+
+def _cli_cases():
+    cases = [
+        (["train", "npgg", "CartPole-v1"], "unknown algorithm 'npgg'"),
+        (["train", "npg", "NoSuchEnv-v0"], "unknown environment id"),
+        (["train", "npg", "natpgtest/DictObs-v0"], "unsupported observation space Dict"),
+        (["train", "npg", "CartPole-v1", "--set", "max_kl=-1"], "max_kl must be"),
+        (["train", "npg", "CartPole-v1", "--set", "oops"], "--set expects key=value"),
+        (["train", "npg", "CartPole-v1", "--set", "nosuch=1"], r"unknown setting\(s\) \['nosuch'\]"),
+        (["train", "npg", "CartPole-v1", "--set", "hidden=5"], "hidden must be a tuple"),
+        (["train", "npg", "CartPole-v1", "--n-envs", "0"], "n_envs must be an integer ≥ 1"),
+        (["train", "npg", "CartPole-v1", "--steps", "abc"], "argument --steps: invalid int value"),
+        (["train", "npg", "CartPole-v1", "--steps", "10"], "total_steps must be an integer ≥ one batch"),
+        (["train", "npg", "CartPole-v1", "--resume", "{root}/missing"], "not a natpg run"),
+        (["train", "npg", "CartPole-v1", "--resume", "{root}/logs_only"], "not a natpg run"),
+        (["train", "npg", "CartPole-v1", "--resume", "{root}/pend"], "that run is npg on Pendulum-v1"),
+        (["train", "npg", "CartPole-v1", "--resume", "{root}/cart", "--set", "max_kl=0.1"],
+         "settings cannot change it"),
+        (["train", "npg", "CartPole-v1", "--resume", "{root}/cart", "--seed", "7"], "that run has seed 0, not 7"),
+        (["eval", "{root}/missing"], "no natpg checkpoint"),
+        (["eval", "{root}/garbage"], "not a readable natpg checkpoint"),
+        (["eval", "{root}/cart", "--episodes", "0"], "episodes must be an integer ≥ 1"),
+        (["eval", "{root}/cart", "--env", "Pendulum-v1"], "does not match the agent"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["train", "npg", "CartPole-v1", "--device", "cuda"], "CUDA is not available"))
+    return cases
+
+
+@pytest.mark.parametrize("argv,pattern", _cli_cases(), ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_cli_bad_input_exits_2_with_one_message(artifacts, argv, pattern, capsys):
+    argv = [a.format(root=artifacts["root"]) for a in argv]
+    capsys.readouterr()
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"natpg {argv[0]}: error: "), err
+    assert "Traceback" not in err and err.count("error:") == 1, err  # one message (it may list several problems)
+    assert re.search(pattern, err), err
+
+
+# ------------------------------------------------------------------------------------------------------
+# 2a. Non-finite observations and rewards from the environment
+# ------------------------------------------------------------------------------------------------------
+
+def _nan_vec_env(at=6, what="obs"):
+    return SyncVectorEnv([lambda: NaNAt(gym.make("CartPole-v1"), at=at, what=what), lambda: gym.make("CartPole-v1")],
+                         autoreset_mode=AutoresetMode.SAME_STEP)
+
+
+def _sampler(envs, nonfinite):
+    policy = CategoricalMLP(4, 2, (8,))
+    sampler = Sampler(envs, ObsNormalizer((4,), 10.0, enabled=False), RewardScaler(2, 0.99, 10.0), 0,
+                      torch.device("cpu"), torch.Generator().manual_seed(0), nonfinite)
+    return policy, sampler
+
+
+@pytest.mark.parametrize("what,shown", [("obs", r"observation \[nan"), ("inf_obs", r"observation \[inf"),
+                                        ("reward", "reward nan")])
+def test_nonfinite_env_raise_names_the_step_and_copy(what, shown):
+    policy, sampler = _sampler(_nan_vec_env(at=6, what=what), "raise")
+    with pytest.raises(NonFiniteEnvError, match=shown + r".* at sampler step 5 \(env copy 0, step \d+ of its episode"
+                                                         r"; affected copies \[0\]\)\. Set nonfinite_env='drop'"):
+        sampler.collect(policy, 12)
+
+
+def test_nonfinite_env_drop_ends_the_episode_and_masks_the_transition():
+    policy, sampler = _sampler(_nan_vec_env(at=6, what="obs"), "drop")
+    torch.manual_seed(0)
+    ro = sampler.collect(policy, 12)
+    valid = ro.valid.numpy()
+    assert valid.sum() == 12 * 2 - 1 and not valid[5, 0]  # only the NaN transition is left out
+    if not ro.terminated[4, 0]:
+        assert ro.truncated[4, 0]  # the episode ends, truncated, at the last finite observation ...
+        torch.testing.assert_close(ro.next_obs[4, 0], ro.obs[5, 0], rtol=0, atol=0)  # ... s_5, bootstrapped
+    assert torch.isfinite(ro.obs).all() and torch.isfinite(ro.next_obs).all() and torch.isfinite(ro.rew).all()
+    assert abs(ro.obs[6, 0]).max() <= 0.05  # copy 0 was reset: CartPole starts within ±0.05
+    assert sampler.dropped == 1 and len(sampler.recent_returns) == sampler.episodes
+    batch = make_batch(ro, policy, natpg.critics.ValueCritic(4, (8,)), natpg.config.AdvantageConfig())
+    assert batch.obs.shape[0] == 23 and all(torch.isfinite(t).all() for t in (batch.adv, batch.ret, batch.logp_old))
+
+
+def test_nonfinite_env_through_the_agent_and_the_cli(tmp_path, capsys):
+    agent = natpg.NPG("natpgtest/NaNCartPole-v0", **small(nonfinite_env="drop"))
+    rows = []
+    agent.learn(2 * BATCH, callback=lambda ag, row: rows.append(row))
+    assert rows[-1]["env/nonfinite_dropped"] == 2.0  # each copy's 7th step is NaN, once
+    assert torch.isfinite(flat_params(agent.policy)).all()
+    with pytest.raises(NonFiniteEnvError, match=r"non-finite observation .* at sampler step 6 \(env copy 0"):
+        natpg.NPG("natpgtest/NaNCartPole-v0", **small()).learn(BATCH)
+    argv = ["train", "npg", "natpgtest/NaNCartPole-v0", "--steps", "64", "--out", str(tmp_path / "r"), "--no-progress",
+            "--n-envs", "2", "--set", "n_steps=16", "--set", "tensorboard=False"]
+    capsys.readouterr()
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("natpg train: error: environment returned a non-finite observation") and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------------
+# 2b. Numerical faults in the update never reach the parameters; K in a row stop training
+# ------------------------------------------------------------------------------------------------------
+
+def _nan_solve(agent, mp):
+    mp.setattr(agent.actor_update.curvature, "solve", lambda g: torch.full_like(g, float("nan")))
+
+
+def _nan_surrogate(agent, mp):
+    orig = natpg.algorithms.surrogate
+    mp.setattr(natpg.algorithms, "surrogate", lambda policy, batch: orig(policy, batch) * float("nan"))
+
+
+def _inf_step_size(agent, mp):
+    mp.setattr(natpg.steps, "quadratic_kl_step", lambda d, curvature, max_kl: (float("inf"), 1.0, None))
+
+
+def _huge_step_size(agent, mp):
+    mp.setattr(natpg.steps, "quadratic_kl_step", lambda d, curvature, max_kl: (1e300, 1.0, None))
+
+
+def _nan_critic_loss(agent, mp):
+    orig = agent.critic.fit
+    mp.setattr(agent.critic, "fit", lambda obs, ret, generator=None: orig(obs, ret * float("nan"), generator))
+
+
+def _nan_values(agent, mp):
+    orig = agent.critic.forward
+    mp.setattr(agent.critic, "forward", lambda obs: orig(obs) * float("nan"))
+
+
+FAULTS = [
+    ("NaN direction (solve)", _nan_solve, "actor", "non-finite direction"),
+    ("NaN surrogate/gradient", _nan_surrogate, "actor", "non-finite surrogate or gradient"),
+    ("infinite step size", _inf_step_size, "actor", "non-finite parameters after the step"),
+    ("overflowing step", _huge_step_size, "actor", r"numerical error in the actor update \(RuntimeError: value "
+                                                    r"cannot be converted to type float without overflow"),
+    ("NaN critic loss", _nan_critic_loss, "critic", "non-finite critic parameters after the fit"),
+    ("NaN values (advantages)", _nan_values, "both", "non-finite advantages"),
+]
+
+
+@pytest.mark.parametrize("name,inject,side,reason", FAULTS, ids=[f[0] for f in FAULTS])
+def test_numerical_fault_leaves_parameters_untouched_then_stops(tmp_path, monkeypatch, name, inject, side, reason):
+    agent = natpg.NPG("CartPole-v1", seed=2, **small(max_consecutive_faults=3))
+    actor0, critic0 = flat_params(agent.policy), flat_params(agent.critic)
+    opt0 = [s["exp_avg"].clone() for s in agent.critic.optimizer.state_dict()["state"].values()]
+    inject(agent, monkeypatch)
+    rows = []
+    agent.learn(BATCH, out_dir=str(tmp_path), callback=lambda ag, row: rows.append(row))
+    fault = " ".join(str(rows[0].get(k, "")) for k in ("step/fault", "critic/fault"))
+    assert re.search(reason, fault), fault
+    if side in ("actor", "both"):
+        assert torch.equal(flat_params(agent.policy), actor0) and rows[0]["step/skipped"] == 1.0
+    if side in ("critic", "both"):
+        assert torch.equal(flat_params(agent.critic), critic0) and rows[0]["critic/skipped"] == 1.0
+        assert opt0 == [] or all(torch.isfinite(s["exp_avg"]).all() for s in agent.critic.optimizer.state_dict()["state"].values())
+    assert torch.isfinite(flat_params(agent.policy)).all() and torch.isfinite(flat_params(agent.critic)).all()
+    assert agent.consecutive_faults == 1
+    assert re.search(reason, (tmp_path / "events.log").read_text())  # logged with its reason
+    with pytest.raises(TrainingFault, match=r"3 consecutive updates .* skipped for numerical faults.*checkpoint written"):
+        agent.learn(4 * BATCH, out_dir=str(tmp_path), reset=False)
+    assert agent.env_steps == 3 * BATCH
+    loaded = natpg.load(str(tmp_path))  # a usable checkpoint, with the parameters from before the faults
+    assert loaded.env_steps == 3 * BATCH and torch.isfinite(flat_params(loaded.policy)).all()
+    if side in ("actor", "both"):
+        assert torch.equal(flat_params(loaded.policy), actor0)
+
+
+def test_cli_stops_after_consecutive_faults_with_a_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(natpg.fisher.CG, "solve", lambda self, g: torch.full_like(g, float("nan")))
+    out = tmp_path / "run"
+    argv = ["train", "npg", "CartPole-v1", "--steps", "640", "--out", str(out), "--no-progress", "--n-envs", "2",
+            "--set", "n_steps=16", "--set", "tensorboard=False", "--set", "max_consecutive_faults=2", "--seed", "3"]
+    capsys.readouterr()
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("natpg train: error: training stopped: 2 consecutive updates") and "Traceback" not in err
+    assert "non-finite direction" in err and f"checkpoint written to {out}" in err
+    loaded = natpg.load(str(out))
+    fresh = natpg.NPG("CartPole-v1", seed=3, n_envs=2, n_steps=16, tensorboard=False, max_consecutive_faults=2)
+    assert loaded.env_steps == 64 and torch.equal(flat_params(loaded.policy), flat_params(fresh.policy))
+
+
+# ------------------------------------------------------------------------------------------------------
+# 3. Checkpoints: no code on load; truncation and corruption are errors, never different weights
+# ------------------------------------------------------------------------------------------------------
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_checkpoint_load_executes_no_code(tmp_path):
+    marker = tmp_path / "pwned"
+    (tmp_path / "legacy").mkdir()
+    with open(tmp_path / "legacy" / "model.pt", "wb") as f:  # a raw pickle
+        pickle.dump({"format": checkpoint.FORMAT, "x": _Payload(marker)}, f)
+    torch.save({"format": checkpoint.FORMAT, "version": 2, "meta": "{}", "x": _Payload(marker)},
+               tmp_path / "zipped.pt")  # torch's zip format with a pickled callable inside
+    for path in (tmp_path / "legacy", tmp_path / "zipped.pt"):
+        with pytest.raises(ValueError, match="not a readable natpg checkpoint"):
+            natpg.load(str(path))
+    assert not marker.exists()
+
+
+def test_truncated_or_corrupted_checkpoint_is_an_error_or_identical(tmp_path):
+    agent = natpg.NPG("CartPole-v1", seed=1, **small())
+    agent.learn(BATCH)
+    data = Path(agent.save(str(tmp_path / "good"))).read_bytes()
+    ref_meta, ref_tensors = checkpoint.read(str(tmp_path / "good"))
+    rng = random.Random(8)
+    damaged = [data[:n] for n in (0, 1, 10, 100, len(data) // 4, len(data) // 2, len(data) - 100, len(data) - 1)]
+    for pos in sorted(rng.sample(range(len(data)), 60)):
+        b = bytearray(data)
+        b[pos] ^= 0xFF
+        damaged.append(bytes(b))
+    outcomes = {"error": 0, "identical": 0}
+    for i, blob in enumerate(damaged):
+        file = tmp_path / f"d{i}.pt"
+        file.write_bytes(blob)
+        try:
+            meta, tensors = checkpoint.read(str(file))
+            loaded = natpg.load(str(file))
+        except ValueError as exc:
+            assert re.search(r"truncated or corrupted|is corrupted|not a natpg checkpoint", str(exc)), str(exc)
+            outcomes["error"] += 1
+            continue
+        # A flip in bytes the reader ignores (zip padding, timestamps): then everything must be identical.
+        assert meta == ref_meta and checkpoint.digest(json.dumps(meta), tensors) == \
+            checkpoint.digest(json.dumps(ref_meta), ref_tensors)
+        assert torch.equal(flat_params(loaded.policy), flat_params(agent.policy))
+        outcomes["identical"] += 1
+    assert outcomes["error"] >= 8 + 40, outcomes  # every truncation, and most flips, are detected
+
+
+# ------------------------------------------------------------------------------------------------------
+# 4. Resume: N + M steps in one run == N steps, save, load, M more (parameters, statistics, logs)
+# ------------------------------------------------------------------------------------------------------
+
+def _assert_same_run(a, b, dir_a, dir_b):
+    assert torch.equal(flat_params(a.policy), flat_params(b.policy))
+    assert torch.equal(flat_params(a.critic), flat_params(b.critic))
+    for x, y in ((a.obs_normalizer.rms, b.obs_normalizer.rms), (a.reward_scaler.rms, b.reward_scaler.rms)):
+        assert np.array_equal(x.mean, y.mean) and np.array_equal(x.var, y.var) and x.count == y.count
+    assert np.array_equal(a.reward_scaler.ret, b.reward_scaler.ret)
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    assert torch.equal(a.cpu_generator.get_state(), b.cpu_generator.get_state())
+    assert (a.env_steps, a.updates) == (b.env_steps, b.updates)
+    assert progress_rows(dir_a) == progress_rows(dir_b)
+
+
+RESUME_CASES = [("npg", "CartPole-v1", {}), ("trpo", "Pendulum-v1", {"normalize_reward": True}),
+                ("npg", "Hopper-v5", {})]  # MuJoCo preset: reward normalisation on
+
+
+@pytest.mark.parametrize("algo,env_id,extra", RESUME_CASES, ids=[f"{c[0]}-{c[1]}" for c in RESUME_CASES])
+def test_resume_is_bit_exact(tmp_path, algo, env_id, extra):
+    if env_id == "Hopper-v5":
+        pytest.importorskip("mujoco")
+    cls = natpg.agent.ALGORITHM_CLASSES[algo]
+    kw = small(**extra)
+    N, M = 3 * BATCH, 2 * BATCH
+    one = cls(env_id, seed=5, **kw).learn(N + M, out_dir=str(tmp_path / "one"))
+    cls(env_id, seed=5, **kw).learn(N, out_dir=str(tmp_path / "two"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        two = natpg.load(str(tmp_path / "two")).learn(M, out_dir=str(tmp_path / "two"), reset=False)
+    assert not [w for w in caught if "not bit-exact" in str(w.message)]  # the environments were restored
+    _assert_same_run(one, two, tmp_path / "one", tmp_path / "two")
+    if algo == "npg" and env_id == "CartPole-v1":  # and without a checkpoint in between
+        three = cls(env_id, seed=5, **kw).learn(N, out_dir=str(tmp_path / "three"))
+        three.learn(M, out_dir=str(tmp_path / "three"), reset=False)
+        _assert_same_run(one, three, tmp_path / "one", tmp_path / "three")
+
+
+def test_cli_resume_is_bit_exact(tmp_path):
+    common = ["--n-envs", "2", "--set", "n_steps=16", "--set", "tensorboard=False", "--set", "hidden=(16,)",
+              "--no-progress", "--seed", "4", "--set", "checkpoint_every=2"]
+    assert cli(["train", "npg", "CartPole-v1", "--steps", "160", "--out", str(tmp_path / "a"), *common]) == 0
+    assert cli(["train", "npg", "CartPole-v1", "--steps", "96", "--out", str(tmp_path / "b"), *common]) == 0
+    assert cli(["train", "npg", "CartPole-v1", "--steps", "160", "--resume", str(tmp_path / "b"), "--no-progress"]) == 0
+    _assert_same_run(natpg.load(str(tmp_path / "a")), natpg.load(str(tmp_path / "b")), tmp_path / "a", tmp_path / "b")
+
+
+ENV_STATE_IDS = ["CartPole-v1", "Pendulum-v1", "MountainCar-v0", "MountainCarContinuous-v0", "Acrobot-v1",
+                 "HalfCheetah-v5", "Hopper-v5", "Ant-v5", "Humanoid-v5", "Reacher-v5"]
+
+
+@pytest.mark.parametrize("env_id", ENV_STATE_IDS)
+def test_env_state_round_trip_is_bit_exact(env_id):
+    if env_id.endswith("-v5"):
+        pytest.importorskip("mujoco")
+    a = gym.make(env_id)
+    a.reset(seed=3)
+    a.action_space.seed(1)
+    actions = [a.action_space.sample() for _ in range(250)]
+    for act in actions[:100]:
+        if any(a.step(act)[2:4]):
+            a.reset()
+    state = json.loads(json.dumps(env_state(a)))  # plain JSON, no pickle
+    b = gym.make(env_id)
+    b.reset(seed=99)
+    set_env_state(b, state)
+    for act in actions[100:]:
+        ra, rb = a.step(act), b.step(act)
+        assert np.array_equal(ra[0], rb[0]) and ra[1:4] == rb[1:4]
+        if any(ra[2:4]):
+            assert np.array_equal(a.reset()[0], b.reset()[0])
+
+
+def test_unsnapshottable_env_resumes_with_a_warning(tmp_path):
+    env = gym.make("natpgtest/Drift-v0")
+    env.reset(seed=0)
+    with pytest.raises(EnvStateError, match="classic-control and MuJoCo tasks only"):
+        env_state(env)
+    natpg.NPG("natpgtest/Drift-v0", **small()).learn(BATCH, out_dir=str(tmp_path))
+    agent = natpg.load(str(tmp_path))
+    with pytest.warns(RuntimeWarning, match="not bit-exact: cannot snapshot environment"):
+        agent.learn(BATCH, out_dir=str(tmp_path), reset=False)
+    assert agent.env_steps == 2 * BATCH and [int(r["env_steps"]) for r in progress_rows(tmp_path)] == [32, 64]
+
+
+# ------------------------------------------------------------------------------------------------------
+# 3 + 4 in real processes: SIGKILL at random moments, SIGTERM/SIGINT
+# ------------------------------------------------------------------------------------------------------
+
+FORK_SERVER = r"""
+import json, os, signal, sys, traceback
+os.environ.setdefault("MUJOCO_GL", "disabled")
+import tempfile
+import torch
+torch.set_num_threads(1)
+import natpg, natpg.cli  # the heavy imports (torch, and the lazy ones of a first update and save), once:
+with tempfile.TemporaryDirectory() as tmp:  # each run is a fork of this warmed-up process
+    natpg.load(natpg.NPG("CartPole-v1", n_envs=2, n_steps=8, tensorboard=False).learn(16).save(tmp))
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    if req["op"] == "run":
+        pid = os.fork()
+        if pid == 0:
+            rc = 70
+            try:
+                fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                rc = natpg.cli.main(req["argv"])
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(rc if isinstance(rc, int) else 1)
+        print(json.dumps({"pid": pid}), flush=True)
+    elif req["op"] == "wait":
+        _, status = os.waitpid(req["pid"], 0)
+        print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
+"""
+
+
+class ForkServer:
+    """Runs `natpg train` (natpg.cli.main) in fresh processes forked from one that has already imported torch,
+    so that each run starts in milliseconds instead of seconds."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env={**os.environ, "MUJOCO_GL": "disabled"})
+        assert json.loads(self.proc.stdout.readline()) == {"ready": True}
+
+    def _call(self, req):
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def start(self, argv, log) -> int:
+        return self._call({"op": "run", "argv": argv, "log": str(log)})["pid"]
+
+    def wait(self, pid) -> int:
+        return self._call({"op": "wait", "pid": pid})["rc"]
+
+    def close(self):
+        self.proc.kill()  # its runs have all been reaped
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def fork_server():
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
+    server = ForkServer()
+    yield server
+    server.close()
+
+
+KILL_ARGS = ["--no-progress", "--n-envs", "2", "--set", "n_steps=8", "--set", "checkpoint_every=1",
+             "--set", "tensorboard=False", "--set", "hidden=(8,)", "--set", "critic_hidden=(8,)",
+             "--set", "critic_epochs=1", "--set", "cg_iters=3", "--seed", "6"]
+KILL_STEPS = 16 * 60
+
+
+def test_sigkill_at_random_moments_leaves_loadable_checkpoints(tmp_path, fork_server):
+    out = tmp_path / "run"
+    rng = random.Random(20)
+    steps_seen, kills, mid_write = [], 0, 0
+    while kills < 24:
+        resume = (out / "model.pt").exists()
+        argv = ["train", "npg", "CartPole-v1", "--steps", str(KILL_STEPS), *KILL_ARGS,
+                *(["--resume", str(out)] if resume else ["--out", str(out)])]
+        pid = fork_server.start(argv, tmp_path / f"log{kills}")
+        time.sleep(rng.uniform(0.0, 0.3))
+        os.kill(pid, signal.SIGKILL)
+        rc = fork_server.wait(pid)
+        kills += 1
+        assert rc in (-signal.SIGKILL, 0), (rc, (tmp_path / f"log{kills - 1}").read_text())
+        mid_write += any(p.name.startswith(".model.pt.tmp-") for p in out.glob(".*")) if out.exists() else 0
+        if (out / "model.pt").exists():  # whatever was left behind loads
+            agent = natpg.load(str(out))
+            steps_seen.append(agent.env_steps)
+            json.loads((out / "config.json").read_text())
+    assert len(steps_seen) >= 18 and steps_seen == sorted(steps_seen) and steps_seen[-1] > 0
+    # Finish the run from whatever the kills left: identical to a run never interrupted.
+    pid = fork_server.start(["train", "npg", "CartPole-v1", "--steps", str(KILL_STEPS), *KILL_ARGS,
+                             "--resume", str(out)], tmp_path / "final")
+    assert fork_server.wait(pid) == 0, (tmp_path / "final").read_text()
+    assert cli(["train", "npg", "CartPole-v1", "--steps", str(KILL_STEPS), *KILL_ARGS, "--out", str(tmp_path / "ref")]) == 0
+    _assert_same_run(natpg.load(str(out)), natpg.load(str(tmp_path / "ref")), out, tmp_path / "ref")
+    print(f"{kills} kills, {mid_write} during a checkpoint write, checkpoints at env_steps {steps_seen}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_sigint_save_a_final_checkpoint_and_exit_cleanly(tmp_path, fork_server, sig):
+    out = tmp_path / "run"
+    pid = fork_server.start(["train", "npg", "CartPole-v1", "--steps", "1000000", *KILL_ARGS, "--out", str(out)],
+                            tmp_path / "log")
+    deadline = time.monotonic() + 60
+    while not ((out / "progress.csv").exists() and len((out / "progress.csv").read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline, (tmp_path / "log").read_text()
+        time.sleep(0.02)
+    os.kill(pid, sig)
+    rc = fork_server.wait(pid)
+    log = (tmp_path / "log").read_text()
+    assert rc == 128 + sig, log
+    assert f"stopped by {signal.Signals(sig).name} after" in log and "Traceback" not in log
+    agent = natpg.load(str(out))
+    assert agent.env_steps > 0 and agent.env_steps == int(progress_rows(out)[-1]["env_steps"])
+
+
+# ------------------------------------------------------------------------------------------------------
+# 5. Property-based tests (hypothesis): CG, every Fisher solver, GAE
+# ------------------------------------------------------------------------------------------------------
+
+def _spd(n, seed, cond):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    lam = torch.logspace(0, float(np.log10(cond)), n, dtype=torch.float64)
+    return (q * lam) @ q.T, torch.randn(n, generator=g, dtype=torch.float64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 16), seed=st.integers(0, 2**31 - 1), cond=st.sampled_from([1.0, 10.0, 1e3]),
+       zero_rhs=st.booleans())
+@example(n=1, seed=0, cond=1.0, zero_rhs=False)
+@example(n=1, seed=0, cond=1.0, zero_rhs=True)
+def test_conjugate_gradient_solves_random_spd_systems(n, seed, cond, zero_rhs):
+    A, b = _spd(n, seed, cond)
+    if zero_rhs:
+        b = torch.zeros(n, dtype=torch.float64)
+    x, info = conjugate_gradient(lambda v: A @ v, b, max_iters=3 * n + 5, tol=1e-12)
+    assert torch.isfinite(x).all()
+    if zero_rhs:
+        assert torch.equal(x, torch.zeros(n, dtype=torch.float64)) and info.iterations == 0
+    else:
+        torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-7, atol=1e-9)
+        assert float(torch.linalg.vector_norm(A @ x - b)) <= 1e-8 * float(torch.linalg.vector_norm(b))
+
+
+def _matrix_of(mv, P):
+    eye = torch.eye(P, dtype=torch.float64)
+    return torch.stack([mv(eye[i]) for i in range(P)], dim=1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(obs_dim=st.integers(1, 3), hidden=st.sampled_from([(), (3,), (3, 2)]), discrete=st.booleans(),
+       n_act=st.integers(1, 3), batch=st.integers(1, 12), constant_obs=st.booleans(),
+       damping=st.sampled_from([0.01, 0.1, 1.0]), seed=st.integers(0, 2**31 - 1))
+@example(obs_dim=1, hidden=(), discrete=False, n_act=1, batch=1, constant_obs=True, damping=0.01, seed=0)
+def test_fisher_solvers_invert_their_own_matrix(obs_dim, hidden, discrete, n_act, batch, constant_obs, damping, seed):
+    torch.manual_seed(seed)
+    policy = (CategoricalMLP(obs_dim, n_act + 1, hidden) if discrete else GaussianMLP(obs_dim, n_act, hidden)).double()
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randn(batch, obs_dim, generator=g, dtype=torch.float64)
+    if constant_obs:
+        obs = obs[:1].expand(batch, obs_dim).clone()
+    with torch.no_grad():
+        act = policy.sample(policy(obs), g)
+    P = sum(p.numel() for p in policy.actor_parameters())
+    grad = torch.randn(P, generator=g, dtype=torch.float64)
+    solvers = {"CG": CG(damping=damping, iters=2 * P + 10, tol=1e-14), "Dense": Dense(damping=damping),
+               "KFAC": KFAC(damping=damping, estimator="exact"), "Diagonal": Diagonal(damping=damping),
+               "Empirical": Empirical(damping=damping, cg_iters=2 * P + 10, cg_tol=1e-14)}
+    for name, solver in solvers.items():
+        solver.fit(policy, obs, act)
+        x = solver.solve(grad)
+        assert x.shape == (P,) and torch.isfinite(x).all(), name
+        M = _matrix_of(solver.mv, P)
+        torch.testing.assert_close(M, M.T, rtol=1e-8, atol=1e-10, msg=name)
+        torch.testing.assert_close(x, torch.linalg.solve(M, grad), rtol=1e-6, atol=1e-8, msg=name)
+
+
+def _gae_loop(rew, val, next_val, term, done, gamma, lam):
+    T, N = rew.shape
+    adv = np.zeros((T, N))
+    for n in range(N):
+        running = 0.0
+        for t in reversed(range(T)):
+            delta = rew[t, n] + gamma * (0.0 if term[t, n] else next_val[t, n]) - val[t, n]
+            running = delta + gamma * lam * (0.0 if done[t, n] else running)
+            adv[t, n] = running
+    return adv
+
+
+@settings(max_examples=50, deadline=None)
+@given(T=st.integers(1, 12), N=st.integers(1, 4), gamma=st.floats(0.0, 0.999), lam=st.floats(0.0, 1.0),
+       p_term=st.sampled_from([0.0, 0.2, 1.0]), p_trunc=st.sampled_from([0.0, 0.2, 1.0]),
+       constant_values=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@example(T=1, N=1, gamma=0.99, lam=0.95, p_term=0.0, p_trunc=0.0, constant_values=True, seed=0)
+def test_gae_matches_a_plain_loop(T, N, gamma, lam, p_term, p_trunc, constant_values, seed):
+    rng = np.random.default_rng(seed)
+    rew, val, next_val = rng.normal(size=(3, T, N))
+    if constant_values:
+        val[:] = next_val[:] = 0.7
+    term = rng.random((T, N)) < p_term
+    done = term | (rng.random((T, N)) < p_trunc)
+    t = lambda a: torch.as_tensor(a)  # noqa: E731
+    adv, ret = gae(t(rew), t(val), t(next_val), t(term), t(done), gamma, lam)
+    np.testing.assert_allclose(adv.numpy(), _gae_loop(rew, val, next_val, term, done, gamma, lam), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ret.numpy(), adv.numpy() + val, rtol=0, atol=1e-12)
+    norm = normalize_advantages(adv.reshape(-1))
+    assert torch.isfinite(norm).all()
+    # Degenerate: rewards that the values explain exactly give zero advantages, and stay zero when normalised.
+    zero_rew = val - gamma * np.where(term, 0.0, next_val)
+    adv0, _ = gae(t(zero_rew), t(val), t(next_val), t(term), t(done), gamma, lam)
+    assert float(adv0.abs().max()) < 1e-12 and float(normalize_advantages(adv0.reshape(-1)).abs().max()) < 1e-3
+
+
+def test_batch_of_one_sample_with_a_constant_observation_is_finite():
+    policy, critic = GaussianMLP(3, 1, (4,)), natpg.critics.ValueCritic(3, (4,))
+    obs = torch.ones(1, 1, 3)
+    ro = Rollout(obs=obs, act=torch.zeros(1, 1, 1), rew=torch.ones(1, 1), terminated=torch.zeros(1, 1, dtype=torch.bool),
+                 truncated=torch.ones(1, 1, dtype=torch.bool), next_obs=obs.clone())
+    batch = make_batch(ro, policy, critic, natpg.config.AdvantageConfig())
+    assert batch.adv.shape == (1,) and all(torch.isfinite(x).all() for x in (batch.adv, batch.ret, batch.logp_old))
+    update = natpg.algorithms.make_actor_update(natpg.Config().override(max_kl=0.01), None)
+    before = flat_params(policy)
+    stats = update.update(policy, batch)  # zero advantage after centring: a zero gradient, never a NaN step
+    assert torch.isfinite(flat_params(policy)).all()
+    if stats.get("step/skipped"):
+        assert torch.equal(flat_params(policy), before)
