@@ -142,10 +142,11 @@ def _resume(args: argparse.Namespace, overrides: dict[str, Any]):
     if not os.path.isfile(file):
         raise ValueError(f"--resume {args.resume!r}: not a natpg run (no checkpoint {file!r}); start one with "
                          f"natpg train ALGO ENV_ID --out DIR")
-    if overrides:
-        raise ValueError(f"--resume continues a run with its recorded config; settings cannot change it "
-                         f"(got {sorted(overrides)})")
     agent = load(args.resume)
+    changed = sorted(k for k, v in overrides.items() if agent.config.override(**{k: v}) != agent.config)
+    if changed:  # repeating the original command line with --resume is fine; changing the config is not
+        raise ValueError(f"--resume continues a run with its recorded config; settings cannot change it "
+                         f"(got different {changed})")
     if (agent.algorithm, agent.env_id) != (args.algo, args.env_id):
         raise ValueError(f"--resume {args.resume!r}: that run is {agent.algorithm} on {agent.env_id}, not "
                          f"{args.algo} on {args.env_id}")
