@@ -168,8 +168,11 @@ class DistributedConfig:
     """Ray cluster to join: None (use the Ray instance already started in this process, or start a local
     one), 'auto' (the cluster this machine belongs to, after `ray start`) or 'HOST:PORT'."""
     worker_timeout: float = 300.0
-    """Seconds a Ray worker may take to start or to return one rollout before it counts as failed and is
-    replaced (its share of the iteration then runs again on the replacement)."""
+    """Seconds a Ray worker may take to return one rollout before it counts as failed and is replaced (its
+    share of the iteration then runs again on the replacement)."""
+    worker_start_timeout: float = 600.0
+    """Seconds a Ray worker may take to start (import natpg, build its environments; on a cluster also wait
+    for a free CPU and set up its runtime environment) before it counts as failed."""
 
 
 SECTIONS = {
@@ -329,6 +332,7 @@ class Config:
              f"ray_address must be None, 'auto' or 'HOST:PORT', got {d.ray_address!r}")
         need(d.ray_address is None or d.sampler == "ray", "ray_address needs sampler='ray'")
         pos_num("worker_timeout", d.worker_timeout)
+        pos_num("worker_start_timeout", d.worker_start_timeout)
         if problems:
             raise ValueError("invalid settings:\n  " + "\n  ".join(problems))
         return self

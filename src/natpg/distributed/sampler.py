@@ -198,19 +198,20 @@ class RaySampler(DistributedSampler):
     """Each worker is a Ray actor (one CPU each) holding its share of the copies (``sampler='ray'``).
 
     ``address``: None connects to the Ray instance already initialised in this process, or starts a
-    local one; 'auto' or 'HOST:PORT' joins a running cluster. A worker that dies, or does not answer
-    within ``timeout`` seconds, is killed and replaced by a fresh actor (fresh episodes, see ``spec``)
-    and its share of the iteration is run again on the replacement; a second failure of the same share
-    in one iteration raises ``WorkerFailure``. Errors raised inside the worker (a non-finite observation,
+    local one; 'auto' or 'HOST:PORT' joins a running cluster. A worker that dies, does not start within
+    ``start_timeout`` seconds or does not return its rollout within ``timeout`` seconds is killed and
+    replaced by a fresh actor (fresh episodes, see ``spec``) and its share of the iteration is run again on the
+    replacement; a second failure of the same share in one iteration raises ``WorkerFailure``. Errors raised inside the worker (a non-finite observation,
     a bug in the environment) are not faults of the worker and propagate as they are.
     """
 
     retries = 1  # re-runs of a failed worker's share per iteration
 
-    def __init__(self, *args: Any, address: str | None = None, timeout: float = 300.0, **kwargs: Any):
+    def __init__(self, *args: Any, address: str | None = None, timeout: float = 300.0,
+                 start_timeout: float = 600.0, **kwargs: Any):
         super().__init__(*args, **kwargs)
         ray = self.ray = require_ray()
-        self.timeout = float(timeout)
+        self.timeout, self.start_timeout = float(timeout), float(start_timeout)
         if not ray.is_initialized():
             if address is None:
                 ray.init(num_cpus=max(os.cpu_count() or 1, self.n_workers), include_dashboard=False)
@@ -218,6 +219,7 @@ class RaySampler(DistributedSampler):
                 ray.init(address=address)
         self._actor_class = ray.remote(num_cpus=1, max_restarts=0)(RolloutWorker)
         self.actors = [self._start(w) for w in range(self.n_workers)]
+        self._starting: set[int] = set()  # replacements not yet seen to have started
         self._wait_started(list(range(self.n_workers)))
 
     def _start(self, w: int):
@@ -225,7 +227,7 @@ class RaySampler(DistributedSampler):
 
     def _wait_started(self, which: list[int]) -> None:
         refs = {self.actors[w].ready.remote(): w for w in which}
-        ready, pending = self.ray.wait(list(refs), num_returns=len(refs), timeout=self.timeout)
+        ready, pending = self.ray.wait(list(refs), num_returns=len(refs), timeout=self.start_timeout)
         try:
             self.ray.get(ready)
         except self.ray.exceptions.RayTaskError as exc:
@@ -238,7 +240,7 @@ class RaySampler(DistributedSampler):
             cpus = self.ray.available_resources().get("CPU", 0)
             self.close()
             raise WorkerFailure(f"rollout workers {sorted(refs[r] for r in pending)} did not start within "
-                                f"worker_timeout={self.timeout:g} s (each needs 1 CPU; the cluster has {cpus:g} "
+                                f"worker_start_timeout={self.start_timeout:g} s (each needs 1 CPU; the cluster has {cpus:g} "
                                 f"CPUs free)")
 
     def _replace(self, w: int) -> None:
@@ -248,42 +250,57 @@ class RaySampler(DistributedSampler):
             pass
         self.restarts[w] += 1
         self.actors[w] = self._start(w)
+        self._starting.add(w)
 
     def _run(self, weights, obs_stats, reward_stats, n_steps: int) -> list[WorkerResult]:
         ray = self.ray
         args = (ray.put(weights), obs_stats, reward_stats, n_steps)
-        pending: dict[Any, tuple[int, int, float]] = {}  # ref → (worker, attempt, deadline)
+        # ref → (worker, attempt, deadline, phase): a replacement is first waited for ('start', within
+        # start_timeout), then asked for the rollout ('collect', within timeout).
+        pending: dict[Any, tuple[int, int, float, str]] = {}
 
-        def submit(w: int, attempt: int) -> None:
-            pending[self.actors[w].collect.remote(*args)] = (w, attempt, time.monotonic() + self.timeout)
+        def submit(w: int, attempt: int, phase: str) -> None:
+            actor = self.actors[w]
+            ref = actor.ready.remote() if phase == "start" else actor.collect.remote(*args)
+            limit = self.start_timeout if phase == "start" else self.timeout
+            pending[ref] = (w, attempt, time.monotonic() + limit, phase)
 
         def failed(w: int, attempt: int, why: str) -> None:
             self._replace(w)
             if attempt >= self.retries:
-                raise WorkerFailure(f"rollout worker {w} failed {attempt + 1} times in one iteration "
-                                    f"(last: {why}); giving up")
-            submit(w, attempt + 1)
+                raise WorkerFailure(f"rollout worker {w} failed ({why}) and its share of this iteration was "
+                                    f"already retried {attempt} time(s); giving up (the worker has been replaced)")
+            submit(w, attempt + 1, "start")
 
         for w in range(self.n_workers):
-            submit(w, 0)
+            submit(w, 0, "start" if w in self._starting else "collect")
         results: list[WorkerResult] = []
         while pending:
-            wait_s = max(0.0, min(d for _, _, d in pending.values()) - time.monotonic())
+            wait_s = max(0.0, min(d for _, _, d, _ in pending.values()) - time.monotonic())
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
             for ref in ready:
-                w, attempt, _ = pending.pop(ref)
+                w, attempt, _, phase = pending.pop(ref)
                 try:
-                    results.append(ray.get(ref))
+                    value = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:  # raised by the environment or natpg code
                     raise exc.as_instanceof_cause() from None
                 except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
                         ray.exceptions.WorkerCrashedError) as exc:
-                    failed(w, attempt, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                    first = str(exc).splitlines()[0] if str(exc) else ""
+                    failed(w, attempt, f"{type(exc).__name__} while {phase}ing: {first}"[:300])
+                    continue
+                if phase == "start":
+                    self._starting.discard(w)
+                    submit(w, attempt, "collect")
+                else:
+                    results.append(value)
             now = time.monotonic()
-            for ref, (w, attempt, deadline) in list(pending.items()):
-                if deadline <= now and ref not in ready:
+            for ref, (w, attempt, deadline, phase) in list(pending.items()):
+                if deadline <= now:
                     del pending[ref]
-                    failed(w, attempt, f"no answer within worker_timeout={self.timeout:g} s")
+                    limit = (f"worker_start_timeout={self.start_timeout:g}" if phase == "start"
+                             else f"worker_timeout={self.timeout:g}")
+                    failed(w, attempt, f"no answer within {limit} s while {phase}ing")
         return results
 
     def close(self) -> None:
@@ -303,5 +320,5 @@ def make_sampler(kind: str, env_id: str, config, seed: int, obs_normalizer: ObsN
         return WorkerSampler(env_id, config, seed, obs_normalizer, reward_scaler, device)
     if kind == "ray":
         return RaySampler(env_id, config, seed, obs_normalizer, reward_scaler, device,
-                          address=d.ray_address, timeout=d.worker_timeout)
+                          address=d.ray_address, timeout=d.worker_timeout, start_timeout=d.worker_start_timeout)
     raise ValueError(f"unknown sampler {kind!r}; valid: 'local', 'workers', 'ray'")

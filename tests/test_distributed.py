@@ -1,0 +1,277 @@
+"""Distributed sampling: the in-process reference sampler, the Ray sampler that must equal it bit for bit,
+worker faults, and Ray as an optional dependency.
+
+The Ray tests start a local Ray instance (2 CPUs) once for the module and skip when Ray is not installed.
+"""
+
+import glob
+import os
+import subprocess
+import sys
+import time
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.envs.classic_control.pendulum import PendulumEnv
+
+import natpg
+from natpg.agent import ALGORITHM_CLASSES
+from natpg.distributed import RolloutWorker, WorkerFailure, WorkerSampler
+from natpg.distributed.sampler import DistributedSampler, require_ray
+from natpg.distributed.workers import WorkerResult, WorkerSpec
+from natpg.envs import ObsNormalizer, RewardScaler, RunningMeanStd, make_vec_env
+from natpg.rollout import NonFiniteEnvError, Rollout
+
+FAULT_DIR_VAR = "NATPG_TEST_FAULT_DIR"
+FAULTY_ID = "NatpgFaultyPendulum-v0"
+
+
+class FaultyPendulum(PendulumEnv):
+    """Pendulum that misbehaves once per token file found in $NATPG_TEST_FAULT_DIR (a token is consumed by the
+    first copy, in any process, that removes it): 'die.*' kills the process (os._exit), 'hang.*' sleeps for a
+    minute, 'nan.*' returns a NaN observation."""
+
+    def step(self, action):
+        directory = os.environ.get(FAULT_DIR_VAR)
+        if directory:
+            for token in sorted(glob.glob(os.path.join(directory, "*"))):
+                try:
+                    os.remove(token)
+                except FileNotFoundError:  # another copy took it
+                    continue
+                kind = os.path.basename(token).split(".")[0]
+                if kind == "die":
+                    os._exit(1)
+                if kind == "hang":
+                    time.sleep(120)
+                if kind == "nan":
+                    obs, rew, term, trunc, info = super().step(action)
+                    return np.full_like(obs, np.nan), rew, term, trunc, info
+        return super().step(action)
+
+
+def register_faulty_env():
+    if FAULTY_ID not in gym.registry:
+        gym.register(FAULTY_ID, entry_point=FaultyPendulum, max_episode_steps=200)
+
+
+register_faulty_env()
+
+
+def flat_params(agent):
+    return torch.cat([p.detach().reshape(-1) for p in agent.policy.parameters()])
+
+
+# --- without Ray ----------------------------------------------------------------------------------------
+
+def test_importing_natpg_does_not_import_ray():
+    code = "import sys, natpg, natpg.distributed; assert 'ray' not in sys.modules, 'ray imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_ray_sampler_without_ray_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError, find_spec → None
+    with pytest.raises(ImportError, match=r"pip install 'natpg\[ray\]'"):
+        natpg.NPG("Pendulum-v1", sampler="ray", workers=2, n_envs=4)
+    with pytest.raises(ImportError, match=r"pip install 'natpg\[ray\]'"):
+        require_ray()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"sampler": "spark"}, "sampler must be one of"),
+    ({"workers": 0}, "workers must be an integer ≥ 1"),
+    ({"sampler": "ray", "workers": 5, "n_envs": 4}, r"workers \(5\) must be at most n_envs \(4\)"),
+    ({"workers": 2}, "needs sampler='ray'"),
+    ({"ray_address": "auto"}, "ray_address needs sampler='ray'"),
+    ({"sampler": "ray", "ray_address": ""}, "ray_address must be None"),
+    ({"sampler": "ray", "worker_timeout": 0}, "worker_timeout must be a finite number > 0"),
+    ({"sampler": "ray", "worker_start_timeout": -1}, "worker_start_timeout must be a finite number > 0"),
+])
+def test_distributed_settings_are_validated(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        natpg.NPG("Pendulum-v1", **overrides)
+
+
+def small_config(**overrides):
+    return natpg.Config().override(n_envs=5, n_steps=16, workers=2, sampler="workers", hidden=(8,),
+                                  **overrides).validate()
+
+
+def test_worker_sampler_seeds_copies_like_the_local_sampler():
+    """Global copy i is seeded seed + i, whatever worker holds it (3 + 2 copies here)."""
+    cfg = small_config(normalize_obs=False)
+    obs_norm = ObsNormalizer((3,), 10.0, enabled=False)
+    sampler = WorkerSampler("Pendulum-v1", cfg, 7, obs_norm, RewardScaler(5, 0.99, 10.0), "cpu")
+    try:
+        assert sampler.sizes == [3, 2] and sampler.offsets == [0, 3]
+        policy = natpg.policies.GaussianMLP(3, 1, (8,))
+        rollout = sampler.collect(policy, 16)
+        envs = make_vec_env("Pendulum-v1", 5)
+        first, _ = envs.reset(seed=7)
+        envs.close()
+        np.testing.assert_array_equal(rollout.obs[0].numpy(), first.astype(np.float32))
+        assert rollout.obs.shape == (16, 5, 3) and rollout.act.shape == (16, 5, 1)
+        assert sampler.total_steps == 80 and sampler.steps == 16
+    finally:
+        sampler.close()
+
+
+def test_worker_normalises_with_frozen_statistics_and_returns_raw_observations():
+    spec = WorkerSpec(env_id="Pendulum-v1", offset=0, n_envs=3, reset_seed=0, generator_seed=1, hidden=(8,),
+                      activation="tanh", log_std_init=0.0, obs_clip=10.0, normalize_obs=True, gamma=0.99,
+                      reward_clip=10.0, normalize_reward=True)
+    worker = RolloutWorker(spec, 0)
+    try:
+        stats = {"mean": [0.5, -0.2, 1.0], "var": [0.3, 0.4, 2.0], "count": 50.0}
+        weights = natpg.policies.GaussianMLP(3, 1, (8,)).state_dict()
+        result = worker.collect(weights, stats, {"mean": 0.0, "var": 4.0, "count": 10.0}, 12)
+        reference = ObsNormalizer((3,), 10.0)
+        reference.rms.load_state_dict(stats)
+        assert result.raw_obs.shape == (12, 3, 3) and result.returns.shape == (12, 3)
+        for t in range(12):  # every step normalised with the statistics sent, none updated in between
+            np.testing.assert_array_equal(result.rollout.obs[t].numpy(), reference.normalize(result.raw_obs[t]))
+        assert worker.obs_norm.rms.state_dict() == stats  # frozen
+    finally:
+        worker.close()
+
+
+def test_merge_orders_copies_and_episodes_and_updates_statistics_per_step():
+    cfg = small_config(normalize_reward=True)
+    obs_norm = ObsNormalizer((2,), 10.0)
+    rew_scale = RewardScaler(5, 0.99, 10.0, enabled=True)
+    sampler = DistributedSampler("Pendulum-v1", cfg, 0, obs_norm, rew_scale, "cpu")  # no workers: merge only
+    rng = np.random.default_rng(0)
+    T = 4
+
+    def result(w, n, episodes):
+        r = Rollout(obs=torch.full((T, n, 2), float(w)), act=torch.zeros(T, n, 1), rew=torch.zeros(T, n),
+                    terminated=torch.zeros(T, n, dtype=torch.bool), truncated=torch.zeros(T, n, dtype=torch.bool),
+                    next_obs=torch.zeros(T, n, 2))
+        return WorkerResult(w, r, rng.normal(size=(T, n, 2)), rng.normal(size=(T, n)), np.ones((T, n), bool),
+                            episodes, 0)
+
+    results = [result(1, 2, [(1, 10.0, 5), (2, 11.0, 6)]), result(0, 3, [(3, 20.0, 7), (1, 21.0, 8)])]
+    rollout = sampler._merge(results, T)
+    assert rollout.obs[0, :, 0].tolist() == [0, 0, 0, 1, 1]  # worker 0's copies first
+    # finished episodes in the order one sampler would record them: by step, then by copy
+    assert list(sampler.recent_returns) == [21.0, 10.0, 11.0, 20.0]
+    assert list(sampler.recent_lengths) == [8, 5, 6, 7] and sampler.episodes == 4
+    ref_obs, ref_ret = RunningMeanStd((2,)), RunningMeanStd(())
+    for t in range(T):
+        ref_obs.update(np.concatenate([results[1].raw_obs[t], results[0].raw_obs[t]]))
+        ref_ret.update(np.concatenate([results[1].returns[t], results[0].returns[t]]))
+    assert obs_norm.rms.state_dict() == ref_obs.state_dict()
+    assert rew_scale.rms.state_dict() == ref_ret.state_dict()
+
+
+@pytest.mark.parametrize("algo", sorted(ALGORITHM_CLASSES))
+def test_every_algorithm_trains_with_the_worker_sampler(algo):
+    agent = ALGORITHM_CLASSES[algo]("CartPole-v1", seed=0, n_envs=3, n_steps=32, sampler="workers", workers=2,
+                                    tensorboard=False)
+    rows = []
+    agent.learn(96, callback=lambda a, row: rows.append(row))
+    agent.close()
+    assert agent.env_steps == 96 and rows[0]["sampler/workers"] == 2 and rows[0]["sampler/worker_restarts"] == 0
+    assert torch.isfinite(flat_params(agent)).all()
+    assert rows[0]["episodes"] > 0  # CartPole episodes end within 32 steps under a random policy
+
+
+# --- on Ray ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    fault_dir = str(tmp_path_factory.mktemp("faults"))
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test env, for the workers
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {FAULT_DIR_VAR: fault_dir, "MUJOCO_GL": "disabled"},
+                          "worker_process_setup_hook": register_faulty_env})
+    yield ray, fault_dir
+    ray.shutdown()
+
+
+def record_rollouts(agent):
+    """Wrap the agent's sampler so that every rollout it returns is kept."""
+    seen, collect = [], agent._sampler.collect
+
+    def wrapped(policy, n_steps):
+        rollout = collect(policy, n_steps)
+        seen.append(rollout)
+        return rollout
+
+    agent._sampler.collect = wrapped
+    return seen
+
+
+def test_ray_sampler_equals_the_in_process_reference(ray_cluster):
+    """Same seed, same number of workers: the same batches (torch.equal) and the same parameters."""
+    runs = {}
+    for kind in ("workers", "ray"):
+        agent = natpg.NPG("Pendulum-v1", seed=3, sampler=kind, workers=2, n_envs=5, n_steps=64,
+                          normalize_reward=True, tensorboard=False)
+        try:
+            agent.learn(320)  # starts the sampler
+            rollouts = record_rollouts(agent)
+            agent.learn(3 * 320, reset=False)  # crosses Pendulum's 200-step time limit
+            runs[kind] = (rollouts, flat_params(agent), agent.obs_normalizer.rms.state_dict(),
+                          agent.reward_scaler.rms.state_dict(), list(agent._sampler.recent_returns))
+        finally:
+            agent.close()
+    (ref, p_ref, obs_ref, rew_ref, ret_ref), (got, p_got, obs_got, rew_got, ret_got) = runs["workers"], runs["ray"]
+    assert len(ref) == len(got) == 3
+    for a, b in zip(ref, got):
+        for name in ("obs", "act", "rew", "terminated", "truncated", "next_obs"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert a.valid is None and b.valid is None
+    assert ref[-1].truncated.any()  # episode ends were part of the comparison
+    assert torch.equal(p_ref, p_got)
+    assert (obs_ref, rew_ref, ret_ref) == (obs_got, rew_got, ret_got) and len(ret_ref) == 5
+
+
+def test_ray_worker_faults(ray_cluster):
+    """A worker killed mid-iteration is replaced and its share re-run; a hung one is replaced after
+    worker_timeout; a second failure raises instead of hanging; errors inside a worker propagate."""
+    _, fault_dir = ray_cluster
+
+    def token(kind):
+        open(os.path.join(fault_dir, f"{kind}.{time.monotonic_ns()}"), "w").close()
+
+    agent = natpg.NPG(FAULTY_ID, seed=0, sampler="ray", workers=2, n_envs=4, n_steps=32, tensorboard=False)
+    rows = []
+    keep = lambda a, row: rows.append(row)  # noqa: E731
+    try:
+        agent.learn(128, callback=keep)
+        assert rows[-1]["sampler/worker_restarts"] == 0
+        rollouts = record_rollouts(agent)
+
+        token("die")  # one copy's process exits at its next step: the share runs again on a fresh actor
+        start = time.monotonic()
+        agent.learn(128, reset=False, callback=keep)
+        assert rows[-1]["sampler/worker_restarts"] == 1 and agent.env_steps == 256
+        assert rollouts[-1].obs.shape == (32, 4, 3) and torch.isfinite(rollouts[-1].obs).all()
+        assert not os.listdir(fault_dir)
+
+        agent._sampler.timeout = 4.0
+        token("hang")  # no answer within worker_timeout: killed, replaced, re-run
+        agent.learn(128, reset=False, callback=keep)
+        assert rows[-1]["sampler/worker_restarts"] == 2 and agent.env_steps == 384
+        agent._sampler.timeout = 300.0
+
+        agent._sampler.retries = 0
+        token("die")  # no retry left: a clear error, not a hang
+        with pytest.raises(WorkerFailure, match="giving up"):
+            agent.learn(128, reset=False)
+        assert agent._sampler.worker_restarts == 3
+
+        token("nan")  # the environment's own error reaches the learner as it is
+        with pytest.raises(NonFiniteEnvError, match="non-finite observation"):
+            agent.learn(128, reset=False)
+        assert time.monotonic() - start < 90
+    finally:
+        agent.close()
+        for leftover in os.listdir(fault_dir):
+            os.remove(os.path.join(fault_dir, leftover))
