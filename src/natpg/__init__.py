@@ -1,8 +1,8 @@
 """natpg — natural policy gradient methods for PyTorch and Gymnasium."""
 
 from . import fisher, policies
-from .agent import ACKTR, NPG, PPO, TRPO, VPG, Agent, evaluate, load
+from .agent import ACKTR, NAC, NPG, PPO, TRPO, VPG, Agent, evaluate, load
 from .config import Config
 
-__all__ = ["ACKTR", "NPG", "PPO", "TRPO", "VPG", "Agent", "Config", "evaluate", "fisher", "load", "policies"]
+__all__ = ["ACKTR", "NAC", "NPG", "PPO", "TRPO", "VPG", "Agent", "Config", "evaluate", "fisher", "load", "policies"]
 __version__ = "0.1.0"

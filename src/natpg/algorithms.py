@@ -113,6 +113,13 @@ def make_actor_update(cfg: Config, generator: torch.Generator | None):
 
         return ClippedSurrogateUpdate(s.alpha, s.clip_range, s.ppo_epochs, s.ppo_minibatch, s.target_kl,
                                       s.max_grad_norm, generator)
+    if cfg.algorithm == "nac":  # d = the compatible critic's weights, (F_emp + λI)⁻¹g with λ = damping
+        from .nac import NaturalActorCritic
+
+        if cfg.curvature.fisher != "empirical":
+            raise ValueError(f"nac's direction is the compatible critic's least-squares weights, i.e. the empirical "
+                             f"Fisher solve: fisher must be 'empirical', got {cfg.curvature.fisher!r}")
+        return NaturalActorCritic(cfg.curvature.damping, make_step_rule(cfg))
     return NaturalGradientUpdate(make_curvature(cfg, generator), make_step_rule(cfg))
 
 
@@ -139,6 +146,7 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
     "acktr": {"fisher": "kfac", "step": "kfac_clip", "max_kl": 0.001, "eta_max": 0.25, "momentum": 0.9,
               "damping": 0.01, "critic_optimizer": "kfac"},
     "vpg": {"fisher": "identity", "step": "fixed", "alpha": 0.1},
+    "nac": {"fisher": "empirical", "step": "kl", "max_kl": 0.01, "damping": 0.01},
     "ppo": {"step": "ppo_clip", "alpha": 3e-4, "clip_range": 0.2, "ppo_epochs": 10, "ppo_minibatch": 64},
 }
 FAMILY_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
