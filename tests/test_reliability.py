@@ -486,6 +486,13 @@ def test_truncated_or_corrupted_checkpoint_is_an_error_or_identical(tmp_path):
     assert outcomes["error"] >= 8 + 40, outcomes  # every truncation, and most flips, are detected
 
 
+def test_version_1_checkpoint_still_loads(artifacts, tmp_path):
+    meta, tensors = checkpoint.read(str(artifacts["root"] / "cart"))
+    torch.save({"format": checkpoint.FORMAT, "version": 1, "meta": json.dumps(meta), **tensors}, tmp_path / "v1.pt")
+    loaded = natpg.load(str(tmp_path / "v1.pt"))  # no digest in version 1
+    assert torch.equal(flat_params(loaded.policy), flat_params(artifacts["cart"].policy))
+
+
 # ------------------------------------------------------------------------------------------------------
 # 4. Resume: N + M steps in one run == N steps, save, load, M more (parameters, statistics, logs)
 # ------------------------------------------------------------------------------------------------------
