@@ -1,0 +1,68 @@
+"""Sampling throughput against the number of rollout workers (collect only, no updates).
+
+    python -m natpg.distributed.bench HalfCheetah-v5 --workers 1 2 --n-envs 8 --n-steps 256 --iterations 5
+
+prints one JSON line per configuration: the local sampler first (the baseline), then the Ray sampler
+with each number of workers. Each configuration runs one untimed warm-up collect (actor start-up,
+first-call costs), then ``--iterations`` timed collects with a fixed policy; env-steps/s is
+n_envs × n_steps × iterations over their wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+
+def measure(env_id: str, sampler: str, workers: int, n_envs: int, n_steps: int, iterations: int,
+            seed: int = 0) -> dict:
+    from ..agent import NPG
+
+    agent = NPG(env_id, seed=seed, n_envs=n_envs, n_steps=n_steps, sampler=sampler, workers=workers,
+                tensorboard=False)
+    t0 = time.perf_counter()
+    s = agent._make_sampler(seed)
+    try:
+        s.collect(agent.policy, n_steps)  # warm-up
+        startup = time.perf_counter() - t0
+        start = time.perf_counter()
+        for _ in range(iterations):
+            s.collect(agent.policy, n_steps)
+        wall = time.perf_counter() - start
+    finally:
+        s.close()
+    steps = n_envs * n_steps * iterations
+    return {"env_id": env_id, "sampler": sampler, "workers": workers, "n_envs": n_envs, "n_steps": n_steps,
+            "iterations": iterations, "env_steps_per_s": round(steps / wall, 1),
+            "s_per_iteration": round(wall / iterations, 3), "startup_s": round(startup, 2),
+            "cpus": os.cpu_count()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m natpg.distributed.bench", description=__doc__.split("\n")[0])
+    p.add_argument("env_id")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray worker counts to measure")
+    p.add_argument("--n-envs", type=int, default=8)
+    p.add_argument("--n-steps", type=int, default=256)
+    p.add_argument("--iterations", type=int, default=5)
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--no-local", action="store_true", help="skip the local-sampler baseline")
+    args = p.parse_args(argv)
+    if not args.no_local:
+        print(json.dumps(measure(args.env_id, "local", 1, args.n_envs, args.n_steps, args.iterations)), flush=True)
+    from .sampler import require_ray
+
+    ray = require_ray()
+    if not ray.is_initialized():
+        if args.ray_address:
+            ray.init(address=args.ray_address)
+        else:
+            ray.init(num_cpus=max(os.cpu_count() or 1, max(args.workers)), include_dashboard=False)
+    for w in args.workers:
+        print(json.dumps(measure(args.env_id, "ray", w, args.n_envs, args.n_steps, args.iterations)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
