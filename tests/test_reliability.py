@@ -657,7 +657,7 @@ def fork_server():
 KILL_ARGS = ["--no-progress", "--n-envs", "2", "--set", "n_steps=8", "--set", "checkpoint_every=1",
              "--set", "tensorboard=False", "--set", "hidden=(8,)", "--set", "critic_hidden=(8,)",
              "--set", "critic_epochs=1", "--set", "cg_iters=3", "--seed", "6"]
-KILL_STEPS = 16 * 60
+KILL_STEPS = 16 * 50
 
 
 def test_sigkill_at_random_moments_leaves_loadable_checkpoints(tmp_path, fork_server):
@@ -669,7 +669,7 @@ def test_sigkill_at_random_moments_leaves_loadable_checkpoints(tmp_path, fork_se
         argv = ["train", "npg", "CartPole-v1", "--steps", str(KILL_STEPS), *KILL_ARGS,
                 *(["--resume", str(out)] if resume else ["--out", str(out)])]
         pid = fork_server.start(argv, tmp_path / f"log{kills}")
-        time.sleep(rng.uniform(0.0, 0.3))
+        time.sleep(rng.uniform(0.0, 0.25))
         os.kill(pid, signal.SIGKILL)
         rc = fork_server.wait(pid)
         kills += 1
