@@ -88,6 +88,7 @@ def test_ray_sampler_without_ray_names_the_extra(monkeypatch):
     ({"sampler": "ray", "ray_address": ""}, "ray_address must be None"),
     ({"sampler": "ray", "worker_timeout": 0}, "worker_timeout must be a finite number > 0"),
     ({"sampler": "ray", "worker_start_timeout": -1}, "worker_start_timeout must be a finite number > 0"),
+    ({"sampler": "workers", "vectorization": "multiproc"}, "applies to sampler='local' only"),
 ])
 def test_distributed_settings_are_validated(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -333,6 +333,9 @@ class Config:
         need(d.ray_address is None or d.sampler == "ray", "ray_address needs sampler='ray'")
         pos_num("worker_timeout", d.worker_timeout)
         pos_num("worker_start_timeout", d.worker_start_timeout)
+        need(d.sampler == "local" or e.vectorization == "sync",
+             f"vectorization={e.vectorization!r} applies to sampler='local' only: each rollout worker steps its "
+             f"copies in its own process")
         if problems:
             raise ValueError("invalid settings:\n  " + "\n  ".join(problems))
         return self
