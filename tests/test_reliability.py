@@ -657,7 +657,7 @@ def fork_server():
 KILL_ARGS = ["--no-progress", "--n-envs", "2", "--set", "n_steps=8", "--set", "checkpoint_every=1",
              "--set", "tensorboard=False", "--set", "hidden=(8,)", "--set", "critic_hidden=(8,)",
              "--set", "critic_epochs=1", "--set", "cg_iters=3", "--seed", "6"]
-KILL_STEPS = 16 * 50
+KILL_STEPS = 16 * 64
 
 
 def test_sigkill_at_random_moments_leaves_loadable_checkpoints(tmp_path, fork_server):
