@@ -3,6 +3,8 @@
 from . import fisher, policies
 from .agent import ACKTR, NAC, NPG, PPO, TRPO, VPG, Agent, evaluate, load
 from .config import Config
+from .rollout import NonFiniteEnvError
+from .train import TrainingFault
 
-__all__ = ["ACKTR", "NAC", "NPG", "PPO", "TRPO", "VPG", "Agent", "Config", "evaluate", "fisher", "load", "policies"]
+__all__ = ["ACKTR", "NAC", "NPG", "PPO", "TRPO", "VPG", "Agent", "Config", "NonFiniteEnvError", "TrainingFault", "evaluate", "fisher", "load", "policies"]
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ vector env, so with the same seed both produce the same trajectories.
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import traceback
 from typing import Any
 
@@ -20,6 +21,8 @@ from gymnasium.vector import AutoresetMode
 
 
 def _worker(conn, env_id: str, n_envs: int, make_kwargs: dict[str, Any]) -> None:
+    # Ctrl-C goes to the whole process group: let the parent handle it (it saves a checkpoint, then closes us).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     envs = None
     try:
         envs = gym.make_vec(env_id, num_envs=n_envs, vectorization_mode="sync",
