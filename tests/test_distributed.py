@@ -256,7 +256,7 @@ def test_ray_worker_faults(ray_cluster):
         assert rollouts[-1].obs.shape == (32, 4, 3) and torch.isfinite(rollouts[-1].obs).all()
         assert not os.listdir(fault_dir)
 
-        agent._sampler.timeout = 4.0
+        agent._sampler.timeout = 6.0
         token("hang")  # no answer within worker_timeout: killed, replaced, re-run
         agent.learn(128, reset=False, callback=keep)
         assert rows[-1]["sampler/worker_restarts"] == 2 and agent.env_steps == 384
