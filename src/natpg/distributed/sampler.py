@@ -200,9 +200,10 @@ class RaySampler(DistributedSampler):
     ``address``: None connects to the Ray instance already initialised in this process, or starts a
     local one; 'auto' or 'HOST:PORT' joins a running cluster. A worker that dies, does not start within
     ``start_timeout`` seconds or does not return its rollout within ``timeout`` seconds is killed and
-    replaced by a fresh actor (fresh episodes, see ``spec``) and its share of the iteration is run again on the
-    replacement; a second failure of the same share in one iteration raises ``WorkerFailure``. Errors raised inside the worker (a non-finite observation,
-    a bug in the environment) are not faults of the worker and propagate as they are.
+    replaced by a fresh actor (fresh episodes, see ``spec``) and its share of the iteration is run again
+    on the replacement; a second failure of the same share in one iteration raises ``WorkerFailure``.
+    Errors raised inside the worker (a non-finite observation, a bug in the environment) are not faults
+    of the worker and propagate as they are.
     """
 
     retries = 1  # re-runs of a failed worker's share per iteration
@@ -240,8 +241,8 @@ class RaySampler(DistributedSampler):
             cpus = self.ray.available_resources().get("CPU", 0)
             self.close()
             raise WorkerFailure(f"rollout workers {sorted(refs[r] for r in pending)} did not start within "
-                                f"worker_start_timeout={self.start_timeout:g} s (each needs 1 CPU; the cluster has {cpus:g} "
-                                f"CPUs free)")
+                                f"worker_start_timeout={self.start_timeout:g} s (each needs 1 CPU; the cluster "
+                                f"has {cpus:g} CPUs free)")
 
     def _replace(self, w: int) -> None:
         try:
