@@ -215,6 +215,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .distributed import WorkerFailure  # does not import Ray
     from .rollout import NonFiniteEnvError
     from .train import TrainingFault
 
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "bench": cmd_bench}[args.command]
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError, ImportError, TrainingFault, NonFiniteEnvError) as exc:
+    except (ValueError, FileNotFoundError, ImportError, TrainingFault, NonFiniteEnvError, WorkerFailure) as exc:
         print(f"natpg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
