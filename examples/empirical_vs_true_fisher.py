@@ -150,7 +150,8 @@ def measure(sc: Scenario, obs: torch.Tensor, act: torch.Tensor, damping: float =
 
 
 def sweep(sizes: list[int], repeats: int, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
-    """measure() for on- and off-policy actions at each N, ``repeats`` fresh draws: {source: {metric: [len(sizes), repeats]}}."""
+    """measure() for on- and off-policy actions at each N over ``repeats`` fresh draws of states and actions:
+    {source: {metric: tensor [len(sizes), repeats]}}."""
     sc = scenario(seed)
     gen = torch.Generator().manual_seed(seed + 1)
     out: dict[str, dict[str, list]] = {"on-policy": {}, "off-policy": {}}
