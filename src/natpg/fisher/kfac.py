@@ -8,7 +8,7 @@ per-sample score is ``∇_W̄ log π(a|s) = g āᵀ`` with ``g = ∂ log π / �
 
 and different layers are taken to be uncorrelated (block diagonal). With row-major ``vec`` the
 block acts on a matrix ``V`` [out, in+1] as ``(G ⊗ A) vec V = vec(G V A)``, and its inverse as
-``vec(G⁻¹ V A⁻¹)``: a P×P solve becomes two small eigendecompositions per layer.
+``vec(G⁻¹ V A⁻¹)``: a P×P solve becomes two small inverses per layer.
 
 How ``g`` is obtained (``estimator``):
 
@@ -38,13 +38,15 @@ from torch import nn
 from torch.func import functional_call, jacfwd, vmap
 
 from ..params import parameter_names
+from ..policies import CategoricalHead
 
 Estimator = Literal["sampled", "exact", "empirical"]
 ESTIMATORS = ("sampled", "exact", "empirical")
 
-# A damped eigenvalue below this fraction of the largest one is raised to it (and counted as a fallback):
-# it bounds the condition number of every inverted factor by 1e10.
-EIG_FLOOR = 1e-10
+# A Cholesky factor whose smallest pivot² is below this fraction of its largest is treated as a failure
+# (the matrix is numerically singular): jitter is added, and counted as a fallback.
+PIVOT_FLOOR = 1e-10
+JITTERS = (1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1.0)  # relative to the largest diagonal entry, tried in turn
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -199,6 +201,10 @@ def output_fisher_sqrt(head, eta: torch.Tensor) -> torch.Tensor:
     """L with L Lᵀ = F_out(η_b) for every sample, as columns: [B, K] → [R, B, K] (R = K)."""
     if hasattr(head, "fisher_diag"):  # diagonal heads: L = diag(√f)
         return torch.diag_embed(head.fisher_diag(eta).sqrt()).permute(2, 0, 1)
+    if isinstance(head, CategoricalHead):  # diag(p) − ppᵀ = Σ_k p_k (e_k − p)(e_k − p)ᵀ
+        p = torch.softmax(eta, dim=-1)
+        eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
+        return (p.sqrt().T.unsqueeze(-1) * (eye.unsqueeze(1) - p.unsqueeze(0)))  # [K, B, K]
     lam, Q = torch.linalg.eigh(head.fisher(eta))  # [B, K], [B, K, K]; PSD, possibly singular (categorical)
     return (Q * lam.clamp_min(0).sqrt().unsqueeze(-2)).permute(2, 0, 1)
 
@@ -272,25 +278,29 @@ def rest_block(policy: nn.Module, obs: torch.Tensor, rest: list[nn.Parameter], e
 # Damped symmetric inverses with a fallback
 # ----------------------------------------------------------------------------------------------------
 
-def eigh_or_diagonal(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Eigendecomposition of a symmetric PSD matrix in float64: (Q, λ ≥ 0, failed). When ``eigh`` fails
-    (it can on ill-conditioned or non-finite input) the diagonal of M is used instead (Q = I)."""
+def damped_inverse(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Inverse of a symmetric positive (semi-)definite matrix by Cholesky in float64, with a fallback.
+
+    Returns (M', M'⁻¹, fell_back) where M' is the matrix actually inverted: M itself when its Cholesky
+    factor exists with pivots² ≥ PIVOT_FLOOR·max, else M + εI for the first ε in ``JITTERS`` (relative to
+    the largest diagonal entry) that gives one, else its diagonal (floored). Cholesky rather than an
+    eigendecomposition: ~10× cheaper, and ``eigh`` with several threads is pathologically slow on a
+    loaded CPU (observed 100× on 2 cores).
+    """
     M = M.double()
-    try:
-        if not bool(torch.isfinite(M).all()):
-            raise torch.linalg.LinAlgError("non-finite factor")
-        lam, Q = torch.linalg.eigh(0.5 * (M + M.T))
-        return Q, lam.clamp_min(0.0), False
-    except torch.linalg.LinAlgError:
-        d = torch.nan_to_num(M.diagonal(), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
-        return torch.eye(M.shape[0], dtype=M.dtype, device=M.device), d, True
-
-
-def floor_eigenvalues(d: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Raise damped eigenvalues below EIG_FLOOR·max (or exactly zero) to that floor: (d, whether any was)."""
-    floor = max(EIG_FLOOR * float(d.max()) if d.numel() else 0.0, torch.finfo(torch.float64).tiny)
-    low = d < floor
-    return (d.clamp_min(floor), True) if bool(low.any()) else (d, False)
+    if not bool(torch.isfinite(M).all()):
+        M = torch.nan_to_num(M, nan=0.0, posinf=0.0, neginf=0.0)
+    scale = max(float(M.diagonal().abs().max()) if M.numel() else 0.0, torch.finfo(torch.float64).tiny)
+    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    for jitter in (0.0, *JITTERS):
+        Mj = M + (jitter * scale) * eye if jitter else M
+        L, info = torch.linalg.cholesky_ex(Mj)
+        if int(info) == 0:
+            piv = L.diagonal().square()
+            if bool(piv.min() >= PIVOT_FLOOR * piv.max()):
+                return Mj, torch.cholesky_inverse(L), jitter > 0
+    d = M.diagonal().clamp_min(PIVOT_FLOOR * scale)
+    return torch.diag(d), torch.diag(1.0 / d), True
 
 
 def pi_correction(A: torch.Tensor, G: torch.Tensor) -> float:
@@ -302,14 +312,13 @@ def pi_correction(A: torch.Tensor, G: torch.Tensor) -> float:
 
 
 @dataclass
-class _Eig:
-    """Undamped eigendecomposition of one layer's factors, taken at the last refresh (float64)."""
+class _Damped:
+    """One layer's damped factors and their inverses, in the working dtype: mv uses the first two, solve the rest."""
 
-    QA: torch.Tensor  # [cols, cols], working dtype
-    lamA: torch.Tensor  # [cols], float64, ≥ 0
-    QG: torch.Tensor  # [out, out]
-    lamG: torch.Tensor  # [out]
-    pi: float
+    A: torch.Tensor  # A + π√λ I  [cols, cols]
+    G: torch.Tensor  # G + √λ/π I  [out, out]
+    A_inv: torch.Tensor
+    G_inv: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -327,10 +336,13 @@ class KFAC:
     balances the two factors so their product carries ≈ λ I. A_l = E[ā āᵀ] (layer inputs with a 1
     appended for the bias; for a convolution averaged over positions too), G_l = E[Σ_positions g gᵀ]
     (g = ∂ log π/∂(layer output)), each an exponential moving average over fits with decay
-    ``ema_decay`` (the first fit initialises it). Factors are accumulated and eigendecomposed in
-    float64; the decompositions (and so ``solve`` and ``mv``) are refreshed every ``refresh_every``
-    fits, the first fit included. A damped eigenvalue below 1e-10 of the largest, or an ``eigh``
-    failure (then the factor's diagonal is used), counts in ``stats["fisher/kfac_fallbacks"]``.
+    ``ema_decay`` (the first fit initialises it; ``ema_decay=0`` keeps only the last batch). Factors
+    are accumulated in float64 and, every ``refresh_every`` fits (the first included), a snapshot of
+    them is damped and inverted by Cholesky in float64; ``solve`` and ``mv`` both use that snapshot,
+    so they stay each other's inverse between refreshes. A numerically singular factor gets jitter
+    added, or its diagonal used (``damped_inverse``); each such event counts in
+    ``stats["fisher/kfac_fallbacks"]`` (cumulative). Changing ``damping`` takes effect at the next
+    solve/mv (the snapshot is re-damped).
 
     When K-FAC is exact (``estimator="exact"``, λ = 0; with ``"sampled"`` the same holds in expectation
     over the sampled actions, since A is exact and G is an unbiased estimate): for a layer block
@@ -349,8 +361,9 @@ class KFAC:
     over a batch of distinct states, nor for hidden layers in general.
 
     Cost per fit: one forward and one backward pass (R backward vectors for ``"exact"``, vectorised), the
-    factor products O(B·(in² + out²)) per layer, and, on a refresh, eigendecompositions O(in³ + out³).
-    Per solve/mv: O(out·in·(in + out)) per layer.
+    factor products O(B·(in² + out²)) per layer, one more forward (forward mode) when the policy has
+    parameters outside its layers, and on a refresh a Cholesky and inverse O(in³ + out³) per layer.
+    Per solve/mv: two matrix products O(out·in·(in + out)) per layer.
     """
 
     def __init__(self, damping: float = 0.01, ema_decay: float = 0.95, refresh_every: int = 1,
@@ -368,16 +381,16 @@ class KFAC:
         self.rest_fisher: torch.Tensor | None = None  # [R, R] float64
         self.fits = 0
         self.fallbacks = 0
-        self._eig: list[_Eig] = []
-        self._rest_eig: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._damped: tuple[float, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None] | None = None
+        self._snapshot: list[tuple[torch.Tensor, torch.Tensor]] = []  # factors at the last refresh
+        self._rest_snapshot: torch.Tensor | None = None
+        self._damped: tuple[float, list[_Damped], tuple[torch.Tensor, torch.Tensor] | None] | None = None
         self._dtype = torch.float32
         self.stats: dict[str, float] = {}
 
     # -- fit ------------------------------------------------------------------------------------------
 
     def fit(self, policy: nn.Module, obs: torch.Tensor, act: torch.Tensor | None = None) -> None:
-        """Fold the batch's factors into the moving averages; refresh the decompositions when due."""
+        """Fold the batch's factors into the moving averages; refresh the inverses when due."""
         structure = find_layers(policy)
         if self.structure is None or structure.key != self.structure.key:
             self.structure, self.factors, self.rest_fisher, self.fits = structure, [], None, 0
@@ -385,30 +398,27 @@ class KFAC:
         B = obs.shape[0]
         batch = []
         for a, g in zip(cap.a, cap.g):
-            A = torch.einsum("bti,btj->ij", a, a) / (a.shape[0] * a.shape[1])
-            G = torch.einsum("sbto,sbtp->op", g, g) / B
-            batch.append((A.double(), G.double()))
+            a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])  # rows: (sample, position), (vector, sample, position)
+            batch.append(((a.T @ a / a.shape[0]).double(), (g.T @ g / B).double()))
         rest = None
         if structure.rest:
             rest = rest_block(policy, obs, structure.rest, cap.eta,
                               act if self.estimator == "empirical" else None).double()
-        skipped = 0
         if self.fits == 0:
             self.factors, self.rest_fisher = batch, rest
         else:
             self.factors = [(self._ema(A0, A), self._ema(G0, G)) for (A0, G0), (A, G) in zip(self.factors, batch)]
             if rest is not None:
                 self.rest_fisher = self._ema(self.rest_fisher, rest)
-        skipped = sum(not bool(torch.isfinite(A).all() and torch.isfinite(G).all()) for A, G in batch)
+        nonfinite = sum(not bool(torch.isfinite(A).all() and torch.isfinite(G).all()) for A, G in batch)
         self._dtype = cap.eta.dtype
         refresh = self.fits % self.refresh_every == 0
         self.fits += 1
         if refresh:
-            self._refresh()
-        self.stats = {"fisher/kfac_refreshed": float(refresh), "fisher/kfac_fallbacks": float(self.fallbacks),
-                      "fisher/kfac_nonfinite_layers": float(skipped), "fisher/kfac_layers": float(len(batch))}
-        self._damped_eigs()  # counts fallbacks now, so the stats of this fit include them
-        self.stats["fisher/kfac_fallbacks"] = float(self.fallbacks)
+            self._snapshot, self._rest_snapshot, self._damped = list(self.factors), self.rest_fisher, None
+        self._inverses()  # invert now, so that this fit's stats include any fallback
+        self.stats.update({"fisher/kfac_refreshed": float(refresh), "fisher/kfac_fallbacks": float(self.fallbacks),
+                           "fisher/kfac_nonfinite_batches": float(nonfinite), "fisher/kfac_layers": float(len(batch))})
 
     def _ema(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         # A non-finite batch statistic is dropped rather than poisoning the average for good.
@@ -416,64 +426,55 @@ class KFAC:
             return old
         return self.ema_decay * old + (1.0 - self.ema_decay) * new
 
-    def _refresh(self) -> None:
-        self._eig = []
-        for A, G in self.factors:
-            QA, lamA, failA = eigh_or_diagonal(A)
-            QG, lamG, failG = eigh_or_diagonal(G)
-            self.fallbacks += failA + failG
-            # Bases kept in the working dtype (decomposed in float64 above) so a solve does not cast them.
-            self._eig.append(_Eig(QA.to(self._dtype), lamA, QG.to(self._dtype), lamG, pi_correction(A, G)))
-        self._rest_eig = None
-        if self.rest_fisher is not None:
-            Q, lam, fail = eigh_or_diagonal(self.rest_fisher)
-            self.fallbacks += fail
-            self._rest_eig = (Q.to(self._dtype), lam)
-        self._damped = None
-
-    def _damped_eigs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Damped eigenvalues (d_A, d_G) per layer for the current ``damping`` (recomputed if it changed)."""
+    def _inverses(self) -> tuple[list[_Damped], tuple[torch.Tensor, torch.Tensor] | None]:
+        """Damped snapshot factors and their inverses for the current ``damping`` (cached until either changes)."""
         if self._damped is not None and self._damped[0] == self.damping:
-            return self._damped[1]
-        sq = math.sqrt(self.damping)
-        cond, out = 1.0, []
-        for e in self._eig:
-            dA, lowA = floor_eigenvalues(e.lamA + e.pi * sq)
-            dG, lowG = floor_eigenvalues(e.lamG + sq / e.pi)
-            self.fallbacks += lowA + lowG
-            cond = max(cond, float(dA.max() / dA.min()), float(dG.max() / dG.min()))
-            out.append((dA, dG))
-        d_rest = None
-        if self._rest_eig is not None:
-            d_rest, low = floor_eigenvalues(self._rest_eig[1] + self.damping)
-            self.fallbacks += low
-        self._damped = (self.damping, out, d_rest)
-        self.stats["fisher/kfac_cond_max"] = cond
-        return out
+            return self._damped[1], self._damped[2]
+        sq, dt = math.sqrt(self.damping), self._dtype
+        layers, cond = [], 1.0
+        for A, G in self._snapshot:
+            pi = pi_correction(A, G)
+            Ad, A_inv, failA = damped_inverse(A + pi * sq * torch.eye(A.shape[0], dtype=A.dtype, device=A.device))
+            Gd, G_inv, failG = damped_inverse(G + sq / pi * torch.eye(G.shape[0], dtype=G.dtype, device=G.device))
+            self.fallbacks += failA + failG
+            cond = max(cond, _pivot_ratio(A_inv), _pivot_ratio(G_inv))
+            layers.append(_Damped(Ad.to(dt), Gd.to(dt), A_inv.to(dt), G_inv.to(dt)))
+        rest = None
+        if self._rest_snapshot is not None:
+            R = self._rest_snapshot
+            Rd, R_inv, fail = damped_inverse(R + self.damping * torch.eye(R.shape[0], dtype=R.dtype, device=R.device))
+            self.fallbacks += fail
+            rest = (Rd.to(dt), R_inv.to(dt))
+        self._damped = (self.damping, layers, rest)
+        self.stats["fisher/kfac_diag_ratio_max"] = cond
+        return layers, rest
 
     # -- solve / mv -----------------------------------------------------------------------------------
 
-    def _apply(self, v: torch.Tensor, power: int) -> torch.Tensor:
-        """The damped K-FAC matrix to the power ±1 times a flat vector v [P]."""
+    def _apply(self, v: torch.Tensor, inverse: bool) -> torch.Tensor:
+        """The damped K-FAC matrix (or its inverse) times a flat vector v [P]: per layer G V A (or G⁻¹ V A⁻¹)."""
         if self.structure is None:
             raise RuntimeError("call fit(policy, obs) before solve/mv")
-        damped = self._damped_eigs()
+        layers, rest = self._inverses()
         out = torch.empty_like(v)
-        for slot, e, (dA, dG) in zip(self.structure.layers, self._eig, damped):
-            QA, QG = e.QA.to(v.dtype), e.QG.to(v.dtype)
-            V = QG.T @ slot.gather(v) @ QA  # eigenbasis of G ⊗ A
-            V = V * (dG.unsqueeze(1) * dA.unsqueeze(0)).to(v.dtype) ** power
-            slot.scatter(out, QG @ V @ QA.T)
-        if self._rest_eig is not None:
-            Q, d = self._rest_eig[0].to(v.dtype), self._damped[2].to(v.dtype)
+        for slot, d in zip(self.structure.layers, layers):
+            V = slot.gather(v)
+            slot.scatter(out, d.G_inv @ V @ d.A_inv if inverse else d.G @ V @ d.A)
+        if rest is not None:
             idx = self.structure.rest_idx
-            out[idx] = Q @ ((Q.T @ v[idx]) * d**power)
+            out[idx] = rest[1 if inverse else 0] @ v[idx]
         return out
 
     def solve(self, g: torch.Tensor) -> torch.Tensor:
         """≈ (F + λI)⁻¹ g: the inverse of the damped K-FAC matrix times g [P] → [P]."""
-        return self._apply(g, -1)
+        return self._apply(g, inverse=True)
 
     def mv(self, v: torch.Tensor) -> torch.Tensor:
         """The damped K-FAC matrix (the one ``solve`` inverts) times v [P] → [P]."""
-        return self._apply(v, 1)
+        return self._apply(v, inverse=False)
+
+
+def _pivot_ratio(M_inv: torch.Tensor) -> float:
+    """max/min of the inverse's diagonal: a cheap lower bound on the condition number, for logging."""
+    d = M_inv.diagonal()
+    return float(d.max() / d.min()) if d.numel() and float(d.min()) > 0 else float("inf")
