@@ -4,19 +4,23 @@ The actor half of ACKTR needs nothing new: ``NaturalGradientUpdate(fisher.KFAC, 
 The critic is given the output model p(R | s) = N(R; V(s), σ²), whose Fisher is the Gauss-Newton
 matrix of the squared error divided by σ²:
 
-    F_V = (1/σ²) · GN,   GN = mean_b J_bᵀ J_b,   J_b = ∂V(s_b)/∂θ,   KL(N(V, σ²) ‖ N(V', σ²)) = (V − V')² / (2σ²).
+    F_V = GN / σ²,   GN = mean_b J_bᵀ J_b,   J_b = ∂V(s_b)/∂θ,   KL(N(V, σ²) ‖ N(V', σ²)) = (V − V')² / (2σ²).
 
-The paper takes σ = 1; here σ is the standard deviation of the batch's return targets (fixed for one
-``fit``), so the critic's KL budget δ_c means "RMS change of V ≈ √(2δ_c)·σ per step" whatever the
-scale of the returns. K-FAC approximates GN per Linear layer (s = W̄ā, W̄ = [W | b], ā = [a; 1]):
+The paper takes σ = 1 (plain Gauss-Newton, absolute value units). Here σ² is the output model's
+maximum-likelihood noise at the start of each ``fit``, mean_b (V(s_b) − R_b)², so the critic's KL
+budget δ_c reads "each step changes V by at most √(2δ_c) residual RMS" whatever the scale of the
+returns, and a critic far from its targets may move far. K-FAC approximates GN per Linear layer
+(s = W̄ā, W̄ = [W | b], ā = [a; 1]):
 
     GN_W̄ ≈ A ⊗ G,   A = mean ā āᵀ,   G = mean (∂V/∂s)(∂V/∂s)ᵀ,
 
 which is exact for the output layer (∂V/∂s = 1) and so for a linear critic. The damped matrix is
-blockdiag((A + π√λ I) ⊗ (G + √λ/π I))/σ² — the factored Tikhonov damping of ``fisher.KFAC``, λ in the
-units of the σ = 1 Gauss-Newton matrix — inverted factor by factor (Cholesky, float64). The step is ``steps.KFACClip``, the same rule as the actor's: with g = −∇ ½ mean(V − R)²/σ²,
-d = F̂⁻¹g = (A⊗G + λI)⁻¹ ∇(−½ mean(V − R)²) is a (damped) Gauss-Newton step — η = 1 fits the
-linearised targets — and η = min(η_max, √(2δ_c / vᵀF̂v)).
+blockdiag((A + π√λ I) ⊗ (G + √λ/π I)) / σ² — the factored Tikhonov damping of ``fisher.KFAC``, λ in
+the units of the σ = 1 Gauss-Newton matrix — inverted factor by factor (Cholesky, float64).
+
+The step is ``steps.KFACClip``, the same rule as the actor's. With g = −∇ ½ mean (V − R)²/σ², the
+direction d = F̂⁻¹g = (damped A⊗G)⁻¹ ∇(−½ mean (V − R)²) is a damped Gauss-Newton step (η = 1 fits the
+linearised targets), and η = min(η_max, √(2δ_c / vᵀF̂v)).
 """
 
 from __future__ import annotations
@@ -139,11 +143,11 @@ class KFACCritic(ValueCritic):
     def fit(self, obs: torch.Tensor, returns: torch.Tensor, generator: torch.Generator | None = None
             ) -> dict[str, float]:
         B = obs.shape[0]
-        sigma = float(returns.std()) if B > 1 else 1.0
-        sigma = sigma if sigma > 1e-8 else 1.0
         params = list(self.net.parameters())
         with torch.no_grad():
             before = float(((self(obs) - returns) ** 2).mean())
+        # σ² of the output model N(R; V(s), σ²): its maximum-likelihood value at the start of the fit.
+        sigma = max(before, 1e-12) ** 0.5
         sizes, kls, skipped = [], [], 0
         for _ in range(self.epochs):
             perm = torch.randperm(B, generator=generator).to(obs.device)

@@ -51,7 +51,7 @@ class Agent:
     def __init__(self, env: str, seed: int = 0, **overrides: Any):
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        config = default_config(self.algorithm, env_family(env)).override(**overrides).validate()
+        config = default_config(self.algorithm, env_family(env), env).override(**overrides).validate()
         if config.distributed.sampler == "ray":
             from .distributed import check_ray_installed
 

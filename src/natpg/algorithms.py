@@ -1,7 +1,9 @@
 """Algorithms as compositions: actor update = curvature × step rule (or PPO's clip), plus the critic.
 
 NPG, TRPO, ACKTR and VPG differ only in how F⁻¹g is approximated and how the step length is chosen;
-each is a row of ``COMPOSITIONS`` and a preset, never a subclass with a copied update.
+PPO replaces the natural step by the clipped surrogate. Each is a row of ``ALGORITHM_DEFAULTS`` (the
+composition) plus presets, never a subclass with a copied update; docs/algorithms.md maps the maths to
+the code and cites the presets' sources.
 """
 
 from __future__ import annotations
@@ -143,8 +145,8 @@ def make_critic(cfg: Config, obs_dim: int) -> nn.Module:
 ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
     "npg": {"fisher": "cg", "step": "kl", "max_kl": 0.01},
     "trpo": {"fisher": "cg", "step": "linesearch", "max_kl": 0.01},
-    "acktr": {"fisher": "kfac", "step": "kfac_clip", "max_kl": 0.001, "eta_max": 0.25, "momentum": 0.9,
-              "damping": 0.01, "critic_optimizer": "kfac"},
+    "acktr": {"fisher": "kfac", "step": "kfac_clip", "max_kl": 0.005, "eta_max": 3.0, "momentum": 0.9,
+              "damping": 0.01, "kfac_ema_decay": 0.5, "critic_optimizer": "kfac"},
     "vpg": {"fisher": "identity", "step": "fixed", "alpha": 0.1},
     "nac": {"fisher": "empirical", "step": "kl", "max_kl": 0.01, "damping": 0.001},
     "ppo": {"step": "ppo_clip", "alpha": 3e-4, "clip_range": 0.2, "ppo_epochs": 10, "ppo_minibatch": 64},
@@ -153,11 +155,36 @@ FAMILY_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("npg", "classic"): {"n_envs": 8, "n_steps": 256, "max_kl": 0.02, "damping": 0.1},
     ("nac", "classic"): {"n_envs": 8, "n_steps": 128},  # the N×N Gram costs N²P: N = 1024 keeps an update < 0.5 s
     ("npg", "mujoco"): {"n_envs": 8, "n_steps": 256, "max_kl": 0.02, "damping": 0.1, "normalize_reward": True},
+    # TRPO, ACKTR, VPG, PPO: see docs/algorithms.md for where each value comes from.
+    ("trpo", "classic"): {"n_envs": 8, "n_steps": 256, "max_kl": 0.01, "damping": 0.1},
+    ("trpo", "mujoco"): {"n_envs": 8, "n_steps": 128, "max_kl": 0.01, "damping": 0.1, "cg_iters": 10,
+                         "critic_epochs": 20, "critic_minibatch": 128, "normalize_reward": True},
+    ("acktr", "classic"): {"n_envs": 8, "n_steps": 256},
+    ("acktr", "mujoco"): {"n_envs": 8, "n_steps": 256, "gae_lambda": 0.97, "max_kl": 0.002, "normalize_reward": True},
+    ("vpg", "classic"): {"n_envs": 8, "n_steps": 256},
+    ("vpg", "mujoco"): {"n_envs": 8, "n_steps": 512, "step": "adam", "alpha": 3e-4, "gae_lambda": 0.97,
+                        "critic_epochs": 80, "critic_minibatch": 4096, "normalize_reward": True},
+    ("ppo", "classic"): {"n_envs": 8, "n_steps": 128, "alpha": 1e-3, "ppo_minibatch": 256, "gamma": 0.98,
+                         "gae_lambda": 0.8, "critic_minibatch": 256},
+    ("ppo", "mujoco"): {"n_envs": 8, "n_steps": 256, "alpha": 3e-4, "ppo_minibatch": 64, "critic_minibatch": 64,
+                        "normalize_reward": True},
+}
+# Tuned for one environment (RL Zoo style), applied over the family preset.
+ENV_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
+    ("trpo", "Pendulum-v1"): {"gamma": 0.9, "n_envs": 4, "n_steps": 256, "max_kl": 0.02, "critic_epochs": 20,
+                              "normalize_reward": True},
+    ("acktr", "Pendulum-v1"): {"gamma": 0.9, "n_envs": 4, "n_steps": 256, "normalize_reward": True},
+    ("vpg", "Pendulum-v1"): {"gamma": 0.9, "n_envs": 4, "n_steps": 256, "step": "adam", "alpha": 3e-3,
+                             "critic_epochs": 20, "normalize_reward": True},
+    ("ppo", "Pendulum-v1"): {"gamma": 0.9, "gae_lambda": 0.95, "n_envs": 4, "n_steps": 256, "ppo_minibatch": 128,
+                             "critic_epochs": 10, "critic_minibatch": 128, "normalize_reward": True},
 }
 
 
-def default_config(algorithm: str, family: str) -> Config:
+def default_config(algorithm: str, family: str, env_id: str | None = None) -> Config:
+    """The algorithm's composition, then the family preset, then the environment's own preset (if any)."""
     if algorithm not in ALGORITHM_DEFAULTS:
         raise ValueError(f"unknown algorithm {algorithm!r}; valid: {sorted(ALGORITHM_DEFAULTS)}")
     return Config(algorithm=algorithm).override(**{**ALGORITHM_DEFAULTS[algorithm],
-                                                **FAMILY_DEFAULTS.get((algorithm, family), {})})
+                                                **FAMILY_DEFAULTS.get((algorithm, family), {}),
+                                                **ENV_DEFAULTS.get((algorithm, env_id), {})})

@@ -162,10 +162,11 @@ class KFACClip:
     def apply(self, params, d: torch.Tensor, g: torch.Tensor, curvature: Curvature, evaluate: Evaluate) -> dict:
         if not bool(torch.isfinite(d).all()):
             return skipped("non-finite direction")
-        reset = self.v is None or self.v.shape != d.shape or self.momentum == 0.0
-        v = d if reset else self.momentum * self.v + (1.0 - self.momentum) * d
-        if not reset and float(torch.dot(g, v)) <= 0.0:
-            v, reset = d, True
+        fresh = self.v is None or self.v.shape != d.shape or self.momentum == 0.0
+        v = d if fresh else self.momentum * self.v + (1.0 - self.momentum) * d
+        reset = not fresh and float(torch.dot(g, v)) <= 0.0  # the remembered direction descends this batch
+        if reset:
+            v = d
         eta_kl, vFv, fault = quadratic_kl_step(v, curvature, self.max_kl)
         if fault:
             return skipped(fault)
