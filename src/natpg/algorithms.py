@@ -148,12 +148,12 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
     "acktr": {"fisher": "kfac", "step": "kfac_clip", "max_kl": 0.005, "eta_max": 3.0, "momentum": 0.9,
               "damping": 0.01, "kfac_ema_decay": 0.5, "critic_optimizer": "kfac"},
     "vpg": {"fisher": "identity", "step": "fixed", "alpha": 0.1},
-    "nac": {"fisher": "empirical", "step": "kl", "max_kl": 0.01, "damping": 0.001},
+    "nac": {"fisher": "empirical", "step": "kl", "max_kl": 0.01, "damping": 0.01},
     "ppo": {"step": "ppo_clip", "alpha": 3e-4, "clip_range": 0.2, "ppo_epochs": 10, "ppo_minibatch": 64},
 }
 FAMILY_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("npg", "classic"): {"n_envs": 8, "n_steps": 256, "max_kl": 0.02, "damping": 0.1},
-    ("nac", "classic"): {"n_envs": 8, "n_steps": 128},  # the N×N Gram costs N²P: N = 1024 keeps an update < 0.5 s
+    ("nac", "classic"): {"n_envs": 8, "n_steps": 128, "max_kl": 0.02},  # the N×N Gram costs N²P: N = 1024
     ("npg", "mujoco"): {"n_envs": 8, "n_steps": 256, "max_kl": 0.02, "damping": 0.1, "normalize_reward": True},
     # TRPO, ACKTR, VPG, PPO: see docs/algorithms.md for where each value comes from.
     ("trpo", "classic"): {"n_envs": 8, "n_steps": 256, "max_kl": 0.01, "damping": 0.1},
