@@ -134,8 +134,8 @@ class KFACCritic(ValueCritic):
     """
 
     def __init__(self, obs_dim: int, hidden: Sequence[int] = (64, 64), activation: str = "tanh", lr: float = 1e-3,
-                 epochs: int = 10, minibatch: int = 256, *, max_kl: float = 0.05, eta_max: float = 1.0,
-                 damping: float = 0.01, momentum: float = 0.9):
+                 epochs: int = 10, minibatch: int = 256, *, max_kl: float = 0.01, eta_max: float = 1.0,
+                 damping: float = 0.01, momentum: float = 0.0):
         super().__init__(obs_dim, hidden, activation, lr, epochs, minibatch)
         self.curvature = GaussNewtonKFAC(damping)
         self.optimizer = KFACClip(max_kl, eta_max, momentum)

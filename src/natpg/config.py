@@ -79,14 +79,14 @@ class CriticConfig:
     """Minibatch size of the value regression."""
     critic_optimizer: str = "adam"
     """Value step: 'adam', or 'kfac' (ACKTR: Gauss-Newton K-FAC natural step inside a trust region)."""
-    critic_max_kl: float = 0.05
-    """K-FAC critic: KL budget δ_c per step for the output model N(V(s), σ²), σ = std of the batch's targets."""
+    critic_max_kl: float = 0.01
+    """K-FAC critic: KL budget δ_c per step of the output model N(R; V(s), σ²), σ² = mean (V − R)² at the fit's start."""
     critic_eta_max: float = 1.0
     """K-FAC critic: cap on the step length, η = min(critic_eta_max, √(2δ_c / ΔᵀF̂Δ))."""
     critic_damping: float = 0.01
     """K-FAC critic: Tikhonov damping λ of the (normalised) Gauss-Newton K-FAC matrix."""
-    critic_momentum: float = 0.9
-    """K-FAC critic: momentum μ of the preconditioned direction, v ← μ·v + (1 − μ)·Δ."""
+    critic_momentum: float = 0.0
+    """K-FAC critic: momentum μ of the preconditioned direction, v ← μ·v + (1 − μ)·Δ (0: none)."""
     value_clip: float = 0.0
     """PPO-style value clipping: V − V_old is clipped to ±value_clip in the loss (return units; 0: off)."""
 
