@@ -22,11 +22,11 @@ import torch
 from natpg.bench import raw_env_rate
 
 
-def natpg_rate(env_id: str, batch: int, updates: int, n_envs: int) -> float:
+def natpg_rate(env_id: str, batch: int, updates: int, n_envs: int, vectorization: str = "sync") -> float:
     import natpg
 
     agent = natpg.NPG(env_id, seed=0, n_envs=n_envs, n_steps=batch // n_envs, critic_epochs=10,
-                      critic_minibatch=256, cg_iters=10, tensorboard=False)
+                      critic_minibatch=256, cg_iters=10, tensorboard=False, vectorization=vectorization)
     agent.learn(batch)
     start = time.perf_counter()
     agent.learn(updates * batch, reset=False)
@@ -64,10 +64,11 @@ def main() -> None:
         have_sb3 = True
     except ImportError:
         have_sb3 = False
-    rows: dict[str, list[float]] = {"raw": [], "natpg": [], "sb3": []}
+    rows: dict[str, list[float]] = {"raw": [], "natpg": [], "natpg_multiproc": [], "sb3": []}
     for _ in range(args.repeats):
         rows["raw"].append(raw_env_rate(args.env))
         rows["natpg"].append(natpg_rate(args.env, args.batch, args.updates, args.n_envs))
+        rows["natpg_multiproc"].append(natpg_rate(args.env, args.batch, args.updates, args.n_envs, "multiproc"))
         torch.set_num_threads(args.threads)
         if have_sb3:
             rows["sb3"].append(sb3_rate(args.env, args.batch, args.updates))
@@ -76,8 +77,10 @@ def main() -> None:
                for k, v in rows.items() if v}
     med = {k: v["median"] for k, v in summary.items()}
     summary["natpg_over_raw"] = round(med["natpg"] / med["raw"], 3)
+    summary["natpg_multiproc_over_raw"] = round(med["natpg_multiproc"] / med["raw"], 3)
     if "sb3" in med:
         summary["natpg_over_sb3"] = round(med["natpg"] / med["sb3"], 2)
+        summary["natpg_multiproc_over_sb3"] = round(med["natpg_multiproc"] / med["sb3"], 2)
     summary["settings"] = vars(args)
     print(json.dumps(summary, indent=1))
 
