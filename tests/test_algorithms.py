@@ -505,6 +505,12 @@ def test_new_algorithms_save_and_load(cls, tmp_path):
     np.testing.assert_array_equal(agent.predict(obs), loaded.predict(obs))
     for a, b in zip(agent.critic.parameters(), loaded.critic.parameters()):
         assert torch.equal(a, b)
+    if cls is natpg.ACKTR:  # the momentum of the actor's step rule travels with the checkpoint
+        assert torch.equal(agent.actor_update.step_rule.v, loaded.actor_update.step_rule.v)
+    else:  # PPO's Adam moments
+        saved = agent.actor_update.optimizer.state_dict()["state"]
+        loaded_state = loaded.actor_update.state_dict()["adam"]["state"]
+        assert all(torch.equal(saved[k]["exp_avg"], loaded_state[k]["exp_avg"]) for k in saved)
 
 
 def test_new_settings_are_validated():

@@ -313,6 +313,16 @@ def test_kfac_conv_factors_loop_reference_and_solve():
     torch.testing.assert_close(kfac.solve(g), torch.linalg.solve(M, g), rtol=1e-8, atol=1e-10)
 
 
+def test_diagonal_of_conv_policy_equals_dense_diagonal():
+    """Positions share the conv weight: the per-sample score sums over them before it is squared."""
+    torch.manual_seed(2)
+    policy = ConvPolicy()
+    obs = torch.randn(6, 18)
+    d = Diagonal(damping=0.0, chunk=4)
+    d.fit(policy, obs)
+    torch.testing.assert_close(d.diag, dense_fisher(policy, obs).diagonal(), rtol=1e-10, atol=1e-12)
+
+
 def test_kfac_conv_with_full_kernel_is_exact_on_identical_observations():
     """A kernel covering the whole image has one position: a Linear layer in disguise."""
     torch.manual_seed(1)

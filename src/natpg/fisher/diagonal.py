@@ -43,8 +43,8 @@ class Diagonal:
         B = obs.shape[0]
         diag = torch.zeros(s.num_params, dtype=cap.eta.dtype, device=cap.eta.device)
         for slot, a, g in zip(s.layers, cap.a, cap.g):
-            if a.shape[1] == 1:  # one position: per-sample score g āᵀ, so its square is g² (ā²)ᵀ
-                D = torch.einsum("sbo,bi->oi", g[:, :, 0].square(), a[:, 0].square())
+            if a.shape[1] == 1:  # one position: per-sample score g āᵀ, so its square is g² (ā²)ᵀ; sum g² over s first
+                D = g[:, :, 0].square().sum(0).T @ a[:, 0].square()
             else:  # positions share the weight: sum the per-sample score over them before squaring
                 D = torch.zeros(slot.out_dim, slot.cols, dtype=a.dtype, device=a.device)
                 for i in range(0, B, self.chunk):
