@@ -20,27 +20,49 @@ from .algorithms import default_config, make_actor_update, make_critic
 from .config import Config
 from .envs import ObsNormalizer, RewardScaler, check_spaces, env_family, make_vec_env, probe_spaces
 from .logger import Logger
-from .policies import make_policy
+from .policies import env_action, input_layout, make_policy
 from .rollout import Sampler
 from .train import TrainingFault, fault_of, iteration
 
 
 def space_to_dict(space: gym.Space) -> dict[str, Any]:
+    """A JSON-able record of a space (Box, Discrete, MultiDiscrete, MultiBinary, Dict, Tuple)."""
     if isinstance(space, gym.spaces.Box):
         return {"type": "Box", "low": space.low.tolist(), "high": space.high.tolist(),
                 "shape": list(space.shape), "dtype": str(space.dtype)}
     if isinstance(space, gym.spaces.Discrete):
         return {"type": "Discrete", "n": int(space.n), "start": int(space.start)}
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return {"type": "MultiDiscrete", "nvec": space.nvec.tolist(), "start": space.start.tolist(),
+                "dtype": str(space.dtype)}
+    if isinstance(space, gym.spaces.MultiBinary):
+        return {"type": "MultiBinary", "n": np.asarray(space.n).tolist()}
+    if isinstance(space, gym.spaces.Dict):
+        return {"type": "Dict", "spaces": [[k, space_to_dict(v)] for k, v in space.spaces.items()]}
+    if isinstance(space, gym.spaces.Tuple):
+        return {"type": "Tuple", "spaces": [space_to_dict(v) for v in space.spaces]}
     raise ValueError(f"cannot record space {space}")
 
 
 def space_from_dict(d: dict[str, Any]) -> gym.Space:
-    if d["type"] == "Box":
+    kind = d["type"]
+    if kind == "Box":
         return gym.spaces.Box(np.array(d["low"], dtype=d["dtype"]), np.array(d["high"], dtype=d["dtype"]),
                               dtype=d["dtype"])
-    if d["type"] == "Discrete":
+    if kind == "Discrete":
         return gym.spaces.Discrete(d["n"], start=d["start"])
-    raise ValueError(f"unknown space type {d['type']!r} in checkpoint")
+    if kind == "MultiDiscrete":
+        return gym.spaces.MultiDiscrete(np.array(d["nvec"]), dtype=d["dtype"], start=np.array(d["start"]))
+    if kind == "MultiBinary":
+        return gym.spaces.MultiBinary(d["n"])
+    if kind == "Dict":
+        return gym.spaces.Dict({k: space_from_dict(v) for k, v in d["spaces"]})
+    if kind == "Tuple":
+        return gym.spaces.Tuple([space_from_dict(v) for v in d["spaces"]])
+    raise ValueError(f"unknown space type {kind!r} in checkpoint")
+
+
+CALLABLE_MASK = "<callable>"
 
 
 class Agent:
@@ -51,12 +73,22 @@ class Agent:
     def __init__(self, env: str, seed: int = 0, **overrides: Any):
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        mask_fn = overrides.get("action_mask")
+        if callable(mask_fn):
+            overrides["action_mask"] = CALLABLE_MASK
         config = default_config(self.algorithm, env_family(env), env).override(**overrides).validate()
         if config.distributed.sampler == "ray":
             from .distributed import check_ray_installed
 
             check_ray_installed()
-        self._build(env, seed, config, *probe_spaces(env))
+        self.action_mask_fn = mask_fn if callable(mask_fn) else None
+        self.config = config
+        self._build(env, seed, config, *probe_spaces(env, self.action_mask_source))
+
+    @property
+    def action_mask_source(self):
+        """Where the action mask comes from: None, an info key, or the callable given to the constructor."""
+        return self.action_mask_fn if self.config.env.action_mask == CALLABLE_MASK else self.config.env.action_mask
 
     def _build(self, env_id: str, seed: int, config: Config, observation_space: gym.Space,
                action_space: gym.Space) -> None:
@@ -69,10 +101,14 @@ class Agent:
         torch.set_num_threads(config.run.torch_threads)
         torch.manual_seed(seed)
         p = config.policy
-        obs_dim = int(np.prod(observation_space.shape))
-        self.policy = make_policy(observation_space, action_space, p.hidden, p.activation, p.log_std_init).to(self.device)
-        self.critic = make_critic(config, obs_dim).to(self.device)
-        self.obs_normalizer = ObsNormalizer((obs_dim,), config.env.obs_clip, config.env.normalize_obs)
+        masked = config.env.action_mask is not None
+        features, mask_dim, image = input_layout(observation_space, action_space, masked)
+        self.policy = make_policy(observation_space, action_space, p.hidden, p.activation, p.log_std_init,
+                                  p.action_squash, masked).to(self.device)
+        self.critic = make_critic(config, features + mask_dim, image).to(self.device)
+        # Images are scaled by 1/255 inside the CNN instead of normalised by running statistics.
+        self.obs_normalizer = ObsNormalizer((features + mask_dim,), config.env.obs_clip,
+                                            config.env.normalize_obs and image is None, passthrough=mask_dim)
         self.reward_scaler = RewardScaler(config.env.n_envs, config.advantage.gamma, config.env.reward_clip,
                                           config.env.normalize_reward)
         self.generator = torch.Generator(self.device).manual_seed(seed)
@@ -167,7 +203,7 @@ class Agent:
             return make_sampler(kind, self.env_id, self.config, seed, self.obs_normalizer, self.reward_scaler,
                                 self.device)
         envs = make_vec_env(self.env_id, self.config.env.n_envs, self.config.env.vectorization,
-                            self.config.env.n_workers)
+                            self.config.env.n_workers, self.action_mask_source)
         return Sampler(envs, self.obs_normalizer, self.reward_scaler, seed, self.device, self.generator,
                        self.config.env.nonfinite_env)
 
@@ -186,12 +222,34 @@ class Agent:
         self._close_sampler()
 
     # --- acting ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def predict(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
+    def predict(self, obs: Any, deterministic: bool = True, action_mask: Any = None) -> np.ndarray:
         """Action(s) for one observation or a batch (numpy in, numpy out), with frozen normalisation.
 
-        Box actions are clipped to the action bounds, as they are when training.
+        Observations come as the environment gives them (Dict/Tuple/Discrete ones too, flattened here; Atari
+        frames after natpg's preprocessing). Box actions are clipped to the bounds (or tanh-squashed), as when
+        training. A policy trained with action masking needs ``action_mask`` (1 = allowed; [n] or [B, n]).
         """
+        space = self.observation_space
+        if isinstance(space, gym.spaces.Box):
+            flat, single = self._box_observations(obs)
+        else:  # Dict, Tuple, Discrete, ...: one observation, or a list of them
+            single = space.contains(obs) if not isinstance(space, gym.spaces.Dict) else isinstance(obs, dict)
+            items = [obs] if single else list(obs) if isinstance(obs, (list, tuple)) else None
+            try:
+                if items is None:
+                    raise ValueError("not a list of observations")
+                flat = np.stack([np.asarray(gym.spaces.flatten(space, o), np.float64) for o in items])
+            except (TypeError, ValueError, KeyError, IndexError, AssertionError) as exc:
+                raise ValueError(f"observation {obs!r:.120} is not in the policy's observation space {space} "
+                                 f"(nor a list of such observations): {exc}") from None
+        if self.config.env.action_mask is not None:
+            flat = np.concatenate([flat, self._mask_rows(action_mask, flat.shape[0])], axis=1)
+        elif action_mask is not None:
+            raise ValueError("action_mask given, but this policy was trained without action masking")
+        act = self._act(flat, deterministic)
+        return act[0] if single else act
+
+    def _box_observations(self, obs: Any) -> tuple[np.ndarray, bool]:
         shape = self.observation_space.shape
         try:
             obs = np.asarray(obs, dtype=np.float64)
@@ -207,13 +265,28 @@ class Agent:
         else:
             raise ValueError(f"observation of shape {obs.shape} does not match the policy's observation shape "
                              f"{shape} (or a batch of them, [B, {', '.join(map(str, shape))}])")
-        flat = obs.reshape(1 if single else obs.shape[0], -1)
+        return obs.reshape(1 if single else obs.shape[0], -1), single
+
+    def _mask_rows(self, action_mask: Any, rows: int) -> np.ndarray:
+        n = int(self.action_space.n)
+        if action_mask is None:
+            raise ValueError(f"this policy was trained with action masking: pass action_mask (1 = allowed), an "
+                             f"array of {n} entries or [B, {n}]")
+        mask = np.asarray(action_mask, np.float64)
+        if mask.shape == (n,):
+            mask = np.broadcast_to(mask, (rows, n))
+        if mask.shape != (rows, n) or not ((mask > 0.5).any(axis=1)).all():
+            raise ValueError(f"action_mask must have shape ({n},) or ({rows}, {n}) and allow at least one action "
+                             f"per row, got shape {mask.shape}")
+        return mask
+
+    @torch.no_grad()
+    def _act(self, flat: np.ndarray, deterministic: bool) -> np.ndarray:
+        """Actions for policy inputs [B, D] (flattened observations, mask appended), as the environment takes them."""
         x = torch.from_numpy(self.obs_normalizer.normalize(flat)).to(self.device)
         eta = self.policy(x)
         act = (self.policy.mode(eta) if deterministic else self.policy.sample(eta, self.generator)).cpu().numpy()
-        if isinstance(self.action_space, gym.spaces.Box):
-            act = np.clip(act, self.action_space.low, self.action_space.high).astype(self.action_space.dtype)
-        return act[0] if single else act
+        return env_action(act, self.action_space, getattr(self.policy, "squash", False))
 
     # --- persistence ----------------------------------------------------------------------------
     def save(self, path: str) -> str:
@@ -255,9 +328,13 @@ class Agent:
         return {k: v for k, v in parts.items() if hasattr(v, "state_dict") and hasattr(v, "load_state_dict")}
 
     @classmethod
-    def _from_checkpoint(cls, meta: dict[str, Any], tensors: dict[str, Any]) -> "Agent":
+    def _from_checkpoint(cls, meta: dict[str, Any], tensors: dict[str, Any], action_mask=None) -> "Agent":
         agent = cls.__new__(cls)
         config = Config.from_dict(meta["config"]).validate()
+        if config.env.action_mask == CALLABLE_MASK and not callable(action_mask):
+            raise ValueError("this agent was trained with a callable action mask: pass it again, "
+                             "natpg.load(path, action_mask=fn)")
+        agent.action_mask_fn = action_mask if callable(action_mask) else None
         agent._build(meta["env_id"], meta["seed"], config, space_from_dict(meta["observation_space"]),
                      space_from_dict(meta["action_space"]))
         agent.policy.load_state_dict(tensors["policy"])
@@ -326,8 +403,9 @@ ALGORITHM_CLASSES: dict[str, type[Agent]] = {"npg": NPG, "trpo": TRPO, "vpg": VP
                                              "ppo": PPO}
 
 
-def load(path: str) -> Agent:
-    """Load a checkpoint written by ``Agent.save``; the algorithm class is recorded inside."""
+def load(path: str, action_mask=None) -> Agent:
+    """Load a checkpoint written by ``Agent.save``; the algorithm class is recorded inside. ``action_mask``: the
+    callable mask a run was trained with (callables are not saved; an info-key mask needs nothing)."""
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"path must be a run directory or a .pt checkpoint file, got {path!r}")
     path = os.fspath(path)
@@ -337,7 +415,7 @@ def load(path: str) -> Agent:
         raise ValueError(f"checkpoint at {path!r} is for algorithm {algo!r}, unknown to this natpg "
                          f"(known: {sorted(ALGORITHM_CLASSES)})")
     try:
-        return ALGORITHM_CLASSES[algo]._from_checkpoint(meta, tensors)
+        return ALGORITHM_CLASSES[algo]._from_checkpoint(meta, tensors, action_mask)
     except KeyError as exc:
         raise ValueError(f"checkpoint at {path!r} lacks the entry {exc} (written by another natpg version?)") from None
     except (RuntimeError, TypeError) as exc:  # tensors that do not fit the recorded config
@@ -357,18 +435,19 @@ def evaluate(agent: Agent, env: str | None = None, episodes: int = 10, seed: int
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if env is not None:
-        obs_space, act_space = probe_spaces(env_id)
-        if obs_space.shape != agent.observation_space.shape or act_space != agent.action_space:
+        obs_space, act_space = probe_spaces(env_id, agent.config.env.action_mask)
+        if obs_space != agent.observation_space and (obs_space.shape != agent.observation_space.shape or
+                                                     not obs_space.shape) or act_space != agent.action_space:
             raise ValueError(f"environment {env_id!r} (observations {obs_space}, actions {act_space}) does not "
                              f"match the agent trained on {agent.env_id!r} (observations "
                              f"{agent.observation_space}, actions {agent.action_space})")
-    envs = make_vec_env(env_id, episodes, "sync")
+    envs = make_vec_env(env_id, episodes, "sync", action_mask=agent.action_mask_source)
     try:
         obs, _ = envs.reset(seed=seed)
         returns = np.zeros(episodes)
         finished = np.zeros(episodes, bool)
-        while not finished.all():
-            act = agent.predict(obs, deterministic=deterministic)
+        while not finished.all():  # observations come flattened, with the mask appended: straight to the policy
+            act = agent._act(np.asarray(obs, np.float64).reshape(episodes, -1), deterministic)
             obs, rew, term, trunc, _ = envs.step(act)
             returns += np.where(finished, 0.0, rew)
             finished |= term | trunc

@@ -125,10 +125,15 @@ def make_actor_update(cfg: Config, generator: torch.Generator | None):
     return NaturalGradientUpdate(make_curvature(cfg, generator), make_step_rule(cfg))
 
 
-def make_critic(cfg: Config, obs_dim: int) -> nn.Module:
-    """The value network with its step: Adam regression, PPO's clipped regression, or ACKTR's K-FAC step."""
+def make_critic(cfg: Config, obs_dim: int, image=None) -> nn.Module:
+    """The value network with its step: Adam regression, PPO's clipped regression, or ACKTR's K-FAC step.
+    ``image``: the CNN layout of image observations (``policies.image_layout``; Adam critics only)."""
     c, activation = cfg.critic, cfg.policy.activation
     args = (obs_dim, c.critic_hidden, activation, c.critic_lr, c.critic_epochs, c.critic_minibatch)
+    if image is not None and c.critic_optimizer == "kfac":
+        raise ValueError("critic_optimizer='kfac' (ACKTR's K-FAC critic) supports MLP critics only; image "
+                         "observations need critic_optimizer='adam'")
+    cnn = {"image": image} if image is not None else {}
     if c.critic_optimizer == "kfac":
         from .acktr import KFACCritic
 
@@ -137,8 +142,8 @@ def make_critic(cfg: Config, obs_dim: int) -> nn.Module:
     if c.value_clip:
         from .ppo import ClippedValueCritic
 
-        return ClippedValueCritic(*args, value_clip=c.value_clip)
-    return ValueCritic(*args)
+        return ClippedValueCritic(*args, value_clip=c.value_clip, **cnn)
+    return ValueCritic(*args, **cnn)
 
 
 # Presets: algorithm defaults, then per environment family. Sources are cited in docs/algorithms.md.

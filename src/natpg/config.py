@@ -36,6 +36,11 @@ class EnvConfig:
     """Divide rewards by the running std of the discounted return (VecNormalize-style reward scaling)."""
     reward_clip: float = 10.0
     """Scaled rewards are clipped to [-reward_clip, reward_clip]."""
+    action_mask: str | None = None
+    """Discrete actions only: the info key holding the mask of allowed actions (e.g. 'action_mask' for Taxi);
+    it is appended to the observation the policy reads and masked logits get probability 0. A callable
+    ``f(unwrapped_env) -> array`` can be given to the Python constructor instead (recorded as '<callable>':
+    pass it again to natpg.load)."""
     nonfinite_env: str = "raise"
     """A NaN/inf observation or reward: 'raise' (NonFiniteEnvError naming the step and copy) or 'drop' (end that
     copy's episode as truncated at its last finite observation, leave the transition out, reset the copy)."""
@@ -65,6 +70,9 @@ class PolicyConfig:
     """Hidden activation of actor and critic: 'tanh', 'relu' or 'elu'."""
     log_std_init: float = 0.0
     """Initial log standard deviation of the Gaussian policy (Box actions)."""
+    action_squash: str = "clip"
+    """Box actions: 'clip' (Gaussian samples clipped to the bounds when sent to the environment) or 'tanh'
+    (low + (tanh(u) + 1)(high − low)/2; needs finite bounds; same Fisher and KL as the Gaussian over u)."""
 
 
 @dataclass
@@ -280,6 +288,10 @@ class Config:
             need(isinstance(hid, tuple) and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hid),
                  f"{name} must be a tuple of positive integers such as (64, 64), got {hid!r}")
         choice("activation", p.activation, ("tanh", "relu", "elu"))
+        choice("action_squash", p.action_squash, ("clip", "tanh"))
+        need(e.action_mask is None or (isinstance(e.action_mask, str) and e.action_mask != ""),
+             f"action_mask must be None, an info key such as 'action_mask', or (in Python) a callable, "
+             f"got {e.action_mask!r}")
         pos_num("critic_lr", c.critic_lr)
         pos_int("critic_epochs", c.critic_epochs)
         pos_int("critic_minibatch", c.critic_minibatch)

@@ -7,16 +7,17 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .policies import mlp
+from .policies import network
 
 
 class ValueCritic(nn.Module):
-    """V(s) as an MLP with orthogonal init; ``fit`` regresses it on return targets with Adam."""
+    """V(s) as an MLP (a Nature-CNN torso on images) with orthogonal init; ``fit`` regresses it on return
+    targets with Adam."""
 
     def __init__(self, obs_dim: int, hidden: Sequence[int] = (64, 64), activation: str = "tanh",
-                 lr: float = 1e-3, epochs: int = 10, minibatch: int = 256):
+                 lr: float = 1e-3, epochs: int = 10, minibatch: int = 256, image=None):
         super().__init__()
-        self.net = mlp(obs_dim, 1, hidden, activation, out_gain=1.0)
+        self.net = network(obs_dim, 1, hidden, activation, 1.0, image)
         self.epochs, self.minibatch = epochs, minibatch
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
 

@@ -14,7 +14,114 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
-SUPPORTED = "observations: Box (flat or any shape, flattened); actions: Box (Gaussian) or Discrete (categorical)"
+SUPPORTED = ("observations: Box (flat or any shape, flattened; uint8 images [C,H,W] or [H,W,C] go to a CNN), "
+             "Discrete, MultiDiscrete, MultiBinary (one-hot/flattened), Dict and Tuple of these (flattened); "
+             "actions: Box (Gaussian, optionally tanh-squashed), Discrete (categorical, optionally masked), "
+             "MultiDiscrete (independent categoricals), MultiBinary (independent Bernoullis)")
+OBS_LEAVES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
+ACTION_SPACES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
+
+
+class ActionMaskObservation(gym.ObservationWrapper):
+    """Appends the action mask (1 = allowed) to the flat observation, so the policy sees it as input.
+
+    ``source`` is an info key (Taxi and many board games put ``info['action_mask']`` there) or a callable
+    ``source(env) -> array[n]`` called on the unwrapped environment after every reset and step. The
+    appended entries are not normalised (``ObsNormalizer`` leaves the last ``n`` entries as they are).
+    """
+
+    def __init__(self, env: gym.Env, source, n_actions: int):
+        super().__init__(env)
+        if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
+            raise ValueError(f"action masking needs a flat observation, got {env.observation_space}")
+        self.source, self.n = source, n_actions
+        low = np.concatenate([env.observation_space.low, np.zeros(n_actions)]).astype(np.float64)
+        high = np.concatenate([env.observation_space.high, np.ones(n_actions)]).astype(np.float64)
+        self.observation_space = gym.spaces.Box(low, high, dtype=np.float64)
+        self._mask = np.ones(n_actions)
+
+    def _read(self, info: dict) -> None:
+        if callable(self.source):
+            mask = self.source(self.env.unwrapped)
+        elif self.source in info:
+            mask = info[self.source]
+        else:
+            raise ValueError(f"action_mask={self.source!r}: the environment's info has no such key "
+                             f"(keys: {sorted(info)})")
+        mask = np.asarray(mask, np.float64).reshape(-1)
+        if mask.shape != (self.n,):
+            raise ValueError(f"action mask must have {self.n} entries (one per action), got shape {mask.shape}")
+        if not (mask > 0.5).any():
+            raise ValueError("action mask allows no action")
+        self._mask = mask
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self._read(info)
+        return self.observation(obs), info
+
+    def step(self, action):
+        obs, rew, term, trunc, info = self.env.step(action)
+        self._read(info)
+        return self.observation(obs), rew, term, trunc, info
+
+    def observation(self, obs):
+        return np.concatenate([np.asarray(obs, np.float64).reshape(-1), self._mask])
+
+
+def is_image(space: gym.Space) -> bool:
+    """A uint8 Box with three axes (Atari frames after preprocessing, pixels of any env): read by a CNN."""
+    return isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3
+
+
+def is_atari(env_id: str) -> bool:
+    return "ale_py" in str(check_env_id(env_id).entry_point)
+
+
+def atari_wrappers() -> list:
+    """The usual Atari preprocessing (Machado et al. 2018 / DQN): 30 no-op starts, frame skip 4 with max-pooling,
+    84×84 grayscale, then the last 4 frames stacked: observations uint8 [4, 84, 84]."""
+    from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation
+
+    return [lambda e: AtariPreprocessing(e, noop_max=30, frame_skip=4, screen_size=84, grayscale_obs=True,
+                                         terminal_on_life_loss=False, scale_obs=False),
+            lambda e: FrameStackObservation(e, 4)]
+
+
+def input_wrappers(action_mask=None) -> list:
+    """Flattening of non-Box observations (Dict, Tuple, Discrete, ...), then the action mask appended."""
+    from gymnasium.wrappers import FlattenObservation
+
+    def flatten(e: gym.Env) -> gym.Env:
+        return e if isinstance(e.observation_space, gym.spaces.Box) else FlattenObservation(e)
+
+    def mask(e: gym.Env) -> gym.Env:
+        if not isinstance(e.action_space, gym.spaces.Discrete):
+            raise ValueError(f"action masking is for Discrete actions, got {e.action_space}")
+        if len(e.observation_space.shape) > 1:
+            e = FlattenObservation(e)
+        return ActionMaskObservation(e, action_mask, int(e.action_space.n))
+
+    return [flatten] if action_mask is None else [flatten, mask]
+
+
+def env_wrappers(env_id: str, action_mask=None) -> list:
+    """Wrappers natpg puts around every copy, in order: Atari preprocessing (ALE ids), then ``input_wrappers``."""
+    return (atari_wrappers() if is_atari(env_id) else []) + input_wrappers(action_mask)
+
+
+def make_kwargs(env_id: str) -> dict[str, Any]:
+    """Keyword arguments for ``gym.make``: ALE environments skip frames in the preprocessing wrapper instead."""
+    return {"frameskip": 1} if is_atari(env_id) else {}
+
+
+def make_env(env_id: str, action_mask=None, wrap: bool = True) -> gym.Env:
+    """One copy of the environment with natpg's wrappers; ``wrap=False`` stops before flattening and masking
+    (the space a user's observations come in, after Atari preprocessing)."""
+    env = gym.make(env_id, **make_kwargs(env_id))
+    for w in env_wrappers(env_id, action_mask) if wrap else atari_wrappers() if is_atari(env_id) else []:
+        env = w(env)
+    return env
 
 
 def check_env_id(env_id: str) -> gym.envs.registration.EnvSpec:
@@ -28,37 +135,59 @@ def check_env_id(env_id: str) -> gym.envs.registration.EnvSpec:
 
 
 def env_family(env_id: str) -> str:
-    """'mujoco' for MuJoCo locomotion tasks, else 'classic' (used to pick presets)."""
+    """'mujoco' for MuJoCo locomotion tasks, 'atari' for ALE games, else 'classic' (used to pick presets)."""
     entry = str(check_env_id(env_id).entry_point)
-    return "mujoco" if "mujoco" in entry else "classic"
+    return "mujoco" if "mujoco" in entry else "atari" if "ale_py" in entry else "classic"
+
+
+def _check_observation_space(space: gym.Space, top: gym.Space) -> None:
+    if isinstance(space, (gym.spaces.Dict, gym.spaces.Tuple)):
+        for sub in space.spaces.values() if isinstance(space, gym.spaces.Dict) else space.spaces:
+            _check_observation_space(sub, top)
+    elif not isinstance(space, OBS_LEAVES):
+        raise ValueError(f"unsupported observation space {top} (it holds {space}); supported {SUPPORTED}")
 
 
 def check_spaces(observation_space: gym.Space, action_space: gym.Space) -> None:
-    if not isinstance(observation_space, gym.spaces.Box):
-        raise ValueError(f"unsupported observation space {observation_space}; supported {SUPPORTED}")
-    if not isinstance(action_space, (gym.spaces.Box, gym.spaces.Discrete)):
+    _check_observation_space(observation_space, observation_space)
+    if not isinstance(action_space, ACTION_SPACES):
         raise ValueError(f"unsupported action space {action_space}; supported {SUPPORTED}")
     if isinstance(action_space, gym.spaces.Discrete) and int(action_space.start) != 0:
         raise ValueError(f"unsupported action space {action_space}: Discrete actions must start at 0; "
                          f"supported {SUPPORTED}")
+    if isinstance(action_space, gym.spaces.MultiDiscrete) and np.any(action_space.start != 0):
+        raise ValueError(f"unsupported action space {action_space}: MultiDiscrete actions must start at 0; "
+                         f"supported {SUPPORTED}")
 
 
-def probe_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
-    """Observation and action space of one copy of the environment (checked)."""
+def probe_spaces(env_id: str, action_mask=None) -> tuple[gym.Space, gym.Space]:
+    """Observation space (after Atari preprocessing, before flattening: the space of the observations a user
+    passes to ``predict``) and action space of one copy of the environment (checked)."""
     check_env_id(env_id)
     try:
-        env = gym.make(env_id)
+        env = make_env(env_id, wrap=False)
     except gym.error.DependencyNotInstalled as exc:
         raise ValueError(f"environment {env_id!r} needs an optional dependency: {exc}. For MuJoCo tasks: "
-                         f"pip install 'natpg[mujoco]'") from None
+                         f"pip install 'natpg[mujoco]'; for Atari: pip install 'natpg[atari]'") from None
+    except gym.error.NamespaceNotFound as exc:
+        raise ValueError(f"environment {env_id!r}: {exc}. For Atari games: pip install 'natpg[atari]'") from None
     obs_space, act_space = env.observation_space, env.action_space
     env.close()
     check_spaces(obs_space, act_space)
+    if action_mask is not None:
+        if not isinstance(act_space, gym.spaces.Discrete):
+            raise ValueError(f"action_mask is for Discrete action spaces, {env_id!r} has {act_space}")
+        if not callable(action_mask):  # the info key must be there at reset: check before any work
+            env = make_env(env_id, action_mask)
+            try:
+                env.reset(seed=0)
+            finally:
+                env.close()
     return obs_space, act_space
 
 
-def make_vec_env(env_id: str, n_envs: int, vectorization: str = "sync", n_workers: int = 2):
-    """``n_envs`` copies in one vector env that resets a finished copy in the same step.
+def make_vec_env(env_id: str, n_envs: int, vectorization: str = "sync", n_workers: int = 2, action_mask=None):
+    """``n_envs`` copies (each with ``env_wrappers``) in one vector env that resets a finished copy in the same step.
 
     With same-step autoreset the observation returned for a finished copy is already the first one of
     its next episode, and the true last observation is in ``info['final_obs']``: the sampler reads it
@@ -68,9 +197,10 @@ def make_vec_env(env_id: str, n_envs: int, vectorization: str = "sync", n_worker
     if vectorization == "multiproc":  # several copies per worker process (natpg.vector)
         from .vector import MultiprocVectorEnv
 
-        return MultiprocVectorEnv(env_id, n_envs, min(n_workers, n_envs))
+        return MultiprocVectorEnv(env_id, n_envs, min(n_workers, n_envs), action_mask)
     return gym.make_vec(env_id, num_envs=n_envs, vectorization_mode=vectorization,
-                        vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP})
+                        vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP},
+                        wrappers=env_wrappers(env_id, action_mask), **make_kwargs(env_id))
 
 
 class RunningMeanStd:
@@ -100,11 +230,12 @@ class RunningMeanStd:
 
 
 class ObsNormalizer:
-    """(obs − mean) / √(var + eps), clipped; statistics update only while not ``frozen``."""
+    """(obs − mean) / √(var + eps), clipped; statistics update only while not ``frozen``. The last ``passthrough``
+    entries (an appended action mask) are left as they are."""
 
-    def __init__(self, shape: tuple[int, ...], clip: float, enabled: bool = True):
+    def __init__(self, shape: tuple[int, ...], clip: float, enabled: bool = True, passthrough: int = 0):
         self.rms = RunningMeanStd(shape)
-        self.clip, self.enabled, self.frozen = clip, enabled, False
+        self.clip, self.enabled, self.frozen, self.passthrough = clip, enabled, False, passthrough
 
     def __call__(self, obs: np.ndarray, update: bool = True) -> np.ndarray:
         if not self.enabled:
@@ -116,8 +247,10 @@ class ObsNormalizer:
     def normalize(self, obs: np.ndarray) -> np.ndarray:
         if not self.enabled:
             return np.asarray(obs, np.float32)
-        z = (obs - self.rms.mean) / np.sqrt(self.rms.var + 1e-8)
-        return np.clip(z, -self.clip, self.clip).astype(np.float32)
+        z = np.clip((obs - self.rms.mean) / np.sqrt(self.rms.var + 1e-8), -self.clip, self.clip)
+        if self.passthrough:
+            z[..., -self.passthrough :] = obs[..., -self.passthrough :]
+        return z.astype(np.float32)
 
 
 class RewardScaler:

@@ -8,7 +8,17 @@ builds Fisher-vector products and the dense Fisher from exactly these two pieces
 
 Action bounds: the Gaussian policy samples unbounded actions; the agent clips them to the Box bounds
 only when sending them to the environment, and log-probabilities, the Fisher and the KL are those of
-the unclipped Gaussian (the usual convention of Stable-Baselines3 and CleanRL).
+the unclipped Gaussian (the usual convention of Stable-Baselines3 and CleanRL). With ``squash=True``
+(``action_squash="tanh"``) the environment receives ``low + (tanh(u) + 1)(high − low)/2`` instead, where
+u is the Gaussian sample. The squashed action a = f(u) is a smooth bijection of u, so
+log π(a|s) = log N(u; μ, σ²) − log|det ∂a/∂u|, and the Jacobian term does not depend on θ: the score, the
+Fisher and the KL of the squashed Gaussian are exactly those of the Gaussian over u. natpg therefore
+stores u as the action and uses the Gaussian's analytic Fisher unchanged (no atanh of a clipped a).
+
+Heads: ``DiagGaussianHead`` (Box), ``CategoricalHead`` (Discrete, also masked: masked logits are set to
+a large negative constant, so their probability is 0 and their Jacobian is 0), ``MultiCategoricalHead``
+(MultiDiscrete: independent categoricals, block-diagonal Fisher) and ``BernoulliHead`` (MultiBinary:
+independent Bernoullis, F_out = diag(p(1 − p))).
 """
 
 from __future__ import annotations
@@ -19,7 +29,8 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.distributions import Categorical, Distribution, Independent, Normal
+from torch.distributions import Bernoulli, Categorical, Distribution, Independent, Normal, kl_divergence
+from torch.distributions.kl import register_kl
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}
 
@@ -94,18 +105,163 @@ class CategoricalHead:
         p = torch.softmax(eta, dim=-1)
         return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
 
+    def sample(self, eta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.multinomial(torch.softmax(eta, dim=-1), 1, generator=generator).squeeze(-1)
+
+    def mode(self, eta: torch.Tensor) -> torch.Tensor:
+        return eta.argmax(-1)
+
+
+class MultiCategorical(Distribution):
+    """Independent categoricals over the components of a MultiDiscrete action; logits [B, Σ n_i], actions [B, k]."""
+
+    arg_constraints: dict = {}
+
+    def __init__(self, logits: torch.Tensor, nvec: Sequence[int]):
+        self.nvec = list(nvec)
+        self.parts = [Categorical(logits=l, validate_args=False) for l in torch.split(logits, self.nvec, dim=-1)]
+        super().__init__(batch_shape=logits.shape[:-1], event_shape=(len(self.nvec),), validate_args=False)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return sum(d.log_prob(value[..., i]) for i, d in enumerate(self.parts))
+
+    def entropy(self) -> torch.Tensor:
+        return sum(d.entropy() for d in self.parts)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return torch.stack([d.sample(sample_shape) for d in self.parts], dim=-1)
+
+
+@register_kl(MultiCategorical, MultiCategorical)
+def _kl_multicategorical(p: MultiCategorical, q: MultiCategorical) -> torch.Tensor:
+    return sum(kl_divergence(a, b) for a, b in zip(p.parts, q.parts))
+
+
+class MultiCategoricalHead:
+    """η = [logits_1, …, logits_k] (Σ n_i); F_out = blockdiag(diag(p_i) − p_i p_iᵀ): the components are
+    independent, so the Fisher of their product is the direct sum of their Fisher matrices."""
+
+    def __init__(self, nvec: Sequence[int]):
+        self.nvec = [int(n) for n in nvec]
+        self.parts = CategoricalHead()
+
+    def split(self, eta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.split(eta, self.nvec, dim=-1)
+
+    def dist(self, eta: torch.Tensor) -> Distribution:
+        return MultiCategorical(eta, self.nvec)
+
+    def fisher_mv(self, eta: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.parts.fisher_mv(e, v) for e, v in zip(self.split(eta), self.split(u))], dim=-1)
+
+    def fisher(self, eta: torch.Tensor) -> torch.Tensor:
+        return _batched_block_diag([self.parts.fisher(e) for e in self.split(eta)])
+
+    def sample(self, eta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.stack([self.parts.sample(e, generator) for e in self.split(eta)], dim=-1)
+
+    def mode(self, eta: torch.Tensor) -> torch.Tensor:
+        return torch.stack([e.argmax(-1) for e in self.split(eta)], dim=-1)
+
+
+def _batched_block_diag(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """[B, n_i, n_i] blocks → [B, Σn, Σn] block-diagonal."""
+    n = sum(b.shape[-1] for b in blocks)
+    out = blocks[0].new_zeros(*blocks[0].shape[:-2], n, n)
+    i = 0
+    for b in blocks:
+        k = b.shape[-1]
+        out[..., i : i + k, i : i + k] = b
+        i += k
+    return out
+
+
+class BernoulliHead:
+    """η = logits of n independent Bernoullis; F_out = diag(p(1 − p)), p = sigmoid(η)."""
+
+    def dist(self, eta: torch.Tensor) -> Distribution:
+        return Independent(Bernoulli(logits=eta, validate_args=False), 1, validate_args=False)
+
+    def fisher_diag(self, eta: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(eta)
+        return p * (1.0 - p)
+
+    def fisher_mv(self, eta: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.fisher_diag(eta) * u
+
+    def fisher(self, eta: torch.Tensor) -> torch.Tensor:
+        return torch.diag_embed(self.fisher_diag(eta))
+
+    def sample(self, eta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.bernoulli(torch.sigmoid(eta), generator=generator)
+
+    def mode(self, eta: torch.Tensor) -> torch.Tensor:
+        return (eta > 0).to(eta.dtype)
+
+
+MASKED_LOGIT = -1e9  # a masked action's logit: probability exactly 0 in float32/64, and no inf arithmetic
+
+
+class NatureCNN(nn.Module):
+    """The DQN torso (Mnih et al. 2015): conv 32×8×8/4, 64×4×4/2, 64×3×3/1, then a 512-unit ReLU layer.
+
+    Takes flattened images [B, C·H·W] (natpg keeps every observation flat), reshapes them to ``shape``
+    ([C, H, W], or [H, W, C] with ``channels_last``) and scales pixels by 1/255.
+    """
+
+    def __init__(self, shape: Sequence[int], channels_last: bool = False, features: int = 512):
+        super().__init__()
+        self.shape, self.channels_last = tuple(int(n) for n in shape), channels_last
+        c = self.shape[-1] if channels_last else self.shape[0]
+        self.convs = nn.Sequential(
+            _orthogonal(nn.Conv2d(c, 32, 8, stride=4), math.sqrt(2)), nn.ReLU(),
+            _orthogonal(nn.Conv2d(32, 64, 4, stride=2), math.sqrt(2)), nn.ReLU(),
+            _orthogonal(nn.Conv2d(64, 64, 3, stride=1), math.sqrt(2)), nn.ReLU(), nn.Flatten())
+        with torch.no_grad():
+            n = self.convs(torch.zeros(1, *self._chw())).shape[-1]
+        self.fc = nn.Sequential(_orthogonal(nn.Linear(n, features), math.sqrt(2)), nn.ReLU())
+        self.out_features = features
+
+    def _chw(self) -> tuple[int, int, int]:
+        return (self.shape[2], self.shape[0], self.shape[1]) if self.channels_last else self.shape
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs.reshape(obs.shape[0], *self.shape)
+        if self.channels_last:
+            x = x.permute(0, 3, 1, 2)
+        return self.fc(self.convs(x / 255.0))
+
+
+def image_layout(shape: Sequence[int]) -> tuple[tuple[int, ...], bool] | None:
+    """(shape, channels_last) when ``shape`` is an image a CNN should read ([C, H, W] or [H, W, C]), else None."""
+    if len(shape) != 3:
+        return None
+    channels_last = shape[-1] <= 4 < shape[0]
+    return tuple(int(n) for n in shape), channels_last
+
+
+def network(in_dim: int, out_dim: int, hidden: Sequence[int], activation: str, out_gain: float,
+            image: tuple[tuple[int, ...], bool] | None = None) -> nn.Sequential:
+    """An MLP on flat inputs, or Nature-CNN torso + linear output layer on images (``image_layout``)."""
+    if image is None:
+        return mlp(in_dim, out_dim, hidden, activation, out_gain)
+    torso = NatureCNN(*image)
+    return nn.Sequential(torso, _orthogonal(nn.Linear(torso.out_features, out_dim), out_gain))
+
 
 class GaussianMLP(nn.Module):
-    """Diagonal Gaussian policy: mean from an MLP, a state-independent log-std that belongs to the actor.
+    """Diagonal Gaussian policy: mean from an MLP (or a CNN on images), a state-independent log-std that
+    belongs to the actor. ``squash=True``: the environment gets tanh(u) rescaled to the bounds (see above).
 
     ``forward(obs)`` returns η = [mean, log_std] of shape [B, 2·act_dim].
     """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (64, 64),
-                 activation: str = "tanh", log_std_init: float = 0.0):
+                 activation: str = "tanh", log_std_init: float = 0.0, squash: bool = False,
+                 image: tuple[tuple[int, ...], bool] | None = None):
         super().__init__()
-        self.obs_dim, self.act_dim = obs_dim, act_dim
-        self.mean_net = mlp(obs_dim, act_dim, hidden, activation, out_gain=0.01)
+        self.obs_dim, self.act_dim, self.squash = obs_dim, act_dim, squash
+        self.mean_net = network(obs_dim, act_dim, hidden, activation, 0.01, image)
         self.log_std = nn.Parameter(torch.full((act_dim,), float(log_std_init)))
         self.head = DiagGaussianHead(act_dim)
 
@@ -128,17 +284,31 @@ class GaussianMLP(nn.Module):
         return mean + log_std.exp() * noise
 
 
-class CategoricalMLP(nn.Module):
-    """Categorical policy over ``n_actions``: logits from an MLP. ``forward(obs)`` returns logits [B, n]."""
+class DiscreteMLP(nn.Module):
+    """Logits from an MLP (or a CNN on images) into a discrete head: categorical, multi-categorical or
+    Bernoulli. ``forward(obs)`` returns the logits η [B, K].
 
-    def __init__(self, obs_dim: int, n_actions: int, hidden: Sequence[int] = (64, 64), activation: str = "tanh"):
+    With ``mask_dim = n`` the last n observation entries are an action mask (1 = allowed, appended by
+    ``natpg.envs.ActionMaskObservation``): the network reads only the first ``obs_dim`` entries and the
+    logits of masked actions are set to ``MASKED_LOGIT``. ``torch.where`` makes their Jacobian zero, so the
+    Gauss–Newton Fisher Jᵀ(diag p − ppᵀ)J and the KL are those of the masked categorical.
+    """
+
+    def __init__(self, obs_dim: int, out_dim: int, head, hidden: Sequence[int] = (64, 64), activation: str = "tanh",
+                 mask_dim: int = 0, image: tuple[tuple[int, ...], bool] | None = None):
         super().__init__()
-        self.obs_dim, self.n_actions = obs_dim, n_actions
-        self.logits_net = mlp(obs_dim, n_actions, hidden, activation, out_gain=0.01)
-        self.head = CategoricalHead()
+        if mask_dim and mask_dim != out_dim:
+            raise ValueError(f"an action mask needs one entry per logit ({out_dim}), got {mask_dim}")
+        self.obs_dim, self.out_dim, self.mask_dim = obs_dim, out_dim, mask_dim
+        self.logits_net = network(obs_dim, out_dim, hidden, activation, 0.01, image)
+        self.head = head
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.logits_net(obs)
+        if not self.mask_dim:
+            return self.logits_net(obs)
+        logits = self.logits_net(obs[..., : self.obs_dim])
+        allowed = obs[..., self.obs_dim :] > 0.5
+        return torch.where(allowed, logits, torch.full_like(logits, MASKED_LOGIT))
 
     def dist(self, obs: torch.Tensor) -> Distribution:
         return self.head.dist(self(obs))
@@ -147,21 +317,83 @@ class CategoricalMLP(nn.Module):
         return list(self.logits_net.parameters())
 
     def mode(self, eta: torch.Tensor) -> torch.Tensor:
-        return eta.argmax(-1)
+        return self.head.mode(eta)
 
     def sample(self, eta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        p = torch.softmax(eta, dim=-1)
-        return torch.multinomial(p, 1, generator=generator).squeeze(-1)
+        return self.head.sample(eta, generator)
+
+
+def CategoricalMLP(obs_dim: int, n_actions: int, hidden: Sequence[int] = (64, 64), activation: str = "tanh",
+                   mask: bool = False, image: tuple[tuple[int, ...], bool] | None = None) -> DiscreteMLP:
+    """Categorical policy over ``n_actions`` (Discrete); ``mask=True`` reads an action mask after the features."""
+    policy = DiscreteMLP(obs_dim, n_actions, CategoricalHead(), hidden, activation, n_actions if mask else 0, image)
+    policy.n_actions = n_actions
+    return policy
+
+
+def MultiCategoricalMLP(obs_dim: int, nvec: Sequence[int], hidden: Sequence[int] = (64, 64),
+                        activation: str = "tanh", image: tuple[tuple[int, ...], bool] | None = None) -> DiscreteMLP:
+    """Independent categoricals, one per MultiDiscrete component."""
+    return DiscreteMLP(obs_dim, int(sum(nvec)), MultiCategoricalHead(nvec), hidden, activation, 0, image)
+
+
+def BernoulliMLP(obs_dim: int, n: int, hidden: Sequence[int] = (64, 64), activation: str = "tanh",
+                 image: tuple[tuple[int, ...], bool] | None = None) -> DiscreteMLP:
+    """Independent Bernoullis, one per MultiBinary entry."""
+    return DiscreteMLP(obs_dim, n, BernoulliHead(), hidden, activation, 0, image)
+
+
+def input_layout(observation_space, action_space, masked: bool = False):
+    """(features, mask_dim, image) of the flat vector a policy reads for ``observation_space``: the flattened
+    observation (one-hot for discrete parts) of ``features`` entries, then ``mask_dim`` action-mask entries;
+    ``image`` is the CNN layout for uint8 images (``image_layout``), else None."""
+    import gymnasium as gym
+
+    from .envs import is_image
+
+    features = int(gym.spaces.flatdim(observation_space))
+    mask_dim = int(action_space.n) if masked else 0
+    image = image_layout(observation_space.shape) if is_image(observation_space) else None
+    return features, mask_dim, image
 
 
 def make_policy(observation_space, action_space, hidden: Sequence[int], activation: str,
-                log_std_init: float) -> nn.Module:
-    """Policy for a flat Box observation space and a Box or Discrete action space."""
+                log_std_init: float, action_squash: str = "clip", masked: bool = False) -> nn.Module:
+    """The policy for any supported pair of spaces (``natpg.envs.SUPPORTED``); observations as ``input_layout``."""
     import gymnasium as gym
 
-    obs_dim = int(np.prod(observation_space.shape))
+    obs_dim, _, image = input_layout(observation_space, action_space, masked)
+    if masked and not isinstance(action_space, gym.spaces.Discrete):
+        raise ValueError(f"action masking is for Discrete action spaces, got {action_space}")
     if isinstance(action_space, gym.spaces.Box):
-        return GaussianMLP(obs_dim, int(np.prod(action_space.shape)), hidden, activation, log_std_init)
+        squash = action_squash == "tanh"
+        if squash and not (np.isfinite(action_space.low).all() and np.isfinite(action_space.high).all()):
+            raise ValueError(f"action_squash='tanh' needs finite action bounds, got {action_space}")
+        return GaussianMLP(obs_dim, int(np.prod(action_space.shape)), hidden, activation, log_std_init, squash, image)
     if isinstance(action_space, gym.spaces.Discrete):
-        return CategoricalMLP(obs_dim, int(action_space.n), hidden, activation)
-    raise ValueError(f"unsupported action space {action_space}; supported: Box (Gaussian), Discrete (categorical)")
+        return CategoricalMLP(obs_dim, int(action_space.n), hidden, activation, masked, image)
+    if isinstance(action_space, gym.spaces.MultiDiscrete):
+        return MultiCategoricalMLP(obs_dim, [int(n) for n in action_space.nvec.reshape(-1)], hidden, activation, image)
+    if isinstance(action_space, gym.spaces.MultiBinary):
+        return BernoulliMLP(obs_dim, int(np.prod(action_space.shape)), hidden, activation, image)
+    from .envs import SUPPORTED
+
+    raise ValueError(f"unsupported action space {action_space}; supported {SUPPORTED}")
+
+
+def env_action(act: np.ndarray, action_space, squash: bool = False) -> np.ndarray:
+    """What the environment receives for the policy's action(s) ``act`` [..., *]: Box → clipped to the bounds
+    (or tanh-rescaled with ``squash``), MultiDiscrete → reshaped to the space, MultiBinary → int8, Discrete → as is."""
+    import gymnasium as gym
+
+    if isinstance(action_space, gym.spaces.Box):
+        low, high = action_space.low, action_space.high
+        act = act.reshape(*act.shape[:-1], *action_space.shape) if action_space.shape != act.shape[-1:] else act
+        if squash:
+            return (low + (np.tanh(act) + 1.0) * 0.5 * (high - low)).astype(action_space.dtype)
+        return np.clip(act, low, high).astype(action_space.dtype)
+    if isinstance(action_space, gym.spaces.MultiDiscrete):
+        return act.reshape(*act.shape[:-1], *action_space.shape).astype(action_space.dtype)
+    if isinstance(action_space, gym.spaces.MultiBinary):
+        return act.reshape(*act.shape[:-1], *action_space.shape).astype(action_space.dtype)
+    return act

@@ -16,6 +16,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from .policies import env_action
 from .envs import EnvStateError, ObsNormalizer, RewardScaler, set_vector_env_state, vector_env_state
 
 
@@ -64,10 +65,7 @@ class Sampler:
         self.envs, self.obs_norm, self.rew_scale = envs, obs_normalizer, reward_scaler
         self.device, self.generator, self.nonfinite = device, generator, nonfinite
         self.n_envs = envs.num_envs
-        space = envs.single_action_space
-        self.discrete = isinstance(space, gym.spaces.Discrete)
-        self.low = None if self.discrete else space.low
-        self.high = None if self.discrete else space.high
+        self.action_space = envs.single_action_space
         self.steps = 0  # vector steps taken (each is n_envs transitions)
         raw, _ = envs.reset(seed=seed)
         self.obs = self._flat(raw)
@@ -114,7 +112,7 @@ class Sampler:
             eta = policy(torch.from_numpy(obs_n).to(self.device))
             act = policy.sample(eta, self.generator).cpu()
             acts.append(act)
-            env_act = act.numpy() if self.discrete else np.clip(act.numpy(), self.low, self.high)
+            env_act = env_action(act.numpy(), self.action_space, getattr(policy, "squash", False))
             raw_next, rew, term, trunc, info = self.envs.step(env_act)
             rew = np.asarray(rew, np.float64)
             term, trunc = np.asarray(term, bool), np.asarray(trunc, bool)

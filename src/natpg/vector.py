@@ -20,13 +20,16 @@ import numpy as np
 from gymnasium.vector import AutoresetMode
 
 
-def _worker(conn, env_id: str, n_envs: int, make_kwargs: dict[str, Any]) -> None:
+def _worker(conn, env_id: str, n_envs: int, action_mask, make_kwargs: dict[str, Any]) -> None:
     # Ctrl-C goes to the whole process group: let the parent handle it (it saves a checkpoint, then closes us).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     envs = None
     try:
+        from .envs import env_wrappers, make_kwargs as env_make_kwargs
+
         envs = gym.make_vec(env_id, num_envs=n_envs, vectorization_mode="sync",
-                            vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP}, **make_kwargs)
+                            vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP},
+                            wrappers=env_wrappers(env_id, action_mask), **{**env_make_kwargs(env_id), **make_kwargs})
         conn.send(("ok", (envs.single_observation_space, envs.single_action_space, envs.metadata)))
         while True:
             cmd, data = conn.recv()
@@ -54,7 +57,7 @@ class MultiprocVectorEnv:
     """``n_envs`` copies of ``env_id`` split over ``n_workers`` processes (the API subset natpg's sampler uses:
     ``reset(seed)``, ``step(actions)`` with ``info['final_obs']``, ``num_envs``, the single spaces, ``close``)."""
 
-    def __init__(self, env_id: str, n_envs: int, n_workers: int, **make_kwargs: Any):
+    def __init__(self, env_id: str, n_envs: int, n_workers: int, action_mask=None, **make_kwargs: Any):
         if n_workers < 1 or n_workers > n_envs:
             raise ValueError(f"n_workers must be between 1 and n_envs={n_envs}, got {n_workers}")
         self.num_envs = n_envs
@@ -64,7 +67,7 @@ class MultiprocVectorEnv:
         self.conns, self.procs = [], []
         for size in sizes:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, env_id, size, make_kwargs), daemon=True)
+            proc = ctx.Process(target=_worker, args=(child, env_id, size, action_mask, make_kwargs), daemon=True)
             proc.start()
             child.close()
             self.conns.append(parent)
