@@ -201,7 +201,7 @@ class Agent:
             from .distributed import make_sampler
 
             return make_sampler(kind, self.env_id, self.config, seed, self.obs_normalizer, self.reward_scaler,
-                                self.device)
+                                self.device, self.action_mask_source)
         envs = make_vec_env(self.env_id, self.config.env.n_envs, self.config.env.vectorization,
                             self.config.env.n_workers, self.action_mask_source)
         return Sampler(envs, self.obs_normalizer, self.reward_scaler, seed, self.device, self.generator,

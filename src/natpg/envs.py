@@ -128,6 +128,14 @@ def check_env_id(env_id: str) -> gym.envs.registration.EnvSpec:
     """The registered spec of ``env_id``, or a ValueError that says what went wrong."""
     if not isinstance(env_id, str) or not env_id:
         raise ValueError(f"environment id must be a non-empty string such as 'CartPole-v1', got {env_id!r}")
+    if env_id.startswith("ALE/") and env_id not in gym.registry:  # ale-py registers its games on import
+        try:
+            import ale_py
+
+            gym.register_envs(ale_py)
+        except ImportError:
+            raise ValueError(f"environment {env_id!r} is an Atari game: pip install 'natpg[atari]' (ale-py and "
+                             f"OpenCV for the preprocessing)") from None
     try:
         return gym.spec(env_id)
     except gym.error.Error as exc:  # NameNotFound, VersionNotFound, DeprecatedEnv, ...

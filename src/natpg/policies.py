@@ -209,14 +209,16 @@ class NatureCNN(nn.Module):
     ([C, H, W], or [H, W, C] with ``channels_last``) and scales pixels by 1/255.
     """
 
-    def __init__(self, shape: Sequence[int], channels_last: bool = False, features: int = 512):
+    def __init__(self, shape: Sequence[int], channels_last: bool = False, features: int = 512,
+                 channels: Sequence[int] = (32, 64, 64)):
         super().__init__()
         self.shape, self.channels_last = tuple(int(n) for n in shape), channels_last
         c = self.shape[-1] if channels_last else self.shape[0]
+        c1, c2, c3 = channels  # narrower than the paper's only for tests that build the dense Fisher
         self.convs = nn.Sequential(
-            _orthogonal(nn.Conv2d(c, 32, 8, stride=4), math.sqrt(2)), nn.ReLU(),
-            _orthogonal(nn.Conv2d(32, 64, 4, stride=2), math.sqrt(2)), nn.ReLU(),
-            _orthogonal(nn.Conv2d(64, 64, 3, stride=1), math.sqrt(2)), nn.ReLU(), nn.Flatten())
+            _orthogonal(nn.Conv2d(c, c1, 8, stride=4), math.sqrt(2)), nn.ReLU(),
+            _orthogonal(nn.Conv2d(c1, c2, 4, stride=2), math.sqrt(2)), nn.ReLU(),
+            _orthogonal(nn.Conv2d(c2, c3, 3, stride=1), math.sqrt(2)), nn.ReLU(), nn.Flatten())
         with torch.no_grad():
             n = self.convs(torch.zeros(1, *self._chw())).shape[-1]
         self.fc = nn.Sequential(_orthogonal(nn.Linear(n, features), math.sqrt(2)), nn.ReLU())

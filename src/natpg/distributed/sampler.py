@@ -72,7 +72,7 @@ class DistributedSampler:
     """
 
     def __init__(self, env_id: str, config, seed: int, obs_normalizer: ObsNormalizer,
-                 reward_scaler: RewardScaler, device: torch.device):
+                 reward_scaler: RewardScaler, device: torch.device, action_mask=None):
         e, p = config.env, config.policy
         self.env_id, self.seed, self.device = env_id, seed, torch.device(device)
         self.obs_norm, self.rew_scale = obs_normalizer, reward_scaler
@@ -84,7 +84,8 @@ class DistributedSampler:
                                log_std_init=float(p.log_std_init), obs_clip=e.obs_clip,
                                normalize_obs=e.normalize_obs, gamma=config.advantage.gamma,
                                reward_clip=e.reward_clip, normalize_reward=e.normalize_reward,
-                               nonfinite=e.nonfinite_env, torch_threads=config.run.torch_threads)
+                               nonfinite=e.nonfinite_env, torch_threads=config.run.torch_threads,
+                               action_squash=p.action_squash, action_mask=action_mask)
         self.restarts = [0] * self.n_workers  # replacements per worker
         self.recent_returns: deque[float] = deque(maxlen=100)
         self.recent_lengths: deque[int] = deque(maxlen=100)
@@ -314,12 +315,13 @@ class RaySampler(DistributedSampler):
 
 
 def make_sampler(kind: str, env_id: str, config, seed: int, obs_normalizer: ObsNormalizer,
-                 reward_scaler: RewardScaler, device: torch.device):
-    """The ``sampler='workers'`` or ``sampler='ray'`` sampler for a run (``config.distributed``)."""
+                 reward_scaler: RewardScaler, device: torch.device, action_mask=None):
+    """The ``sampler='workers'`` or ``sampler='ray'`` sampler for a run (``config.distributed``); ``action_mask``:
+    None, an info key or a callable (``Agent.action_mask_source``)."""
     d = config.distributed
     if kind == "workers":
-        return WorkerSampler(env_id, config, seed, obs_normalizer, reward_scaler, device)
+        return WorkerSampler(env_id, config, seed, obs_normalizer, reward_scaler, device, action_mask)
     if kind == "ray":
-        return RaySampler(env_id, config, seed, obs_normalizer, reward_scaler, device,
+        return RaySampler(env_id, config, seed, obs_normalizer, reward_scaler, device, action_mask,
                           address=d.ray_address, timeout=d.worker_timeout, start_timeout=d.worker_start_timeout)
     raise ValueError(f"unknown sampler {kind!r}; valid: 'local', 'workers', 'ray'")

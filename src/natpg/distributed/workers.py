@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..envs import ObsNormalizer, RewardScaler, make_vec_env
+from ..envs import ObsNormalizer, RewardScaler, make_vec_env, probe_spaces
 from ..policies import make_policy
 from ..rollout import Rollout, Sampler
 
@@ -46,6 +46,9 @@ class WorkerSpec:
     normalize_reward: bool
     nonfinite: str = "raise"
     torch_threads: int = 1
+    action_squash: str = "clip"
+    action_mask: Any = None
+    """None, an info key, or a callable (shipped with cloudpickle by Ray)."""
 
 
 def generator_seed(seed: int, worker: int, restart: int = 0) -> int:
@@ -57,8 +60,8 @@ class RecordingObsNormalizer(ObsNormalizer):
     """Normalises with statistics set from outside and never updated here; records the raw observations
     it was asked to normalise-and-update (one array [n_envs, D] per sampler step) for the learner."""
 
-    def __init__(self, shape: tuple[int, ...], clip: float, enabled: bool = True):
-        super().__init__(shape, clip, enabled)
+    def __init__(self, shape: tuple[int, ...], clip: float, enabled: bool = True, passthrough: int = 0):
+        super().__init__(shape, clip, enabled, passthrough)
         self.frozen = True
         self.seen: list[np.ndarray] = []
 
@@ -125,15 +128,18 @@ class RolloutWorker:
     def __init__(self, spec: WorkerSpec, worker: int):
         torch.set_num_threads(spec.torch_threads)
         self.spec, self.worker = spec, worker
-        envs = make_vec_env(spec.env_id, spec.n_envs, "sync")
-        obs_dim = int(np.prod(envs.single_observation_space.shape))
-        self.obs_norm = RecordingObsNormalizer((obs_dim,), spec.obs_clip, spec.normalize_obs)
+        envs = make_vec_env(spec.env_id, spec.n_envs, "sync", action_mask=spec.action_mask)
+        obs_space, act_space = probe_spaces(spec.env_id)
+        masked = spec.action_mask is not None
+        features, mask_dim, image = input_layout(obs_space, act_space, masked)
+        self.obs_norm = RecordingObsNormalizer((features + mask_dim,), spec.obs_clip,
+                                               spec.normalize_obs and image is None, passthrough=mask_dim)
         self.rew_scale = RecordingRewardScaler(spec.n_envs, spec.gamma, spec.reward_clip, spec.normalize_reward)
         self.generator = torch.Generator().manual_seed(spec.generator_seed)
         self.sampler = Sampler(envs, self.obs_norm, self.rew_scale, spec.reset_seed, torch.device("cpu"),
                                self.generator, spec.nonfinite)
-        self.policy = make_policy(envs.single_observation_space, envs.single_action_space, spec.hidden,
-                                  spec.activation, spec.log_std_init)
+        self.policy = make_policy(obs_space, act_space, spec.hidden, spec.activation, spec.log_std_init,
+                                  spec.action_squash, masked)
 
     def ready(self) -> int:
         """The worker's index (a cheap call to wait for the actor to have started)."""
