@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..envs import ObsNormalizer, RewardScaler, make_vec_env, probe_spaces
-from ..policies import make_policy
+from ..policies import input_layout, make_policy
 from ..rollout import Rollout, Sampler
 
 
