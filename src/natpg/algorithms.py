@@ -173,16 +173,25 @@ FAMILY_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
                          "gae_lambda": 0.8, "critic_minibatch": 256},
     ("ppo", "mujoco"): {"n_envs": 8, "n_steps": 256, "alpha": 3e-4, "ppo_minibatch": 64, "critic_minibatch": 64,
                         "normalize_reward": True},
+    # Atari (family 'atari', ALE ids; CNN policy and critic): from the papers' and RL Zoo's settings, not yet
+    # measured here (docs/algorithms.md). ACKTR's K-FAC critic covers MLPs only, so the CNN critic uses Adam.
+    ("npg", "atari"): {"n_envs": 16, "n_steps": 128, "max_kl": 0.01, "damping": 0.1},
+    ("trpo", "atari"): {"n_envs": 16, "n_steps": 128, "max_kl": 0.01, "damping": 0.1},
+    ("acktr", "atari"): {"n_envs": 16, "n_steps": 20, "gae_lambda": 1.0, "max_kl": 0.0005, "critic_optimizer": "adam"},
+    ("ppo", "atari"): {"n_envs": 8, "n_steps": 128, "alpha": 2.5e-4, "clip_range": 0.1, "ppo_epochs": 4,
+                       "ppo_minibatch": 256, "critic_lr": 2.5e-4, "critic_epochs": 4, "critic_minibatch": 256},
 }
 # Tuned for one environment (RL Zoo style), applied over the family preset.
 ENV_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("trpo", "Pendulum-v1"): {"gamma": 0.9, "n_envs": 4, "n_steps": 256, "max_kl": 0.02, "critic_epochs": 20,
                               "normalize_reward": True},
     ("acktr", "Pendulum-v1"): {"gamma": 0.9, "n_envs": 4, "n_steps": 256, "normalize_reward": True},
-    ("vpg", "Pendulum-v1"): {"gamma": 0.9, "n_envs": 4, "n_steps": 256, "step": "adam", "alpha": 3e-3,
-                             "critic_epochs": 20, "normalize_reward": True},
-    ("ppo", "Pendulum-v1"): {"gamma": 0.9, "gae_lambda": 0.95, "n_envs": 4, "n_steps": 256, "ppo_minibatch": 128,
-                             "critic_epochs": 10, "critic_minibatch": 128, "normalize_reward": True},
+    ("vpg", "Pendulum-v1"): {"gamma": 0.9, "n_envs": 4, "n_steps": 64, "step": "adam", "alpha": 1e-2,
+                             "hidden": (32, 32), "activation": "elu", "critic_epochs": 20,
+                             "normalize_reward": True},
+    ("ppo", "Pendulum-v1"): {"gamma": 0.9, "gae_lambda": 0.95, "n_envs": 8, "n_steps": 128, "alpha": 2e-3,
+                             "target_kl": 0.02, "ppo_minibatch": 128, "critic_epochs": 10, "critic_minibatch": 128,
+                             "normalize_reward": True},
 }
 
 
