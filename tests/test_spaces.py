@@ -382,3 +382,32 @@ def test_atari_preprocessing_gives_stacked_84x84_frames():
     assert not agent.policy.logits_net[0].channels_last
     agent.learn(4)
     assert agent.env_steps == 4
+
+
+@pytest.mark.parametrize("env,extra", [("Taxi-v4", {"action_mask": "action_mask"}),
+                                       ("natpgspace/MultiDiscrete-v0", {}), ("natpgspace/DictObs-v0", {})],
+                         ids=["Taxi-mask", "MultiDiscrete", "DictObs"])
+def test_worker_sampler_handles_every_space_like_the_local_one(env, extra):
+    """The rollout workers build the same wrappers, policy and normaliser: the merged reset observations (masks
+    included) equal the in-process ones (copy i seeded seed + i in both), and every action respects its mask.
+    Later steps differ where the env reacts to actions: each worker samples with its own generator."""
+    from natpg.train import make_batch
+
+    def first_batch(**kw):
+        agent = natpg.NPG(env, seed=3, **tiny("NPG", env, **extra), normalize_obs=False, **kw)
+        sampler = agent._make_sampler(agent.seed)
+        try:
+            rollout = sampler.collect(agent.policy, 8)
+        finally:
+            sampler.close()
+        return rollout
+
+    local = first_batch()
+    workers = first_batch(sampler="workers", workers=2)
+    torch.testing.assert_close(workers.obs[0], local.obs[0])
+    assert workers.act.shape == local.act.shape
+    if extra.get("action_mask"):
+        assert local.obs.shape[-1] == 500 + 6
+        for rollout in (local, workers):
+            allowed = rollout.obs[..., 500:].gather(-1, rollout.act.unsqueeze(-1))
+            assert torch.all(allowed == 1.0)
