@@ -1,0 +1,112 @@
+"""CUDA learner: every update computation on the GPU gives the CPU's result within float32 tolerance.
+
+Skipped where CUDA is unavailable (CI has no GPU). On a GPU machine: ``bash benchmarks/gpu_job.sh`` runs
+these and the GPU benchmarks. References are the same computations on the CPU, in float32 on both sides
+(CUDA's matmuls may use TF32 unless disabled; these tests disable it so that the tolerance is float32's).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import natpg
+from natpg import fisher
+from natpg.algorithms import Batch, default_config, make_actor_update, make_critic
+from natpg.policies import CategoricalMLP, GaussianMLP
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
+TOL = dict(rtol=2e-4, atol=2e-5)
+
+
+@pytest.fixture(autouse=True)
+def _float32_matmuls():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def policy_and_batch(kind: str, n: int = 512, seed: int = 0):
+    torch.manual_seed(seed)
+    policy = GaussianMLP(11, 3, (64, 64)) if kind == "gauss" else CategoricalMLP(11, 4, (64, 64))
+    with torch.no_grad():
+        for p in policy.actor_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(seed + 1)
+    obs = torch.randn(n, 11, generator=gen)
+    with torch.no_grad():
+        eta = policy(obs)
+        act = policy.sample(eta, generator=gen)
+        logp = policy.head.dist(eta).log_prob(act)
+    adv = torch.randn(n, generator=gen)
+    batch = Batch(obs=obs, act=act, adv=(adv - adv.mean()) / adv.std(), ret=torch.randn(n, generator=gen),
+                  logp_old=logp, eta_old=eta)
+    return policy, batch
+
+
+def to_cuda(batch: Batch) -> Batch:
+    return Batch(**{k: getattr(batch, k).to(CUDA) for k in ("obs", "act", "adv", "ret", "logp_old", "eta_old")})
+
+
+def flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).cpu() for p in params])
+
+
+@pytest.mark.parametrize("kind", ["gauss", "categorical"])
+def test_fisher_products_and_solvers_match_cpu(kind):
+    policy, batch = policy_and_batch(kind)
+    gpu = copy.deepcopy(policy).to(CUDA)
+    P = sum(p.numel() for p in policy.actor_parameters())
+    v = torch.randn(P)
+    cpu_fvp = fisher.fisher_vector_product(policy, batch.obs, damping=0.1)
+    gpu_fvp = fisher.fisher_vector_product(gpu, batch.obs.to(CUDA), damping=0.1)
+    torch.testing.assert_close(gpu_fvp(v.to(CUDA)).cpu(), cpu_fvp(v), **TOL)
+    torch.testing.assert_close(fisher.dense_fisher(gpu, batch.obs.to(CUDA)).cpu(),
+                               fisher.dense_fisher(policy, batch.obs), **TOL)
+    for make in (lambda: fisher.CG(damping=0.1, iters=10), lambda: fisher.KFAC(damping=0.1, estimator="exact"),
+                 lambda: fisher.Diagonal(damping=0.1), lambda: fisher.Empirical(damping=0.1)):
+        a, b = make(), make()
+        a.fit(policy, batch.obs, batch.act)
+        b.fit(gpu, batch.obs.to(CUDA), batch.act.to(CUDA))
+        torch.testing.assert_close(b.solve(v.to(CUDA)).cpu(), a.solve(v), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("algorithm", ["npg", "trpo", "acktr", "vpg", "nac", "ppo"])
+def test_one_update_of_every_algorithm_matches_cpu(algorithm):
+    """The actor update and the critic fit on the same batch, CPU against CUDA (exact K-FAC: no sampling)."""
+    policy, batch = policy_and_batch("gauss")
+    cfg = default_config(algorithm, "classic")
+    results = []
+    for device in (torch.device("cpu"), CUDA):
+        torch.manual_seed(0)
+        pol = copy.deepcopy(policy).to(device)
+        critic = make_critic(cfg, 11).to(device)
+        update = make_actor_update(cfg, torch.Generator().manual_seed(0))
+        if hasattr(update, "curvature") and isinstance(update.curvature, fisher.KFAC):
+            update.curvature.estimator = "exact"
+        b = batch if device.type == "cpu" else to_cuda(batch)
+        stats = update.update(pol, b)
+        critic.fit(b.obs, b.ret, torch.Generator().manual_seed(0))
+        results.append((flat(pol.actor_parameters()), flat(critic.parameters()), stats))
+    (p_cpu, c_cpu, s_cpu), (p_gpu, c_gpu, s_gpu) = results
+    torch.testing.assert_close(p_gpu, p_cpu, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(c_gpu, c_cpu, rtol=1e-3, atol=1e-4)
+    if "step/kl" in s_cpu:
+        assert s_gpu["step/kl"] == pytest.approx(s_cpu["step/kl"], rel=1e-2, abs=1e-6)
+
+
+def test_agent_trains_on_cuda_and_keeps_its_tensors_there(tmp_path):
+    agent = natpg.NPG("CartPole-v1", seed=0, device="cuda", n_envs=4, n_steps=64, tensorboard=False)
+    agent.learn(512)
+    assert all(p.device.type == "cuda" for p in agent.policy.parameters())
+    assert all(p.device.type == "cuda" for p in agent.critic.parameters())
+    agent.save(tmp_path / "m")
+    loaded = natpg.load(tmp_path / "m")
+    obs = torch.zeros(4).numpy()
+    assert loaded.predict(obs) == agent.predict(obs)
+    mean, _ = natpg.evaluate(loaded, episodes=2, seed=1)
+    assert mean > 0
