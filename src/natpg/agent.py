@@ -436,8 +436,10 @@ def evaluate(agent: Agent, env: str | None = None, episodes: int = 10, seed: int
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if env is not None:
         obs_space, act_space = probe_spaces(env_id, agent.config.env.action_mask)
-        if obs_space != agent.observation_space and (obs_space.shape != agent.observation_space.shape or
-                                                     not obs_space.shape) or act_space != agent.action_space:
+        # A Box of the same shape with other bounds is fine (the policy reads the values); any other space must match.
+        same_obs = obs_space == agent.observation_space or (
+            isinstance(obs_space, gym.spaces.Box) and obs_space.shape == agent.observation_space.shape)
+        if not same_obs or act_space != agent.action_space:
             raise ValueError(f"environment {env_id!r} (observations {obs_space}, actions {act_space}) does not "
                              f"match the agent trained on {agent.env_id!r} (observations "
                              f"{agent.observation_space}, actions {agent.action_space})")

@@ -161,7 +161,7 @@ class MultiCategoricalHead:
         return torch.stack([self.parts.sample(e, generator) for e in self.split(eta)], dim=-1)
 
     def mode(self, eta: torch.Tensor) -> torch.Tensor:
-        return torch.stack([e.argmax(-1) for e in self.split(eta)], dim=-1)
+        return torch.stack([self.parts.mode(e) for e in self.split(eta)], dim=-1)
 
 
 def _batched_block_diag(blocks: list[torch.Tensor]) -> torch.Tensor:
@@ -385,17 +385,14 @@ def make_policy(observation_space, action_space, hidden: Sequence[int], activati
 
 def env_action(act: np.ndarray, action_space, squash: bool = False) -> np.ndarray:
     """What the environment receives for the policy's action(s) ``act`` [..., *]: Box → clipped to the bounds
-    (or tanh-rescaled with ``squash``), MultiDiscrete → reshaped to the space, MultiBinary → int8, Discrete → as is."""
+    (or tanh-rescaled with ``squash``), MultiDiscrete and MultiBinary → reshaped to the space in its dtype,
+    Discrete → as is. The policy's actions are flat; the reshape restores the space's shape."""
     import gymnasium as gym
 
+    if isinstance(action_space, gym.spaces.Discrete):
+        return act
+    act = act.reshape(*act.shape[:-1], *action_space.shape)
     if isinstance(action_space, gym.spaces.Box):
         low, high = action_space.low, action_space.high
-        act = act.reshape(*act.shape[:-1], *action_space.shape) if action_space.shape != act.shape[-1:] else act
-        if squash:
-            return (low + (np.tanh(act) + 1.0) * 0.5 * (high - low)).astype(action_space.dtype)
-        return np.clip(act, low, high).astype(action_space.dtype)
-    if isinstance(action_space, gym.spaces.MultiDiscrete):
-        return act.reshape(*act.shape[:-1], *action_space.shape).astype(action_space.dtype)
-    if isinstance(action_space, gym.spaces.MultiBinary):
-        return act.reshape(*act.shape[:-1], *action_space.shape).astype(action_space.dtype)
-    return act
+        act = low + (np.tanh(act) + 1.0) * 0.5 * (high - low) if squash else np.clip(act, low, high)
+    return act.astype(action_space.dtype)
