@@ -1,10 +1,46 @@
-"""The multi-process vector env produces exactly the trajectories of the in-process one."""
+"""natpg's vector envs produce exactly the trajectories of Gymnasium's same-step-autoreset SyncVectorEnv."""
 
+import gymnasium as gym
 import numpy as np
 import pytest
+from gymnasium.vector import AutoresetMode
 
 import natpg
-from natpg.envs import make_vec_env
+from natpg.envs import env_wrappers, make_kwargs, make_vec_env
+from natpg.vector import SerialVectorEnv
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1", "HalfCheetah-v5"])
+def test_serial_vector_env_matches_gymnasium_sync_vector_env(env_id):
+    ours = make_vec_env(env_id, 4, "sync")
+    ref = gym.make_vec(env_id, num_envs=4, vectorization_mode="sync", wrappers=env_wrappers(env_id),
+                       vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP}, **make_kwargs(env_id))
+    assert isinstance(ours, SerialVectorEnv)
+    try:
+        np.testing.assert_array_equal(ours.reset(seed=3)[0], ref.reset(seed=3)[0])
+        ref.single_action_space.seed(0)
+        finished = 0
+        for _ in range(1100):  # past HalfCheetah's 1000-step time limit
+            act = np.stack([ref.single_action_space.sample() for _ in range(4)])
+            (*a, info_a), (*b, info_b) = ours.step(act), ref.step(act)
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(x, y)
+            for i in range(4):
+                if b[2][i] or b[3][i]:
+                    np.testing.assert_array_equal(info_a["final_obs"][i], info_b["final_obs"][i])
+                    finished += 1
+                else:
+                    assert info_a["final_obs"][i] is None
+        assert finished > 0
+        # Resetting only some copies leaves the others where they are.
+        before = ours.step(act)[0]
+        mask = np.array([True, False, True, False])
+        after, _ = ours.reset(options={"reset_mask": mask})
+        np.testing.assert_array_equal(after[~mask], before[~mask])
+        assert not np.array_equal(after[mask], before[mask])
+    finally:
+        ours.close()
+        ref.close()
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])

@@ -115,10 +115,10 @@ def make_kwargs(env_id: str) -> dict[str, Any]:
     return {"frameskip": 1} if is_atari(env_id) else {}
 
 
-def make_env(env_id: str, action_mask=None, wrap: bool = True) -> gym.Env:
+def make_env(env_id: str, action_mask=None, wrap: bool = True, **kwargs: Any) -> gym.Env:
     """One copy of the environment with natpg's wrappers; ``wrap=False`` stops before flattening and masking
-    (the space a user's observations come in, after Atari preprocessing)."""
-    env = gym.make(env_id, **make_kwargs(env_id))
+    (the space a user's observations come in, after Atari preprocessing); ``kwargs`` go to ``gym.make``."""
+    env = gym.make(env_id, **{**make_kwargs(env_id), **kwargs})
     for w in env_wrappers(env_id, action_mask) if wrap else atari_wrappers() if is_atari(env_id) else []:
         env = w(env)
     return env
@@ -206,6 +206,10 @@ def make_vec_env(env_id: str, n_envs: int, vectorization: str = "sync", n_worker
         from .vector import MultiprocVectorEnv
 
         return MultiprocVectorEnv(env_id, n_envs, min(n_workers, n_envs), action_mask)
+    if vectorization == "sync":  # natpg's lean in-process vector env (natpg.vector)
+        from .vector import SerialVectorEnv
+
+        return SerialVectorEnv([lambda: make_env(env_id, action_mask) for _ in range(n_envs)])
     return gym.make_vec(env_id, num_envs=n_envs, vectorization_mode=vectorization,
                         vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP},
                         wrappers=env_wrappers(env_id, action_mask), **make_kwargs(env_id))
@@ -426,16 +430,22 @@ def set_env_state(env: gym.Env, state: dict[str, Any]) -> None:
             getattr(u.data, k)[...] = np.asarray(v, np.float64).reshape(getattr(u.data, k).shape)
 
 
+def _in_process(envs) -> bool:
+    from .vector import SerialVectorEnv
+
+    return isinstance(envs, (SerialVectorEnv, gym.vector.SyncVectorEnv))
+
+
 def vector_env_state(envs: gym.vector.VectorEnv) -> list[dict[str, Any]]:
     """``env_state`` of every copy of a synchronous vector env (EnvStateError for other vector envs)."""
-    if not isinstance(envs, gym.vector.SyncVectorEnv):
+    if not _in_process(envs):
         raise EnvStateError(f"cannot snapshot the copies of a {type(envs).__name__}: natpg reads environment "
                             f"state only from vectorization='sync'")
     return [env_state(e) for e in envs.envs]
 
 
 def set_vector_env_state(envs: gym.vector.VectorEnv, states: list[dict[str, Any]]) -> None:
-    if not isinstance(envs, gym.vector.SyncVectorEnv):
+    if not _in_process(envs):
         raise EnvStateError(f"cannot restore the copies of a {type(envs).__name__} (vectorization='sync' only)")
     if len(states) != envs.num_envs:
         raise EnvStateError(f"snapshot of {len(states)} environment copies, the vector env has {envs.num_envs}")
