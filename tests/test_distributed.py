@@ -1,5 +1,5 @@
-"""Distributed sampling: the in-process reference sampler, the Ray sampler that must equal it bit for bit,
-worker faults, and Ray as an optional dependency.
+"""Distributed sampling: the in-process reference sampler, the process and Ray samplers that must equal it
+bit for bit, prefetching the next rollout, worker faults, and Ray as an optional dependency.
 
 The Ray tests start a local Ray instance (2 CPUs) once for the module and skip when Ray is not installed.
 """
@@ -8,7 +8,9 @@ import glob
 import os
 import subprocess
 import sys
+import tempfile
 import time
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -18,6 +20,7 @@ from gymnasium.envs.classic_control.pendulum import PendulumEnv
 
 import natpg
 from natpg.agent import ALGORITHM_CLASSES
+from natpg.cli import main as cli
 from natpg.distributed import RolloutWorker, WorkerFailure, WorkerSampler
 from natpg.distributed.sampler import DistributedSampler, require_ray
 from natpg.distributed.workers import WorkerResult, WorkerSpec
@@ -26,6 +29,10 @@ from natpg.rollout import NonFiniteEnvError, Rollout
 
 FAULT_DIR_VAR = "NATPG_TEST_FAULT_DIR"
 FAULTY_ID = "NatpgFaultyPendulum-v0"
+# Worker processes import this module by the id below and inherit the variable: it is set at collection,
+# before any test starts multiprocessing's fork server (whose children get its environment).
+FAULTY_PROCESS_ID = f"{__name__}:{FAULTY_ID}"
+os.environ.setdefault(FAULT_DIR_VAR, tempfile.mkdtemp(prefix="natpg-test-faults-"))
 
 
 class FaultyPendulum(PendulumEnv):
@@ -83,7 +90,7 @@ def test_ray_sampler_without_ray_names_the_extra(monkeypatch):
     ({"sampler": "spark"}, "sampler must be one of"),
     ({"workers": 0}, "workers must be an integer ≥ 1"),
     ({"sampler": "ray", "workers": 5, "n_envs": 4}, r"workers \(5\) must be at most n_envs \(4\)"),
-    ({"workers": 2}, "needs sampler='ray'"),
+    ({"workers": 2}, "needs sampler='processes' or 'ray'"),
     ({"ray_address": "auto"}, "ray_address needs sampler='ray'"),
     ({"sampler": "ray", "ray_address": ""}, "ray_address must be None"),
     ({"sampler": "ray", "worker_timeout": 0}, "worker_timeout must be a finite number > 0"),
@@ -208,21 +215,21 @@ def record_rollouts(agent):
     return seen
 
 
-def test_ray_sampler_equals_the_in_process_reference(ray_cluster):
+def assert_equals_the_in_process_reference(kind):
     """Same seed, same number of workers: the same batches (torch.equal) and the same parameters."""
     runs = {}
-    for kind in ("workers", "ray"):
-        agent = natpg.NPG("Pendulum-v1", seed=3, sampler=kind, workers=2, n_envs=5, n_steps=64,
+    for k in ("workers", kind):
+        agent = natpg.NPG("Pendulum-v1", seed=3, sampler=k, workers=2, n_envs=5, n_steps=64,
                           normalize_reward=True, tensorboard=False)
         try:
             agent.learn(320)  # starts the sampler
             rollouts = record_rollouts(agent)
             agent.learn(3 * 320, reset=False)  # crosses Pendulum's 200-step time limit
-            runs[kind] = (rollouts, flat_params(agent), agent.obs_normalizer.rms.state_dict(),
-                          agent.reward_scaler.rms.state_dict(), list(agent._sampler.recent_returns))
+            runs[k] = (rollouts, flat_params(agent), agent.obs_normalizer.rms.state_dict(),
+                       agent.reward_scaler.rms.state_dict(), list(agent._sampler.recent_returns))
         finally:
             agent.close()
-    (ref, p_ref, obs_ref, rew_ref, ret_ref), (got, p_got, obs_got, rew_got, ret_got) = runs["workers"], runs["ray"]
+    (ref, p_ref, obs_ref, rew_ref, ret_ref), (got, p_got, obs_got, rew_got, ret_got) = runs["workers"], runs[kind]
     assert len(ref) == len(got) == 3
     for a, b in zip(ref, got):
         for name in ("obs", "act", "rew", "terminated", "truncated", "next_obs"):
@@ -231,6 +238,10 @@ def test_ray_sampler_equals_the_in_process_reference(ray_cluster):
     assert ref[-1].truncated.any()  # episode ends were part of the comparison
     assert torch.equal(p_ref, p_got)
     assert (obs_ref, rew_ref, ret_ref) == (obs_got, rew_got, ret_got) and len(ret_ref) == 5
+
+
+def test_ray_sampler_equals_the_in_process_reference(ray_cluster):
+    assert_equals_the_in_process_reference("ray")
 
 
 def test_ray_worker_faults(ray_cluster):
@@ -276,3 +287,113 @@ def test_ray_worker_faults(ray_cluster):
         agent.close()
         for leftover in os.listdir(fault_dir):
             os.remove(os.path.join(fault_dir, leftover))
+
+
+# --- local worker processes -----------------------------------------------------------------------------
+
+def test_process_sampler_equals_the_in_process_reference():
+    assert_equals_the_in_process_reference("processes")
+
+
+def test_prefetching_the_next_rollout_changes_nothing():
+    """One learn call prefetches each next rollout during the critic fit; one call per update never does
+    (no next update to prefetch for): the runs are identical."""
+    params = []
+    for calls in ([4 * 160], [160] * 4):
+        agent = natpg.NPG("Pendulum-v1", seed=2, sampler="workers", workers=2, n_envs=5, n_steps=32,
+                          tensorboard=False)
+        try:
+            for steps in calls:
+                agent.learn(steps, reset=False)
+            params.append(flat_params(agent))
+        finally:
+            agent.close()
+    assert torch.equal(*params)
+
+
+def test_a_prefetched_rollout_of_a_changed_policy_is_discarded():
+    agent = natpg.NPG("Pendulum-v1", seed=2, sampler="workers", workers=2, n_envs=4, n_steps=32, tensorboard=False)
+    try:
+        agent.learn(3 * 128, callback=lambda a, row: False)  # stops after one update, a rollout in flight
+        assert agent._sampler._pending is not None
+        with torch.no_grad():
+            agent.policy.log_std.add_(0.5)
+        rollouts = record_rollouts(agent)
+        with pytest.warns(RuntimeWarning, match="discarded"):
+            agent.learn(128, reset=False)
+        # the rollout used was sampled with the changed policy: its workers got the new weights
+        assert agent._sampler._pending is None and len(rollouts) == 1
+    finally:
+        agent.close()
+    # Unchanged policy: the prefetched rollout is used, exactly as in an uninterrupted run.
+    runs = []
+    for stop_early in (True, False):
+        agent = natpg.NPG("Pendulum-v1", seed=2, sampler="workers", workers=2, n_envs=4, n_steps=32,
+                          tensorboard=False)
+        try:
+            if stop_early:
+                agent.learn(3 * 128, callback=lambda a, row: False)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    agent.learn(128, reset=False)
+            else:
+                agent.learn(2 * 128)
+            runs.append(flat_params(agent))
+        finally:
+            agent.close()
+    assert torch.equal(*runs)
+
+
+def fault_token(kind):
+    open(os.path.join(os.environ[FAULT_DIR_VAR], f"{kind}.{time.monotonic_ns()}"), "w").close()
+
+
+def test_process_worker_faults():
+    """A worker process killed mid-iteration is replaced and its share re-run; a hung one is replaced after
+    worker_timeout; a second failure raises instead of hanging; errors inside a worker propagate."""
+    fault_dir = os.environ[FAULT_DIR_VAR]
+    agent = natpg.NPG(FAULTY_PROCESS_ID, seed=0, sampler="processes", workers=2, n_envs=4, n_steps=32,
+                      tensorboard=False)
+    rows = []
+    keep = lambda a, row: rows.append(row)  # noqa: E731
+    try:
+        agent.learn(128, callback=keep)
+        assert rows[-1]["sampler/worker_restarts"] == 0
+        rollouts = record_rollouts(agent)
+
+        fault_token("die")  # one copy's process exits at its next step: the share runs again in a new process
+        start = time.monotonic()
+        agent.learn(256, reset=False, callback=keep)  # two updates: the second one prefetched
+        assert rows[-1]["sampler/worker_restarts"] == 1 and agent.env_steps == 384
+        assert rollouts[-1].obs.shape == (32, 4, 3) and torch.isfinite(rollouts[-1].obs).all()
+        assert not os.listdir(fault_dir)
+
+        agent._sampler.timeout = 6.0
+        fault_token("hang")  # no answer within worker_timeout: killed, replaced, re-run
+        agent.learn(128, reset=False, callback=keep)
+        assert rows[-1]["sampler/worker_restarts"] == 2 and agent.env_steps == 512
+        agent._sampler.timeout = 300.0
+
+        agent._sampler.retries = 0
+        fault_token("die")  # no retry left: a clear error, not a hang
+        with pytest.raises(WorkerFailure, match="giving up"):
+            agent.learn(128, reset=False)
+        assert agent._sampler.worker_restarts == 3
+
+        fault_token("nan")  # the environment's own error reaches the learner as it is
+        with pytest.raises(NonFiniteEnvError, match="non-finite observation"):
+            agent.learn(128, reset=False)
+        assert time.monotonic() - start < 90
+    finally:
+        agent.close()
+        for leftover in os.listdir(fault_dir):
+            os.remove(os.path.join(fault_dir, leftover))
+
+
+def test_process_sampler_from_the_cli(tmp_path):
+    out = tmp_path / "run"
+    rc = cli(["train", "npg", "Pendulum-v1", "--steps", "512", "--n-envs", "4", "--set", "n_steps=64",
+              "--sampler", "processes", "--workers", "2", "--out", str(out), "--no-progress", "--set",
+              "tensorboard=False"])
+    assert rc == 0 and (out / "progress.csv").exists()
+    assert "processes" in (out / "config.json").read_text()

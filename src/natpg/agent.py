@@ -160,9 +160,9 @@ class Agent:
         wall_before = self.train_wall_s
         steps_at_start = self.env_steps
         try:
-            for _ in range(n_updates):
+            for i in range(n_updates):
                 stats = iteration(self._sampler, self.policy, self.critic, self.actor_update, self.config,
-                                  self.config.rollout.n_steps, self.cpu_generator)
+                                  self.config.rollout.n_steps, self.cpu_generator, prefetch=i < n_updates - 1)
                 self.updates += 1
                 self.env_steps += batch
                 fault = fault_of(stats)
@@ -194,8 +194,9 @@ class Agent:
         return self
 
     def _make_sampler(self, seed: int):
-        """The sampler chosen by ``config.distributed.sampler``: 'local' (one vector env here), 'ray' (Ray
-        actors) or 'workers' (the Ray worker code in this process); copy i is seeded ``seed + i`` in all three."""
+        """The sampler chosen by ``config.distributed.sampler``: 'local' (one vector env here), 'processes'
+        (local worker processes), 'ray' (Ray actors) or 'workers' (the worker code in this process); copy i
+        is seeded ``seed + i`` in all four."""
         kind = self.config.distributed.sampler
         if kind != "local":
             from .distributed import make_sampler

@@ -58,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no live progress bar")
     t.add_argument("--workers", type=int, default=None, metavar="N",
                    help="split the environment copies over N rollout workers; N > 1 samples on Ray "
-                        "(sampler=ray, unless --set sampler=... says otherwise; docs/distributed.md)")
+                        "(sampler=ray, unless --sampler says otherwise; docs/distributed.md)")
+    t.add_argument("--sampler", default=None, choices=("local", "processes", "ray", "workers"),
+                   help="who steps the environments: local (this process, the default), processes (--workers "
+                        "local worker processes, overlapped with the critic fit), ray (Ray actors), workers "
+                        "(the worker code in this process, a reference)")
     t.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="Ray cluster to sample on: 'auto' (after `ray start`) or HOST:PORT (default: a local "
                         "Ray instance); implies sampler=ray")
@@ -98,7 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown algorithm {args.algo!r}; valid: {', '.join(sorted(ALGORITHM_CLASSES))}")
     overrides = dict(parse_setting(s) for s in args.settings)
     for key, value in (("fisher", args.fisher), ("n_envs", args.n_envs), ("device", args.device),
-                       ("workers", args.workers), ("ray_address", args.ray_address)):
+                       ("workers", args.workers), ("ray_address", args.ray_address), ("sampler", args.sampler)):
         if value is not None:
             overrides[key] = value
     if "sampler" not in overrides and ((args.workers or 1) > 1 or args.ray_address is not None):

@@ -16,7 +16,7 @@ ALGORITHMS = ("npg", "trpo", "acktr", "nac", "ppo", "vpg")
 FISHERS = ("cg", "dense", "kfac", "diagonal", "empirical", "identity")
 STEP_RULES = ("fixed", "adam", "kl", "linesearch", "kfac_clip", "ppo_clip")
 CRITIC_OPTIMIZERS = ("adam", "kfac")
-SAMPLERS = ("local", "ray", "workers")
+SAMPLERS = ("local", "processes", "ray", "workers")
 
 
 @dataclass
@@ -166,20 +166,22 @@ class RunConfig:
 @dataclass
 class DistributedConfig:
     sampler: str = "local"
-    """Who steps the environments: 'local' (one vector env in this process), 'ray' (the n_envs copies split
-    over `workers` Ray actors) or 'workers' (the Ray sampler's worker code run in this process, one worker
-    after the other: its reference). With 'ray'/'workers' the normaliser statistics are frozen during an
-    iteration and updated afterwards (docs/distributed.md)."""
+    """Who steps the environments: 'local' (one vector env in this process), 'processes' (the n_envs copies
+    split over `workers` local worker processes, which step the next rollout while the learner fits the
+    critic), 'ray' (over `workers` Ray actors) or 'workers' (the same worker code run in this process, one
+    worker after the other: the reference the other two equal bit for bit). With all but 'local' the
+    normaliser statistics are frozen during an iteration and updated afterwards (docs/distributed.md)."""
     workers: int = 1
-    """Rollout workers of the 'ray' and 'workers' samplers (at most n_envs); worker 0 holds the first copies."""
+    """Rollout workers of the 'processes', 'ray' and 'workers' samplers (at most n_envs); worker 0 holds the
+    first copies."""
     ray_address: str | None = None
     """Ray cluster to join: None (use the Ray instance already started in this process, or start a local
     one), 'auto' (the cluster this machine belongs to, after `ray start`) or 'HOST:PORT'."""
     worker_timeout: float = 300.0
-    """Seconds a Ray worker may take to return one rollout before it counts as failed and is replaced (its
-    share of the iteration then runs again on the replacement)."""
+    """Seconds a Ray or process worker may take to return one rollout before it counts as failed and is
+    replaced (its share of the iteration then runs again on the replacement)."""
     worker_start_timeout: float = 600.0
-    """Seconds a Ray worker may take to start (import natpg, build its environments; on a cluster also wait
+    """Seconds a Ray or process worker may take to start (import natpg, build its environments; on a cluster also wait
     for a free CPU and set up its runtime environment) before it counts as failed."""
 
 
@@ -339,7 +341,8 @@ class Config:
             need(d.workers <= e.n_envs, f"workers ({d.workers}) must be at most n_envs ({e.n_envs}): each worker "
                                         f"steps at least one environment copy")
             need(d.workers == 1 or d.sampler != "local",
-                 f"workers={d.workers} needs sampler='ray' (or 'workers', its in-process reference)")
+                 f"workers={d.workers} needs sampler='processes' or 'ray' (or 'workers', their in-process "
+                 f"reference)")
         need(d.ray_address is None or (isinstance(d.ray_address, str) and d.ray_address.strip() != ""),
              f"ray_address must be None, 'auto' or 'HOST:PORT', got {d.ray_address!r}")
         need(d.ray_address is None or d.sampler == "ray", "ray_address needs sampler='ray'")

@@ -8,6 +8,7 @@ a run by resetting the environments (documented as not bit-exact).
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import gymnasium as gym
@@ -125,9 +126,19 @@ def make_env(env_id: str, action_mask=None, wrap: bool = True, **kwargs: Any) ->
 
 
 def check_env_id(env_id: str) -> gym.envs.registration.EnvSpec:
-    """The registered spec of ``env_id``, or a ValueError that says what went wrong."""
+    """The registered spec of ``env_id``, or a ValueError that says what went wrong.
+
+    ``'module:EnvName-v0'`` (Gymnasium's syntax) imports ``module`` first, so that an environment it
+    registers on import exists in every process that builds one, rollout worker processes included."""
     if not isinstance(env_id, str) or not env_id:
         raise ValueError(f"environment id must be a non-empty string such as 'CartPole-v1', got {env_id!r}")
+    if ":" in env_id:
+        module, _, name = env_id.partition(":")
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ValueError(f"environment {env_id!r}: cannot import module {module!r} ({exc})") from None
+        env_id = name
     if env_id.startswith("ALE/") and env_id not in gym.registry:  # ale-py registers its games on import
         try:
             import ale_py
@@ -225,7 +236,12 @@ class RunningMeanStd:
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, np.float64)
-        b_mean, b_var, b_count = x.mean(0), x.var(0), x.shape[0]
+        # x.mean(0) and x.var(0) by the same ufuncs (bit-identical), without their Python-level overhead:
+        # this runs every sampler step.
+        b_count = x.shape[0]
+        b_mean = np.add.reduce(x, axis=0) / b_count
+        centred = x - b_mean
+        b_var = np.add.reduce(centred * centred, axis=0) / b_count
         delta = b_mean - self.mean
         total = self.count + b_count
         self.mean = self.mean + delta * b_count / total

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from typing import Protocol, Sequence
 
+import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
@@ -387,8 +388,6 @@ def env_action(act: np.ndarray, action_space, squash: bool = False) -> np.ndarra
     """What the environment receives for the policy's action(s) ``act`` [..., *]: Box → clipped to the bounds
     (or tanh-rescaled with ``squash``), MultiDiscrete and MultiBinary → reshaped to the space in its dtype,
     Discrete → as is. The policy's actions are flat; the reshape restores the space's shape."""
-    import gymnasium as gym
-
     if isinstance(action_space, gym.spaces.Discrete):
         return act
     act = act.reshape(*act.shape[:-1], *action_space.shape)

@@ -95,8 +95,17 @@ class Sampler:
                 f"{int(self.ep_length[i]) + 1} of its episode; affected copies {np.flatnonzero(bad).tolist()}). "
                 f"Set nonfinite_env='drop' to end such episodes and leave the transition out instead.")
 
-    @torch.no_grad()
     def collect(self, policy: torch.nn.Module, n_steps: int) -> Rollout:
+        # inference_mode is the cheapest way to run the per-step forward; the rollout's tensors are made
+        # after it, so that they are ordinary tensors the updates can differentiate through.
+        with torch.inference_mode():
+            buffers = self._steps(policy, n_steps)
+        obs_buf, act_buf, rew_buf, term_buf, trunc_buf, next_buf, valid = buffers
+        to = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+        return Rollout(obs=to(obs_buf), act=to(act_buf), rew=to(rew_buf), terminated=to(term_buf),
+                       truncated=to(trunc_buf), next_obs=to(next_buf), valid=None if valid.all() else to(valid))
+
+    def _steps(self, policy: torch.nn.Module, n_steps: int) -> tuple[np.ndarray, ...]:
         T, N = n_steps, self.n_envs
         D = self.obs.shape[1]
         obs_buf = np.zeros((T, N, D), np.float32)
@@ -105,14 +114,17 @@ class Sampler:
         term_buf = np.zeros((T, N), bool)
         trunc_buf = np.zeros((T, N), bool)
         valid = np.ones((T, N), bool)
-        acts = []
+        act_buf = None
+        squash = getattr(policy, "squash", False)
         for t in range(T):
             obs_n = self.obs_norm(self.obs)
             obs_buf[t] = obs_n
             eta = policy(torch.from_numpy(obs_n).to(self.device))
-            act = policy.sample(eta, self.generator).cpu()
-            acts.append(act)
-            env_act = env_action(act.numpy(), self.action_space, getattr(policy, "squash", False))
+            act = policy.sample(eta, self.generator).cpu().numpy()
+            if act_buf is None:
+                act_buf = np.zeros((T, *act.shape), act.dtype)
+            act_buf[t] = act
+            env_act = env_action(act, self.action_space, squash)
             raw_next, rew, term, trunc, info = self.envs.step(env_act)
             rew = np.asarray(rew, np.float64)
             term, trunc = np.asarray(term, bool), np.asarray(trunc, bool)
@@ -152,10 +164,7 @@ class Sampler:
             self.obs = next_obs
             self.total_steps += N
             self.steps += 1
-        to = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
-        return Rollout(obs=to(obs_buf), act=torch.stack(acts).to(self.device), rew=to(rew_buf),
-                       terminated=to(term_buf), truncated=to(trunc_buf), next_obs=to(next_buf),
-                       valid=None if valid.all() else to(valid))
+        return obs_buf, act_buf, rew_buf, term_buf, trunc_buf, next_buf, valid
 
     def _drop(self, bad: np.ndarray, done: np.ndarray, next_ok: np.ndarray, next_obs: np.ndarray,
               rew: np.ndarray, after: np.ndarray) -> np.ndarray:

@@ -135,8 +135,13 @@ def fault_of(stats: dict[str, Any]) -> str | None:
 
 
 def iteration(sampler, policy: nn.Module, critic, actor_update, cfg, n_steps: int,
-              generator: torch.Generator) -> dict[str, Any]:
-    """collect → advantages → actor update (g, d = F⁻¹g, step) → critic regression; returns the log row."""
+              generator: torch.Generator, prefetch: bool = False) -> dict[str, Any]:
+    """collect → advantages → actor update (g, d = F⁻¹g, step) → critic regression; returns the log row.
+
+    ``prefetch``: a sampler whose workers run elsewhere (``sampler.prefetch``) starts the next rollout as
+    soon as the actor has stepped, so that it runs while the critic is fitted here. The next batch is the
+    same either way: the rollout reads only the policy and the normaliser statistics, the critic is read
+    only by the next ``make_batch``."""
     t0 = time.perf_counter()
     rollout = sampler.collect(policy, n_steps)
     t1 = time.perf_counter()
@@ -148,6 +153,8 @@ def iteration(sampler, policy: nn.Module, critic, actor_update, cfg, n_steps: in
         t2 = t3 = time.perf_counter()
     else:
         stats = guarded_actor_update(actor_update, policy, batch)
+        if prefetch and hasattr(sampler, "prefetch"):
+            sampler.prefetch(policy, n_steps)
         t2 = time.perf_counter()
         stats |= guarded_critic_fit(critic, batch, generator)
         t3 = time.perf_counter()

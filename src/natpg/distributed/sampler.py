@@ -93,6 +93,7 @@ class DistributedSampler:
         self.total_steps = 0
         self.steps = 0
         self.dropped = 0
+        self._pending = None  # (weights, n_steps, handle) of a rollout started by prefetch
 
     def spec(self, w: int) -> WorkerSpec:
         """The spec of worker w; its r-th replacement seeds its copies ``seed + i + r·n_envs`` (fresh
@@ -112,13 +113,40 @@ class DistributedSampler:
 
     # --- one iteration ----------------------------------------------------------------------------
     def collect(self, policy: torch.nn.Module, n_steps: int) -> Rollout:
+        """The next rollout of ``policy``: the one ``prefetch`` started, if it was started with these weights
+        and ``n_steps`` (otherwise it is discarded with a warning), or a fresh one."""
+        if self._pending is not None:
+            weights, steps, handle = self._pending
+            self._pending = None
+            results = self._gather(handle)
+            if steps == n_steps and _same_weights(policy, weights):
+                return self._merge(results, n_steps)
+            import warnings
+
+            warnings.warn("the policy changed after its next rollout was started (prefetch); that rollout is "
+                          "discarded and a new one collected", RuntimeWarning, stacklevel=2)
+        return self._merge(self._gather(self._submit(*self._request(policy), n_steps)), n_steps)
+
+    def prefetch(self, policy: torch.nn.Module, n_steps: int) -> None:
+        """Start the next rollout now with the current weights and statistics, so that the workers step their
+        environments while the learner fits the critic; ``collect`` then only waits for it. The batch is the
+        same as without prefetching: the rollout needs only the policy and the normaliser statistics, both
+        final once the actor has stepped."""
+        if self._pending is None:
+            weights, obs_stats, reward_stats = self._request(policy)
+            self._pending = (weights, n_steps, self._submit(weights, obs_stats, reward_stats, n_steps))
+
+    def _request(self, policy: torch.nn.Module):
         weights = {k: v.detach().to("cpu", copy=True) for k, v in policy.state_dict().items()}
         obs_stats = self.obs_norm.rms.state_dict() if self.obs_norm.enabled else None
         reward_stats = self.rew_scale.rms.state_dict() if self.rew_scale.enabled else None
-        results = self._run(weights, obs_stats, reward_stats, n_steps)
-        return self._merge(results, n_steps)
+        return weights, obs_stats, reward_stats
 
-    def _run(self, weights, obs_stats, reward_stats, n_steps: int) -> list[WorkerResult]:
+    def _submit(self, weights, obs_stats, reward_stats, n_steps: int):
+        """Ask every worker for its share of one rollout; returns what ``_gather`` needs to wait for them."""
+        raise NotImplementedError
+
+    def _gather(self, handle) -> list[WorkerResult]:
         raise NotImplementedError
 
     def _merge(self, results: list[WorkerResult], n_steps: int) -> Rollout:
@@ -175,7 +203,7 @@ class DistributedSampler:
         return False
 
     def close(self) -> None:
-        pass
+        self._pending = None
 
 
 class WorkerSampler(DistributedSampler):
@@ -186,10 +214,14 @@ class WorkerSampler(DistributedSampler):
         super().__init__(*args, **kwargs)
         self.workers = [RolloutWorker(self.spec(w), w) for w in range(self.n_workers)]
 
-    def _run(self, weights, obs_stats, reward_stats, n_steps: int) -> list[WorkerResult]:
+    def _submit(self, weights, obs_stats, reward_stats, n_steps: int) -> list[WorkerResult]:
         return [w.collect(weights, obs_stats, reward_stats, n_steps) for w in self.workers]
 
+    def _gather(self, results: list[WorkerResult]) -> list[WorkerResult]:
+        return results
+
     def close(self) -> None:
+        self._pending = None
         for w in self.workers:
             w.close()
         self.workers = []
@@ -254,28 +286,32 @@ class RaySampler(DistributedSampler):
         self.actors[w] = self._start(w)
         self._starting.add(w)
 
-    def _run(self, weights, obs_stats, reward_stats, n_steps: int) -> list[WorkerResult]:
-        ray = self.ray
-        args = (ray.put(weights), obs_stats, reward_stats, n_steps)
+    def _submit(self, weights, obs_stats, reward_stats, n_steps: int):
+        args = (self.ray.put(weights), obs_stats, reward_stats, n_steps)
         # ref → (worker, attempt, deadline, phase): a replacement is first waited for ('start', within
         # start_timeout), then asked for the rollout ('collect', within timeout).
         pending: dict[Any, tuple[int, int, float, str]] = {}
+        for w in range(self.n_workers):
+            self._submit_one(args, pending, w, 0, "start" if w in self._starting else "collect")
+        return args, pending
 
-        def submit(w: int, attempt: int, phase: str) -> None:
-            actor = self.actors[w]
-            ref = actor.ready.remote() if phase == "start" else actor.collect.remote(*args)
-            limit = self.start_timeout if phase == "start" else self.timeout
-            pending[ref] = (w, attempt, time.monotonic() + limit, phase)
+    def _submit_one(self, args, pending, w: int, attempt: int, phase: str) -> None:
+        actor = self.actors[w]
+        ref = actor.ready.remote() if phase == "start" else actor.collect.remote(*args)
+        limit = self.start_timeout if phase == "start" else self.timeout
+        pending[ref] = (w, attempt, time.monotonic() + limit, phase)
+
+    def _gather(self, handle) -> list[WorkerResult]:
+        ray = self.ray
+        args, pending = handle
 
         def failed(w: int, attempt: int, why: str) -> None:
             self._replace(w)
             if attempt >= self.retries:
                 raise WorkerFailure(f"rollout worker {w} failed ({why}) and its share of this iteration was "
                                     f"already retried {attempt} time(s); giving up (the worker has been replaced)")
-            submit(w, attempt + 1, "start")
+            self._submit_one(args, pending, w, attempt + 1, "start")
 
-        for w in range(self.n_workers):
-            submit(w, 0, "start" if w in self._starting else "collect")
         results: list[WorkerResult] = []
         while pending:
             wait_s = max(0.0, min(d for _, _, d, _ in pending.values()) - time.monotonic())
@@ -293,7 +329,7 @@ class RaySampler(DistributedSampler):
                     continue
                 if phase == "start":
                     self._starting.discard(w)
-                    submit(w, attempt, "collect")
+                    self._submit_one(args, pending, w, attempt, "collect")
                 else:
                     results.append(value)
             now = time.monotonic()
@@ -306,6 +342,7 @@ class RaySampler(DistributedSampler):
         return results
 
     def close(self) -> None:
+        self._pending = None
         for actor in getattr(self, "actors", []):
             try:
                 self.ray.kill(actor, no_restart=True)
@@ -314,9 +351,14 @@ class RaySampler(DistributedSampler):
         self.actors = []
 
 
+def _same_weights(policy: torch.nn.Module, weights: dict[str, torch.Tensor]) -> bool:
+    state = policy.state_dict()
+    return state.keys() == weights.keys() and all(torch.equal(v.detach().cpu(), weights[k]) for k, v in state.items())
+
+
 def make_sampler(kind: str, env_id: str, config, seed: int, obs_normalizer: ObsNormalizer,
                  reward_scaler: RewardScaler, device: torch.device, action_mask=None):
-    """The ``sampler='workers'`` or ``sampler='ray'`` sampler for a run (``config.distributed``); ``action_mask``:
+    """The ``sampler='workers'``, ``'processes'`` or ``'ray'`` sampler for a run (``config.distributed``); ``action_mask``:
     None, an info key or a callable (``Agent.action_mask_source``)."""
     d = config.distributed
     if kind == "workers":
@@ -324,4 +366,9 @@ def make_sampler(kind: str, env_id: str, config, seed: int, obs_normalizer: ObsN
     if kind == "ray":
         return RaySampler(env_id, config, seed, obs_normalizer, reward_scaler, device, action_mask,
                           address=d.ray_address, timeout=d.worker_timeout, start_timeout=d.worker_start_timeout)
-    raise ValueError(f"unknown sampler {kind!r}; valid: 'local', 'workers', 'ray'")
+    if kind == "processes":
+        from .processes import ProcessSampler
+
+        return ProcessSampler(env_id, config, seed, obs_normalizer, reward_scaler, device, action_mask,
+                              timeout=d.worker_timeout, start_timeout=d.worker_start_timeout)
+    raise ValueError(f"unknown sampler {kind!r}; valid: 'local', 'processes', 'workers', 'ray'")

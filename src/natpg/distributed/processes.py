@@ -1,0 +1,208 @@
+"""Rollout workers as local processes (``sampler='processes'``): Ray's scale-out without Ray, on one machine.
+
+Each worker process runs the same ``RolloutWorker`` as the Ray actors and the in-process reference, so
+with the same seed and number of workers the batches equal those of ``sampler='workers'`` bit for bit.
+Messages are pickled whole (``pickle`` protocol 5, tensors as bytes) over one pipe per worker: one
+request (weights and normaliser statistics) and one answer (the worker's rollout) per iteration, so the
+cost of talking to a worker does not grow with the number of steps. With ``prefetch`` the workers step
+the next rollout while the learner fits the critic, which on a two-core machine keeps both cores busy.
+
+A worker that dies or does not answer in time is killed and replaced by a fresh process (fresh episodes,
+as in ``DistributedSampler.spec``) and its share of the iteration runs again on the replacement; a second
+failure of the same share raises ``WorkerFailure``. An exception raised inside the worker (a non-finite
+observation, a bug in the environment) is not a fault of the worker and is raised here as it is, with
+the worker's traceback in its notes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+import signal
+import time
+import traceback
+from typing import Any
+
+from .sampler import DistributedSampler, WorkerFailure
+from .workers import RolloutWorker, WorkerResult, WorkerSpec
+
+
+def _send(conn, message: Any) -> None:
+    conn.send_bytes(pickle.dumps(message, protocol=5))
+
+
+def _process_main(conn, spec: WorkerSpec, worker: int) -> None:
+    # Ctrl-C goes to the whole process group: let the learner handle it (it saves a checkpoint, then closes us).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    rollout_worker = None
+    try:
+        rollout_worker = RolloutWorker(spec, worker)
+        _send(conn, ("ready", worker))
+        while True:
+            cmd, args = pickle.loads(conn.recv_bytes())
+            if cmd == "close":
+                break
+            _send(conn, ("result", rollout_worker.collect(*args)))
+    except (KeyboardInterrupt, EOFError, BrokenPipeError):
+        pass
+    except Exception as exc:  # report it to the learner instead of dying silently
+        remote = traceback.format_exc()
+        try:
+            pickle.dumps(exc)
+        except Exception:
+            exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+        try:
+            _send(conn, ("error", (exc, remote)))
+        except (BrokenPipeError, OSError):
+            pass
+    finally:
+        if rollout_worker is not None:
+            rollout_worker.close()
+        conn.close()
+
+
+class _Died(Exception):
+    """A worker process ended or its pipe broke."""
+
+
+class ProcessSampler(DistributedSampler):
+    """``workers`` local processes, each stepping its share of the copies with its own policy copy."""
+
+    retries = 1  # re-runs of a failed worker's share per iteration
+    poll_s = 0.5  # how often a waiting learner checks that the workers are alive
+
+    def __init__(self, *args: Any, timeout: float = 300.0, start_timeout: float = 600.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.timeout, self.start_timeout = float(timeout), float(start_timeout)
+        methods = mp.get_all_start_methods()
+        self._ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+        self.procs: list[Any] = [None] * self.n_workers
+        self.conns: list[Any] = [None] * self.n_workers
+        try:
+            for w in range(self.n_workers):
+                self._start(w)
+            for w in range(self.n_workers):
+                self._expect(w, "ready", self.start_timeout, "starting")
+        except _Died as exc:
+            self.close()
+            raise WorkerFailure(f"a rollout worker process failed while starting: {exc}. Worker processes import "
+                                f"the main script again: in a script, start training under "
+                                f"`if __name__ == '__main__':`") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, w: int) -> None:
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_process_main, args=(child, self.spec(w), w), daemon=True,
+                                 name=f"natpg-rollout-worker-{w}")
+        proc.start()
+        child.close()
+        self.procs[w], self.conns[w] = proc, parent
+
+    def _expect(self, w: int, kind: str, limit: float, doing: str) -> Any:
+        """The next message of worker w, which must be ``kind``; raises _Died if it dies or stays silent for
+        ``limit`` seconds, and re-raises an exception the worker reported."""
+        conn, proc = self.conns[w], self.procs[w]
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                if conn.poll(min(self.poll_s, max(0.0, deadline - time.monotonic()))):
+                    tag, payload = pickle.loads(conn.recv_bytes())
+                    break
+            except (EOFError, OSError) as exc:
+                raise _Died(f"worker {w} ({type(exc).__name__} while {doing}; exit code {proc.exitcode})") from None
+            if not proc.is_alive() and not conn.poll(0):
+                raise _Died(f"worker {w} exited with code {proc.exitcode} while {doing}")
+            if time.monotonic() >= deadline:
+                raise _Died(f"worker {w} gave no answer within {limit:g} s while {doing}")
+        if tag == "error":
+            exc, remote = payload
+            exc.add_note(f"raised in rollout worker {w}:\n{remote}")
+            raise exc
+        assert tag == kind, (tag, kind)
+        return payload
+
+    def _replace(self, w: int) -> None:
+        self._kill(w)
+        self.restarts[w] += 1
+        self._start(w)
+        self._expect(w, "ready", self.start_timeout, "starting as a replacement")
+
+    def _submit(self, weights, obs_stats, reward_stats, n_steps: int):
+        message = pickle.dumps(("collect", (weights, obs_stats, reward_stats, n_steps)), protocol=5)
+        failed = []
+        for w, conn in enumerate(self.conns):
+            try:
+                conn.send_bytes(message)
+            except (BrokenPipeError, OSError):
+                failed.append(w)  # _gather replaces it
+        return message, failed
+
+    def _gather(self, handle) -> list[WorkerResult]:
+        message, failed = handle
+        results: list[WorkerResult] = []
+        for w in range(self.n_workers):
+            attempt, why = 0, None
+            if w in failed:
+                why = f"worker {w}'s pipe was closed when the rollout was requested"
+            while True:
+                if why is None:
+                    try:
+                        results.append(self._expect(w, "result", self.timeout, "collecting"))
+                        break
+                    except _Died as exc:
+                        why = str(exc)
+                if attempt >= self.retries:
+                    self._replace_quietly(w)
+                    self._drain(range(w + 1, self.n_workers))
+                    raise WorkerFailure(f"rollout worker {w} failed ({why}) and its share of this iteration was "
+                                        f"already retried {attempt} time(s); giving up (the worker has been "
+                                        f"replaced)")
+                attempt += 1
+                try:
+                    self._replace(w)
+                    self.conns[w].send_bytes(message)
+                    why = None
+                except (_Died, BrokenPipeError, OSError) as exc:
+                    why = f"its replacement failed too: {exc}"
+        return results
+
+    def _drain(self, workers) -> None:
+        """Read and drop the answers of ``workers`` to a request given up on, so that none is taken for the
+        answer to a later one (a worker that cannot answer is replaced)."""
+        for w in workers:
+            try:
+                self._expect(w, "result", self.timeout, "collecting")
+            except _Died:
+                self._replace_quietly(w)
+            except Exception:  # an error the worker reported: its answer to this request
+                pass
+
+    def _replace_quietly(self, w: int) -> None:
+        try:
+            self._replace(w)
+        except _Died:
+            pass
+
+    def _kill(self, w: int) -> None:
+        proc, conn = self.procs[w], self.conns[w]
+        if conn is not None:
+            conn.close()
+        if proc is not None and proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+        self.procs[w] = self.conns[w] = None
+
+    def close(self) -> None:
+        busy, self._pending = self._pending is not None, None
+        for w, conn in enumerate(self.conns):
+            if conn is not None and not busy:  # a worker busy with a prefetched rollout is killed instead
+                try:
+                    _send(conn, ("close", None))
+                except (BrokenPipeError, OSError):
+                    pass
+        for w, proc in enumerate(self.procs):
+            if proc is not None and not busy:
+                proc.join(timeout=5)
+            self._kill(w)
