@@ -1,9 +1,16 @@
 """Throughput of natpg NPG against sb3-contrib TRPO and the raw env stepping rate, in one run.
 
 Same machine, same run, alternating (BENCHMARKING.md): for each repeat, measure the raw env rate, then
-natpg, then sb3-contrib, each after one warm-up update; report the median and spread over repeats.
-Equal work per update: the same batch (env steps per update), [64, 64] tanh actor and critic, CG 10
-iterations, 10 critic epochs with minibatch 256... as far as each library's knobs allow (printed).
+each natpg engine, then sb3-contrib, each after one warm-up update; report the median and spread over
+repeats. Equal work per update: the same batch (env steps per update), [64, 64] tanh actor and critic,
+CG 10 iterations, 10 critic epochs with minibatch 256... as far as each library's knobs allow. natpg's
+engines differ only in who steps the environments (the update is the same):
+
+- natpg: ``--n-envs`` copies in this process (the default sampler);
+- natpg_16: 16 copies in this process (the same batch in fewer, wider steps);
+- natpg_processes: 16 copies over 2 worker processes (``sampler='processes'``), which step the next rollout
+  while the learner fits the critic;
+- natpg_multiproc: ``--n-envs`` copies whose simulators step in 2 processes, one message per step.
 
     python benchmarks/throughput.py --env HalfCheetah-v5 --batch 2048 --updates 5 --repeats 3
 
@@ -22,11 +29,11 @@ import torch
 from natpg.bench import raw_env_rate
 
 
-def natpg_rate(env_id: str, batch: int, updates: int, n_envs: int, vectorization: str = "sync") -> float:
+def natpg_rate(env_id: str, batch: int, updates: int, n_envs: int, **engine) -> float:
     import natpg
 
     agent = natpg.NPG(env_id, seed=0, n_envs=n_envs, n_steps=batch // n_envs, critic_epochs=10,
-                      critic_minibatch=256, cg_iters=10, tensorboard=False, vectorization=vectorization)
+                      critic_minibatch=256, cg_iters=10, tensorboard=False, **engine)
     agent.learn(batch)
     start = time.perf_counter()
     agent.learn(updates * batch, reset=False)
@@ -64,23 +71,25 @@ def main() -> None:
         have_sb3 = True
     except ImportError:
         have_sb3 = False
-    rows: dict[str, list[float]] = {"raw": [], "natpg": [], "natpg_multiproc": [], "sb3": []}
+    engines = {"natpg": (args.n_envs, {}), "natpg_16": (16, {}),
+               "natpg_processes": (16, {"sampler": "processes", "workers": 2}),
+               "natpg_multiproc": (args.n_envs, {"vectorization": "multiproc"})}
+    rows: dict[str, list[float]] = {"raw": [], **{name: [] for name in engines}, "sb3": []}
     for _ in range(args.repeats):
         rows["raw"].append(raw_env_rate(args.env))
-        rows["natpg"].append(natpg_rate(args.env, args.batch, args.updates, args.n_envs))
-        rows["natpg_multiproc"].append(natpg_rate(args.env, args.batch, args.updates, args.n_envs, "multiproc"))
-        torch.set_num_threads(args.threads)
+        for name, (n_envs, engine) in engines.items():
+            rows[name].append(natpg_rate(args.env, args.batch, args.updates, n_envs, **engine))
+            torch.set_num_threads(args.threads)
         if have_sb3:
             rows["sb3"].append(sb3_rate(args.env, args.batch, args.updates))
             torch.set_num_threads(args.threads)
     summary = {k: {"median": round(statistics.median(v), 1), "min": round(min(v), 1), "max": round(max(v), 1)}
                for k, v in rows.items() if v}
     med = {k: v["median"] for k, v in summary.items()}
-    summary["natpg_over_raw"] = round(med["natpg"] / med["raw"], 3)
-    summary["natpg_multiproc_over_raw"] = round(med["natpg_multiproc"] / med["raw"], 3)
-    if "sb3" in med:
-        summary["natpg_over_sb3"] = round(med["natpg"] / med["sb3"], 2)
-        summary["natpg_multiproc_over_sb3"] = round(med["natpg_multiproc"] / med["sb3"], 2)
+    for name in engines:
+        summary[f"{name}_over_raw"] = round(med[name] / med["raw"], 3)
+        if "sb3" in med:
+            summary[f"{name}_over_sb3"] = round(med[name] / med["sb3"], 2)
     summary["settings"] = vars(args)
     print(json.dumps(summary, indent=1))
 

@@ -2,8 +2,8 @@
 
     python -m natpg.distributed.bench HalfCheetah-v5 --workers 1 2 --n-envs 8 --n-steps 256 --iterations 5
 
-prints one JSON line per configuration: the local sampler first (the baseline), then the Ray sampler
-with each number of workers. Each configuration runs one untimed warm-up collect (actor start-up,
+prints one JSON line per configuration: the local sampler first (the baseline), then each of
+``--samplers`` (default: ray; also processes) with each number of workers. Each configuration runs one untimed warm-up collect (actor start-up,
 first-call costs), then ``--iterations`` timed collects with a fixed policy; env-steps/s is
 n_envs × n_steps × iterations over their wall time.
 """
@@ -43,7 +43,9 @@ def measure(env_id: str, sampler: str, workers: int, n_envs: int, n_steps: int, 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m natpg.distributed.bench", description=__doc__.split("\n")[0])
     p.add_argument("env_id")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray worker counts to measure")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
+    p.add_argument("--samplers", nargs="+", default=["ray"], choices=("ray", "processes"),
+                   help="worker samplers to measure (default: ray)")
     p.add_argument("--n-envs", type=int, default=8)
     p.add_argument("--n-steps", type=int, default=256)
     p.add_argument("--iterations", type=int, default=5)
@@ -52,16 +54,19 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not args.no_local:
         print(json.dumps(measure(args.env_id, "local", 1, args.n_envs, args.n_steps, args.iterations)), flush=True)
-    from .sampler import require_ray
+    for sampler in args.samplers:
+        if sampler == "ray":
+            from .sampler import require_ray
 
-    ray = require_ray()
-    if not ray.is_initialized():
-        if args.ray_address:
-            ray.init(address=args.ray_address)
-        else:
-            ray.init(num_cpus=max(os.cpu_count() or 1, max(args.workers)), include_dashboard=False)
-    for w in args.workers:
-        print(json.dumps(measure(args.env_id, "ray", w, args.n_envs, args.n_steps, args.iterations)), flush=True)
+            ray = require_ray()
+            if not ray.is_initialized():
+                if args.ray_address:
+                    ray.init(address=args.ray_address)
+                else:
+                    ray.init(num_cpus=max(os.cpu_count() or 1, max(args.workers)), include_dashboard=False)
+        for w in args.workers:
+            print(json.dumps(measure(args.env_id, sampler, w, args.n_envs, args.n_steps, args.iterations)),
+                  flush=True)
 
 
 if __name__ == "__main__":
