@@ -45,6 +45,7 @@ PUBLISHED_LABEL = {"tianshou-npg": "Tianshou NPG (best ckpt, 10 seeds)",
 # Which published numbers stand beside each measured algorithm (the same algorithm's).
 COMPARE = {"natpg-npg": ["tianshou-npg"], "natpg-trpo": ["tianshou-trpo", "sb3-trpo"],
            "tianshou-npg": ["tianshou-npg"], "tianshou-trpo": ["tianshou-trpo"], "sb3-trpo": ["sb3-trpo"]}
+COMPARE |= {f"{algo}-procs": peers for algo, peers in list(COMPARE.items()) if algo.startswith("natpg-")}
 NORM_REF = {"tianshou": "tianshou-trpo", "sb3": "sb3-trpo"}
 
 

@@ -39,6 +39,9 @@ Settings of each library (and where they come from)
 - natpg-npg / natpg-trpo / natpg-acktr / natpg-ppo: ``natpg.NPG/TRPO/ACKTR/PPO(env, seed=seed)`` with
   natpg's own MuJoCo presets, no overrides (src/natpg/algorithms.py ``FAMILY_DEFAULTS``; docs/algorithms.md
   cites their sources), trained by ``agent.learn(chunk, reset=False)`` between evaluations.
+- natpg-npg-procs (and -trpo-, -acktr-, ...): the same presets and batch size, sampled by 16 copies over
+  2 worker processes (``sampler='processes', workers=2, n_envs=16``; normaliser statistics updated once
+  per iteration, docs/distributed.md).
 - sb3-trpo: sb3-contrib TRPO with the RL Zoo's MuJoCo hyperparameters (rl-baselines3-zoo
   ``hyperparams/trpo.yml``, ``&mujoco-defaults``): 2 envs × 1024 steps, critic lr 1e-3 with 20 updates of
   minibatch 128, CG 25 iterations, damping 0.1, target KL 0.01 (HalfCheetah 0.04), γ 0.99, GAE λ 0.95,
@@ -76,6 +79,10 @@ COLUMNS = ["library", "algo", "env", "seed", "env_steps", "eval_return_mean", "e
            "hardware", "commit", "command", "budget", "final"]
 NATPG_ALGOS = {"natpg-npg": "NPG", "natpg-trpo": "TRPO", "natpg-acktr": "ACKTR", "natpg-ppo": "PPO",
                "natpg-vpg": "VPG", "natpg-nac": "NAC"}
+# The same presets sampled by natpg's fast engine on a small machine: 16 copies over 2 worker processes
+# (sampler='processes', the next rollout stepped during the critic fit), the preset's batch size kept.
+PROCESS_ENGINE = {"sampler": "processes", "workers": 2, "n_envs": 16}
+NATPG_ALGOS |= {f"{name}-procs": cls for name, cls in list(NATPG_ALGOS.items())}
 PEER_LIBRARY = {"sb3-trpo": "sb3-contrib", "tianshou-npg": "tianshou", "tianshou-trpo": "tianshou"}
 ALGOS = list(NATPG_ALGOS) + list(PEER_LIBRARY)
 EVAL_SEED_OFFSET = 10_000
@@ -98,7 +105,15 @@ class NatpgRunner:
             raise PeerMissing(f"{algo} needs natpg, which is not importable in {sys.executable} ({exc}); "
                               f"pass --natpg-python") from None
         self.natpg = natpg
-        self.agent = getattr(natpg, NATPG_ALGOS[algo])(env_id, seed=seed)
+        cls = NATPG_ALGOS[algo]
+        engine = {}
+        if algo.endswith("-procs"):
+            from natpg.algorithms import default_config
+            from natpg.envs import env_family
+
+            batch = default_config(cls.lower(), env_family(env_id), env_id).batch_size
+            engine = {**PROCESS_ENGINE, "n_steps": batch // PROCESS_ENGINE["n_envs"]}
+        self.agent = getattr(natpg, cls)(env_id, seed=seed, **engine)
         self.batch = self.agent.config.batch_size
         self.env_id = env_id
         self._started = False
