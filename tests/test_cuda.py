@@ -110,3 +110,33 @@ def test_agent_trains_on_cuda_and_keeps_its_tensors_there(tmp_path):
     assert loaded.predict(obs) == agent.predict(obs)
     mean, _ = natpg.evaluate(loaded, episodes=2, seed=1)
     assert mean > 0
+
+
+def test_gpu_learner_acts_with_a_cpu_copy_of_the_policy():
+    """device='cuda' with the local sampler: the updates run on the GPU, the per-step forward on a CPU copy
+    given the policy's weights once per rollout (no host-device copy per step), the rollout lands on the GPU."""
+    agent = natpg.NPG("Pendulum-v1", seed=0, n_envs=4, n_steps=64, device="cuda", tensorboard=False)
+    seen = []
+    collect = None
+    try:
+        agent.learn(256)
+        sampler = agent._sampler
+        collect = sampler.collect
+
+        def recording(policy, n_steps):
+            rollout = collect(policy, n_steps)
+            seen.append((rollout, {k: v.detach().cpu().clone() for k, v in policy.state_dict().items()}))
+            return rollout
+
+        sampler.collect = recording
+        agent.learn(256, reset=False)
+        actor = sampler._cpu_actor
+        assert actor is not None and all(p.device.type == "cpu" for p in actor.parameters())
+        assert all(p.device.type == "cuda" for p in agent.policy.parameters())
+        rollout, weights = seen[-1]
+        assert rollout.obs.device.type == "cuda" and rollout.act.device.type == "cuda"
+        for name, value in actor.state_dict().items():  # the copy acted with the weights of that rollout
+            assert torch.equal(value, weights[name]), name
+        assert agent.sampling_generator.device.type == "cpu"
+    finally:
+        agent.close()

@@ -112,6 +112,9 @@ class Agent:
         self.reward_scaler = RewardScaler(config.env.n_envs, config.advantage.gamma, config.env.reward_clip,
                                           config.env.normalize_reward)
         self.generator = torch.Generator(self.device).manual_seed(seed)
+        # The sampler acts with a CPU copy of a GPU policy (rollout.Sampler._actor), so it samples on the CPU.
+        self.sampling_generator = (self.generator if self.device.type == "cpu"
+                                   else torch.Generator().manual_seed(seed))
         self.cpu_generator = torch.Generator().manual_seed(seed + 1)
         self.actor_update = make_actor_update(config, self.cpu_generator)
         self.env_steps = 0
@@ -205,7 +208,7 @@ class Agent:
                                 self.device, self.action_mask_source)
         envs = make_vec_env(self.env_id, self.config.env.n_envs, self.config.env.vectorization,
                             self.config.env.n_workers, self.action_mask_source)
-        return Sampler(envs, self.obs_normalizer, self.reward_scaler, seed, self.device, self.generator,
+        return Sampler(envs, self.obs_normalizer, self.reward_scaler, seed, self.device, self.sampling_generator,
                        self.config.env.nonfinite_env)
 
     def recent_return(self) -> float:
@@ -306,7 +309,9 @@ class Agent:
         }
         tensors = {"policy": self.policy.state_dict(), "critic": self.critic.state_dict(),
                    "critic_optimizer": self.critic.optimizer.state_dict(),
-                   "rng": {"generator": self.generator.get_state(), "cpu_generator": self.cpu_generator.get_state()},
+                   "rng": {"generator": self.generator.get_state(), "cpu_generator": self.cpu_generator.get_state(),
+                           **({"sampling_generator": self.sampling_generator.get_state()}
+                              if self.sampling_generator is not self.generator else {})},
                    "actor_update": {name: obj.state_dict() for name, obj in self._stateful_update_parts().items()}}
         file = checkpoint.write(path, meta, tensors)
         if not str(path).endswith(".pt"):
@@ -352,6 +357,8 @@ class Agent:
         if "rng" in tensors:
             agent.generator.set_state(tensors["rng"]["generator"])
             agent.cpu_generator.set_state(tensors["rng"]["cpu_generator"])
+            if "sampling_generator" in tensors["rng"] and agent.sampling_generator is not agent.generator:
+                agent.sampling_generator.set_state(tensors["rng"]["sampling_generator"])
         for name, part in agent._stateful_update_parts().items():
             if name in tensors.get("actor_update", {}):
                 part.load_state_dict(tensors["actor_update"][name])

@@ -7,6 +7,7 @@ single small forward pass whatever the number of environment copies.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -80,6 +81,7 @@ class Sampler:
         self.episodes = 0
         self.total_steps = 0
         self.dropped = 0  # episodes ended early because of a non-finite observation or reward
+        self._cpu_actor: torch.nn.Module | None = None  # the acting copy of a policy that lives on a GPU
 
     def _flat(self, obs: np.ndarray) -> np.ndarray:
         return np.asarray(obs, np.float64).reshape(self.n_envs, -1)
@@ -99,11 +101,24 @@ class Sampler:
         # inference_mode is the cheapest way to run the per-step forward; the rollout's tensors are made
         # after it, so that they are ordinary tensors the updates can differentiate through.
         with torch.inference_mode():
-            buffers = self._steps(policy, n_steps)
+            buffers = self._steps(self._actor(policy), n_steps)
         obs_buf, act_buf, rew_buf, term_buf, trunc_buf, next_buf, valid = buffers
         to = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
         return Rollout(obs=to(obs_buf), act=to(act_buf), rew=to(rew_buf), terminated=to(term_buf),
                        truncated=to(trunc_buf), next_obs=to(next_buf), valid=None if valid.all() else to(valid))
+
+    def _actor(self, policy: torch.nn.Module) -> torch.nn.Module:
+        """The policy that acts: ``policy`` itself when it is on the CPU; otherwise (a GPU learner) a CPU copy
+        given its current weights once per rollout, so that no step moves observations to the GPU and
+        actions back. The sampler's generator is then a CPU generator too (``Agent``)."""
+        param = next(policy.parameters(), None)
+        if param is None or param.device.type == "cpu":
+            return policy
+        if self._cpu_actor is None or type(self._cpu_actor) is not type(policy):
+            self._cpu_actor = copy.deepcopy(policy).to("cpu")
+        else:
+            self._cpu_actor.load_state_dict(policy.state_dict())
+        return self._cpu_actor
 
     def _steps(self, policy: torch.nn.Module, n_steps: int) -> tuple[np.ndarray, ...]:
         T, N = n_steps, self.n_envs
@@ -119,7 +134,7 @@ class Sampler:
         for t in range(T):
             obs_n = self.obs_norm(self.obs)
             obs_buf[t] = obs_n
-            eta = policy(torch.from_numpy(obs_n).to(self.device))
+            eta = policy(torch.from_numpy(obs_n))
             act = policy.sample(eta, self.generator).cpu().numpy()
             if act_buf is None:
                 act_buf = np.zeros((T, *act.shape), act.dtype)
