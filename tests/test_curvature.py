@@ -108,6 +108,32 @@ def explicit_kfac(policy: nn.Module, kfac: KFAC, damping: float, rest: torch.Ten
 # Diagonal
 # --------------------------------------------------------------------------------------------------
 
+def test_kfac_log_std_block_without_a_jacobian_equals_the_fisher_and_score_blocks():
+    """The Gaussian's state-independent log-std block is read off F_out (2I) or off the scores, with no
+    forward-mode Jacobian: it equals the dense Fisher's log-std block, the generic Jacobian path, and for
+    the empirical estimator the mean outer product of autograd's per-sample log-std gradients."""
+    from natpg.fisher.kfac import find_layers, rest_block, rest_jacobian
+
+    policy = make_policy("gauss", hidden=(5,))
+    obs, act = batch(policy, n=30)
+    rest = find_layers(policy).rest
+    assert rest == [policy.log_std]
+    with torch.no_grad():
+        eta = policy(obs)
+    k = policy.act_dim
+    F = dense_fisher(policy, obs)
+    torch.testing.assert_close(rest_block(policy, obs, rest, eta), F[-k:, -k:], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rest_block(policy, obs, rest, eta), 2 * torch.eye(k, dtype=torch.float64))
+    J = rest_jacobian(policy, obs, rest)  # the generic path: ∂η/∂log σ = [0; I]
+    torch.testing.assert_close(J, torch.cat([torch.zeros(k, k), torch.eye(k)]).expand(30, 2 * k, k).double())
+    scores = []
+    for b in range(30):
+        lp = policy.head.dist(policy(obs[b : b + 1])).log_prob(act[b : b + 1]).sum()
+        scores.append(torch.autograd.grad(lp, policy.log_std)[0])
+    S = torch.stack(scores)
+    torch.testing.assert_close(rest_block(policy, obs, rest, eta, act), S.T @ S / 30, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("kind", ["gauss", "cat"])
 def test_diagonal_equals_diag_of_dense_fisher(kind):
     policy = make_policy(kind, hidden=(5, 4))

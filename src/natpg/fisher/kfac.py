@@ -38,7 +38,7 @@ from torch import nn
 from torch.func import functional_call, jacfwd, vmap
 
 from ..params import parameter_names
-from ..policies import CategoricalHead
+from ..policies import CategoricalHead, GaussianMLP
 
 Estimator = Literal["sampled", "exact", "empirical"]
 ESTIMATORS = ("sampled", "exact", "empirical")
@@ -260,6 +260,14 @@ def rest_block(policy: nn.Module, obs: torch.Tensor, rest: list[nn.Parameter], e
                act: torch.Tensor | None = None, chunk: int = 4096) -> torch.Tensor:
     """Fisher block of the rest parameters, (1/B) Σ_b J_bᵀ F_out(η_b) J_b — or, given the taken actions
     ``act``, the empirical (1/B) Σ_b s_b s_bᵀ with s_b = J_bᵀ ∇_η log π(a_b|s_b). Returns [R, R]."""
+    if _state_independent_log_std(policy, rest):
+        # η = [μ(s), log σ] with ∂η/∂log σ = [0; I] in every state: the block is the log-σ corner of F_out
+        # (2I for the Gaussian) or of the score outer products, with no Jacobian to compute.
+        k = policy.act_dim
+        if act is None:
+            return torch.diag(policy.head.fisher_diag(eta)[:, k:].mean(0))
+        s = score_wrt_eta(policy.head, eta, act)[:, k:]
+        return s.T @ s / obs.shape[0]
     R = sum(p.numel() for p in rest)
     out = torch.zeros(R, R, dtype=eta.dtype, device=eta.device)
     for i in range(0, obs.shape[0], chunk):
@@ -272,6 +280,11 @@ def rest_block(policy: nn.Module, obs: torch.Tensor, rest: list[nn.Parameter], e
             s = torch.einsum("bkp,bk->bp", J, score_wrt_eta(policy.head, e, act[i : i + chunk]))
             out += s.T @ s
     return out / obs.shape[0]
+
+
+def _state_independent_log_std(policy: nn.Module, rest: list[nn.Parameter]) -> bool:
+    """The rest is only a Gaussian policy's state-independent log-std, which its output η carries as is."""
+    return isinstance(policy, GaussianMLP) and len(rest) == 1 and rest[0] is policy.log_std
 
 
 # ----------------------------------------------------------------------------------------------------
