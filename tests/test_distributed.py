@@ -344,6 +344,23 @@ def test_a_prefetched_rollout_of_a_changed_policy_is_discarded():
     assert torch.equal(*runs)
 
 
+def test_an_unread_answer_of_a_worker_process_is_never_taken_for_a_later_one():
+    """A prefetched rollout whose handle is lost (as to a KeyboardInterrupt inside learn) is drained: the next
+    collect gets a fresh rollout, exactly as the in-process reference, which ran and dropped the first."""
+    params = []
+    for kind in ("workers", "processes"):
+        agent = natpg.NPG("Pendulum-v1", seed=5, sampler=kind, workers=2, n_envs=4, n_steps=32, tensorboard=False)
+        try:
+            agent.learn(3 * 128, callback=lambda a, row: False)
+            assert agent._sampler._pending is not None
+            agent._sampler._pending = None  # the handle is gone; a worker process still owes its answer
+            agent.learn(2 * 128, reset=False)
+            params.append(flat_params(agent))
+        finally:
+            agent.close()
+    assert torch.equal(*params)
+
+
 def fault_token(kind):
     open(os.path.join(os.environ[FAULT_DIR_VAR], f"{kind}.{time.monotonic_ns()}"), "w").close()
 

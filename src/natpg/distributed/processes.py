@@ -78,6 +78,9 @@ class ProcessSampler(DistributedSampler):
         self._ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
         self.procs: list[Any] = [None] * self.n_workers
         self.conns: list[Any] = [None] * self.n_workers
+        # 1 while worker w owes the answer to a request: a request whose answer was never read (its handle
+        # lost to an interrupt) is drained before the next, so that no stale rollout passes for a new one.
+        self._owed = [0] * self.n_workers
         try:
             for w in range(self.n_workers):
                 self._start(w)
@@ -98,7 +101,7 @@ class ProcessSampler(DistributedSampler):
                                  name=f"natpg-rollout-worker-{w}")
         proc.start()
         child.close()
-        self.procs[w], self.conns[w] = proc, parent
+        self.procs[w], self.conns[w], self._owed[w] = proc, parent, 0
 
     def _expect(self, w: int, kind: str, limit: float, doing: str) -> Any:
         """The next message of worker w, which must be ``kind``; raises _Died if it dies or stays silent for
@@ -116,6 +119,8 @@ class ProcessSampler(DistributedSampler):
                 raise _Died(f"worker {w} exited with code {proc.exitcode} while {doing}")
             if time.monotonic() >= deadline:
                 raise _Died(f"worker {w} gave no answer within {limit:g} s while {doing}")
+        if tag in ("result", "error"):
+            self._owed[w] = 0
         if tag == "error":
             exc, remote = payload
             exc.add_note(f"raised in rollout worker {w}:\n{remote}")
@@ -131,10 +136,12 @@ class ProcessSampler(DistributedSampler):
 
     def _submit(self, weights, obs_stats, reward_stats, n_steps: int):
         message = pickle.dumps(("collect", (weights, obs_stats, reward_stats, n_steps)), protocol=5)
+        self._drain([w for w in range(self.n_workers) if self._owed[w]])
         failed = []
         for w, conn in enumerate(self.conns):
             try:
                 conn.send_bytes(message)
+                self._owed[w] = 1
             except (BrokenPipeError, OSError):
                 failed.append(w)  # _gather replaces it
         return message, failed
@@ -163,6 +170,7 @@ class ProcessSampler(DistributedSampler):
                 try:
                     self._replace(w)
                     self.conns[w].send_bytes(message)
+                    self._owed[w] = 1
                     why = None
                 except (_Died, BrokenPipeError, OSError) as exc:
                     why = f"its replacement failed too: {exc}"
