@@ -444,6 +444,21 @@ def test_value_clipping_limits_the_loss_to_the_clipped_range():
     assert float(moved.max()) < 1.0 and stats["critic/clip_fraction"] > 0
 
 
+def test_presets_layer_algorithm_family_environment_then_user():
+    """Swimmer's own preset (γ 0.9999) sits over the MuJoCo family's, and a user's keyword over both."""
+    from natpg.algorithms import ALGORITHM_DEFAULTS, FAMILY_DEFAULTS
+
+    for algo in ("npg", "trpo", "acktr"):
+        cfg = default_config(algo, "mujoco", "Swimmer-v5")
+        assert cfg.advantage.gamma == 0.9999
+        assert cfg.batch_size == FAMILY_DEFAULTS[(algo, "mujoco")]["n_envs"] * FAMILY_DEFAULTS[(algo, "mujoco")]["n_steps"]
+        assert cfg.curvature.fisher == ALGORITHM_DEFAULTS[algo]["fisher"]
+        assert default_config(algo, "mujoco", "Hopper-v5").advantage.gamma == 0.99
+    agent = natpg.TRPO("Swimmer-v5", gamma=0.995, tensorboard=False)
+    assert agent.config.advantage.gamma == 0.995
+    agent.close()
+
+
 def test_vpg_fixed_step_is_theta_plus_alpha_g():
     policy = make_policy("cat")
     batch = make_batch(policy)
