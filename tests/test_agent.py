@@ -147,3 +147,16 @@ def test_training_is_reproducible_with_a_seed():
         agent.learn(128)
         runs.append(torch.cat([p.detach().reshape(-1) for p in agent.policy.parameters()]))
     assert torch.equal(*runs)
+
+
+def test_log_rows_carry_the_gaussian_policys_noise():
+    """policy/std is the mean σ of the policy that just stepped (Gaussian heads only)."""
+    seen = []
+    agent = natpg.NPG("Pendulum-v1", seed=0, n_envs=2, n_steps=64, log_std_init=-1.0, tensorboard=False)
+    agent.learn(256, callback=lambda a, row: seen.append((row["policy/std"], a.policy.log_std.exp().mean().item())))
+    assert len(seen) == 2 and all(abs(logged - now) < 1e-6 for logged, now in seen)
+    assert abs(seen[0][0] - np.exp(-1.0)) < 0.1 and seen[0][0] != seen[1][0]
+    rows = []
+    cartpole = natpg.NPG("CartPole-v1", seed=0, n_envs=2, n_steps=64, tensorboard=False)
+    cartpole.learn(128, callback=lambda a, row: rows.append(row))
+    assert "policy/std" not in rows[0]

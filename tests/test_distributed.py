@@ -37,8 +37,8 @@ os.environ.setdefault(FAULT_DIR_VAR, tempfile.mkdtemp(prefix="natpg-test-faults-
 
 class FaultyPendulum(PendulumEnv):
     """Pendulum that misbehaves once per token file found in $NATPG_TEST_FAULT_DIR (a token is consumed by the
-    first copy, in any process, that removes it): 'die.*' kills the process (os._exit), 'hang.*' sleeps for a
-    minute, 'nan.*' returns a NaN observation."""
+    first copy, in any process, that removes it): 'die.*' kills the process (os._exit), 'hang.*' sleeps for
+    ten minutes, 'nan.*' returns a NaN observation."""
 
     def step(self, action):
         directory = os.environ.get(FAULT_DIR_VAR)
@@ -52,7 +52,7 @@ class FaultyPendulum(PendulumEnv):
                 if kind == "die":
                     os._exit(1)
                 if kind == "hang":
-                    time.sleep(120)
+                    time.sleep(600)
                 if kind == "nan":
                     obs, rew, term, trunc, info = super().step(action)
                     return np.full_like(obs, np.nan), rew, term, trunc, info
@@ -186,6 +186,50 @@ def test_every_algorithm_trains_with_the_worker_sampler(algo):
     assert rows[0]["episodes"] > 0  # CartPole episodes end within 32 steps under a random policy
 
 
+def check_worker_faults(agent, fault_dir):
+    """For any worker sampler running FaultyPendulum (4 copies over 2 workers, 32 steps): a worker killed
+    mid-iteration is replaced and its share re-run; a hung one is replaced after worker_timeout; a second
+    failure raises instead of hanging; errors inside a worker propagate. Closes the agent."""
+
+    def token(kind):
+        open(os.path.join(fault_dir, f"{kind}.{time.monotonic_ns()}"), "w").close()
+
+    rows = []
+    keep = lambda a, row: rows.append(row)  # noqa: E731
+    try:
+        agent.learn(128, callback=keep)
+        assert rows[-1]["sampler/worker_restarts"] == 0
+        rollouts = record_rollouts(agent)
+
+        token("die")  # one copy's worker exits at its next step: the share runs again on a fresh worker
+        start = time.monotonic()
+        agent.learn(256, reset=False, callback=keep)  # two updates: the second one prefetched
+        assert rows[-1]["sampler/worker_restarts"] == 1 and agent.env_steps == 384
+        assert rollouts[-1].obs.shape == (32, 4, 3) and torch.isfinite(rollouts[-1].obs).all()
+        assert not os.listdir(fault_dir)
+
+        agent._sampler.timeout = 6.0
+        token("hang")  # no answer within worker_timeout: killed, replaced, re-run
+        agent.learn(128, reset=False, callback=keep)
+        assert rows[-1]["sampler/worker_restarts"] == 2 and agent.env_steps == 512
+        agent._sampler.timeout = 300.0
+
+        agent._sampler.retries = 0
+        token("die")  # no retry left: a clear error, not a hang
+        with pytest.raises(WorkerFailure, match="giving up"):
+            agent.learn(128, reset=False)
+        assert agent._sampler.worker_restarts == 3
+
+        token("nan")  # the environment's own error reaches the learner as it is
+        with pytest.raises(NonFiniteEnvError, match="non-finite observation"):
+            agent.learn(128, reset=False)
+        assert time.monotonic() - start < 240  # a missed timeout would wait out the 600 s hang
+    finally:
+        agent.close()
+        for leftover in os.listdir(fault_dir):
+            os.remove(os.path.join(fault_dir, leftover))
+
+
 # --- on Ray ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -245,48 +289,9 @@ def test_ray_sampler_equals_the_in_process_reference(ray_cluster):
 
 
 def test_ray_worker_faults(ray_cluster):
-    """A worker killed mid-iteration is replaced and its share re-run; a hung one is replaced after
-    worker_timeout; a second failure raises instead of hanging; errors inside a worker propagate."""
     _, fault_dir = ray_cluster
-
-    def token(kind):
-        open(os.path.join(fault_dir, f"{kind}.{time.monotonic_ns()}"), "w").close()
-
     agent = natpg.NPG(FAULTY_ID, seed=0, sampler="ray", workers=2, n_envs=4, n_steps=32, tensorboard=False)
-    rows = []
-    keep = lambda a, row: rows.append(row)  # noqa: E731
-    try:
-        agent.learn(128, callback=keep)
-        assert rows[-1]["sampler/worker_restarts"] == 0
-        rollouts = record_rollouts(agent)
-
-        token("die")  # one copy's process exits at its next step: the share runs again on a fresh actor
-        start = time.monotonic()
-        agent.learn(128, reset=False, callback=keep)
-        assert rows[-1]["sampler/worker_restarts"] == 1 and agent.env_steps == 256
-        assert rollouts[-1].obs.shape == (32, 4, 3) and torch.isfinite(rollouts[-1].obs).all()
-        assert not os.listdir(fault_dir)
-
-        agent._sampler.timeout = 6.0
-        token("hang")  # no answer within worker_timeout: killed, replaced, re-run
-        agent.learn(128, reset=False, callback=keep)
-        assert rows[-1]["sampler/worker_restarts"] == 2 and agent.env_steps == 384
-        agent._sampler.timeout = 300.0
-
-        agent._sampler.retries = 0
-        token("die")  # no retry left: a clear error, not a hang
-        with pytest.raises(WorkerFailure, match="giving up"):
-            agent.learn(128, reset=False)
-        assert agent._sampler.worker_restarts == 3
-
-        token("nan")  # the environment's own error reaches the learner as it is
-        with pytest.raises(NonFiniteEnvError, match="non-finite observation"):
-            agent.learn(128, reset=False)
-        assert time.monotonic() - start < 90
-    finally:
-        agent.close()
-        for leftover in os.listdir(fault_dir):
-            os.remove(os.path.join(fault_dir, leftover))
+    check_worker_faults(agent, fault_dir)
 
 
 # --- local worker processes -----------------------------------------------------------------------------
@@ -361,50 +366,10 @@ def test_an_unread_answer_of_a_worker_process_is_never_taken_for_a_later_one():
     assert torch.equal(*params)
 
 
-def fault_token(kind):
-    open(os.path.join(os.environ[FAULT_DIR_VAR], f"{kind}.{time.monotonic_ns()}"), "w").close()
-
-
 def test_process_worker_faults():
-    """A worker process killed mid-iteration is replaced and its share re-run; a hung one is replaced after
-    worker_timeout; a second failure raises instead of hanging; errors inside a worker propagate."""
-    fault_dir = os.environ[FAULT_DIR_VAR]
     agent = natpg.NPG(FAULTY_PROCESS_ID, seed=0, sampler="processes", workers=2, n_envs=4, n_steps=32,
                       tensorboard=False)
-    rows = []
-    keep = lambda a, row: rows.append(row)  # noqa: E731
-    try:
-        agent.learn(128, callback=keep)
-        assert rows[-1]["sampler/worker_restarts"] == 0
-        rollouts = record_rollouts(agent)
-
-        fault_token("die")  # one copy's process exits at its next step: the share runs again in a new process
-        start = time.monotonic()
-        agent.learn(256, reset=False, callback=keep)  # two updates: the second one prefetched
-        assert rows[-1]["sampler/worker_restarts"] == 1 and agent.env_steps == 384
-        assert rollouts[-1].obs.shape == (32, 4, 3) and torch.isfinite(rollouts[-1].obs).all()
-        assert not os.listdir(fault_dir)
-
-        agent._sampler.timeout = 6.0
-        fault_token("hang")  # no answer within worker_timeout: killed, replaced, re-run
-        agent.learn(128, reset=False, callback=keep)
-        assert rows[-1]["sampler/worker_restarts"] == 2 and agent.env_steps == 512
-        agent._sampler.timeout = 300.0
-
-        agent._sampler.retries = 0
-        fault_token("die")  # no retry left: a clear error, not a hang
-        with pytest.raises(WorkerFailure, match="giving up"):
-            agent.learn(128, reset=False)
-        assert agent._sampler.worker_restarts == 3
-
-        fault_token("nan")  # the environment's own error reaches the learner as it is
-        with pytest.raises(NonFiniteEnvError, match="non-finite observation"):
-            agent.learn(128, reset=False)
-        assert time.monotonic() - start < 90
-    finally:
-        agent.close()
-        for leftover in os.listdir(fault_dir):
-            os.remove(os.path.join(fault_dir, leftover))
+    check_worker_faults(agent, os.environ[FAULT_DIR_VAR])
 
 
 def test_process_sampler_from_the_cli(tmp_path):

@@ -176,7 +176,7 @@ class Agent:
                        "ep_return_mean": self.recent_return(), "ep_length_mean": _mean(self._sampler.recent_lengths),
                        "episodes": self._sampler.episodes, "wall_s": self.train_wall_s,
                        "steps_per_s": (self.env_steps - steps_at_start) / max(wall, 1e-9),
-                       "faults/consecutive": self.consecutive_faults, **stats,
+                       "faults/consecutive": self.consecutive_faults, **stats, **_policy_stats(self.policy),
                        **getattr(self._sampler, "log_stats", dict)()}
                 if self.updates % run.log_interval == 0 or fault:
                     logger.record(row)
@@ -363,6 +363,13 @@ class Agent:
             if name in tensors.get("actor_update", {}):
                 part.load_state_dict(tensors["actor_update"][name])
         return agent
+
+
+def _policy_stats(policy: torch.nn.Module) -> dict[str, float]:
+    """The exploration noise of a Gaussian policy, mean σ over the action dimensions: where it stays high,
+    noisy actions can cost more than they earn (Ant's control cost) and the agent learns to end episodes."""
+    log_std = getattr(policy, "log_std", None)
+    return {} if log_std is None else {"policy/std": float(log_std.detach().exp().mean())}
 
 
 def _mean(values) -> float:

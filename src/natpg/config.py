@@ -181,8 +181,8 @@ class DistributedConfig:
     """Seconds a Ray or process worker may take to return one rollout before it counts as failed and is
     replaced (its share of the iteration then runs again on the replacement)."""
     worker_start_timeout: float = 600.0
-    """Seconds a Ray or process worker may take to start (import natpg, build its environments; on a cluster also wait
-    for a free CPU and set up its runtime environment) before it counts as failed."""
+    """Seconds a Ray or process worker may take to start (import natpg, build its environments; on a cluster
+    also wait for a free CPU and set up its runtime environment) before it counts as failed."""
 
 
 SECTIONS = {

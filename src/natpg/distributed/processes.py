@@ -204,7 +204,7 @@ class ProcessSampler(DistributedSampler):
 
     def close(self) -> None:
         busy, self._pending = self._pending is not None, None
-        for w, conn in enumerate(self.conns):
+        for conn in self.conns:
             if conn is not None and not busy:  # a worker busy with a prefetched rollout is killed instead
                 try:
                     _send(conn, ("close", None))
