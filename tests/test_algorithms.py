@@ -445,7 +445,7 @@ def test_value_clipping_limits_the_loss_to_the_clipped_range():
 
 
 def test_presets_layer_algorithm_family_environment_then_user():
-    """Swimmer's own preset (γ 0.9999) sits over the MuJoCo family's, and a user's keyword over both."""
+    """Swimmer's (γ 0.9999) and Ant's (σ e^−1) presets sit over the MuJoCo family's, a user's keyword over all."""
     from natpg.algorithms import ALGORITHM_DEFAULTS, FAMILY_DEFAULTS
 
     for algo in ("npg", "trpo", "acktr"):
@@ -456,6 +456,13 @@ def test_presets_layer_algorithm_family_environment_then_user():
         assert default_config(algo, "mujoco", "Hopper-v5").advantage.gamma == 0.99
     agent = natpg.TRPO("Swimmer-v5", gamma=0.995, tensorboard=False)
     assert agent.config.advantage.gamma == 0.995
+    agent.close()
+    # Ant's preset starts the Gaussian's σ at e^−1 (the built policy's log-std, not only the config).
+    agent = natpg.NPG("Ant-v5", n_envs=1, tensorboard=False)
+    torch.testing.assert_close(agent.policy.log_std.detach(), torch.full((8,), -1.0))
+    agent.close()
+    agent = natpg.ACKTR("Ant-v5", n_envs=1, log_std_init=-0.5, tensorboard=False)
+    torch.testing.assert_close(agent.policy.log_std.detach(), torch.full((8,), -0.5))
     agent.close()
 
 

@@ -195,6 +195,10 @@ ENV_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # Swimmer's reward for moving forward pays off over hundreds of steps: γ 0.99 learns only to wriggle
     # (NPG: 40 at 1M steps, docs/BENCHMARKS.md); RL Zoo's TRPO Swimmer preset uses γ 0.9999.
     **{(algo, "Swimmer-v5"): {"gamma": 0.9999} for algo in ("npg", "trpo", "acktr")},
+    # Ant pays 1 per step for staying alive and 0.5·Σa² for control: σ = 1 noise on 8 actions costs more than
+    # that, so with log_std_init 0 the return falls with every step and NPG learns to fall over (train return
+    # −29 at 300k steps); σ = e^−1 keeps living worth it (676 at 300k, docs/BENCHMARKS.md).
+    **{(algo, "Ant-v5"): {"log_std_init": -1.0} for algo in ("npg", "trpo", "acktr")},
 }
 
 
