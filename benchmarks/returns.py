@@ -14,7 +14,10 @@ the run has finished, into ``OUT/returns.csv`` (long format, one row per evaluat
 seed, env_steps, eval_return_mean, eval_return_std, wall_s, hardware, commit, command, plus ``budget``
 (the ``--steps`` asked for) and ``final`` (1 on the run's last row). A run whose final row for the same
 budget is already in returns.csv is skipped, so an interrupted benchmark resumes by rerunning the same
-command. ``command`` is the one-line command that reproduces that run alone. The child's stdout/stderr
+command. ``command`` is the one-line command that reproduces that run alone. Tuning runs override natpg settings
+over the presets with ``--set KEY=VALUE`` (repeatable, natpg algorithms only; values as ``natpg train
+--set``); their ``algo`` column carries the overrides, e.g. ``natpg-npg[max_kl=0.05]``, so they sit beside
+the preset's rows as a separate algorithm. The child's stdout/stderr
 go to ``OUT/logs/<run>.log``; a failed run (e.g. the peer library not importable in the interpreter
 used) prints one line and the others go on; the exit status is 1 if any run failed.
 
@@ -96,7 +99,7 @@ def library_of(algo: str) -> str:
 class NatpgRunner:
     """natpg's agent with its own presets; ``evaluate`` is natpg.evaluate (frozen normalisation)."""
 
-    def __init__(self, algo: str, env_id: str, seed: int):
+    def __init__(self, algo: str, env_id: str, seed: int, overrides: dict | None = None):
         try:
             import natpg
         except ImportError as exc:
@@ -113,7 +116,7 @@ class NatpgRunner:
 
             batch = default_config(cls.lower(), env_family(env_id), env_id).batch_size
             engine = {**PROCESS_ENGINE, "n_steps": batch // PROCESS_ENGINE["n_envs"]}
-        self.agent = getattr(natpg, cls)(env_id, seed=seed, **engine)
+        self.agent = getattr(natpg, cls)(env_id, seed=seed, **engine, **(overrides or {}))
         self.batch = self.agent.config.batch_size
         self.env_id = env_id
         self._started = False
@@ -131,6 +134,11 @@ class NatpgRunner:
 
     def close(self) -> None:
         self.agent.close()
+
+
+def run_label(algo: str, settings: list[str]) -> str:
+    """The ``algo`` column: the algorithm, with a tuning run's ``--set`` overrides in brackets."""
+    return f"{algo}[{','.join(settings)}]" if settings else algo
 
 
 def hardware() -> str:
@@ -156,7 +164,9 @@ def run_one(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         if a.algo in NATPG_ALGOS:
-            runner = NatpgRunner(a.algo, a.env, a.seed)
+            from natpg.cli import parse_setting
+
+            runner = NatpgRunner(a.algo, a.env, a.seed, dict(map(parse_setting, a.settings)))
         else:
             import torch
 
@@ -185,7 +195,7 @@ def run_one(a: argparse.Namespace) -> int:
                     mean, std = runner.evaluate(a.eval_episodes, eval_seed)
                 else:
                     mean, std = peers.evaluate(a.env, runner.act, a.eval_episodes, eval_seed)
-                writer.writerow({"library": library_of(a.algo), "algo": a.algo, "env": a.env, "seed": a.seed,
+                writer.writerow({"library": library_of(a.algo), "algo": run_label(a.algo, a.settings), "env": a.env, "seed": a.seed,
                                  "env_steps": runner.env_steps, "eval_return_mean": f"{mean:.3f}",
                                  "eval_return_std": f"{std:.3f}", "wall_s": f"{wall:.2f}", "hardware": hw,
                                  "commit": a.commit, "command": a.command, "budget": a.steps,
@@ -234,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--natpg-python", default=sys.executable)
     p.add_argument("--sb3-python", default=sys.executable)
     p.add_argument("--tianshou-python", default="python")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="tuning runs: override a natpg setting over its preset (natpg algorithms only); the algo "
+                        "column then reads e.g. natpg-npg[max_kl=0.05]")
     # Internal: one run, in the library's interpreter.
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--algo", help=argparse.SUPPRESS)
@@ -247,6 +260,17 @@ def main(argv: list[str] | None = None) -> int:
         return run_one(a)
     if a.steps < 1 or a.eval_every < 1 or a.eval_episodes < 1 or a.jobs < 1:
         p.error("--steps, --eval-every, --eval-episodes and --jobs must be positive")
+    if a.settings:
+        from natpg.cli import parse_setting
+        from natpg.config import Config
+
+        peers_asked = [algo for algo in a.algos if library_of(algo) != "natpg"]
+        if peers_asked:
+            p.error(f"--set overrides natpg settings only; drop {peers_asked} or run them without --set")
+        try:
+            Config().override(**dict(map(parse_setting, a.settings)))
+        except (TypeError, ValueError) as exc:
+            p.error(f"--set: {exc}")
 
     out = a.out
     os.makedirs(os.path.join(out, "partial"), exist_ok=True)
@@ -260,16 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     lock = threading.Lock()
 
     runs = [(algo, env, seed) for env in a.envs for algo in a.algos for seed in a.seeds]
-    todo = [r for r in runs if (r[0], r[1], r[2], a.steps) not in done]
+    todo = [r for r in runs if (run_label(r[0], a.settings), r[1], r[2], a.steps) not in done]
     if len(todo) < len(runs):
         print(f"skipping {len(runs) - len(todo)} finished run(s) already in {csv_path}")
 
     def one(run) -> bool:
         algo, env, seed = run
         lib = library_of(algo)
-        name = f"{algo}_{env}_{seed}"
+        name = "_".join([algo, env, str(seed), *a.settings])
+        sets = [arg for kv in a.settings for arg in ("--set", kv)]
         cmd = ["python", "benchmarks/returns.py", "--algos", algo, "--envs", env, "--seeds", str(seed),
-               "--steps", str(a.steps), "--eval-every", str(a.eval_every), "--out", out]
+               "--steps", str(a.steps), "--eval-every", str(a.eval_every), "--out", out, *sets]
         if a.eval_episodes != 10:
             cmd += ["--eval-episodes", str(a.eval_episodes)]
         if a.torch_threads != 1 and lib != "natpg":
@@ -280,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         child = [pythons[lib], os.path.abspath(__file__), "--worker", "--algo", algo, "--env", env,
                  "--seed", str(seed), "--steps", str(a.steps), "--eval-every", str(a.eval_every),
                  "--eval-episodes", str(a.eval_episodes), "--torch-threads", str(a.torch_threads),
-                 "--partial", partial, "--commit", commit, "--command", shlex.join(cmd)]
+                 "--partial", partial, "--commit", commit, "--command", shlex.join(cmd), *sets]
         log = os.path.join(out, "logs", name + ".log")
         print(f"start {name}", flush=True)
         start = time.perf_counter()

@@ -3,9 +3,9 @@
     python -m natpg.distributed.bench HalfCheetah-v5 --workers 1 2 --n-envs 8 --n-steps 256 --iterations 5
 
 prints one JSON line per configuration: the local sampler first (the baseline), then each of
-``--samplers`` (default: ray; also processes) with each number of workers. Each configuration runs one untimed warm-up collect (actor start-up,
-first-call costs), then ``--iterations`` timed collects with a fixed policy; env-steps/s is
-n_envs × n_steps × iterations over their wall time.
+``--samplers`` (default: ray; also processes) with each number of workers. Each configuration runs one
+untimed warm-up collect (actor start-up, first-call costs), then ``--iterations`` timed collects with a
+fixed policy; env-steps/s is n_envs × n_steps × iterations over their wall time.
 """
 
 from __future__ import annotations
