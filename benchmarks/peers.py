@@ -73,10 +73,11 @@ class SB3TRPO:
     ``&pybullet-defaults`` block; Ant/HalfCheetah/Hopper/Walker2d-v4 inherit it): normalize: true, n_envs: 2,
     policy: MlpPolicy, batch_size: 128, n_steps: 1024, gamma: 0.99, gae_lambda: 0.95,
     sub_sampling_factor: 1, cg_max_steps: 25, cg_damping: 0.1, n_critic_updates: 20,
-    learning_rate: 1e-3; HalfCheetah adds target_kl: 0.04 (otherwise sb3-contrib's default 0.01).
+    learning_rate: 1e-3; HalfCheetah adds target_kl: 0.04 (otherwise sb3-contrib's default 0.01), Swimmer
+    gamma: 0.9999 (the setting of its published 359 ± 2; the Zoo passes gamma on to VecNormalize too).
     No policy_kwargs, so SB3's MlpPolicy defaults apply: separate [64, 64] actor and critic, Tanh,
     orthogonal init, state-independent log-std initialised at 0. ``normalize: true`` in the Zoo is
-    VecNormalize(norm_obs=True, norm_reward=True, gamma=0.99); the Zoo evaluates with training=False,
+    VecNormalize(norm_obs=True, norm_reward=True, gamma=γ); the Zoo evaluates with training=False,
     norm_reward=False, and so does this runner (obs normalised with the frozen statistics, raw rewards).
     """
 
@@ -88,10 +89,11 @@ class SB3TRPO:
         from stable_baselines3.common.env_util import make_vec_env
         from stable_baselines3.common.vec_env import VecNormalize
 
+        gamma = 0.9999 if env_id.startswith("Swimmer") else 0.99
         self.venv = VecNormalize(make_vec_env(env_id, n_envs=2, seed=seed), norm_obs=True, norm_reward=True,
-                                 gamma=0.99)
+                                 gamma=gamma)
         target_kl = 0.04 if env_id.startswith("HalfCheetah") else 0.01
-        self.model = TRPO("MlpPolicy", self.venv, n_steps=1024, batch_size=128, gamma=0.99, gae_lambda=0.95,
+        self.model = TRPO("MlpPolicy", self.venv, n_steps=1024, batch_size=128, gamma=gamma, gae_lambda=0.95,
                           sub_sampling_factor=1, cg_max_steps=25, cg_damping=0.1, n_critic_updates=20,
                           learning_rate=1e-3, target_kl=target_kl, seed=seed, device="cpu", verbose=0)
         self._started = False
