@@ -56,7 +56,8 @@ def env_family(env_id: str) -> str:
 def published(algo: str, env_id: str) -> str:
     table = PUBLISHED.get(env_family(env_id), {})
     parts = []
-    for peer in COMPARE.get(algo.split("[")[0], []):  # a tuning run (natpg-npg[max_kl=0.05]) as its algorithm
+    # A tuning run (returns.run_label: natpg-npg[max_kl=0.05]) stands beside its algorithm's peers.
+    for peer in COMPARE.get(algo.split("[")[0], []):
         if peer in table:
             m, s = table[peer]
             note = " (γ = 0.9999)" if peer == "sb3-trpo" and env_family(env_id) == "Swimmer" else ""

@@ -14,12 +14,12 @@ the run has finished, into ``OUT/returns.csv`` (long format, one row per evaluat
 seed, env_steps, eval_return_mean, eval_return_std, wall_s, hardware, commit, command, plus ``budget``
 (the ``--steps`` asked for) and ``final`` (1 on the run's last row). A run whose final row for the same
 budget is already in returns.csv is skipped, so an interrupted benchmark resumes by rerunning the same
-command. ``command`` is the one-line command that reproduces that run alone. Tuning runs override natpg settings
-over the presets with ``--set KEY=VALUE`` (repeatable, natpg algorithms only; values as ``natpg train
---set``); their ``algo`` column carries the overrides, e.g. ``natpg-npg[max_kl=0.05]``, so they sit beside
-the preset's rows as a separate algorithm. The child's stdout/stderr
-go to ``OUT/logs/<run>.log``; a failed run (e.g. the peer library not importable in the interpreter
-used) prints one line and the others go on; the exit status is 1 if any run failed.
+command. ``command`` is the one-line command that reproduces that run alone. Tuning runs override
+natpg settings over the presets with ``--set KEY=VALUE`` (repeatable, natpg algorithms only; values as
+``natpg train --set``); their ``algo`` column carries the overrides, e.g. ``natpg-npg[max_kl=0.05]``, so
+they sit beside the preset's rows as a separate algorithm. The child's stdout/stderr go to
+``OUT/logs/<run>.log``; a failed run (e.g. the peer library not importable in the interpreter used)
+prints one line and the others go on; the exit status is 1 if any run failed.
 
 Fairness rules followed (BENCHMARKING.md)
 -----------------------------------------
@@ -195,9 +195,10 @@ def run_one(a: argparse.Namespace) -> int:
                     mean, std = runner.evaluate(a.eval_episodes, eval_seed)
                 else:
                     mean, std = peers.evaluate(a.env, runner.act, a.eval_episodes, eval_seed)
-                writer.writerow({"library": library_of(a.algo), "algo": run_label(a.algo, a.settings), "env": a.env, "seed": a.seed,
-                                 "env_steps": runner.env_steps, "eval_return_mean": f"{mean:.3f}",
-                                 "eval_return_std": f"{std:.3f}", "wall_s": f"{wall:.2f}", "hardware": hw,
+                writer.writerow({"library": library_of(a.algo), "algo": run_label(a.algo, a.settings),
+                                 "env": a.env, "seed": a.seed, "env_steps": runner.env_steps,
+                                 "eval_return_mean": f"{mean:.3f}", "eval_return_std": f"{std:.3f}",
+                                 "wall_s": f"{wall:.2f}", "hardware": hw,
                                  "commit": a.commit, "command": a.command, "budget": a.steps,
                                  "final": int(p == points[-1])})
                 f.flush()
@@ -282,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     pythons = {"natpg": a.natpg_python, "sb3-contrib": a.sb3_python, "tianshou": a.tianshou_python}
     python_flag = {"natpg": "--natpg-python", "sb3-contrib": "--sb3-python", "tianshou": "--tianshou-python"}
     lock = threading.Lock()
+    sets = [arg for kv in a.settings for arg in ("--set", kv)]  # passed on to every run and its command
 
     runs = [(algo, env, seed) for env in a.envs for algo in a.algos for seed in a.seeds]
     todo = [r for r in runs if (run_label(r[0], a.settings), r[1], r[2], a.steps) not in done]
@@ -292,7 +294,6 @@ def main(argv: list[str] | None = None) -> int:
         algo, env, seed = run
         lib = library_of(algo)
         name = "_".join([algo, env, str(seed), *a.settings])
-        sets = [arg for kv in a.settings for arg in ("--set", kv)]
         cmd = ["python", "benchmarks/returns.py", "--algos", algo, "--envs", env, "--seeds", str(seed),
                "--steps", str(a.steps), "--eval-every", str(a.eval_every), "--out", out, *sets]
         if a.eval_episodes != 10:
