@@ -445,7 +445,8 @@ def test_value_clipping_limits_the_loss_to_the_clipped_range():
 
 
 def test_presets_layer_algorithm_family_environment_then_user():
-    """Swimmer's (γ 0.9999) and Ant's (σ e^−1) presets sit over the MuJoCo family's, a user's keyword over all."""
+    """Swimmer's (γ 0.9999), Ant's (σ e^−1) and HalfCheetah's (σ e^−0.5) presets sit over the MuJoCo family's,
+    a user's keyword over all."""
     from natpg.algorithms import ALGORITHM_DEFAULTS, FAMILY_DEFAULTS
 
     for algo in ("npg", "trpo", "acktr"):
@@ -463,6 +464,12 @@ def test_presets_layer_algorithm_family_environment_then_user():
     agent.close()
     agent = natpg.ACKTR("Ant-v5", n_envs=1, log_std_init=-0.5, tensorboard=False)
     torch.testing.assert_close(agent.policy.log_std.detach(), torch.full((8,), -0.5))
+    agent.close()
+    for algo in ("npg", "trpo", "acktr"):  # HalfCheetah's σ e^−0.5, over the MuJoCo family's 0
+        assert default_config(algo, "mujoco", "HalfCheetah-v5").policy.log_std_init == -0.5
+        assert default_config(algo, "mujoco", "Hopper-v5").policy.log_std_init == 0.0
+    agent = natpg.TRPO("HalfCheetah-v5", n_envs=1, tensorboard=False)
+    torch.testing.assert_close(agent.policy.log_std.detach(), torch.full((6,), -0.5))
     agent.close()
 
 
