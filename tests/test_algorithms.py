@@ -468,6 +468,7 @@ def test_presets_layer_algorithm_family_environment_then_user():
     for algo in ("npg", "trpo", "acktr"):  # HalfCheetah's σ e^−0.5, over the MuJoCo family's 0
         assert default_config(algo, "mujoco", "HalfCheetah-v5").policy.log_std_init == -0.5
         assert default_config(algo, "mujoco", "Hopper-v5").policy.log_std_init == 0.0
+        assert default_config(algo, "mujoco", "Walker2d-v5").policy.log_std_init == (0.0 if algo == "acktr" else -0.5)
     agent = natpg.TRPO("HalfCheetah-v5", n_envs=1, tensorboard=False)
     torch.testing.assert_close(agent.policy.log_std.detach(), torch.full((6,), -0.5))
     agent.close()
