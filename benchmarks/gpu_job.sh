@@ -1,31 +1,56 @@
 #!/usr/bin/env bash
-# The GPU job, end to end: CUDA-vs-CPU correctness tests, then the curvature and update-time benchmarks on the GPU.
+# The GPU job, end to end: CUDA-vs-CPU correctness tests, the curvature and update-time benchmarks on the GPU,
+# then sampling throughput against the number of worker processes / Ray workers on the machine's 16 cores.
 #
-#   bash benchmarks/gpu_job.sh prepare   # here (internet to PyPI): wheels for Python 3.12 into .whl/ (git-ignored)
-#   bash benchmarks/gpu_job.sh run       # on the GPU machine (no internet), from the repository root
+#   bash benchmarks/gpu_job.sh prepare    # here (internet to PyPI): wheels for Python 3.12 (git-ignored folders)
+#   bash benchmarks/gpu_job.sh run        # on the GPU machine (no internet), from the repository root
+#   bash benchmarks/gpu_job.sh ray-sweep  # there too, right after `run` (the machine must still be warm)
 #
 # The GPU machine has Python 3.12 with torch + CUDA, numpy, pytest, matplotlib, tensorboard, tqdm; what natpg needs
-# beyond that (gymnasium and its one dependency) travels as wheels. With the device tool:
-#   run(command="bash benchmarks/gpu_job.sh run", carry=[".whl"], timeout_s=600)
-# Results land in $OUT (or ./gpu-results): test log, bench_curvature.md, update_time.md, nvidia-smi.txt.
+# beyond that travels as wheels: gymnasium and MuJoCo in .whl/ (≈ 27 MB). Ray's wheel (≈ 79 MB) is over what
+# one call may carry (64 MiB with the tree), so `prepare` cuts it in three parts, .whl-ray-1/2/3, that travel in
+# two calls and are joined there (ignored paths stay on a warm machine between calls). With the device tool,
+# the second call within idle_release_s of the first:
+#   run(command="bash benchmarks/gpu_job.sh run", carry=[".whl", ".whl-ray-1"], timeout_s=600)
+#   run(command="bash benchmarks/gpu_job.sh ray-sweep", carry=[".whl-ray-2", ".whl-ray-3"], timeout_s=300)
+# Results land in $OUT (or ./gpu-results): test log, bench_curvature.md, update_time.md, sampling_processes.jsonl,
+# sampling_ray.jsonl, nvidia-smi.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WHEELS=("gymnasium==1.4.0" "farama-notifications==0.0.6")
+WHEELS=("gymnasium==1.4.0" "farama-notifications==0.0.6" "mujoco==4.0.0" "mujoco-core==4.0.0" "mujoco-studio==4.0.0"
+        "glfw==2.11.0" "pyopengl==3.1.10" "websockets==17.4"
+        # Ray's own needs that the GPU image lacks (click, filelock, msgpack, protobuf, pyyaml, requests it has)
+        "jsonschema==4.26.0" "jsonschema-specifications==2025.9.1" "referencing==0.37.0" "rpds-py==2026.9.1")
+RAY="ray==2.60.0"
+SWEEP=(HalfCheetah-v5 --workers 1 2 4 8 16 --n-envs 16 --n-steps 256 --iterations 5)
+
+download() {
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d "$@"
+}
+
+install_wheels() {
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@"
+    export PYTHONPATH="/tmp/site:$PWD/src"
+}
 
 case "${1:-run}" in
 prepare)
-    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl "${WHEELS[@]}"
-    ls -l .whl
+    download .whl "${WHEELS[@]}"
+    rm -rf .whl-ray .whl-ray-[123] && download .whl-ray "$RAY"
+    for i in 1 2 3; do mkdir -p ".whl-ray-$i"; done
+    whl=$(basename .whl-ray/ray-*.whl)
+    split -n 3 -d -a 1 ".whl-ray/$whl" .whl-ray/part-   # part-0, part-1, part-2
+    for i in 0 1 2; do mv ".whl-ray/part-$i" ".whl-ray-$((i + 1))/$whl.part-$i"; done
+    rm -rf .whl-ray
+    du -sh .whl .whl-ray-[123]
     ;;
 run)
     out="${OUT:-gpu-results}"
     mkdir -p "$out"
     export PYTHONUNBUFFERED=1
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site:$PWD/src"
+    install_wheels .whl/*.whl
     nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
     python3 -c "import torch, gymnasium, natpg; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 torch.cuda.get_device_name() if torch.cuda.is_available() else '')" | tee "$out/versions.txt"
@@ -35,9 +60,21 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else '')" | tee "$out/
         2>&1 | tee "$out/bench_curvature.md"
     timeout 150 python3 benchmarks/update_time.py --devices cuda cpu --threads 16 --max-work 2e11 --repeats 2 \
         2>&1 | tee "$out/update_time.md"
+    nproc > "$out/nproc.txt"
+    timeout 120 python3 -m natpg.distributed.bench "${SWEEP[@]}" --samplers processes \
+        2>&1 | tee "$out/sampling_processes.jsonl"
+    ;;
+ray-sweep)
+    out="${OUT:-gpu-results}"
+    mkdir -p "$out" /tmp/ray-whl
+    whl=$(basename .whl-ray-3/*.part-2 .part-2)
+    cat .whl-ray-1/"$whl".part-0 .whl-ray-2/"$whl".part-1 .whl-ray-3/"$whl".part-2 > "/tmp/ray-whl/$whl"
+    install_wheels .whl/*.whl "/tmp/ray-whl/$whl"
+    timeout 240 python3 -m natpg.distributed.bench "${SWEEP[@]}" --samplers ray --no-local \
+        2>&1 | tee "$out/sampling_ray.jsonl"
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_job.sh prepare|run" >&2
+    echo "usage: bash benchmarks/gpu_job.sh prepare|run|ray-sweep" >&2
     exit 2
     ;;
 esac
