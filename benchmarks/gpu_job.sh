@@ -22,7 +22,14 @@ WHEELS=("gymnasium==1.4.0" "farama-notifications==0.0.6" "mujoco==4.0.0" "mujoco
         # Ray's own needs that the GPU image lacks (click, filelock, msgpack, protobuf, pyyaml, requests it has)
         "jsonschema==4.26.0" "jsonschema-specifications==2025.9.1" "referencing==0.37.0" "rpds-py==2026.9.1")
 RAY="ray==2.60.0"
-SWEEP=(HalfCheetah-v5 --workers 1 2 4 8 16 --n-envs 16 --n-steps 256 --iterations 5)
+
+# Weak scaling, as "≥ 0.8·N× one worker" reads: each worker steps 8 copies, so N workers step 8N.
+sweep() {  # sweep SAMPLER: one JSON line per worker count
+    for w in 1 2 4 8 16; do
+        python3 -m natpg.distributed.bench HalfCheetah-v5 --samplers "$1" --workers "$w" --n-envs $((8 * w)) \
+            --n-steps 256 --iterations 5 --no-local
+    done
+}
 
 download() {
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -61,8 +68,8 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else '')" | tee "$out/
     timeout 150 python3 benchmarks/update_time.py --devices cuda cpu --threads 16 --max-work 2e11 --repeats 2 \
         2>&1 | tee "$out/update_time.md"
     nproc > "$out/nproc.txt"
-    timeout 120 python3 -m natpg.distributed.bench "${SWEEP[@]}" --samplers processes \
-        2>&1 | tee "$out/sampling_processes.jsonl"
+    export -f sweep
+    timeout 150 bash -c "sweep processes" 2>&1 | tee "$out/sampling_processes.jsonl"
     ;;
 ray-sweep)
     out="${OUT:-gpu-results}"
@@ -70,8 +77,8 @@ ray-sweep)
     whl=$(basename .whl-ray-3/*.part-2 .part-2)
     cat .whl-ray-1/"$whl".part-0 .whl-ray-2/"$whl".part-1 .whl-ray-3/"$whl".part-2 > "/tmp/ray-whl/$whl"
     install_wheels .whl/*.whl "/tmp/ray-whl/$whl"
-    timeout 240 python3 -m natpg.distributed.bench "${SWEEP[@]}" --samplers ray --no-local \
-        2>&1 | tee "$out/sampling_ray.jsonl"
+    export -f sweep
+    timeout 240 bash -c "sweep ray" 2>&1 | tee "$out/sampling_ray.jsonl"
     ;;
 *)
     echo "usage: bash benchmarks/gpu_job.sh prepare|run|ray-sweep" >&2
