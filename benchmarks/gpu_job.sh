@@ -13,8 +13,8 @@
 # the second call within idle_release_s of the first:
 #   run(command="bash benchmarks/gpu_job.sh run", carry=[".whl", ".whl-ray-1"], timeout_s=600)
 #   run(command="bash benchmarks/gpu_job.sh ray-sweep", carry=[".whl-ray-2", ".whl-ray-3"], timeout_s=300)
-# The timeouts add up to 520 s, under the 600 s a call may run. Results land in $OUT (or ./gpu-results): test log, bench_curvature.md, update_time.md, sampling_processes.jsonl,
-# sampling_ray.jsonl, nvidia-smi.txt.
+# The timeouts of `run` add up to 520 s, under the 600 s a call may run. Results land in $OUT (or ./gpu-results):
+# test log, bench_curvature.md, update_time.md, sampling_processes.jsonl, sampling_ray.jsonl, nvidia-smi.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=("gymnasium==1.4.0" "farama-notifications==0.0.6" "mujoco==4.0.0" "mujoco-core==4.0.0" "mujoco-studio==4.0.0"
