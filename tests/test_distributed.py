@@ -38,7 +38,7 @@ os.environ.setdefault(FAULT_DIR_VAR, tempfile.mkdtemp(prefix="natpg-test-faults-
 class FaultyPendulum(PendulumEnv):
     """Pendulum that misbehaves once per token file found in $NATPG_TEST_FAULT_DIR (a token is consumed by the
     first copy, in any process, that removes it): 'die.*' kills the process (os._exit), 'hang.*' sleeps for
-    ten minutes, 'nan.*' returns a NaN observation."""
+    ten minutes, 'slow.*' for two seconds, 'nan.*' returns a NaN observation."""
 
     def step(self, action):
         directory = os.environ.get(FAULT_DIR_VAR)
@@ -53,6 +53,8 @@ class FaultyPendulum(PendulumEnv):
                     os._exit(1)
                 if kind == "hang":
                     time.sleep(600)
+                if kind == "slow":
+                    time.sleep(2)
                 if kind == "nan":
                     obs, rew, term, trunc, info = super().step(action)
                     return np.full_like(obs, np.nan), rew, term, trunc, info
@@ -216,9 +218,11 @@ def check_worker_faults(agent, fault_dir):
 
         agent._sampler.retries = 0
         token("die")  # no retry left: a clear error, not a hang
+        token("slow")  # ... raised only once the other worker's share is done: none of it steps on afterwards
         with pytest.raises(WorkerFailure, match="giving up"):
             agent.learn(128, reset=False)
         assert agent._sampler.worker_restarts == 3
+        assert not os.listdir(fault_dir)
 
         token("nan")  # the environment's own error reaches the learner as it is
         with pytest.raises(NonFiniteEnvError, match="non-finite observation"):

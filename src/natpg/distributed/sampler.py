@@ -308,6 +308,7 @@ class RaySampler(DistributedSampler):
         def failed(w: int, attempt: int, why: str) -> None:
             self._replace(w)
             if attempt >= self.retries:
+                self._settle(pending)
                 raise WorkerFailure(f"rollout worker {w} failed ({why}) and its share of this iteration was "
                                     f"already retried {attempt} time(s); giving up (the worker has been replaced)")
             self._submit_one(args, pending, w, attempt + 1, "start")
@@ -340,6 +341,15 @@ class RaySampler(DistributedSampler):
                              else f"worker_timeout={self.timeout:g}")
                     failed(w, attempt, f"no answer within {limit} s while {phase}ing")
         return results
+
+    def _settle(self, pending: dict) -> None:
+        """Before giving up on an iteration, wait (within their deadlines) for the other workers' answers to it
+        and drop them, as the process sampler drains its pipes: no share of the failed iteration may still be
+        stepping environments, and an error it raises may not be lost, once the caller sees the failure."""
+        if pending:
+            timeout = max(0.0, max(d for _, _, d, _ in pending.values()) - time.monotonic())
+            self.ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
+        pending.clear()
 
     def close(self) -> None:
         self._pending = None
