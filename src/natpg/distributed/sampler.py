@@ -344,8 +344,8 @@ class RaySampler(DistributedSampler):
 
     def _settle(self, pending: dict) -> None:
         """Before giving up on an iteration, wait (within their deadlines) for the other workers' answers to it
-        and drop them, as the process sampler drains its pipes: no share of the failed iteration may still be
-        stepping environments, and an error it raises may not be lost, once the caller sees the failure."""
+        and drop them, as the process sampler drains its pipes: once the caller sees the failure, no share of
+        the failed iteration may still be stepping environments (and consuming what the next one should see)."""
         if pending:
             timeout = max(0.0, max(d for _, _, d, _ in pending.values()) - time.monotonic())
             self.ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
