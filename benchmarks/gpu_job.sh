@@ -24,11 +24,9 @@ WHEELS=("gymnasium==1.4.0" "farama-notifications==0.0.6" "mujoco==4.0.0" "mujoco
 RAY="ray==2.60.0"
 
 # Weak scaling, as "≥ 0.8·N× one worker" reads: each worker steps 8 copies, so N workers step 8N.
-sweep() {  # sweep SAMPLER: one JSON line per worker count
-    for w in 1 2 4 8 16; do
-        python3 -m natpg.distributed.bench HalfCheetah-v5 --samplers "$1" --workers "$w" --n-envs $((8 * w)) \
-            --n-steps 256 --iterations 5 --no-local
-    done
+sweep() {  # sweep SAMPLER [--no-local]: one JSON line per worker count (after the local baseline)
+    python3 -m natpg.distributed.bench HalfCheetah-v5 --samplers "$@" --workers 1 2 4 8 16 --envs-per-worker 8 \
+        --n-steps 256 --iterations 5
 }
 
 download() {
@@ -78,7 +76,7 @@ ray-sweep)
     cat .whl-ray-1/"$whl".part-0 .whl-ray-2/"$whl".part-1 .whl-ray-3/"$whl".part-2 > "/tmp/ray-whl/$whl"
     install_wheels .whl/*.whl "/tmp/ray-whl/$whl"
     export -f sweep
-    timeout 240 bash -c "sweep ray" 2>&1 | tee "$out/sampling_ray.jsonl"
+    timeout 240 bash -c "sweep ray --no-local" 2>&1 | tee "$out/sampling_ray.jsonl"
     ;;
 *)
     echo "usage: bash benchmarks/gpu_job.sh prepare|run|ray-sweep" >&2

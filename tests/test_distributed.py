@@ -5,6 +5,7 @@ The Ray tests start a local Ray instance (2 CPUs) once for the module and skip w
 """
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -383,3 +384,21 @@ def test_process_sampler_from_the_cli(tmp_path):
               "tensorboard=False"])
     assert rc == 0 and (out / "progress.csv").exists()
     assert "processes" in (out / "config.json").read_text()
+
+
+def test_throughput_bench_scales_the_batch_with_the_workers(capsys):
+    """--envs-per-worker K: N workers step N·K copies (weak scaling), the local baseline K."""
+    from natpg.distributed.bench import main as bench
+
+    bench(["Pendulum-v1", "--samplers", "processes", "--workers", "1", "2", "--envs-per-worker", "2",
+           "--n-steps", "8", "--iterations", "1"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["sampler"], r["workers"], r["n_envs"]) for r in rows] == [("local", 1, 2), ("processes", 1, 2),
+                                                                          ("processes", 2, 4)]
+    assert all(r["env_steps_per_s"] > 0 for r in rows)
+    with pytest.raises(SystemExit):  # a fixed batch and a per-worker one at once
+        bench(["Pendulum-v1", "--n-envs", "8", "--envs-per-worker", "2"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench(["Pendulum-v1", "--workers", "0"])
+    assert "--workers must be at least 1" in capsys.readouterr().err

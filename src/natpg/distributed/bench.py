@@ -6,6 +6,10 @@ prints one JSON line per configuration: the local sampler first (the baseline), 
 ``--samplers`` (default: ray; also processes) with each number of workers. Each configuration runs one
 untimed warm-up collect (actor start-up, first-call costs), then ``--iterations`` timed collects with a
 fixed policy; env-steps/s is n_envs × n_steps × iterations over their wall time.
+
+``--n-envs N`` keeps the batch fixed while the workers split it (strong scaling); ``--envs-per-worker K``
+gives each of N workers K copies, N·K in all (weak scaling: "N workers step N× as fast" reads this way),
+and the local baseline then steps K copies, what one worker steps.
 """
 
 from __future__ import annotations
@@ -46,14 +50,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
     p.add_argument("--samplers", nargs="+", default=["ray"], choices=("ray", "processes"),
                    help="worker samplers to measure (default: ray)")
-    p.add_argument("--n-envs", type=int, default=8)
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--n-envs", type=int, default=None, help="environment copies in all (default 8)")
+    size.add_argument("--envs-per-worker", type=int, default=None,
+                      help="copies per worker instead: N workers step N × this many (weak scaling)")
     p.add_argument("--n-steps", type=int, default=256)
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     p.add_argument("--no-local", action="store_true", help="skip the local-sampler baseline")
     args = p.parse_args(argv)
+    for flag, value in (("--workers", min(args.workers)), ("--n-envs", args.n_envs),
+                        ("--envs-per-worker", args.envs_per_worker), ("--n-steps", args.n_steps),
+                        ("--iterations", args.iterations)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
+
+    def n_envs(workers: int) -> int:
+        return args.envs_per_worker * workers if args.envs_per_worker else (args.n_envs or 8)
+
     if not args.no_local:
-        print(json.dumps(measure(args.env_id, "local", 1, args.n_envs, args.n_steps, args.iterations)), flush=True)
+        print(json.dumps(measure(args.env_id, "local", 1, n_envs(1), args.n_steps, args.iterations)), flush=True)
     for sampler in args.samplers:
         if sampler == "ray":
             from .sampler import require_ray
@@ -65,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     ray.init(num_cpus=max(os.cpu_count() or 1, max(args.workers)), include_dashboard=False)
         for w in args.workers:
-            print(json.dumps(measure(args.env_id, sampler, w, args.n_envs, args.n_steps, args.iterations)),
+            print(json.dumps(measure(args.env_id, sampler, w, n_envs(w), args.n_steps, args.iterations)),
                   flush=True)
 
 
