@@ -469,6 +469,12 @@ def test_presets_layer_algorithm_family_environment_then_user():
         assert default_config(algo, "mujoco", "HalfCheetah-v5").policy.log_std_init == -0.5
         assert default_config(algo, "mujoco", "Hopper-v5").policy.log_std_init == 0.0
         assert default_config(algo, "mujoco", "Walker2d-v5").policy.log_std_init == (0.0 if algo == "acktr" else -0.5)
+        # ACKTR's Hopper preset halves the family's KL budget; the others keep theirs.
+        assert default_config(algo, "mujoco", "Hopper-v5").step.max_kl == (
+            0.001 if algo == "acktr" else FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"])
+    agent = natpg.ACKTR("Hopper-v5", max_kl=0.003, n_envs=1, tensorboard=False)  # a user's value wins
+    assert agent.config.step.max_kl == 0.003
+    agent.close()
     agent = natpg.TRPO("HalfCheetah-v5", n_envs=1, tensorboard=False)
     torch.testing.assert_close(agent.policy.log_std.detach(), torch.full((6,), -0.5))
     agent.close()
