@@ -205,7 +205,7 @@ ENV_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # Walker2d, same σ (1M, 5 seeds): NPG 4106 ± 1478 → 4967 ± 1862; TRPO (3 seeds) 3990 → 4408. Not ACKTR:
     # its 3 seeds fell from 3502 to 2642 (docs/BENCHMARKS.md).
     **{(algo, "Walker2d-v5"): {"log_std_init": -0.5} for algo in ("npg", "trpo")},
-    # ACKTR on Hopper with the family's δ 0.002 reaches 3.5k by 300k steps, then its evaluated policy swings
+    # ACKTR on Hopper with the family's δ 0.002 reaches 3.5k by 300k–600k steps, then its evaluated policy swings
     # between 1.5k and 3.7k (1M, 5 seeds: 2495 ± 921); half the KL budget keeps it near 3.6k (same seeds,
     # docs/BENCHMARKS.md "ACKTR on Hopper-v5 with half the KL budget").
     ("acktr", "Hopper-v5"): {"max_kl": 0.001},
