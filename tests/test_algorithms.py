@@ -405,7 +405,7 @@ def test_ppo_clipped_objective_against_hand_computation():
     # min(r·A, clip(r)·A) per sample:
     #  0.5·1 = 0.5 < 0.8·1;  1·2 = 2;  1.2·1 = 1.2 < 1.5;  −1.5 < −1.2·1;  −0.8 < −0.7;  0.9·0.5 = 0.45 (inside)
     terms = [0.5, 2.0, 1.2, -1.5, -0.8, 0.45]
-    assert float(L) == pytest.approx(sum(terms) / 6, rel=1e-12)
+    assert float(L.detach()) == pytest.approx(sum(terms) / 6, rel=1e-12)
     assert float(frac) == pytest.approx(2 / 6)  # samples 3 and 5 take the clipped (constant) term
     (grad,) = torch.autograd.grad(L, logp)
     # ∂/∂logp of r·A is r·A where the unclipped term is taken, 0 where the clipped one is.
