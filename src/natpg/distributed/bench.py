@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
     p.add_argument("--samplers", nargs="+", default=["ray"], choices=("ray", "processes"),
                    help="worker samplers to measure (default: ray)")
+    # --n-envs defaults to None, not 8: argparse lets an explicit value equal to the default pass the exclusion.
     size = p.add_mutually_exclusive_group()
     size.add_argument("--n-envs", type=int, default=None, help="environment copies in all (default 8)")
     size.add_argument("--envs-per-worker", type=int, default=None,
