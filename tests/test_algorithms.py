@@ -30,12 +30,7 @@ from natpg.steps import AdamStep, FixedStep, KFACClip, LineSearch
 OBS_DIM = 3
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")  # conftest.py: maths in float64
 
 
 def make_policy(kind: str, hidden: tuple[int, ...] = (8,), seed: int = 0) -> nn.Module:
