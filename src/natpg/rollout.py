@@ -205,11 +205,8 @@ class Sampler:
             env_states, reason = vector_env_state(self.envs), None
         except EnvStateError as exc:
             env_states, reason = None, str(exc)
-        return {"n_envs": self.n_envs, "obs": self.obs.tolist(), "ep_return": self.ep_return.tolist(),
-                "ep_length": self.ep_length.tolist(), "recent_returns": list(self.recent_returns),
-                "recent_lengths": list(self.recent_lengths), "episodes": self.episodes,
-                "total_steps": self.total_steps, "steps": self.steps, "dropped": self.dropped,
-                "env_states": env_states, "env_state_error": reason}
+        return {**episode_counters(self), "obs": self.obs.tolist(), "ep_return": self.ep_return.tolist(),
+                "ep_length": self.ep_length.tolist(), "env_states": env_states, "env_state_error": reason}
 
     def load_state_dict(self, state: dict[str, Any]) -> bool:
         """Continue from ``state_dict()``; returns True when the environments were restored exactly.
@@ -217,12 +214,7 @@ class Sampler:
         Without a usable environment snapshot the environments keep their fresh reset (the run continues,
         but not bit-exactly: a warning says so) and only the statistics and counters are restored.
         """
-        if state["n_envs"] != self.n_envs:
-            raise ValueError(f"saved sampler state has {state['n_envs']} environment copies, this run {self.n_envs}")
-        self.recent_returns.extend(float(x) for x in state["recent_returns"])
-        self.recent_lengths.extend(int(x) for x in state["recent_lengths"])
-        self.episodes, self.total_steps = int(state["episodes"]), int(state["total_steps"])
-        self.steps, self.dropped = int(state["steps"]), int(state["dropped"])
+        restore_episode_counters(self, state)
         reason = state.get("env_state_error")
         if state.get("env_states") is not None:
             try:
@@ -242,3 +234,20 @@ class Sampler:
 
     def close(self) -> None:
         self.envs.close()
+
+
+def episode_counters(sampler) -> dict[str, Any]:
+    """The part of a sampler's resume state every sampler has: copy count, episode statistics, counters."""
+    return {"n_envs": sampler.n_envs, "recent_returns": list(sampler.recent_returns),
+            "recent_lengths": list(sampler.recent_lengths), "episodes": sampler.episodes,
+            "total_steps": sampler.total_steps, "steps": sampler.steps, "dropped": sampler.dropped}
+
+
+def restore_episode_counters(sampler, state: dict[str, Any]) -> None:
+    """Inverse of ``episode_counters``; refuses a state saved with another number of environment copies."""
+    if state["n_envs"] != sampler.n_envs:
+        raise ValueError(f"saved sampler state has {state['n_envs']} environment copies, this run {sampler.n_envs}")
+    sampler.recent_returns.extend(float(x) for x in state["recent_returns"])
+    sampler.recent_lengths.extend(int(x) for x in state["recent_lengths"])
+    sampler.episodes, sampler.total_steps = int(state["episodes"]), int(state["total_steps"])
+    sampler.steps, sampler.dropped = int(state["steps"]), int(state["dropped"])

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..envs import ObsNormalizer, RewardScaler
-from ..rollout import Rollout
+from ..rollout import Rollout, episode_counters, restore_episode_counters
 from .workers import RolloutWorker, WorkerResult, WorkerSpec, generator_seed
 
 RAY_INSTALL_HINT = "pip install 'natpg[ray]'"
@@ -184,20 +184,12 @@ class DistributedSampler:
     # --- resume (statistics only: remote environments are not snapshot) ----------------------------
     def state_dict(self) -> dict[str, Any]:
         reason = f"the environments of sampler {type(self).__name__} live in its workers and are not snapshot"
-        return {"n_envs": self.n_envs, "recent_returns": list(self.recent_returns),
-                "recent_lengths": list(self.recent_lengths), "episodes": self.episodes,
-                "total_steps": self.total_steps, "steps": self.steps, "dropped": self.dropped,
-                "env_states": None, "env_state_error": reason}
+        return {**episode_counters(self), "env_states": None, "env_state_error": reason}
 
     def load_state_dict(self, state: dict[str, Any]) -> bool:
         import warnings
 
-        if state["n_envs"] != self.n_envs:
-            raise ValueError(f"saved sampler state has {state['n_envs']} environment copies, this run {self.n_envs}")
-        self.recent_returns.extend(float(x) for x in state["recent_returns"])
-        self.recent_lengths.extend(int(x) for x in state["recent_lengths"])
-        self.episodes, self.total_steps = int(state["episodes"]), int(state["total_steps"])
-        self.steps, self.dropped = int(state["steps"]), int(state["dropped"])
+        restore_episode_counters(self, state)
         warnings.warn("resuming with freshly reset environments in the rollout workers, so the continuation "
                       "is not bit-exact", RuntimeWarning, stacklevel=2)
         return False
