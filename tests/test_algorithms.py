@@ -464,9 +464,10 @@ def test_presets_layer_algorithm_family_environment_then_user():
         assert default_config(algo, "mujoco", "HalfCheetah-v5").policy.log_std_init == -0.5
         assert default_config(algo, "mujoco", "Hopper-v5").policy.log_std_init == 0.0
         assert default_config(algo, "mujoco", "Walker2d-v5").policy.log_std_init == (0.0 if algo == "acktr" else -0.5)
-        # ACKTR's Hopper preset halves the family's KL budget; the others keep theirs.
+        # ACKTR's and NPG's Hopper presets halve the family's KL budget; TRPO keeps its own.
         assert default_config(algo, "mujoco", "Hopper-v5").step.max_kl == (
-            0.001 if algo == "acktr" else FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"])
+            {"acktr": 0.001, "npg": 0.01}.get(algo, FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"]))
+        assert default_config(algo, "mujoco", "Walker2d-v5").step.max_kl == FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"]
     agent = natpg.ACKTR("Hopper-v5", max_kl=0.003, n_envs=1, tensorboard=False)  # a user's value wins
     assert agent.config.step.max_kl == 0.003
     agent.close()
