@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -127,7 +128,31 @@ def test_cli_train_eval_plot(tmp_path, capsys):
     assert (tmp_path / "c.png").stat().st_size > 1000
 
 
+def test_cli_config_prints_what_a_run_gets_and_where_each_value_came_from(capsys):
+    pytest.importorskip("mujoco")
+    assert cli(["config", "NPG", "Hopper-v5", "--set", "gamma=0.995", "--set", "hidden=[32,32]", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    agent = natpg.NPG("Hopper-v5", gamma=0.995, hidden=(32, 32), n_envs=1, tensorboard=False)
+    built = {k: v for section in agent.config.to_dict().values() if isinstance(section, dict) for k, v in section.items()}
+    agent.close()
+    built |= {"n_envs": 8, "tensorboard": True}  # the agent above was built smaller than the run shown
+    assert {k: v["value"] for k, v in shown.items()} == json.loads(json.dumps(built))
+    sources = {k: v["source"] for k, v in shown.items()}
+    assert (sources["gamma"], sources["hidden"]) == ("user", "user")
+    assert sources["max_kl"] == "npg Hopper-v5 preset" and shown["max_kl"]["value"] == 0.01
+    assert (sources["n_steps"], sources["damping"]) == ("npg mujoco preset", "npg mujoco preset")
+    assert sources["fisher"] == "npg preset" and sources["cg_tol"] == "default"
+    assert cli(["config", "ppo", "CartPole-v1"]) == 0  # the table form
+    text = capsys.readouterr().out
+    assert text.startswith("ppo on CartPole-v1 (environment family: classic)")
+    assert re.search(r"step\.step = 'ppo_clip' +\[ppo preset\]", text)
+    assert re.search(r"advantage\.gamma = 0\.98 +\[ppo classic preset\]", text)
+
+
 @pytest.mark.parametrize("argv,pattern", [
+    (["config", "npgg", "CartPole-v1"], "unknown algorithm 'npgg'"),
+    (["config", "npg", "CartPole-v1", "--set", "max_kl=-1"], "max_kl must be"),
+    (["config", "npg", "NoSuchEnv-v0"], "unknown environment id"),
     (["train", "npgg", "CartPole-v1"], "unknown algorithm 'npgg'"),
     (["train", "npg", "CartPole-v1", "--set", "max_kl=-1"], "max_kl must be"),
     (["train", "npg", "CartPole-v1", "--set", "oops"], "--set expects key=value"),

@@ -215,10 +215,27 @@ ENV_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
-def default_config(algorithm: str, family: str, env_id: str | None = None) -> Config:
-    """The algorithm's composition, then the family preset, then the environment's own preset (if any)."""
+def preset_layers(algorithm: str, family: str, env_id: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """The preset layers in the order they apply, each named: algorithm, family, environment."""
     if algorithm not in ALGORITHM_DEFAULTS:
         raise ValueError(f"unknown algorithm {algorithm!r}; valid: {sorted(ALGORITHM_DEFAULTS)}")
-    return Config(algorithm=algorithm).override(**{**ALGORITHM_DEFAULTS[algorithm],
-                                                **FAMILY_DEFAULTS.get((algorithm, family), {}),
-                                                **ENV_DEFAULTS.get((algorithm, env_id), {})})
+    return [(f"{algorithm} preset", ALGORITHM_DEFAULTS[algorithm]),
+            (f"{algorithm} {family} preset", FAMILY_DEFAULTS.get((algorithm, family), {})),
+            (f"{algorithm} {env_id} preset", ENV_DEFAULTS.get((algorithm, env_id), {}))]
+
+
+def default_config(algorithm: str, family: str, env_id: str | None = None) -> Config:
+    """The algorithm's composition, then the family preset, then the environment's own preset (if any)."""
+    merged: dict[str, Any] = {}
+    for _, values in preset_layers(algorithm, family, env_id):
+        merged |= values
+    return Config(algorithm=algorithm).override(**merged)
+
+
+def setting_sources(algorithm: str, family: str, env_id: str | None = None,
+                    overrides: dict[str, Any] | None = None) -> dict[str, str]:
+    """For each flat setting, the last layer that set it: 'default' (natpg.Config), a preset layer, or 'user'."""
+    sources = dict.fromkeys(Config.field_index(), "default")
+    for name, values in [*preset_layers(algorithm, family, env_id), ("user", overrides or {})]:
+        sources |= dict.fromkeys(values, name)
+    return sources

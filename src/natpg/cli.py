@@ -1,4 +1,4 @@
-"""Command line: ``natpg train | eval | plot | bench``. Errors are one line on stderr and exit status 2."""
+"""Command line: ``natpg train | config | eval | plot | bench``. Errors are one line on stderr and exit status 2."""
 
 from __future__ import annotations
 
@@ -70,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in DIR (its recorded config, checkpoint, generators and environment "
                         "state) until it has --steps steps in all; bit-exact for classic-control and MuJoCo tasks")
 
+    c = sub.add_parser("config", help="print the settings ALGO gets on ENV_ID and which preset set each",
+                       description="Print every setting a `natpg train ALGO ENV_ID` run would get, with the layer "
+                                   "that set it: default (natpg.Config), the algorithm's preset, its environment "
+                                   "family's, the environment's own, or user (--set). Nothing is trained.")
+    c.add_argument("algo", type=str.lower, help=f"algorithm: {', '.join(sorted(ALGORITHM_CLASSES))}")
+    c.add_argument("env_id", help="Gymnasium environment id")
+    c.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override, as in natpg train")
+    c.add_argument("--json", action="store_true", help="print {setting: {value, source}} as JSON")
+
     e = sub.add_parser("eval", help="evaluate a saved agent with deterministic actions")
     e.add_argument("run_dir", help="run directory or checkpoint file written by natpg train / agent.save")
     e.add_argument("--episodes", type=int, default=10, help="evaluation episodes (default 10)")
@@ -95,11 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def algorithm_class(name: str):
     from .agent import ALGORITHM_CLASSES
 
-    if args.algo not in ALGORITHM_CLASSES:
-        raise ValueError(f"unknown algorithm {args.algo!r}; valid: {', '.join(sorted(ALGORITHM_CLASSES))}")
+    if name not in ALGORITHM_CLASSES:
+        raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(sorted(ALGORITHM_CLASSES))}")
+    return ALGORITHM_CLASSES[name]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    agent_class = algorithm_class(args.algo)
     overrides = dict(parse_setting(s) for s in args.settings)
     for key, value in (("fisher", args.fisher), ("n_envs", args.n_envs), ("device", args.device),
                        ("workers", args.workers), ("ray_address", args.ray_address), ("sampler", args.sampler)):
@@ -118,7 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         seed = 0 if args.seed is None else args.seed
         out = args.out or os.path.join("runs", f"{args.algo}-{args.env_id}-s{seed}")
-        agent = ALGORITHM_CLASSES[args.algo](args.env_id, seed=seed, **overrides)
+        agent = agent_class(args.env_id, seed=seed, **overrides)
         steps, reset = args.steps, True
         if not isinstance(steps, int) or steps < agent.config.batch_size:
             agent.learn(steps)  # the step-budget error, before writing anything
@@ -187,6 +202,27 @@ class _StopOnSignal:
         self._old = {}
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from .algorithms import default_config, setting_sources
+    from .envs import env_family
+
+    algorithm_class(args.algo)
+    overrides = dict(parse_setting(s) for s in args.settings)
+    family = env_family(args.env_id)
+    config = default_config(args.algo, family, args.env_id).override(**overrides).validate()
+    sources = setting_sources(args.algo, family, args.env_id, overrides)
+    rows = [(section, key, value, sources[key]) for section, values in config.to_dict().items()
+            if isinstance(values, dict) for key, value in values.items()]
+    if args.json:
+        print(json.dumps({key: {"value": value, "source": source} for _, key, value, source in rows}, default=str))
+        return 0
+    print(f"{args.algo} on {args.env_id} (environment family: {family})")
+    width = max(len(f"{section}.{key} = {value!r}") for section, key, value, _ in rows)
+    for section, key, value, source in rows:
+        print(f"  {f'{section}.{key} = {value!r}':<{width}}  [{source}]")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .agent import evaluate, load
 
@@ -227,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # usage errors (already printed) and --help
         return exc.code if isinstance(exc.code, int) else 2
-    handler = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "bench": cmd_bench}[args.command]
+    handler = {"train": cmd_train, "config": cmd_config, "eval": cmd_eval, "plot": cmd_plot, "bench": cmd_bench}[args.command]
     try:
         return handler(args)
     except (ValueError, FileNotFoundError, ImportError, TrainingFault, NonFiniteEnvError, WorkerFailure) as exc:
