@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train an agent and write config.json, progress.csv, TensorBoard events "
                                      "and checkpoints to --out",
                        description="Train ALGO on ENV_ID. Any setting of natpg.Config can be given with --set "
-                                   f"key=value; valid keys: {', '.join(sorted(Config.field_index()))}.")
+                                   f"key=value; valid keys: {', '.join(sorted(Config.field_index()))}. "
+                                   "`natpg config ALGO ENV_ID` shows what a run gets from the presets.")
     t.add_argument("algo", type=str.lower, help=f"algorithm: {', '.join(sorted(ALGORITHM_CLASSES))}")
     t.add_argument("env_id", help="Gymnasium environment id, e.g. CartPole-v1 or HalfCheetah-v5")
     t.add_argument("--steps", type=int, default=1_000_000, help="environment steps to train for (default 1e6)")
