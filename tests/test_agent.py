@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import re
 
@@ -154,6 +155,8 @@ def test_cli_config_prints_what_a_run_gets_and_where_each_value_came_from(capsys
     (["config", "npg", "CartPole-v1", "--set", "max_kl=-1"], "max_kl must be"),
     (["config", "npg", "NoSuchEnv-v0"], "unknown environment id"),
     (["train", "npgg", "CartPole-v1"], "unknown algorithm 'npgg'"),
+    (["train", "npg", "CartPole-v1", "--eval-every", "-5"], "eval_every must be an integer ≥ 0"),
+    (["train", "npg", "CartPole-v1", "--set", "eval_episodes=0"], "eval_episodes"),
     (["train", "npg", "CartPole-v1", "--set", "max_kl=-1"], "max_kl must be"),
     (["train", "npg", "CartPole-v1", "--set", "oops"], "--set expects key=value"),
     (["eval", "/nonexistent/run"], "no natpg checkpoint"),
@@ -163,6 +166,32 @@ def test_cli_errors_are_messages_without_traceback(argv, pattern, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.startswith(f"natpg {argv[0]}: error: ")
     assert pytest.importorskip("re").search(pattern, err)
+
+
+def test_periodic_evaluation_is_logged_keeps_the_best_and_leaves_training_unchanged(tmp_path):
+    seen = {}
+
+    def check(agent, row):  # a logged evaluation is natpg.evaluate of the policy of that moment
+        if math.isfinite(row["eval/return_mean"]):
+            seen[agent.env_steps] = row["eval/return_mean"]
+            assert (row["eval/return_mean"], row["eval/return_std"]) == natpg.evaluate(agent, episodes=3, seed=10_007)
+
+    run = tmp_path / "run"
+    a = natpg.NPG("CartPole-v1", seed=7, **small(eval_every=96, eval_episodes=3))
+    a.learn(384, out_dir=str(run), callback=check)  # batches of 64: 96, 192, 288 and 384 are passed after
+    assert sorted(seen) == [128, 192, 320, 384]      # the updates that end at 128, 192, 320 and 384 steps
+    rows = list(csv.DictReader(open(run / "progress.csv")))
+    logged = {int(r["env_steps"]): float(r["eval/return_mean"]) for r in rows}
+    assert {k: v for k, v in logged.items() if math.isfinite(v)} == seen and len(logged) == 6
+    best_steps = min(k for k, v in seen.items() if v == max(seen.values()))  # the first of equal bests
+    best = natpg.load(str(run / "best"))
+    assert best.env_steps == best_steps and a.best_eval_return == max(seen.values())
+    assert natpg.evaluate(best, episodes=3, seed=10_007)[0] == max(seen.values())
+    assert natpg.load(str(run)).best_eval_return == a.best_eval_return  # kept for a resumed run
+    b = natpg.NPG("CartPole-v1", seed=7, **small())
+    b.learn(384)
+    assert all(torch.equal(p, q) for p, q in zip(a.policy.parameters(), b.policy.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(a.critic.parameters(), b.critic.parameters()))
 
 
 def test_training_is_reproducible_with_a_seed():

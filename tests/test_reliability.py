@@ -552,11 +552,16 @@ def test_resume_is_bit_exact(tmp_path, algo, env_id, extra):
 
 def test_cli_resume_is_bit_exact(tmp_path):
     common = ["--n-envs", "2", "--set", "n_steps=16", "--set", "tensorboard=False", "--set", "hidden=(16,)",
-              "--no-progress", "--seed", "4", "--set", "checkpoint_every=2"]
+              "--no-progress", "--seed", "4", "--set", "checkpoint_every=2", "--eval-every", "48",
+              "--set", "eval_episodes=2"]
     assert cli(["train", "npg", "CartPole-v1", "--steps", "160", "--out", str(tmp_path / "a"), *common]) == 0
     assert cli(["train", "npg", "CartPole-v1", "--steps", "96", "--out", str(tmp_path / "b"), *common]) == 0
     assert cli(["train", "npg", "CartPole-v1", "--steps", "160", "--resume", str(tmp_path / "b"), "--no-progress"]) == 0
     _assert_same_run(natpg.load(str(tmp_path / "a")), natpg.load(str(tmp_path / "b")), tmp_path / "a", tmp_path / "b")
+    # the periodic evaluations (eval/* columns, compared above) and the best policy carry over the resume
+    best_a, best_b = natpg.load(str(tmp_path / "a" / "best")), natpg.load(str(tmp_path / "b" / "best"))
+    assert best_a.env_steps == best_b.env_steps and best_a.best_eval_return == best_b.best_eval_return
+    assert [r["env_steps"] for r in progress_rows(tmp_path / "b") if r["eval/return_mean"] != "nan"] == ["64", "96", "160"]
 
 
 ENV_STATE_IDS = ["CartPole-v1", "Pendulum-v1", "MountainCar-v0", "MountainCarContinuous-v0", "Acrobot-v1",

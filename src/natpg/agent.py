@@ -63,6 +63,7 @@ def space_from_dict(d: dict[str, Any]) -> gym.Space:
 
 
 CALLABLE_MASK = "<callable>"
+EVAL_SEED_OFFSET = 10_000  # periodic evaluations run on environments seeded apart from the training ones
 
 
 class Agent:
@@ -121,6 +122,7 @@ class Agent:
         self.updates = 0
         self.consecutive_faults = 0  # updates in a row skipped for a numerical fault
         self.train_wall_s = 0.0  # wall-clock seconds spent in learn, summed over resumes
+        self.best_eval_return: float | None = None  # the best periodic evaluation so far (run.eval_every)
         self._sampler: Sampler | None = None
         self._saved_sampler: dict[str, Any] | None = None  # sampler state read from a checkpoint, for reset=False
 
@@ -138,6 +140,10 @@ class Agent:
         A numerically faulty update (non-finite gradient, direction, step, loss or parameters) is skipped
         with the parameters untouched and logged (``step/fault``/``critic/fault`` in events.log); after
         ``max_consecutive_faults`` in a row a checkpoint is written to ``out_dir`` and ``TrainingFault`` raised.
+
+        With ``eval_every`` set, the deterministic policy is evaluated whenever the env-step count passes a
+        multiple of it (``periodic_eval``; its time is not counted in ``wall_s``), and the best one is kept in
+        ``out_dir/best``.
         """
         batch = self.config.batch_size
         if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < batch:
@@ -160,6 +166,7 @@ class Agent:
         logger = Logger(out_dir, run.tensorboard, progress_bar, total_steps=self.env_steps + n_updates * batch,
                         resume=not reset, resume_step=self.env_steps)
         start = time.perf_counter()
+        eval_s = 0.0  # seconds spent in periodic evaluations, left out of the training wall-clock
         wall_before = self.train_wall_s
         steps_at_start = self.env_steps
         try:
@@ -170,7 +177,11 @@ class Agent:
                 self.env_steps += batch
                 fault = fault_of(stats)
                 self.consecutive_faults = self.consecutive_faults + 1 if fault else 0
-                wall = time.perf_counter() - start
+                if run.eval_every:
+                    t_eval = time.perf_counter()
+                    stats |= self.periodic_eval(batch, out_dir)
+                    eval_s += time.perf_counter() - t_eval
+                wall = time.perf_counter() - start - eval_s
                 self.train_wall_s = wall_before + wall
                 row = {"env_steps": self.env_steps, "updates": self.updates,
                        "ep_return_mean": self.recent_return(), "ep_length_mean": _mean(self._sampler.recent_lengths),
@@ -195,6 +206,20 @@ class Agent:
         if out_dir:
             self.save(out_dir)
         return self
+
+    def periodic_eval(self, batch: int, out_dir: str | None) -> dict[str, float]:
+        """The eval/* columns of the row after an update of ``batch`` steps: an evaluation when the env-step
+        count has just passed a multiple of ``eval_every``, NaN otherwise (so the CSV has the columns from
+        its first row). Reads only the policy and the normaliser statistics: training continues bit-exactly."""
+        every, nan = self.config.run.eval_every, float("nan")
+        if self.env_steps // every == (self.env_steps - batch) // every:
+            return {"eval/return_mean": nan, "eval/return_std": nan}
+        mean, std = evaluate(self, episodes=self.config.run.eval_episodes, seed=self.seed + EVAL_SEED_OFFSET)
+        if self.best_eval_return is None or mean > self.best_eval_return:
+            self.best_eval_return = mean
+            if out_dir:
+                self.save(os.path.join(out_dir, "best"))
+        return {"eval/return_mean": mean, "eval/return_std": std}
 
     def _make_sampler(self, seed: int):
         """The sampler chosen by ``config.distributed.sampler``: 'local' (one vector env here), 'processes'
@@ -304,6 +329,7 @@ class Agent:
             "reward_scaler_ret": self.reward_scaler.ret.tolist(),
             "env_steps": self.env_steps, "updates": self.updates,
             "consecutive_faults": self.consecutive_faults, "train_wall_s": self.train_wall_s,
+            "best_eval_return": self.best_eval_return,
             # Everything needed to continue bit-exactly (learn(..., reset=False) after load; CLI --resume):
             "sampler": self._sampler_state(),
         }
@@ -353,6 +379,7 @@ class Agent:
             agent.reward_scaler.ret = np.asarray(meta["reward_scaler_ret"], np.float64)
         agent.consecutive_faults = int(meta.get("consecutive_faults", 0))
         agent.train_wall_s = float(meta.get("train_wall_s", 0.0))
+        agent.best_eval_return = meta.get("best_eval_return")
         agent._saved_sampler = meta.get("sampler")
         if "rng" in tensors:
             agent.generator.set_state(tensors["rng"]["generator"])

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="update device: cpu or cuda")
     t.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set max_kl=0.02 --set hidden=[64,64]")
+    t.add_argument("--eval-every", type=int, default=None, metavar="STEPS",
+                   help="evaluate the deterministic policy every STEPS env steps (eval/* columns of progress.csv; "
+                        "the best policy kept in OUT/best, for natpg eval OUT/best)")
     t.add_argument("--no-progress", action="store_true", help="no live progress bar")
     t.add_argument("--workers", type=int, default=None, metavar="N",
                    help="split the environment copies over N rollout workers; N > 1 samples on Ray "
@@ -118,6 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     agent_class = algorithm_class(args.algo)
     overrides = dict(parse_setting(s) for s in args.settings)
     for key, value in (("fisher", args.fisher), ("n_envs", args.n_envs), ("device", args.device),
+                       ("eval_every", args.eval_every),
                        ("workers", args.workers), ("ray_address", args.ray_address), ("sampler", args.sampler)):
         if value is not None:
             overrides[key] = value

@@ -161,6 +161,12 @@ class RunConfig:
     max_consecutive_faults: int = 5
     """Stop with TrainingFault (after writing a checkpoint) once this many updates in a row were skipped for a
     non-finite gradient, direction, step, loss or parameter (each skip leaves the parameters untouched)."""
+    eval_every: int = 0
+    """During learn, evaluate the deterministic policy (frozen normalisation, its own environments seeded
+    seed + 10000 + i) once every this many env steps (0: never): progress rows get eval/return_mean and
+    eval/return_std, and with an output directory the best evaluated policy is kept in DIR/best/."""
+    eval_episodes: int = 10
+    """Episodes per evaluation of ``eval_every``."""
 
 
 @dataclass
@@ -331,6 +337,9 @@ class Config:
         pos_int("torch_threads", run.torch_threads)
         pos_int("log_interval", run.log_interval)
         pos_int("max_consecutive_faults", run.max_consecutive_faults)
+        pos_int("eval_episodes", run.eval_episodes)
+        need(isinstance(run.eval_every, int) and not isinstance(run.eval_every, bool) and run.eval_every >= 0,
+             f"eval_every must be an integer ≥ 0 (env steps; 0: no evaluation), got {run.eval_every!r}")
         need(isinstance(run.checkpoint_every, int) and not isinstance(run.checkpoint_every, bool)
              and run.checkpoint_every >= 0,
              f"checkpoint_every must be an integer ≥ 0, got {run.checkpoint_every!r}")
