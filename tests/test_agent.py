@@ -188,6 +188,11 @@ def test_periodic_evaluation_is_logged_keeps_the_best_and_leaves_training_unchan
     assert best.env_steps == best_steps and a.best_eval_return == max(seen.values())
     assert natpg.evaluate(best, episodes=3, seed=10_007)[0] == max(seen.values())
     assert natpg.load(str(run)).best_eval_return == a.best_eval_return  # kept for a resumed run
+    pytest.importorskip("matplotlib")
+    from natpg.plotting import plot_runs  # the plot skips the rows between evaluations instead of breaking the line
+
+    plotted = plot_runs([str(run)], str(tmp_path / "eval.png"), y="eval/return_mean")
+    assert plotted == {"run": ([float(k) for k in sorted(seen)], [seen[k] for k in sorted(seen)])}
     b = natpg.NPG("CartPole-v1", seed=7, **small())
     b.learn(384)
     assert all(torch.equal(p, q) for p, q in zip(a.policy.parameters(), b.policy.parameters()))
