@@ -210,7 +210,7 @@ ENV_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # docs/BENCHMARKS.md "ACKTR on Hopper-v5 with half the KL budget").
     ("acktr", "Hopper-v5"): {"max_kl": 0.001},
     # NPG on Hopper, the same way (1M, 5 seeds): δ 0.02 → 0.01 took every seed above 3.2k by 200k steps
-    # (δ 0.02: 2 of 5) and the evaluations after 500k from 3008 to 3351 on average (final: 3231 → 3320).
+    # (δ 0.02: 1 of 5) and the evaluations after 500k from 3008 to 3351 on average (final: 3231 → 3320).
     ("npg", "Hopper-v5"): {"max_kl": 0.01},
 }
 
