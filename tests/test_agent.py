@@ -199,6 +199,28 @@ def test_periodic_evaluation_is_logged_keeps_the_best_and_leaves_training_unchan
     assert all(torch.equal(p, q) for p, q in zip(a.critic.parameters(), b.critic.parameters()))
 
 
+@pytest.mark.parametrize("algo", ["NPG", "TRPO", "ACKTR"])
+def test_linear_kl_schedule_sets_the_budget_each_update_uses(algo):
+    rows = []
+    agent = getattr(natpg, algo)("CartPole-v1", seed=2, **small(kl_schedule="linear", max_kl=0.02))
+    agent.learn(256, callback=lambda a, row: rows.append(row))  # 4 batches of 64: δ_k = 0.02·(1 − 64k/256)
+    assert [r["step/max_kl"] for r in rows] == pytest.approx([0.02, 0.015, 0.01, 0.005], rel=0, abs=1e-15)
+    checked = 0
+    for r in rows:  # the rule used δ_k: the quadratic KL ½ α² dᵀFd of the step it took
+        quadratic_kl = 0.5 * r["step/size"] ** 2 * r["step/dFd"]
+        if algo == "NPG" or (algo == "ACKTR" and r["step/kl_bound_active"]):  # ACKTR: when η < η_max
+            assert quadratic_kl == pytest.approx(r["step/max_kl"], rel=1e-9)
+            checked += 1
+        elif algo == "TRPO" and r["step/accepted"]:  # the full step shrunk k times, and within δ_k
+            shrink = 0.8 ** r["step/backtracks"]
+            assert quadratic_kl == pytest.approx(shrink**2 * r["step/max_kl"], rel=1e-9) and r["step/kl"] <= r["step/max_kl"]
+            checked += 1
+    assert checked >= 3
+    assert agent.actor_update.step_rule.max_kl == 0.02  # restored after learn
+    with pytest.raises(ValueError, match="kl_schedule='linear' decays the KL budget"):
+        natpg.PPO("CartPole-v1", kl_schedule="linear")
+
+
 def test_training_is_reproducible_with_a_seed():
     runs = []
     for _ in range(2):

@@ -550,6 +550,23 @@ def test_resume_is_bit_exact(tmp_path, algo, env_id, extra):
         _assert_same_run(one, three, tmp_path / "one", tmp_path / "three")
 
 
+def test_interrupted_run_with_a_kl_schedule_resumes_bit_exactly(tmp_path):
+    """kl_schedule='linear' decays δ towards the step count the run was started for; a run stopped halfway
+    and resumed for the steps it had left decays it exactly as the uninterrupted run does."""
+    kw = small(kl_schedule="linear", normalize_reward=True)
+    N, M = 3 * BATCH, 2 * BATCH
+    one = natpg.TRPO("Pendulum-v1", seed=6, **kw).learn(N + M, out_dir=str(tmp_path / "one"))
+    natpg.TRPO("Pendulum-v1", seed=6, **kw).learn(N + M, out_dir=str(tmp_path / "two"),
+                                                  callback=lambda agent, row: agent.env_steps < N)  # stops at N
+    two = natpg.load(str(tmp_path / "two"))
+    delta = two.config.step.max_kl  # 0.02, TRPO's Pendulum preset
+    assert two.env_steps == N and two.actor_update.step_rule.max_kl == delta == 0.02  # not a decayed δ
+    two.learn(M, out_dir=str(tmp_path / "two"), reset=False)
+    _assert_same_run(one, two, tmp_path / "one", tmp_path / "two")
+    deltas = [float(r["step/max_kl"]) for r in progress_rows(tmp_path / "two")]
+    assert deltas == pytest.approx([delta * (1 - k * BATCH / (N + M)) for k in range(5)], rel=0, abs=1e-15)
+
+
 def test_cli_resume_is_bit_exact(tmp_path):
     common = ["--n-envs", "2", "--set", "n_steps=16", "--set", "tensorboard=False", "--set", "hidden=(16,)",
               "--no-progress", "--seed", "4", "--set", "checkpoint_every=2", "--eval-every", "48",

@@ -169,12 +169,16 @@ class Agent:
         eval_s = 0.0  # seconds spent in periodic evaluations, left out of the training wall-clock
         wall_before = self.train_wall_s
         steps_at_start = self.env_steps
+        end_steps = self.env_steps + n_updates * batch
+        step_rule = getattr(self.actor_update, "step_rule", None)
         try:
             for i in range(n_updates):
+                schedule = self._schedule_kl(step_rule, end_steps)
                 stats = iteration(self._sampler, self.policy, self.critic, self.actor_update, self.config,
                                   self.config.rollout.n_steps, self.cpu_generator, prefetch=i < n_updates - 1)
                 self.updates += 1
                 self.env_steps += batch
+                stats |= schedule
                 fault = fault_of(stats)
                 self.consecutive_faults = self.consecutive_faults + 1 if fault else 0
                 if run.eval_every:
@@ -203,9 +207,19 @@ class Agent:
                     break
         finally:
             logger.close()
+            if self.config.step.kl_schedule != "constant":
+                step_rule.max_kl = self.config.step.max_kl
         if out_dir:
             self.save(out_dir)
         return self
+
+    def _schedule_kl(self, step_rule, end_steps: int) -> dict[str, float]:
+        """Set the step rule's δ for the next update (``kl_schedule``); returns the column that logs it."""
+        step = self.config.step
+        if step.kl_schedule == "constant":
+            return {}
+        step_rule.max_kl = step.max_kl * (1.0 - self.env_steps / end_steps)  # 'linear'
+        return {"step/max_kl": step_rule.max_kl}
 
     def periodic_eval(self, batch: int, out_dir: str | None) -> dict[str, float]:
         """The eval/* columns of the row after an update of ``batch`` steps: an evaluation when the env-step

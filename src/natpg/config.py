@@ -15,6 +15,8 @@ from typing import Any
 ALGORITHMS = ("npg", "trpo", "acktr", "nac", "ppo", "vpg")
 FISHERS = ("cg", "dense", "kfac", "diagonal", "empirical", "identity")
 STEP_RULES = ("fixed", "adam", "kl", "linesearch", "kfac_clip", "ppo_clip")
+KL_RULES = ("kl", "linesearch", "kfac_clip")  # the step rules with a KL budget δ
+KL_SCHEDULES = ("constant", "linear")
 CRITIC_OPTIMIZERS = ("adam", "kfac")
 SAMPLERS = ("local", "processes", "ray", "workers")
 
@@ -126,6 +128,10 @@ class StepConfig:
     """Fixed step size α of the 'fixed' rule (and the learning rate of the first-order rules 'adam', 'ppo_clip')."""
     max_kl: float = 0.01
     """KL budget δ of the 'kl', 'linesearch' and 'kfac_clip' rules."""
+    kl_schedule: str = "constant"
+    """'constant' (δ = max_kl), or 'linear': each update's δ is max_kl times the fraction of the learn call's
+    env steps still to come, δ_k = max_kl·(1 − s_k / S) with s_k the steps before the update and S the step
+    count at which learn ends (a resumed run keeps the S it started with)."""
     backtrack_shrink: float = 0.8
     """Line search: factor by which the step shrinks after a rejected try."""
     backtrack_iters: int = 10
@@ -312,6 +318,10 @@ class Config:
         choice("step", s.step, STEP_RULES)
         pos_num("alpha", s.alpha)
         pos_num("max_kl", s.max_kl)
+        choice("kl_schedule", s.kl_schedule, KL_SCHEDULES)
+        need(s.kl_schedule == "constant" or s.step in KL_RULES,
+             f"kl_schedule={s.kl_schedule!r} decays the KL budget of the step rules {list(KL_RULES)}; "
+             f"step={s.step!r} has none")
         need(isinstance(s.backtrack_shrink, (int, float)) and 0 < s.backtrack_shrink < 1,
              f"backtrack_shrink must be in (0, 1), got {s.backtrack_shrink!r}")
         pos_int("backtrack_iters", s.backtrack_iters)
