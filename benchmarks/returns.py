@@ -99,7 +99,7 @@ def library_of(algo: str) -> str:
 class NatpgRunner:
     """natpg's agent with its own presets; ``evaluate`` is natpg.evaluate (frozen normalisation)."""
 
-    def __init__(self, algo: str, env_id: str, seed: int, overrides: dict | None = None):
+    def __init__(self, algo: str, env_id: str, seed: int, overrides: dict | None = None, budget: int | None = None):
         try:
             import natpg
         except ImportError as exc:
@@ -119,6 +119,8 @@ class NatpgRunner:
         self.agent = getattr(natpg, cls)(env_id, seed=seed, **engine, **(overrides or {}))
         self.batch = self.agent.config.batch_size
         self.env_id = env_id
+        # Trained in chunks between evaluations: a KL schedule decays towards the whole budget, not each chunk's end.
+        self.schedule_end = budget // self.batch * self.batch if budget else None
         self._started = False
 
     @property
@@ -126,7 +128,8 @@ class NatpgRunner:
         return int(self.agent.env_steps)
 
     def train(self, n: int) -> None:
-        self.agent.learn(n, reset=not self._started)  # later chunks continue the same episodes
+        self.agent.learn(n, reset=not self._started,  # later chunks continue the same episodes
+                         schedule_end=self.schedule_end)
         self._started = True
 
     def evaluate(self, episodes: int, seed: int) -> tuple[float, float]:
@@ -166,7 +169,7 @@ def run_one(a: argparse.Namespace) -> int:
         if a.algo in NATPG_ALGOS:
             from natpg.cli import parse_setting
 
-            runner = NatpgRunner(a.algo, a.env, a.seed, dict(map(parse_setting, a.settings)))
+            runner = NatpgRunner(a.algo, a.env, a.seed, dict(map(parse_setting, a.settings)), a.steps)
         else:
             import torch
 

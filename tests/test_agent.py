@@ -217,6 +217,12 @@ def test_linear_kl_schedule_sets_the_budget_each_update_uses(algo):
             checked += 1
     assert checked >= 3
     assert agent.actor_update.step_rule.max_kl == 0.02  # restored after learn
+    if algo == "NPG":  # one run in two calls, decaying towards the end of both: the same run as above
+        chunked = natpg.NPG("CartPole-v1", seed=2, **small(kl_schedule="linear", max_kl=0.02))
+        chunked.learn(128, schedule_end=256).learn(128, reset=False, schedule_end=256)
+        assert all(torch.equal(p, q) for p, q in zip(agent.policy.parameters(), chunked.policy.parameters()))
+        with pytest.raises(ValueError, match="schedule_end must be an env-step count ≥ 384"):
+            chunked.learn(128, reset=False, schedule_end=300)
     with pytest.raises(ValueError, match="kl_schedule='linear' decays the KL budget"):
         natpg.PPO("CartPole-v1", kl_schedule="linear")
 

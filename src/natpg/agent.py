@@ -128,7 +128,7 @@ class Agent:
 
     # --- training -------------------------------------------------------------------------------
     def learn(self, total_steps: int, out_dir: str | None = None, progress_bar: bool = False,
-              reset: bool = True, callback=None) -> "Agent":
+              reset: bool = True, callback=None, schedule_end: int | None = None) -> "Agent":
         """Train for ``total_steps`` more environment steps (rounded down to whole batches).
 
         ``out_dir`` receives progress.csv, TensorBoard events and checkpoints; ``reset=False`` keeps
@@ -144,6 +144,9 @@ class Agent:
         With ``eval_every`` set, the deterministic policy is evaluated whenever the env-step count passes a
         multiple of it (``periodic_eval``; its time is not counted in ``wall_s``), and the best one is kept in
         ``out_dir/best``.
+
+        ``kl_schedule='linear'`` decays δ towards the env-step count ``schedule_end`` (default: where this call
+        ends); give it when training one run in several calls, e.g. ``learn(100_000, schedule_end=1_000_000)``.
         """
         batch = self.config.batch_size
         if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < batch:
@@ -170,6 +173,11 @@ class Agent:
         wall_before = self.train_wall_s
         steps_at_start = self.env_steps
         end_steps = self.env_steps + n_updates * batch
+        if schedule_end is not None and (not isinstance(schedule_end, int) or isinstance(schedule_end, bool)
+                                         or schedule_end < end_steps):
+            raise ValueError(f"schedule_end must be an env-step count ≥ {end_steps}, where this learn call ends; "
+                             f"got {schedule_end!r}")
+        end_steps = schedule_end or end_steps
         step_rule = getattr(self.actor_update, "step_rule", None)
         try:
             for i in range(n_updates):
