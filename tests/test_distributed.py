@@ -204,10 +204,10 @@ def check_worker_faults(agent, fault_dir):
         assert rows[-1]["sampler/worker_restarts"] == 0
         rollouts = record_rollouts(agent)
 
-        # Each fault is timed on its own against the wait it must not do (a death noticed only when
-        # worker_timeout = 300 s runs out; the 600 s hang): generous bounds, so a loaded machine still passes.
+        # A death must be noticed, not waited out (worker_timeout = 300 s): each is timed on its own; all four
+        # faults together are timed against the 600 s hang at the end.
         token("die")  # one copy's worker exits at its next step: the share runs again on a fresh worker
-        start = time.monotonic()
+        start = faults_start = time.monotonic()
         agent.learn(256, reset=False, callback=keep)  # two updates: the second one prefetched
         assert time.monotonic() - start < 150  # the death was noticed, not timed out
         assert rows[-1]["sampler/worker_restarts"] == 1 and agent.env_steps == 384
@@ -216,9 +216,7 @@ def check_worker_faults(agent, fault_dir):
 
         agent._sampler.timeout = 6.0
         token("hang")  # no answer within worker_timeout: killed, replaced, re-run
-        start = time.monotonic()
         agent.learn(128, reset=False, callback=keep)
-        assert time.monotonic() - start < 300  # the 6 s timeout fired: the hang itself lasts 600 s
         assert rows[-1]["sampler/worker_restarts"] == 2 and agent.env_steps == 512
         agent._sampler.timeout = 300.0
 
@@ -235,6 +233,7 @@ def check_worker_faults(agent, fault_dir):
         token("nan")  # the environment's own error reaches the learner as it is
         with pytest.raises(NonFiniteEnvError, match="non-finite observation"):
             agent.learn(128, reset=False)
+        assert time.monotonic() - faults_start < 240  # a missed timeout would wait out the 600 s hang
     finally:
         agent.close()
         for leftover in os.listdir(fault_dir):
