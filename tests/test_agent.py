@@ -200,7 +200,7 @@ def test_periodic_evaluation_is_logged_keeps_the_best_and_leaves_training_unchan
 
 
 @pytest.mark.parametrize("algo", ["NPG", "TRPO", "ACKTR"])
-def test_linear_kl_schedule_sets_the_budget_each_update_uses(algo):
+def test_linear_kl_schedule_sets_the_budget_each_update_uses(algo, tmp_path):
     rows = []
     agent = getattr(natpg, algo)("CartPole-v1", seed=2, **small(kl_schedule="linear", max_kl=0.02))
     agent.learn(256, callback=lambda a, row: rows.append(row))  # 4 batches of 64: δ_k = 0.02·(1 − 64k/256)
@@ -219,10 +219,12 @@ def test_linear_kl_schedule_sets_the_budget_each_update_uses(algo):
     assert agent.actor_update.step_rule.max_kl == 0.02  # restored after learn
     if algo == "NPG":  # one run in two calls, decaying towards the end of both: the same run as above
         chunked = natpg.NPG("CartPole-v1", seed=2, **small(kl_schedule="linear", max_kl=0.02))
-        chunked.learn(128, schedule_end=256).learn(128, reset=False, schedule_end=256)
+        chunked.learn(128, schedule_end=256).learn(128, reset=False, schedule_end=256, out_dir=str(tmp_path))
         assert all(torch.equal(p, q) for p, q in zip(agent.policy.parameters(), chunked.policy.parameters()))
+        progress = (tmp_path / "progress.csv").read_text()
         with pytest.raises(ValueError, match="schedule_end must be an env-step count ≥ 384"):
-            chunked.learn(128, reset=False, schedule_end=300)
+            chunked.learn(128, schedule_end=300, out_dir=str(tmp_path))  # reset=True would rewrite it
+        assert (tmp_path / "progress.csv").read_text() == progress  # refused before any file was opened
     with pytest.raises(ValueError, match="kl_schedule='linear' decays the KL budget"):
         natpg.PPO("CartPole-v1", kl_schedule="linear")
 

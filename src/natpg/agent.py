@@ -158,6 +158,11 @@ class Agent:
             if os.path.exists(out_dir) and not os.path.isdir(out_dir):
                 raise ValueError(f"out_dir {str(out_dir)!r} exists and is not a directory")
         n_updates = total_steps // batch
+        end_steps = self.env_steps + n_updates * batch  # where this call ends
+        if schedule_end is not None and (not isinstance(schedule_end, int) or isinstance(schedule_end, bool)
+                                         or schedule_end < end_steps):
+            raise ValueError(f"schedule_end must be an env-step count ≥ {end_steps}, where this learn call ends; "
+                             f"got {schedule_end!r}")
         if reset or self._sampler is None:
             self._close_sampler()
             self._sampler = self._make_sampler(self.seed + self.updates)
@@ -166,22 +171,17 @@ class Agent:
         self._saved_sampler = None
         self.obs_normalizer.frozen = False
         run = self.config.run
-        logger = Logger(out_dir, run.tensorboard, progress_bar, total_steps=self.env_steps + n_updates * batch,
+        logger = Logger(out_dir, run.tensorboard, progress_bar, total_steps=end_steps,
                         resume=not reset, resume_step=self.env_steps)
         start = time.perf_counter()
         eval_s = 0.0  # seconds spent in periodic evaluations, left out of the training wall-clock
         wall_before = self.train_wall_s
         steps_at_start = self.env_steps
-        end_steps = self.env_steps + n_updates * batch
-        if schedule_end is not None and (not isinstance(schedule_end, int) or isinstance(schedule_end, bool)
-                                         or schedule_end < end_steps):
-            raise ValueError(f"schedule_end must be an env-step count ≥ {end_steps}, where this learn call ends; "
-                             f"got {schedule_end!r}")
-        end_steps = schedule_end or end_steps
+        schedule_end = end_steps if schedule_end is None else schedule_end
         step_rule = getattr(self.actor_update, "step_rule", None)
         try:
             for i in range(n_updates):
-                schedule = self._schedule_kl(step_rule, end_steps)
+                schedule = self._schedule_kl(step_rule, schedule_end)
                 stats = iteration(self._sampler, self.policy, self.critic, self.actor_update, self.config,
                                   self.config.rollout.n_steps, self.cpu_generator, prefetch=i < n_updates - 1)
                 self.updates += 1
@@ -221,12 +221,12 @@ class Agent:
             self.save(out_dir)
         return self
 
-    def _schedule_kl(self, step_rule, end_steps: int) -> dict[str, float]:
+    def _schedule_kl(self, step_rule, schedule_end: int) -> dict[str, float]:
         """Set the step rule's δ for the next update (``kl_schedule``); returns the column that logs it."""
         step = self.config.step
         if step.kl_schedule == "constant":
             return {}
-        step_rule.max_kl = step.max_kl * (1.0 - self.env_steps / end_steps)  # 'linear'
+        step_rule.max_kl = step.max_kl * (1.0 - self.env_steps / schedule_end)  # 'linear'
         return {"step/max_kl": step_rule.max_kl}
 
     def periodic_eval(self, batch: int, out_dir: str | None) -> dict[str, float]:
