@@ -5,6 +5,7 @@ from .agent import ACKTR, NAC, NPG, PPO, TRPO, VPG, Agent, evaluate, load
 from .config import Config
 from .rollout import NonFiniteEnvError
 from .train import TrainingFault
+from .video import record_video
 
-__all__ = ["ACKTR", "NAC", "NPG", "PPO", "TRPO", "VPG", "Agent", "Config", "NonFiniteEnvError", "TrainingFault", "evaluate", "fisher", "load", "policies"]
+__all__ = ["ACKTR", "NAC", "NPG", "PPO", "TRPO", "VPG", "Agent", "Config", "NonFiniteEnvError", "TrainingFault", "evaluate", "fisher", "load", "policies", "record_video"]
 __version__ = "0.1.0"

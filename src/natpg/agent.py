@@ -487,12 +487,9 @@ def load(path: str, action_mask=None) -> Agent:
                          f"{str(exc).splitlines()[0]}") from None
 
 
-def evaluate(agent: Agent, env: str | None = None, episodes: int = 10, seed: int = 123,
-             deterministic: bool = True) -> tuple[float, float]:
-    """Mean and std of the undiscounted return over ``episodes`` episodes, with frozen normalisation.
-
-    Episodes run in parallel copies of ``env`` (default: the agent's own), copy i seeded ``seed + i``.
-    """
+def check_evaluation(agent: Agent, env: str | None, episodes: int, seed: int) -> str:
+    """The environment id to evaluate ``agent`` on (default: its own), after checking the arguments and, for
+    another environment, that its spaces match the agent's; a ValueError that says what is wrong otherwise."""
     env_id = env or agent.env_id
     if not isinstance(episodes, int) or isinstance(episodes, bool) or episodes < 1:
         raise ValueError(f"episodes must be an integer ≥ 1, got {episodes!r}")
@@ -507,6 +504,16 @@ def evaluate(agent: Agent, env: str | None = None, episodes: int = 10, seed: int
             raise ValueError(f"environment {env_id!r} (observations {obs_space}, actions {act_space}) does not "
                              f"match the agent trained on {agent.env_id!r} (observations "
                              f"{agent.observation_space}, actions {agent.action_space})")
+    return env_id
+
+
+def evaluate(agent: Agent, env: str | None = None, episodes: int = 10, seed: int = 123,
+             deterministic: bool = True) -> tuple[float, float]:
+    """Mean and std of the undiscounted return over ``episodes`` episodes, with frozen normalisation.
+
+    Episodes run in parallel copies of ``env`` (default: the agent's own), copy i seeded ``seed + i``.
+    """
+    env_id = check_evaluation(agent, env, episodes, seed)
     envs = make_vec_env(env_id, episodes, "sync", action_mask=agent.action_mask_source)
     try:
         obs, _ = envs.reset(seed=seed)

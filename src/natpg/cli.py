@@ -7,6 +7,7 @@ import ast
 import json
 import os
 import signal
+import statistics
 import sys
 from typing import Any
 
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--env", default=None, help="environment id (default: the one trained on)")
     e.add_argument("--stochastic", action="store_true", help="sample actions instead of the mode")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.add_argument("--video", default=None, metavar="FILE",
+                   help="also record the episodes, back to back, to FILE (.mp4 and other ffmpeg formats with "
+                        "pip install 'natpg[video]', or .gif); the returns are the same")
 
     pl = sub.add_parser("plot", help="plot learning curves of one or more runs into a PNG")
     pl.add_argument("run_dirs", nargs="+", help="run directories containing progress.csv")
@@ -231,10 +235,23 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .agent import evaluate, load
 
+    if args.video and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless: MuJoCo renders through EGL (read at its import),
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame (classic control) without a window
     agent = load(args.run_dir)
-    mean, std = evaluate(agent, args.env, episodes=args.episodes, seed=args.seed, deterministic=not args.stochastic)
+    if args.video:
+        from .video import record_video
+
+        returns = record_video(agent, args.video, args.env, episodes=args.episodes, seed=args.seed,
+                               deterministic=not args.stochastic)
+        mean, std = float(statistics.fmean(returns)), float(statistics.pstdev(returns))
+    else:
+        mean, std = evaluate(agent, args.env, episodes=args.episodes, seed=args.seed,
+                             deterministic=not args.stochastic)
     result = {"env_id": args.env or agent.env_id, "algorithm": agent.algorithm, "episodes": args.episodes,
               "seed": args.seed, "return_mean": mean, "return_std": std, "env_steps_trained": agent.env_steps}
+    if args.video:
+        result["video"] = args.video
     print(json.dumps(result) if args.json else f"{result['env_id']}: return {mean:.2f} ± {std:.2f} over "
           f"{args.episodes} episodes ({agent.algorithm}, {agent.env_steps} training steps)")
     return 0
@@ -263,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     from .distributed import WorkerFailure  # does not import Ray
     from .rollout import NonFiniteEnvError
     from .train import TrainingFault
+    from .video import RenderError
 
     try:
         args = build_parser().parse_args(argv)
@@ -271,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"train": cmd_train, "config": cmd_config, "eval": cmd_eval, "plot": cmd_plot, "bench": cmd_bench}[args.command]
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError, ImportError, TrainingFault, NonFiniteEnvError, WorkerFailure) as exc:
+    except (ValueError, FileNotFoundError, ImportError, TrainingFault, NonFiniteEnvError, WorkerFailure,
+            RenderError) as exc:
         print(f"natpg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,119 @@
+"""Record a trained agent's episodes to a video file (MP4 and the other ffmpeg containers, or GIF).
+
+Frames are streamed to the encoder as the episode runs, so a long episode never sits in memory (GIF
+excepted: Pillow assembles the whole animation before writing it). The episodes are those of
+``natpg.evaluate`` with the same ``seed``: episode i starts from a reset seeded ``seed + i``, actions are
+the policy's mode unless ``deterministic=False``, normalisation is frozen; with deterministic actions the
+returns equal ``evaluate``'s episode for episode.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+
+from .agent import Agent, check_evaluation
+from .envs import make_env
+
+FFMPEG_FORMATS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+VIDEO_FORMATS = FFMPEG_FORMATS + (".gif",)
+# A frame every k-th step, k = ⌈render_fps / MAX_FPS⌉, played at render_fps / k: real time, and k times less rendering
+# (MuJoCo renders in software on a machine without a GPU, ≈ 0.1 s a 480×480 frame on 2 cores); GIF players also
+# slow down frames shorter than 20 ms.
+MAX_FPS = 30
+
+
+class RenderError(RuntimeError):
+    """The environment could not render frames (no ``rgb_array`` mode, or no OpenGL context on this machine)."""
+
+
+def _check_path(path: str | os.PathLike) -> Path:
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"video file {str(out)!r} is a directory")
+    if out.suffix.lower() not in VIDEO_FORMATS:
+        raise ValueError(f"video file {str(out)!r} must end in one of {', '.join(VIDEO_FORMATS)}")
+    if out.suffix.lower() in FFMPEG_FORMATS:
+        try:
+            import imageio_ffmpeg  # noqa: F401
+        except ImportError:
+            raise ImportError(f"writing {out.suffix} video needs imageio-ffmpeg: pip install 'natpg[video]' "
+                              f"(or write a .gif, which needs only Pillow)") from None
+    return out
+
+
+def _writer(path: Path, fps: float):
+    import imageio.v2 as imageio
+
+    if path.suffix.lower() == ".gif":
+        return imageio.get_writer(path, mode="I", duration=1000.0 / fps, loop=0)
+    # macro_block_size 2: the yuv420p encoders need even sides, and larger blocks would rescale MuJoCo's frames.
+    return imageio.get_writer(path, fps=fps, macro_block_size=2)
+
+
+def _render(env, env_id: str) -> np.ndarray:
+    try:
+        frame = env.render()
+    except gym.error.DependencyNotInstalled as exc:
+        raise RenderError(f"environment {env_id!r} needs an optional dependency to render: {exc}") from None
+    except Exception as exc:  # the OpenGL back end fails in many ways; report it once, with the usual fix
+        raise RenderError(f"environment {env_id!r} could not render a frame ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}). On a machine without a display, "
+                          f"MuJoCo needs MUJOCO_GL=egl (or osmesa) in the environment before natpg is imported; "
+                          f"`natpg eval --video` sets it itself.") from exc
+    if not isinstance(frame, np.ndarray) or frame.ndim != 3 or frame.shape[2] not in (3, 4):
+        raise RenderError(f"environment {env_id!r} rendered {type(frame).__name__} "
+                          f"{getattr(frame, 'shape', '')}, not an RGB frame [H, W, 3]")
+    return frame
+
+
+def record_video(agent: Agent, path: str | os.PathLike, env: str | None = None, episodes: int = 1,
+                 seed: int = 123, deterministic: bool = True) -> list[float]:
+    """Play ``episodes`` episodes of ``agent`` on ``env`` (default: its own) and write them, back to back, to
+    ``path`` (.mp4/.mkv/.webm/.avi/.mov through ffmpeg, needs ``natpg[video]``; or .gif). Returns each
+    episode's undiscounted return. The file appears only when complete (written beside it, then renamed)."""
+    out = _check_path(path)
+    env_id = check_evaluation(agent, env, episodes, seed)
+    with warnings.catch_warnings():  # an environment without rgb_array gets the clearer error below
+        warnings.filterwarnings("ignore", message=".*render_mode.*not in the possible render_modes")
+        rendered = make_env(env_id, agent.action_mask_source, render_mode="rgb_array")
+    tmp_name = None
+    try:
+        if "rgb_array" not in rendered.metadata.get("render_modes", []):
+            raise RenderError(f"environment {env_id!r} cannot render frames: its render modes are "
+                              f"{rendered.metadata.get('render_modes', [])}, not 'rgb_array'")
+        fps = float(rendered.metadata.get("render_fps") or 30)
+        frame_every = math.ceil(fps / MAX_FPS)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp_name = str(out.with_name(f".{out.stem}.{os.getpid()}.part{out.suffix}"))  # the encoder reads the suffix
+        returns = []
+        writer = _writer(Path(tmp_name), fps / frame_every)
+        try:
+            for i in range(episodes):
+                obs, _ = rendered.reset(seed=seed + i)
+                total, t, done = 0.0, 0, False
+                while True:
+                    if t % frame_every == 0:
+                        writer.append_data(_render(rendered, env_id)[..., :3])
+                    if done:
+                        break
+                    act = agent._act(np.asarray(obs, np.float64).reshape(1, -1), deterministic)[0]
+                    obs, rew, term, trunc, _ = rendered.step(act)
+                    total += float(rew)
+                    t += 1
+                    done = bool(term or trunc)
+                returns.append(total)
+        finally:
+            writer.close()
+        os.replace(tmp_name, out)
+        tmp_name = None
+        return returns
+    finally:
+        rendered.close()
+        if tmp_name is not None and os.path.exists(tmp_name):
+            os.unlink(tmp_name)

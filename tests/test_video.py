@@ -1,0 +1,124 @@
+"""natpg.record_video / natpg eval --video: the recorded episodes are evaluate's, every frame is written, and a
+failure leaves no file behind (and never touches an existing one)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import gymnasium as gym
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+import natpg
+from natpg.video import MAX_FPS, RenderError, record_video
+
+
+class FrameEnv(gym.Env):
+    """Ten steps of a 1-D walk whose frame is a solid colour; rendering fails at step ``fail_at`` (if given)."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 90}
+    observation_space = gym.spaces.Box(-10.0, 10.0, (1,))
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, render_mode=None, fail_at=None):
+        self.render_mode, self.fail_at, self.t = render_mode, fail_at, 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.full(1, self.t, np.float32), float(action), False, self.t >= 10, {}
+
+    def render(self):
+        if self.fail_at is not None and self.t >= self.fail_at:
+            raise RuntimeError("the renderer broke")
+        return np.full((16, 24, 3), 10 * self.t, np.uint8)
+
+
+class NoRenderEnv(FrameEnv):
+    metadata = {"render_modes": []}
+
+
+for _id, _kwargs, _entry in [("natpg_test/Frames-v0", {}, FrameEnv),
+                             ("natpg_test/BrokenFrames-v0", {"fail_at": 3}, FrameEnv),
+                             ("natpg_test/NoFrames-v0", {}, NoRenderEnv)]:
+    if _id not in gym.registry:
+        gym.register(id=_id, entry_point=_entry, kwargs=_kwargs)
+
+
+def test_cartpole_video_has_evaluates_returns_and_every_kth_frame(tmp_path):
+    agent = natpg.NPG("CartPole-v1", seed=0)  # untrained: episodes of different lengths
+    returns = record_video(agent, tmp_path / "sub" / "cartpole.mp4", episodes=3, seed=7)
+    mean, std = natpg.evaluate(agent, episodes=3, seed=7)
+    assert len(returns) == 3
+    assert np.mean(returns) == pytest.approx(mean, abs=1e-9) and np.std(returns) == pytest.approx(std, abs=1e-9)
+    frames = iio.imread(tmp_path / "sub" / "cartpole.mp4")
+    k = math.ceil(50 / MAX_FPS)  # CartPole renders at 50 fps
+    # An episode of T steps (CartPole pays 1 a step, so T = its return) has frames at t = 0, k, 2k, … ≤ T.
+    assert frames.shape == (sum(int(r) // k + 1 for r in returns), 400, 600, 3)
+    assert iio.immeta(tmp_path / "sub" / "cartpole.mp4")["fps"] == pytest.approx(50 / k)
+    assert sorted(os.listdir(tmp_path / "sub")) == ["cartpole.mp4"]  # no temporary file left
+
+
+def test_gif_frames_and_timing(tmp_path):
+    agent = natpg.NPG("natpg_test/Frames-v0", seed=0)
+    returns = record_video(agent, tmp_path / "walk.gif", episodes=2, seed=0)
+    assert len(returns) == 2
+    frames = iio.imread(tmp_path / "walk.gif")
+    k = math.ceil(90 / MAX_FPS)  # 3: frames at t = 0, 3, 6, 9 of each 10-step episode
+    assert frames.shape[0] == 2 * 4
+    assert [int(f[0, 0, 0]) for f in frames] == [0, 30, 60, 90] * 2
+    assert iio.immeta(tmp_path / "walk.gif", index=0)["duration"] == pytest.approx(1000 * k / 90, abs=10)
+
+
+def test_failure_leaves_no_file_and_keeps_an_existing_one(tmp_path):
+    agent = natpg.NPG("natpg_test/BrokenFrames-v0", seed=0)
+    target = tmp_path / "walk.mp4"
+    with pytest.raises(RenderError, match="could not render a frame .*the renderer broke"):
+        record_video(agent, target)
+    assert os.listdir(tmp_path) == []
+    target.write_bytes(b"an earlier video")
+    with pytest.raises(RenderError):
+        record_video(agent, target)
+    assert target.read_bytes() == b"an earlier video" and os.listdir(tmp_path) == ["walk.mp4"]
+
+
+def test_bad_requests_are_refused_before_any_work(tmp_path):
+    agent = natpg.NPG("natpg_test/Frames-v0", seed=0)
+    with pytest.raises(ValueError, match=r"must end in one of \.mp4"):
+        record_video(agent, tmp_path / "walk.txt")
+    with pytest.raises(ValueError, match="episodes must be an integer"):
+        record_video(agent, tmp_path / "walk.gif", episodes=0)
+    (tmp_path / "dir.mp4").mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        record_video(agent, tmp_path / "dir.mp4")
+    with pytest.raises(ValueError, match="does not match the agent"):
+        record_video(agent, tmp_path / "walk.gif", env="CartPole-v1")
+    with pytest.raises(RenderError, match="cannot render frames: its render modes are \\[\\]"):
+        record_video(natpg.NPG("natpg_test/NoFrames-v0", seed=0), tmp_path / "walk.gif")
+    assert os.listdir(tmp_path) == ["dir.mp4"]
+
+
+def test_cli_records_mujoco_headless(tmp_path):
+    """natpg eval --video on a MuJoCo task in a fresh process with no display: the CLI picks EGL itself."""
+    agent = natpg.NPG("Hopper-v5", seed=0)
+    agent.save(str(tmp_path / "hopper"))
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "MUJOCO_GL")}
+    out = subprocess.run([sys.executable, "-m", "natpg.cli", "eval", str(tmp_path / "hopper"), "--episodes", "1",
+                          "--seed", "3", "--video", str(tmp_path / "hopper.mp4"), "--json"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    mean, _ = natpg.evaluate(agent, episodes=1, seed=3)
+    assert result["return_mean"] == pytest.approx(mean, abs=1e-9) and result["video"] == str(tmp_path / "hopper.mp4")
+    frames = iio.imread(tmp_path / "hopper.mp4")
+    assert frames.shape[1:] == (480, 480, 3) and frames.shape[0] >= 2
+    assert frames.std() > 1.0  # a rendered scene, not a blank frame
