@@ -249,3 +249,38 @@ def test_log_rows_carry_the_gaussian_policys_noise():
     cartpole = natpg.NPG("CartPole-v1", seed=0, n_envs=2, n_steps=64, tensorboard=False)
     cartpole.learn(128, callback=lambda a, row: rows.append(row))
     assert "policy/std" not in rows[0]
+
+
+def test_plot_seeds_averages_runs_that_differ_only_in_their_seed(tmp_path, capsys):
+    """natpg plot --seeds: one line per setting, the mean of its seeds interpolated on the union of their x, over
+    the range all of them cover; the label names the setting in which the groups differ."""
+    pytest.importorskip("matplotlib")
+    from natpg.plotting import plot_runs
+
+    def run(name, seed, max_kl, rows, run_section=None):
+        d = tmp_path / name
+        d.mkdir()
+        config = natpg.Config().to_dict()
+        config["step"]["max_kl"] = max_kl
+        config["run"]["checkpoint_every"] = run_section or 50  # not a setting that changes learning
+        (d / "config.json").write_text(json.dumps({"algorithm": "npg", "env_id": "Hopper-v5", "seed": seed, **config}))
+        with open(d / "progress.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["env_steps", "ep_return_mean"])
+            w.writerows(rows)
+        return str(d)
+
+    runs = [run("a0", 0, 0.01, [(100, 1.0), (200, 3.0), (300, 5.0)]),
+            run("a1", 1, 0.01, [(150, 2.0), (250, 4.0), (350, 9.0)], run_section=7),
+            run("b0", 0, 0.02, [(100, 20.0), (200, 10.0)])]
+    plotted = plot_runs(runs, str(tmp_path / "seeds.png"), seeds=True)
+    # a0 at 150, 250: 2 and 4 (interpolated); a1 at 200, 300: 3 and 6.5; common range 150…300.
+    assert plotted == {"npg Hopper-v5 max_kl=0.01 (2 seeds)": ([150.0, 200.0, 250.0, 300.0], [2.0, 3.0, 4.0, 5.75]),
+                       "npg Hopper-v5 max_kl=0.02 (1 seed)": ([100.0, 200.0], [20.0, 10.0])}
+    assert cli(["plot", *runs, "--seeds", "-o", str(tmp_path / "cli.png")]) == 0 and (tmp_path / "cli.png").exists()
+    capsys.readouterr()
+    late = run("a2", 2, 0.01, [(400, 1.0), (500, 2.0)])
+    assert cli(["plot", runs[0], late, "--seeds", "-o", str(tmp_path / "x.png")]) == 2
+    assert "share no range of x" in capsys.readouterr().err
+    assert cli(["plot", *runs, "--seeds", "--x", "ep_return_mean", "--y", "env_steps", "-o", str(tmp_path / "y.png")]) == 2
+    assert "x column that increases" in capsys.readouterr().err  # b0's return falls

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--output", default="curve.png", help="output PNG (default curve.png)")
     pl.add_argument("--x", default="env_steps", help="x column (default env_steps)")
     pl.add_argument("--y", default="ep_return_mean", help="y column (default ep_return_mean)")
+    pl.add_argument("--seeds", action="store_true",
+                    help="one line per group of runs that differ only in their seed (config.json): the mean "
+                         "across them, over a band from their min to their max")
 
     b = sub.add_parser("bench", help="throughput of natpg against the raw environment stepping rate")
     b.add_argument("algo", type=str.lower, help="algorithm")
@@ -260,7 +263,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from .plotting import plot_runs
 
-    plot_runs(args.run_dirs, args.output, args.x, args.y)
+    plot_runs(args.run_dirs, args.output, args.x, args.y, seeds=args.seeds)
     print(f"wrote {args.output}")
     return 0
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import csv
+import json
 import math
 import os
 
@@ -18,10 +20,90 @@ def read_progress(run_dir: str) -> dict[str, list[float]]:
     return {k: [float(r[k]) if r[k] not in ("", None) else float("nan") for r in rows] for k in rows[0]}
 
 
-def plot_runs(run_dirs: list[str], output: str, x: str = "env_steps",
-              y: str = "ep_return_mean") -> dict[str, tuple[list[float], list[float]]]:
+def run_settings(run_dir: str) -> dict[str, object] | None:
+    """The run's settings from its config.json as flat 'section.key' entries (algorithm and env_id included), or
+    None when the run has none (a bare progress.csv). The seed and the ``run`` section (logging, checkpoints,
+    evaluation, device, threads) are left out: they do not change what is learned."""
+    path = os.path.join(os.path.dirname(run_dir) if run_dir.endswith(".csv") else run_dir, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        config = json.load(f)
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        if key == "seed" or key == "run":
+            continue
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": json.dumps(v) for k, v in value.items()})
+        else:
+            flat[key] = json.dumps(value)
+    return flat
+
+
+def group_by_settings(run_dirs: list[str]) -> dict[str, list[str]]:
+    """Runs that differ only in their seed, grouped; each group labelled 'algorithm env_id' plus the settings in
+    which the groups differ (e.g. 'npg Hopper-v5 max_kl=0.02'). Runs without a config.json stay alone."""
+    settings = {run: run_settings(run) for run in run_dirs}
+    groups: dict[str, list[str]] = {}
+    keyed: dict[str, dict[str, object]] = {}
+    for run, flat in settings.items():
+        key = run if flat is None else json.dumps(flat, sort_keys=True)
+        groups.setdefault(key, []).append(run)
+        if flat is not None:
+            keyed[key] = flat
+    varying = sorted({k for flat in keyed.values() for k in flat
+                      if len({json.dumps(f.get(k)) for f in keyed.values()}) > 1} - {"algorithm", "env_id"})
+    labelled: dict[str, list[str]] = {}
+    for key, runs in groups.items():
+        if key not in keyed:
+            labelled[os.path.basename(os.path.normpath(key))] = runs
+            continue
+        flat = keyed[key]
+        words = [json.loads(str(flat["algorithm"])), json.loads(str(flat["env_id"]))]
+        words += [f"{k.split('.', 1)[-1]}={json.loads(str(flat[k])) if k in flat else None}" for k in varying]
+        labelled[" ".join(str(w) for w in words)] = runs
+    return labelled
+
+
+def _points(run: str, x: str, y: str) -> tuple[list[float], list[float]]:
+    data = read_progress(run)
+    for col in (x, y):
+        if col not in data:
+            raise ValueError(f"column {col!r} not in {run!r}; columns: {sorted(data)}")
+    points = [(a, b) for a, b in zip(data[x], data[y]) if math.isfinite(a) and math.isfinite(b)]
+    if not points:
+        raise ValueError(f"column {y!r} of {run!r} has no finite values to plot")
+    xs, ys = (list(v) for v in zip(*points))
+    return xs, ys
+
+
+def seed_band(curves: list[tuple[list[float], list[float]]]) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Mean, min and max across runs on the x values of all of them, each run linearly interpolated between its
+    own points, over the x range every run covers (so a run that stopped early does not pull the mean)."""
+    if any(b <= a for xs, _ in curves for a, b in zip(xs, xs[1:])):
+        raise ValueError("averaging over seeds needs an x column that increases along each run (e.g. env_steps)")
+    lo = max(xs[0] for xs, _ in curves)
+    hi = min(xs[-1] for xs, _ in curves)
+    if lo > hi:
+        raise ValueError(f"the runs share no range of x to average over (one starts at {lo}, another ends at {hi})")
+    grid = sorted({v for xs, _ in curves for v in xs if lo <= v <= hi})
+    table = [[_interp(v, xs, ys) for v in grid] for xs, ys in curves]
+    columns = list(zip(*table))
+    return grid, [sum(c) / len(c) for c in columns], [min(c) for c in columns], [max(c) for c in columns]
+
+
+def _interp(v: float, xs: list[float], ys: list[float]) -> float:
+    i = bisect.bisect_left(xs, v)
+    if xs[i] == v:
+        return ys[i]
+    return ys[i - 1] + (ys[i] - ys[i - 1]) * (v - xs[i - 1]) / (xs[i] - xs[i - 1])
+
+
+def plot_runs(run_dirs: list[str], output: str, x: str = "env_steps", y: str = "ep_return_mean",
+              seeds: bool = False) -> dict[str, tuple[list[float], list[float]]]:
     """One line per run; rows where x or y is not a number (e.g. eval/* between evaluations) are left out.
-    Returns the plotted points per run label."""
+    With ``seeds=True``, runs that differ only in their seed are drawn as one line, the mean across them, over a
+    band from their min to their max (``group_by_settings``, ``seed_band``). Returns the plotted line per label."""
     try:
         import matplotlib
 
@@ -29,22 +111,22 @@ def plot_runs(run_dirs: list[str], output: str, x: str = "env_steps",
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("natpg plot needs matplotlib: pip install 'natpg[plot]'") from None
+    groups = group_by_settings(run_dirs) if seeds else {os.path.basename(os.path.normpath(r)): [r] for r in run_dirs}
+    curves = {label: [_points(run, x, y) for run in runs] for label, runs in groups.items()}  # all read before drawing
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plotted: dict[str, tuple[list[float], list[float]]] = {}
-    for run in run_dirs:
-        data = read_progress(run)
-        for col in (x, y):
-            if col not in data:
-                raise ValueError(f"column {col!r} not in {run!r}; columns: {sorted(data)}")
-        points = [(a, b) for a, b in zip(data[x], data[y]) if math.isfinite(a) and math.isfinite(b)]
-        if not points:
-            raise ValueError(f"column {y!r} of {run!r} has no finite values to plot")
-        label = os.path.basename(os.path.normpath(run))
-        xs, ys = (list(v) for v in zip(*points))
-        ax.plot(xs, ys, label=label, marker="." if len(points) <= 50 else None)
+    for label, runs in curves.items():
+        if seeds:
+            xs, ys, low, high = seed_band(runs)
+            label = f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+        else:
+            xs, ys = runs[0]
+        (line,) = ax.plot(xs, ys, label=label, marker="." if len(xs) <= 50 else None)
+        if seeds and len(runs) > 1:
+            ax.fill_between(xs, low, high, alpha=0.2, color=line.get_color())
         plotted[label] = (xs, ys)
     ax.set_xlabel(x)
-    ax.set_ylabel(y)
+    ax.set_ylabel(y + (" (mean, min–max over seeds)" if seeds else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
