@@ -255,6 +255,10 @@ API_CASES = [
      "episodes must be an integer ≥ 1"),
     ("evaluate on another task", lambda a: natpg.evaluate(a["cart"], "Pendulum-v1", episodes=1), ValueError,
      "does not match the agent trained on 'CartPole-v1'"),
+    ("video to an unknown format", lambda a: natpg.record_video(a["cart"], a["root"] / "v.avi.txt"), ValueError,
+     r"must end in one of \.mp4"),
+    ("video of another task", lambda a: natpg.record_video(a["cart"], a["root"] / "v.gif", "Pendulum-v1"), ValueError,
+     "does not match the agent trained on 'CartPole-v1'"),
 ]
 
 
@@ -289,6 +293,9 @@ def _cli_cases():
         (["eval", "{root}/garbage"], "not a readable natpg checkpoint"),
         (["eval", "{root}/cart", "--episodes", "0"], "episodes must be an integer ≥ 1"),
         (["eval", "{root}/cart", "--env", "Pendulum-v1"], "does not match the agent"),
+        (["eval", "{root}/cart", "--video", "{root}/cart.txt"], r"must end in one of \.mp4"),
+        (["eval", "{root}/cart", "--video", "{root}/cart.mp4", "--episodes", "0"], "episodes must be an integer ≥ 1"),
+        (["eval", "{root}/cart", "--video", "{root}/cart.gif", "--env", "Pendulum-v1"], "does not match the agent"),
     ]
     if not torch.cuda.is_available():
         cases.append((["train", "npg", "CartPole-v1", "--device", "cuda"], "CUDA is not available"))
