@@ -284,3 +284,22 @@ def test_plot_seeds_averages_runs_that_differ_only_in_their_seed(tmp_path, capsy
     assert "share no range of x" in capsys.readouterr().err
     assert cli(["plot", *runs, "--seeds", "--x", "ep_return_mean", "--y", "env_steps", "-o", str(tmp_path / "y.png")]) == 2
     assert "x column that increases" in capsys.readouterr().err  # b0's return falls
+
+
+
+def test_plot_draws_every_run_even_when_two_share_a_name(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    from natpg.plotting import plot_runs
+
+    runs = []
+    for parent, value in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / parent / "s0").mkdir(parents=True)
+        (tmp_path / parent / "s0" / "progress.csv").write_text(f"env_steps,ep_return_mean\n100,{value}\n")
+        runs.append(str(tmp_path / parent / "s0"))
+    drawn = []
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, xs, ys, **kw: drawn.append(list(ys)) or plot(ax, xs, ys, **kw))
+    plot_runs(runs, str(tmp_path / "same.png"))
+    assert drawn == [[1.0], [2.0]]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import bisect
 import csv
 import json
 import math
 import os
+
+import numpy as np
 
 
 def read_progress(run_dir: str) -> dict[str, list[float]]:
@@ -20,16 +21,16 @@ def read_progress(run_dir: str) -> dict[str, list[float]]:
     return {k: [float(r[k]) if r[k] not in ("", None) else float("nan") for r in rows] for k in rows[0]}
 
 
-def run_settings(run_dir: str) -> dict[str, object] | None:
-    """The run's settings from its config.json as flat 'section.key' entries (algorithm and env_id included), or
-    None when the run has none (a bare progress.csv). The seed and the ``run`` section (logging, checkpoints,
-    evaluation, device, threads) are left out: they do not change what is learned."""
+def run_settings(run_dir: str) -> dict[str, str] | None:
+    """The run's settings from its config.json as flat 'section.key' entries, each value JSON-encoded (algorithm
+    and env_id included), or None when the run has none (a bare progress.csv). The seed and the ``run`` section
+    (logging, checkpoints, evaluation, device, threads) are left out: they do not change what is learned."""
     path = os.path.join(os.path.dirname(run_dir) if run_dir.endswith(".csv") else run_dir, "config.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
         config = json.load(f)
-    flat: dict[str, object] = {}
+    flat: dict[str, str] = {}
     for key, value in config.items():
         if key == "seed" or key == "run":
             continue
@@ -40,28 +41,32 @@ def run_settings(run_dir: str) -> dict[str, object] | None:
     return flat
 
 
-def group_by_settings(run_dirs: list[str]) -> dict[str, list[str]]:
+def _label(run: str) -> str:
+    return os.path.basename(os.path.normpath(run))
+
+
+def group_by_settings(run_dirs: list[str]) -> list[tuple[str, list[str]]]:
     """Runs that differ only in their seed, grouped; each group labelled 'algorithm env_id' plus the settings in
     which the groups differ (e.g. 'npg Hopper-v5 max_kl=0.02'). Runs without a config.json stay alone."""
-    settings = {run: run_settings(run) for run in run_dirs}
     groups: dict[str, list[str]] = {}
-    keyed: dict[str, dict[str, object]] = {}
-    for run, flat in settings.items():
+    keyed: dict[str, dict[str, str]] = {}
+    for run in run_dirs:
+        flat = run_settings(run)
         key = run if flat is None else json.dumps(flat, sort_keys=True)
         groups.setdefault(key, []).append(run)
         if flat is not None:
             keyed[key] = flat
     varying = sorted({k for flat in keyed.values() for k in flat
-                      if len({json.dumps(f.get(k)) for f in keyed.values()}) > 1} - {"algorithm", "env_id"})
-    labelled: dict[str, list[str]] = {}
+                      if len({f.get(k) for f in keyed.values()}) > 1} - {"algorithm", "env_id"})
+    labelled = []
     for key, runs in groups.items():
-        if key not in keyed:
-            labelled[os.path.basename(os.path.normpath(key))] = runs
+        flat = keyed.get(key)
+        if flat is None:
+            labelled.append((_label(key), runs))
             continue
-        flat = keyed[key]
-        words = [json.loads(str(flat["algorithm"])), json.loads(str(flat["env_id"]))]
-        words += [f"{k.split('.', 1)[-1]}={json.loads(str(flat[k])) if k in flat else None}" for k in varying]
-        labelled[" ".join(str(w) for w in words)] = runs
+        words = [json.loads(flat["algorithm"]), json.loads(flat["env_id"])]
+        words += [f"{k.split('.', 1)[-1]}={json.loads(flat[k]) if k in flat else None}" for k in varying]
+        labelled.append((" ".join(str(w) for w in words), runs))
     return labelled
 
 
@@ -87,16 +92,8 @@ def seed_band(curves: list[tuple[list[float], list[float]]]) -> tuple[list[float
     if lo > hi:
         raise ValueError(f"the runs share no range of x to average over (one starts at {lo}, another ends at {hi})")
     grid = sorted({v for xs, _ in curves for v in xs if lo <= v <= hi})
-    table = [[_interp(v, xs, ys) for v in grid] for xs, ys in curves]
-    columns = list(zip(*table))
-    return grid, [sum(c) / len(c) for c in columns], [min(c) for c in columns], [max(c) for c in columns]
-
-
-def _interp(v: float, xs: list[float], ys: list[float]) -> float:
-    i = bisect.bisect_left(xs, v)
-    if xs[i] == v:
-        return ys[i]
-    return ys[i - 1] + (ys[i] - ys[i - 1]) * (v - xs[i - 1]) / (xs[i] - xs[i - 1])
+    table = np.array([np.interp(grid, xs, ys) for xs, ys in curves])
+    return grid, table.mean(0).tolist(), table.min(0).tolist(), table.max(0).tolist()
 
 
 def plot_runs(run_dirs: list[str], output: str, x: str = "env_steps", y: str = "ep_return_mean",
@@ -111,11 +108,11 @@ def plot_runs(run_dirs: list[str], output: str, x: str = "env_steps", y: str = "
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("natpg plot needs matplotlib: pip install 'natpg[plot]'") from None
-    groups = group_by_settings(run_dirs) if seeds else {os.path.basename(os.path.normpath(r)): [r] for r in run_dirs}
-    curves = {label: [_points(run, x, y) for run in runs] for label, runs in groups.items()}  # all read before drawing
+    groups = group_by_settings(run_dirs) if seeds else [(_label(run), [run]) for run in run_dirs]
+    curves = [(label, [_points(run, x, y) for run in runs]) for label, runs in groups]  # all read before drawing
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plotted: dict[str, tuple[list[float], list[float]]] = {}
-    for label, runs in curves.items():
+    for label, runs in curves:
         if seeds:
             xs, ys, low, high = seed_band(runs)
             label = f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
