@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from typing import Any
 
 import gymnasium as gym
@@ -17,7 +18,7 @@ import torch
 
 from . import checkpoint
 from .algorithms import default_config, make_actor_update, make_critic
-from .config import Config
+from .config import EVAL_MAX_EPISODE_STEPS, Config
 from .envs import ObsNormalizer, RewardScaler, check_spaces, env_family, make_vec_env, probe_spaces
 from .logger import Logger
 from .policies import env_action, input_layout, make_policy
@@ -487,12 +488,15 @@ def load(path: str, action_mask=None) -> Agent:
                          f"{str(exc).splitlines()[0]}") from None
 
 
-def check_evaluation(agent: Agent, env: str | None, episodes: int, seed: int) -> str:
+def check_evaluation(agent: Agent, env: str | None, episodes: int, seed: int,
+                     max_episode_steps: int = EVAL_MAX_EPISODE_STEPS) -> str:
     """The environment id to evaluate ``agent`` on (default: its own), after checking the arguments and, for
     another environment, that its spaces match the agent's; a ValueError that says what is wrong otherwise."""
     env_id = env or agent.env_id
     if not isinstance(episodes, int) or isinstance(episodes, bool) or episodes < 1:
         raise ValueError(f"episodes must be an integer ≥ 1, got {episodes!r}")
+    if not isinstance(max_episode_steps, int) or isinstance(max_episode_steps, bool) or max_episode_steps < 1:
+        raise ValueError(f"max_episode_steps must be an integer ≥ 1, got {max_episode_steps!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if env is not None:
@@ -508,22 +512,35 @@ def check_evaluation(agent: Agent, env: str | None, episodes: int, seed: int) ->
 
 
 def evaluate(agent: Agent, env: str | None = None, episodes: int = 10, seed: int = 123,
-             deterministic: bool = True) -> tuple[float, float]:
+             deterministic: bool = True, max_episode_steps: int = EVAL_MAX_EPISODE_STEPS) -> tuple[float, float]:
     """Mean and std of the undiscounted return over ``episodes`` episodes, with frozen normalisation.
 
-    Episodes run in parallel copies of ``env`` (default: the agent's own), copy i seeded ``seed + i``.
+    Episodes run in parallel copies of ``env`` (default: the agent's own), copy i seeded ``seed + i``. An
+    episode the environment has not ended after ``max_episode_steps`` steps is cut there, with a warning (an
+    environment registered without a time limit would otherwise never return).
     """
-    env_id = check_evaluation(agent, env, episodes, seed)
+    env_id = check_evaluation(agent, env, episodes, seed, max_episode_steps)
     envs = make_vec_env(env_id, episodes, "sync", action_mask=agent.action_mask_source)
     try:
         obs, _ = envs.reset(seed=seed)
         returns = np.zeros(episodes)
         finished = np.zeros(episodes, bool)
-        while not finished.all():  # observations come flattened, with the mask appended: straight to the policy
+        for _ in range(max_episode_steps):  # observations come flattened, with the mask appended: to the policy
             act = agent._act(np.asarray(obs, np.float64).reshape(episodes, -1), deterministic)
             obs, rew, term, trunc, _ = envs.step(act)
             returns += np.where(finished, 0.0, rew)
             finished |= term | trunc
+            if finished.all():
+                break
     finally:
         envs.close()
+    warn_cut_episodes(env_id, int((~finished).sum()), episodes, max_episode_steps)
     return float(returns.mean()), float(returns.std())
+
+
+def warn_cut_episodes(env_id: str, cut: int, episodes: int, max_episode_steps: int) -> None:
+    if cut:
+        warnings.warn(f"{cut} of {episodes} evaluation episodes on {env_id!r} had not ended after "
+                      f"max_episode_steps={max_episode_steps} steps; their returns are those of the first "
+                      f"{max_episode_steps} steps (give the environment a time limit, or a larger "
+                      f"max_episode_steps)", RuntimeWarning, stacklevel=3)

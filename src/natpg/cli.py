@@ -11,7 +11,7 @@ import statistics
 import sys
 from typing import Any
 
-from .config import Config
+from .config import EVAL_MAX_EPISODE_STEPS, Config
 
 
 def parse_setting(text: str) -> tuple[str, Any]:
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", help="run directory or checkpoint file written by natpg train / agent.save")
     e.add_argument("--episodes", type=int, default=10, help="evaluation episodes (default 10)")
     e.add_argument("--seed", type=int, default=123, help="seed of the evaluation environments (default 123)")
+    e.add_argument("--max-episode-steps", type=int, default=EVAL_MAX_EPISODE_STEPS, metavar="STEPS",
+                   help="cut an episode the environment has not ended after STEPS steps, with a warning "
+                        f"(default {EVAL_MAX_EPISODE_STEPS:,}; for environments without a time limit)")
     e.add_argument("--env", default=None, help="environment id (default: the one trained on)")
     e.add_argument("--stochastic", action="store_true", help="sample actions instead of the mode")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -246,11 +249,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .video import record_video
 
         returns = record_video(agent, args.video, args.env, episodes=args.episodes, seed=args.seed,
-                               deterministic=not args.stochastic)
+                               deterministic=not args.stochastic, max_episode_steps=args.max_episode_steps)
         mean, std = float(statistics.fmean(returns)), float(statistics.pstdev(returns))
     else:
         mean, std = evaluate(agent, args.env, episodes=args.episodes, seed=args.seed,
-                             deterministic=not args.stochastic)
+                             deterministic=not args.stochastic, max_episode_steps=args.max_episode_steps)
     result = {"env_id": args.env or agent.env_id, "algorithm": agent.algorithm, "episodes": args.episodes,
               "seed": args.seed, "return_mean": mean, "return_std": std, "env_steps_trained": agent.env_steps}
     if args.video:

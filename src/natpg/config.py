@@ -19,6 +19,9 @@ KL_RULES = ("kl", "linesearch", "kfac_clip")  # the step rules with a KL budget 
 KL_SCHEDULES = ("constant", "linear")
 CRITIC_OPTIMIZERS = ("adam", "kfac")
 SAMPLERS = ("local", "processes", "ray", "workers")
+# An evaluation episode is cut here if the environment has not ended it: above every registered time limit
+# (Atari's 108k frames are 27k steps), and a bound for environments registered without one.
+EVAL_MAX_EPISODE_STEPS = 100_000
 
 
 @dataclass

@@ -17,7 +17,8 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
-from .agent import Agent, check_evaluation
+from .agent import Agent, check_evaluation, warn_cut_episodes
+from .config import EVAL_MAX_EPISODE_STEPS
 from .envs import make_env
 
 FFMPEG_FORMATS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
@@ -73,12 +74,14 @@ def _render(env, env_id: str) -> np.ndarray:
 
 
 def record_video(agent: Agent, path: str | os.PathLike, env: str | None = None, episodes: int = 1,
-                 seed: int = 123, deterministic: bool = True) -> list[float]:
+                 seed: int = 123, deterministic: bool = True,
+                 max_episode_steps: int = EVAL_MAX_EPISODE_STEPS) -> list[float]:
     """Play ``episodes`` episodes of ``agent`` on ``env`` (default: its own) and write them, back to back, to
     ``path`` (.mp4/.mkv/.webm/.avi/.mov through ffmpeg, needs ``natpg[video]``; or .gif). Returns each
-    episode's undiscounted return. The file appears only when complete (written beside it, then renamed)."""
+    episode's undiscounted return. The file appears only when complete (written beside it, then renamed).
+    An episode not ended after ``max_episode_steps`` steps is cut there, with a warning, as in ``evaluate``."""
     out = _check_path(path)
-    env_id = check_evaluation(agent, env, episodes, seed)
+    env_id = check_evaluation(agent, env, episodes, seed, max_episode_steps)
     with warnings.catch_warnings():  # an environment without rgb_array gets the clearer error below
         warnings.filterwarnings("ignore", message=".*render_mode.*not in the possible render_modes")
         rendered = make_env(env_id, agent.action_mask_source, render_mode="rgb_array")
@@ -91,7 +94,7 @@ def record_video(agent: Agent, path: str | os.PathLike, env: str | None = None, 
         frame_every = math.ceil(fps / MAX_FPS)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp_name = str(out.with_name(f".{out.stem}.{os.getpid()}.part{out.suffix}"))  # the encoder reads the suffix
-        returns = []
+        returns, cut = [], 0
         writer = _writer(Path(tmp_name), fps / frame_every)
         try:
             for i in range(episodes):
@@ -100,7 +103,8 @@ def record_video(agent: Agent, path: str | os.PathLike, env: str | None = None, 
                 while True:
                     if t % frame_every == 0:
                         writer.append_data(_render(rendered, env_id)[..., :3])
-                    if done:
+                    if done or t == max_episode_steps:
+                        cut += not done
                         break
                     act = agent._act(np.asarray(obs, np.float64).reshape(1, -1), deterministic)[0]
                     obs, rew, term, trunc, _ = rendered.step(act)
@@ -112,6 +116,7 @@ def record_video(agent: Agent, path: str | os.PathLike, env: str | None = None, 
             writer.close()
         os.replace(tmp_name, out)
         tmp_name = None
+        warn_cut_episodes(env_id, cut, episodes, max_episode_steps)
         return returns
     finally:
         rendered.close()
