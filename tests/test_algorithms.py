@@ -19,7 +19,8 @@ from torch import nn
 import natpg
 from natpg import fisher
 from natpg.acktr import GaussNewtonKFAC, KFACCritic
-from natpg.algorithms import Batch, NaturalGradientUpdate, default_config, make_actor_update, mean_kl, surrogate
+from natpg.algorithms import (Batch, NaturalGradientUpdate, default_config, make_actor_update, mean_kl, objective,
+                              surrogate)
 from natpg.config import Config
 from natpg.critics import ValueCritic
 from natpg.params import flatten, get_flat
@@ -545,11 +546,64 @@ def test_new_algorithms_save_and_load(cls, tmp_path):
         assert all(torch.equal(saved[k]["exp_avg"], loaded_state[k]["exp_avg"]) for k in saved)
 
 
+def test_entropy_bonus_gradient_against_hand_written_entropies():
+    """∇[L + c·H̄] − ∇L = c·∇H̄, with H̄ written out by hand: Σ log σ_i + const for the Gaussian (so ∂/∂ log σ_i
+    = 1 and nothing else moves), −Σ_k p_k log p_k of a softmax for the categorical."""
+    c = 0.3
+    gauss = make_policy("gauss")
+    batch = make_batch(gauss)
+    bonus = flatten(torch.autograd.grad(objective(gauss, batch, c), gauss.actor_parameters())) - gradient(gauss, batch)
+    expected = torch.zeros_like(bonus)
+    expected[-2:] = c  # log_std is the last actor parameter (2 action dims)
+    torch.testing.assert_close(bonus, expected, atol=1e-12, rtol=0)
+
+    cat = make_policy("cat")
+    batch = make_batch(cat)
+    params = cat.actor_parameters()
+    logits = cat(batch.obs)
+    p = torch.exp(logits - logits.logsumexp(-1, keepdim=True))
+    by_hand = -(p * torch.log(p)).sum(-1).mean()
+    expected = c * flatten(torch.autograd.grad(by_hand, params))
+    bonus = flatten(torch.autograd.grad(objective(cat, batch, c), params)) - gradient(cat, batch)
+    torch.testing.assert_close(bonus, expected, atol=1e-12, rtol=1e-10)
+
+
+def test_entropy_bonus_alone_widens_the_gaussian_by_the_kl_budget():
+    """Zero advantages: the objective is c·H̄ alone. The exact Fisher's log σ block is 2·I and its cross terms
+    with the mean are 0, so the natural step moves every log σ_i by the same Δ and no mean parameter; the 'kl'
+    rule sizes it so that ½·dᵀFd·α² = δ, i.e. ½·2·Σ_i Δ² = δ: Δ = √(δ / act_dim)."""
+    policy = make_policy("gauss")
+    batch = make_batch(policy)
+    batch.adv = torch.zeros_like(batch.adv)
+    before = [p.detach().clone() for p in policy.actor_parameters()]
+    update = NaturalGradientUpdate(fisher.Dense(damping=0.0), natpg.steps.KLStep(0.01), ent_coef=0.5)
+    update.update(policy, batch)
+    after = policy.actor_parameters()
+    for b, a in zip(before[:-1], after[:-1]):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+    torch.testing.assert_close(after[-1] - before[-1], torch.full((2,), math.sqrt(0.01 / 2)), atol=1e-9, rtol=0)
+    delta = math.sqrt(0.01 / 2)  # KL(old ‖ new) of σ → σe^Δ, per dimension: Δ + (e^{−2Δ} − 1)/2 (≈ Δ², the quadratic δ/2)
+    assert kl_now(policy, batch) == pytest.approx(2 * (delta + (math.exp(-2 * delta) - 1) / 2), rel=1e-9)
+
+
+def test_ppo_entropy_bonus_alone_raises_the_entropy():
+    policy = make_policy("gauss")
+    batch = make_batch(policy)
+    batch.adv = torch.zeros_like(batch.adv)
+    log_std = policy.log_std.detach().clone()
+    ClippedSurrogateUpdate(1e-2, 0.2, 2, 16, ent_coef=0.1).update(policy, batch)
+    assert bool((policy.log_std > log_std + 0.05).all())  # 8 Adam steps of ≈ lr each on ∂H/∂log σ = 1
+
+
 def test_new_settings_are_validated():
     for bad in ({"momentum": 1.0}, {"clip_range": 0.0}, {"ppo_epochs": 0}, {"target_kl": -1.0},
                 {"critic_optimizer": "sgd"}, {"critic_max_kl": 0.0}, {"value_clip": 0.2, "critic_optimizer": "kfac"}):
         with pytest.raises(ValueError):
             Config().override(**bad).validate()
+    with pytest.raises(ValueError, match="ent_coef must be a finite number ≥ 0"):
+        Config().override(ent_coef=-0.1).validate()
+    with pytest.raises(ValueError, match="ent_coef is not available for nac"):
+        Config(algorithm="nac").override(ent_coef=0.01).validate()
 
 
 # --------------------------------------------------------------------------------------------------

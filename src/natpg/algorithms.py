@@ -41,6 +41,15 @@ def surrogate(policy: nn.Module, batch: Batch) -> torch.Tensor:
     return (torch.exp(logp - batch.logp_old) * batch.adv).mean()
 
 
+def objective(policy: nn.Module, batch: Batch, ent_coef: float = 0.0) -> torch.Tensor:
+    """The actor's objective: ``surrogate`` plus the entropy bonus ent_coef·mean_b H(π_θ(·|s_b))."""
+    if not ent_coef:
+        return surrogate(policy, batch)
+    dist = policy.dist(batch.obs)
+    ratio = torch.exp(dist.log_prob(batch.act) - batch.logp_old)
+    return (ratio * batch.adv).mean() + ent_coef * dist.entropy().mean()
+
+
 def mean_kl(policy: nn.Module, batch: Batch) -> torch.Tensor:
     """mean_b KL(π_old(·|s_b) ‖ π_θ(·|s_b)), old first and detached."""
     return kl_divergence(policy.head.dist(batch.eta_old), policy.dist(batch.obs)).mean()
@@ -82,12 +91,12 @@ def make_step_rule(cfg: Config):
 class NaturalGradientUpdate:
     """One natural-gradient actor update: g = ∇L, d = F⁻¹g, then the step rule moves θ along d."""
 
-    def __init__(self, curvature, step_rule):
-        self.curvature, self.step_rule = curvature, step_rule
+    def __init__(self, curvature, step_rule, ent_coef: float = 0.0):
+        self.curvature, self.step_rule, self.ent_coef = curvature, step_rule, ent_coef
 
     def update(self, policy: nn.Module, batch: Batch) -> dict[str, Any]:
         params = policy.actor_parameters()
-        surr_before = surrogate(policy, batch)
+        surr_before = objective(policy, batch, self.ent_coef)
         g = flatten(torch.autograd.grad(surr_before, params)).detach()
         if not (bool(torch.isfinite(surr_before)) and bool(torch.isfinite(g).all())):  # before any curvature state
             return {"step/skipped": 1.0, "step/fault": "non-finite surrogate or gradient", "step/size": 0.0,
@@ -97,12 +106,12 @@ class NaturalGradientUpdate:
 
         @torch.no_grad()
         def evaluate() -> tuple[float, float]:
-            return float(surrogate(policy, batch)), float(mean_kl(policy, batch))
+            return float(objective(policy, batch, self.ent_coef)), float(mean_kl(policy, batch))
 
         stats = self.step_rule.apply(params, d, g, self.curvature, evaluate)
         with torch.no_grad():
             stats["step/kl"] = float(mean_kl(policy, batch))
-            stats["step/surrogate_gain"] = float(surrogate(policy, batch)) - float(surr_before)
+            stats["step/surrogate_gain"] = float(objective(policy, batch, self.ent_coef)) - float(surr_before)
         stats["grad/norm"] = float(g.norm())
         return {**stats, **self.curvature.stats}
 
@@ -114,7 +123,7 @@ def make_actor_update(cfg: Config, generator: torch.Generator | None):
         from .ppo import ClippedSurrogateUpdate
 
         return ClippedSurrogateUpdate(s.alpha, s.clip_range, s.ppo_epochs, s.ppo_minibatch, s.target_kl,
-                                      s.max_grad_norm, generator)
+                                      s.max_grad_norm, generator, s.ent_coef)
     if cfg.algorithm == "nac":  # d = the compatible critic's weights, (F_emp + λI)⁻¹g with λ = damping
         from .nac import NaturalActorCritic
 
@@ -122,7 +131,7 @@ def make_actor_update(cfg: Config, generator: torch.Generator | None):
             raise ValueError(f"nac's direction is the compatible critic's least-squares weights, i.e. the empirical "
                              f"Fisher solve: fisher must be 'empirical', got {cfg.curvature.fisher!r}")
         return NaturalActorCritic(cfg.curvature.damping, make_step_rule(cfg))
-    return NaturalGradientUpdate(make_curvature(cfg, generator), make_step_rule(cfg))
+    return NaturalGradientUpdate(make_curvature(cfg, generator), make_step_rule(cfg), s.ent_coef)
 
 
 def make_critic(cfg: Config, obs_dim: int, image=None) -> nn.Module:

@@ -153,6 +153,10 @@ class StepConfig:
     """PPO: stop the epochs once a minibatch's exact KL(old‖new) exceeds this, before its step (0: never)."""
     max_grad_norm: float = 0.5
     """First-order rules ('ppo_clip', 'adam'): clip the actor gradient's norm to this (0: no clipping)."""
+    ent_coef: float = 0.0
+    """Entropy bonus c: the actor's objective is the surrogate plus c·mean_b H(π_θ(·|s_b)), for the gradient, the
+    line search and PPO's loss alike (every algorithm but nac, whose direction is a regression on advantages).
+    H is that of the distribution the Fisher and KL are of: the Gaussian before clipping or squashing."""
 
 
 @dataclass
@@ -338,6 +342,10 @@ class Config:
         pos_int("ppo_epochs", s.ppo_epochs)
         pos_int("ppo_minibatch", s.ppo_minibatch)
         pos_num("target_kl", s.target_kl, allow_zero=True)
+        pos_num("ent_coef", s.ent_coef, allow_zero=True)
+        need(s.ent_coef == 0 or self.algorithm != "nac",
+             "ent_coef is not available for nac: its direction is the compatible critic's least-squares fit of "
+             "the advantages, which has no entropy term (use npg with fisher='empirical' for an entropy bonus)")
         pos_num("max_grad_norm", s.max_grad_norm, allow_zero=True)
         choice("critic_optimizer", c.critic_optimizer, CRITIC_OPTIMIZERS)
         pos_num("critic_max_kl", c.critic_max_kl)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.distributions import kl_divergence
 
-from .algorithms import Batch, mean_kl, surrogate
+from .algorithms import Batch, mean_kl, objective
 from .critics import ValueCritic
 from .params import flatten
 
@@ -39,11 +39,13 @@ class ClippedSurrogateUpdate:
     (old first, from the batch's detached ``eta_old``) exceeds target_kl. Stable-Baselines3 stops at
     1.5·target_kl of an estimated KL, so its target_kl = 0.01 is about 0.015 here. The Adam state
     persists across updates; it is created on the first update, for ``policy.actor_parameters()``.
+    ``ent_coef`` adds c·(mean entropy of the minibatch) to L^CLIP.
     """
 
     def __init__(self, lr: float, clip_range: float, epochs: int, minibatch: int, target_kl: float = 0.0,
-                 max_grad_norm: float = 0.0, generator: torch.Generator | None = None):
+                 max_grad_norm: float = 0.0, generator: torch.Generator | None = None, ent_coef: float = 0.0):
         self.lr, self.clip_range, self.epochs, self.minibatch = lr, clip_range, epochs, minibatch
+        self.ent_coef = ent_coef
         self.target_kl, self.max_grad_norm, self.generator = target_kl, max_grad_norm, generator
         self.optimizer: torch.optim.Optimizer | None = None
         self._params: list[nn.Parameter] = []
@@ -64,7 +66,7 @@ class ClippedSurrogateUpdate:
             if self._pending is not None:
                 self.optimizer.load_state_dict(self._pending)
         with torch.no_grad():
-            surr_before = float(surrogate(policy, batch))
+            surr_before = float(objective(policy, batch, self.ent_coef))
         B = batch.obs.shape[0]
         steps, clip_fracs, grad_norms, stopped = 0, [], [], False
         for epoch in range(self.epochs):
@@ -80,6 +82,8 @@ class ClippedSurrogateUpdate:
                         break
                 L, clip_frac = clipped_surrogate(dist.log_prob(batch.act[idx]), batch.logp_old[idx], batch.adv[idx],
                                                  self.clip_range)
+                if self.ent_coef:
+                    L = L + self.ent_coef * dist.entropy().mean()
                 self.optimizer.zero_grad(set_to_none=True)
                 (-L).backward()
                 if self.max_grad_norm:
@@ -92,7 +96,7 @@ class ClippedSurrogateUpdate:
             if stopped:
                 break
         with torch.no_grad():
-            kl, surr_after = float(mean_kl(policy, batch)), float(surrogate(policy, batch))
+            kl, surr_after = float(mean_kl(policy, batch)), float(objective(policy, batch, self.ent_coef))
         return {"step/kl": kl, "step/surrogate_gain": surr_after - surr_before, "step/sgd_steps": float(steps),
                 "step/epochs": steps * self.minibatch / B, "step/early_stop": float(stopped),
                 "step/clip_fraction": sum(clip_fracs) / max(len(clip_fracs), 1),
