@@ -35,19 +35,12 @@ class Batch:
     eta_old: torch.Tensor
 
 
-def surrogate(policy: nn.Module, batch: Batch) -> torch.Tensor:
-    """L(θ) = mean_b π_θ(a_b|s_b)/π_old(a_b|s_b) · A_b; its gradient at θ_old is the policy gradient."""
-    logp = policy.dist(batch.obs).log_prob(batch.act)
-    return (torch.exp(logp - batch.logp_old) * batch.adv).mean()
-
-
-def objective(policy: nn.Module, batch: Batch, ent_coef: float = 0.0) -> torch.Tensor:
-    """The actor's objective: ``surrogate`` plus the entropy bonus ent_coef·mean_b H(π_θ(·|s_b))."""
-    if not ent_coef:
-        return surrogate(policy, batch)
+def surrogate(policy: nn.Module, batch: Batch, ent_coef: float = 0.0) -> torch.Tensor:
+    """L(θ) = mean_b π_θ(a_b|s_b)/π_old(a_b|s_b) · A_b; its gradient at θ_old is the policy gradient. With
+    ``ent_coef`` = c the actor's objective adds the entropy bonus c·mean_b H(π_θ(·|s_b))."""
     dist = policy.dist(batch.obs)
-    ratio = torch.exp(dist.log_prob(batch.act) - batch.logp_old)
-    return (ratio * batch.adv).mean() + ent_coef * dist.entropy().mean()
+    value = (torch.exp(dist.log_prob(batch.act) - batch.logp_old) * batch.adv).mean()
+    return value + ent_coef * dist.entropy().mean() if ent_coef else value
 
 
 def mean_kl(policy: nn.Module, batch: Batch) -> torch.Tensor:
@@ -96,7 +89,7 @@ class NaturalGradientUpdate:
 
     def update(self, policy: nn.Module, batch: Batch) -> dict[str, Any]:
         params = policy.actor_parameters()
-        surr_before = objective(policy, batch, self.ent_coef)
+        surr_before = surrogate(policy, batch, self.ent_coef)
         g = flatten(torch.autograd.grad(surr_before, params)).detach()
         if not (bool(torch.isfinite(surr_before)) and bool(torch.isfinite(g).all())):  # before any curvature state
             return {"step/skipped": 1.0, "step/fault": "non-finite surrogate or gradient", "step/size": 0.0,
@@ -106,12 +99,12 @@ class NaturalGradientUpdate:
 
         @torch.no_grad()
         def evaluate() -> tuple[float, float]:
-            return float(objective(policy, batch, self.ent_coef)), float(mean_kl(policy, batch))
+            return float(surrogate(policy, batch, self.ent_coef)), float(mean_kl(policy, batch))
 
         stats = self.step_rule.apply(params, d, g, self.curvature, evaluate)
         with torch.no_grad():
             stats["step/kl"] = float(mean_kl(policy, batch))
-            stats["step/surrogate_gain"] = float(objective(policy, batch, self.ent_coef)) - float(surr_before)
+            stats["step/surrogate_gain"] = float(surrogate(policy, batch, self.ent_coef)) - float(surr_before)
         stats["grad/norm"] = float(g.norm())
         return {**stats, **self.curvature.stats}
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.distributions import kl_divergence
 
-from .algorithms import Batch, mean_kl, objective
+from .algorithms import Batch, mean_kl, surrogate
 from .critics import ValueCritic
 from .params import flatten
 
@@ -66,7 +66,7 @@ class ClippedSurrogateUpdate:
             if self._pending is not None:
                 self.optimizer.load_state_dict(self._pending)
         with torch.no_grad():
-            surr_before = float(objective(policy, batch, self.ent_coef))
+            surr_before = float(surrogate(policy, batch, self.ent_coef))
         B = batch.obs.shape[0]
         steps, clip_fracs, grad_norms, stopped = 0, [], [], False
         for epoch in range(self.epochs):
@@ -96,7 +96,7 @@ class ClippedSurrogateUpdate:
             if stopped:
                 break
         with torch.no_grad():
-            kl, surr_after = float(mean_kl(policy, batch)), float(objective(policy, batch, self.ent_coef))
+            kl, surr_after = float(mean_kl(policy, batch)), float(surrogate(policy, batch, self.ent_coef))
         return {"step/kl": kl, "step/surrogate_gain": surr_after - surr_before, "step/sgd_steps": float(steps),
                 "step/epochs": steps * self.minibatch / B, "step/early_stop": float(stopped),
                 "step/clip_fraction": sum(clip_fracs) / max(len(clip_fracs), 1),
