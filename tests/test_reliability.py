@@ -383,7 +383,7 @@ def _nan_solve(agent, mp):
 
 def _nan_surrogate(agent, mp):
     orig = natpg.algorithms.surrogate
-    mp.setattr(natpg.algorithms, "surrogate", lambda policy, batch: orig(policy, batch) * float("nan"))
+    mp.setattr(natpg.algorithms, "surrogate", lambda *args: orig(*args) * float("nan"))
 
 
 def _inf_step_size(agent, mp):
