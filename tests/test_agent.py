@@ -5,10 +5,7 @@ import json
 import math
 import os
 import re
-import warnings
 
-import gymnasium as gym
-import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
@@ -110,50 +107,6 @@ def test_observation_normaliser_is_frozen_at_evaluation():
     agent.predict(np.ones((4, 4)))
     assert agent.obs_normalizer.rms.count == count
     np.testing.assert_array_equal(agent.obs_normalizer.rms.mean, mean)
-
-
-class EndlessEnv(gym.Env):
-    """Pays 1 a step and never ends: registered without a time limit, as a user's environment may be."""
-
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
-    observation_space = gym.spaces.Box(-1.0, 1.0, (1,))
-    action_space = gym.spaces.Discrete(2)
-
-    def __init__(self, render_mode=None):
-        self.render_mode, self.t = render_mode, 0
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        self.t = 0
-        return np.zeros(1, np.float32), {}
-
-    def step(self, action):
-        self.t += 1
-        return np.zeros(1, np.float32), 1.0, False, False, {}
-
-    def render(self):  # a new colour each step (a GIF merges equal frames)
-        return np.full((8, 8, 3), 5 * self.t, np.uint8)
-
-
-if "natpg_test/Endless-v0" not in gym.registry:
-    gym.register(id="natpg_test/Endless-v0", entry_point=EndlessEnv)
-
-
-def test_evaluation_cuts_an_episode_that_never_ends_and_says_so(tmp_path, capsys):
-    agent = natpg.NPG("natpg_test/Endless-v0", seed=0)
-    with pytest.warns(RuntimeWarning, match=r"3 of 3 evaluation episodes .* had not ended after max_episode_steps=40"):
-        assert natpg.evaluate(agent, episodes=3, max_episode_steps=40) == (40.0, 0.0)
-    with pytest.warns(RuntimeWarning, match=r"2 of 2 evaluation episodes"):
-        assert natpg.record_video(agent, tmp_path / "endless.gif", episodes=2, max_episode_steps=25) == [25.0, 25.0]
-    assert iio.imread(tmp_path / "endless.gif").shape[0] == 2 * 26  # frames at t = 0 … 25 of each episode
-    cart = natpg.NPG("CartPole-v1", seed=0)  # episodes the environment ends: no warning, same returns as before
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        assert natpg.evaluate(cart, episodes=2, max_episode_steps=500) == natpg.evaluate(cart, episodes=2)
-    agent.save(tmp_path / "run")
-    with pytest.warns(RuntimeWarning, match="had not ended"):
-        assert cli(["eval", str(tmp_path / "run"), "--episodes", "1", "--max-episode-steps", "30", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["return_mean"] == 30.0
 
 
 def test_cli_train_eval_plot(tmp_path, capsys):

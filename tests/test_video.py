@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import gymnasium as gym
 import imageio.v3 as iio
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 import natpg
+from natpg.cli import main as cli
 from natpg.video import MAX_FPS, RenderError, record_video
 
 
@@ -47,9 +49,20 @@ class NoRenderEnv(FrameEnv):
     metadata = {"render_modes": []}
 
 
+class EndlessEnv(FrameEnv):
+    """Pays 1 a step and never ends: registered without a time limit, as a user's environment may be."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 30}  # every step a frame
+
+    def step(self, action):
+        self.t += 1
+        return np.full(1, self.t, np.float32), 1.0, False, False, {}
+
+
 for _id, _kwargs, _entry in [("natpg_test/Frames-v0", {}, FrameEnv),
                              ("natpg_test/BrokenFrames-v0", {"fail_at": 3}, FrameEnv),
-                             ("natpg_test/NoFrames-v0", {}, NoRenderEnv)]:
+                             ("natpg_test/NoFrames-v0", {}, NoRenderEnv),
+                             ("natpg_test/Endless-v0", {}, EndlessEnv)]:
     if _id not in gym.registry:
         gym.register(id=_id, entry_point=_entry, kwargs=_kwargs)
 
@@ -105,6 +118,23 @@ def test_bad_requests_are_refused_before_any_work(tmp_path):
     with pytest.raises(RenderError, match="cannot render frames: its render modes are \\[\\]"):
         record_video(natpg.NPG("natpg_test/NoFrames-v0", seed=0), tmp_path / "walk.gif")
     assert os.listdir(tmp_path) == ["dir.mp4"]
+
+
+def test_evaluation_cuts_an_episode_that_never_ends_and_says_so(tmp_path, capsys):
+    agent = natpg.NPG("natpg_test/Endless-v0", seed=0)
+    with pytest.warns(RuntimeWarning, match=r"3 of 3 evaluation episodes .* had not ended after max_episode_steps=40"):
+        assert natpg.evaluate(agent, episodes=3, max_episode_steps=40) == (40.0, 0.0)
+    with pytest.warns(RuntimeWarning, match=r"2 of 2 evaluation episodes"):
+        assert natpg.record_video(agent, tmp_path / "endless.gif", episodes=2, max_episode_steps=25) == [25.0, 25.0]
+    assert iio.imread(tmp_path / "endless.gif").shape[0] == 2 * 26  # frames at t = 0 … 25 of each episode
+    cart = natpg.NPG("CartPole-v1", seed=0)  # episodes the environment ends: no warning, same returns as before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert natpg.evaluate(cart, episodes=2, max_episode_steps=500) == natpg.evaluate(cart, episodes=2)
+    agent.save(tmp_path / "run")
+    with pytest.warns(RuntimeWarning, match="had not ended"):
+        assert cli(["eval", str(tmp_path / "run"), "--episodes", "1", "--max-episode-steps", "30", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["return_mean"] == 30.0
 
 
 def test_cli_records_mujoco_headless(tmp_path):
