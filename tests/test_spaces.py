@@ -195,6 +195,39 @@ def test_env_action_maps_each_space():
     assert out.dtype == mb.dtype and out.tolist() == [[1, 0, 1]]
 
 
+ACTING_POLICIES = {
+    "gaussian": (lambda: GaussianMLP(3, 2, hidden=(5, 4), log_std_init=-0.3), lambda: torch.randn(7, 3)),
+    "gaussian-squash": (lambda: GaussianMLP(3, 2, hidden=(5,), squash=True), lambda: torch.randn(7, 3)),
+    "categorical": (lambda: CategoricalMLP(3, 4, hidden=(5,)), lambda: torch.randn(7, 3)),
+    "masked": (lambda: CategoricalMLP(3, 4, hidden=(5,), mask=True), lambda: masked_obs(n=7).float()),
+    "multidiscrete": (lambda: MultiCategoricalMLP(3, [2, 3], hidden=(5,)), lambda: torch.randn(7, 3)),
+    "multibinary": (lambda: BernoulliMLP(3, 3, hidden=(5,)), lambda: torch.randn(7, 3)),
+    "cnn": (lambda: CategoricalMLP(36 * 36, 3, image=SMALL_CNN), lambda: torch.rand(7, 36 * 36) * 255),
+}
+
+
+@pytest.mark.parametrize("kind", list(ACTING_POLICIES))
+def test_rollout_act_equals_sample_of_forward_without_hooks(kind):
+    """The sampler's lean per-step path gives bit for bit the actions of ``sample(policy(obs))`` from the same
+    draws, for every head, and leaves the MLP layers' forward hooks (K-FAC's) unfired (a CNN torso's own
+    layers are called as usual)."""
+    make, make_obs = ACTING_POLICIES[kind]
+    torch.manual_seed(1)
+    policy = perturb(make(), scale=0.5)
+    obs = make_obs()
+    fired = []
+    for m in policy.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            m.register_forward_hook(lambda *_: fired.append(1))
+    with torch.inference_mode():
+        expected = policy.sample(policy(obs), torch.Generator().manual_seed(5))
+        fired.clear()
+        acted = policy.act(obs, torch.Generator().manual_seed(5))
+    assert (fired == []) == (kind != "cnn") and acted.shape == expected.shape
+    assert torch.equal(acted, expected)
+    assert not torch.equal(acted, policy.act(obs, torch.Generator().manual_seed(6)))  # the draws matter
+
+
 # --------------------------------------------------------------------------------------------------
 # K-FAC on a Nature-CNN policy: exact blocks where K-FAC is exact
 # --------------------------------------------------------------------------------------------------

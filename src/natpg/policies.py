@@ -48,6 +48,18 @@ def mlp(in_dim: int, out_dim: int, hidden: Sequence[int], activation: str, out_g
     return nn.Sequential(*layers)
 
 
+def plain_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``net(x)`` calling each layer of a Sequential by its ``forward``, past ``nn.Module.__call__``'s hook
+    machinery: the same operations, so the same numbers. The rollout's per-step forward on a few
+    observations is dominated by that per-module overhead (the rollout needs no hooks: K-FAC's are for
+    the update's forward). Anything but a Sequential is called as usual."""
+    if not isinstance(net, nn.Sequential):
+        return net(x)
+    for layer in net:
+        x = layer.forward(x)
+    return x
+
+
 def _orthogonal(layer: nn.Linear, gain: float) -> nn.Linear:
     nn.init.orthogonal_(layer.weight, gain)
     nn.init.zeros_(layer.bias)
@@ -282,7 +294,15 @@ class GaussianMLP(nn.Module):
         return eta[..., : self.act_dim]
 
     def sample(self, eta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        mean, log_std = self.head.split(eta)
+        return self._draw(*self.head.split(eta), generator)
+
+    def act(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``sample(self(obs), generator)`` by the rollout's lean path (``plain_forward``, no η built and split
+        again): the same actions from the same draws."""
+        return self._draw(plain_forward(self.mean_net, obs), self.log_std, generator)
+
+    @staticmethod
+    def _draw(mean: torch.Tensor, log_std: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
         return mean + log_std.exp() * noise
 
@@ -307,9 +327,16 @@ class DiscreteMLP(nn.Module):
         self.head = head
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self._logits(obs, self.logits_net)
+
+    def act(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``sample(self(obs), generator)`` by the rollout's lean path (``plain_forward``): the same actions."""
+        return self.head.sample(self._logits(obs, lambda x: plain_forward(self.logits_net, x)), generator)
+
+    def _logits(self, obs: torch.Tensor, net) -> torch.Tensor:
         if not self.mask_dim:
-            return self.logits_net(obs)
-        logits = self.logits_net(obs[..., : self.obs_dim])
+            return net(obs)
+        logits = net(obs[..., : self.obs_dim])
         allowed = obs[..., self.obs_dim :] > 0.5
         return torch.where(allowed, logits, torch.full_like(logits, MASKED_LOGIT))
 

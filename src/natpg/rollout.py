@@ -134,8 +134,7 @@ class Sampler:
         for t in range(T):
             obs_n = self.obs_norm(self.obs)
             obs_buf[t] = obs_n
-            eta = policy(torch.from_numpy(obs_n))
-            act = policy.sample(eta, self.generator).cpu().numpy()
+            act = policy.act(torch.from_numpy(obs_n), self.generator).numpy()
             if act_buf is None:
                 act_buf = np.zeros((T, *act.shape), act.dtype)
             act_buf[t] = act
