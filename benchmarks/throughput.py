@@ -29,6 +29,12 @@ import torch
 from natpg.bench import raw_env_rate
 
 
+# natpg's rows: (copies, None = --n-envs; sampler settings)
+ENGINES = {"natpg": (None, {}), "natpg_16": (16, {}),
+           "natpg_processes": (16, {"sampler": "processes", "workers": 2}),
+           "natpg_multiproc": (None, {"vectorization": "multiproc"})}
+
+
 def natpg_rate(env_id: str, batch: int, updates: int, n_envs: int, **engine) -> float:
     import natpg
 
@@ -64,6 +70,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--n-envs", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--engines", nargs="+", choices=[*ENGINES, "sb3"], default=[*ENGINES, "sb3"],
+                   help="which rows to measure beside the raw rate (default: all); with PYTHONPATH=OTHER/src "
+                        "the natpg rows of another checkout, for an A/B")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     try:
@@ -71,9 +80,9 @@ def main() -> None:
         have_sb3 = True
     except ImportError:
         have_sb3 = False
-    engines = {"natpg": (args.n_envs, {}), "natpg_16": (16, {}),
-               "natpg_processes": (16, {"sampler": "processes", "workers": 2}),
-               "natpg_multiproc": (args.n_envs, {"vectorization": "multiproc"})}
+    engines = {name: (args.n_envs if n_envs is None else n_envs, engine)
+               for name, (n_envs, engine) in ENGINES.items() if name in args.engines}
+    have_sb3 = have_sb3 and "sb3" in args.engines
     rows: dict[str, list[float]] = {"raw": [], **{name: [] for name in engines}, "sb3": []}
     for _ in range(args.repeats):
         rows["raw"].append(raw_env_rate(args.env))
