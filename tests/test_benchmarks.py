@@ -1,0 +1,79 @@
+"""The statistics behind the published benchmark tables (benchmarks/aggregate.py): the interquartile mean
+against a plain loop, the stratified bootstrap against a loop that resamples each environment's seeds, and
+which rows make a run's final result."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_spec = importlib.util.spec_from_file_location("aggregate", Path(__file__).parents[1] / "benchmarks" / "aggregate.py")
+aggregate = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(aggregate)
+
+
+def loop_iqm(values) -> float:
+    """Mean of what is left after dropping ⌊n/4⌋ runs from each end of the sorted values."""
+    xs = sorted(float(v) for v in values)
+    k = len(xs) // 4
+    kept = xs[k : len(xs) - k]
+    return sum(kept) / len(kept)
+
+
+@pytest.mark.parametrize("n", range(1, 13))
+def test_iqm_equals_the_trimmed_mean_of_a_loop(n):
+    x = np.random.default_rng(n).normal(size=n) * 100
+    assert aggregate.iqm(x) == pytest.approx(loop_iqm(x), rel=1e-12, abs=1e-12)
+
+
+def test_iqm_by_hand_and_along_an_axis():
+    assert aggregate.iqm([4.0, 1.0, 3.0, 2.0]) == 2.5  # drops 1 and 4
+    assert aggregate.iqm([0.0, 0.0, 0.0, 100.0]) == 0.0  # one outlier in four is dropped
+    assert aggregate.iqm([1.0, 2.0, 3.0, 4.0, 50.0]) == 3.0  # five seeds: the middle three
+    rows = np.random.default_rng(0).normal(size=(6, 7))
+    np.testing.assert_allclose(aggregate.iqm(rows, axis=1), [loop_iqm(r) for r in rows], rtol=1e-12)
+
+
+def test_bootstrap_resamples_within_each_environment():
+    """Two environments, one all zeros and one all ones: every stratified resample holds five of each, so the
+    mean of every resample is exactly 0.5. Resampling the ten runs as one pool would not keep that."""
+    groups = [np.zeros(5), np.ones(5)]
+    assert aggregate.bootstrap_ci(groups, stat=lambda x, axis: x.mean(axis=axis), reps=2000) == (0.5, 0.5)
+    assert aggregate.bootstrap_ci([np.full(5, 3.0)], reps=500) == (3.0, 3.0)
+
+
+def test_bootstrap_ci_matches_a_loop_over_resamples():
+    """The percentile interval of the IQM over stratified resamples, against the same built with a loop
+    (its own random draws): equal up to the Monte-Carlo error of 20,000 resamples."""
+    rng = np.random.default_rng(1)
+    groups = [rng.normal(0.0, 1.0, size=5), rng.normal(3.0, 2.0, size=5), rng.normal(-1.0, 0.5, size=4)]
+    lo, hi = aggregate.bootstrap_ci(groups, reps=20_000, seed=0)
+    loop_rng = np.random.default_rng(12345)
+    stats = []
+    for _ in range(20_000):
+        pooled = [g[loop_rng.integers(len(g))] for g in groups for _ in range(len(g))]
+        stats.append(loop_iqm(pooled))
+    ref_lo, ref_hi = np.percentile(stats, [2.5, 97.5])
+    assert lo == pytest.approx(ref_lo, abs=0.05) and hi == pytest.approx(ref_hi, abs=0.05)
+    assert lo < aggregate.iqm(np.concatenate(groups)) < hi
+
+
+def row(env="Hopper-v5", algo="natpg-npg", seed=0, steps=1000, ret=1.0, budget=1000, final=False):
+    return {"env": env, "algo": algo, "seed": seed, "env_steps": steps, "eval_return_mean": ret,
+            "budget": budget, "final": final}
+
+
+def test_select_keeps_finished_runs_of_the_largest_budget():
+    rows = [row(seed=0, steps=500, ret=1.0), row(seed=0, steps=1000, ret=2.0, final=True),
+            row(seed=1, steps=500, ret=5.0),  # seed 1 never finished: left out
+            row(seed=0, steps=100, ret=9.0, budget=200), row(seed=0, steps=200, ret=9.5, budget=200, final=True),
+            row(seed=2, steps=1000, ret=3.0, final=True), row(seed=2, steps=1000, ret=4.0, final=True)]
+    chosen = aggregate.select(rows)
+    assert list(chosen) == [("Hopper-v5", "natpg-npg")]
+    seeds = chosen[("Hopper-v5", "natpg-npg")]
+    assert sorted(seeds) == [0, 2]
+    assert [r["eval_return_mean"] for r in seeds[0]] == [1.0, 2.0]  # budget 1000, in env-step order
+    assert [r["eval_return_mean"] for r in seeds[2]] == [4.0]  # a later duplicate row wins
