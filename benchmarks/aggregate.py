@@ -18,8 +18,10 @@ Writes into the same folder:
 IQM and the bootstrap are implemented here with numpy, following rliable's definitions (Agarwal et al.
 2021, "Deep RL at the edge of the statistical precipice"): IQM = scipy.stats.trim_mean(x, 0.25), i.e. the
 mean after dropping ⌊n/4⌋ runs from each end; CI = percentile interval of the statistic over bootstrap
-resamples of runs, stratified by task. rliable itself is not used (not installed here); with 5 seeds IQM
-is the mean of the middle 3, and its CI is wide — read it as such.
+resamples of runs, stratified by task. tests/test_benchmarks.py checks both against rliable 1.2 itself
+(the same IQM; the same CI up to Monte-Carlo error). They are kept here rather than called from rliable
+because rliable needs a rectangular runs × tasks matrix, and a sweep's environments may hold different
+numbers of finished seeds. With 5 seeds IQM is the mean of the middle 3, and its CI is wide: read it as such.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The statistics behind the published benchmark tables (benchmarks/aggregate.py): the interquartile mean
-against a plain loop, the stratified bootstrap against a loop that resamples each environment's seeds, and
-which rows make a run's final result."""
+against a plain loop, the stratified bootstrap against a loop that resamples each environment's seeds, both
+against rliable, and which rows make a run's final result."""
 
 from __future__ import annotations
 
@@ -59,6 +59,30 @@ def test_bootstrap_ci_matches_a_loop_over_resamples():
     ref_lo, ref_hi = np.percentile(stats, [2.5, 97.5])
     assert lo == pytest.approx(ref_lo, abs=0.05) and hi == pytest.approx(ref_hi, abs=0.05)
     assert lo < aggregate.iqm(np.concatenate(groups)) < hi
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # arch's note on numpy's RandomState, inside rliable
+def test_iqm_and_stratified_ci_agree_with_rliable():
+    """rliable (Agarwal et al. 2021), the field's tool, on the same scores (runs × environments): the IQM is
+    the same number; the stratified percentile CI agrees up to the Monte-Carlo error of 20,000 resamples
+    (different random draws); and it too keeps each environment's runs apart (the all-zeros/all-ones case)."""
+    rly = pytest.importorskip("rliable.library")
+    metrics = pytest.importorskip("rliable.metrics")
+
+    def rliable_iqm(scores: np.ndarray) -> tuple[float, float, float]:
+        point, interval = rly.get_interval_estimates(
+            {"a": scores}, lambda s: np.array([metrics.aggregate_iqm(s)]), reps=20_000,
+            random_state=np.random.RandomState(0))
+        return float(point["a"][0]), float(interval["a"][0, 0]), float(interval["a"][1, 0])
+
+    rng = np.random.default_rng(1)
+    scores = np.stack([rng.normal(0.0, 1.0, 5), rng.normal(3.0, 2.0, 5), rng.normal(-1.0, 0.5, 5)], axis=1)
+    for cols in ([0], [0, 1, 2]):  # one environment (a plain bootstrap over seeds), then three
+        point, lo, hi = rliable_iqm(scores[:, cols])
+        assert aggregate.iqm(scores[:, cols].T.reshape(-1)) == pytest.approx(point, rel=1e-12)
+        ours = aggregate.bootstrap_ci([scores[:, c] for c in cols], reps=20_000)
+        assert ours == pytest.approx((lo, hi), abs=0.05)
+    assert rliable_iqm(np.stack([np.zeros(5), np.ones(5)], axis=1))[1:] == (0.5, 0.5)
 
 
 def row(env="Hopper-v5", algo="natpg-npg", seed=0, steps=1000, ret=1.0, budget=1000, final=False):
