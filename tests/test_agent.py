@@ -31,6 +31,7 @@ def test_unknown_setting_is_rejected_before_any_work_naming_valid_ones():
     (dict(step="nope"), "step must be one of"),
     (dict(fvp_subsample=0.0), r"fvp_subsample must be in \(0, 1\]"),
     (dict(device="tpu"), "device must be"),
+    (dict(fisher="kfac", kfac_refresh_every=0), "kfac_refresh_every must be an integer ≥ 1, got 0"),
 ])
 def test_invalid_settings_are_named(setting, pattern):
     with pytest.raises(ValueError, match=pattern):

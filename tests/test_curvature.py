@@ -394,6 +394,45 @@ def test_kfac_ema_and_refresh_every():
     torch.testing.assert_close(k.solve(g), fresh[2].solve(g))
 
 
+def test_kfac_state_dict_continues_bit_exactly(tmp_path):
+    """Saved between two fits (through torch.save, weights only, as a checkpoint is) and loaded into a fresh
+    KFAC beside a rebuilt policy, K-FAC goes on exactly as the uninterrupted one: the moving averages and, with
+    refresh_every=3, a snapshot inverted two fits before the save that the next fit must still use."""
+    import copy
+
+    policy = make_policy("gauss", hidden=(5,))
+    batches = [batch(policy, seed=s)[0] for s in (1, 2, 3, 4, 5)]
+    g = torch.randn(sum(p.numel() for p in policy.actor_parameters()), generator=torch.Generator().manual_seed(9))
+    one = KFAC(damping=0.1, ema_decay=0.6, refresh_every=3, estimator="exact")
+    for obs in batches[:2]:
+        one.fit(policy, obs)
+    torch.save(one.state_dict(), tmp_path / "kfac.pt")
+
+    rebuilt = copy.deepcopy(policy)  # other parameter identities, same shapes
+    two = KFAC(damping=0.1, ema_decay=0.6, refresh_every=3, estimator="exact")
+    two.load_state_dict(torch.load(tmp_path / "kfac.pt", weights_only=True))
+    for i, (obs, refreshed) in enumerate(zip(batches[2:], (0.0, 1.0, 0.0))):
+        one.fit(policy, obs), two.fit(rebuilt, obs)
+        if i == 0:
+            A_third = one.factors[0][0]
+        assert one.stats == two.stats and two.stats["fisher/kfac_refreshed"] == refreshed
+        assert torch.equal(one.solve(g), two.solve(g)) and torch.equal(one.mv(g), two.mv(g))
+        for (A1, G1), (A2, G2) in zip(one.factors, two.factors):
+            assert torch.equal(A1, A2) and torch.equal(G1, G2)
+
+    # Without the state the third fit would start the averages afresh: the round trip is what carries them.
+    fresh = KFAC(damping=0.1, ema_decay=0.6, refresh_every=3, estimator="exact")
+    fresh.fit(rebuilt, batches[2])
+    assert not torch.allclose(fresh.factors[0][0], A_third)
+
+    # A policy of another shape does not take the saved factors: it starts afresh, as a new KFAC would.
+    other = make_policy("gauss", hidden=(6,))
+    three = KFAC(damping=0.1, ema_decay=0.6, refresh_every=3, estimator="exact")
+    three.load_state_dict(torch.load(tmp_path / "kfac.pt", weights_only=True))
+    three.fit(other, batches[2])
+    assert three.fits == 1 and three.stats["fisher/kfac_refreshed"] == 1
+
+
 def test_kfac_fallback_on_singular_factors():
     """Constant observations make A rank one; with zero damping the inverse must still be finite, and counted."""
     policy = make_policy("cat", hidden=(4,))

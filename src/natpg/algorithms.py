@@ -58,7 +58,8 @@ def make_curvature(cfg: Config, generator: torch.Generator | None):
     if c.fisher == "identity":
         return fisher.Identity()
     if c.fisher == "kfac":
-        return fisher.KFAC(damping=c.damping, ema_decay=c.kfac_ema_decay, generator=generator)
+        return fisher.KFAC(damping=c.damping, ema_decay=c.kfac_ema_decay, refresh_every=c.kfac_refresh_every,
+                           generator=generator)
     approximations = {"kfac": "KFAC", "diagonal": "Diagonal", "empirical": "Empirical"}
     cls = getattr(fisher, approximations[c.fisher], None)
     if cls is None:

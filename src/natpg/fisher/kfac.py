@@ -89,6 +89,7 @@ class Structure:
     rest_idx: torch.Tensor  # [R] long
     num_params: int
     key: tuple[int, ...]  # parameter identities, to notice a different policy
+    shapes: list[list[int]]  # the actor parameters' shapes, to match a checkpoint's factors to a rebuilt policy
 
 
 def find_layers(policy: nn.Module) -> Structure:
@@ -113,7 +114,8 @@ def find_layers(policy: nn.Module) -> Structure:
     rest = [p for p in params if id(p) not in claimed]
     idx = [torch.arange(offsets[id(p)].start, offsets[id(p)].stop) for p in rest]
     rest_idx = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
-    return Structure(layers, rest, rest_idx.to(params[0].device), start, tuple(id(p) for p in params))
+    return Structure(layers, rest, rest_idx.to(params[0].device), start, tuple(id(p) for p in params),
+                     [list(p.shape) for p in params])
 
 
 def _layer_input(m: nn.Module, x: torch.Tensor, homogeneous: bool) -> torch.Tensor:
@@ -398,6 +400,7 @@ class KFAC:
         self._rest_snapshot: torch.Tensor | None = None
         self._damped: tuple[float, list[_Damped], tuple[torch.Tensor, torch.Tensor] | None] | None = None
         self._dtype = torch.float32
+        self._loaded: dict | None = None  # a checkpoint's state, adopted by the first fit on a matching policy
         self.stats: dict[str, float] = {}
 
     # -- fit ------------------------------------------------------------------------------------------
@@ -405,6 +408,8 @@ class KFAC:
     def fit(self, policy: nn.Module, obs: torch.Tensor, act: torch.Tensor | None = None) -> None:
         """Fold the batch's factors into the moving averages; refresh the inverses when due."""
         structure = find_layers(policy)
+        if self.structure is None and self._loaded is not None:
+            self._adopt(structure, obs.device)
         if self.structure is None or structure.key != self.structure.key:
             self.structure, self.factors, self.rest_fisher, self.fits = structure, [], None, 0
         cap = capture(policy, obs, structure.layers, make_cotangents(self.estimator, policy, act, self.generator))
@@ -432,6 +437,33 @@ class KFAC:
         self._inverses()  # invert now, so that this fit's stats include any fallback
         self.stats.update({"fisher/kfac_refreshed": float(refresh), "fisher/kfac_fallbacks": float(self.fallbacks),
                            "fisher/kfac_nonfinite_batches": float(nonfinite), "fisher/kfac_layers": float(len(batch))})
+
+    def state_dict(self) -> dict:
+        """The factors' moving averages, the snapshot last inverted and the counters: what a resumed run needs to
+        go on bit-exactly (the inverses are recomputed from the snapshot, the layers found again)."""
+        return {"factors": [list(f) for f in self.factors], "rest_fisher": self.rest_fisher,
+                "snapshot": [list(f) for f in self._snapshot], "rest_snapshot": self._rest_snapshot,
+                "fits": self.fits, "fallbacks": self.fallbacks, "damping": self.damping,
+                "dtype": str(self._dtype).removeprefix("torch."),
+                "param_shapes": self.structure.shapes if self.structure else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Keep ``state`` until the first ``fit`` sees the policy: its layers are found again then, and a policy
+        whose actor parameters have other shapes than the saved one's starts afresh instead."""
+        self._loaded = state if state.get("param_shapes") is not None else None
+
+    def _adopt(self, structure: Structure, device: torch.device) -> None:
+        state, self._loaded = self._loaded, None
+        if [list(s) for s in state["param_shapes"]] != structure.shapes:
+            return
+        to = lambda t: None if t is None else t.to(device)  # noqa: E731  (map_location was the CPU)
+        self.structure, self.fits, self.damping = structure, int(state["fits"]), float(state["damping"])
+        self.factors = [(to(A), to(G)) for A, G in state["factors"]]
+        self._snapshot = [(to(A), to(G)) for A, G in state["snapshot"]]
+        self.rest_fisher, self._rest_snapshot = to(state["rest_fisher"]), to(state["rest_snapshot"])
+        self._dtype, self._damped = getattr(torch, state["dtype"]), None
+        self._inverses()  # as the uninterrupted run had them cached; its fallbacks were counted then
+        self.fallbacks = int(state["fallbacks"])
 
     def _ema(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         # A non-finite batch statistic is dropped rather than poisoning the average for good.
