@@ -411,6 +411,8 @@ def test_kfac_state_dict_continues_bit_exactly(tmp_path):
     rebuilt = copy.deepcopy(policy)  # other parameter identities, same shapes
     two = KFAC(damping=0.1, ema_decay=0.6, refresh_every=3, estimator="exact")
     two.load_state_dict(torch.load(tmp_path / "kfac.pt", weights_only=True))
+    torch.save(two.state_dict(), tmp_path / "again.pt")  # saved again before any fit: nothing lost
+    assert torch.equal(torch.load(tmp_path / "again.pt", weights_only=True)["factors"][0][0], one.factors[0][0])
     for i, (obs, refreshed) in enumerate(zip(batches[2:], (0.0, 1.0, 0.0))):
         one.fit(policy, obs), two.fit(rebuilt, obs)
         if i == 0:

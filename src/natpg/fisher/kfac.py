@@ -440,7 +440,10 @@ class KFAC:
 
     def state_dict(self) -> dict:
         """The factors' moving averages, the snapshot last inverted and the counters: what a resumed run needs to
-        go on bit-exactly (the inverses are recomputed from the snapshot, the layers found again)."""
+        go on bit-exactly (the inverses are recomputed from the snapshot, the layers found again). A state loaded
+        but not yet adopted by a fit is returned as it was loaded, so saving again before training loses nothing."""
+        if self._loaded is not None:
+            return self._loaded
         return {"factors": [list(f) for f in self.factors], "rest_fisher": self.rest_fisher,
                 "snapshot": [list(f) for f in self._snapshot], "rest_snapshot": self._rest_snapshot,
                 "fits": self.fits, "fallbacks": self.fallbacks, "damping": self.damping,
