@@ -468,6 +468,9 @@ def test_presets_layer_algorithm_family_environment_then_user():
         assert default_config(algo, "mujoco", "Hopper-v5").step.max_kl == (
             {"acktr": 0.001, "npg": 0.01}.get(algo, FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"]))
         assert default_config(algo, "mujoco", "Walker2d-v5").step.max_kl == FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"]
+        # TRPO's HalfCheetah preset takes NPG's budget, δ 0.02; the others keep their family's.
+        assert default_config(algo, "mujoco", "HalfCheetah-v5").step.max_kl == (
+            0.02 if algo == "trpo" else FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"])
     agent = natpg.ACKTR("Hopper-v5", max_kl=0.003, n_envs=1, tensorboard=False)  # a user's value wins
     assert agent.config.step.max_kl == 0.003
     agent.close()
