@@ -14,6 +14,11 @@ engines differ only in who steps the environments (the update is the same):
 
     python benchmarks/throughput.py --env HalfCheetah-v5 --batch 2048 --updates 5 --repeats 3
 
+``--set KEY=VALUE`` changes a natpg setting in every natpg row (a profiling before/after, e.g.
+``--set fvp_subsample=0.2``: Fisher-vector products on a fifth of the batch, drawn once per update); the
+sb3-contrib row keeps its settings (its ``sub_sampling_factor`` thins the whole actor update, gradient and
+line search included, so it is not the same knob).
+
 Needs sb3-contrib (pip install 'natpg[bench]'); without it only natpg and the raw rate are measured.
 """
 
@@ -35,11 +40,11 @@ ENGINES = {"natpg": (None, {}), "natpg_16": (16, {}),
            "natpg_multiproc": (None, {"vectorization": "multiproc"})}
 
 
-def natpg_rate(env_id: str, batch: int, updates: int, n_envs: int, **engine) -> float:
+def natpg_rate(env_id: str, batch: int, updates: int, n_envs: int, settings: dict, **engine) -> float:
     import natpg
 
     agent = natpg.NPG(env_id, seed=0, n_envs=n_envs, n_steps=batch // n_envs, critic_epochs=10,
-                      critic_minibatch=256, cg_iters=10, tensorboard=False, **engine)
+                      critic_minibatch=256, cg_iters=10, tensorboard=False, **{**settings, **engine})
     agent.learn(batch)
     start = time.perf_counter()
     agent.learn(updates * batch, reset=False)
@@ -62,7 +67,7 @@ def sb3_rate(env_id: str, batch: int, updates: int) -> float:
     return rate
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--env", default="HalfCheetah-v5")
     p.add_argument("--batch", type=int, default=2048)
@@ -73,7 +78,19 @@ def main() -> None:
     p.add_argument("--engines", nargs="+", choices=[*ENGINES, "sb3"], default=[*ENGINES, "sb3"],
                    help="which rows to measure beside the raw rate (default: all); with PYTHONPATH=OTHER/src "
                         "the natpg rows of another checkout, for an A/B")
-    args = p.parse_args()
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="a natpg setting for every natpg row (repeatable; values as `natpg train --set`), "
+                        "e.g. fvp_subsample=0.2; the sb3-contrib row is left as it is")
+    args = p.parse_args(argv)
+    from natpg.algorithms import default_config
+    from natpg.cli import parse_setting
+    from natpg.envs import env_family
+
+    try:  # refused here, before any measurement
+        settings = dict(parse_setting(s) for s in args.settings)
+        default_config("npg", env_family(args.env), args.env).override(**settings).validate()
+    except (TypeError, ValueError) as exc:
+        p.error(f"--set: {exc}")
     torch.set_num_threads(args.threads)
     try:
         import sb3_contrib  # noqa: F401
@@ -87,7 +104,7 @@ def main() -> None:
     for _ in range(args.repeats):
         rows["raw"].append(raw_env_rate(args.env))
         for name, (n_envs, engine) in engines.items():
-            rows[name].append(natpg_rate(args.env, args.batch, args.updates, n_envs, **engine))
+            rows[name].append(natpg_rate(args.env, args.batch, args.updates, n_envs, settings, **engine))
             torch.set_num_threads(args.threads)
         if have_sb3:
             rows["sb3"].append(sb3_rate(args.env, args.batch, args.updates))

@@ -101,3 +101,49 @@ def test_select_keeps_finished_runs_of_the_largest_budget():
     assert sorted(seeds) == [0, 2]
     assert [r["eval_return_mean"] for r in seeds[0]] == [1.0, 2.0]  # budget 1000, in env-step order
     assert [r["eval_return_mean"] for r in seeds[2]] == [4.0]  # a later duplicate row wins
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_settings_reach_the_natpg_rows_and_bad_ones_are_refused_first(capsys, monkeypatch):
+    """``throughput.py --set``: a bad setting stops the run before any measurement; a good one reaches natpg."""
+    import json
+
+    throughput = _load("throughput")
+    measured = []
+    monkeypatch.setattr(throughput, "raw_env_rate", lambda env_id: measured.append(env_id) or 1000.0)
+    for bad, says in [("bogus=1", "unknown setting"), ("fvp_subsample=2", "fvp_subsample must be in (0, 1]"),
+                      ("fvp_subsample", "expects key=value")]:
+        with pytest.raises(SystemExit):
+            throughput.main(["--set", bad])
+        assert says in capsys.readouterr().err
+    assert measured == []
+    seen = {}
+
+    def natpg_rate(env_id, batch, updates, n_envs, settings, **engine):
+        seen.update(settings)
+        return 500.0
+
+    monkeypatch.setattr(throughput, "natpg_rate", natpg_rate)
+    throughput.main(["--env", "Pendulum-v1", "--engines", "natpg", "--repeats", "1", "--set", "fvp_subsample=0.2"])
+    out = json.loads(capsys.readouterr().out)
+    assert seen == {"fvp_subsample": 0.2} and out["natpg_over_raw"] == 0.5
+
+
+def test_returns_refuses_bad_settings_before_any_run(tmp_path, capsys):
+    """``returns.py --set``: a bad value is refused against each run's presets, before the output folder exists."""
+    returns = _load("returns")
+    out = tmp_path / "runs"
+    for argv, says in [(["--algos", "natpg-trpo", "--set", "max_kl=-1"], "max_kl must be a finite number > 0"),
+                       (["--algos", "natpg-npg-procs", "--set", "cg_iters=0"], "cg_iters"),
+                       (["--algos", "natpg-npg", "--set", "nonsense=3"], "unknown setting"),
+                       (["--algos", "natpg-npg", "sb3-trpo", "--set", "max_kl=0.02"], "natpg settings only")]:
+        with pytest.raises(SystemExit) as exit_:
+            returns.main([*argv, "--envs", "Hopper-v5", "--seeds", "0", "--out", str(out)])
+        assert exit_.value.code == 2 and says in capsys.readouterr().err
+    assert not out.exists()
