@@ -450,6 +450,8 @@ def test_presets_layer_algorithm_family_environment_then_user():
         assert cfg.batch_size == FAMILY_DEFAULTS[(algo, "mujoco")]["n_envs"] * FAMILY_DEFAULTS[(algo, "mujoco")]["n_steps"]
         assert cfg.curvature.fisher == ALGORITHM_DEFAULTS[algo]["fisher"]
         assert default_config(algo, "mujoco", "Hopper-v5").advantage.gamma == 0.99
+        assert cfg.advantage.gae_lambda == (0.99 if algo == "acktr" else 0.95)  # ACKTR's family has 0.97
+        assert default_config(algo, "mujoco", "Hopper-v5").advantage.gae_lambda == (0.97 if algo == "acktr" else 0.95)
     agent = natpg.TRPO("Swimmer-v5", gamma=0.995, tensorboard=False)
     assert agent.config.advantage.gamma == 0.995
     agent.close()
