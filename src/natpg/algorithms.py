@@ -210,8 +210,9 @@ ENV_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # e^−0.5 (Tianshou's MuJoCo init) took NPG from 2929 ± 1499 to 6031 ± 145 at 1M, 5 seeds of 5 above 5.8k.
     **{(algo, "HalfCheetah-v5"): {"log_std_init": -0.5} for algo in ("npg", "acktr")},
     # TRPO there also takes NPG's KL budget: δ 0.01 → 0.02 took it from 4606 ± 1152 to 5116 ± 877 (1M, 5 seeds;
-    # Tianshou's TRPO 5002 ± 798). On Walker2d and Swimmer (5 seeds) and Ant (4) δ 0.02 ended level with δ 0.01,
-    # with a wider spread (docs/BENCHMARKS.md "TRPO with δ 0.02"), so only HalfCheetah's preset has it.
+    # Tianshou's TRPO 5002 ± 798). On Walker2d, Swimmer and Ant δ 0.02 ended level with δ 0.01 with a wider
+    # spread, on Hopper lower (3323 against 3482; 5 seeds each, docs/BENCHMARKS.md "TRPO with δ 0.02"), so only
+    # HalfCheetah's preset has it.
     ("trpo", "HalfCheetah-v5"): {"log_std_init": -0.5, "max_kl": 0.02},
     # Walker2d, same σ (1M, 5 seeds): NPG 4106 ± 1478 → 4967 ± 1862; TRPO (3 seeds) 3990 → 4408. Not ACKTR:
     # its 3 seeds fell from 3502 to 2642 (docs/BENCHMARKS.md).
