@@ -265,19 +265,17 @@ def main(argv: list[str] | None = None) -> int:
     if a.steps < 1 or a.eval_every < 1 or a.eval_episodes < 1 or a.jobs < 1:
         p.error("--steps, --eval-every, --eval-episodes and --jobs must be positive")
     if a.settings:
+        from natpg.algorithms import default_config
         from natpg.cli import parse_setting
+        from natpg.envs import env_family
 
         peers_asked = [algo for algo in a.algos if library_of(algo) != "natpg"]
         if peers_asked:
             p.error(f"--set overrides natpg settings only; drop {peers_asked} or run them without --set")
-        from natpg.algorithms import default_config
-        from natpg.envs import env_family
-
         try:  # names and values, checked against each run's presets before any run starts
             overrides = dict(map(parse_setting, a.settings))
-            for algo in a.algos:
+            for name in {NATPG_ALGOS[algo].lower() for algo in a.algos}:
                 for env_id in a.envs:
-                    name = NATPG_ALGOS[algo].lower()
                     default_config(name, env_family(env_id), env_id).override(**overrides).validate()
         except (TypeError, ValueError) as exc:
             p.error(f"--set: {exc}")

@@ -38,13 +38,15 @@ from natpg.bench import raw_env_rate
 ENGINES = {"natpg": (None, {}), "natpg_16": (16, {}),
            "natpg_processes": (16, {"sampler": "processes", "workers": 2}),
            "natpg_multiproc": (None, {"vectorization": "multiproc"})}
+# The equal-work settings every natpg row fixes (with n_envs and n_steps from --batch and the row).
+EQUAL_WORK = {"critic_epochs": 10, "critic_minibatch": 256, "cg_iters": 10, "tensorboard": False}
+FIXED_BY_ROWS = {"n_envs", "n_steps", *EQUAL_WORK, *(key for _, engine in ENGINES.values() for key in engine)}
 
 
 def natpg_rate(env_id: str, batch: int, updates: int, n_envs: int, settings: dict, **engine) -> float:
     import natpg
 
-    agent = natpg.NPG(env_id, seed=0, n_envs=n_envs, n_steps=batch // n_envs, critic_epochs=10,
-                      critic_minibatch=256, cg_iters=10, tensorboard=False, **{**settings, **engine})
+    agent = natpg.NPG(env_id, seed=0, n_envs=n_envs, n_steps=batch // n_envs, **EQUAL_WORK, **settings, **engine)
     agent.learn(batch)
     start = time.perf_counter()
     agent.learn(updates * batch, reset=False)
@@ -91,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
         default_config("npg", env_family(args.env), args.env).override(**settings).validate()
     except (TypeError, ValueError) as exc:
         p.error(f"--set: {exc}")
+    if fixed := sorted(FIXED_BY_ROWS & set(settings)):
+        p.error(f"--set: {fixed} are fixed by the rows (equal work per update; --batch, --n-envs, --engines set "
+                f"the batch and who steps it)")
     torch.set_num_threads(args.threads)
     try:
         import sb3_contrib  # noqa: F401

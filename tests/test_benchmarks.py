@@ -10,9 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-_spec = importlib.util.spec_from_file_location("aggregate", Path(__file__).parents[1] / "benchmarks" / "aggregate.py")
-aggregate = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(aggregate)
+
+
+def _load(name: str):
+    """A script of benchmarks/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+aggregate = _load("aggregate")
 
 
 def loop_iqm(values) -> float:
@@ -103,13 +111,6 @@ def test_select_keeps_finished_runs_of_the_largest_budget():
     assert [r["eval_return_mean"] for r in seeds[2]] == [4.0]  # a later duplicate row wins
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_throughput_settings_reach_the_natpg_rows_and_bad_ones_are_refused_first(capsys, monkeypatch):
     """``throughput.py --set``: a bad setting stops the run before any measurement; a good one reaches natpg."""
     import json
@@ -118,7 +119,8 @@ def test_throughput_settings_reach_the_natpg_rows_and_bad_ones_are_refused_first
     measured = []
     monkeypatch.setattr(throughput, "raw_env_rate", lambda env_id: measured.append(env_id) or 1000.0)
     for bad, says in [("bogus=1", "unknown setting"), ("fvp_subsample=2", "fvp_subsample must be in (0, 1]"),
-                      ("fvp_subsample", "expects key=value")]:
+                      ("fvp_subsample", "expects key=value"), ("n_envs=4", "fixed by the rows"),
+                      ("sampler=local", "fixed by the rows")]:
         with pytest.raises(SystemExit):
             throughput.main(["--set", bad])
         assert says in capsys.readouterr().err
