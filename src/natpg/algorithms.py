@@ -52,9 +52,10 @@ def make_curvature(cfg: Config, generator: torch.Generator | None):
     c = cfg.curvature
     if c.fisher == "cg":
         return fisher.CG(damping=c.damping, iters=c.cg_iters, tol=c.cg_tol, subsample=c.fvp_subsample,
-                         warm_start=c.cg_warm_start, generator=generator)
+                         warm_start=c.cg_warm_start, generator=generator, step_length=c.fvp_subsample_step_length)
     if c.fisher == "dense":
-        return fisher.Dense(damping=c.damping, subsample=c.fvp_subsample, generator=generator)
+        return fisher.Dense(damping=c.damping, subsample=c.fvp_subsample, generator=generator,
+                            step_length=c.fvp_subsample_step_length)
     if c.fisher == "identity":
         return fisher.Identity()
     if c.fisher == "kfac":

@@ -14,6 +14,7 @@ from typing import Any
 
 ALGORITHMS = ("npg", "trpo", "acktr", "nac", "ppo", "vpg")
 FISHERS = ("cg", "dense", "kfac", "diagonal", "empirical", "identity")
+STEP_LENGTHS = ("subsample", "batch")  # fvp_subsample_step_length: where the KL step measures dᵀFd
 STEP_RULES = ("fixed", "adam", "kl", "linesearch", "kfac_clip", "ppo_clip")
 KL_RULES = ("kl", "linesearch", "kfac_clip")  # the step rules with a KL budget δ
 KL_SCHEDULES = ("constant", "linear")
@@ -116,6 +117,10 @@ class CurvatureConfig:
     """Conjugate-gradient relative residual tolerance ‖r‖ ≤ tol·‖g‖."""
     fvp_subsample: float = 1.0
     """Fraction of the batch used for Fisher products, drawn once per update and kept for it."""
+    fvp_subsample_step_length: str = "subsample"
+    """With fvp_subsample < 1: the states on which step rules measure dᵀFd for the KL step length —
+    'subsample' (the solver's own products, as OpenAI Baselines' TRPO) or 'batch' (one more product on
+    the whole batch, so δ bounds the quadratic KL on the same states as without subsampling)."""
     cg_warm_start: bool = False
     """Start CG from the previous update's direction instead of zero."""
     kfac_ema_decay: float = 0.95
@@ -325,6 +330,7 @@ class Config:
         pos_num("cg_tol", k.cg_tol, allow_zero=True)
         need(isinstance(k.fvp_subsample, (int, float)) and 0 < k.fvp_subsample <= 1,
              f"fvp_subsample must be in (0, 1], got {k.fvp_subsample!r}")
+        choice("fvp_subsample_step_length", k.fvp_subsample_step_length, STEP_LENGTHS)
         choice("step", s.step, STEP_RULES)
         pos_num("alpha", s.alpha)
         pos_num("max_kl", s.max_kl)

@@ -3,7 +3,10 @@
 ``fit(policy, obs, act)`` looks at one batch (``act`` = the actions taken, used only by estimators
 that need them, e.g. the empirical Fisher); ``solve(g)`` returns ≈ (F + λI)⁻¹ g; ``mv(v)`` returns the
 product with the (damped) matrix that ``solve`` inverts, so that step rules measure dᵀFd with the
-same matrix the direction came from. ``stats`` holds what the last fit/solve wants logged.
+same matrix the direction came from — except where the solver works on a subsample of the batch and
+``step_length="batch"``: then ``mv`` is the exact Fisher of the whole batch, so that the KL step's δ
+bounds the quadratic KL over every state of the batch rather than over the subsample, whose dᵀFd is as
+noisy as the direction. ``stats`` holds what the last fit/solve wants logged.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..config import STEP_LENGTHS
 from .cg import conjugate_gradient
 from .dense import dense_fisher
 from .fvp import fisher_vector_product
@@ -38,23 +42,35 @@ def fixed_subsample(obs: torch.Tensor, fraction: float, generator: torch.Generat
     return obs[idx]
 
 
+def step_length_products(policy: nn.Module, obs: torch.Tensor, solver_obs: torch.Tensor, step_length: str,
+                         damping: float):
+    """The whole batch's Fisher-vector product for the step rule's dᵀFd, or None when the solver's own
+    matrix serves (no subsample, or ``step_length="subsample"``). Built now, at the parameters of the fit."""
+    if step_length not in STEP_LENGTHS:
+        raise ValueError(f"step_length must be one of {STEP_LENGTHS}, got {step_length!r}")
+    if solver_obs is obs or step_length == "subsample":
+        return None
+    return fisher_vector_product(policy, obs, damping)
+
+
 class CG:
     """Conjugate gradient on exact Fisher-vector products (Gauss–Newton form), from x0 = 0 or a warm start."""
 
     def __init__(self, damping: float = 0.1, iters: int = 10, tol: float = 1e-10, subsample: float = 1.0,
-                 warm_start: bool = False, generator: torch.Generator | None = None):
+                 warm_start: bool = False, generator: torch.Generator | None = None, step_length: str = "subsample"):
         self.damping, self.iters, self.tol = damping, iters, tol
-        self.subsample, self.warm_start, self.generator = subsample, warm_start, generator
-        self._fvp = None
+        self.subsample, self.warm_start, self.generator, self.step_length = subsample, warm_start, generator, step_length
+        self._fvp = self._step_fvp = None
         self._last: torch.Tensor | None = None
         self.stats: dict[str, float] = {}
 
     def fit(self, policy: nn.Module, obs: torch.Tensor, act: torch.Tensor | None = None) -> None:
-        self._fvp = fisher_vector_product(policy, fixed_subsample(obs, self.subsample, self.generator),
-                                          self.damping)
+        solver_obs = fixed_subsample(obs, self.subsample, self.generator)
+        self._fvp = fisher_vector_product(policy, solver_obs, self.damping)
+        self._step_fvp = step_length_products(policy, obs, solver_obs, self.step_length, self.damping) or self._fvp
 
     def mv(self, v: torch.Tensor) -> torch.Tensor:
-        return self._fvp(v)
+        return self._step_fvp(v)
 
     def solve(self, g: torch.Tensor) -> torch.Tensor:
         x0 = self._last if self.warm_start else None
@@ -67,17 +83,21 @@ class CG:
 class Dense:
     """The exact Fisher formed as a P×P matrix and solved directly (small policies, tests, reference)."""
 
-    def __init__(self, damping: float = 0.1, subsample: float = 1.0, generator: torch.Generator | None = None):
-        self.damping, self.subsample, self.generator = damping, subsample, generator
+    def __init__(self, damping: float = 0.1, subsample: float = 1.0, generator: torch.Generator | None = None,
+                 step_length: str = "subsample"):
+        self.damping, self.subsample, self.generator, self.step_length = damping, subsample, generator, step_length
         self.matrix: torch.Tensor | None = None
+        self._step_fvp = None
         self.stats: dict[str, float] = {}
 
     def fit(self, policy: nn.Module, obs: torch.Tensor, act: torch.Tensor | None = None) -> None:
-        F = dense_fisher(policy, fixed_subsample(obs, self.subsample, self.generator))
+        solver_obs = fixed_subsample(obs, self.subsample, self.generator)
+        F = dense_fisher(policy, solver_obs)
         self.matrix = F + self.damping * torch.eye(F.shape[0], dtype=F.dtype, device=F.device)
+        self._step_fvp = step_length_products(policy, obs, solver_obs, self.step_length, self.damping)
 
     def mv(self, v: torch.Tensor) -> torch.Tensor:
-        return self.matrix @ v
+        return self.matrix @ v if self._step_fvp is None else self._step_fvp(v)
 
     def solve(self, g: torch.Tensor) -> torch.Tensor:
         # Cholesky when damping makes F + λI safely positive definite; otherwise the pseudo-inverse, so that
