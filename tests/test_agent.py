@@ -30,6 +30,7 @@ def test_unknown_setting_is_rejected_before_any_work_naming_valid_ones():
     (dict(gamma=1.0), r"gamma must be in \[0, 1\)"),
     (dict(step="nope"), "step must be one of"),
     (dict(fvp_subsample=0.0), r"fvp_subsample must be in \(0, 1\]"),
+    (dict(fvp_subsample_step_length="full"), r"fvp_subsample_step_length must be one of \['subsample', 'batch'\]"),
     (dict(device="tpu"), "device must be"),
     (dict(fisher="kfac", kfac_refresh_every=0), "kfac_refresh_every must be an integer ≥ 1, got 0"),
 ])

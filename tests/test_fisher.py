@@ -164,6 +164,42 @@ def test_fvp_subsample_is_fixed_for_one_update(float64):
     assert not torch.allclose(first, F_full @ v)  # it really is a subsample
 
 
+@pytest.mark.parametrize("solver", ["cg", "dense"])
+def test_subsampled_solver_can_measure_the_step_length_on_the_whole_batch(float64, solver):
+    """step_length='batch': solve inverts the subsample's (F + λI), mv is the whole batch's (F + λI) —
+    each checked against its own dense matrix; 'subsample' keeps mv on the solver's matrix."""
+    torch.manual_seed(7)
+    policy = perturbed(POLICIES["gaussian"]())
+    obs = torch.randn(40, 3)
+    lam = 0.05
+    P = sum(p.numel() for p in policy.actor_parameters())
+    g, v = torch.randn(P), torch.randn(P)
+    rows = torch.randperm(40, generator=torch.Generator().manual_seed(0))[:10]  # fixed_subsample's draw
+    F_sub = dense_fisher(policy, obs[rows]) + lam * torch.eye(P)
+    F_batch = dense_fisher(policy, obs) + lam * torch.eye(P)
+    assert not torch.allclose(F_sub @ v, F_batch @ v, rtol=1e-2)  # the two matrices really differ
+
+    def make(step_length):
+        kwargs = dict(damping=lam, subsample=0.25, generator=torch.Generator().manual_seed(0),
+                      step_length=step_length)
+        curvature = CG(iters=500, tol=1e-14, **kwargs) if solver == "cg" else Dense(**kwargs)
+        curvature.fit(policy, obs)
+        return curvature
+
+    batch, subsample = make("batch"), make("subsample")
+    expected = torch.linalg.solve(F_sub, g)
+    assert torch.allclose(batch.solve(g), expected, atol=1e-7)
+    assert torch.allclose(subsample.solve(g), expected, atol=1e-7)
+    assert torch.allclose(batch.mv(v), F_batch @ v, atol=1e-10)
+    assert torch.allclose(subsample.mv(v), F_sub @ v, atol=1e-10)
+
+    whole = CG(damping=lam, subsample=1.0, step_length="batch")  # no subsample: one matrix, one product set
+    whole.fit(policy, obs)
+    assert whole._step_fvp is whole._fvp
+    with pytest.raises(ValueError, match=r"step_length must be one of \('subsample', 'batch'\)"):
+        CG(subsample=0.5, step_length="whole").fit(policy, obs)
+
+
 def test_dense_fisher_refuses_sizes_that_do_not_fit():
     policy = GaussianMLP(3, 2, hidden=(8,))
     with pytest.raises(ValueError, match="dense .*Fisher needs"):
