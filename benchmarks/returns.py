@@ -111,10 +111,9 @@ class NatpgRunner:
         cls = NATPG_ALGOS[algo]
         engine = {}
         if algo.endswith("-procs"):
-            from natpg.algorithms import default_config
-            from natpg.envs import env_family
+            from natpg.algorithms import config_for
 
-            batch = default_config(cls.lower(), env_family(env_id), env_id).batch_size
+            batch = config_for(cls.lower(), env_id).batch_size
             engine = {**PROCESS_ENGINE, "n_steps": batch // PROCESS_ENGINE["n_envs"]}
         self.agent = getattr(natpg, cls)(env_id, seed=seed, **engine, **(overrides or {}))
         self.batch = self.agent.config.batch_size
@@ -265,9 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.steps < 1 or a.eval_every < 1 or a.eval_episodes < 1 or a.jobs < 1:
         p.error("--steps, --eval-every, --eval-episodes and --jobs must be positive")
     if a.settings:
-        from natpg.algorithms import default_config
+        from natpg.algorithms import config_for
         from natpg.cli import parse_setting
-        from natpg.envs import env_family
 
         peers_asked = [algo for algo in a.algos if library_of(algo) != "natpg"]
         if peers_asked:
@@ -276,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = dict(map(parse_setting, a.settings))
             for name in {NATPG_ALGOS[algo].lower() for algo in a.algos}:
                 for env_id in a.envs:
-                    default_config(name, env_family(env_id), env_id).override(**overrides).validate()
+                    config_for(name, env_id, overrides)
         except (TypeError, ValueError) as exc:
             p.error(f"--set: {exc}")
 

@@ -84,13 +84,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="a natpg setting for every natpg row (repeatable; values as `natpg train --set`), "
                         "e.g. fvp_subsample=0.2; the sb3-contrib row is left as it is")
     args = p.parse_args(argv)
-    from natpg.algorithms import default_config
+    from natpg.algorithms import config_for
     from natpg.cli import parse_setting
-    from natpg.envs import env_family
 
     try:  # refused here, before any measurement
         settings = dict(parse_setting(s) for s in args.settings)
-        default_config("npg", env_family(args.env), args.env).override(**settings).validate()
+        config_for("npg", args.env, settings)
     except (TypeError, ValueError) as exc:
         p.error(f"--set: {exc}")
     if fixed := sorted(FIXED_BY_ROWS & set(settings)):

@@ -19,7 +19,8 @@ from torch import nn
 import natpg
 from natpg import fisher
 from natpg.acktr import GaussNewtonKFAC, KFACCritic
-from natpg.algorithms import Batch, NaturalGradientUpdate, default_config, make_actor_update, mean_kl, surrogate
+from natpg.algorithms import (Batch, NaturalGradientUpdate, config_for, default_config, make_actor_update, mean_kl,
+                              surrogate)
 from natpg.config import Config
 from natpg.critics import ValueCritic
 from natpg.params import flatten, get_flat
@@ -437,6 +438,14 @@ def test_value_clipping_limits_the_loss_to_the_clipped_range():
     # Once |V − V_old| > c with the target beyond it, max(·) picks the constant clipped term: no gradient,
     # so the values stop near the clip boundary instead of travelling the full 10.
     assert float(moved.max()) < 1.0 and stats["critic/clip_fraction"] > 0
+
+
+def test_config_for_finds_the_family_applies_presets_then_overrides_and_validates():
+    cfg = config_for("npg", "Swimmer-v5", {"max_kl": 0.05})
+    assert cfg.advantage.gamma == 0.9999 and cfg.step.max_kl == 0.05  # Swimmer's preset, then the user's δ
+    assert config_for("npg", "CartPole-v1").to_dict() == default_config("npg", "classic", "CartPole-v1").to_dict()
+    with pytest.raises(ValueError, match="max_kl must be a finite number > 0"):
+        config_for("trpo", "Hopper-v5", {"max_kl": -1.0})
 
 
 def test_presets_layer_algorithm_family_environment_then_user():

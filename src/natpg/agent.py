@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .algorithms import default_config, make_actor_update, make_critic
+from .algorithms import config_for, make_actor_update, make_critic
 from .config import EVAL_MAX_EPISODE_STEPS, Config
-from .envs import ObsNormalizer, RewardScaler, check_spaces, env_family, make_vec_env, probe_spaces
+from .envs import ObsNormalizer, RewardScaler, check_spaces, make_vec_env, probe_spaces
 from .logger import Logger
 from .policies import env_action, input_layout, make_policy
 from .rollout import Sampler
@@ -78,7 +78,7 @@ class Agent:
         mask_fn = overrides.get("action_mask")
         if callable(mask_fn):
             overrides["action_mask"] = CALLABLE_MASK
-        config = default_config(self.algorithm, env_family(env), env).override(**overrides).validate()
+        config = config_for(self.algorithm, env, overrides)
         if config.distributed.sampler == "ray":
             from .distributed import check_ray_installed
 

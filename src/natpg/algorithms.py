@@ -18,6 +18,7 @@ from torch.distributions import kl_divergence
 from . import fisher
 from .config import Config
 from .critics import ValueCritic
+from .envs import env_family
 from .params import flatten
 from .steps import AdamStep, FixedStep, KFACClip, KLStep, LineSearch
 
@@ -246,6 +247,12 @@ def default_config(algorithm: str, family: str, env_id: str | None = None) -> Co
     for _, values in preset_layers(algorithm, family, env_id):
         merged |= values
     return Config(algorithm=algorithm).override(**merged)
+
+
+def config_for(algorithm: str, env_id: str, overrides: dict[str, Any] | None = None) -> Config:
+    """The validated settings of one run: the presets for ``env_id`` (its family's, then its own), then
+    ``overrides``. Raises ValueError naming every invalid setting."""
+    return default_config(algorithm, env_family(env_id), env_id).override(**(overrides or {})).validate()
 
 
 def setting_sources(algorithm: str, family: str, env_id: str | None = None,

@@ -218,13 +218,13 @@ class _StopOnSignal:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from .algorithms import default_config, setting_sources
+    from .algorithms import config_for, setting_sources
     from .envs import env_family
 
     algorithm_class(args.algo)
     overrides = dict(parse_setting(s) for s in args.settings)
     family = env_family(args.env_id)
-    config = default_config(args.algo, family, args.env_id).override(**overrides).validate()
+    config = config_for(args.algo, args.env_id, overrides)
     sources = setting_sources(args.algo, family, args.env_id, overrides)
     rows = [(section, key, value, sources[key]) for section, values in config.to_dict().items()
             if isinstance(values, dict) for key, value in values.items()]
