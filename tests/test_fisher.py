@@ -155,7 +155,7 @@ def test_fvp_subsample_is_fixed_for_one_update(float64):
     torch.manual_seed(6)
     policy = perturbed(POLICIES["gaussian"]())
     obs = torch.randn(40, 3)
-    cg = CG(damping=0.0, subsample=0.25, generator=torch.Generator().manual_seed(0))
+    cg = CG(damping=0.0, subsample=0.25, generator=torch.Generator().manual_seed(0), step_length="subsample")
     cg.fit(policy, obs)
     v = torch.randn(sum(p.numel() for p in policy.actor_parameters()))
     first = cg.mv(v)

@@ -117,10 +117,11 @@ class CurvatureConfig:
     """Conjugate-gradient relative residual tolerance ‖r‖ ≤ tol·‖g‖."""
     fvp_subsample: float = 1.0
     """Fraction of the batch used for Fisher products, drawn once per update and kept for it."""
-    fvp_subsample_step_length: str = "subsample"
+    fvp_subsample_step_length: str = "batch"
     """With fvp_subsample < 1: the states on which step rules measure dᵀFd for the KL step length —
-    'subsample' (the solver's own products, as OpenAI Baselines' TRPO) or 'batch' (one more product on
-    the whole batch, so δ bounds the quadratic KL on the same states as without subsampling)."""
+    'batch' (one more product on the whole batch, so δ bounds the quadratic KL on the same states as without
+    subsampling) or 'subsample' (the solver's own products, as OpenAI Baselines' TRPO; noisier steps and lower
+    returns, docs/BENCHMARKS.md)."""
     cg_warm_start: bool = False
     """Start CG from the previous update's direction instead of zero."""
     kfac_ema_decay: float = 0.95

@@ -57,7 +57,7 @@ class CG:
     """Conjugate gradient on exact Fisher-vector products (Gauss–Newton form), from x0 = 0 or a warm start."""
 
     def __init__(self, damping: float = 0.1, iters: int = 10, tol: float = 1e-10, subsample: float = 1.0,
-                 warm_start: bool = False, generator: torch.Generator | None = None, step_length: str = "subsample"):
+                 warm_start: bool = False, generator: torch.Generator | None = None, step_length: str = "batch"):
         self.damping, self.iters, self.tol = damping, iters, tol
         self.subsample, self.warm_start, self.generator, self.step_length = subsample, warm_start, generator, step_length
         self._fvp = self._step_fvp = None
@@ -84,7 +84,7 @@ class Dense:
     """The exact Fisher formed as a P×P matrix and solved directly (small policies, tests, reference)."""
 
     def __init__(self, damping: float = 0.1, subsample: float = 1.0, generator: torch.Generator | None = None,
-                 step_length: str = "subsample"):
+                 step_length: str = "batch"):
         self.damping, self.subsample, self.generator, self.step_length = damping, subsample, generator, step_length
         self.matrix: torch.Tensor | None = None
         self._step_fvp = None
