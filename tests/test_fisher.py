@@ -196,8 +196,9 @@ def test_subsampled_solver_can_measure_the_step_length_on_the_whole_batch(float6
     whole = CG(damping=lam, subsample=1.0, step_length="batch")  # no subsample: one matrix, one product set
     whole.fit(policy, obs)
     assert whole._step_fvp is whole._fvp
-    with pytest.raises(ValueError, match=r"step_length must be one of \('subsample', 'batch'\)"):
-        CG(subsample=0.5, step_length="whole").fit(policy, obs)
+    for make_solver in (CG, Dense):  # refused when built, before any batch is seen
+        with pytest.raises(ValueError, match=r"step_length must be one of \('subsample', 'batch'\)"):
+            make_solver(subsample=0.5, step_length="whole")
 
 
 def test_dense_fisher_refuses_sizes_that_do_not_fit():

@@ -42,12 +42,16 @@ def fixed_subsample(obs: torch.Tensor, fraction: float, generator: torch.Generat
     return obs[idx]
 
 
+def checked_step_length(step_length: str) -> str:
+    if step_length not in STEP_LENGTHS:
+        raise ValueError(f"step_length must be one of {STEP_LENGTHS}, got {step_length!r}")
+    return step_length
+
+
 def step_length_products(policy: nn.Module, obs: torch.Tensor, solver_obs: torch.Tensor, step_length: str,
                          damping: float):
     """The whole batch's Fisher-vector product for the step rule's dᵀFd, or None when the solver's own
     matrix serves (no subsample, or ``step_length="subsample"``). Built now, at the parameters of the fit."""
-    if step_length not in STEP_LENGTHS:
-        raise ValueError(f"step_length must be one of {STEP_LENGTHS}, got {step_length!r}")
     if solver_obs is obs or step_length == "subsample":
         return None
     return fisher_vector_product(policy, obs, damping)
@@ -59,7 +63,8 @@ class CG:
     def __init__(self, damping: float = 0.1, iters: int = 10, tol: float = 1e-10, subsample: float = 1.0,
                  warm_start: bool = False, generator: torch.Generator | None = None, step_length: str = "batch"):
         self.damping, self.iters, self.tol = damping, iters, tol
-        self.subsample, self.warm_start, self.generator, self.step_length = subsample, warm_start, generator, step_length
+        self.subsample, self.warm_start, self.generator = subsample, warm_start, generator
+        self.step_length = checked_step_length(step_length)
         self._fvp = self._step_fvp = None
         self._last: torch.Tensor | None = None
         self.stats: dict[str, float] = {}
@@ -85,7 +90,8 @@ class Dense:
 
     def __init__(self, damping: float = 0.1, subsample: float = 1.0, generator: torch.Generator | None = None,
                  step_length: str = "batch"):
-        self.damping, self.subsample, self.generator, self.step_length = damping, subsample, generator, step_length
+        self.damping, self.subsample, self.generator = damping, subsample, generator
+        self.step_length = checked_step_length(step_length)
         self.matrix: torch.Tensor | None = None
         self._step_fvp = None
         self.stats: dict[str, float] = {}
