@@ -8,6 +8,7 @@ Gauss-Newton matrices from per-sample Jacobians (``torch.func.jacrev``); least s
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -26,7 +27,7 @@ from natpg.critics import ValueCritic
 from natpg.params import flatten, get_flat
 from natpg.policies import CategoricalMLP, GaussianMLP
 from natpg.ppo import ClippedSurrogateUpdate, ClippedValueCritic, clipped_surrogate
-from natpg.steps import AdamStep, FixedStep, KFACClip, LineSearch
+from natpg.steps import AdamStep, FixedStep, KFACClip, KLStep, LineSearch
 
 OBS_DIM = 3
 
@@ -89,6 +90,32 @@ class ScaledCurvature:
 
     def mv(self, v):
         return self.scale * self.inner.mv(v)
+
+
+# --------------------------------------------------------------------------------------------------
+# NPG's KL step with Fisher products on a subsample
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_subsampled_npg_step_meets_the_kl_budget_on_the_whole_batch_only_with_batch_step_length(seed):
+    """CG on a tenth of the batch (26 of 256 states, rank ≤ 54 against 372 parameters): with the step length read
+    from the whole batch the exact mean KL over the batch lands on δ (to second order); read from the subsample,
+    whose Fisher misses most directions, the same step overshoots δ several times over."""
+    torch.manual_seed(seed)
+    base = GaussianMLP(OBS_DIM, 2, hidden=(16, 16))
+    with torch.no_grad():
+        for p in base.actor_parameters():
+            p.normal_(0.0, 0.5)
+    batch, delta = make_batch(base, n=256), 1e-4
+    kl_over_delta = {}
+    for step_length in ("batch", "subsample"):
+        policy = copy.deepcopy(base)
+        curvature = fisher.CG(damping=1e-3, iters=10, subsample=0.1, step_length=step_length,
+                              generator=torch.Generator().manual_seed(0))
+        NaturalGradientUpdate(curvature, KLStep(delta)).update(policy, batch)
+        kl_over_delta[step_length] = kl_now(policy, batch) / delta
+    assert 0.9 < kl_over_delta["batch"] < 1.05, kl_over_delta
+    assert kl_over_delta["subsample"] > 3.0, kl_over_delta
 
 
 # --------------------------------------------------------------------------------------------------
