@@ -14,10 +14,10 @@ engines differ only in who steps the environments (the update is the same):
 
     python benchmarks/throughput.py --env HalfCheetah-v5 --batch 2048 --updates 5 --repeats 3
 
-``--set KEY=VALUE`` changes a natpg setting in every natpg row (not one the rows fix for equal work; a profiling before/after, e.g.
-``--set fvp_subsample=0.2``: Fisher-vector products on a fifth of the batch, drawn once per update); the
-sb3-contrib row keeps its settings (its ``sub_sampling_factor`` thins the whole actor update, gradient and
-line search included, so it is not the same knob).
+``--set KEY=VALUE`` changes a natpg setting in every natpg row (not one the rows fix for equal work; a
+profiling before/after, e.g. ``--set fvp_subsample=0.2``: Fisher-vector products on a fifth of the batch,
+drawn once per update); the sb3-contrib row keeps its settings (its ``sub_sampling_factor`` thins the whole
+actor update, gradient and line search included, so it is not the same knob).
 
 Needs sb3-contrib (pip install 'natpg[bench]'); without it only natpg and the raw rate are measured.
 """

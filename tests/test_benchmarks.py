@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 
-
 def _load(name: str):
     """A script of benchmarks/ as a module."""
     spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
