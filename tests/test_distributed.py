@@ -105,6 +105,16 @@ def test_distributed_settings_are_validated(overrides, message):
         natpg.NPG("Pendulum-v1", **overrides)
 
 
+@pytest.mark.parametrize("overrides, own", [({"workers": 0}, "workers must be an integer ≥ 1"),
+                                             ({"n_envs": 0}, "n_envs must be an integer ≥ 1")])
+def test_an_invalid_count_is_named_alone_not_related_to_the_other(overrides, own):
+    # workers=0 used to add "workers=0 needs sampler='processes'", n_envs=0 "workers (1) must be at most n_envs (0)"
+    with pytest.raises(ValueError) as err:
+        natpg.Config().override(**overrides).validate()
+    assert own in str(err.value)
+    assert "needs sampler" not in str(err.value) and "at most n_envs" not in str(err.value)
+
+
 def small_config(**overrides):
     return natpg.Config().override(n_envs=5, n_steps=16, workers=2, sampler="workers", hidden=(8,),
                                   **overrides).validate()

@@ -378,7 +378,8 @@ class Config:
         d = self.distributed
         choice("sampler", d.sampler, SAMPLERS)
         pos_int("workers", d.workers)
-        if isinstance(d.workers, int) and isinstance(e.n_envs, int):
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+        if whole(d.workers) and whole(e.n_envs):  # each alone is checked above; relate only valid values
             need(d.workers <= e.n_envs, f"workers ({d.workers}) must be at most n_envs ({e.n_envs}): each worker "
                                         f"steps at least one environment copy")
             need(d.workers == 1 or d.sampler != "local",
