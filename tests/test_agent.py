@@ -23,6 +23,14 @@ def test_unknown_setting_is_rejected_before_any_work_naming_valid_ones():
         natpg.NPG("CartPole-v1", max_kll=0.1)
 
 
+def test_a_misspelt_setting_gets_the_nearest_valid_name_and_a_foreign_one_none():
+    with pytest.raises(ValueError, match=r"did you mean 'critic_lr' for 'critic_lrr'\?"):
+        natpg.NPG("CartPole-v1", critic_lrr=1e-3)
+    with pytest.raises(ValueError) as err:
+        natpg.NPG("CartPole-v1", zzzz=1)
+    assert "did you mean" not in str(err.value)
+
+
 @pytest.mark.parametrize("setting,pattern", [
     (dict(max_kl=-0.01), "max_kl must be a finite number > 0"),
     (dict(n_envs=0), "n_envs must be an integer ≥ 1"),

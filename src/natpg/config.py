@@ -8,6 +8,7 @@ runs before any work and names the valid choices when a value is wrong.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -243,7 +244,9 @@ class Config:
         index = self.field_index()
         unknown = sorted(k for k in overrides if k not in index)
         if unknown:
-            raise ValueError(f"unknown setting(s) {unknown}; valid settings: {sorted(index)}")
+            near = {k: m for k in unknown if (m := difflib.get_close_matches(k, index, n=1))}
+            hint = (" (did you mean " + ", ".join(f"{m[0]!r} for {k!r}" for k, m in near.items()) + "?)") if near else ""
+            raise ValueError(f"unknown setting(s) {unknown}{hint}; valid settings: {sorted(index)}")
         cfg = self.to_dict()
         for k, v in overrides.items():
             cfg[index[k]][k] = v
