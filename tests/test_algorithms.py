@@ -476,17 +476,18 @@ def test_config_for_finds_the_family_applies_presets_then_overrides_and_validate
 
 
 def test_presets_layer_algorithm_family_environment_then_user():
-    """Swimmer's (γ 0.9999), Ant's (σ e^−1) and HalfCheetah's (σ e^−0.5) presets sit over the MuJoCo family's,
+    """Swimmer's (γ 0.9999, GAE λ 0.99), Ant's (σ e^−1) and HalfCheetah's (σ e^−0.5) presets sit over the MuJoCo family's,
     a user's keyword over all."""
     from natpg.algorithms import ALGORITHM_DEFAULTS, FAMILY_DEFAULTS
 
     for algo in ("npg", "trpo", "acktr"):
         cfg = default_config(algo, "mujoco", "Swimmer-v5")
         assert cfg.advantage.gamma == 0.9999
-        assert cfg.batch_size == FAMILY_DEFAULTS[(algo, "mujoco")]["n_envs"] * FAMILY_DEFAULTS[(algo, "mujoco")]["n_steps"]
+        assert cfg.batch_size == 2048  # TRPO's family has 8 × 128
         assert cfg.curvature.fisher == ALGORITHM_DEFAULTS[algo]["fisher"]
         assert default_config(algo, "mujoco", "Hopper-v5").advantage.gamma == 0.99
-        assert cfg.advantage.gae_lambda == (0.99 if algo == "acktr" else 0.95)  # ACKTR's family has 0.97
+        assert cfg.advantage.gae_lambda == 0.99  # the families have 0.95 (NPG, TRPO) and 0.97 (ACKTR)
+        assert cfg.step.max_kl == {"npg": 0.01, "trpo": 0.01, "acktr": 0.002}[algo]  # NPG's family has 0.02
         assert default_config(algo, "mujoco", "Hopper-v5").advantage.gae_lambda == (0.97 if algo == "acktr" else 0.95)
     agent = natpg.TRPO("Swimmer-v5", gamma=0.995, tensorboard=False)
     assert agent.config.advantage.gamma == 0.995

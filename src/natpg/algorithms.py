@@ -199,11 +199,16 @@ ENV_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
                              "normalize_reward": True},
     # Swimmer's reward for moving forward pays off over hundreds of steps: γ 0.99 learns only to wriggle
     # (NPG: 40 at 1M steps, docs/BENCHMARKS.md); RL Zoo's TRPO Swimmer preset uses γ 0.9999.
-    **{(algo, "Swimmer-v5"): {"gamma": 0.9999} for algo in ("npg", "trpo")},
     # ACKTR there also takes GAE λ 0.99 (the family's 0.97): with γ 0.9999 the advantage leans less on a critic
     # that must see hundreds of steps ahead. 1M steps, 5 seeds: 351 ± 7 → 355.9 ± 1.5, every seed at 330 by
     # 200k–500k steps (0.97: 200k–1M), evaluations after 500k 354 on average against 342 (docs/BENCHMARKS.md).
     ("acktr", "Swimmer-v5"): {"gamma": 0.9999, "gae_lambda": 0.99},
+    # NPG and TRPO likewise, both at δ 0.01 on 8 × 256 steps. With λ 0.95 some seeds settle by 200k into a slow
+    # 80–160 gait they never leave (1M, 5 seeds: NPG 290 ± 82, TRPO 216 ± 134). NPG with λ 0.99 alone left one
+    # seed of five there, with δ 0.01 none: 359.8 ± 1.9; TRPO with λ 0.99 on its family's 8 × 128 none, but
+    # slowly (322 ± 25), on 8 × 256 360.5 ± 2.4. Seeds 5–9 are less kind: NPG 327 ± 54 (docs/BENCHMARKS.md).
+    ("npg", "Swimmer-v5"): {"gamma": 0.9999, "gae_lambda": 0.99, "max_kl": 0.01},
+    ("trpo", "Swimmer-v5"): {"gamma": 0.9999, "gae_lambda": 0.99, "n_steps": 256},
     # Ant pays 1 per step for staying alive and 0.5·Σa² for control: σ = 1 noise on 8 actions costs more than
     # that, so with log_std_init 0 the return falls with every step and NPG learns to fall over (train return
     # −29 at 300k steps); σ = e^−1 keeps living worth it (676 at 300k, docs/BENCHMARKS.md).
