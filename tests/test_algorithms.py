@@ -476,8 +476,8 @@ def test_config_for_finds_the_family_applies_presets_then_overrides_and_validate
 
 
 def test_presets_layer_algorithm_family_environment_then_user():
-    """Swimmer's (γ 0.9999, GAE λ 0.99), Ant's (σ e^−1) and HalfCheetah's (σ e^−0.5) presets sit over the MuJoCo family's,
-    a user's keyword over all."""
+    """Swimmer's (γ 0.9999, GAE λ 0.99), Ant's (σ e^−1) and HalfCheetah's (σ e^−0.5) presets sit over the MuJoCo
+    family's, a user's keyword over all."""
     from natpg.algorithms import ALGORITHM_DEFAULTS, FAMILY_DEFAULTS
 
     for algo in ("npg", "trpo", "acktr"):

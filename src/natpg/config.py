@@ -244,8 +244,10 @@ class Config:
         index = self.field_index()
         unknown = sorted(k for k in overrides if k not in index)
         if unknown:
-            near = {k: m for k in unknown if (m := difflib.get_close_matches(k, index, n=1))}
-            hint = (" (did you mean " + ", ".join(f"{m[0]!r} for {k!r}" for k, m in near.items()) + "?)") if near else ""
+            near = {k: m[0] for k in unknown if (m := difflib.get_close_matches(k, index, n=1))}
+            hint = ""
+            if near:
+                hint = " (did you mean " + ", ".join(f"{m!r} for {k!r}" for k, m in near.items()) + "?)"
             raise ValueError(f"unknown setting(s) {unknown}{hint}; valid settings: {sorted(index)}")
         cfg = self.to_dict()
         for k, v in overrides.items():
