@@ -206,7 +206,7 @@ ENV_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # NPG and TRPO likewise, both at δ 0.01 on 8 × 256 steps. With λ 0.95 some seeds settle by 200k into a slow
     # 80–160 gait they never leave (1M, 5 seeds: NPG 290 ± 82, TRPO 216 ± 134). NPG with λ 0.99 alone left one
     # seed of five there, with δ 0.01 none: 359.8 ± 1.9; TRPO with λ 0.99 on its family's 8 × 128 none, but
-    # slowly (322 ± 25), on 8 × 256 360.5 ± 2.4. Seeds 5–9 are less kind: NPG 327 ± 54 (docs/BENCHMARKS.md).
+    # slowly (322 ± 25), on 8 × 256 360.5 ± 2.4. Ten seeds: TRPO 360.4 ± 2.1, NPG 343 ± 40 (old: 310 ± 61).
     ("npg", "Swimmer-v5"): {"gamma": 0.9999, "gae_lambda": 0.99, "max_kl": 0.01},
     ("trpo", "Swimmer-v5"): {"gamma": 0.9999, "gae_lambda": 0.99, "n_steps": 256},
     # Ant pays 1 per step for staying alive and 0.5·Σa² for control: σ = 1 noise on 8 actions costs more than
