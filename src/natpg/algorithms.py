@@ -203,11 +203,13 @@ ENV_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # that must see hundreds of steps ahead. 1M steps, 5 seeds: 351 ± 7 → 355.9 ± 1.5, every seed at 330 by
     # 200k–500k steps (0.97: 200k–1M), evaluations after 500k 354 on average against 342 (docs/BENCHMARKS.md).
     ("acktr", "Swimmer-v5"): {"gamma": 0.9999, "gae_lambda": 0.99},
-    # NPG and TRPO likewise, both at δ 0.01 on 8 × 256 steps. With λ 0.95 some seeds settle by 200k into a slow
-    # 80–160 gait they never leave (1M, 5 seeds: NPG 290 ± 82, TRPO 216 ± 134). NPG with λ 0.99 alone left one
-    # seed of five there, with δ 0.01 none: 359.8 ± 1.9; TRPO with λ 0.99 on its family's 8 × 128 none, but
-    # slowly (322 ± 25), on 8 × 256 360.5 ± 2.4. Ten seeds: TRPO 360.4 ± 2.1, NPG 343 ± 40 (old: 310 ± 61).
-    ("npg", "Swimmer-v5"): {"gamma": 0.9999, "gae_lambda": 0.99, "max_kl": 0.01},
+    # NPG and TRPO likewise, both at δ 0.01 on 8 × 256 steps with a 20 × 128 critic fit (TRPO's family). With
+    # λ 0.95 some seeds settle by 200k into a slow 80–160 gait they never leave (1M, 5 seeds: NPG 290 ± 82, TRPO
+    # 216 ± 134). NPG with λ 0.99 alone left one seed of five there, with δ 0.01 none: 359.8 ± 1.9 (ten seeds
+    # 343 ± 40), with TRPO's critic fit too 359.6 ± 1.7 (ten 356 ± 10); TRPO with λ 0.99 on its family's 8 × 128
+    # none, but slowly (322 ± 25), on 8 × 256 360.5 ± 2.4 (ten 360.4 ± 2.1; docs/BENCHMARKS.md).
+    ("npg", "Swimmer-v5"): {"gamma": 0.9999, "gae_lambda": 0.99, "max_kl": 0.01, "critic_epochs": 20,
+                            "critic_minibatch": 128},
     ("trpo", "Swimmer-v5"): {"gamma": 0.9999, "gae_lambda": 0.99, "n_steps": 256},
     # Ant pays 1 per step for staying alive and 0.5·Σa² for control: σ = 1 noise on 8 actions costs more than
     # that, so with log_std_init 0 the return falls with every step and NPG learns to fall over (train return
