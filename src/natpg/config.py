@@ -286,8 +286,11 @@ class Config:
             if not ok:
                 problems.append(msg)
 
+        def whole(v: Any) -> bool:  # an integer ≥ 1 (bool is not a count)
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
         def pos_int(name: str, v: Any) -> None:
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an integer ≥ 1, got {v!r}")
+            need(whole(v), f"{name} must be an integer ≥ 1, got {v!r}")
 
         def pos_num(name: str, v: Any, allow_zero: bool = False) -> None:
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v >= 0 if allow_zero else v > 0)
@@ -320,7 +323,7 @@ class Config:
         need(isinstance(a.gae_lambda, (int, float)) and 0 <= a.gae_lambda <= 1,
              f"gae_lambda must be in [0, 1], got {a.gae_lambda!r}")
         for name, hid in (("hidden", p.hidden), ("critic_hidden", c.critic_hidden)):
-            need(isinstance(hid, tuple) and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hid),
+            need(isinstance(hid, tuple) and all(whole(h) for h in hid),
                  f"{name} must be a tuple of positive integers such as (64, 64), got {hid!r}")
         choice("activation", p.activation, ("tanh", "relu", "elu"))
         choice("action_squash", p.action_squash, ("clip", "tanh"))
@@ -383,7 +386,6 @@ class Config:
         d = self.distributed
         choice("sampler", d.sampler, SAMPLERS)
         pos_int("workers", d.workers)
-        whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
         if whole(d.workers) and whole(e.n_envs):  # each alone is checked above; relate only valid values
             need(d.workers <= e.n_envs, f"workers ({d.workers}) must be at most n_envs ({e.n_envs}): each worker "
                                         f"steps at least one environment copy")
