@@ -239,6 +239,32 @@ def test_linear_kl_schedule_sets_the_budget_each_update_uses(algo, tmp_path):
         natpg.PPO("CartPole-v1", kl_schedule="linear")
 
 
+@pytest.mark.parametrize("algo,step", [("VPG", "adam"), ("VPG", "fixed"), ("PPO", "ppo_clip")])
+def test_linear_lr_schedule_sets_the_learning_rate_each_update_uses(algo, step, tmp_path):
+    rows, used = [], []
+    kw = small(lr_schedule="linear", alpha=0.004, step=step)
+    agent = getattr(natpg, algo)("CartPole-v1", seed=2, **kw)
+
+    def record(a, row):
+        rows.append(row)
+        if step == "ppo_clip":  # the rate torch's Adam stepped with
+            used.append(a.actor_update.optimizer.param_groups[0]["lr"])
+    agent.learn(256, callback=record)  # 4 batches of 64: α_k = 0.004·(1 − 64k/256)
+    expected = [0.004, 0.003, 0.002, 0.001]
+    assert [r["step/lr"] for r in rows] == pytest.approx(expected, rel=0, abs=1e-15)
+    if step == "ppo_clip":
+        assert used == pytest.approx(expected, rel=0, abs=1e-15)
+        assert agent.actor_update.lr == 0.004  # restored after learn
+    else:  # the step rule's own record of the α it applied
+        assert [r["step/size"] for r in rows] == pytest.approx(expected, rel=0, abs=1e-15)
+        assert getattr(agent.actor_update.step_rule, "alpha" if step == "fixed" else "lr") == 0.004
+    chunked = getattr(natpg, algo)("CartPole-v1", seed=2, **kw)  # one run in two calls: the same run
+    chunked.learn(128, schedule_end=256).learn(128, reset=False, schedule_end=256)
+    assert all(torch.equal(p, q) for p, q in zip(agent.policy.parameters(), chunked.policy.parameters()))
+    with pytest.raises(ValueError, match="lr_schedule='linear' decays the learning rate of the step rules"):
+        natpg.NPG("CartPole-v1", lr_schedule="linear")
+
+
 def test_training_is_reproducible_with_a_seed():
     runs = []
     for _ in range(2):

@@ -660,7 +660,7 @@ LEARNING = {
     ("ACKTR", "CartPole-v1"): (100_000, 475.0),
     ("ACKTR", "Pendulum-v1"): (100_000, -300.0),
     ("VPG", "CartPole-v1"): (100_000, 475.0),
-    ("VPG", "Pendulum-v1"): (500_000, -300.0),
+    ("VPG", "Pendulum-v1"): (1_000_000, -300.0),  # seeds 0–11 all pass (docs/algorithms.md)
     ("PPO", "CartPole-v1"): (100_000, 475.0),
     ("PPO", "Pendulum-v1"): (100_000, -300.0),
 }

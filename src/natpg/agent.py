@@ -146,8 +146,9 @@ class Agent:
         multiple of it (``periodic_eval``; its time is not counted in ``wall_s``), and the best one is kept in
         ``out_dir/best``.
 
-        ``kl_schedule='linear'`` decays δ towards the env-step count ``schedule_end`` (default: where this call
-        ends); give it when training one run in several calls, e.g. ``learn(100_000, schedule_end=1_000_000)``.
+        ``kl_schedule='linear'`` (``lr_schedule='linear'``) decays δ (α) towards the env-step count
+        ``schedule_end`` (default: where this call ends); give it when training one run in several calls, e.g.
+        ``learn(100_000, schedule_end=1_000_000)``.
         """
         batch = self.config.batch_size
         if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < batch:
@@ -182,7 +183,7 @@ class Agent:
         step_rule = getattr(self.actor_update, "step_rule", None)
         try:
             for i in range(n_updates):
-                schedule = self._schedule_kl(step_rule, schedule_end)
+                schedule = self._schedule(step_rule, schedule_end)
                 stats = iteration(self._sampler, self.policy, self.critic, self.actor_update, self.config,
                                   self.config.rollout.n_steps, self.cpu_generator, prefetch=i < n_updates - 1)
                 self.updates += 1
@@ -216,19 +217,24 @@ class Agent:
                     break
         finally:
             logger.close()
-            if self.config.step.kl_schedule != "constant":
-                step_rule.max_kl = self.config.step.max_kl
+            self._schedule(step_rule, None)  # back to the configured δ and α
         if out_dir:
             self.save(out_dir)
         return self
 
-    def _schedule_kl(self, step_rule, schedule_end: int) -> dict[str, float]:
-        """Set the step rule's δ for the next update (``kl_schedule``); returns the column that logs it."""
-        step = self.config.step
-        if step.kl_schedule == "constant":
-            return {}
-        step_rule.max_kl = step.max_kl * (1.0 - self.env_steps / schedule_end)  # 'linear'
-        return {"step/max_kl": step_rule.max_kl}
+    def _schedule(self, step_rule, schedule_end: int | None) -> dict[str, float]:
+        """Set the next update's δ (``kl_schedule``) and α (``lr_schedule``), the fraction of the env steps up to
+        ``schedule_end`` still to come times the configured value ('linear'); returns the columns that log
+        them. ``schedule_end=None`` puts the configured values back."""
+        step, columns = self.config.step, {}
+        left = 1.0 if schedule_end is None else 1.0 - self.env_steps / schedule_end
+        if step.kl_schedule == "linear":
+            step_rule.max_kl = columns["step/max_kl"] = step.max_kl * left
+        if step.lr_schedule == "linear":  # FixedStep.alpha, AdamStep.lr, or PPO's ClippedSurrogateUpdate.lr
+            holder = self.actor_update if step.step == "ppo_clip" else step_rule
+            setattr(holder, "alpha" if step.step == "fixed" else "lr", step.alpha * left)
+            columns["step/lr"] = step.alpha * left
+        return {} if schedule_end is None else columns
 
     def periodic_eval(self, batch: int, out_dir: str | None) -> dict[str, float]:
         """The eval/* columns of the row after an update of ``batch`` steps: an evaluation when the env-step

@@ -18,7 +18,8 @@ FISHERS = ("cg", "dense", "kfac", "diagonal", "empirical", "identity")
 STEP_LENGTHS = ("subsample", "batch")  # fvp_subsample_step_length: where the KL step measures dᵀFd
 STEP_RULES = ("fixed", "adam", "kl", "linesearch", "kfac_clip", "ppo_clip")
 KL_RULES = ("kl", "linesearch", "kfac_clip")  # the step rules with a KL budget δ
-KL_SCHEDULES = ("constant", "linear")
+LR_RULES = ("fixed", "adam", "ppo_clip")  # the step rules with a learning rate α
+SCHEDULES = ("constant", "linear")
 CRITIC_OPTIMIZERS = ("adam", "kfac")
 SAMPLERS = ("local", "processes", "ray", "workers")
 # An evaluation episode is cut here if the environment has not ended it: above every registered time limit
@@ -145,6 +146,10 @@ class StepConfig:
     """'constant' (δ = max_kl), or 'linear': each update's δ is max_kl times the fraction of the learn call's
     env steps still to come, δ_k = max_kl·(1 − s_k / S) with s_k the steps before the update and S the step
     count at which learn ends (a resumed run keeps the S it started with)."""
+    lr_schedule: str = "constant"
+    """'constant' (α = alpha), or 'linear': the learning rate of the 'fixed', 'adam' and 'ppo_clip' rules
+    decays as kl_schedule decays δ, α_k = alpha·(1 − s_k / S) (the annealed learning rate of baselines' A2C
+    and ACKTR, lrschedule='linear', and of RL Zoo's lin_ settings)."""
     backtrack_shrink: float = 0.8
     """Line search: factor by which the step shrinks after a rejected try."""
     backtrack_iters: int = 10
@@ -343,10 +348,14 @@ class Config:
         choice("step", s.step, STEP_RULES)
         pos_num("alpha", s.alpha)
         pos_num("max_kl", s.max_kl)
-        choice("kl_schedule", s.kl_schedule, KL_SCHEDULES)
+        choice("kl_schedule", s.kl_schedule, SCHEDULES)
         need(s.kl_schedule == "constant" or s.step in KL_RULES,
              f"kl_schedule={s.kl_schedule!r} decays the KL budget of the step rules {list(KL_RULES)}; "
              f"step={s.step!r} has none")
+        choice("lr_schedule", s.lr_schedule, SCHEDULES)
+        need(s.lr_schedule == "constant" or s.step in LR_RULES,
+             f"lr_schedule={s.lr_schedule!r} decays the learning rate of the step rules {list(LR_RULES)}; "
+             f"step={s.step!r} has none (its KL budget decays with kl_schedule)")
         need(isinstance(s.backtrack_shrink, (int, float)) and 0 < s.backtrack_shrink < 1,
              f"backtrack_shrink must be in (0, 1), got {s.backtrack_shrink!r}")
         pos_int("backtrack_iters", s.backtrack_iters)

@@ -65,6 +65,8 @@ class ClippedSurrogateUpdate:
             self.optimizer, self._params = torch.optim.Adam(params, lr=self.lr, eps=1e-5), params
             if self._pending is not None:
                 self.optimizer.load_state_dict(self._pending)
+        for group in self.optimizer.param_groups:  # self.lr may change between updates (lr_schedule)
+            group["lr"] = self.lr
         with torch.no_grad():
             surr_before = float(surrogate(policy, batch, self.ent_coef))
         B = batch.obs.shape[0]
