@@ -488,6 +488,7 @@ def test_presets_layer_algorithm_family_environment_then_user():
         assert default_config(algo, "mujoco", "Hopper-v5").advantage.gamma == 0.99
         assert cfg.advantage.gae_lambda == 0.99  # the families have 0.95 (NPG, TRPO) and 0.97 (ACKTR)
         assert cfg.step.max_kl == {"npg": 0.01, "trpo": 0.01, "acktr": 0.002}[algo]  # NPG's family has 0.02
+        assert cfg.curvature.damping == {"npg": 0.1, "trpo": 0.1, "acktr": 0.3}[algo]  # ACKTR's default: 0.01
         if algo != "acktr":  # NPG takes TRPO's critic fit there; ACKTR's critic is K-FAC
             assert (cfg.critic.critic_epochs, cfg.critic.critic_minibatch) == (20, 128)
         assert default_config(algo, "mujoco", "Hopper-v5").advantage.gae_lambda == (0.97 if algo == "acktr" else 0.95)
