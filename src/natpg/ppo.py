@@ -62,7 +62,7 @@ class ClippedSurrogateUpdate:
     def update(self, policy: nn.Module, batch: Batch) -> dict[str, Any]:
         params = list(policy.actor_parameters())
         if self.optimizer is None or [id(p) for p in params] != [id(p) for p in self._params]:
-            self.optimizer, self._params = torch.optim.Adam(params, lr=self.lr, eps=1e-5), params
+            self.optimizer, self._params = torch.optim.Adam(params, lr=self.lr, eps=1e-5, foreach=True), params
             if self._pending is not None:
                 self.optimizer.load_state_dict(self._pending)
         for group in self.optimizer.param_groups:  # self.lr may change between updates (lr_schedule)
