@@ -516,6 +516,8 @@ def test_presets_layer_algorithm_family_environment_then_user():
         assert cfg.curvature.damping == {"npg": 0.1, "trpo": 0.1, "acktr": 0.3}[algo]  # ACKTR's default: 0.01
         if algo != "acktr":  # NPG takes TRPO's critic fit there; ACKTR's critic is K-FAC
             assert (cfg.critic.critic_epochs, cfg.critic.critic_minibatch) == (20, 128)
+        else:  # ACKTR steps without momentum there (its default: 0.9), and keeps it elsewhere
+            assert cfg.step.momentum == 0.0 and default_config(algo, "mujoco", "Hopper-v5").step.momentum == 0.9
         assert default_config(algo, "mujoco", "Hopper-v5").advantage.gae_lambda == (0.97 if algo == "acktr" else 0.95)
     agent = natpg.TRPO("Swimmer-v5", gamma=0.995, tensorboard=False)
     assert agent.config.advantage.gamma == 0.995

@@ -205,8 +205,9 @@ ENV_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # that must see hundreds of steps ahead. 1M steps, 5 seeds: 351 ± 7 → 355.9 ± 1.5, every seed at 330 by
     # 200k–500k steps (0.97: 200k–1M), evaluations after 500k 354 on average against 342 (docs/BENCHMARKS.md).
     # K-FAC damping 0.3 (ACKTR's 0.01) then lifts every seed's evaluations from 800k (357.1 on average against
-    # 354.6) and gets each to 330 by 200k–300k: 357.3 ± 1.4, still 1.7 short of 359 (docs/BENCHMARKS.md).
-    ("acktr", "Swimmer-v5"): {"gamma": 0.9999, "gae_lambda": 0.99, "damping": 0.3},
+    # 354.6) and gets each to 330 by 200k–300k: 357.3 ± 1.4. Without momentum (ACKTR's 0.9) each step follows
+    # its own batch's K-FAC direction: 359.1 ± 1.6 (ten seeds 358.8 ± 1.2 against 358.0 ± 2.0; docs/BENCHMARKS.md).
+    ("acktr", "Swimmer-v5"): {"gamma": 0.9999, "gae_lambda": 0.99, "damping": 0.3, "momentum": 0.0},
     # NPG and TRPO likewise, both at δ 0.01 on 8 × 256 steps with a 20 × 128 critic fit (TRPO's family). With
     # λ 0.95 some seeds settle by 200k into a slow 80–160 gait they never leave (1M, 5 seeds: NPG 290 ± 82, TRPO
     # 216 ± 134). NPG with λ 0.99 alone left one seed of five there, with δ 0.01 none: 359.8 ± 1.9 (ten seeds
