@@ -466,6 +466,7 @@ def test_value_clipping_limits_the_loss_to_the_clipped_range():
     # so the values stop near the clip boundary instead of travelling the full 10.
     assert float(moved.max()) < 1.0 and stats["critic/clip_fraction"] > 0
 
+
 def test_value_critic_fit_is_minibatch_adam_on_squared_error_bit_for_bit():
     """The fit against a hand loop: the same shuffles from the same generator, mean (V − R)² per minibatch,
     torch's default per-tensor Adam. Equal bit for bit, which also holds the foreach Adam the critic uses to
@@ -489,7 +490,6 @@ def test_value_critic_fit_is_minibatch_adam_on_squared_error_bit_for_bit():
                 loss.backward()
                 adam.step()
     assert all(torch.equal(p, q) for p, q in zip(critic.net.parameters(), reference.parameters()))
-
 
 
 def test_config_for_finds_the_family_applies_presets_then_overrides_and_validates():
