@@ -254,10 +254,10 @@ def test_linear_lr_schedule_sets_the_learning_rate_each_update_uses(algo, step, 
     assert [r["step/lr"] for r in rows] == pytest.approx(expected, rel=0, abs=1e-15)
     if step == "ppo_clip":
         assert used == pytest.approx(expected, rel=0, abs=1e-15)
-        assert agent.actor_update.lr == 0.004  # restored after learn
+        assert agent.actor_update.alpha == 0.004  # restored after learn
     else:  # the step rule's own record of the α it applied
         assert [r["step/size"] for r in rows] == pytest.approx(expected, rel=0, abs=1e-15)
-        assert getattr(agent.actor_update.step_rule, "alpha" if step == "fixed" else "lr") == 0.004
+        assert agent.actor_update.step_rule.alpha == 0.004
     chunked = getattr(natpg, algo)("CartPole-v1", seed=2, **kw)  # one run in two calls: the same run
     chunked.learn(128, schedule_end=256).learn(128, reset=False, schedule_end=256)
     assert all(torch.equal(p, q) for p, q in zip(agent.policy.parameters(), chunked.policy.parameters()))

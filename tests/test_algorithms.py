@@ -439,7 +439,7 @@ def test_ppo_clipped_objective_against_hand_computation():
 def test_ppo_update_improves_surrogate_and_target_kl_stops_early():
     policy = make_policy("gauss")
     batch = make_batch(policy, n=128)
-    update = ClippedSurrogateUpdate(lr=1e-2, clip_range=0.2, epochs=4, minibatch=32,
+    update = ClippedSurrogateUpdate(alpha=1e-2, clip_range=0.2, epochs=4, minibatch=32,
                                     generator=torch.Generator().manual_seed(0))
     stats = update.update(policy, batch)
     assert stats["step/sgd_steps"] == 16 and stats["step/early_stop"] == 0.0
@@ -447,7 +447,7 @@ def test_ppo_update_improves_surrogate_and_target_kl_stops_early():
     # target_kl: the first minibatch (KL = 0) steps, the second sees KL > 1e-12 and stops the passes.
     policy = make_policy("cat")
     batch = make_batch(policy, n=128)
-    update = ClippedSurrogateUpdate(lr=1e-2, clip_range=0.2, epochs=4, minibatch=32, target_kl=1e-12,
+    update = ClippedSurrogateUpdate(alpha=1e-2, clip_range=0.2, epochs=4, minibatch=32, target_kl=1e-12,
                                     generator=torch.Generator().manual_seed(0))
     stats = update.update(policy, batch)
     assert stats["step/sgd_steps"] == 1 and stats["step/early_stop"] == 1.0

@@ -230,10 +230,8 @@ class Agent:
         left = 1.0 if schedule_end is None else 1.0 - self.env_steps / schedule_end
         if step.kl_schedule == "linear":
             step_rule.max_kl = columns["step/max_kl"] = step.max_kl * left
-        if step.lr_schedule == "linear":  # FixedStep.alpha, AdamStep.lr, or PPO's ClippedSurrogateUpdate.lr
-            holder = self.actor_update if step.step == "ppo_clip" else step_rule
-            setattr(holder, "alpha" if step.step == "fixed" else "lr", step.alpha * left)
-            columns["step/lr"] = step.alpha * left
+        if step.lr_schedule == "linear":  # the rate α of FixedStep, AdamStep or PPO's ClippedSurrogateUpdate
+            (step_rule or self.actor_update).alpha = columns["step/lr"] = step.alpha * left
         return {} if schedule_end is None else columns
 
     def periodic_eval(self, batch: int, out_dir: str | None) -> dict[str, float]:

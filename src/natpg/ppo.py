@@ -42,9 +42,9 @@ class ClippedSurrogateUpdate:
     ``ent_coef`` adds c·(mean entropy of the minibatch) to L^CLIP.
     """
 
-    def __init__(self, lr: float, clip_range: float, epochs: int, minibatch: int, target_kl: float = 0.0,
+    def __init__(self, alpha: float, clip_range: float, epochs: int, minibatch: int, target_kl: float = 0.0,
                  max_grad_norm: float = 0.0, generator: torch.Generator | None = None, ent_coef: float = 0.0):
-        self.lr, self.clip_range, self.epochs, self.minibatch = lr, clip_range, epochs, minibatch
+        self.alpha, self.clip_range, self.epochs, self.minibatch = alpha, clip_range, epochs, minibatch
         self.ent_coef = ent_coef
         self.target_kl, self.max_grad_norm, self.generator = target_kl, max_grad_norm, generator
         self.optimizer: torch.optim.Optimizer | None = None
@@ -62,11 +62,11 @@ class ClippedSurrogateUpdate:
     def update(self, policy: nn.Module, batch: Batch) -> dict[str, Any]:
         params = list(policy.actor_parameters())
         if self.optimizer is None or [id(p) for p in params] != [id(p) for p in self._params]:
-            self.optimizer, self._params = torch.optim.Adam(params, lr=self.lr, eps=1e-5, foreach=True), params
+            self.optimizer, self._params = torch.optim.Adam(params, lr=self.alpha, eps=1e-5, foreach=True), params
             if self._pending is not None:
                 self.optimizer.load_state_dict(self._pending)
-        for group in self.optimizer.param_groups:  # self.lr may change between updates (lr_schedule)
-            group["lr"] = self.lr
+        for group in self.optimizer.param_groups:  # self.alpha may change between updates (lr_schedule)
+            group["lr"] = self.alpha
         with torch.no_grad():
             surr_before = float(surrogate(policy, batch, self.ent_coef))
         B = batch.obs.shape[0]

@@ -110,9 +110,9 @@ class AdamStep:
     VPG. Moments persist across updates; the direction's norm is first clipped to ``max_norm`` (0: off).
     """
 
-    def __init__(self, lr: float, max_norm: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, alpha: float, max_norm: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8):
-        self.lr, self.max_norm, self.betas, self.eps = lr, max_norm, betas, eps
+        self.alpha, self.max_norm, self.betas, self.eps = alpha, max_norm, betas, eps
         self.m: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.t = 0
@@ -130,8 +130,8 @@ class AdamStep:
         self.m = b1 * self.m + (1 - b1) * d
         self.v = b2 * self.v + (1 - b2) * d * d
         m_hat, v_hat = self.m / (1 - b1**self.t), self.v / (1 - b2**self.t)
-        add_flat(params, m_hat / (v_hat.sqrt() + self.eps), self.lr)
-        return {"step/size": self.lr, "step/skipped": 0.0, "step/direction_norm": norm}
+        add_flat(params, m_hat / (v_hat.sqrt() + self.eps), self.alpha)
+        return {"step/size": self.alpha, "step/skipped": 0.0, "step/direction_norm": norm}
 
     def state_dict(self) -> dict:
         return {"m": self.m, "v": self.v, "t": self.t}
