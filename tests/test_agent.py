@@ -41,10 +41,52 @@ def test_a_misspelt_setting_gets_the_nearest_valid_name_and_a_foreign_one_none()
     (dict(fvp_subsample_step_length="full"), r"fvp_subsample_step_length must be one of \['subsample', 'batch'\]"),
     (dict(device="tpu"), "device must be"),
     (dict(fisher="kfac", kfac_refresh_every=0), "kfac_refresh_every must be an integer ≥ 1, got 0"),
+    (dict(update_threads=-1), "update_threads must be an integer ≥ 1, or 0 for torch_threads, got -1"),
+    (dict(update_threads=True), "update_threads must be an integer"),
 ])
 def test_invalid_settings_are_named(setting, pattern):
     with pytest.raises(ValueError, match=pattern):
         natpg.NPG("CartPole-v1", **setting)
+
+
+def test_update_threads_hold_for_the_actor_phase_only_and_runs_repeat_for_a_given_value():
+    """The batch and the actor update run with update_threads torch threads, sampling and the critic fit with
+    torch_threads; a run repeats bit for bit at a given value and ends within float32 rounding of the
+    one-thread run (only the split of the matrix products differs)."""
+    def run(update_threads):
+        agent = natpg.NPG("Pendulum-v1", seed=1, torch_threads=1, update_threads=update_threads, **small())
+        seen = {"actor": set(), "critic": set(), "sampling": set()}
+        actor_update, critic_fit, collect = agent.actor_update.update, agent.critic.fit, agent._make_sampler
+
+        def record(phase, fn):
+            def wrapped(*args, **kwargs):
+                seen[phase].add(torch.get_num_threads())
+                return fn(*args, **kwargs)
+            return wrapped
+
+        def make_sampler(seed):
+            sampler = collect(seed)
+            sampler.collect = record("sampling", sampler.collect)
+            return sampler
+
+        agent.actor_update.update = record("actor", actor_update)
+        agent.critic.fit = record("critic", critic_fit)
+        agent._make_sampler = make_sampler
+        agent.learn(3 * 64)
+        return seen, torch.nn.utils.parameters_to_vector(agent.policy.parameters()).detach()
+
+    before = torch.get_num_threads()
+    try:
+        seen, one = run(0)
+        assert seen == {"actor": {1}, "critic": {1}, "sampling": {1}}
+        seen, two = run(2)
+        assert seen == {"actor": {2}, "critic": {1}, "sampling": {1}}
+        assert torch.get_num_threads() == 1  # torch_threads again after the phase
+        _, again = run(2)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(two, again)
+    torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-5)
 
 
 def test_unknown_environment_is_a_clear_error():

@@ -180,6 +180,12 @@ class RunConfig:
     """Device of the update computations ('cpu' or 'cuda'); environments always step on the CPU."""
     torch_threads: int = 1
     """torch.set_num_threads for the process (1 is usually fastest for small networks on few cores)."""
+    update_threads: int = 0
+    """torch threads while the batch is prepared and the actor updated (0: torch_threads). Nothing else runs
+    then: the environments, in this process or in worker processes, wait for the new policy, so on a machine
+    with idle cores 2 threads shorten that serial phase (HalfCheetah-v5, 2048 samples, 2 cores: 35 → 25 ms).
+    Rounding then differs from a one-thread run's (matrix products split differently), so runs are
+    reproducible for a given value, not across values."""
     log_interval: int = 1
     """Write a progress row every this many updates."""
     checkpoint_every: int = 50
@@ -384,6 +390,8 @@ class Config:
         need(isinstance(run.device, str) and (run.device == "cpu" or run.device.startswith("cuda")),
              f"device must be 'cpu' or 'cuda[:N]', got {run.device!r}")
         pos_int("torch_threads", run.torch_threads)
+        need(type(run.update_threads) is int and run.update_threads >= 0,
+             f"update_threads must be an integer ≥ 1, or 0 for torch_threads, got {run.update_threads!r}")
         pos_int("log_interval", run.log_interval)
         pos_int("max_consecutive_faults", run.max_consecutive_faults)
         pos_int("eval_episodes", run.eval_episodes)

@@ -10,6 +10,7 @@ with its reason, and the caller counts consecutive faults (``Agent.learn`` stops
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -134,6 +135,19 @@ def fault_of(stats: dict[str, Any]) -> str | None:
     return "; ".join(str(r) for r in reasons) or None
 
 
+@contextlib.contextmanager
+def _threads(n: int):
+    """torch uses ``n`` intra-op threads inside the block (0: leave the setting alone)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(before)
+
+
 def iteration(sampler, policy: nn.Module, critic, actor_update, cfg, n_steps: int,
               generator: torch.Generator, prefetch: bool = False) -> dict[str, Any]:
     """collect → advantages → actor update (g, d = F⁻¹g, step) → critic regression; returns the log row.
@@ -145,14 +159,17 @@ def iteration(sampler, policy: nn.Module, critic, actor_update, cfg, n_steps: in
     t0 = time.perf_counter()
     rollout = sampler.collect(policy, n_steps)
     t1 = time.perf_counter()
-    batch = make_batch(rollout, policy, critic, cfg.advantage)
-    if not _finite(batch.adv, batch.ret, batch.eta_old, batch.logp_old):
+    with _threads(cfg.run.update_threads):  # the environments wait for this phase's result
+        batch = make_batch(rollout, policy, critic, cfg.advantage)
+        usable = _finite(batch.adv, batch.ret, batch.eta_old, batch.logp_old)
+        if usable:
+            stats = guarded_actor_update(actor_update, policy, batch)
+    if not usable:
         reason = "non-finite advantages, returns or old policy outputs"
-        stats: dict[str, Any] = {"step/skipped": 1.0, "step/fault": reason, "step/size": 0.0,
-                                 "critic/skipped": 1.0, "critic/fault": reason}
+        stats = {"step/skipped": 1.0, "step/fault": reason, "step/size": 0.0,
+                 "critic/skipped": 1.0, "critic/fault": reason}
         t2 = t3 = time.perf_counter()
     else:
-        stats = guarded_actor_update(actor_update, policy, batch)
         if prefetch and hasattr(sampler, "prefetch"):
             sampler.prefetch(policy, n_steps)
         t2 = time.perf_counter()
