@@ -159,22 +159,21 @@ def iteration(sampler, policy: nn.Module, critic, actor_update, cfg, n_steps: in
     t0 = time.perf_counter()
     rollout = sampler.collect(policy, n_steps)
     t1 = time.perf_counter()
+    unusable = "non-finite advantages, returns or old policy outputs"
     with _threads(cfg.run.update_threads):  # the environments wait for this phase's result
         batch = make_batch(rollout, policy, critic, cfg.advantage)
         usable = _finite(batch.adv, batch.ret, batch.eta_old, batch.logp_old)
-        if usable:
-            stats = guarded_actor_update(actor_update, policy, batch)
-    if not usable:
-        reason = "non-finite advantages, returns or old policy outputs"
-        stats = {"step/skipped": 1.0, "step/fault": reason, "step/size": 0.0,
-                 "critic/skipped": 1.0, "critic/fault": reason}
-        t2 = t3 = time.perf_counter()
-    else:
+        stats: dict[str, Any] = (guarded_actor_update(actor_update, policy, batch) if usable else
+                                 {"step/skipped": 1.0, "step/fault": unusable, "step/size": 0.0,
+                                  "critic/skipped": 1.0, "critic/fault": unusable})
+    if usable:
         if prefetch and hasattr(sampler, "prefetch"):
             sampler.prefetch(policy, n_steps)
         t2 = time.perf_counter()
         stats |= guarded_critic_fit(critic, batch, generator)
         t3 = time.perf_counter()
+    else:
+        t2 = t3 = time.perf_counter()
     stats |= {"env/nonfinite_dropped": float(getattr(sampler, "dropped", 0)),
               "time/collect_s": t1 - t0, "time/actor_s": t2 - t1, "time/critic_s": t3 - t2}
     return stats
