@@ -237,6 +237,11 @@ ENV_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # between 1.5k and 3.7k (1M, 5 seeds: 2495 ± 921); half the KL budget keeps it near 3.6k (same seeds,
     # docs/BENCHMARKS.md "ACKTR on Hopper-v5 with half the KL budget").
     ("acktr", "Hopper-v5"): {"max_kl": 0.001},
+    # ACKTR on Walker2d is still learning at 1M and its mean action swings; every change to the actor's step
+    # that steadied it slowed it. Fitting the critic by Adam (10 × 256, NPG's) instead of its K-FAC trust-region
+    # step does neither: 1M, seeds 0–4, 3893 ± 1064 → 4488 ± 769, evaluations after 500k 3853 → 4011 on
+    # average, a fifth less wall time (docs/BENCHMARKS.md "ACKTR on Walker2d-v5 with an Adam critic").
+    ("acktr", "Walker2d-v5"): {"critic_optimizer": "adam"},
     # NPG on Hopper, the same way (1M, 5 seeds): δ 0.02 → 0.01 took every seed above 3.2k by 200k steps
     # (δ 0.02: 1 of 5) and the evaluations after 500k from 3008 to 3351 on average (final: 3231 → 3320). Its
     # late drops are of the mean action, which the σ-noisy objective does not score; σ starting at e^−0.25
