@@ -537,8 +537,10 @@ def test_presets_layer_algorithm_family_environment_then_user():
         assert default_config(algo, "mujoco", "Hopper-v5").step.max_kl == (
             {"acktr": 0.001, "npg": 0.01}.get(algo, FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"]))
         assert default_config(algo, "mujoco", "Walker2d-v5").step.max_kl == FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"]
-        # ACKTR fits its critic by K-FAC everywhere but on Walker2d, where Adam does.
+        # ACKTR fits its critic by K-FAC everywhere but on Walker2d and Ant, where Adam does.
         assert default_config(algo, "mujoco", "Walker2d-v5").critic.critic_optimizer == "adam"
+        assert default_config(algo, "mujoco", "Ant-v5").critic.critic_optimizer == "adam"
+        assert default_config(algo, "mujoco", "Ant-v5").policy.log_std_init == -1.0
         assert default_config(algo, "mujoco", "Hopper-v5").critic.critic_optimizer == (
             "kfac" if algo == "acktr" else "adam")
         # TRPO's HalfCheetah preset takes NPG's budget, δ 0.02; the others keep their family's.
@@ -550,7 +552,7 @@ def test_presets_layer_algorithm_family_environment_then_user():
     agent = natpg.TRPO("HalfCheetah-v5", n_envs=1, tensorboard=False)
     torch.testing.assert_close(agent.policy.log_std.detach(), torch.full((6,), -0.5))
     agent.close()
-    for env_id, critic_class in (("Walker2d-v5", ValueCritic), ("Hopper-v5", KFACCritic)):  # the built critic
+    for env_id, critic_class in (("Walker2d-v5", ValueCritic), ("Ant-v5", ValueCritic), ("Hopper-v5", KFACCritic)):
         agent = natpg.ACKTR(env_id, n_envs=1, tensorboard=False)
         assert type(agent.critic) is critic_class
         agent.close()
