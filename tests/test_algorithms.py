@@ -529,10 +529,10 @@ def test_presets_layer_algorithm_family_environment_then_user():
     agent = natpg.ACKTR("Ant-v5", n_envs=1, log_std_init=-0.5, tensorboard=False)
     torch.testing.assert_close(agent.policy.log_std.detach(), torch.full((8,), -0.5))
     agent.close()
-    for algo in ("npg", "trpo", "acktr"):  # HalfCheetah's σ e^−0.5, over the MuJoCo family's 0
+    for algo in ("npg", "trpo", "acktr"):  # HalfCheetah's and Walker2d's σ e^−0.5, over the MuJoCo family's 0
         assert default_config(algo, "mujoco", "HalfCheetah-v5").policy.log_std_init == -0.5
         assert default_config(algo, "mujoco", "Hopper-v5").policy.log_std_init == (-0.25 if algo == "npg" else 0.0)
-        assert default_config(algo, "mujoco", "Walker2d-v5").policy.log_std_init == (0.0 if algo == "acktr" else -0.5)
+        assert default_config(algo, "mujoco", "Walker2d-v5").policy.log_std_init == -0.5
         # ACKTR's and NPG's Hopper presets halve the family's KL budget; TRPO keeps its own.
         assert default_config(algo, "mujoco", "Hopper-v5").step.max_kl == (
             {"acktr": 0.001, "npg": 0.01}.get(algo, FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"]))
