@@ -148,3 +148,27 @@ def test_returns_refuses_bad_settings_before_any_run(tmp_path, capsys):
             returns.main([*argv, "--envs", "Hopper-v5", "--seeds", "0", "--out", str(out)])
         assert exit_.value.code == 2 and says in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_episode_ends_reports_each_evaluation_episode_as_natpg_eval_runs_them(tmp_path, capsys):
+    import natpg
+
+    episode_ends = _load("episode_ends")
+    agent = natpg.NPG("CartPole-v1", n_envs=2, n_steps=64, seed=0, tensorboard=False)
+    agent.learn(256)
+    agent.save(str(tmp_path / "run"))
+    mean, _ = natpg.evaluate(agent, episodes=4, seed=7)
+    agent.close()
+    rows = episode_ends.episode_ends(str(tmp_path / "run"), episodes=4, seed=7)
+    assert [r["episode"] for r in rows] == [0, 1, 2, 3]
+    assert np.mean([r["return"] for r in rows]) == pytest.approx(mean, rel=1e-12)
+    for r in rows:  # CartPole pays 1 per step; a barely trained policy drops the pole before the 500-step limit
+        assert r["return"] == r["length"] and r["length"] < 500 and r["ended_by"] == "terminated"
+    agent = natpg.NPG("Pendulum-v1", n_envs=2, n_steps=64, seed=0, tensorboard=False)  # never terminates
+    agent.learn(128)
+    agent.save(str(tmp_path / "pendulum"))
+    agent.close()
+    rows = episode_ends.episode_ends(str(tmp_path / "pendulum"), episodes=2, seed=7)
+    assert [(r["length"], r["ended_by"]) for r in rows] == [(200, "time limit")] * 2
+    assert episode_ends.main([str(tmp_path / "missing")]) == 2
+    assert "no natpg checkpoint" in capsys.readouterr().err
