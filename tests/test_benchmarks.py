@@ -1,6 +1,7 @@
 """The statistics behind the published benchmark tables (benchmarks/aggregate.py): the interquartile mean
 against a plain loop, the stratified bootstrap against a loop that resamples each environment's seeds, both
-against rliable, and which rows make a run's final result."""
+against rliable, and which rows make a run's final result; the harness's refusals of bad settings, and
+benchmarks/episode_ends.py's episodes against natpg.evaluate."""
 
 from __future__ import annotations
 
