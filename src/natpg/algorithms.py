@@ -253,8 +253,9 @@ ENV_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # average, a fifth less wall time. The K-FAC critic's 80 steps fit each batch's noise (its error on the next
     # batch is 1.5–2.7× Adam's; docs/BENCHMARKS.md "ACKTR on Walker2d-v5 with an Adam critic"). With that critic,
     # σ starting at e^−0.5 (as NPG and TRPO there) then steadies the late swings without slowing it: 4488 ± 769 →
-    # 4687 ± 367, evaluations after 500k 4011 → 4423 on average, the lowest of them 829 → 3017 (docs/BENCHMARKS.md
-    # "ACKTR on Walker2d-v5: σ starting at e^−0.5 with the Adam critic").
+    # 4687 ± 367, evaluations after 500k 4011 → 4423 on average, the lowest of them 829 → 3017; on seeds 5–9 it is
+    # level with σ 1 (ten seeds 4307 ± 815 against 4168 ± 896; docs/BENCHMARKS.md "ACKTR on Walker2d-v5: σ starting
+    # at e^−0.5 with the Adam critic").
     ("acktr", "Walker2d-v5"): {"critic_optimizer": "adam", "log_std_init": -0.5},
     # NPG on Hopper, the same way (1M, 5 seeds): δ 0.02 → 0.01 took every seed above 3.2k by 200k steps
     # (δ 0.02: 1 of 5) and the evaluations after 500k from 3008 to 3351 on average (final: 3231 → 3320). Its
