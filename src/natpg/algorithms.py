@@ -222,7 +222,7 @@ ENV_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # that, so with log_std_init 0 the return falls with every step and NPG learns to fall over (train return
     # −29 at 300k steps); σ = e^−1 keeps living worth it (676 at 300k, docs/BENCHMARKS.md).
     ("npg", "Ant-v5"): {"log_std_init": -1.0},
-    # TRPO there starts σ at e^−1.5: 1M, seeds 0–4, 2202 ± 365 → 2581 ± 386, ahead at every evaluation (NPG with
+    # TRPO there starts σ at e^−1.5: 1M, seeds 0–4, 2203 ± 365 → 2581 ± 386, ahead at every evaluation (NPG with
     # e^−1.5 ended level with e^−1: 2523 ± 281 against 2648 ± 764; docs/BENCHMARKS.md "TRPO on Ant-v5: σ e^−1.5").
     ("trpo", "Ant-v5"): {"log_std_init": -1.5},
     # ACKTR there also fits its critic by Adam (see Walker2d below): 1M, seeds 0–4, 2168 ± 537 → 2721 ± 329, ahead
