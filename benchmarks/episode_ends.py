@@ -4,8 +4,8 @@ height on Ant, Hopper and Walker2d, whose 'healthy' range ends an episode when l
 
     python benchmarks/episode_ends.py runs/ant-npg --episodes 20 [--seed 123]
 
-The episodes run as ``natpg.evaluate`` runs them (one vector env, copy i seeded ``seed + i``, frozen
-normalisation, ``Agent.predict``), so the mean printed last equals ``natpg eval RUN --episodes N --seed S``.
+The episodes are ``natpg.agent.evaluation_episodes``, the ones ``natpg.evaluate`` averages, so the mean printed
+last equals ``natpg eval RUN --episodes N --seed S``.
 """
 
 from __future__ import annotations
@@ -16,30 +16,19 @@ import sys
 import numpy as np
 
 import natpg
-from natpg.envs import make_vec_env
+from natpg.agent import evaluation_episodes
 
 
 def episode_ends(run: str, episodes: int, seed: int) -> list[dict]:
     agent = natpg.load(run)
-    envs = make_vec_env(agent.env_id, episodes, "sync")
-    rows = [{} for _ in range(episodes)]
     try:
-        obs, _ = envs.reset(seed=seed)
-        ret, length = np.zeros(episodes), np.zeros(episodes, np.int64)
-        done = np.zeros(episodes, bool)
-        while not done.all():
-            obs, rew, term, trunc, info = envs.step(agent.predict(obs))
-            ret += np.where(done, 0.0, rew)
-            length += ~done
-            for i in np.flatnonzero((term | trunc) & ~done):
-                last = np.asarray(info["final_obs"][i], np.float64).reshape(-1)
-                rows[i] = {"episode": i, "return": float(ret[i]), "length": int(length[i]),
-                           "ended_by": "terminated" if term[i] else "time limit", "last_obs0": float(last[0])}
-            done |= term | trunc
+        ep = evaluation_episodes(agent, episodes=episodes, seed=seed)
     finally:
-        envs.close()
         agent.close()
-    return rows
+    return [{"episode": i, "return": float(ep["return"][i]), "length": int(ep["length"][i]),
+             "ended_by": "terminated" if ep["terminated"][i] else "time limit",
+             "last_obs0": float(ep["last_obs"][i, 0])}
+            for i in range(episodes)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -515,9 +515,12 @@ def check_evaluation(agent: Agent, env: str | None, episodes: int, seed: int,
     return env_id
 
 
-def evaluate(agent: Agent, env: str | None = None, episodes: int = 10, seed: int = 123,
-             deterministic: bool = True, max_episode_steps: int = EVAL_MAX_EPISODE_STEPS) -> tuple[float, float]:
-    """Mean and std of the undiscounted return over ``episodes`` episodes, with frozen normalisation.
+def evaluation_episodes(agent: Agent, env: str | None = None, episodes: int = 10, seed: int = 123,
+                        deterministic: bool = True,
+                        max_episode_steps: int = EVAL_MAX_EPISODE_STEPS) -> dict[str, np.ndarray]:
+    """Each of ``episodes`` evaluation episodes, with frozen normalisation: ``return`` (undiscounted), ``length``,
+    ``terminated`` (True where the environment ended it; False where its time limit or ``max_episode_steps`` cut
+    it) and ``last_obs`` (its last observation as the policy reads it: flattened, any action mask appended).
 
     Episodes run in parallel copies of ``env`` (default: the agent's own), copy i seeded ``seed + i``. An
     episode the environment has not ended after ``max_episode_steps`` steps is cut there, with a warning (an
@@ -527,18 +530,34 @@ def evaluate(agent: Agent, env: str | None = None, episodes: int = 10, seed: int
     envs = make_vec_env(env_id, episodes, "sync", action_mask=agent.action_mask_source)
     try:
         obs, _ = envs.reset(seed=seed)
-        returns = np.zeros(episodes)
-        finished = np.zeros(episodes, bool)
-        for _ in range(max_episode_steps):  # observations come flattened, with the mask appended: to the policy
-            act = agent._act(np.asarray(obs, np.float64).reshape(episodes, -1), deterministic)
-            obs, rew, term, trunc, _ = envs.step(act)
+        flat = np.asarray(obs, np.float64).reshape(episodes, -1)  # flattened, with the mask appended: to the policy
+        returns, lengths = np.zeros(episodes), np.zeros(episodes, np.int64)
+        terminated, finished = np.zeros(episodes, bool), np.zeros(episodes, bool)
+        last_obs = flat.copy()
+        for _ in range(max_episode_steps):
+            obs, rew, term, trunc, info = envs.step(agent._act(flat, deterministic))
+            flat = np.asarray(obs, np.float64).reshape(episodes, -1)
             returns += np.where(finished, 0.0, rew)
+            lengths += ~finished
+            terminated |= term & ~finished
+            last_obs[~finished] = flat[~finished]
+            for i in np.flatnonzero((term | trunc) & ~finished):  # the copy has reset: its last one is final_obs
+                last_obs[i] = np.asarray(info["final_obs"][i], np.float64).reshape(-1)
             finished |= term | trunc
             if finished.all():
                 break
     finally:
         envs.close()
     warn_cut_episodes(env_id, int((~finished).sum()), episodes, max_episode_steps)
+    return {"return": returns, "length": lengths, "terminated": terminated, "last_obs": last_obs}
+
+
+def evaluate(agent: Agent, env: str | None = None, episodes: int = 10, seed: int = 123,
+             deterministic: bool = True, max_episode_steps: int = EVAL_MAX_EPISODE_STEPS) -> tuple[float, float]:
+    """Mean and std of the undiscounted return over ``episodes`` episodes run by ``evaluation_episodes`` (copy i
+    seeded ``seed + i``, frozen normalisation, an episode not ended after ``max_episode_steps`` cut with a warning).
+    """
+    returns = evaluation_episodes(agent, env, episodes, seed, deterministic, max_episode_steps)["return"]
     return float(returns.mean()), float(returns.std())
 
 
