@@ -537,6 +537,9 @@ def test_presets_layer_algorithm_family_environment_then_user():
         assert default_config(algo, "mujoco", "Hopper-v5").step.max_kl == (
             {"acktr": 0.001, "npg": 0.01}.get(algo, FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"]))
         assert default_config(algo, "mujoco", "Walker2d-v5").step.max_kl == FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"]
+        # ACKTR's Ant preset doubles its family's budget (with σ e^−2); NPG and TRPO keep theirs.
+        assert default_config(algo, "mujoco", "Ant-v5").step.max_kl == (
+            0.004 if algo == "acktr" else FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"])
         # ACKTR fits its critic by K-FAC on Hopper and Swimmer, by Adam (like the others) on the other three.
         for env_id in ("Walker2d-v5", "Ant-v5", "HalfCheetah-v5"):
             assert default_config(algo, "mujoco", env_id).critic.critic_optimizer == "adam"
