@@ -501,7 +501,7 @@ def test_config_for_finds_the_family_applies_presets_then_overrides_and_validate
 
 
 def test_presets_layer_algorithm_family_environment_then_user():
-    """Swimmer's (γ 0.9999, GAE λ 0.99), Ant's (σ e^−1, TRPO's e^−1.5, ACKTR's e^−2) and HalfCheetah's and
+    """Swimmer's (γ 0.9999, GAE λ 0.99), Ant's (σ e^−1, TRPO's and ACKTR's e^−2) and HalfCheetah's and
     Walker2d's (σ e^−0.5) presets sit over the MuJoCo family's, a user's keyword over all."""
     from natpg.algorithms import ALGORITHM_DEFAULTS, FAMILY_DEFAULTS
 
@@ -547,7 +547,7 @@ def test_presets_layer_algorithm_family_environment_then_user():
             assert default_config(algo, "mujoco", env_id).critic.critic_optimizer == (
                 "kfac" if algo == "acktr" else "adam")
         assert default_config(algo, "mujoco", "Ant-v5").policy.log_std_init == (
-            {"npg": -1.0, "trpo": -1.5, "acktr": -2.0}[algo])
+            {"npg": -1.0, "trpo": -2.0, "acktr": -2.0}[algo])
         # TRPO's HalfCheetah preset takes NPG's budget, δ 0.02; the others keep their family's.
         assert default_config(algo, "mujoco", "HalfCheetah-v5").step.max_kl == (
             0.02 if algo == "trpo" else FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"])
