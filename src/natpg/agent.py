@@ -533,19 +533,19 @@ def evaluation_episodes(agent: Agent, env: str | None = None, episodes: int = 10
         flat = np.asarray(obs, np.float64).reshape(episodes, -1)  # flattened, with the mask appended: to the policy
         returns, lengths = np.zeros(episodes), np.zeros(episodes, np.int64)
         terminated, finished = np.zeros(episodes, bool), np.zeros(episodes, bool)
-        last_obs = flat.copy()
+        last_obs = np.empty_like(flat)
         for _ in range(max_episode_steps):
             obs, rew, term, trunc, info = envs.step(agent._act(flat, deterministic))
             flat = np.asarray(obs, np.float64).reshape(episodes, -1)
             returns += np.where(finished, 0.0, rew)
             lengths += ~finished
             terminated |= term & ~finished
-            last_obs[~finished] = flat[~finished]
             for i in np.flatnonzero((term | trunc) & ~finished):  # the copy has reset: its last one is final_obs
                 last_obs[i] = np.asarray(info["final_obs"][i], np.float64).reshape(-1)
             finished |= term | trunc
             if finished.all():
                 break
+        last_obs[~finished] = flat[~finished]  # episodes cut at max_episode_steps end where they stand
     finally:
         envs.close()
     warn_cut_episodes(env_id, int((~finished).sum()), episodes, max_episode_steps)
