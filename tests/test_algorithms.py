@@ -467,14 +467,20 @@ def test_value_clipping_limits_the_loss_to_the_clipped_range():
     assert float(moved.max()) < 1.0 and stats["critic/clip_fraction"] > 0
 
 
-def test_value_critic_fit_is_minibatch_adam_on_squared_error_bit_for_bit():
-    """The fit against a hand loop: the same shuffles from the same generator, mean (V − R)² per minibatch,
-    torch's default per-tensor Adam. Equal bit for bit, which also holds the foreach Adam the critic uses to
-    the numbers every documented run was measured with."""
+@pytest.mark.parametrize("activation,dtype,hand_backward", [("tanh", torch.float32, True),
+                                                             ("relu", torch.float32, True),
+                                                             ("tanh", torch.float64, True),
+                                                             ("elu", torch.float32, False)])
+def test_value_critic_fit_is_minibatch_adam_on_squared_error_bit_for_bit(activation, dtype, hand_backward):
+    """The fit against a hand loop with autograd: the same shuffles from the same generator, mean (V − R)²
+    per minibatch, torch's default per-tensor Adam. Equal bit for bit, which holds both the critic's
+    hand-written backward (tanh and ReLU MLPs; ELU takes autograd) and its foreach Adam to the numbers
+    every documented run was measured with."""
     torch.manual_seed(0)
-    critic = ValueCritic(OBS_DIM, (16, 16), "tanh", lr=3e-3, epochs=3, minibatch=20)
+    critic = ValueCritic(OBS_DIM, (16, 16), activation, lr=3e-3, epochs=3, minibatch=20).to(dtype)
+    assert (critic._mlp is not None) == hand_backward
     reference = copy.deepcopy(critic.net)
-    obs, returns = torch.randn(50, OBS_DIM), torch.randn(50)
+    obs, returns = torch.randn(50, OBS_DIM, dtype=dtype), 3 * torch.randn(50, dtype=dtype)
     for seed in (1, 2):
         stats = critic.fit(obs, returns, torch.Generator().manual_seed(seed))
         assert stats["critic/loss_after"] < stats["critic/loss_before"]
