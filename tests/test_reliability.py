@@ -442,6 +442,86 @@ def test_numerical_fault_leaves_parameters_untouched_then_stops(tmp_path, monkey
         assert torch.equal(flat_params(loaded.policy), actor0)
 
 
+OVERLAP_CASES = [("npg", "Pendulum-v1", {}, True), ("trpo", "CartPole-v1", {}, True),
+                 ("acktr", "Pendulum-v1", {}, False),  # K-FAC samples actions from the shared generator
+                 ("ppo", "CartPole-v1", {}, False),  # PPO draws its minibatches from it
+                 ("npg", "CartPole-v1", {"update_threads": 2}, True)]  # runs after it: two torch threads
+
+
+@pytest.mark.parametrize("algo,env_id,extra,overlaps", OVERLAP_CASES, ids=[f"{c[0]}-{c[1]}-{c[3]}" for c in OVERLAP_CASES])
+def test_critic_fit_beside_the_actor_update_is_bit_identical_to_after_it(algo, env_id, extra, overlaps):
+    """``CriticFit`` fits the critic in a second thread during the actor update: policy, critic, Adam state
+    and generator end equal bit for bit to the sequential order, and it keeps overlapping only where the
+    actor update draws nothing from the generator the critic's shuffles share."""
+    from natpg.train import CriticFit
+
+    cls = natpg.agent.ALGORITHM_CLASSES[algo]
+    runs = []
+    for overlap in (False, True):
+        agent = cls(env_id, seed=4, **small(**extra))
+        agent._critic_fit = CriticFit(overlap=overlap)
+        agent.learn(4 * BATCH)
+        runs.append(agent)
+    sequential, overlapped = runs
+    assert overlapped._critic_fit.overlap is overlaps
+    if extra.get("update_threads", 0) > 1:
+        assert overlapped._critic_fit.start(overlapped.critic, None, overlapped.cpu_generator, 2) is None
+    assert torch.equal(flat_params(sequential.policy), flat_params(overlapped.policy))
+    assert torch.equal(flat_params(sequential.critic), flat_params(overlapped.critic))
+    assert torch.equal(sequential.cpu_generator.get_state(), overlapped.cpu_generator.get_state())
+    opt = [_leaves(a.critic.optimizer.state_dict()) for a in runs]  # Adam's moments, or K-FAC's momentum
+    assert len(opt[0]) == len(opt[1]) and all(
+        torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(*opt))
+
+
+def _leaves(tree) -> list:
+    if isinstance(tree, dict):
+        return [leaf for key in sorted(tree, key=str) for leaf in _leaves(tree[key])]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for item in tree for leaf in _leaves(item)]
+    return [tree]
+
+
+def test_an_actor_update_that_raises_leaves_the_overlapped_critic_as_it_was(monkeypatch):
+    agent = natpg.NPG("Pendulum-v1", seed=4, **small())
+    agent.learn(BATCH)
+    critic0 = flat_params(agent.critic)
+    opt0 = {k: v["exp_avg"].clone() for k, v in agent.critic.optimizer.state_dict()["state"].items()}
+
+    def broken(policy, batch):
+        time.sleep(0.05)  # the critic fit is under way in its thread
+        raise AssertionError("a bug in the actor update")
+
+    monkeypatch.setattr(agent.actor_update, "update", broken)
+    with pytest.raises(AssertionError, match="a bug in the actor update"):
+        agent.learn(BATCH, reset=False)
+    assert agent._critic_fit.overlap
+    assert torch.equal(flat_params(agent.critic), critic0)
+    assert all(torch.equal(v["exp_avg"], opt0[k]) for k, v in agent.critic.optimizer.state_dict()["state"].items())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_process_forked_after_training_trains_on():
+    """The critic fit's thread does not survive a fork; the child makes its own instead of waiting forever."""
+    agent = natpg.NPG("CartPole-v1", seed=1, **small())
+    agent.learn(BATCH)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            agent.learn(BATCH, reset=False)
+            code = 0 if agent.env_steps == 2 * BATCH else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0
+
+
 def test_cli_stops_after_consecutive_faults_with_a_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(natpg.fisher.CG, "solve", lambda self, g: torch.full_like(g, float("nan")))
     out = tmp_path / "run"

@@ -23,7 +23,7 @@ from .envs import ObsNormalizer, RewardScaler, check_spaces, make_vec_env, probe
 from .logger import Logger
 from .policies import env_action, input_layout, make_policy
 from .rollout import Sampler
-from .train import TrainingFault, fault_of, iteration
+from .train import CriticFit, TrainingFault, fault_of, iteration
 
 
 def space_to_dict(space: gym.Space) -> dict[str, Any]:
@@ -119,6 +119,7 @@ class Agent:
                                    else torch.Generator().manual_seed(seed))
         self.cpu_generator = torch.Generator().manual_seed(seed + 1)
         self.actor_update = make_actor_update(config, self.cpu_generator)
+        self._critic_fit = CriticFit()  # beside the actor update, bit for bit as after it
         self.env_steps = 0
         self.updates = 0
         self.consecutive_faults = 0  # updates in a row skipped for a numerical fault
@@ -185,7 +186,8 @@ class Agent:
             for i in range(n_updates):
                 schedule = self._schedule(step_rule, schedule_end)
                 stats = iteration(self._sampler, self.policy, self.critic, self.actor_update, self.config,
-                                  self.config.rollout.n_steps, self.cpu_generator, prefetch=i < n_updates - 1)
+                                  self.config.rollout.n_steps, self.cpu_generator, prefetch=i < n_updates - 1,
+                                  critic_fit=self._critic_fit)
                 self.updates += 1
                 self.env_steps += batch
                 stats |= schedule

@@ -6,13 +6,19 @@ non-finite parameter or KL behind is undone bit-exactly from a copy; a critic fi
 parameters end non-finite is undone together with its optimiser state. Each such iteration is logged
 with its reason, and the caller counts consecutive faults (``Agent.learn`` stops with
 ``TrainingFault`` after ``max_consecutive_faults``).
+
+The critic fit may run in a second thread beside the actor update (``CriticFit``), in the otherwise idle
+core of the phase in which the environments wait for the new policy; the numbers stay those of the order
+above, bit for bit.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import math
+import os
 import time
 from typing import Any
 
@@ -129,6 +135,78 @@ def guarded_critic_fit(critic: nn.Module, batch: Batch, generator: torch.Generat
     return {**stats, "critic/skipped": 0.0}
 
 
+def _critic_snapshot(critic: nn.Module):
+    optimizer = getattr(critic, "optimizer", None)
+    return ([p.detach().clone() for p in critic.parameters()],
+            copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None)
+
+
+def _critic_restore(critic: nn.Module, snapshot) -> None:
+    params, optimizer_state = snapshot
+    _restore(critic, params)
+    if optimizer_state is not None:
+        critic.optimizer.load_state_dict(optimizer_state)
+
+
+class CriticFit:
+    """The critic fit of ``iteration``, run in a second thread beside the actor update when that leaves every
+    number as it is.
+
+    The two read disjoint state (the critic and the batch; the policy and the batch), so they may run at
+    once, but for the generator they share: in the paper's order the critic's shuffles come after whatever
+    the actor update draws (K-FAC's sampled actions, a Fisher subsample, PPO's minibatches). So the
+    overlapped fit shuffles with a copy of the generator taken before the actor update, and is kept only if
+    the actor update drew nothing; otherwise it is undone and the critic fitted again after the actor, as
+    without overlap, and later iterations of this run do not overlap (one wasted fit per run). Either way
+    the parameters, the optimiser state and the generator end bit for bit as in the sequential order (test).
+    It does not overlap when the update phase uses more than one torch thread (``update_threads``), whose
+    kernels could round differently from the fit's one-thread run."""
+
+    # One thread, shared, made on first use in each process: a child forked after training has the
+    # executor but not its thread, and would wait forever on it.
+    _executor: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+
+    def __init__(self, overlap: bool = True):
+        self.overlap = overlap
+
+    def start(self, critic: nn.Module, batch: Batch, generator: torch.Generator, update_threads: int = 0):
+        """Begin the fit (returns a handle for ``finish``), or None when it is to run after the actor update."""
+        if not self.overlap or update_threads > 1:
+            return None
+        if CriticFit._executor is None or CriticFit._executor[0] != os.getpid():
+            CriticFit._executor = (os.getpid(),
+                                   concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="natpg-critic"))
+        state = generator.get_state()
+        shuffles = torch.Generator(generator.device)
+        shuffles.set_state(state)
+        snapshot = _critic_snapshot(critic)
+        return state, shuffles, snapshot, CriticFit._executor[1].submit(guarded_critic_fit, critic, batch, shuffles)
+
+    def finish(self, handle, critic: nn.Module, batch: Batch, generator: torch.Generator) -> dict[str, Any]:
+        """The fit's log entries, once it is done and kept (or redone in order)."""
+        if handle is None:
+            return guarded_critic_fit(critic, batch, generator)
+        state, shuffles, snapshot, future = handle
+        try:
+            stats = future.result()
+        except BaseException:  # a bug in the fit, or an interrupt while waiting: the critic as it was
+            self.cancel(handle, critic)
+            raise
+        if torch.equal(generator.get_state(), state):
+            generator.set_state(shuffles.get_state())
+            return stats
+        self.overlap = False
+        _critic_restore(critic, snapshot)
+        return guarded_critic_fit(critic, batch, generator)
+
+    @staticmethod
+    def cancel(handle, critic: nn.Module) -> None:
+        """Wait for an overlapped fit and undo it (the actor update raised): the critic is left as it was."""
+        if handle is not None:
+            concurrent.futures.wait([handle[3]])
+            _critic_restore(critic, handle[2])
+
+
 def fault_of(stats: dict[str, Any]) -> str | None:
     """The reason an iteration's update was (partly) skipped, or None."""
     reasons = [stats[k] for k in ("step/fault", "critic/fault") if stats.get(k)]
@@ -149,28 +227,36 @@ def _threads(n: int):
 
 
 def iteration(sampler, policy: nn.Module, critic, actor_update, cfg, n_steps: int,
-              generator: torch.Generator, prefetch: bool = False) -> dict[str, Any]:
+              generator: torch.Generator, prefetch: bool = False, critic_fit: CriticFit | None = None
+              ) -> dict[str, Any]:
     """collect → advantages → actor update (g, d = F⁻¹g, step) → critic regression; returns the log row.
 
     ``prefetch``: a sampler whose workers run elsewhere (``sampler.prefetch``) starts the next rollout as
     soon as the actor has stepped, so that it runs while the critic is fitted here. The next batch is the
     same either way: the rollout reads only the policy and the normaliser statistics, the critic is read
-    only by the next ``make_batch``."""
+    only by the next ``make_batch``. ``critic_fit``: a ``CriticFit`` that may overlap the critic fit with
+    the actor update (None: the fit runs after it); ``time/critic_s`` is then the wait after the actor."""
     t0 = time.perf_counter()
     rollout = sampler.collect(policy, n_steps)
     t1 = time.perf_counter()
     unusable = "non-finite advantages, returns or old policy outputs"
+    critic_fit = critic_fit or CriticFit(overlap=False)
     with _threads(cfg.run.update_threads):  # the environments wait for this phase's result
         batch = make_batch(rollout, policy, critic, cfg.advantage)
         usable = _finite(batch.adv, batch.ret, batch.eta_old, batch.logp_old)
-        stats: dict[str, Any] = (guarded_actor_update(actor_update, policy, batch) if usable else
-                                 {"step/skipped": 1.0, "step/fault": unusable, "step/size": 0.0,
-                                  "critic/skipped": 1.0, "critic/fault": unusable})
+        fitting = critic_fit.start(critic, batch, generator, cfg.run.update_threads) if usable else None
+        try:
+            stats: dict[str, Any] = (guarded_actor_update(actor_update, policy, batch) if usable else
+                                     {"step/skipped": 1.0, "step/fault": unusable, "step/size": 0.0,
+                                      "critic/skipped": 1.0, "critic/fault": unusable})
+            if usable and prefetch and hasattr(sampler, "prefetch"):
+                sampler.prefetch(policy, n_steps)
+        except BaseException:  # an interrupt or a bug: leave the critic as it was, not half-fitted
+            critic_fit.cancel(fitting, critic)
+            raise
     if usable:
-        if prefetch and hasattr(sampler, "prefetch"):
-            sampler.prefetch(policy, n_steps)
         t2 = time.perf_counter()
-        stats |= guarded_critic_fit(critic, batch, generator)
+        stats |= critic_fit.finish(fitting, critic, batch, generator)
         t3 = time.perf_counter()
     else:
         t2 = t3 = time.perf_counter()
