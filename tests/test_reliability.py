@@ -211,6 +211,8 @@ API_CASES = [
      "hidden must be a tuple of positive integers"),
     ("string flag", lambda a: natpg.NPG("CartPole-v1", normalize_obs="yes"), ValueError,
      "normalize_obs must be True or False"),
+    ("integer critic_thread", lambda a: natpg.NPG("CartPole-v1", critic_thread=1), ValueError,
+     "critic_thread must be True or False"),
     ("unknown fisher", lambda a: natpg.NPG("CartPole-v1", fisher="bogus"), ValueError, r"fisher must be one of \['cg'"),
     ("unknown step rule", lambda a: natpg.NPG("CartPole-v1", step="nope"), ValueError, "step must be one of"),
     ("unknown algorithm", lambda a: _agent_cls("bogus")("CartPole-v1"), ValueError, "unknown algorithm 'bogus'"),
@@ -445,7 +447,8 @@ def test_numerical_fault_leaves_parameters_untouched_then_stops(tmp_path, monkey
 OVERLAP_CASES = [("npg", "Pendulum-v1", {}, True), ("trpo", "CartPole-v1", {}, True),
                  ("acktr", "Pendulum-v1", {}, False),  # K-FAC samples actions from the shared generator
                  ("ppo", "CartPole-v1", {}, False),  # PPO draws its minibatches from it
-                 ("npg", "CartPole-v1", {"update_threads": 2}, True)]  # runs after it: two torch threads
+                 ("npg", "CartPole-v1", {"update_threads": 2}, True),  # runs after it: two torch threads
+                 ("npg", "CartPole-v1", {"critic_thread": False}, True)]  # runs after it: asked to
 
 
 @pytest.mark.parametrize("algo,env_id,extra,overlaps", OVERLAP_CASES, ids=[f"{c[0]}-{c[1]}-{c[3]}" for c in OVERLAP_CASES])
@@ -464,8 +467,9 @@ def test_critic_fit_beside_the_actor_update_is_bit_identical_to_after_it(algo, e
         runs.append(agent)
     sequential, overlapped = runs
     assert overlapped._critic_fit.overlap is overlaps
-    if extra.get("update_threads", 0) > 1:
-        assert overlapped._critic_fit.start(overlapped.critic, None, overlapped.cpu_generator, 2) is None
+    if extra.get("update_threads", 0) > 1 or extra.get("critic_thread") is False:
+        assert overlapped._critic_fit.start(overlapped.critic, None, overlapped.cpu_generator,
+                                            overlapped.config.run) is None
     assert torch.equal(flat_params(sequential.policy), flat_params(overlapped.policy))
     assert torch.equal(flat_params(sequential.critic), flat_params(overlapped.critic))
     assert torch.equal(sequential.cpu_generator.get_state(), overlapped.cpu_generator.get_state())

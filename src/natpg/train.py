@@ -27,7 +27,7 @@ from torch import nn
 
 from .advantages import gae, normalize_advantages
 from .algorithms import Batch
-from .config import AdvantageConfig
+from .config import AdvantageConfig, RunConfig
 from .rollout import Rollout
 
 
@@ -159,8 +159,8 @@ class CriticFit:
     the actor update drew nothing; otherwise it is undone and the critic fitted again after the actor, as
     without overlap, and later iterations of this run do not overlap (one wasted fit per run). Either way
     the parameters, the optimiser state and the generator end bit for bit as in the sequential order (test).
-    It does not overlap when the update phase uses more than one torch thread (``update_threads``), whose
-    kernels could round differently from the fit's one-thread run."""
+    It does not overlap when ``run.critic_thread`` is off, nor when the update phase uses more than one torch
+    thread (``run.update_threads``), whose kernels could round differently from the fit's one-thread run."""
 
     # One thread, shared, made on first use in each process: a child forked after training has the
     # executor but not its thread, and would wait forever on it.
@@ -169,9 +169,9 @@ class CriticFit:
     def __init__(self, overlap: bool = True):
         self.overlap = overlap
 
-    def start(self, critic: nn.Module, batch: Batch, generator: torch.Generator, update_threads: int = 0):
+    def start(self, critic: nn.Module, batch: Batch, generator: torch.Generator, run: RunConfig):
         """Begin the fit (returns a handle for ``finish``), or None when it is to run after the actor update."""
-        if not self.overlap or update_threads > 1:
+        if not (self.overlap and run.critic_thread) or run.update_threads > 1:
             return None
         if CriticFit._executor is None or CriticFit._executor[0] != os.getpid():
             CriticFit._executor = (os.getpid(),
@@ -244,7 +244,7 @@ def iteration(sampler, policy: nn.Module, critic, actor_update, cfg, n_steps: in
     with _threads(cfg.run.update_threads):  # the environments wait for this phase's result
         batch = make_batch(rollout, policy, critic, cfg.advantage)
         usable = _finite(batch.adv, batch.ret, batch.eta_old, batch.logp_old)
-        fitting = critic_fit.start(critic, batch, generator, cfg.run.update_threads) if usable else None
+        fitting = critic_fit.start(critic, batch, generator, cfg.run) if usable else None
         try:
             stats: dict[str, Any] = (guarded_actor_update(actor_update, policy, batch) if usable else
                                      {"step/skipped": 1.0, "step/fault": unusable, "step/size": 0.0,
