@@ -107,11 +107,24 @@ def guarded_actor_update(actor_update, policy: nn.Module, batch: Batch) -> dict[
     return stats
 
 
-def guarded_critic_fit(critic: nn.Module, batch: Batch, generator: torch.Generator) -> dict[str, Any]:
-    """``critic.fit``, undone (parameters and optimiser state) when its loss or parameters end non-finite."""
-    saved = [p.detach().clone() for p in critic.parameters()]
+def _critic_snapshot(critic: nn.Module):
     optimizer = getattr(critic, "optimizer", None)
-    saved_opt = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
+    return ([p.detach().clone() for p in critic.parameters()],
+            copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None)
+
+
+def _critic_restore(critic: nn.Module, snapshot) -> None:
+    params, optimizer_state = snapshot
+    _restore(critic, params)
+    if optimizer_state is not None:
+        critic.optimizer.load_state_dict(optimizer_state)
+
+
+def guarded_critic_fit(critic: nn.Module, batch: Batch, generator: torch.Generator, snapshot=None
+                       ) -> dict[str, Any]:
+    """``critic.fit``, undone (parameters and optimiser state, to ``snapshot`` or a copy taken here) when its
+    loss or parameters end non-finite."""
+    snapshot = snapshot or _critic_snapshot(critic)
     try:
         stats = critic.fit(batch.obs, batch.ret, generator)
     except (RuntimeError, ValueError) as exc:
@@ -128,24 +141,9 @@ def guarded_critic_fit(critic: nn.Module, batch: Batch, generator: torch.Generat
     elif not math.isfinite(loss):
         fault = f"non-finite critic loss ({loss!r})"
     if fault is not None:
-        _restore(critic, saved)
-        if optimizer is not None:
-            optimizer.load_state_dict(saved_opt)
+        _critic_restore(critic, snapshot)
         return {**stats, "critic/skipped": 1.0, "critic/fault": fault}
     return {**stats, "critic/skipped": 0.0}
-
-
-def _critic_snapshot(critic: nn.Module):
-    optimizer = getattr(critic, "optimizer", None)
-    return ([p.detach().clone() for p in critic.parameters()],
-            copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None)
-
-
-def _critic_restore(critic: nn.Module, snapshot) -> None:
-    params, optimizer_state = snapshot
-    _restore(critic, params)
-    if optimizer_state is not None:
-        critic.optimizer.load_state_dict(optimizer_state)
 
 
 class CriticFit:
@@ -180,7 +178,8 @@ class CriticFit:
         shuffles = torch.Generator(generator.device)
         shuffles.set_state(state)
         snapshot = _critic_snapshot(critic)
-        return state, shuffles, snapshot, CriticFit._executor[1].submit(guarded_critic_fit, critic, batch, shuffles)
+        return state, shuffles, snapshot, CriticFit._executor[1].submit(guarded_critic_fit, critic, batch, shuffles,
+                                                                        snapshot)
 
     def finish(self, handle, critic: nn.Module, batch: Batch, generator: torch.Generator) -> dict[str, Any]:
         """The fit's log entries, once it is done and kept (or redone in order)."""
