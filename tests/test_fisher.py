@@ -10,7 +10,7 @@ import torch
 from natpg.fisher import (CG, Dense, conjugate_gradient, dense_fisher, fisher_vector_product,
                           kl_hessian_vector_product)
 from natpg.params import flatten
-from natpg.policies import CategoricalMLP, GaussianMLP
+from natpg.policies import BernoulliMLP, CategoricalMLP, GaussianMLP, MultiCategoricalMLP
 
 
 def perturbed(policy, scale=0.3, seed=0):
@@ -205,3 +205,51 @@ def test_dense_fisher_refuses_sizes_that_do_not_fit():
     policy = GaussianMLP(3, 2, hidden=(8,))
     with pytest.raises(ValueError, match="dense .*Fisher needs"):
         dense_fisher(policy, torch.randn(2, 3), max_bytes=1000)
+
+
+PLAIN_MLPS = {
+    "gaussian": lambda act: GaussianMLP(17, 6, (64, 64), act, log_std_init=-0.5),
+    "gaussian_1d": lambda act: GaussianMLP(3, 1, (32,), act),  # Pendulum's shape: a one-column mean slice
+    "gaussian_deep": lambda act: GaussianMLP(5, 3, (16, 16, 16), act),
+    "categorical": lambda act: CategoricalMLP(4, 3, (64, 64), act),
+    "multi_categorical": lambda act: MultiCategoricalMLP(4, [3, 2], (32, 32), act),
+    "bernoulli": lambda act: BernoulliMLP(4, 3, (32,), act),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("kind", PLAIN_MLPS)
+def test_plain_mlp_fisher_products_are_autograds_bit_for_bit(kind, activation, dtype):
+    """The hand-written Jv/Jᵀw of plain MLP policies calls autograd's kernels in autograd's order: every
+    product equals the autograd construction's exactly, not merely to rounding (so training is unchanged)."""
+    from natpg.fisher import fvp as fvp_module
+
+    torch.manual_seed(0)
+    policy = perturbed(PLAIN_MLPS[kind](activation)).to(dtype)
+    obs = torch.randn(257, policy.mean_net[0].in_features if kind.startswith("gaussian")
+                      else policy.logits_net[0].in_features, dtype=dtype)
+    assert fvp_module._plain_mlp(policy) is not None
+    fast = fisher_vector_product(policy, obs, damping=0.1)
+    reference = fvp_module._autograd_fisher_vector_product(policy, obs, 0.1)
+    with torch.no_grad():  # the products hold the Fisher of the fit's parameters, not of later ones
+        for p in policy.parameters():
+            p.add_(1.0)
+    for _ in range(3):
+        v = torch.randn(sum(p.numel() for p in policy.actor_parameters()), dtype=dtype)
+        assert torch.equal(fast(v), reference(v))
+
+
+def test_policies_that_are_not_plain_mlps_take_autograds_fisher_products():
+    from natpg.fisher import fvp as fvp_module
+
+    hooked = GaussianMLP(3, 2, (8,))
+    hooked.mean_net[0].register_forward_hook(lambda module, inputs, output: output * 2.0)
+    others = [GaussianMLP(3, 2, (8,), "elu"), CategoricalMLP(3, 2, (8,), mask=True), hooked]
+    for policy in others:
+        assert fvp_module._plain_mlp(policy) is None
+    # and the hook is honoured: the product is that of the network it changes
+    obs = torch.randn(5, 3)
+    F = dense_fisher(hooked, obs)
+    v = torch.randn(F.shape[0])
+    assert torch.allclose(fisher_vector_product(hooked, obs)(v), F @ v, atol=1e-5, rtol=1e-4)

@@ -39,14 +39,28 @@ class Batch:
 def surrogate(policy: nn.Module, batch: Batch, ent_coef: float = 0.0) -> torch.Tensor:
     """L(θ) = mean_b π_θ(a_b|s_b)/π_old(a_b|s_b) · A_b; its gradient at θ_old is the policy gradient. With
     ``ent_coef`` = c the actor's objective adds the entropy bonus c·mean_b H(π_θ(·|s_b))."""
-    dist = policy.dist(batch.obs)
-    value = (torch.exp(dist.log_prob(batch.act) - batch.logp_old) * batch.adv).mean()
-    return value + ent_coef * dist.entropy().mean() if ent_coef else value
+    return _surrogate(policy.dist(batch.obs), batch, ent_coef)
 
 
 def mean_kl(policy: nn.Module, batch: Batch) -> torch.Tensor:
     """mean_b KL(π_old(·|s_b) ‖ π_θ(·|s_b)), old first and detached."""
-    return kl_divergence(policy.head.dist(batch.eta_old), policy.dist(batch.obs)).mean()
+    return _mean_kl(policy, policy.dist(batch.obs), batch)
+
+
+@torch.no_grad()
+def surrogate_and_kl(policy: nn.Module, batch: Batch, ent_coef: float = 0.0) -> tuple[float, float]:
+    """(``surrogate``, ``mean_kl``) at the current parameters from one forward pass (each alone takes one)."""
+    dist = policy.dist(batch.obs)
+    return float(_surrogate(dist, batch, ent_coef)), float(_mean_kl(policy, dist, batch))
+
+
+def _surrogate(dist, batch: Batch, ent_coef: float) -> torch.Tensor:
+    value = (torch.exp(dist.log_prob(batch.act) - batch.logp_old) * batch.adv).mean()
+    return value + ent_coef * dist.entropy().mean() if ent_coef else value
+
+
+def _mean_kl(policy: nn.Module, dist, batch: Batch) -> torch.Tensor:
+    return kl_divergence(policy.head.dist(batch.eta_old), dist).mean()
 
 
 def make_curvature(cfg: Config, generator: torch.Generator | None):
@@ -100,14 +114,12 @@ class NaturalGradientUpdate:
         self.curvature.fit(policy, batch.obs, batch.act)
         d = self.curvature.solve(g)
 
-        @torch.no_grad()
         def evaluate() -> tuple[float, float]:
-            return float(surrogate(policy, batch, self.ent_coef)), float(mean_kl(policy, batch))
+            return surrogate_and_kl(policy, batch, self.ent_coef)
 
         stats = self.step_rule.apply(params, d, g, self.curvature, evaluate)
-        with torch.no_grad():
-            stats["step/kl"] = float(mean_kl(policy, batch))
-            stats["step/surrogate_gain"] = float(surrogate(policy, batch, self.ent_coef)) - float(surr_before)
+        surr_after, stats["step/kl"] = evaluate()
+        stats["step/surrogate_gain"] = surr_after - float(surr_before.detach())
         stats["grad/norm"] = float(g.norm())
         return {**stats, **self.curvature.stats}
 

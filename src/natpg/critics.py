@@ -7,11 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .policies import network
-
-# The backward of each activation from its output y, the kernels autograd itself calls for them.
-_BACKWARD_FROM_OUTPUT = {nn.Tanh: torch.ops.aten.tanh_backward,
-                         nn.ReLU: lambda g, y: torch.ops.aten.threshold_backward(g, y, 0)}
+from .policies import linear_activation_pairs, mlp_backward, network
 
 
 class ValueCritic(nn.Module):
@@ -26,7 +22,7 @@ class ValueCritic(nn.Module):
         # foreach: one call per Adam operation for all tensors, not one per tensor; on the CPU the same
         # kernels run in the same order, so the fit is bit-identical to the default loop, and cheaper.
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr, foreach=True)
-        self._mlp = _linear_activation_pairs(self.net)
+        self._mlp = linear_activation_pairs(self.net)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net(obs).squeeze(-1)
@@ -66,26 +62,6 @@ class ValueCritic(nn.Module):
         # d mean(e²)/dV as autograd forms it: (1/N, expanded) · 2e.
         g = (torch.ones((), dtype=error.dtype, device=error.device).expand(error.numel()) / error.numel()
              * (2 * error)).unsqueeze(-1)
-        for i in range(len(self._mlp) - 1, -1, -1):
-            linear, activation = self._mlp[i]
-            if activation is not None:
-                g = _BACKWARD_FROM_OUTPUT[type(activation)](g, outputs[i + 1])
-            linear.weight.grad, linear.bias.grad = g.t().mm(outputs[i]), g.sum(0)
-            if i > 0:
-                g = g.mm(linear.weight)
-
-
-def _linear_activation_pairs(net: nn.Module) -> list[tuple[nn.Linear, nn.Module | None]] | None:
-    """A plain MLP (``policies.mlp``) as its (Linear, activation or None) layers; None for any other network
-    (a CNN torso, an activation without a backward in ``_BACKWARD_FROM_OUTPUT``), which autograd fits."""
-    if not isinstance(net, nn.Sequential):
-        return None
-    pairs: list[tuple[nn.Linear, nn.Module | None]] = []
-    for layer in net:
-        if type(layer) is nn.Linear and layer.bias is not None:
-            pairs.append((layer, None))
-        elif type(layer) in _BACKWARD_FROM_OUTPUT and pairs and pairs[-1][1] is None:
-            pairs[-1] = (pairs[-1][0], layer)
-        else:
-            return None
-    return pairs if pairs and pairs[-1][1] is None else None
+        grads = mlp_backward(self._mlp, [linear.weight for linear, _ in self._mlp], outputs, g)
+        for i, (linear, _) in enumerate(self._mlp):
+            linear.weight.grad, linear.bias.grad = grads[2 * i], grads[2 * i + 1]

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .algorithms import Batch, mean_kl, surrogate
+from .algorithms import Batch, surrogate, surrogate_and_kl
 from .fisher.empirical import per_sample_scores
 from .fisher.fvp import fisher_vector_product
 
@@ -119,14 +119,12 @@ class NaturalActorCritic:
         with torch.no_grad():
             surr_before = float(surrogate(policy, batch))
 
-        @torch.no_grad()
         def evaluate() -> tuple[float, float]:
-            return float(surrogate(policy, batch)), float(mean_kl(policy, batch))
+            return surrogate_and_kl(policy, batch)
 
         stats = self.step_rule.apply(params, w, g, metric, evaluate)
-        with torch.no_grad():
-            stats["step/kl"] = float(mean_kl(policy, batch))
-            stats["step/surrogate_gain"] = float(surrogate(policy, batch)) - surr_before
+        surr_after, stats["step/kl"] = evaluate()
+        stats["step/surrogate_gain"] = surr_after - surr_before
         centred = adv - adv.mean()
         return {**stats, "grad/norm": float(g.norm()), "nac/w_norm": float(w.norm()),
                 "nac/critic_r2": 1.0 - float((adv - psi_w).square().sum() / centred.square().sum().clamp_min(1e-30)),

@@ -48,6 +48,44 @@ def mlp(in_dim: int, out_dim: int, hidden: Sequence[int], activation: str, out_g
     return nn.Sequential(*layers)
 
 
+# The backward of each activation from its output y: the kernels autograd itself calls for them, so that
+# hand-written backward passes through an MLP (the critic's fit, the actor's Fisher products) are bit-identical.
+BACKWARD_FROM_OUTPUT = {nn.Tanh: torch.ops.aten.tanh_backward,
+                        nn.ReLU: lambda g, y: torch.ops.aten.threshold_backward(g, y, 0)}
+
+
+def linear_activation_pairs(net: nn.Module) -> list[tuple[nn.Linear, nn.Module | None]] | None:
+    """A plain MLP (``mlp``) as its (Linear, activation or None) layers; None for any other network (a CNN
+    torso, an activation without a backward in ``BACKWARD_FROM_OUTPUT``), which autograd differentiates."""
+    if not isinstance(net, nn.Sequential):
+        return None
+    pairs: list[tuple[nn.Linear, nn.Module | None]] = []
+    for layer in net:
+        if type(layer) is nn.Linear and layer.bias is not None:
+            pairs.append((layer, None))
+        elif type(layer) in BACKWARD_FROM_OUTPUT and pairs and pairs[-1][1] is None:
+            pairs[-1] = (pairs[-1][0], layer)
+        else:
+            return None
+    return pairs if pairs and pairs[-1][1] is None else None
+
+
+def mlp_backward(pairs: list[tuple[nn.Linear, nn.Module | None]], weights: Sequence[torch.Tensor],
+                 outputs: Sequence[torch.Tensor], g: torch.Tensor) -> list[torch.Tensor]:
+    """[∂W₀, ∂b₀, ∂W₁, …] of a plain MLP (``linear_activation_pairs``) for the output gradient ``g``, by the
+    kernels autograd runs for ``backward``, in its order: bit-identical to it. ``weights``: the layers' weights
+    (or copies of them); ``outputs``: the network's input, then each layer's output, from the forward pass."""
+    grads: list[torch.Tensor] = [g] * (2 * len(pairs))
+    for i in range(len(pairs) - 1, -1, -1):
+        activation = pairs[i][1]
+        if activation is not None:
+            g = BACKWARD_FROM_OUTPUT[type(activation)](g, outputs[i + 1])
+        grads[2 * i], grads[2 * i + 1] = g.t().mm(outputs[i]), g.sum(0)  # ∂W as autograd forms it: gᵀa
+        if i > 0:
+            g = g.mm(weights[i])
+    return grads
+
+
 def plain_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``net(x)`` calling each layer of a Sequential by its ``forward``, past ``nn.Module.__call__``'s hook
     machinery: the same operations, so the same numbers. The rollout's per-step forward on a few

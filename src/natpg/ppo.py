@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.distributions import kl_divergence
 
-from .algorithms import Batch, mean_kl, surrogate
+from .algorithms import Batch, surrogate, surrogate_and_kl
 from .critics import ValueCritic
 from .params import flatten
 
@@ -97,8 +97,7 @@ class ClippedSurrogateUpdate:
                 clip_fracs.append(float(clip_frac))
             if stopped:
                 break
-        with torch.no_grad():
-            kl, surr_after = float(mean_kl(policy, batch)), float(surrogate(policy, batch, self.ent_coef))
+        surr_after, kl = surrogate_and_kl(policy, batch, self.ent_coef)
         return {"step/kl": kl, "step/surrogate_gain": surr_after - surr_before, "step/sgd_steps": float(steps),
                 "step/epochs": steps * self.minibatch / B, "step/early_stop": float(stopped),
                 "step/clip_fraction": sum(clip_fracs) / max(len(clip_fracs), 1),

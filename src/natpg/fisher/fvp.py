@@ -5,7 +5,8 @@ Two independent constructions of the same matrix (DESIGN.md, house rule 3):
 * ``fisher_vector_product`` — the Gauss–Newton form ``F v = (1/B) Σ_b J_bᵀ F_out(η_b) J_b v`` where
   ``η = policy(obs)`` are the distribution parameters, ``J_b = ∂η_b/∂θ`` and ``F_out`` the analytic
   Fisher of the output distribution (``policy.head.fisher_mv``). Jv by the double-backward R-operator and
-  Jᵀw by reverse mode, both on graphs built once per ``fit``.
+  Jᵀw by reverse mode, both on graphs built once per ``fit``; for plain MLP policies the same kernels are
+  called by hand (``_mlp_fisher_vector_product``), bit for bit the same numbers at less cost.
 * ``kl_hessian_vector_product`` — the Hessian of ``mean_b KL(π_old(·|s_b) ‖ π_θ(·|s_b))`` at θ_old by
   double backward, kept as a test oracle. The old distribution is detached: if it were not, the
   gradient would flow through both arguments and the Hessian at zero displacement would vanish.
@@ -21,6 +22,7 @@ from torch.distributions import kl_divergence
 from torch.func import functional_call
 
 from ..params import flatten, parameter_names
+from ..policies import BACKWARD_FROM_OUTPUT, DiscreteMLP, GaussianMLP, linear_activation_pairs, mlp_backward
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
@@ -48,7 +50,16 @@ def fisher_vector_product(policy: nn.Module, obs: torch.Tensor, damping: float =
     derivative of the linear map u ↦ (Jᵀu)·v with respect to u (the "double-backward" R-operator), and
     Jᵀ(F_out Jv) reuses the forward graph. This is 1.4–2.3× cheaper per product than forward-mode jvp
     (which recomputes the primal every call) followed by vjp (measured, docs/curvature.md).
+    A plain MLP policy takes ``_mlp_fisher_vector_product``: the same numbers, bit for bit, cheaper.
     """
+    plain = _plain_mlp(policy)
+    if plain is not None:
+        return _mlp_fisher_vector_product(policy, obs, damping, *plain)
+    return _autograd_fisher_vector_product(policy, obs, damping)
+
+
+def _autograd_fisher_vector_product(policy: nn.Module, obs: torch.Tensor, damping: float) -> MatVec:
+    """``fisher_vector_product`` by autograd, for any policy."""
     f_obs, theta = functional_policy(policy)
     leaves = tuple(t.detach().clone().requires_grad_(True) for t in theta)
     with torch.enable_grad():
@@ -68,6 +79,68 @@ def fisher_vector_product(policy: nn.Module, obs: torch.Tensor, damping: float =
         w = head.fisher_mv(eta, Jv) / batch
         grads = torch.autograd.grad(eta_graph, leaves, grad_outputs=w, retain_graph=True, allow_unused=True)
         Fv = flatten([torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)])
+        return Fv + damping * v if damping else Fv
+
+    return mv
+
+
+def _plain_mlp(policy: nn.Module):
+    """(layers, tail) when η = [MLP(obs), tail] with a plain MLP (``linear_activation_pairs``) and ``tail`` a
+    state-independent parameter or None: ``GaussianMLP`` (tail log σ) and an unmasked ``DiscreteMLP``. None
+    for any other policy, or one with forward hooks (they could change what the network computes)."""
+    if type(policy) is GaussianMLP:
+        net, tail = policy.mean_net, policy.log_std
+    elif type(policy) is DiscreteMLP and not policy.mask_dim:
+        net, tail = policy.logits_net, None
+    else:
+        return None
+    pairs = linear_activation_pairs(net)
+    if pairs is None or any(m._forward_hooks or m._forward_pre_hooks for m in policy.modules()):
+        return None
+    return pairs, tail
+
+
+def _mlp_fisher_vector_product(policy: nn.Module, obs: torch.Tensor, damping: float, pairs,
+                               tail: torch.Tensor | None) -> MatVec:
+    """``fisher_vector_product`` of a plain MLP policy (``_plain_mlp``) with Jv and Jᵀw written out: the kernels
+    autograd's double backward and backward run, in their order and with their operand layouts, so every
+    product is bit-identical to the autograd construction (test), without its graphs. Cheaper: the fit is one
+    forward pass, and each product skips autograd's transposed, strided intermediates (HalfCheetah's
+    2048 × 64 × 64 actor, one thread: ≈ 1.95 ms per product against 2.3 ms, 1.4 ms per fit against 2.7 ms)."""
+    with torch.no_grad():
+        outs = [obs]
+        for linear, activation in pairs:
+            h = linear.forward(outs[-1])
+            outs.append(h if activation is None else activation.forward(h))
+        out = outs.pop()  # the network's output; outs: its input and the hidden layers' outputs
+        eta = out if tail is None else torch.cat([out, tail.detach().expand_as(out)], dim=-1)
+        weights = [linear.weight.detach().clone() for linear, _ in pairs]
+    batch, width = out.shape
+    shapes = [s for linear, _ in pairs for s in (linear.weight.shape, linear.bias.shape)]
+    shapes += [] if tail is None else [tail.shape]
+    sizes = [s.numel() for s in shapes]
+    head, last = policy.head, len(pairs) - 1
+
+    @torch.no_grad()
+    def mv(v: torch.Tensor) -> torch.Tensor:
+        parts = [p.view(s) for p, s in zip(v.split(sizes), shapes)]
+        # Jv, layer by layer: R(h_i) = V_i a_{i-1} + v_b_i + W_i R(a_{i-1}), R(a_i) = σ'(h_i) R(h_i).
+        R = None
+        for i, (_, activation) in enumerate(pairs):
+            V, vb = parts[2 * i], parts[2 * i + 1]
+            # autograd forms V a transposed where the output's gradient was a column slice of η's (a tail follows)
+            Va = torch.mm(V, outs[i].t()).t() if i == last and tail is not None else torch.mm(outs[i], V.t())
+            Rh = vb.expand(batch, -1) + Va
+            if R is not None:
+                Rh.add_(torch.mm(R, weights[i].t()))
+            R = Rh if activation is None else BACKWARD_FROM_OUTPUT[type(activation)](Rh, outs[i + 1])
+        if tail is not None:  # "+ 0": autograd sums the two zero-padded slices, which turns −0 into +0
+            R = torch.cat([R, parts[-1].expand(batch, -1)], dim=-1).add_(0.0)
+        w = head.fisher_mv(eta, R) / batch
+        grads = mlp_backward(pairs, weights, [*outs, out], w if tail is None else w[:, :width])
+        if tail is not None:
+            grads.append(w[:, width:].sum(0))
+        Fv = flatten(grads)
         return Fv + damping * v if damping else Fv
 
     return mv
