@@ -496,6 +496,8 @@ def test_value_critic_fit_is_minibatch_adam_on_squared_error_bit_for_bit(activat
                 loss.backward()
                 adam.step()
     assert all(torch.equal(p, q) for p, q in zip(critic.net.parameters(), reference.parameters()))
+    ours, theirs = critic.optimizer.state_dict()["state"], adam.state_dict()["state"]  # moments and step counts
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[i][k], theirs[i][k]) for i in ours for k in ours[i])
 
 
 def test_config_for_finds_the_family_applies_presets_then_overrides_and_validates():

@@ -10,6 +10,41 @@ from torch import nn
 from .policies import linear_activation_pairs, mlp_backward, network
 
 
+_ONE = torch.tensor(1.0)  # the step increment, as torch's foreach Adam passes it for step counts on the CPU
+
+
+@torch.no_grad()
+def adam_step(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()`` of a critic's Adam (``ValueCritic``'s: one group, foreach, no AMSGrad, weight decay,
+    maximize or capturable) by torch's own foreach kernels in torch's order, so bit-identical to it (test),
+    without ``Optimizer.step``'s per-call bookkeeping: a sixth of the critic fit at minibatches of 256 × 64,
+    where per-call overhead, not arithmetic, dominates. Any other optimizer, a first step (no state yet) or
+    a parameter without a gradient takes ``optimizer.step()``."""
+    group = optimizer.param_groups[0]
+    params = group["params"]
+    states = [optimizer.state.get(p) for p in params]
+    if (type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1 or not group["foreach"]
+            or group["amsgrad"] or group["weight_decay"] or group["maximize"] or group["capturable"]
+            or group["differentiable"] or group["fused"] or not all(states)
+            or any(p.grad is None or not s["step"].is_cpu for p, s in zip(params, states))):
+        optimizer.step()
+        return
+    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+    grads = [p.grad for p in params]
+    exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+    steps = [s["step"] for s in states]
+    torch._foreach_add_(steps, _ONE, alpha=1.0)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    step_size = [(lr / (1 - beta1 ** step.item())) * -1 for step in steps]
+    bias_correction2_sqrt = [(1 - beta2 ** step.item()) ** 0.5 for step in steps]
+    denominator = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denominator, bias_correction2_sqrt)
+    torch._foreach_add_(denominator, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denominator, step_size)
+
+
 class ValueCritic(nn.Module):
     """V(s) as an MLP (a Nature-CNN torso on images) with orthogonal init; ``fit`` regresses it on return
     targets with Adam."""
@@ -43,7 +78,7 @@ class ValueCritic(nn.Module):
                     loss = ((self(obs[idx]) - returns[idx]) ** 2).mean()
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                self.optimizer.step()
+                adam_step(self.optimizer)
         with torch.no_grad():
             after = float(((self(obs) - returns) ** 2).mean())
         return {"critic/loss_before": before, "critic/loss_after": after}

@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributions import kl_divergence
 
 from .algorithms import Batch, surrogate, surrogate_and_kl
-from .critics import ValueCritic
+from .critics import ValueCritic, adam_step
 from .params import flatten
 
 
@@ -132,7 +132,7 @@ class ClippedValueCritic(ValueCritic):
                 loss = torch.maximum((v - R) ** 2, (v_clip - R) ** 2).mean()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                self.optimizer.step()
+                adam_step(self.optimizer)
                 clipped.append(float(((v - v0).abs() > c).float().mean()))
         with torch.no_grad():
             after = float(((self(obs) - returns) ** 2).mean())
