@@ -58,7 +58,8 @@ def main() -> None:
     natpg_us = per_step_us(lambda: sampler.collect(policy, args.steps), args.steps, args.repeats)
     obs_t = torch.from_numpy(sampler.obs_norm.normalize(sampler.obs))
     with torch.inference_mode():
-        act_us = per_step_us(lambda: [policy.act(obs_t, sampler.generator) for _ in range(args.steps)],
+        actor = policy.rollout_actor()
+        act_us = per_step_us(lambda: [actor(obs_t, sampler.generator) for _ in range(args.steps)],
                              args.steps, args.repeats)
     print(json.dumps({"env": args.env, "n_envs": args.n_envs, "env_step_us": round(env_us, 1),
                       "natpg_step_us": round(natpg_us, 1), "of_which_policy_act_us": round(act_us, 1)}))

@@ -222,10 +222,10 @@ def test_rollout_act_equals_sample_of_forward_without_hooks(kind):
     with torch.inference_mode():
         expected = policy.sample(policy(obs), torch.Generator().manual_seed(5))
         fired.clear()
-        acted = policy.act(obs, torch.Generator().manual_seed(5))
+        acted = policy.rollout_actor()(obs, torch.Generator().manual_seed(5))
     assert (fired == []) == (kind != "cnn") and acted.shape == expected.shape
     assert torch.equal(acted, expected)
-    assert not torch.equal(acted, policy.act(obs, torch.Generator().manual_seed(6)))  # the draws matter
+    assert not torch.equal(acted, policy.rollout_actor()(obs, torch.Generator().manual_seed(6)))  # the draws matter
 
 
 # --------------------------------------------------------------------------------------------------

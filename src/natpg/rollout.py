@@ -131,10 +131,11 @@ class Sampler:
         valid = np.ones((T, N), bool)
         act_buf = None
         squash = getattr(policy, "squash", False)
+        actor = policy.rollout_actor()
         for t in range(T):
             obs_n = self.obs_norm(self.obs)
             obs_buf[t] = obs_n
-            act = policy.act(torch.from_numpy(obs_n), self.generator).numpy()
+            act = actor(torch.from_numpy(obs_n), self.generator).numpy()
             if act_buf is None:
                 act_buf = np.zeros((T, *act.shape), act.dtype)
             act_buf[t] = act
