@@ -275,7 +275,7 @@ class ObsNormalizer:
     def normalize(self, obs: np.ndarray) -> np.ndarray:
         if not self.enabled:
             return np.asarray(obs, np.float32)
-        z = np.clip((obs - self.rms.mean) / np.sqrt(self.rms.var + 1e-8), -self.clip, self.clip)
+        z = ((obs - self.rms.mean) / np.sqrt(self.rms.var + 1e-8)).clip(-self.clip, self.clip)
         if self.passthrough:
             z[..., -self.passthrough :] = obs[..., -self.passthrough :]
         return z.astype(np.float32)
@@ -299,7 +299,7 @@ class RewardScaler:
         elif valid.any():
             self.rms.update(self.ret[valid])
         self.ret[done] = 0.0
-        return np.clip(rew / np.sqrt(self.rms.var + 1e-8), -self.clip, self.clip)
+        return (rew / np.sqrt(self.rms.var + 1e-8)).clip(-self.clip, self.clip)
 
 
 # ------------------------------------------------------------------------------------------------------

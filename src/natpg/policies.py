@@ -478,5 +478,5 @@ def env_action(act: np.ndarray, action_space, squash: bool = False) -> np.ndarra
     act = act.reshape(*act.shape[:-1], *action_space.shape)
     if isinstance(action_space, gym.spaces.Box):
         low, high = action_space.low, action_space.high
-        act = low + (np.tanh(act) + 1.0) * 0.5 * (high - low) if squash else np.clip(act, low, high)
+        act = low + (np.tanh(act) + 1.0) * 0.5 * (high - low) if squash else act.clip(low, high)
     return act.astype(action_space.dtype)

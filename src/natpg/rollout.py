@@ -147,11 +147,16 @@ class Sampler:
             done = term | trunc
             # The observation after this step: the next one, or the final one of a finished episode.
             after = next_obs.copy()
-            for i in np.flatnonzero(done):
-                after[i] = np.asarray(info["final_obs"][i], np.float64).reshape(-1)
-            next_ok = np.isfinite(next_obs).all(1)
-            bad = ~np.isfinite(rew) | ~np.isfinite(after).all(1) | ~next_ok
-            if bad.any():
+            any_done = done.any()
+            if any_done:
+                for i in np.flatnonzero(done):
+                    after[i] = np.asarray(info["final_obs"][i], np.float64).reshape(-1)
+            # one check of everything first (next_obs differs from after only where an episode ended); the
+            # per-copy masks only when something is not finite
+            finite = np.isfinite(rew).all() and np.isfinite(after).all()
+            if not (finite and (not any_done or np.isfinite(next_obs).all())):
+                next_ok = np.isfinite(next_obs).all(1)
+                bad = ~np.isfinite(rew) | ~np.isfinite(after).all(1) | ~next_ok
                 if self.nonfinite == "raise":
                     raise NonFiniteEnvError(self._nonfinite_message(bad, rew, after, next_obs))
                 next_obs = self._drop(bad, done, next_ok, next_obs, rew, after)

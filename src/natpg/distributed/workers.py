@@ -87,7 +87,7 @@ class RecordingRewardScaler(RewardScaler):
         ok = np.ones(len(self.ret), bool) if valid is None else np.asarray(valid, bool).copy()
         self.seen.append((self.ret.copy(), ok))
         self.ret[done] = 0.0
-        return np.clip(rew / np.sqrt(self.rms.var + 1e-8), -self.clip, self.clip)
+        return (rew / np.sqrt(self.rms.var + 1e-8)).clip(-self.clip, self.clip)
 
 
 class _StepTagged(list):
