@@ -509,7 +509,7 @@ def test_config_for_finds_the_family_applies_presets_then_overrides_and_validate
 
 
 def test_presets_layer_algorithm_family_environment_then_user():
-    """Swimmer's (γ 0.9999, GAE λ 0.99), Ant's (σ e^−1, TRPO's and ACKTR's e^−2) and HalfCheetah's and
+    """Swimmer's (γ 0.9999, GAE λ 0.99), Ant's (σ e^−2; NPG's with K-FAC) and HalfCheetah's and
     Walker2d's (σ e^−0.5) presets sit over the MuJoCo family's, a user's keyword over all."""
     from natpg.algorithms import ALGORITHM_DEFAULTS, FAMILY_DEFAULTS
 
@@ -530,9 +530,12 @@ def test_presets_layer_algorithm_family_environment_then_user():
     agent = natpg.TRPO("Swimmer-v5", gamma=0.995, tensorboard=False)
     assert agent.config.advantage.gamma == 0.995
     agent.close()
-    # Ant's preset starts the Gaussian's σ at e^−1 (the built policy's log-std, not only the config).
+    # NPG's Ant preset starts the Gaussian's σ at e^−2 (the built policy's log-std, not only the config) and
+    # takes K-FAC's F⁻¹ with ACKTR's curvature settings.
     agent = natpg.NPG("Ant-v5", n_envs=1, tensorboard=False)
-    torch.testing.assert_close(agent.policy.log_std.detach(), torch.full((8,), -1.0))
+    torch.testing.assert_close(agent.policy.log_std.detach(), torch.full((8,), -2.0))
+    c = agent.config.curvature
+    assert (c.fisher, c.damping, c.kfac_ema_decay, agent.config.step.max_kl) == ("kfac", 0.01, 0.5, 0.04)
     agent.close()
     agent = natpg.ACKTR("Ant-v5", n_envs=1, log_std_init=-0.5, tensorboard=False)
     torch.testing.assert_close(agent.policy.log_std.detach(), torch.full((8,), -0.5))
@@ -545,9 +548,9 @@ def test_presets_layer_algorithm_family_environment_then_user():
         assert default_config(algo, "mujoco", "Hopper-v5").step.max_kl == (
             {"acktr": 0.001, "npg": 0.01}.get(algo, FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"]))
         assert default_config(algo, "mujoco", "Walker2d-v5").step.max_kl == FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"]
-        # ACKTR's Ant preset doubles its family's budget (with σ e^−2); NPG and TRPO keep theirs.
+        # ACKTR's Ant preset doubles its family's budget (with σ e^−2), NPG's (with K-FAC) doubles it; TRPO keeps its.
         assert default_config(algo, "mujoco", "Ant-v5").step.max_kl == (
-            0.004 if algo == "acktr" else FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"])
+            {"acktr": 0.004, "npg": 0.04}.get(algo, FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"]))
         # ACKTR fits its critic by K-FAC on Hopper and Swimmer, by Adam (like the others) on the other three.
         for env_id in ("Walker2d-v5", "Ant-v5", "HalfCheetah-v5"):
             assert default_config(algo, "mujoco", env_id).critic.critic_optimizer == "adam"
@@ -555,7 +558,7 @@ def test_presets_layer_algorithm_family_environment_then_user():
             assert default_config(algo, "mujoco", env_id).critic.critic_optimizer == (
                 "kfac" if algo == "acktr" else "adam")
         assert default_config(algo, "mujoco", "Ant-v5").policy.log_std_init == (
-            {"npg": -1.0, "trpo": -2.0, "acktr": -2.0}[algo])
+            {"npg": -2.0, "trpo": -2.0, "acktr": -2.0}[algo])
         # TRPO's HalfCheetah preset takes NPG's budget, δ 0.02; the others keep their family's.
         assert default_config(algo, "mujoco", "HalfCheetah-v5").step.max_kl == (
             0.02 if algo == "trpo" else FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"])
