@@ -548,9 +548,10 @@ def test_presets_layer_algorithm_family_environment_then_user():
         assert default_config(algo, "mujoco", "Hopper-v5").step.max_kl == (
             {"acktr": 0.001, "npg": 0.01}.get(algo, FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"]))
         assert default_config(algo, "mujoco", "Walker2d-v5").step.max_kl == FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"]
-        # ACKTR's Ant preset doubles its family's budget (with σ e^−2), NPG's (with K-FAC) doubles it; TRPO keeps its.
+        # ACKTR's Ant preset doubles its family's budget (with σ e^−2); NPG's and TRPO's (with K-FAC) take δ 0.04.
         assert default_config(algo, "mujoco", "Ant-v5").step.max_kl == (
-            {"acktr": 0.004, "npg": 0.04}.get(algo, FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"]))
+            {"acktr": 0.004, "npg": 0.04, "trpo": 0.04}[algo])
+        assert default_config(algo, "mujoco", "Ant-v5").curvature.fisher == "kfac"  # all three solve with K-FAC there
         # ACKTR fits its critic by K-FAC on Hopper and Swimmer, by Adam (like the others) on the other three.
         for env_id in ("Walker2d-v5", "Ant-v5", "HalfCheetah-v5"):
             assert default_config(algo, "mujoco", env_id).critic.critic_optimizer == "adam"
