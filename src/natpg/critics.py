@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .policies import linear_activation_pairs, mlp_backward, network
+from .policies import linear_activation_pairs, mlp_backward, mlp_outputs, network
 
 
 _ONE = torch.tensor(1.0)  # the step increment, as torch's foreach Adam passes it for step counts on the CPU
@@ -89,10 +89,7 @@ class ValueCritic(nn.Module):
         kernels autograd runs for it, in its order, so the gradients are bit-identical to
         ``loss.backward()`` (test), at about two-thirds of its cost on the 256 × 64 minibatches of the
         default fit, where PyTorch's per-operation overhead, not arithmetic, dominates."""
-        outputs = [obs]
-        for linear, activation in self._mlp:
-            h = torch.addmm(linear.bias, outputs[-1], linear.weight.t())
-            outputs.append(h if activation is None else activation(h))
+        outputs = mlp_outputs(self._mlp, obs)
         error = outputs[-1].squeeze(-1) - returns
         # d mean(e²)/dV as autograd forms it: (1/N, expanded) · 2e.
         g = (torch.ones((), dtype=error.dtype, device=error.device).expand(error.numel()) / error.numel()

@@ -71,6 +71,16 @@ def linear_activation_pairs(net: nn.Module) -> list[tuple[nn.Linear, nn.Module |
     return pairs if pairs and pairs[-1][1] is None else None
 
 
+def mlp_outputs(pairs: list[tuple[nn.Linear, nn.Module | None]], x: torch.Tensor) -> list[torch.Tensor]:
+    """[x, a₁, …, output] of a plain MLP (``linear_activation_pairs``): its input and each layer's output, the
+    ``outputs`` ``mlp_backward`` takes, by the kernels of the modules' own forward (call it under no_grad)."""
+    outputs = [x]
+    for linear, activation in pairs:
+        h = linear.forward(outputs[-1])
+        outputs.append(h if activation is None else activation.forward(h))
+    return outputs
+
+
 def mlp_backward(pairs: list[tuple[nn.Linear, nn.Module | None]], weights: Sequence[torch.Tensor],
                  outputs: Sequence[torch.Tensor], g: torch.Tensor) -> list[torch.Tensor]:
     """[∂W₀, ∂b₀, ∂W₁, …] of a plain MLP (``linear_activation_pairs``) for the output gradient ``g``, by the
