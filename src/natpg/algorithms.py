@@ -243,7 +243,8 @@ ENV_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # with e^−1.5 ended level with e^−1 and below it on the mean: 2523 ± 281 against 2648 ± 764; docs/BENCHMARKS.md
     # "TRPO on Ant-v5: σ e^−1.5 (stop 29) and e^−2".
     # Then, as NPG, K-FAC's F⁻¹ (damping 0.01, factor average 0.5) with δ 0.04: 1M, seeds 0–4, 3612 ± 341 against
-    # 2706 ± 209; with δ 0.01 K-FAC gained less (seeds 0, 1: 3295, 2800 against 2883, 2683; docs/BENCHMARKS.md
+    # 2706 ± 209 (held-out seeds 5, 6: 4697, 2438 against 2284, 2843; seven seeds 3599 ± 709 against 2665 ± 245);
+    # with δ 0.01 K-FAC gained less (seeds 0, 1: 3295, 2800 against 2883, 2683; docs/BENCHMARKS.md
     # "NPG on Ant-v5 with K-FAC's F⁻¹").
     ("trpo", "Ant-v5"): {"fisher": "kfac", "log_std_init": -2.0, "max_kl": 0.04, "damping": 0.01,
                          "kfac_ema_decay": 0.5},
