@@ -554,6 +554,61 @@ def test_every_solver_matches_dense_solve_of_its_matrix(name, kind):
     torch.testing.assert_close(solver.mv(g), M @ g, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("pre", ["kfac", "diagonal"])
+def test_preconditioned_cg_solves_the_exact_damped_fisher(pre):
+    """CG(preconditioner=...) still solves (F + λI)x = g for the exact F (dense solve), and its ``mv`` (the step
+    length's matrix) is the exact damped F, not the preconditioner's."""
+    policy = make_policy("gauss", hidden=(5,))
+    obs, act = batch(policy, n=20)
+    lam = 0.1
+    F = dense_fisher(policy, obs)
+    Fd = F + lam * torch.eye(F.shape[0])
+    g = torch.randn(F.shape[0], generator=torch.Generator().manual_seed(0))
+    solver = CG(damping=lam, iters=400, tol=1e-13, preconditioner=pre, generator=torch.Generator().manual_seed(0))
+    solver.fit(policy, obs, act)
+    torch.testing.assert_close(solver.solve(g), torch.linalg.solve(Fd, g), rtol=1e-7, atol=1e-9)
+    assert solver.stats["fisher/cg_residual"] < 1e-11
+    torch.testing.assert_close(solver.mv(g), Fd @ g, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("pre", ["kfac", "diagonal"])
+def test_preconditioned_cg_reaches_further_in_ten_iterations_when_layers_differ_in_scale(pre):
+    """On a Gaussian policy with σ e^−2, whose output layer's Fisher block is e⁴ times the scale of the hidden
+    layers', ten preconditioned iterations land closer to the solution in the (F + λI)-norm than ten plain ones
+    (relative errors: plain 0.93, diagonal 0.85, K-FAC 0.65; K-FAC's and the diagonal's lead held on 9 of 9
+    policies and seeds tried). Not a faster solver in general: here plain CG is ahead from about 50 iterations
+    on (at 300: 2e−8 against K-FAC's 3e−5), the preconditioned spectrum being wider in its low end."""
+    policy = make_policy("gauss", hidden=(8, 8))
+    with torch.no_grad():
+        policy.log_std.fill_(-2.0)
+    obs, act = batch(policy, n=64)
+    lam = 0.01
+    Fd = dense_fisher(policy, obs) + lam * torch.eye(124)
+    g = torch.randn(124, generator=torch.Generator().manual_seed(0))
+    exact = torch.linalg.solve(Fd, g)
+
+    def relative_error(x):
+        return (float((x - exact) @ Fd @ (x - exact)) / float(exact @ Fd @ exact)) ** 0.5
+
+    errors = {}
+    for name in (None, pre):
+        cg = CG(damping=lam, iters=10, preconditioner=name, generator=torch.Generator().manual_seed(0))
+        cg.fit(policy, obs, act)
+        errors[name] = relative_error(cg.solve(g))
+    assert errors[pre] < {"kfac": 0.8, "diagonal": 0.95}[pre] * errors[None], errors
+
+
+def test_cg_preconditioner_is_checked():
+    with pytest.raises(ValueError, match="preconditioner must be one of"):
+        CG(preconditioner="dense")
+    import natpg
+
+    with pytest.raises(ValueError, match="cg_preconditioner='kfac' preconditions fisher='cg'"):
+        natpg.NPG("CartPole-v1", fisher="kfac", cg_preconditioner="kfac")
+    with pytest.raises(ValueError, match="cg_preconditioner must be one of"):
+        natpg.NPG("CartPole-v1", cg_preconditioner="exact")
+
+
 @pytest.mark.parametrize("make", [
     lambda gen: KFAC(damping=0.1, generator=gen),
     lambda gen: Diagonal(damping=0.1, estimator="sampled", generator=gen),
@@ -578,7 +633,7 @@ def test_deterministic_given_generator(make):
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.learning
-@pytest.mark.parametrize("fisher", SOLVERS)
+@pytest.mark.parametrize("fisher", [*SOLVERS, "cg+kfac"])
 def test_npg_learns_cartpole_with_every_fisher(fisher):
     """NPG (KL-normalised step, CartPole preset) reaches a mean deterministic return ≥ 475 within 150k steps."""
     import natpg
@@ -588,7 +643,8 @@ def test_npg_learns_cartpole_with_every_fisher(fisher):
     # [64, 64] actor (P = 4610, B = 2048, K = 2) is ≈ 87 GFLOP, ≈ 6 s per update on one core and 7½ minutes
     # for this test; a [32, 32] actor (P = 1282) runs the same check 13× cheaper.
     small = {"hidden": (32, 32)} if fisher == "dense" else {}
-    agent = natpg.NPG("CartPole-v1", seed=0, fisher=fisher, tensorboard=False, **small)
+    fisher, _, pre = fisher.partition("+")  # "cg+kfac": CG preconditioned by K-FAC
+    agent = natpg.NPG("CartPole-v1", seed=0, fisher=fisher, cg_preconditioner=pre or None, tensorboard=False, **small)
     agent.learn(total_steps=150_000)
     mean, _ = natpg.evaluate(agent, "CartPole-v1", episodes=10, seed=1000)
     assert mean >= 475, f"fisher={fisher}: mean return {mean} after 150k steps"

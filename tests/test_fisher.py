@@ -133,6 +133,35 @@ def test_conjugate_gradient_is_deterministic_and_honours_x0_and_cap(float64):
     assert torch.allclose(x1, (b @ b) / (b @ F @ b) * b)  # one CG step from zero = exact line search along b
 
 
+def test_preconditioned_cg_is_plain_cg_on_the_transformed_system(float64):
+    """PCG with M is plain CG on M^-1/2 F M^-1/2 y = M^-1/2 b, x = M^-1/2 y, iterate for iterate (the
+    transformed system formed as a dense matrix here); it converges to F⁻¹b; with M = F it takes one step."""
+    g = torch.Generator().manual_seed(11)
+    A = torch.randn(30, 30, generator=g)
+    F = A @ A.T / 30 + torch.diag(torch.logspace(-3, 2, 30)) + 1e-3 * torch.eye(30)  # spread spectrum
+    b = torch.randn(30, generator=g)
+    B = torch.randn(30, 30, generator=g)
+    M = torch.diag(F.diagonal()) + 0.1 * B @ B.T / 30  # SPD, near F's diagonal
+    evals, evecs = torch.linalg.eigh(M)
+    M_isqrt = evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+    M_inv = torch.linalg.inv(M)
+    for k in (1, 2, 5, 12):
+        x, info = conjugate_gradient(lambda v: F @ v, b, max_iters=k, tol=0.0, precondition=lambda r: M_inv @ r)
+        y, _ = conjugate_gradient(lambda v: M_isqrt @ F @ M_isqrt @ v, M_isqrt @ b, max_iters=k, tol=0.0)
+        assert info.iterations == k
+        torch.testing.assert_close(x, M_isqrt @ y, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(info.residual_norm, float(torch.linalg.vector_norm(b - F @ x)), rtol=1e-6,
+                                   atol=1e-12)
+    x, info = conjugate_gradient(lambda v: F @ v, b, max_iters=200, tol=1e-13, precondition=lambda r: M_inv @ r)
+    assert info.converged
+    torch.testing.assert_close(x, torch.linalg.solve(F, b), rtol=1e-9, atol=1e-9)
+    F_inv = torch.linalg.inv(F)
+    x, info = conjugate_gradient(lambda v: F @ v, b, max_iters=5, tol=1e-10, precondition=lambda r: F_inv @ r)
+    assert info.iterations == 1 and info.converged
+    x, info = conjugate_gradient(lambda v: F @ v, b, max_iters=5, precondition=lambda r: -r)  # not positive
+    assert info.iterations == 0 and torch.equal(x, torch.zeros_like(b))
+
+
 @pytest.mark.parametrize("kind", POLICIES)
 def test_cg_and_dense_curvatures_solve_the_damped_fisher(float64, kind):
     torch.manual_seed(5)

@@ -623,7 +623,8 @@ def _assert_same_run(a, b, dir_a, dir_b):
 RESUME_CASES = [("npg", "CartPole-v1", {}), ("trpo", "Pendulum-v1", {"normalize_reward": True}),
                 ("npg", "Hopper-v5", {}),  # MuJoCo preset: reward normalisation on
                 ("acktr", "Pendulum-v1", {}),  # K-FAC's moving averages and momentum carried over
-                ("acktr", "CartPole-v1", {"kfac_refresh_every": 2})]  # and the snapshot between refreshes
+                ("acktr", "CartPole-v1", {"kfac_refresh_every": 2}),  # and the snapshot between refreshes
+                ("npg", "Pendulum-v1", {"cg_preconditioner": "kfac"})]  # CG's K-FAC preconditioner's averages
 
 
 @pytest.mark.parametrize("algo,env_id,extra", RESUME_CASES, ids=[f"{c[0]}-{c[1]}" for c in RESUME_CASES])

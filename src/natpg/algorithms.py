@@ -67,7 +67,8 @@ def make_curvature(cfg: Config, generator: torch.Generator | None):
     c = cfg.curvature
     if c.fisher == "cg":
         return fisher.CG(damping=c.damping, iters=c.cg_iters, tol=c.cg_tol, subsample=c.fvp_subsample,
-                         warm_start=c.cg_warm_start, generator=generator, step_length=c.fvp_subsample_step_length)
+                         warm_start=c.cg_warm_start, generator=generator, step_length=c.fvp_subsample_step_length,
+                         preconditioner=c.cg_preconditioner, kfac_ema_decay=c.kfac_ema_decay)
     if c.fisher == "dense":
         return fisher.Dense(damping=c.damping, subsample=c.fvp_subsample, generator=generator,
                             step_length=c.fvp_subsample_step_length)

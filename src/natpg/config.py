@@ -15,6 +15,7 @@ from typing import Any
 
 ALGORITHMS = ("npg", "trpo", "acktr", "nac", "ppo", "vpg")
 FISHERS = ("cg", "dense", "kfac", "diagonal", "empirical", "identity")
+CG_PRECONDITIONERS = (None, "kfac", "diagonal")
 STEP_LENGTHS = ("subsample", "batch")  # fvp_subsample_step_length: where the KL step measures dᵀFd
 STEP_RULES = ("fixed", "adam", "kl", "linesearch", "kfac_clip", "ppo_clip")
 KL_RULES = ("kl", "linesearch", "kfac_clip")  # the step rules with a KL budget δ
@@ -126,6 +127,9 @@ class CurvatureConfig:
     returns, docs/BENCHMARKS.md)."""
     cg_warm_start: bool = False
     """Start CG from the previous update's direction instead of zero."""
+    cg_preconditioner: str | None = None
+    """Preconditioned CG (fisher='cg' only): 'kfac' or 'diagonal', that approximation of the damped Fisher (K-FAC
+    with kfac_ema_decay) sets which directions CG's few iterations reach first; the exact Fisher is still solved."""
     kfac_ema_decay: float = 0.95
     """K-FAC: decay of the factors' moving average across updates (0: each update's batch alone)."""
     kfac_refresh_every: int = 1
@@ -360,6 +364,10 @@ class Config:
         need(isinstance(k.fvp_subsample, (int, float)) and 0 < k.fvp_subsample <= 1,
              f"fvp_subsample must be in (0, 1], got {k.fvp_subsample!r}")
         choice("fvp_subsample_step_length", k.fvp_subsample_step_length, STEP_LENGTHS)
+        choice("cg_preconditioner", k.cg_preconditioner, CG_PRECONDITIONERS)
+        need(k.cg_preconditioner is None or k.fisher == "cg",
+             f"cg_preconditioner={k.cg_preconditioner!r} preconditions fisher='cg'; fisher={k.fisher!r} has no CG to "
+             f"precondition")
         choice("step", s.step, STEP_RULES)
         pos_num("alpha", s.alpha)
         pos_num("max_kl", s.max_kl)

@@ -16,10 +16,12 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ..config import STEP_LENGTHS
+from ..config import CG_PRECONDITIONERS, STEP_LENGTHS
 from .cg import conjugate_gradient
 from .dense import dense_fisher
+from .diagonal import Diagonal
 from .fvp import fisher_vector_product
+from .kfac import KFAC
 
 
 class Curvature(Protocol):
@@ -58,13 +60,23 @@ def step_length_products(policy: nn.Module, obs: torch.Tensor, solver_obs: torch
 
 
 class CG:
-    """Conjugate gradient on exact Fisher-vector products (Gauss–Newton form), from x0 = 0 or a warm start."""
+    """Conjugate gradient on exact Fisher-vector products (Gauss–Newton form), from x0 = 0 or a warm start.
+
+    ``preconditioner`` = ``"kfac"`` or ``"diagonal"`` runs preconditioned CG with that approximation of the same
+    damped Fisher (``KFAC(damping, ema_decay=kfac_ema_decay)`` or ``Diagonal(damping)``, fitted on the solver's
+    states): the exact Fisher is still the matrix solved, and the approximation only sets which directions the
+    few iterations reach first. Plain CG reaches the large-eigenvalue directions first, which for a Gaussian
+    policy with a small σ are the output layer's (its block scales as 1/σ²): on Ant-v5 with σ e^−2, ten plain
+    iterations put nine tenths of the step in the output layer, where the converged solution puts a tenth
+    (docs/curvature.md)."""
 
     def __init__(self, damping: float = 0.1, iters: int = 10, tol: float = 1e-10, subsample: float = 1.0,
-                 warm_start: bool = False, generator: torch.Generator | None = None, step_length: str = "batch"):
+                 warm_start: bool = False, generator: torch.Generator | None = None, step_length: str = "batch",
+                 preconditioner: str | None = None, kfac_ema_decay: float = 0.95):
         self.damping, self.iters, self.tol = damping, iters, tol
         self.subsample, self.warm_start, self.generator = subsample, warm_start, generator
         self.step_length = checked_step_length(step_length)
+        self.preconditioner = _preconditioner(preconditioner, damping, kfac_ema_decay, generator)
         self._fvp = self._step_fvp = None
         self._last: torch.Tensor | None = None
         self.stats: dict[str, float] = {}
@@ -73,16 +85,43 @@ class CG:
         solver_obs = fixed_subsample(obs, self.subsample, self.generator)
         self._fvp = fisher_vector_product(policy, solver_obs, self.damping)
         self._step_fvp = step_length_products(policy, obs, solver_obs, self.step_length, self.damping) or self._fvp
+        if self.preconditioner is not None:
+            self.preconditioner.damping = self.damping
+            self.preconditioner.fit(policy, solver_obs, act)
 
     def mv(self, v: torch.Tensor) -> torch.Tensor:
         return self._step_fvp(v)
 
     def solve(self, g: torch.Tensor) -> torch.Tensor:
         x0 = self._last if self.warm_start else None
-        x, info = conjugate_gradient(self._fvp, g, x0=x0, max_iters=self.iters, tol=self.tol)
+        pre = None if self.preconditioner is None else self.preconditioner.solve
+        x, info = conjugate_gradient(self._fvp, g, x0=x0, max_iters=self.iters, tol=self.tol, precondition=pre)
         self._last = x.detach()
         self.stats = {"fisher/cg_iters": info.iterations, "fisher/cg_residual": info.residual_norm}
+        if self.preconditioner is not None:
+            self.stats |= {f"fisher/cg_preconditioner/{k.removeprefix('fisher/')}": v
+                           for k, v in self.preconditioner.stats.items()}
         return x
+
+    def state_dict(self) -> dict:
+        """A K-FAC preconditioner's moving averages (what a resumed run needs); nothing else carries over."""
+        state = getattr(self.preconditioner, "state_dict", None)
+        return {"preconditioner": state()} if state is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "preconditioner" in state and hasattr(self.preconditioner, "load_state_dict"):
+            self.preconditioner.load_state_dict(state["preconditioner"])
+
+
+
+def _preconditioner(name: str | None, damping: float, kfac_ema_decay: float, generator: torch.Generator | None):
+    if name is None:
+        return None
+    if name == "kfac":
+        return KFAC(damping=damping, ema_decay=kfac_ema_decay, generator=generator)
+    if name == "diagonal":
+        return Diagonal(damping=damping, generator=generator)
+    raise ValueError(f"preconditioner must be one of {list(CG_PRECONDITIONERS)}, got {name!r}")
 
 
 class Dense:
