@@ -6,7 +6,7 @@ For Gaussian MLP policies from ~10k to ~10M actor parameters and batches of 1k t
 * for every curvature in ``natpg.fisher``: ``fit(policy, obs, act)`` followed by ``solve(g)``,
 
 and print a markdown table of seconds for ``grad`` and of each solver as a multiple of ``grad``.
-K-FAC is timed twice: refreshing its eigendecompositions every fit (``kfac``), and amortised over
+``cg+kfac`` is CG preconditioned by K-FAC (its fit, and a K-FAC solve per iteration). K-FAC is timed twice: refreshing its eigendecompositions every fit (``kfac``), and amortised over
 ``refresh_every=10`` fits (``kfac/10``: nine fits without a refresh and one with, per ten solves).
 Combinations whose work (batch × parameters) exceeds ``--max-work``, or whose dense/empirical
 matrices would not fit in memory, are shown as "–". Not part of the test run::
@@ -89,6 +89,7 @@ def bench_one(P_target: float, B: int, device: torch.device, max_work: float, ma
     itemsize = obs.element_size()
     solvers = {
         "cg": lambda: CG(damping=0.1, iters=10, tol=0.0),  # tol 0: always the full 10 products
+        "cg+kfac": lambda: CG(damping=0.1, iters=10, tol=0.0, preconditioner="kfac"),  # + a K-FAC fit, 10 K-FAC solves
         "kfac": lambda: KFAC(damping=0.1),
         "diagonal": lambda: Diagonal(damping=0.1),
         "empirical": lambda: Empirical(damping=0.1, max_bytes=int(max_bytes)) if B * P * itemsize <= max_bytes
@@ -116,7 +117,7 @@ def bench_one(P_target: float, B: int, device: torch.device, max_work: float, ma
     row["kfac/10"] = ((t_refresh + 9 * t_plain) / 10 + t_solve) / t_grad
     # the gradient once more at the end: the smaller of the two is the reference (less disturbed)
     row["grad_s"] = t_end = min(t_grad, timeit(gradient, device, reps))
-    for name in ("cg", "kfac", "kfac/10", "diagonal", "empirical", "dense"):
+    for name in ("cg", "cg+kfac", "kfac", "kfac/10", "diagonal", "empirical", "dense"):
         if row.get(name) is not None:
             row[name] *= t_grad / t_end
     return row
@@ -135,7 +136,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cols = ["cg", "kfac", "kfac/10", "diagonal", "empirical", "dense"]
+    cols = ["cg", "cg+kfac", "kfac", "kfac/10", "diagonal", "empirical", "dense"]
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"policy=GaussianMLP({OBS_DIM}, {ACT_DIM}, (h, h)) float32; solver columns are (fit + solve) / grad\n",
           flush=True)
