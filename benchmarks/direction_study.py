@@ -61,7 +61,8 @@ def directions(run_curvature, seed: int) -> dict:
             "kfac_damp0.1": damped,
             "cg_damp0.1": CG(damping=0.1, iters=10), "cg_damp0.01": CG(damping=0.01, iters=10),
             "cg_damp0.1_iters30": CG(damping=0.1, iters=30), "cg_damp0.1_iters100": CG(damping=0.1, iters=100),
-            "cg_near_exact": CG(damping=1e-4, iters=100, tol=1e-12)}
+            "cg_near_exact": CG(damping=1e-4, iters=100, tol=1e-12),
+            "cg_damp0.01_kfac_preconditioned": CG(damping=0.01, iters=10, preconditioner="kfac", generator=gen())}
 
 
 def study(agent, policy, batch: Batch, kl_target: float, index: int) -> list[dict]:
