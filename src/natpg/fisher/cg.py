@@ -30,42 +30,17 @@ def conjugate_gradient(mv: Callable[[torch.Tensor], torch.Tensor], b: torch.Tens
     F's; still stopped on the unpreconditioned ‖r‖. A preconditioner that is not positive along the residual
     (rᵀM⁻¹r ≤ 0) stops the iteration as non-positive curvature does.
     """
-    if precondition is not None:
-        return _preconditioned(mv, b, x0, max_iters, tol, precondition)
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b - mv(x) if x0 is not None else b.clone()
-    p = r.clone()
-    rr = torch.dot(r, r)
-    b_norm = float(torch.linalg.vector_norm(b))
-    threshold = tol * b_norm
-    it = 0
-    for it in range(1, max_iters + 1):
-        if float(rr.sqrt()) <= threshold:
-            it -= 1
-            break
-        Fp = mv(p)
-        pFp = torch.dot(p, Fp)
-        if not bool(pFp > 0):
-            it -= 1
-            break
-        alpha = rr / pFp
-        x = x + alpha * p
-        r = r - alpha * Fp
-        rr_new = torch.dot(r, r)
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-    res = float(rr.sqrt())
-    return x, CGInfo(iterations=it, residual_norm=res, converged=res <= threshold)
-
-
-def _preconditioned(mv, b, x0, max_iters, tol, precondition):
-    x = torch.zeros_like(b) if x0 is None else x0.clone()
-    r = b - mv(x) if x0 is not None else b.clone()
-    z = precondition(r)
+    z = r if precondition is None else precondition(r)
     p = z.clone()
     rz = torch.dot(r, z)
+
+    def residual_norm() -> float:  # rᵀr is rz itself without a preconditioner
+        return float(rz.sqrt()) if precondition is None else float(torch.linalg.vector_norm(r))
+
     threshold = tol * float(torch.linalg.vector_norm(b))
-    res = float(torch.linalg.vector_norm(r))
+    res = residual_norm()
     it = 0
     for it in range(1, max_iters + 1):
         if res <= threshold or not bool(rz > 0):
@@ -79,9 +54,9 @@ def _preconditioned(mv, b, x0, max_iters, tol, precondition):
         alpha = rz / pFp
         x = x + alpha * p
         r = r - alpha * Fp
-        res = float(torch.linalg.vector_norm(r))
-        z = precondition(r)
+        z = r if precondition is None else precondition(r)
         rz_new = torch.dot(r, z)
         p = z + (rz_new / rz) * p
         rz = rz_new
+        res = residual_norm()
     return x, CGInfo(iterations=it, residual_norm=res, converged=res <= threshold)
