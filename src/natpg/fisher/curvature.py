@@ -67,8 +67,8 @@ class CG:
     states): the exact Fisher is still the matrix solved, and the approximation only sets which directions the
     few iterations reach first. Plain CG reaches the large-eigenvalue directions first, which for a Gaussian
     policy with a small σ are the output layer's (its block scales as 1/σ²): on Ant-v5 with σ e^−2, ten plain
-    iterations put nine tenths of the step in the output layer, where the converged solution puts a tenth
-    (docs/curvature.md)."""
+    iterations put 61 % of ‖d‖² in the output layer's weights, where the converged solution puts 0.6 %, and ten
+    K-FAC-preconditioned ones reach a cosine of 0.90 with it against plain CG's 0.40 (docs/curvature.md)."""
 
     def __init__(self, damping: float = 0.1, iters: int = 10, tol: float = 1e-10, subsample: float = 1.0,
                  warm_start: bool = False, generator: torch.Generator | None = None, step_length: str = "batch",
@@ -111,7 +111,6 @@ class CG:
     def load_state_dict(self, state: dict) -> None:
         if "preconditioner" in state and hasattr(self.preconditioner, "load_state_dict"):
             self.preconditioner.load_state_dict(state["preconditioner"])
-
 
 
 def _preconditioner(name: str | None, damping: float, kfac_ema_decay: float, generator: torch.Generator | None):
