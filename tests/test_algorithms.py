@@ -531,11 +531,11 @@ def test_presets_layer_algorithm_family_environment_then_user():
     assert agent.config.advantage.gamma == 0.995
     agent.close()
     # NPG's Ant preset starts the Gaussian's σ at e^−2 (the built policy's log-std, not only the config) and
-    # takes K-FAC's F⁻¹ with ACKTR's curvature settings.
+    # takes K-FAC's F⁻¹ with ACKTR's damping, from each batch's own factors.
     agent = natpg.NPG("Ant-v5", n_envs=1, tensorboard=False)
     torch.testing.assert_close(agent.policy.log_std.detach(), torch.full((8,), -2.0))
     c = agent.config.curvature
-    assert (c.fisher, c.damping, c.kfac_ema_decay, agent.config.step.max_kl) == ("kfac", 0.01, 0.5, 0.04)
+    assert (c.fisher, c.damping, c.kfac_ema_decay, agent.config.step.max_kl) == ("kfac", 0.01, 0.0, 0.04)
     agent.close()
     agent = natpg.ACKTR("Ant-v5", n_envs=1, log_std_init=-0.5, tensorboard=False)
     torch.testing.assert_close(agent.policy.log_std.detach(), torch.full((8,), -0.5))
@@ -552,6 +552,8 @@ def test_presets_layer_algorithm_family_environment_then_user():
         assert default_config(algo, "mujoco", "Ant-v5").step.max_kl == (
             {"acktr": 0.004, "npg": 0.04, "trpo": 0.04}[algo])
         assert default_config(algo, "mujoco", "Ant-v5").curvature.fisher == "kfac"  # all three solve with K-FAC there
+        # NPG and TRPO from each batch's own factors, ACKTR from factors averaged over batches.
+        assert default_config(algo, "mujoco", "Ant-v5").curvature.kfac_ema_decay == (0.5 if algo == "acktr" else 0.0)
         # ACKTR fits its critic by K-FAC on Hopper and Swimmer, by Adam (like the others) on the other three.
         for env_id in ("Walker2d-v5", "Ant-v5", "HalfCheetah-v5"):
             assert default_config(algo, "mujoco", env_id).critic.critic_optimizer == "adam"
