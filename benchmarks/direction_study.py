@@ -69,8 +69,8 @@ def study(agent, policy, batch: Batch, kl_target: float, index: int) -> list[dic
     rows = []
     params = list(policy.actor_parameters())
     theta = flatten([p.detach() for p in params]).clone()
-    for fit_half, (A, B) in enumerate((halves(batch, agent.config.env.n_envs),
-                                       halves(batch, agent.config.env.n_envs)[::-1])):
+    first, second = halves(batch, agent.config.env.n_envs)
+    for fit_half, (A, B) in enumerate(((first, second), (second, first))):
         g = flatten(torch.autograd.grad(surrogate(policy, A), params)).detach()
         dirs = {}
         for name, solver in directions(agent.actor_update.curvature, 1000 + index).items():

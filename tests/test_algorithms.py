@@ -560,8 +560,7 @@ def test_presets_layer_algorithm_family_environment_then_user():
         for env_id in ("Hopper-v5", "Swimmer-v5"):
             assert default_config(algo, "mujoco", env_id).critic.critic_optimizer == (
                 "kfac" if algo == "acktr" else "adam")
-        assert default_config(algo, "mujoco", "Ant-v5").policy.log_std_init == (
-            {"npg": -2.0, "trpo": -2.0, "acktr": -2.0}[algo])
+        assert default_config(algo, "mujoco", "Ant-v5").policy.log_std_init == -2.0
         # TRPO's HalfCheetah preset takes NPG's budget, δ 0.02; the others keep their family's.
         assert default_config(algo, "mujoco", "HalfCheetah-v5").step.max_kl == (
             0.02 if algo == "trpo" else FAMILY_DEFAULTS[(algo, "mujoco")]["max_kl"])

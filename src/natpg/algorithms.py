@@ -239,9 +239,8 @@ ENV_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # and 2629, 2773 on seeds 0, 1 with the same σ and δ (docs/BENCHMARKS.md "NPG on Ant-v5 with K-FAC's F⁻¹").
     # Each batch's own factors (no average over batches) then: seeds 0–4 4351 ± 887, seven seeds (held-out 5, 6: 3095,
     # 4294) 4164 ± 864 against the average's 3928 ± 639; TRPO likewise 3979 ± 579 against 3599 ± 709. Neither
-    # resolved alone, both ahead on the mean (docs/BENCHMARKS.md "What K-FAC changes on Ant-v5").
-    ("npg", "Ant-v5"): {"fisher": "kfac", "log_std_init": -2.0, "max_kl": 0.04, "damping": 0.01,
-                        "kfac_ema_decay": 0.0},
+    # resolved alone, both ahead on the mean (docs/BENCHMARKS.md "What K-FAC changes on Ant-v5"). NPG and TRPO
+    # share the preset below.
     # TRPO there starts σ at e^−2: 1M, seeds 0–4, e^−1 2203 ± 365 → e^−1.5 2581 ± 386 (ahead at every evaluation) →
     # e^−2 2706 ± 209 (ahead to 800k, then level; held-out seeds 5, 6 level, seven seeds 2665 against 2606). NPG
     # with e^−1.5 ended level with e^−1 and below it on the mean: 2523 ± 281 against 2648 ± 764; docs/BENCHMARKS.md
@@ -251,8 +250,8 @@ ENV_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # with δ 0.01 K-FAC gained less (seeds 0, 1: 3295, 2800 against 2883, 2683; docs/BENCHMARKS.md
     # "NPG on Ant-v5 with K-FAC's F⁻¹"). Without the factor average (as NPG): seeds 0–4 3914 ± 675, seven seeds
     # 3979 ± 579 (held-out 5, 6: 4376, 3909).
-    ("trpo", "Ant-v5"): {"fisher": "kfac", "log_std_init": -2.0, "max_kl": 0.04, "damping": 0.01,
-                         "kfac_ema_decay": 0.0},
+    **{(algo, "Ant-v5"): {"fisher": "kfac", "log_std_init": -2.0, "max_kl": 0.04, "damping": 0.01,
+                          "kfac_ema_decay": 0.0} for algo in ("npg", "trpo")},
     # ACKTR there also fits its critic by Adam (see Walker2d below): 1M, seeds 0–4, 2168 ± 537 → 2721 ± 329, ahead
     # at every evaluation from 200k on (docs/BENCHMARKS.md "ACKTR with an Adam critic on Ant-v5"). With that
     # critic a smaller starting σ is ahead at every evaluation: e^−1.5 3173 ± 634, e^−2 3419 ± 563,
