@@ -6,6 +6,7 @@ import math
 import os
 import re
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -381,3 +382,156 @@ def test_plot_draws_every_run_even_when_two_share_a_name(tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, xs, ys, **kw: drawn.append(list(ys)) or plot(ax, xs, ys, **kw))
     plot_runs(runs, str(tmp_path / "same.png"))
     assert drawn == [[1.0], [2.0]]
+
+
+# --- run directories, failures mid-run, acting beside training ---------------------------------------------
+
+class _BreaksAfter(gym.Wrapper):
+    """CartPole (or Pendulum) whose copy raises (``fail='raise'``) or returns a NaN observation (``fail='nan'``)
+    at its ``at``-th step, counted over its episodes."""
+
+    def __init__(self, env_id="CartPole-v1", at=10**9, fail="raise"):
+        super().__init__(gym.make(env_id))
+        self.at, self.fail, self.steps = at, fail, 0
+
+    def step(self, action):
+        self.steps += 1
+        obs, rew, term, trunc, info = self.env.step(action)
+        if self.steps == self.at:
+            if self.fail == "raise":
+                raise RuntimeError("the simulator broke")
+            obs = np.full_like(obs, np.nan)
+        return obs, rew, term, trunc, info
+
+
+for _id, _kw in {"natpg_test/CartPoleBreaks-v0": {"at": 100}, "natpg_test/CartPoleSound-v0": {},
+                 "natpg_test/PendulumNaNAt5-v0": {"env_id": "Pendulum-v1", "at": 5, "fail": "nan"}}.items():
+    if _id not in gym.registry:
+        gym.register(id=_id, entry_point=_BreaksAfter, kwargs=_kw)
+
+
+def _rows(run):
+    return [int(r["env_steps"]) for r in csv.DictReader(open(run / "progress.csv"))]
+
+
+def test_learn_continues_its_own_run_directory_and_refuses_another_run(tmp_path):
+    run = tmp_path / "run"
+    a = natpg.NPG("CartPole-v1", seed=0, **small(eval_every=64, eval_episodes=1))
+    a.learn(128, out_dir=str(run))
+    a.learn(128, out_dir=str(run))  # the same agent carries on: its log too
+    assert _rows(run) == [64, 128, 192, 256] and (run / "best" / "model.pt").exists()
+    natpg.load(str(run)).learn(128, out_dir=str(run))  # the run loaded from the directory carries on
+    assert _rows(run) == [64, 128, 192, 256, 320, 384]
+    (run / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for other in (natpg.NPG("CartPole-v1", seed=0, **small(eval_every=64, eval_episodes=1)),  # the same command again
+                  natpg.TRPO("Pendulum-v1", seed=0, **small())):
+        with pytest.raises(ValueError, match=r"already holds a natpg run \(npg on CartPole-v1, seed 0, 384 env steps\)"):
+            other.learn(128, out_dir=str(run))
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing written, nothing lost
+    natpg.TRPO("Pendulum-v1", seed=0, **small()).learn(128, out_dir=str(run), overwrite=True)
+    assert _rows(run) == [64, 128] and not (run / "best").exists() and natpg.load(str(run)).algorithm == "trpo"
+    assert (run / "notes.txt").read_text() == "mine"  # overwrite deletes natpg's outputs only
+    with pytest.raises(ValueError, match="must be a directory"):
+        natpg.NPG("CartPole-v1", **small()).learn(64, out_dir=str(tmp_path / "model.pt"))
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_cli_train_refuses_a_run_directory_unless_resumed_or_overwritten(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = ["train", "npg", "CartPole-v1", "--steps", "128", "--out", out, "--no-progress", "--n-envs", "2",
+            "--set", "n_steps=32"]
+    assert cli(args) == 0
+    model = open(os.path.join(out, "model.pt"), "rb").read()
+    capsys.readouterr()
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds a natpg run (npg on CartPole-v1, seed 0, 128 env steps)" in err and "Traceback" not in err
+    assert open(os.path.join(out, "model.pt"), "rb").read() == model
+    assert cli(args + ["--resume", out, "--overwrite"]) == 2
+    assert cli(["train", "trpo", "Pendulum-v1", "--steps", "64", "--out", out, "--no-progress", "--n-envs", "2",
+                "--set", "n_steps=32", "--overwrite"]) == 0
+    assert natpg.load(out).algorithm == "trpo" and _rows(tmp_path / "run") == [64]
+    capsys.readouterr()
+    assert cli(args[:6] + [str(tmp_path / "m.pt")] + args[7:]) == 2
+    assert "must be a directory" in capsys.readouterr().err and not (tmp_path / "m.pt").exists()
+
+
+def test_an_environment_error_mid_run_keeps_every_completed_update(tmp_path, capsys):
+    run = tmp_path / "run"
+    a = natpg.NPG("natpg_test/CartPoleBreaks-v0", seed=3, **small())  # copy 0 breaks in its 100th step: rollout 4
+    with pytest.raises(RuntimeError, match="the simulator broke") as info:
+        a.learn(640, out_dir=str(run))
+    assert a.updates == 3 and any("(3 updates, 192 env steps) is saved" in n for n in info.value.__notes__)
+    saved = natpg.load(str(run))
+    ref = natpg.NPG("natpg_test/CartPoleSound-v0", seed=3, **small())
+    ref.learn(192)  # the same run, stopped after three updates
+    assert saved.env_steps == 192 and _rows(run) == [64, 128, 192]
+    assert all(torch.equal(p, q) for p, q in zip(saved.policy.parameters(), ref.policy.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(saved.critic.parameters(), ref.critic.parameters()))
+    # the normalisers as they were after update 3, not with the broken rollout's first 35 steps merged in
+    assert saved.obs_normalizer.rms.count == ref.obs_normalizer.rms.count
+    np.testing.assert_array_equal(saved.obs_normalizer.rms.mean, ref.obs_normalizer.rms.mean)
+    np.testing.assert_array_equal(a.obs_normalizer.rms.var, ref.obs_normalizer.rms.var)
+    with pytest.raises(RuntimeError, match="the simulator broke"):  # the environment's own error, shown as it is
+        cli(["train", "npg", "natpg_test/CartPoleBreaks-v0", "--seed", "3", "--steps", "640", "--out",
+             str(tmp_path / "c"), "--no-progress", "--n-envs", "2", "--set", "n_steps=32"])
+    assert natpg.load(str(tmp_path / "c")).env_steps == 192
+
+
+def test_cli_prints_where_a_failed_run_was_saved(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert cli(["train", "npg", "natpg_test/PendulumNaNAt5-v0", "--steps", "640", "--out", out, "--no-progress",
+                "--n-envs", "2", "--set", "n_steps=2", "--set", "max_kl=0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "non-finite observation" in err and "(2 updates, 8 env steps) is saved in" in err
+    assert natpg.load(out).env_steps == 8
+
+
+def test_stochastic_acting_between_learn_calls_leaves_training_alone():
+    def final_params(act: bool):
+        agent = natpg.NPG("CartPole-v1", seed=0, **small())
+        agent.learn(128)
+        if act:
+            agent.predict(np.zeros(4), deterministic=False)
+            natpg.evaluate(agent, episodes=2, deterministic=False)
+        agent.learn(128, reset=False)
+        return torch.cat([p.detach().reshape(-1) for p in agent.policy.parameters()])
+
+    assert torch.equal(final_params(False), final_params(True))
+    agent = natpg.NPG("CartPole-v1", seed=0, **small())  # a stochastic evaluation repeats for its seed
+    assert natpg.evaluate(agent, episodes=3, seed=5, deterministic=False) == \
+        natpg.evaluate(agent, episodes=3, seed=5, deterministic=False)
+
+
+def test_every_evaluation_is_logged_whatever_the_log_interval(tmp_path):
+    agent = natpg.NPG("CartPole-v1", **small(eval_every=192, eval_episodes=1, log_interval=2))
+    agent.learn(64 * 7, out_dir=str(tmp_path))
+    rows = {int(r["updates"]): float(r["eval/return_mean"]) for r in csv.DictReader(open(tmp_path / "progress.csv"))}
+    assert sorted(rows) == [2, 3, 4, 6] and [k for k, v in rows.items() if math.isfinite(v)] == [3, 6]
+
+
+def test_evaluation_stops_at_a_non_finite_observation_or_ends_the_episode_under_drop():
+    agent = natpg.NPG("natpg_test/PendulumNaNAt5-v0", **small())
+    with pytest.raises(natpg.rollout.NonFiniteEnvError, match=r"step 5 of evaluation episode\(s\) \[0, 1\]"):
+        natpg.evaluate(agent, episodes=2)
+    dropping = natpg.NPG("natpg_test/PendulumNaNAt5-v0", **small(nonfinite_env="drop"))
+    with pytest.warns(RuntimeWarning, match="2 of 2 evaluation episodes .* ended at a non-finite"):
+        out = natpg.agent.evaluation_episodes(dropping, episodes=2)
+    assert out["length"].tolist() == [4, 4] and np.isfinite(out["return"]).all()
+
+
+def test_predict_reads_a_vector_envs_batch_of_tuple_observations_as_the_single_ones():
+    agent = natpg.NPG("Blackjack-v1", seed=1, **small())
+    envs = gym.make_vec("Blackjack-v1", num_envs=6)
+    obs, _ = envs.reset(seed=4)
+    assert isinstance(obs, tuple) and obs[0].shape == (6,)
+    singles = [agent.predict(tuple(int(part[i]) for part in obs)) for i in range(6)]
+    assert agent.predict(obs).tolist() == [int(s) for s in singles]
+    envs.close()
+
+
+def test_a_dense_fisher_too_large_for_memory_is_refused_when_the_agent_is_built(tmp_path):
+    with pytest.raises(ValueError, match=r"a dense 1054722x1054722 Fisher needs .* use fisher='cg'"):
+        natpg.NPG("Pendulum-v1", fisher="dense", hidden=(1024, 1024), **small())
+    natpg.NPG("Pendulum-v1", fisher="dense", hidden=(8,), **small()).learn(64)  # a small one trains

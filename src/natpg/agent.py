@@ -6,8 +6,11 @@ owns none of the maths itself.
 
 from __future__ import annotations
 
+import json
 import math
+import numbers
 import os
+import shutil
 import time
 import warnings
 from typing import Any
@@ -20,9 +23,10 @@ from . import checkpoint
 from .algorithms import config_for, make_actor_update, make_critic
 from .config import EVAL_MAX_EPISODE_STEPS, Config
 from .envs import ObsNormalizer, RewardScaler, check_spaces, make_vec_env, probe_spaces
+from .fisher.dense import check_dense_size
 from .logger import Logger
 from .policies import env_action, input_layout, make_policy
-from .rollout import Sampler
+from .rollout import NonFiniteEnvError, Sampler
 from .train import CriticFit, TrainingFault, fault_of, iteration
 
 
@@ -65,6 +69,22 @@ def space_from_dict(d: dict[str, Any]) -> gym.Space:
 
 CALLABLE_MASK = "<callable>"
 EVAL_SEED_OFFSET = 10_000  # periodic evaluations run on environments seeded apart from the training ones
+ACT_SEED_OFFSET = 20_000  # predict's stochastic actions come from a generator seeded apart from training's
+
+
+def _vector_batch(space: gym.Space, obs: Any) -> list[Any] | None:
+    """The observations of a Gymnasium vector env's batch for a Dict/Tuple/Discrete/... ``space`` (a dict or tuple
+    of arrays with a leading batch axis, an array of Discrete values), one by one; None if ``obs`` is not one."""
+    leaf = obs
+    while isinstance(leaf, (dict, tuple)) and len(leaf):
+        leaf = next(iter(leaf.values())) if isinstance(leaf, dict) else leaf[0]
+    if not isinstance(leaf, np.ndarray) or leaf.ndim == 0:
+        return None
+    batch = gym.vector.utils.batch_space(space, leaf.shape[0])
+    try:
+        return list(gym.vector.utils.iterate(batch, obs)) if batch.contains(obs) else None
+    except (TypeError, ValueError, KeyError, IndexError, AssertionError):
+        return None
 
 
 class Agent:
@@ -73,8 +93,9 @@ class Agent:
     algorithm = "npg"
 
     def __init__(self, env: str, seed: int = 0, **overrides: Any):
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        if not _is_int(seed) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        seed = int(seed)
         mask_fn = overrides.get("action_mask")
         if callable(mask_fn):
             overrides["action_mask"] = CALLABLE_MASK
@@ -108,6 +129,9 @@ class Agent:
         self.policy = make_policy(observation_space, action_space, p.hidden, p.activation, p.log_std_init,
                                   p.action_squash, masked).to(self.device)
         self.critic = make_critic(config, features + mask_dim, image).to(self.device)
+        if config.curvature.fisher == "dense":  # refuse a P×P matrix that cannot fit now, not after a rollout
+            actor = list(self.policy.actor_parameters())
+            check_dense_size(sum(p.numel() for p in actor), actor[0].dtype)
         # Images are scaled by 1/255 inside the CNN instead of normalised by running statistics.
         self.obs_normalizer = ObsNormalizer((features + mask_dim,), config.env.obs_clip,
                                             config.env.normalize_obs and image is None, passthrough=mask_dim)
@@ -118,6 +142,8 @@ class Agent:
         self.sampling_generator = (self.generator if self.device.type == "cpu"
                                    else torch.Generator().manual_seed(seed))
         self.cpu_generator = torch.Generator().manual_seed(seed + 1)
+        # predict(deterministic=False) draws here, so that acting between learn calls leaves training's draws alone.
+        self.act_generator = torch.Generator(self.device).manual_seed(seed + ACT_SEED_OFFSET)
         self.actor_update = make_actor_update(config, self.cpu_generator)
         self._critic_fit = CriticFit()  # beside the actor update, bit for bit as after it
         self.env_steps = 0
@@ -130,14 +156,21 @@ class Agent:
 
     # --- training -------------------------------------------------------------------------------
     def learn(self, total_steps: int, out_dir: str | None = None, progress_bar: bool = False,
-              reset: bool = True, callback=None, schedule_end: int | None = None) -> "Agent":
+              reset: bool = True, callback=None, schedule_end: int | None = None,
+              overwrite: bool = False) -> "Agent":
         """Train for ``total_steps`` more environment steps (rounded down to whole batches).
 
-        ``out_dir`` receives progress.csv, TensorBoard events and checkpoints; ``reset=False`` keeps
-        stepping the environments where the previous ``learn`` left them — or, for an agent just loaded
-        from a checkpoint, where the saved run left them (bit-exact for classic-control and MuJoCo tasks
-        with vectorization='sync'; otherwise from freshly reset environments, with a warning), and appends
-        to ``out_dir``'s progress.csv after dropping rows newer than the checkpoint.
+        ``out_dir`` receives progress.csv, TensorBoard events and checkpoints. A directory that already holds
+        this run (an earlier ``learn`` of this agent, or the checkpoint it was loaded from) is continued: its
+        progress.csv is appended to after dropping rows newer than the agent. One that holds another run is an
+        error unless ``overwrite=True``, which deletes natpg's outputs there (``RUN_OUTPUTS``) first.
+        ``reset=False`` keeps stepping the environments where the previous ``learn`` left them — or, for an
+        agent just loaded from a checkpoint, where the saved run left them (bit-exact for classic-control and
+        MuJoCo tasks with vectorization='sync'; otherwise from freshly reset environments, with a warning).
+
+        An exception while collecting a rollout (the environment's own error, a non-finite observation, an
+        interrupt) leaves the agent at its last completed update; with ``out_dir`` that state is saved there
+        before the exception propagates (a note on it says so), so no completed update is lost.
 
         A numerically faulty update (non-finite gradient, direction, step, loss or parameters) is skipped
         with the parameters untouched and logged (``step/fault``/``critic/fault`` in events.log); after
@@ -152,14 +185,11 @@ class Agent:
         ``learn(100_000, schedule_end=1_000_000)``.
         """
         batch = self.config.batch_size
-        if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < batch:
+        if not _is_int(total_steps) or total_steps < batch:
             raise ValueError(f"total_steps must be an integer ≥ one batch ({self.config.env.n_envs} envs × "
                              f"{self.config.rollout.n_steps} steps = {batch}), got {total_steps!r}")
-        if out_dir is not None:
-            if not isinstance(out_dir, (str, os.PathLike)):
-                raise ValueError(f"out_dir must be a directory path, got {out_dir!r}")
-            if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-                raise ValueError(f"out_dir {str(out_dir)!r} exists and is not a directory")
+        total_steps = int(total_steps)
+        continuing = claim_run_dir(self, out_dir, overwrite) if out_dir is not None else False
         n_updates = total_steps // batch
         end_steps = self.env_steps + n_updates * batch  # where this call ends
         if schedule_end is not None and (not isinstance(schedule_end, int) or isinstance(schedule_end, bool)
@@ -175,7 +205,7 @@ class Agent:
         self.obs_normalizer.frozen = False
         run = self.config.run
         logger = Logger(out_dir, run.tensorboard, progress_bar, total_steps=end_steps,
-                        resume=not reset, resume_step=self.env_steps)
+                        resume=continuing, resume_step=self.env_steps)
         start = time.perf_counter()
         eval_s = 0.0  # seconds spent in periodic evaluations, left out of the training wall-clock
         wall_before = self.train_wall_s
@@ -185,8 +215,9 @@ class Agent:
         try:
             for i in range(n_updates):
                 schedule = self._schedule(step_rule, schedule_end)
-                stats = iteration(self._sampler, self.policy, self.critic, self.actor_update, self.config,
-                                  self.config.rollout.n_steps, self.cpu_generator, prefetch=i < n_updates - 1,
+                rollout, collect_s = self._collect(out_dir)
+                stats = iteration(rollout, collect_s, self._sampler, self.policy, self.critic, self.actor_update,
+                                  self.config, self.cpu_generator, prefetch=i < n_updates - 1,
                                   critic_fit=self._critic_fit)
                 self.updates += 1
                 self.env_steps += batch
@@ -205,7 +236,8 @@ class Agent:
                        "steps_per_s": (self.env_steps - steps_at_start) / max(wall, 1e-9),
                        "faults/consecutive": self.consecutive_faults, **stats, **_policy_stats(self.policy),
                        **getattr(self._sampler, "log_stats", dict)()}
-                if self.updates % run.log_interval == 0 or fault:
+                evaluated = not math.isnan(stats.get("eval/return_mean", math.nan))
+                if self.updates % run.log_interval == 0 or fault or evaluated:
                     logger.record(row)
                 if self.consecutive_faults >= run.max_consecutive_faults:
                     saved = f"; checkpoint written to {self.save(out_dir)}" if out_dir else ""
@@ -223,6 +255,27 @@ class Agent:
         if out_dir:
             self.save(out_dir)
         return self
+
+    def _collect(self, out_dir: str | None):
+        """The next rollout and the seconds it took. Should collecting fail, the agent is still at its last
+        completed update: the normalisers are put back as they were before the rollout and, with ``out_dir``,
+        that state is saved (without the environments' mid-rollout state: continuing resets them)."""
+        saved = (self.obs_normalizer.rms.state_dict(), self.reward_scaler.rms.state_dict(),
+                 self.reward_scaler.ret.copy())
+        start = time.perf_counter()
+        try:
+            rollout = self._sampler.collect(self.policy, self.config.rollout.n_steps)
+        except BaseException as exc:
+            self.obs_normalizer.rms.load_state_dict(saved[0])
+            self.reward_scaler.rms.load_state_dict(saved[1])
+            self.reward_scaler.ret = saved[2]
+            if out_dir:
+                file = self._write_checkpoint(out_dir, sampler_state=None)
+                exc.add_note(f"natpg: the last completed update ({self.updates} updates, {self.env_steps} env "
+                             f"steps) is saved in {file}; continue from it with natpg.load({str(out_dir)!r}) "
+                             f"(or natpg train ... --resume {out_dir}); the environments then start afresh")
+            raise
+        return rollout, time.perf_counter() - start
 
     def _schedule(self, step_rule, schedule_end: int | None) -> dict[str, float]:
         """Set the next update's δ (``kl_schedule``) and α (``lr_schedule``), the fraction of the env steps up to
@@ -290,16 +343,21 @@ class Agent:
         space = self.observation_space
         if isinstance(space, gym.spaces.Box):
             flat, single = self._box_observations(obs)
-        else:  # Dict, Tuple, Discrete, ...: one observation, or a list of them
-            single = space.contains(obs) if not isinstance(space, gym.spaces.Dict) else isinstance(obs, dict)
-            items = [obs] if single else list(obs) if isinstance(obs, (list, tuple)) else None
+        else:  # Dict, Tuple, Discrete, ...: one observation, a vector env's batch, or a list of observations
+            batched = _vector_batch(space, obs)
+            single = batched is None and (space.contains(obs) if not isinstance(space, gym.spaces.Dict)
+                                          else isinstance(obs, dict))
+            items = (batched if batched is not None else [obs] if single
+                     else list(obs) if isinstance(obs, (list, tuple)) else None)
             try:
                 if items is None:
                     raise ValueError("not a list of observations")
                 flat = np.stack([np.asarray(gym.spaces.flatten(space, o), np.float64) for o in items])
             except (TypeError, ValueError, KeyError, IndexError, AssertionError) as exc:
                 raise ValueError(f"observation {obs!r:.120} is not in the policy's observation space {space} "
-                                 f"(nor a list of such observations): {exc}") from None
+                                 f"(nor a vector env's batch of them, nor a list of them): {exc}") from None
+            if not np.isfinite(flat).all():
+                raise ValueError(f"observation contains non-finite values (NaN or inf): {obs!r:.200}")
         if self.config.env.action_mask is not None:
             flat = np.concatenate([flat, self._mask_rows(action_mask, flat.shape[0])], axis=1)
         elif action_mask is not None:
@@ -339,16 +397,21 @@ class Agent:
         return mask
 
     @torch.no_grad()
-    def _act(self, flat: np.ndarray, deterministic: bool) -> np.ndarray:
-        """Actions for policy inputs [B, D] (flattened observations, mask appended), as the environment takes them."""
+    def _act(self, flat: np.ndarray, deterministic: bool, generator: torch.Generator | None = None) -> np.ndarray:
+        """Actions for policy inputs [B, D] (flattened observations, mask appended), as the environment takes them.
+        Stochastic actions draw from ``generator`` (default ``act_generator``), never from training's generators."""
         x = torch.from_numpy(self.obs_normalizer.normalize(flat)).to(self.device)
         eta = self.policy(x)
-        act = (self.policy.mode(eta) if deterministic else self.policy.sample(eta, self.generator)).cpu().numpy()
+        act = (self.policy.mode(eta) if deterministic else self.policy.sample(eta, generator or self.act_generator)
+               ).cpu().numpy()
         return env_action(act, self.action_space, getattr(self.policy, "squash", False))
 
     # --- persistence ----------------------------------------------------------------------------
     def save(self, path: str) -> str:
         """Write a checkpoint to ``path`` (a directory, or a file ending in .pt); returns the file written."""
+        return self._write_checkpoint(path, self._sampler_state())
+
+    def _write_checkpoint(self, path: str, sampler_state: dict[str, Any] | None) -> str:
         meta = {
             "algorithm": self.algorithm, "env_id": self.env_id, "seed": self.seed, "config": self.config.to_dict(),
             "observation_space": space_to_dict(self.observation_space),
@@ -360,7 +423,7 @@ class Agent:
             "consecutive_faults": self.consecutive_faults, "train_wall_s": self.train_wall_s,
             "best_eval_return": self.best_eval_return,
             # Everything needed to continue bit-exactly (learn(..., reset=False) after load; CLI --resume):
-            "sampler": self._sampler_state(),
+            "sampler": sampler_state,
         }
         tensors = {"policy": self.policy.state_dict(), "critic": self.critic.state_dict(),
                    "critic_optimizer": self.critic.optimizer.state_dict(),
@@ -494,6 +557,59 @@ def load(path: str, action_mask=None) -> Agent:
                          f"{str(exc).splitlines()[0]}") from None
 
 
+RUN_OUTPUTS = ("model.pt", "config.json", "progress.csv", "events.log", "tb", "best")  # what a run writes
+
+
+def claim_run_dir(agent: Agent, out_dir: Any, overwrite: bool = False) -> bool:
+    """Check ``out_dir`` before anything is written there. True: it holds an earlier state of ``agent``'s own
+    run (same algorithm, environment, seed and config, at most as many env steps), whose log is continued.
+    False: it is new, or holds none of natpg's outputs, or held another run and ``overwrite`` deleted those
+    outputs (``RUN_OUTPUTS``, nothing else). Another run without ``overwrite`` is a ValueError: never lost data."""
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise ValueError(f"out_dir must be a directory path, got {out_dir!r}")
+    out_dir = os.fspath(out_dir)
+    if out_dir.endswith(".pt"):
+        raise ValueError(f"out_dir {out_dir!r} must be a directory (a path ending in .pt names one checkpoint "
+                         f"file, as agent.save writes)")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"out_dir {out_dir!r} exists and is not a directory")
+    held = [name for name in RUN_OUTPUTS if os.path.lexists(os.path.join(out_dir, name))]
+    if not held:
+        return False
+    try:
+        meta, _ = checkpoint.read(out_dir)
+    except (OSError, ValueError):
+        meta = None
+    if meta is not None and _continues(agent, meta):
+        return True
+    if not overwrite:
+        what = (f"a natpg run ({meta.get('algorithm')} on {meta.get('env_id')}, seed {meta.get('seed')}, "
+                f"{meta.get('env_steps')} env steps)" if meta is not None else f"natpg outputs ({', '.join(held)})")
+        raise ValueError(f"out_dir {out_dir!r} already holds {what}; choose another directory, continue that run "
+                         f"(natpg.load(dir).learn(..., out_dir=dir); natpg train ... --resume DIR), or replace it "
+                         f"with overwrite=True (natpg train --overwrite)")
+    for name in held:
+        path = os.path.join(out_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    return False
+
+
+def _continues(agent: Agent, meta: dict[str, Any]) -> bool:
+    """Whether a checkpoint's metadata is an earlier (or the same) state of the run ``agent`` is training."""
+    config = json.loads(json.dumps(agent.config.to_dict()))  # as the checkpoint records it (lists, not tuples)
+    return (meta.get("algorithm") == agent.algorithm and meta.get("env_id") == agent.env_id
+            and meta.get("seed") == agent.seed and meta.get("config") == config
+            and isinstance(meta.get("env_steps"), int) and meta["env_steps"] <= agent.env_steps)
+
+
+def _is_int(value: Any) -> bool:
+    """An integer (Python's or numpy's), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def check_evaluation(agent: Agent, env: str | None, episodes: int, seed: int,
                      max_episode_steps: int = EVAL_MAX_EPISODE_STEPS) -> str:
     """The environment id to evaluate ``agent`` on (default: its own), after checking the arguments and, for
@@ -524,21 +640,34 @@ def evaluation_episodes(agent: Agent, env: str | None = None, episodes: int = 10
     ``terminated`` (True where the environment ended it; False where its time limit or ``max_episode_steps`` cut
     it) and ``last_obs`` (its last observation as the policy reads it: flattened, any action mask appended).
 
-    Episodes run in parallel copies of ``env`` (default: the agent's own), copy i seeded ``seed + i``. An
-    episode the environment has not ended after ``max_episode_steps`` steps is cut there, with a warning (an
-    environment registered without a time limit would otherwise never return).
+    Episodes run in parallel copies of ``env`` (default: the agent's own), copy i seeded ``seed + i``;
+    stochastic actions (``deterministic=False``) draw from a generator seeded ``seed``. An episode the
+    environment has not ended after ``max_episode_steps`` steps is cut there, with a warning (an environment
+    registered without a time limit would otherwise never return). A NaN or infinite observation or reward is
+    a ``NonFiniteEnvError`` naming the episode and step, as in training.
     """
     env_id = check_evaluation(agent, env, episodes, seed, max_episode_steps)
+    generator = None if deterministic else torch.Generator(agent.device).manual_seed(seed)
     envs = make_vec_env(env_id, episodes, "sync", action_mask=agent.action_mask_source)
     try:
         obs, _ = envs.reset(seed=seed)
         flat = np.asarray(obs, np.float64).reshape(episodes, -1)  # flattened, with the mask appended: to the policy
+        drop = agent.config.env.nonfinite_env == "drop"
+        _nonfinite(env_id, flat, np.zeros(episodes), np.ones(episodes, bool), 0, drop=False)  # no episode to end yet
         returns, lengths = np.zeros(episodes), np.zeros(episodes, np.int64)
         terminated, finished = np.zeros(episodes, bool), np.zeros(episodes, bool)
+        dropped = np.zeros(episodes, bool)
         last_obs = np.empty_like(flat)
-        for _ in range(max_episode_steps):
-            obs, rew, term, trunc, info = envs.step(agent._act(flat, deterministic))
-            flat = np.asarray(obs, np.float64).reshape(episodes, -1)
+        for t in range(max_episode_steps):
+            obs, rew, term, trunc, info = envs.step(agent._act(flat, deterministic, generator))
+            new = np.asarray(obs, np.float64).reshape(episodes, -1)
+            bad = _nonfinite(env_id, new, rew, ~finished, t + 1, drop)
+            if bad.any():  # nonfinite_env='drop': the episode ends at its last finite observation, as in training
+                last_obs[bad] = flat[bad]
+                dropped |= bad
+                finished |= bad
+            new[~np.isfinite(new)] = 0.0  # ended copies go on stepping uncounted: keep their actions finite
+            flat = new
             returns += np.where(finished, 0.0, rew)
             lengths += ~finished
             terminated |= term & ~finished
@@ -551,6 +680,10 @@ def evaluation_episodes(agent: Agent, env: str | None = None, episodes: int = 10
     finally:
         envs.close()
     warn_cut_episodes(env_id, int((~finished).sum()), episodes, max_episode_steps)
+    if dropped.any():
+        warnings.warn(f"{int(dropped.sum())} of {episodes} evaluation episodes on {env_id!r} ended at a non-finite "
+                      f"observation or reward (nonfinite_env='drop'); their returns are those of the steps before it",
+                      RuntimeWarning, stacklevel=2)
     return {"return": returns, "length": lengths, "terminated": terminated, "last_obs": last_obs}
 
 
@@ -561,6 +694,18 @@ def evaluate(agent: Agent, env: str | None = None, episodes: int = 10, seed: int
     """
     returns = evaluation_episodes(agent, env, episodes, seed, deterministic, max_episode_steps)["return"]
     return float(returns.mean()), float(returns.std())
+
+
+def _nonfinite(env_id: str, obs: np.ndarray, rew: np.ndarray, running: np.ndarray, step: int,
+               drop: bool) -> np.ndarray:
+    """The running evaluation episodes whose observation [E, D] or reward [E] is NaN or infinite: returned with
+    ``drop`` (nonfinite_env='drop'), a ``NonFiniteEnvError`` naming them otherwise."""
+    bad = running & ~(np.isfinite(obs).all(axis=1) & np.isfinite(np.asarray(rew, np.float64)))
+    if bad.any() and not drop:
+        raise NonFiniteEnvError(f"evaluation on {env_id!r}: the environment returned a non-finite observation or "
+                                f"reward at step {step} of evaluation episode(s) {np.flatnonzero(bad).tolist()} "
+                                f"(nonfinite_env='drop' ends such episodes instead)")
+    return bad
 
 
 def warn_cut_episodes(env_id: str, cut: int, episodes: int, max_episode_steps: int) -> None:

@@ -6,6 +6,7 @@ import argparse
 import ast
 import json
 import os
+import re
 import signal
 import statistics
 import sys
@@ -51,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=1_000_000, help="environment steps to train for (default 1e6)")
     t.add_argument("--seed", type=int, default=None, help="random seed of networks, sampling and environments "
                                                           "(default 0)")
-    t.add_argument("--out", default=None, help="output directory (default runs/ALGO-ENV-sSEED)")
+    t.add_argument("--out", default=None, help="output directory (default runs/ALGO-ENV-sSEED); one that holds "
+                                                "another run is refused unless --overwrite")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (deletes natpg's outputs there: model.pt, config.json, "
+                        "progress.csv, events.log, tb/, best/)")
     t.add_argument("--fisher", default=None, help="how F⁻¹g is applied: cg, dense, kfac, diagonal, empirical")
     t.add_argument("--n-envs", type=int, default=None, help="environment copies per vector env")
     t.add_argument("--device", default=None, help="update device: cpu or cuda")
@@ -128,6 +133,8 @@ def algorithm_class(name: str):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .agent import claim_run_dir
+
     agent_class = algorithm_class(args.algo)
     overrides = dict(parse_setting(s) for s in args.settings)
     for key, value in (("fisher", args.fisher), ("n_envs", args.n_envs), ("device", args.device),
@@ -138,6 +145,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "sampler" not in overrides and ((args.workers or 1) > 1 or args.ray_address is not None):
         overrides["sampler"] = "ray"
     if args.resume is not None:
+        if args.overwrite:
+            raise ValueError("--resume continues the run in DIR; --overwrite would replace it: give one of them")
         agent = _resume(args, overrides)
         out = args.out or args.resume
         steps, reset = args.steps - agent.env_steps, False
@@ -147,11 +156,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 0
     else:
         seed = 0 if args.seed is None else args.seed
-        out = args.out or os.path.join("runs", f"{args.algo}-{args.env_id}-s{seed}")
+        # An id such as ALE/Pong-v5 or module:Env-v0 names one directory, not a nested one.
+        out = args.out or os.path.join("runs", f"{args.algo}-{re.sub(r'[^A-Za-z0-9._-]+', '-', args.env_id)}-s{seed}")
         agent = agent_class(args.env_id, seed=seed, **overrides)
         steps, reset = args.steps, True
         if not isinstance(steps, int) or steps < agent.config.batch_size:
             agent.learn(steps)  # the step-budget error, before writing anything
+        claim_run_dir(agent, out, overwrite=args.overwrite)  # another run in --out: an error, before writing
         agent.save(out)  # config.json and an initial checkpoint before any work
     stop = _StopOnSignal()
     try:
@@ -191,8 +202,8 @@ def _resume(args: argparse.Namespace, overrides: dict[str, Any]):
 
 class _StopOnSignal:
     """SIGINT/SIGTERM end training at the next iteration boundary, where the state is consistent: learn then
-    writes its final checkpoint and returns. A second signal interrupts at once (the last periodic checkpoint
-    stays)."""
+    writes its final checkpoint and returns. A second signal interrupts at once (during a rollout, the last
+    completed update is saved; otherwise the last periodic checkpoint stays)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -266,8 +277,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from .plotting import plot_runs
 
-    plot_runs(args.run_dirs, args.output, args.x, args.y, seeds=args.seeds)
-    print(f"wrote {args.output}")
+    output = args.output if os.path.splitext(args.output)[1] else args.output + ".png"  # what matplotlib writes
+    plot_runs(args.run_dirs, output, args.x, args.y, seeds=args.seeds)
+    print(f"wrote {output}")
     return 0
 
 
@@ -297,10 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except (ValueError, FileNotFoundError, ImportError, TrainingFault, NonFiniteEnvError, WorkerFailure,
             RenderError) as exc:
-        print(f"natpg {args.command}: error: {exc}", file=sys.stderr)
+        notes = "".join(f"\n{note}" for note in getattr(exc, "__notes__", ()))  # e.g. where the run was saved
+        print(f"natpg {args.command}: error: {exc}{notes}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"natpg {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        notes = "".join(f"\n{note}" for note in getattr(exc, "__notes__", ()))
+        print(f"natpg {args.command}: interrupted{notes}", file=sys.stderr)
         return 130
 
 

@@ -225,19 +225,19 @@ def _threads(n: int):
             torch.set_num_threads(before)
 
 
-def iteration(sampler, policy: nn.Module, critic, actor_update, cfg, n_steps: int,
+def iteration(rollout: Rollout, collect_s: float, sampler, policy: nn.Module, critic, actor_update, cfg,
               generator: torch.Generator, prefetch: bool = False, critic_fit: CriticFit | None = None
               ) -> dict[str, Any]:
-    """collect → advantages → actor update (g, d = F⁻¹g, step) → critic regression; returns the log row.
+    """After ``sampler.collect`` (``rollout``, in ``collect_s`` seconds): advantages → actor update (g, d = F⁻¹g,
+    step) → critic regression; returns the log row.
 
     ``prefetch``: a sampler whose workers run elsewhere (``sampler.prefetch``) starts the next rollout as
     soon as the actor has stepped, so that it runs while the critic is fitted here. The next batch is the
     same either way: the rollout reads only the policy and the normaliser statistics, the critic is read
     only by the next ``make_batch``. ``critic_fit``: a ``CriticFit`` that may overlap the critic fit with
     the actor update (None: the fit runs after it); ``time/critic_s`` is then the wait after the actor."""
-    t0 = time.perf_counter()
-    rollout = sampler.collect(policy, n_steps)
     t1 = time.perf_counter()
+    n_steps = cfg.rollout.n_steps
     unusable = "non-finite advantages, returns or old policy outputs"
     critic_fit = critic_fit or CriticFit(overlap=False)
     with _threads(cfg.run.update_threads):  # the environments wait for this phase's result
@@ -260,5 +260,5 @@ def iteration(sampler, policy: nn.Module, critic, actor_update, cfg, n_steps: in
     else:
         t2 = t3 = time.perf_counter()
     stats |= {"env/nonfinite_dropped": float(getattr(sampler, "dropped", 0)),
-              "time/collect_s": t1 - t0, "time/actor_s": t2 - t1, "time/critic_s": t3 - t2}
+              "time/collect_s": collect_s, "time/actor_s": t2 - t1, "time/critic_s": t3 - t2}
     return stats
