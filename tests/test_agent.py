@@ -30,6 +30,10 @@ def test_a_misspelt_setting_gets_the_nearest_valid_name_and_a_foreign_one_none()
     with pytest.raises(ValueError) as err:
         natpg.NPG("CartPole-v1", zzzz=1)
     assert "did you mean" not in str(err.value)
+    with pytest.raises(ValueError, match=r"'learning_rate' is Stable-Baselines3's name: natpg's is alpha"):
+        natpg.PPO("CartPole-v1", learning_rate=3e-4)
+    with pytest.raises(ValueError, match=r"'cg_max_steps' is Stable-Baselines3's name: natpg's is cg_iters"):
+        natpg.TRPO("CartPole-v1", cg_max_steps=15)
 
 
 @pytest.mark.parametrize("setting,pattern", [
@@ -535,3 +539,50 @@ def test_a_dense_fisher_too_large_for_memory_is_refused_when_the_agent_is_built(
     with pytest.raises(ValueError, match=r"a dense 1054722x1054722 Fisher needs .* use fisher='cg'"):
         natpg.NPG("Pendulum-v1", fisher="dense", hidden=(1024, 1024), **small())
     natpg.NPG("Pendulum-v1", fisher="dense", hidden=(8,), **small()).learn(64)  # a small one trains
+
+
+def test_numpy_integers_count_as_integers_everywhere_a_count_is_taken(tmp_path):
+    agent = natpg.NPG("CartPole-v1", seed=np.int64(2), **small())
+    agent.learn(np.int64(64), schedule_end=np.int64(128))
+    ref = natpg.NPG("CartPole-v1", seed=2, **small())
+    ref.learn(64, schedule_end=128)
+    assert agent.seed == 2 and type(agent.seed) is int
+    assert all(torch.equal(p, q) for p, q in zip(agent.policy.parameters(), ref.policy.parameters()))
+    assert natpg.evaluate(agent, episodes=np.int64(2), seed=np.int64(5), max_episode_steps=np.int64(50)) == \
+        natpg.evaluate(ref, episodes=2, seed=5, max_episode_steps=50)
+
+
+def test_a_checkpoint_with_a_setting_that_did_nothing_still_loads(tmp_path):
+    from natpg import checkpoint
+
+    agent = natpg.NPG("CartPole-v1", fisher="kfac", **small())
+    agent.learn(64)
+    agent.save(str(tmp_path))
+    meta, tensors = checkpoint.read(str(tmp_path))  # as written before such settings were refused
+    meta["config"]["curvature"]["fvp_subsample"] = 0.2
+    meta["config"]["policy"]["action_squash"] = "tanh"
+    checkpoint.write(str(tmp_path), meta, tensors)
+    with pytest.raises(ValueError, match="fvp_subsample"):
+        natpg.NPG("CartPole-v1", fisher="kfac", fvp_subsample=0.2, **small())
+    loaded = natpg.load(str(tmp_path))
+    assert loaded.config.curvature.fvp_subsample == 1.0 and loaded.config.policy.action_squash == "clip"
+    assert loaded.predict(np.zeros((3, 4))).tolist() == agent.predict(np.zeros((3, 4))).tolist()
+
+
+def test_an_algorithm_class_loads_its_own_runs_only(tmp_path, capsys):
+    natpg.TRPO("CartPole-v1", **small()).save(str(tmp_path))
+    assert type(natpg.TRPO.load(str(tmp_path))) is natpg.TRPO and type(natpg.Agent.load(str(tmp_path))) is natpg.TRPO
+    with pytest.raises(ValueError, match="holds a trpo run, not npg; load it with natpg.load or natpg.TRPO.load"):
+        natpg.NPG.load(str(tmp_path))
+    assert cli(["--version"]) == 0 and capsys.readouterr().out.strip() == f"natpg {natpg.__version__}"
+
+
+def test_cli_default_run_directory_is_one_directory_and_plot_names_the_file_it_wrote(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli(["train", "npg", "natpg_test/CartPoleSound-v0", "--steps", "64", "--no-progress", "--n-envs", "2",
+                "--set", "n_steps=32"]) == 0
+    assert os.listdir(tmp_path / "runs") == ["npg-natpg_test-CartPoleSound-v0-s0"]
+    pytest.importorskip("matplotlib")
+    capsys.readouterr()
+    assert cli(["plot", "runs/npg-natpg_test-CartPoleSound-v0-s0", "-o", "curve"]) == 0
+    assert capsys.readouterr().out.strip() == "wrote curve.png" and (tmp_path / "curve.png").exists()

@@ -29,7 +29,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import natpg
-from natpg import checkpoint
+from natpg import bench, checkpoint
 from natpg.advantages import gae, normalize_advantages
 from natpg.cli import main as cli
 from natpg.envs import EnvStateError, ObsNormalizer, RewardScaler, env_state, set_env_state
@@ -193,6 +193,29 @@ API_CASES = [
      ValueError, r"action_squash='tanh' needs finite action bounds"),
     ("unknown action_squash", lambda a: natpg.NPG("Pendulum-v1", action_squash="sigmoid"), ValueError,
      r"action_squash must be one of \['clip', 'tanh'\]"),
+    ("tanh squash on Discrete actions", lambda a: natpg.NPG("MountainCar-v0", action_squash="tanh"), ValueError,
+     r"action_squash='tanh' squashes Box actions .*Discrete\(3\) is not a Box"),
+    ("fvp_subsample with K-FAC", lambda a: natpg.NPG("CartPole-v1", fisher="kfac", fvp_subsample=0.5), ValueError,
+     r"fvp_subsample=0.5 subsamples the Fisher-vector products of fisher='cg' or 'dense'; fisher='kfac' does not"),
+    ("fvp_subsample with ACKTR's preset", lambda a: natpg.ACKTR("CartPole-v1", fvp_subsample=0.2), ValueError,
+     r"fisher='kfac' does not use it"),
+    ("fvp_subsample with the identity", lambda a: natpg.NPG("CartPole-v1", fisher="identity", fvp_subsample=0.2),
+     ValueError, r"fisher='identity' does not use it"),
+    ("bool gae_lambda", lambda a: natpg.NPG("CartPole-v1", gae_lambda=True), ValueError,
+     r"gae_lambda must be in \[0, 1\], got True"),
+    ("bool fvp_subsample", lambda a: natpg.NPG("CartPole-v1", fvp_subsample=True), ValueError,
+     r"fvp_subsample must be in \(0, 1\], got True"),
+    ("NumPy bool flag", lambda a: natpg.NPG("CartPole-v1", normalize_obs=np.bool_(True)), ValueError,
+     "normalize_obs must be True or False"),
+    ("unpicklable action mask with worker processes",
+     lambda a: natpg.NPG("Taxi-v4", sampler="processes", workers=2, action_mask=lambda env: np.ones(6),
+                         **small()).learn(BATCH),
+     ValueError, r"sampler='processes' sends the action mask .* cannot be pickled .*use a function defined at module "
+                 r"level"),
+    ("bench with zero envs", lambda a: bench.throughput("npg", "CartPole-v1", 256, 1, n_envs=0), ValueError,
+     r"--n-envs \(n_envs\) must be an integer ≥ 1, got 0"),
+    ("bench with n_steps", lambda a: bench.throughput("npg", "CartPole-v1", 256, 1, n_steps=4), ValueError,
+     "not available in bench: n_steps=4"),
     ("Discrete(start=1) actions", lambda a: natpg.NPG("natpgtest/ShiftedDiscrete-v0"), ValueError,
      r"Discrete actions must start at 0"),
     ("negative seed", lambda a: natpg.NPG("CartPole-v1", seed=-1), ValueError, "seed must be a non-negative integer"),
@@ -275,6 +298,28 @@ def test_bad_input_is_a_clear_error_from_natpg(artifacts, name, call, exc, patte
     assert SRC in raised_in.parents, f"raised from {raised_in}"
 
 
+def test_numpy_scalars_are_accepted_and_stored_as_python_numbers(tmp_path):
+    """A sweep over np.arange or np.linspace passes NumPy scalars: accepted where an int or a float is, and stored
+    as that int or float, so config.json and the numbers trained are those of the same values typed in Python."""
+    np_kw = dict(n_envs=np.int64(2), n_steps=np.int32(16), hidden=(np.int64(16),), critic_epochs=np.uint8(2),
+                 cg_iters=np.int16(5), max_kl=np.float32(0.25), gae_lambda=np.float32(0.75), gamma=np.float64(0.9),
+                 damping=np.int64(1), checkpoint_every=np.int64(0), update_threads=np.int64(0))
+    py_kw = {k: tuple(int(x) for x in v) if isinstance(v, tuple) else v.item() for k, v in np_kw.items()}
+    common = dict(tensorboard=False, critic_hidden=(16,))
+    with_np = natpg.NPG("CartPole-v1", seed=0, **common, **np_kw)
+    plain = natpg.NPG("CartPole-v1", seed=0, **common, **py_kw)
+    assert with_np.config.to_dict() == plain.config.to_dict()
+    for section in with_np.config.to_dict().values():
+        for name, value in (section.items() if isinstance(section, dict) else ()):
+            for v in value if isinstance(value, tuple) else (value,):
+                assert type(v) in (int, float, bool, str, type(None)), (name, type(v))
+    with_np.learn(BATCH)
+    plain.learn(BATCH)
+    assert torch.equal(flat_params(with_np.policy), flat_params(plain.policy))
+    with_np.save(str(tmp_path / "run"))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["rollout"]["n_steps"] == 16
+
+
 def _cli_cases():
     cases = [
         (["train", "npgg", "CartPole-v1"], "unknown algorithm 'npgg'"),
@@ -301,6 +346,19 @@ def _cli_cases():
         (["eval", "{root}/cart", "--video", "{root}/cart.txt"], r"must end in one of \.mp4"),
         (["eval", "{root}/cart", "--video", "{root}/cart.mp4", "--episodes", "0"], "episodes must be an integer ≥ 1"),
         (["eval", "{root}/cart", "--video", "{root}/cart.gif", "--env", "Pendulum-v1"], "does not match the agent"),
+        # bench checks its own arguments before building anything (no warm-up update, no torch traceback)
+        (["bench", "npg", "CartPole-v1", "--batch", "256", "--updates", "1", "--n-envs", "0"],
+         r"--n-envs \(n_envs\) must be an integer ≥ 1, got 0"),
+        (["bench", "npg", "CartPole-v1", "--batch", "256", "--updates", "1", "--set", "n_envs=0"],
+         r"--n-envs \(n_envs\) must be an integer ≥ 1, got 0"),
+        (["bench", "npg", "CartPole-v1", "--batch", "0", "--updates", "1"], "--batch must be an integer ≥ 1, got 0"),
+        (["bench", "npg", "CartPole-v1", "--batch", "256", "--updates", "0"], "--updates must be an integer ≥ 1, got 0"),
+        (["bench", "npg", "CartPole-v1", "--batch", "100", "--updates", "1", "--n-envs", "8"],
+         "--batch 100 must be a multiple of --n-envs 8"),
+        (["bench", "npg", "CartPole-v1", "--batch", "256", "--updates", "1", "--set", "n_steps=4"],
+         "not available in bench: n_steps=4 .*change --batch"),
+        (["bench", "npg", "CartPole-v1", "--batch", "256", "--updates", "1", "--set", "seed=3", "--set",
+          "total_steps=512"], r"seed=3 \(bench always uses seed 0\); total_steps=512 \(.*--updates"),
     ]
     if not torch.cuda.is_available():
         cases.append((["train", "npg", "CartPole-v1", "--device", "cuda"], "CUDA is not available"))
@@ -595,6 +653,32 @@ def test_truncated_or_corrupted_checkpoint_is_an_error_or_identical(tmp_path):
         assert torch.equal(flat_params(loaded.policy), flat_params(agent.policy))
         outcomes["identical"] += 1
     assert outcomes["error"] >= 8 + 40, outcomes  # every truncation, and most flips, are detected
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield 0o027
+    os.umask(old)
+
+
+def test_checkpoint_and_config_get_the_mode_open_would_give(tmp_path, umask_027, monkeypatch):
+    """0o666 & ~umask for a new file (mkstemp's 0600 would keep a shared run from others); an existing file keeps
+    its own mode, as open(path, 'w') keeps it."""
+    agent = natpg.NPG("CartPole-v1", **small())
+    agent.save(str(tmp_path / "run"))
+    for name in ("model.pt", "config.json"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o666 & ~umask_027 == 0o640, name
+    (tmp_path / "run" / "model.pt").chmod(0o604)
+    agent.save(str(tmp_path / "run"))
+    assert (tmp_path / "run" / "model.pt").stat().st_mode & 0o777 == 0o604
+    assert checkpoint._umask() == umask_027
+
+    def no_proc(*a, **k):
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(checkpoint, "open", no_proc, raising=False)  # the fallback reads it by setting it
+    assert checkpoint._umask() == umask_027 and os.umask(umask_027) == umask_027
 
 
 def test_version_1_checkpoint_still_loads(artifacts, tmp_path):

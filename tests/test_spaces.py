@@ -312,6 +312,10 @@ SPACE_ENVS = {
                                                spaces.Box(-1, 1, (2,))),
     "natpgspace/Image-v0": lambda: SpaceEnv(IMAGE, spaces.Discrete(3), length=8),
 }
+# MiniGrid's symbolic 7×7×3 observation: uint8 with 3 axes but too small for the Nature-CNN (not in CASES)
+SMALL_IMAGE_ENV = "natpgspace/SmallImage-v0"
+gym.register(id=SMALL_IMAGE_ENV, entry_point=lambda: SpaceEnv(spaces.Box(0, 255, (7, 7, 3), np.uint8),
+                                                               spaces.Discrete(3), length=8))
 for _id, _entry in SPACE_ENVS.items():
     if _id not in gym.registry:
         gym.register(id=_id, entry_point=_entry)
@@ -363,6 +367,51 @@ def test_images_skip_running_normalisation_and_reach_a_cnn():
     assert not agent.obs_normalizer.enabled
     assert isinstance(agent.policy.logits_net[0], natpg.policies.NatureCNN)
     assert agent.policy.logits_net[0].channels_last
+
+
+def test_small_uint8_images_are_read_flat_by_an_mlp():
+    """7×7×3 would crash the Nature-CNN's 8×8 convolution: such a Box is read like any other, flattened and
+    normalised."""
+    agent = natpg.NPG(SMALL_IMAGE_ENV, seed=0, n_envs=2, n_steps=8, tensorboard=False, hidden=(8,),
+                      critic_hidden=(8,), critic_epochs=1, cg_iters=3)
+    nets = [*agent.policy.modules(), *agent.critic.modules()]
+    assert not any(isinstance(m, natpg.policies.NatureCNN) for m in nets)
+    assert isinstance(agent.policy.logits_net[0], torch.nn.Linear) and agent.policy.logits_net[0].in_features == 147
+    assert agent.obs_normalizer.enabled
+    before = [p.detach().clone() for p in agent.policy.actor_parameters()]
+    agent.learn(32)  # two updates
+    assert agent.updates == 2
+    assert any(not torch.equal(a, b) for a, b in zip(before, agent.policy.actor_parameters()))
+    obs, _ = gym.make(SMALL_IMAGE_ENV).reset(seed=1)
+    assert agent.predict(obs) in range(3)
+
+
+@pytest.mark.parametrize("shape,layout", [
+    ((4, 84, 84), ((4, 84, 84), False)),  # Atari after natpg's preprocessing: 4 stacked frames first
+    ((84, 84, 4), ((84, 84, 4), True)),
+    ((84, 84, 3), ((84, 84, 3), True)),
+    ((210, 160, 3), ((210, 160, 3), True)),  # a raw Atari frame
+    ((1, 84, 84), ((1, 84, 84), False)),
+    ((3, 64, 48), ((3, 64, 48), False)),
+    ((36, 36, 1), ((36, 36, 1), True)),  # the smallest the Nature-CNN reads
+    ((7, 7, 3), None), ((16, 16, 3), None), ((4, 4, 1), None),  # too small: read flat
+    ((35, 36, 3), None), ((3, 36, 35), None), ((84, 84), None), ((2, 84, 84, 3), None),
+])
+def test_image_layout(shape, layout):
+    assert natpg.policies.image_layout(shape) == layout
+
+
+@pytest.mark.parametrize("shape,last", [((4, 84, 84), False), ((84, 84, 4), True), ((210, 160, 3), True),
+                                        ((4, 4, 1), True), ((4, 4, 4), True), ((3, 4, 4), False),
+                                        ((1, 7, 7), False), ((7, 7, 3), True)])
+def test_image_channels_last(shape, last):
+    """(4, 4, 1) is a 4×4 one-channel image, [H, W, C] (it used to be read as 4 channels of 4×1)."""
+    assert natpg.policies.image_channels_last(shape) is last
+
+
+def test_nature_cnn_rejects_images_too_small_for_its_convolutions():
+    with pytest.raises(ValueError, match=r"H, W ≥ 36, got \(16, 16, 3\)"):
+        natpg.policies.NatureCNN((16, 16, 3), channels_last=True)
 
 
 def test_predict_takes_native_dict_observations_and_batches():

@@ -59,7 +59,27 @@ class EndlessEnv(FrameEnv):
         return np.full(1, self.t, np.float32), 1.0, False, False, {}
 
 
+class PlainEnv(gym.Env):
+    """A user's environment in its simplest form: ``__init__(self)``, no ``render_mode``, no metadata."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,))
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(2, np.float32), 1.0, False, True, {}
+
+
+class BrokenPlainEnv(PlainEnv):
+    def __init__(self, size):  # needs an argument it is not given: a TypeError with or without render_mode
+        self.size = size
+
+
 for _id, _kwargs, _entry in [("natpg_test/Frames-v0", {}, FrameEnv),
+                             ("natpg_test/Plain-v0", {}, PlainEnv),
                              ("natpg_test/BrokenFrames-v0", {"fail_at": 3}, FrameEnv),
                              ("natpg_test/NoFrames-v0", {}, NoRenderEnv),
                              ("natpg_test/Endless-v0", {}, EndlessEnv)]:
@@ -118,6 +138,34 @@ def test_bad_requests_are_refused_before_any_work(tmp_path):
     with pytest.raises(RenderError, match="cannot render frames: its render modes are \\[\\]"):
         record_video(natpg.NPG("natpg_test/NoFrames-v0", seed=0), tmp_path / "walk.gif")
     assert os.listdir(tmp_path) == ["dir.mp4"]
+
+
+def test_env_without_render_mode_is_a_render_error(tmp_path, capsys):
+    """Gymnasium passes render_mode to the constructor; a plain ``__init__(self)`` rejects it with a TypeError."""
+    agent = natpg.NPG("natpg_test/Plain-v0", seed=0)
+    with pytest.raises(RenderError, match="'natpg_test/Plain-v0' cannot render frames: its constructor does not take "
+                                          "render_mode .*takes no arguments"):
+        record_video(agent, tmp_path / "plain.gif")
+    agent.save(tmp_path / "run")
+    capsys.readouterr()
+    assert cli(["eval", str(tmp_path / "run"), "--episodes", "1", "--video", str(tmp_path / "plain.gif")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("natpg eval: error: ") and "does not take render_mode" in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_a_constructor_that_fails_anyway_is_not_called_a_render_error(tmp_path, monkeypatch):
+    """The TypeError is the environment's own when it is raised without render_mode too: it is left as it is."""
+    import natpg.video
+
+    agent = natpg.NPG("natpg_test/Plain-v0", seed=0)
+    gym.register(id="natpg_test/BrokenPlain-v0", entry_point=BrokenPlainEnv)
+    try:
+        monkeypatch.setattr(natpg.video, "check_evaluation", lambda *a: "natpg_test/BrokenPlain-v0")
+        with pytest.raises(TypeError, match="raised from the environment creator for natpg_test/BrokenPlain-v0"):
+            record_video(agent, tmp_path / "plain.gif")
+    finally:
+        del gym.registry["natpg_test/BrokenPlain-v0"]
 
 
 def test_evaluation_cuts_an_episode_that_never_ends_and_says_so(tmp_path, capsys):

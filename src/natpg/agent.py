@@ -192,8 +192,7 @@ class Agent:
         continuing = claim_run_dir(self, out_dir, overwrite) if out_dir is not None else False
         n_updates = total_steps // batch
         end_steps = self.env_steps + n_updates * batch  # where this call ends
-        if schedule_end is not None and (not isinstance(schedule_end, int) or isinstance(schedule_end, bool)
-                                         or schedule_end < end_steps):
+        if schedule_end is not None and (not _is_int(schedule_end) or schedule_end < end_steps):
             raise ValueError(f"schedule_end must be an env-step count ≥ {end_steps}, where this learn call ends; "
                              f"got {schedule_end!r}")
         if reset or self._sampler is None:
@@ -210,7 +209,7 @@ class Agent:
         eval_s = 0.0  # seconds spent in periodic evaluations, left out of the training wall-clock
         wall_before = self.train_wall_s
         steps_at_start = self.env_steps
-        schedule_end = end_steps if schedule_end is None else schedule_end
+        schedule_end = end_steps if schedule_end is None else int(schedule_end)
         step_rule = getattr(self.actor_update, "step_rule", None)
         try:
             for i in range(n_updates):
@@ -407,6 +406,15 @@ class Agent:
         return env_action(act, self.action_space, getattr(self.policy, "squash", False))
 
     # --- persistence ----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str, action_mask=None) -> "Agent":
+        """``natpg.load``, for those used to ``PPO.load(path)``: ``NPG.load`` refuses another algorithm's run."""
+        agent = load(path, action_mask)
+        if cls is not Agent and not isinstance(agent, cls):
+            raise ValueError(f"{os.fspath(path)!r} holds a {agent.algorithm} run, not {cls.algorithm}; load it with "
+                             f"natpg.load or natpg.{type(agent).__name__}.load")
+        return agent
+
     def save(self, path: str) -> str:
         """Write a checkpoint to ``path`` (a directory, or a file ending in .pt); returns the file written."""
         return self._write_checkpoint(path, self._sampler_state())
@@ -454,7 +462,7 @@ class Agent:
     @classmethod
     def _from_checkpoint(cls, meta: dict[str, Any], tensors: dict[str, Any], action_mask=None) -> "Agent":
         agent = cls.__new__(cls)
-        config = Config.from_dict(meta["config"]).validate()
+        config = Config.from_dict(_without_inert_settings(meta["config"], meta["action_space"])).validate()
         if config.env.action_mask == CALLABLE_MASK and not callable(action_mask):
             raise ValueError("this agent was trained with a callable action mask: pass it again, "
                              "natpg.load(path, action_mask=fn)")
@@ -482,6 +490,19 @@ class Agent:
             if name in tensors.get("actor_update", {}):
                 part.load_state_dict(tensors["actor_update"][name])
         return agent
+
+
+def _without_inert_settings(config: dict[str, Any], action_space: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config with the settings that did nothing put back to their defaults: checkpoints written before
+    natpg refused them (fvp_subsample beside a Fisher other than CG's or the dense one, a tanh squash of non-Box
+    actions) still load, and train exactly as they did."""
+    config = json.loads(json.dumps(config))
+    curvature, policy = config.get("curvature", {}), config.get("policy", {})
+    if curvature.get("fisher") not in ("cg", "dense") and curvature.get("fvp_subsample", 1.0) != 1.0:
+        curvature["fvp_subsample"] = 1.0
+    if action_space.get("type") != "Box" and policy.get("action_squash") == "tanh":
+        policy["action_squash"] = "clip"
+    return config
 
 
 def _policy_stats(policy: torch.nn.Module) -> dict[str, float]:
@@ -615,11 +636,11 @@ def check_evaluation(agent: Agent, env: str | None, episodes: int, seed: int,
     """The environment id to evaluate ``agent`` on (default: its own), after checking the arguments and, for
     another environment, that its spaces match the agent's; a ValueError that says what is wrong otherwise."""
     env_id = env or agent.env_id
-    if not isinstance(episodes, int) or isinstance(episodes, bool) or episodes < 1:
+    if not _is_int(episodes) or episodes < 1:
         raise ValueError(f"episodes must be an integer ≥ 1, got {episodes!r}")
-    if not isinstance(max_episode_steps, int) or isinstance(max_episode_steps, bool) or max_episode_steps < 1:
+    if not _is_int(max_episode_steps) or max_episode_steps < 1:
         raise ValueError(f"max_episode_steps must be an integer ≥ 1, got {max_episode_steps!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+    if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if env is not None:
         obs_space, act_space = probe_spaces(env_id, agent.config.env.action_mask)
@@ -647,6 +668,7 @@ def evaluation_episodes(agent: Agent, env: str | None = None, episodes: int = 10
     a ``NonFiniteEnvError`` naming the episode and step, as in training.
     """
     env_id = check_evaluation(agent, env, episodes, seed, max_episode_steps)
+    episodes, seed, max_episode_steps = int(episodes), int(seed), int(max_episode_steps)  # numpy's too
     generator = None if deterministic else torch.Generator(agent.device).manual_seed(seed)
     envs = make_vec_env(env_id, episodes, "sync", action_mask=agent.action_mask_source)
     try:

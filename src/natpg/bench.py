@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 from typing import Any
 
@@ -32,9 +33,21 @@ def throughput(algo: str, env_id: str, batch: int = 2048, updates: int = 5, **ov
 
     if algo not in ALGORITHM_CLASSES:
         raise ValueError(f"unknown algorithm {algo!r}; valid: {sorted(ALGORITHM_CLASSES)}")
+    # bench derives these from its own arguments; a setting for them would collide with (or silently undo) that
+    fixed = {"n_steps": "bench sets it to --batch / --n-envs: change --batch instead",
+             "total_steps": "bench runs one warm-up update, then --updates updates of --batch steps: set those",
+             "seed": "bench always uses seed 0"}
+    clashes = sorted(set(overrides) & set(fixed))
+    if clashes:
+        raise ValueError("not available in bench: " + "; ".join(f"{k}={overrides[k]!r} ({fixed[k]})" for k in clashes))
     n_envs = overrides.pop("n_envs", 8)
+    for name, value in (("--batch", batch), ("--updates", updates), ("--n-envs (n_envs)", n_envs)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
+    batch, updates, n_envs = int(batch), int(updates), int(n_envs)
     if batch % n_envs:
-        raise ValueError(f"batch {batch} is not a multiple of n_envs {n_envs}")
+        raise ValueError(f"--batch {batch} must be a multiple of --n-envs {n_envs} (each update steps every copy "
+                         f"batch / n_envs times)")
     t0 = time.perf_counter()
     agent = ALGORITHM_CLASSES[algo](env_id, seed=0, n_envs=n_envs, n_steps=batch // n_envs, **overrides)
     agent.learn(batch)  # warm-up

@@ -16,6 +16,7 @@ import glob
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from typing import Any
 
@@ -74,6 +75,29 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask. Linux shows it in /proc without changing it; elsewhere it is read by setting a strict
+    one and putting it back at once (a file another thread creates meanwhile gets 0600, never more)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _open_mode(file: str) -> int:
+    """The permissions ``open(file, 'w')`` would leave: an existing file's own, else 0o666 minus the umask."""
+    try:
+        return stat.S_IMODE(os.stat(file).st_mode) & 0o777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def _atomic_write(file: str, write) -> None:
     directory = os.path.dirname(os.path.abspath(file))
     if os.path.exists(directory) and not os.path.isdir(directory):
@@ -85,9 +109,11 @@ def _atomic_write(file: str, write) -> None:
             os.unlink(stale)
         except OSError:
             pass
+    mode = _open_mode(file)
     fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, mode)  # mkstemp makes it 0600 whatever the umask: others could not read a shared run
             write(f)
             f.flush()
             os.fsync(f.fileno())

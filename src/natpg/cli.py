@@ -39,7 +39,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from .agent import ALGORITHM_CLASSES
 
+    from . import __version__
+
     p = _Parser(prog="natpg", description="Natural policy gradient methods for Gymnasium.")
+    p.add_argument("--version", action="version", version=f"natpg {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train an agent and write config.json, progress.csv, TensorBoard events "
@@ -151,8 +154,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = args.out or args.resume
         steps, reset = args.steps - agent.env_steps, False
         if steps < agent.config.batch_size:
+            left = f"; the {steps} left are less than one batch ({agent.config.batch_size})" if steps > 0 else ""
             print(f"the run in {args.resume} already has {agent.env_steps} of --steps {args.steps} environment "
-                  f"steps; nothing to do")
+                  f"steps{left}; nothing to do")
             return 0
     else:
         seed = 0 if args.seed is None else args.seed

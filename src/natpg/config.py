@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -119,7 +120,8 @@ class CurvatureConfig:
     cg_tol: float = 1e-10
     """Conjugate-gradient relative residual tolerance ‖r‖ ≤ tol·‖g‖."""
     fvp_subsample: float = 1.0
-    """Fraction of the batch used for Fisher products, drawn once per update and kept for it."""
+    """Fraction of the batch used for Fisher products, drawn once per update and kept for it (fisher 'cg' and
+    'dense'; the other approximations use the whole batch, and reject a value below 1)."""
     fvp_subsample_step_length: str = "batch"
     """With fvp_subsample < 1: the states on which step rules measure dᵀFd for the KL step length —
     'batch' (one more product on the whole batch, so δ bounds the quadratic KL on the same states as without
@@ -244,6 +246,19 @@ SECTIONS = {
 }
 
 
+# Stable-Baselines3 / sb3-contrib names a newcomer types first, and natpg's for the same thing.
+FOREIGN_NAMES: dict[str, str] = {
+    "learning_rate": "alpha (the step rule's rate; PPO's and VPG-Adam's learning rate) or critic_lr",
+    "batch_size": "n_envs × n_steps (the batch per update), or critic_minibatch / ppo_minibatch",
+    "total_timesteps": "learn(total_steps=...) / natpg train --steps",
+    "n_epochs": "ppo_epochs", "n_critic_updates": "critic_epochs", "cg_max_steps": "cg_iters",
+    "cg_damping": "damping", "line_search_shrinking_factor": "backtrack_shrink",
+    "line_search_max_iter": "backtrack_iters", "sub_sampling_factor": "fvp_subsample (its inverse: 0.2 for 5)",
+    "normalize_advantage": "normalize_advantages", "policy_kwargs": "hidden, activation, log_std_init",
+    "vf_coef": "critic_lr (the critic is fitted separately)", "verbose": "log_interval, or natpg train --no-progress",
+}
+
+
 @dataclass
 class Config:
     algorithm: str = "npg"
@@ -267,10 +282,13 @@ class Config:
         index = self.field_index()
         unknown = sorted(k for k in overrides if k not in index)
         if unknown:
-            near = {k: m[0] for k in unknown if (m := difflib.get_close_matches(k, index, n=1))}
-            hint = ""
+            near = {k: m[0] for k in unknown
+                    if k not in FOREIGN_NAMES and (m := difflib.get_close_matches(k, index, n=1))}
+            hints = [f"{k!r} is Stable-Baselines3's name: natpg's is {FOREIGN_NAMES[k]}" for k in unknown
+                     if k in FOREIGN_NAMES]
             if near:
-                hint = " (did you mean " + ", ".join(f"{m!r} for {k!r}" for k, m in near.items()) + "?)"
+                hints.insert(0, "did you mean " + ", ".join(f"{m!r} for {k!r}" for k, m in near.items()) + "?")
+            hint = f" ({'; '.join(hints)})" if hints else ""
             raise ValueError(f"unknown setting(s) {unknown}{hint}; valid settings: {sorted(index)}")
         cfg = self.to_dict()
         for k, v in overrides.items():
@@ -309,14 +327,20 @@ class Config:
             if not ok:
                 problems.append(msg)
 
-        def whole(v: Any) -> bool:  # an integer ≥ 1 (bool is not a count)
-            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        def integer(v: Any) -> bool:  # int or a NumPy integer (np.arange gives those); bool is not a count
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        def real(v: Any) -> bool:  # int, float or a NumPy scalar of either; not bool
+            return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+        def whole(v: Any) -> bool:  # an integer ≥ 1
+            return integer(v) and v >= 1
 
         def pos_int(name: str, v: Any) -> None:
             need(whole(v), f"{name} must be an integer ≥ 1, got {v!r}")
 
         def pos_num(name: str, v: Any, allow_zero: bool = False) -> None:
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v >= 0 if allow_zero else v > 0)
+            ok = real(v) and math.isfinite(v) and (v >= 0 if allow_zero else v > 0)
             need(ok, f"{name} must be a finite number {'≥' if allow_zero else '>'} 0, got {v!r}")
 
         def choice(name: str, v: Any, valid: tuple) -> None:
@@ -341,11 +365,10 @@ class Config:
         flag("cg_warm_start", k.cg_warm_start)
         flag("tensorboard", run.tensorboard)
         flag("critic_thread", run.critic_thread)
-        need(isinstance(p.log_std_init, (int, float)) and not isinstance(p.log_std_init, bool)
-             and math.isfinite(p.log_std_init), f"log_std_init must be a finite number, got {p.log_std_init!r}")
-        need(isinstance(a.gamma, (int, float)) and not isinstance(a.gamma, bool) and 0 <= a.gamma < 1, f"gamma must be in [0, 1), got {a.gamma!r}")
-        need(isinstance(a.gae_lambda, (int, float)) and 0 <= a.gae_lambda <= 1,
-             f"gae_lambda must be in [0, 1], got {a.gae_lambda!r}")
+        need(real(p.log_std_init) and math.isfinite(p.log_std_init),
+             f"log_std_init must be a finite number, got {p.log_std_init!r}")
+        need(real(a.gamma) and 0 <= a.gamma < 1, f"gamma must be in [0, 1), got {a.gamma!r}")
+        need(real(a.gae_lambda) and 0 <= a.gae_lambda <= 1, f"gae_lambda must be in [0, 1], got {a.gae_lambda!r}")
         for name, hid in (("hidden", p.hidden), ("critic_hidden", c.critic_hidden)):
             need(isinstance(hid, tuple) and all(whole(h) for h in hid),
                  f"{name} must be a tuple of positive integers such as (64, 64), got {hid!r}")
@@ -361,8 +384,12 @@ class Config:
         pos_num("damping", k.damping, allow_zero=True)
         pos_int("cg_iters", k.cg_iters)
         pos_num("cg_tol", k.cg_tol, allow_zero=True)
-        need(isinstance(k.fvp_subsample, (int, float)) and 0 < k.fvp_subsample <= 1,
-             f"fvp_subsample must be in (0, 1], got {k.fvp_subsample!r}")
+        subsample_ok = real(k.fvp_subsample) and 0 < k.fvp_subsample <= 1
+        need(subsample_ok, f"fvp_subsample must be in (0, 1], got {k.fvp_subsample!r}")
+        # make_curvature hands it to CG and Dense only: elsewhere it would be silently ignored
+        need(not (subsample_ok and k.fvp_subsample < 1 and k.fisher in FISHERS and k.fisher not in ("cg", "dense")),
+             f"fvp_subsample={k.fvp_subsample!r} subsamples the Fisher-vector products of fisher='cg' or 'dense'; "
+             f"fisher={k.fisher!r} does not use it (leave fvp_subsample at 1)")
         choice("fvp_subsample_step_length", k.fvp_subsample_step_length, STEP_LENGTHS)
         choice("cg_preconditioner", k.cg_preconditioner, CG_PRECONDITIONERS)
         need(k.cg_preconditioner is None or k.fisher == "cg",
@@ -379,15 +406,15 @@ class Config:
         need(s.lr_schedule == "constant" or s.step in LR_RULES,
              f"lr_schedule={s.lr_schedule!r} decays the learning rate of the step rules {list(LR_RULES)}; "
              f"step={s.step!r} has none (its KL budget decays with kl_schedule)")
-        need(isinstance(s.backtrack_shrink, (int, float)) and 0 < s.backtrack_shrink < 1,
+        need(real(s.backtrack_shrink) and 0 < s.backtrack_shrink < 1,
              f"backtrack_shrink must be in (0, 1), got {s.backtrack_shrink!r}")
         pos_int("backtrack_iters", s.backtrack_iters)
         pos_num("eta_max", s.eta_max)
         pos_int("kfac_refresh_every", k.kfac_refresh_every)
-        need(isinstance(k.kfac_ema_decay, (int, float)) and not isinstance(k.kfac_ema_decay, bool)
-             and 0 <= k.kfac_ema_decay < 1, f"kfac_ema_decay must be in [0, 1), got {k.kfac_ema_decay!r}")
+        need(real(k.kfac_ema_decay) and 0 <= k.kfac_ema_decay < 1,
+             f"kfac_ema_decay must be in [0, 1), got {k.kfac_ema_decay!r}")
         for name, mu in (("momentum", s.momentum), ("critic_momentum", c.critic_momentum)):
-            need(isinstance(mu, (int, float)) and not isinstance(mu, bool) and 0 <= mu < 1,
+            need(real(mu) and 0 <= mu < 1,
                  f"{name} must be in [0, 1), got {mu!r}")
         pos_num("clip_range", s.clip_range)
         pos_int("ppo_epochs", s.ppo_epochs)
@@ -407,15 +434,14 @@ class Config:
         need(isinstance(run.device, str) and (run.device == "cpu" or run.device.startswith("cuda")),
              f"device must be 'cpu' or 'cuda[:N]', got {run.device!r}")
         pos_int("torch_threads", run.torch_threads)
-        need(type(run.update_threads) is int and run.update_threads >= 0,
+        need(integer(run.update_threads) and run.update_threads >= 0,
              f"update_threads must be an integer ≥ 1, or 0 for torch_threads, got {run.update_threads!r}")
         pos_int("log_interval", run.log_interval)
         pos_int("max_consecutive_faults", run.max_consecutive_faults)
         pos_int("eval_episodes", run.eval_episodes)
-        need(isinstance(run.eval_every, int) and not isinstance(run.eval_every, bool) and run.eval_every >= 0,
+        need(integer(run.eval_every) and run.eval_every >= 0,
              f"eval_every must be an integer ≥ 0 (env steps; 0: no evaluation), got {run.eval_every!r}")
-        need(isinstance(run.checkpoint_every, int) and not isinstance(run.checkpoint_every, bool)
-             and run.checkpoint_every >= 0,
+        need(integer(run.checkpoint_every) and run.checkpoint_every >= 0,
              f"checkpoint_every must be an integer ≥ 0, got {run.checkpoint_every!r}")
         d = self.distributed
         choice("sampler", d.sampler, SAMPLERS)
@@ -436,7 +462,28 @@ class Config:
              f"copies in its own process")
         if problems:
             raise ValueError("invalid settings:\n  " + "\n  ".join(problems))
+        self._plain_numbers()
         return self
+
+    def _plain_numbers(self) -> None:
+        """NumPy scalars (accepted above) become the int or float they stand for, so config.json and every
+        computation see exactly what the same value typed as a Python number gives."""
+
+        def plain(v: Any) -> Any:
+            if isinstance(v, bool) or type(v) in (int, float):
+                return v
+            if isinstance(v, numbers.Integral):
+                return int(v)
+            if isinstance(v, numbers.Real):
+                return float(v)
+            if isinstance(v, tuple):
+                return tuple(plain(x) for x in v)
+            return v
+
+        for sec in SECTIONS:
+            section = getattr(self, sec)
+            for f in fields(section):
+                setattr(section, f.name, plain(getattr(section, f.name)))
 
     @property
     def batch_size(self) -> int:

@@ -15,8 +15,9 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
-SUPPORTED = ("observations: Box (flat or any shape, flattened; uint8 images [C,H,W] or [H,W,C] go to a CNN), "
-             "Discrete, MultiDiscrete, MultiBinary (one-hot/flattened), Dict and Tuple of these (flattened); "
+SUPPORTED = ("observations: Box (flat or any shape, flattened; uint8 images [C,H,W] or [H,W,C] of at least 36×36 "
+             "go to a CNN), Discrete, MultiDiscrete, MultiBinary (one-hot/flattened), Dict and Tuple of these "
+             "(flattened); "
              "actions: Box (Gaussian, optionally tanh-squashed), Discrete (categorical, optionally masked), "
              "MultiDiscrete (independent categoricals), MultiBinary (independent Bernoullis)")
 OBS_LEAVES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
@@ -71,8 +72,13 @@ class ActionMaskObservation(gym.ObservationWrapper):
 
 
 def is_image(space: gym.Space) -> bool:
-    """A uint8 Box with three axes (Atari frames after preprocessing, pixels of any env): read by a CNN."""
-    return isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3
+    """A uint8 Box with three axes (Atari frames after preprocessing, pixels of any env) large enough for the
+    Nature-CNN (``policies.image_layout``: H, W ≥ 36): read by a CNN. A smaller one (MiniGrid's 7×7×3 symbols)
+    is read flattened and normalised, like any Box."""
+    from .policies import image_layout
+
+    return (isinstance(space, gym.spaces.Box) and space.dtype == np.uint8
+            and image_layout(space.shape) is not None)
 
 
 def is_atari(env_id: str) -> bool:

@@ -278,6 +278,9 @@ class BernoulliHead:
 MASKED_LOGIT = -1e9  # a masked action's logit: probability exactly 0 in float32/64, and no inf arithmetic
 
 
+NATURE_CNN_MIN_SIDE = 36  # the smallest H and W the 8/4, 4/2, 3/1 convolutions leave a 1×1 output for
+
+
 class NatureCNN(nn.Module):
     """The DQN torso (Mnih et al. 2015): conv 32×8×8/4, 64×4×4/2, 64×3×3/1, then a 512-unit ReLU layer.
 
@@ -289,6 +292,9 @@ class NatureCNN(nn.Module):
                  channels: Sequence[int] = (32, 64, 64)):
         super().__init__()
         self.shape, self.channels_last = tuple(int(n) for n in shape), channels_last
+        if len(self.shape) != 3 or min(self._chw()[1:]) < NATURE_CNN_MIN_SIDE:
+            raise ValueError(f"NatureCNN needs a [C, H, W] or [H, W, C] shape with H, W ≥ {NATURE_CNN_MIN_SIDE}, got "
+                             f"{self.shape} (channels_last={channels_last})")
         c = self.shape[-1] if channels_last else self.shape[0]
         c1, c2, c3 = channels  # narrower than the paper's only for tests that build the dense Fisher
         self.convs = nn.Sequential(
@@ -310,12 +316,26 @@ class NatureCNN(nn.Module):
         return self.fc(self.convs(x / 255.0))
 
 
+def image_channels_last(shape: Sequence[int]) -> bool:
+    """Whether a 3-axis image ``shape`` is [H, W, C] rather than [C, H, W]: the last axis is at most 4 and either
+    smaller than the first ((84, 84, 3), (210, 160, 3), (4, 4, 1)) or the first two are equal (square, (84, 84, 4));
+    otherwise channels come first ((4, 84, 84), frame-stacked Atari). Only shapes too small for the CNN stay
+    ambiguous under this rule."""
+    return bool(shape[2] <= 4 and (shape[2] < shape[0] or shape[0] == shape[1]))
+
+
 def image_layout(shape: Sequence[int]) -> tuple[tuple[int, ...], bool] | None:
-    """(shape, channels_last) when ``shape`` is an image a CNN should read ([C, H, W] or [H, W, C]), else None."""
+    """(shape, channels_last) when ``shape`` is an image the Nature-CNN can read ([C, H, W] or [H, W, C]), else
+    None: not 3 axes, or H or W under ``NATURE_CNN_MIN_SIDE`` pixels, which a policy then reads flattened like
+    any Box (e.g. MiniGrid's 7×7×3 symbols)."""
     if len(shape) != 3:
         return None
-    channels_last = shape[-1] <= 4 < shape[0]
-    return tuple(int(n) for n in shape), channels_last
+    shape = tuple(int(n) for n in shape)
+    last = image_channels_last(shape)
+    height, width = shape[:2] if last else shape[1:]
+    if min(height, width) < NATURE_CNN_MIN_SIDE:
+        return None
+    return shape, last
 
 
 def network(in_dim: int, out_dim: int, hidden: Sequence[int], activation: str, out_gain: float,
@@ -463,6 +483,10 @@ def make_policy(observation_space, action_space, hidden: Sequence[int], activati
     obs_dim, _, image = input_layout(observation_space, action_space, masked)
     if masked and not isinstance(action_space, gym.spaces.Discrete):
         raise ValueError(f"action masking is for Discrete action spaces, got {action_space}")
+    # Checked here, not in Config.validate, which does not see the spaces; otherwise it would be silently ignored.
+    if action_squash == "tanh" and not isinstance(action_space, gym.spaces.Box):
+        raise ValueError(f"action_squash='tanh' squashes Box actions into their bounds; the action space {action_space} "
+                         f"is not a Box (leave action_squash='clip', the default)")
     if isinstance(action_space, gym.spaces.Box):
         squash = action_squash == "tanh"
         if squash and not (np.isfinite(action_space.low).all() and np.isfinite(action_space.high).all()):

@@ -73,6 +73,16 @@ def _render(env, env_id: str) -> np.ndarray:
     return frame
 
 
+def _builds_without_render_mode(env_id: str, action_mask) -> bool:
+    """Whether ``env_id`` builds without ``render_mode``: then a TypeError with it came from that keyword
+    (Gymnasium passes it to the constructor, and a plain ``__init__(self)`` rejects it)."""
+    try:
+        make_env(env_id, action_mask).close()
+    except Exception:
+        return False
+    return True
+
+
 def record_video(agent: Agent, path: str | os.PathLike, env: str | None = None, episodes: int = 1,
                  seed: int = 123, deterministic: bool = True,
                  max_episode_steps: int = EVAL_MAX_EPISODE_STEPS) -> list[float]:
@@ -82,9 +92,17 @@ def record_video(agent: Agent, path: str | os.PathLike, env: str | None = None, 
     An episode not ended after ``max_episode_steps`` steps is cut there, with a warning, as in ``evaluate``."""
     out = _check_path(path)
     env_id = check_evaluation(agent, env, episodes, seed, max_episode_steps)
+    episodes, seed, max_episode_steps = int(episodes), int(seed), int(max_episode_steps)  # numpy's too
     with warnings.catch_warnings():  # an environment without rgb_array gets the clearer error below
         warnings.filterwarnings("ignore", message=".*render_mode.*not in the possible render_modes")
-        rendered = make_env(env_id, agent.action_mask_source, render_mode="rgb_array")
+        try:
+            rendered = make_env(env_id, agent.action_mask_source, render_mode="rgb_array")
+        except TypeError as exc:
+            if not _builds_without_render_mode(env_id, agent.action_mask_source):
+                raise  # the constructor fails anyway: not a rendering problem
+            raise RenderError(f"environment {env_id!r} cannot render frames: its constructor does not take "
+                              f"render_mode ({str(exc).splitlines()[0]}). An environment that renders takes "
+                              f"render_mode='rgb_array' and lists it in metadata['render_modes']") from None
     tmp_name = None
     try:
         if "rgb_array" not in rendered.metadata.get("render_modes", []):

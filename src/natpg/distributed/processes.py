@@ -61,6 +61,19 @@ def _process_main(conn, spec: WorkerSpec, worker: int) -> None:
         conn.close()
 
 
+def _check_picklable_mask(mask: Any) -> None:
+    """A callable action mask travels to the worker processes pickled, i.e. by reference to its module and name:
+    say so before starting any, rather than a PicklingError from inside multiprocessing."""
+    if not callable(mask):
+        return
+    try:
+        pickle.dumps(mask, protocol=5)
+    except Exception as exc:
+        raise ValueError(f"sampler='processes' sends the action mask to its worker processes with pickle, and "
+                         f"{mask!r} cannot be pickled ({type(exc).__name__}: {exc}): use a function defined at "
+                         f"module level (`def mask(env): ...`), not a lambda or a nested function") from None
+
+
 class _Died(Exception):
     """A worker process ended or its pipe broke."""
 
@@ -73,6 +86,7 @@ class ProcessSampler(DistributedSampler):
 
     def __init__(self, *args: Any, timeout: float = 300.0, start_timeout: float = 600.0, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        _check_picklable_mask(self._spec_args["action_mask"])
         self.timeout, self.start_timeout = float(timeout), float(start_timeout)
         methods = mp.get_all_start_methods()
         self._ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
