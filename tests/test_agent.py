@@ -140,6 +140,11 @@ def test_load_errors_are_clear(tmp_path):
     (bad / "model.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable natpg checkpoint"):
         natpg.load(str(bad))
+    code = tmp_path / "code.pt"  # a pickle that would run code: refused, without torch's "try weights_only=False"
+    torch.save({"make": os.system}, code)
+    with pytest.raises(ValueError, match="not a readable natpg checkpoint") as err:
+        natpg.load(str(code))
+    assert "weights_only" not in str(err.value)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
     with pytest.raises(ValueError, match="not a natpg checkpoint"):
@@ -586,3 +591,16 @@ def test_cli_default_run_directory_is_one_directory_and_plot_names_the_file_it_w
     capsys.readouterr()
     assert cli(["plot", "runs/npg-natpg_test-CartPoleSound-v0-s0", "-o", "curve"]) == 0
     assert capsys.readouterr().out.strip() == "wrote curve.png" and (tmp_path / "curve.png").exists()
+
+
+def test_cli_resume_without_steps_trains_to_the_runs_own_target(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    agent = natpg.NPG("CartPole-v1", seed=0, **small())
+    agent.learn(256, out_dir=out, callback=lambda a, row: a.updates < 2)  # stopped after 2 of its 4 updates
+    assert natpg.load(out).env_steps == 128 and natpg.load(out).target_steps == 256
+    assert cli(["train", "npg", "CartPole-v1", "--resume", out, "--no-progress"]) == 0
+    assert natpg.load(out).env_steps == 256 and _rows(tmp_path / "run") == [64, 128, 192, 256]
+    capsys.readouterr()
+    assert cli(["train", "npg", "CartPole-v1", "--resume", out, "--no-progress", "--steps", "300"]) == 0
+    assert "already has 256 of --steps 300 environment steps; the 44 left are less than one batch (64)" in \
+        capsys.readouterr().out

@@ -148,6 +148,7 @@ class Agent:
         self._critic_fit = CriticFit()  # beside the actor update, bit for bit as after it
         self.env_steps = 0
         self.updates = 0
+        self.target_steps: int | None = None  # where the last learn call was to end
         self.consecutive_faults = 0  # updates in a row skipped for a numerical fault
         self.train_wall_s = 0.0  # wall-clock seconds spent in learn, summed over resumes
         self.best_eval_return: float | None = None  # the best periodic evaluation so far (run.eval_every)
@@ -192,6 +193,7 @@ class Agent:
         continuing = claim_run_dir(self, out_dir, overwrite) if out_dir is not None else False
         n_updates = total_steps // batch
         end_steps = self.env_steps + n_updates * batch  # where this call ends
+        self.target_steps = end_steps  # recorded, so that natpg train --resume without --steps knows where to stop
         if schedule_end is not None and (not _is_int(schedule_end) or schedule_end < end_steps):
             raise ValueError(f"schedule_end must be an env-step count ≥ {end_steps}, where this learn call ends; "
                              f"got {schedule_end!r}")
@@ -427,7 +429,7 @@ class Agent:
             "obs_normalizer": self.obs_normalizer.rms.state_dict(),
             "reward_scaler": self.reward_scaler.rms.state_dict(),
             "reward_scaler_ret": self.reward_scaler.ret.tolist(),
-            "env_steps": self.env_steps, "updates": self.updates,
+            "env_steps": self.env_steps, "updates": self.updates, "target_steps": self.target_steps,
             "consecutive_faults": self.consecutive_faults, "train_wall_s": self.train_wall_s,
             "best_eval_return": self.best_eval_return,
             # Everything needed to continue bit-exactly (learn(..., reset=False) after load; CLI --resume):
@@ -475,6 +477,7 @@ class Agent:
         agent.obs_normalizer.rms.load_state_dict(meta["obs_normalizer"])
         agent.reward_scaler.rms.load_state_dict(meta["reward_scaler"])
         agent.env_steps, agent.updates = int(meta["env_steps"]), int(meta["updates"])
+        agent.target_steps = meta.get("target_steps")
         if "reward_scaler_ret" in meta:
             agent.reward_scaler.ret = np.asarray(meta["reward_scaler_ret"], np.float64)
         agent.consecutive_faults = int(meta.get("consecutive_faults", 0))

@@ -18,6 +18,7 @@ import json
 import os
 import stat
 import tempfile
+import warnings
 from typing import Any
 
 import torch
@@ -158,10 +159,14 @@ def read(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     if os.path.isdir(file):
         raise ValueError(f"{file!r} is a directory, not a natpg checkpoint file")
     try:
-        payload = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on a foreign file's pickle protocol: the error says it
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle, foreign or malicious content
-        raise ValueError(f"{file!r} is not a readable natpg checkpoint (truncated or corrupted?): "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        # torch's own text suggests weights_only=False, i.e. running the file's code: not advice to pass on.
+        detail = "" if "weights_only" in str(exc) else f": {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise ValueError(f"{file!r} is not a readable natpg checkpoint (truncated, corrupted, or a file that "
+                         f"is not tensors only): {type(exc).__name__}{detail}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{file!r} is not a natpg checkpoint (no '{FORMAT}' marker)")
     if payload.get("version") not in READABLE_VERSIONS:

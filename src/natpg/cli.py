@@ -15,6 +15,9 @@ from typing import Any
 from .config import EVAL_MAX_EPISODE_STEPS, Config
 
 
+DEFAULT_STEPS = 1_000_000
+
+
 def parse_setting(text: str) -> tuple[str, Any]:
     """'key=value' with value read as a Python literal when it is one (numbers, tuples, booleans), else a string."""
     if "=" not in text:
@@ -52,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`natpg config ALGO ENV_ID` shows what a run gets from the presets.")
     t.add_argument("algo", type=str.lower, help=f"algorithm: {', '.join(sorted(ALGORITHM_CLASSES))}")
     t.add_argument("env_id", help="Gymnasium environment id, e.g. CartPole-v1 or HalfCheetah-v5")
-    t.add_argument("--steps", type=int, default=1_000_000, help="environment steps to train for (default 1e6)")
+    t.add_argument("--steps", type=int, default=None,
+                   help="environment steps to train for (default 1e6; with --resume, the run's own --steps)")
     t.add_argument("--seed", type=int, default=None, help="random seed of networks, sampling and environments "
                                                           "(default 0)")
     t.add_argument("--out", default=None, help="output directory (default runs/ALGO-ENV-sSEED); one that holds "
@@ -152,10 +156,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("--resume continues the run in DIR; --overwrite would replace it: give one of them")
         agent = _resume(args, overrides)
         out = args.out or args.resume
-        steps, reset = args.steps - agent.env_steps, False
+        target = args.steps if args.steps is not None else agent.target_steps or DEFAULT_STEPS
+        steps, reset = target - agent.env_steps, False
         if steps < agent.config.batch_size:
             left = f"; the {steps} left are less than one batch ({agent.config.batch_size})" if steps > 0 else ""
-            print(f"the run in {args.resume} already has {agent.env_steps} of --steps {args.steps} environment "
+            print(f"the run in {args.resume} already has {agent.env_steps} of --steps {target} environment "
                   f"steps{left}; nothing to do")
             return 0
     else:
@@ -163,10 +168,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         # An id such as ALE/Pong-v5 or module:Env-v0 names one directory, not a nested one.
         out = args.out or os.path.join("runs", f"{args.algo}-{re.sub(r'[^A-Za-z0-9._-]+', '-', args.env_id)}-s{seed}")
         agent = agent_class(args.env_id, seed=seed, **overrides)
-        steps, reset = args.steps, True
+        steps, reset = (DEFAULT_STEPS if args.steps is None else args.steps), True
         if not isinstance(steps, int) or steps < agent.config.batch_size:
             agent.learn(steps)  # the step-budget error, before writing anything
         claim_run_dir(agent, out, overwrite=args.overwrite)  # another run in --out: an error, before writing
+        agent.target_steps = steps  # a run killed before its first checkpoint resumes towards it too
         agent.save(out)  # config.json and an initial checkpoint before any work
     stop = _StopOnSignal()
     try:
