@@ -164,9 +164,9 @@ def read(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
             payload = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle, foreign or malicious content
         # torch's own text suggests weights_only=False, i.e. running the file's code: not advice to pass on.
-        detail = "" if "weights_only" in str(exc) else f": {str(exc).splitlines()[0] if str(exc) else ''}"
-        raise ValueError(f"{file!r} is not a readable natpg checkpoint (truncated, corrupted, or a file that "
-                         f"is not tensors only): {type(exc).__name__}{detail}") from None
+        detail = "" if "weights_only" in str(exc) or not str(exc) else f": {str(exc).splitlines()[0]}"
+        raise ValueError(f"{file!r} is not a readable natpg checkpoint (truncated or corrupted, or not tensors "
+                         f"only): {type(exc).__name__}{detail}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{file!r} is not a natpg checkpoint (no '{FORMAT}' marker)")
     if payload.get("version") not in READABLE_VERSIONS:
