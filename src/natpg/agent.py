@@ -190,13 +190,13 @@ class Agent:
             raise ValueError(f"total_steps must be an integer ≥ one batch ({self.config.env.n_envs} envs × "
                              f"{self.config.rollout.n_steps} steps = {batch}), got {total_steps!r}")
         total_steps = int(total_steps)
-        continuing = claim_run_dir(self, out_dir, overwrite) if out_dir is not None else False
         n_updates = total_steps // batch
         end_steps = self.env_steps + n_updates * batch  # where this call ends
-        self.target_steps = end_steps  # recorded, so that natpg train --resume without --steps knows where to stop
         if schedule_end is not None and (not _is_int(schedule_end) or schedule_end < end_steps):
             raise ValueError(f"schedule_end must be an env-step count ≥ {end_steps}, where this learn call ends; "
                              f"got {schedule_end!r}")
+        continuing = claim_run_dir(self, out_dir, overwrite) if out_dir is not None else False
+        self.target_steps = end_steps  # recorded, so that natpg train --resume without --steps knows where to stop
         if reset or self._sampler is None:
             self._close_sampler()
             self._sampler = self._make_sampler(self.seed + self.updates)
@@ -625,7 +625,8 @@ def _continues(agent: Agent, meta: dict[str, Any]) -> bool:
     """Whether a checkpoint's metadata is an earlier (or the same) state of the run ``agent`` is training."""
     config = json.loads(json.dumps(agent.config.to_dict()))  # as the checkpoint records it (lists, not tuples)
     return (meta.get("algorithm") == agent.algorithm and meta.get("env_id") == agent.env_id
-            and meta.get("seed") == agent.seed and meta.get("config") == config
+            and meta.get("seed") == agent.seed
+            and _without_inert_settings(meta.get("config", {}), meta.get("action_space", {})) == config
             and isinstance(meta.get("env_steps"), int) and meta["env_steps"] <= agent.env_steps)
 
 
