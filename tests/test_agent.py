@@ -389,8 +389,28 @@ def test_plot_draws_every_run_even_when_two_share_a_name(tmp_path, monkeypatch):
     drawn = []
     plot = matplotlib.axes.Axes.plot
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, xs, ys, **kw: drawn.append(list(ys)) or plot(ax, xs, ys, **kw))
-    plot_runs(runs, str(tmp_path / "same.png"))
+    plotted = plot_runs(runs, str(tmp_path / "same.png"))
     assert drawn == [[1.0], [2.0]]
+    assert plotted == {os.path.join("a", "s0"): ([100.0], [1.0]), os.path.join("b", "s0"): ([100.0], [2.0])}
+    (tmp_path / "a" / "s0" / "progress.csv").write_text("env_steps,ep_return_mean\n100,1.0\n200,abc\n")
+    with pytest.raises(ValueError, match=r"progress.csv', line 3, column 'ep_return_mean': 'abc' is not a number"):
+        plot_runs(runs, str(tmp_path / "bad.png"))
+
+
+def test_plot_seeds_counts_a_run_given_twice_once_and_ignores_the_ray_address(tmp_path):
+    pytest.importorskip("matplotlib")
+    from natpg.plotting import plot_runs
+
+    runs = []
+    for seed, address in ((0, None), (1, "10.0.0.1:6379")):
+        run = tmp_path / f"s{seed}"
+        run.mkdir()
+        (run / "progress.csv").write_text(f"env_steps,ep_return_mean\n100,{seed}\n200,{seed + 1}\n")
+        (run / "config.json").write_text(json.dumps({"algorithm": "npg", "env_id": "CartPole-v1", "seed": seed,
+                                                     "distributed": {"ray_address": address}}))
+        runs.append(str(run))
+    plotted = plot_runs(runs + [runs[0], str(tmp_path / "." / "s1")], str(tmp_path / "p.png"), seeds=True)
+    assert plotted == {"npg CartPole-v1 (2 seeds)": ([100.0, 200.0], [0.5, 1.5])}
 
 
 # --- run directories, failures mid-run, acting beside training ---------------------------------------------
@@ -414,6 +434,7 @@ class _BreaksAfter(gym.Wrapper):
 
 
 for _id, _kw in {"natpg_test/CartPoleBreaks-v0": {"at": 100}, "natpg_test/CartPoleSound-v0": {},
+                 "natpg_test/CartPoleBreaksAt1-v0": {"at": 1},
                  "natpg_test/PendulumNaNAt5-v0": {"env_id": "Pendulum-v1", "at": 5, "fail": "nan"}}.items():
     if _id not in gym.registry:
         gym.register(id=_id, entry_point=_BreaksAfter, kwargs=_kw)
@@ -604,3 +625,14 @@ def test_cli_resume_without_steps_trains_to_the_runs_own_target(tmp_path, capsys
     assert cli(["train", "npg", "CartPole-v1", "--resume", out, "--no-progress", "--steps", "300"]) == 0
     assert "already has 256 of --steps 300 environment steps; the 44 left are less than one batch (64)" in \
         capsys.readouterr().out
+
+
+def test_a_run_that_failed_before_its_first_update_may_be_started_again_in_its_directory(tmp_path):
+    out = str(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="the simulator broke"):
+        cli(["train", "npg", "natpg_test/CartPoleBreaksAt1-v0", "--steps", "64", "--out", out, "--no-progress",
+             "--n-envs", "2", "--set", "n_steps=32"])
+    assert natpg.load(out).env_steps == 0
+    assert cli(["train", "trpo", "CartPole-v1", "--steps", "64", "--out", out, "--no-progress", "--n-envs", "2",
+                "--set", "n_steps=32"]) == 0  # nothing trained there: no --overwrite needed
+    assert natpg.load(out).algorithm == "trpo" and _rows(tmp_path / "run") == [64]

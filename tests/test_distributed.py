@@ -417,3 +417,65 @@ def test_throughput_bench_scales_the_batch_with_the_workers(capsys):
     with pytest.raises(SystemExit):
         bench(["Pendulum-v1", "--workers", "0"])
     assert "--workers must be at least 1" in capsys.readouterr().err
+
+
+def test_init_ray_keeps_this_processes_signal_handlers_and_names_an_address_it_cannot_reach():
+    import signal
+    import socket
+
+    from natpg.distributed.sampler import init_ray
+
+    class FakeRay:  # what ray.init does to the handlers, and its error for 'auto' without a cluster
+        def init(self, **kwargs):
+            signal.signal(signal.SIGTERM, lambda *a: sys.exit(15))
+            if kwargs.get("address") == "auto":
+                raise ConnectionError("Could not find any running Ray instance.")
+
+    def mine(*args):
+        pass
+
+    old = signal.signal(signal.SIGTERM, mine)
+    try:
+        init_ray(FakeRay(), None, 2)
+        assert signal.getsignal(signal.SIGTERM) is mine  # natpg train's graceful stop survives ray.init
+        with pytest.raises(ValueError, match=r"ray_address='auto': cannot connect to a Ray cluster \(Could not find"):
+            init_ray(FakeRay(), "auto", 2)
+        assert signal.getsignal(signal.SIGTERM) is mine
+        with socket.socket() as s:  # a port nobody listens on once closed
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"ray_address='127.0.0.1:{port}': no Ray cluster answers there"):
+            init_ray(FakeRay(), f"127.0.0.1:{port}", 2)
+        with pytest.raises(ValueError, match=r"ray_address='nonsense': no Ray cluster answers there"):
+            init_ray(FakeRay(), "nonsense", 2)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _hang_watching(pid):  # a worker stuck in its environment, with the watchdog every worker process runs
+    import threading as _threading
+
+    from natpg.distributed.processes import _exit_when_gone
+
+    _threading.Thread(target=_exit_when_gone, args=(pid, 0.1), daemon=True).start()
+    time.sleep(600)
+
+
+def test_a_worker_stuck_in_its_environment_exits_when_the_learner_is_gone():
+    import multiprocessing
+    import subprocess
+
+    learner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    worker = multiprocessing.get_context("spawn").Process(target=_hang_watching, args=(learner.pid,), daemon=True)
+    worker.start()
+    try:
+        time.sleep(1.0)
+        assert worker.is_alive()  # the learner lives: the worker waits
+        learner.kill()
+        learner.wait()
+        worker.join(timeout=30)
+        assert not worker.is_alive() and worker.exitcode == 1
+    finally:
+        learner.kill()
+        if worker.is_alive():
+            worker.kill()

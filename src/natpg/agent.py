@@ -606,7 +606,9 @@ def claim_run_dir(agent: Agent, out_dir: Any, overwrite: bool = False) -> bool:
         meta = None
     if meta is not None and _continues(agent, meta):
         return True
-    if not overwrite:
+    # A run that failed before its first update (a cluster not reached, say) holds nothing to lose.
+    untrained = meta is not None and meta.get("env_steps") == 0 and _progress_rows(out_dir) == 0
+    if not (overwrite or untrained):
         what = (f"a natpg run ({meta.get('algorithm')} on {meta.get('env_id')}, seed {meta.get('seed')}, "
                 f"{meta.get('env_steps')} env steps)" if meta is not None else f"natpg outputs ({', '.join(held)})")
         raise ValueError(f"out_dir {out_dir!r} already holds {what}; choose another directory, continue that run "
@@ -619,6 +621,15 @@ def claim_run_dir(agent: Agent, out_dir: Any, overwrite: bool = False) -> bool:
         else:
             os.remove(path)
     return False
+
+
+def _progress_rows(out_dir: str) -> int:
+    """Rows of ``out_dir``'s progress.csv (0 when it is missing or holds only its header)."""
+    try:
+        with open(os.path.join(out_dir, "progress.csv")) as f:
+            return max(sum(1 for line in f if line.strip()) - 1, 0)
+    except OSError:
+        return 0
 
 
 def _continues(agent: Agent, meta: dict[str, Any]) -> bool:

@@ -18,13 +18,21 @@ def read_progress(run_dir: str) -> dict[str, list[float]]:
         rows = list(csv.DictReader(f))
     if not rows:
         raise ValueError(f"{path!r} has no rows yet")
-    return {k: [float(r[k]) if r[k] not in ("", None) else float("nan") for r in rows] for k in rows[0]}
+    columns: dict[str, list[float]] = {k: [] for k in rows[0]}
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        for k, values in columns.items():
+            try:
+                values.append(float(row[k]) if row[k] not in ("", None) else float("nan"))
+            except ValueError:
+                raise ValueError(f"{path!r}, line {line}, column {k!r}: {row[k]!r} is not a number") from None
+    return columns
 
 
 def run_settings(run_dir: str) -> dict[str, str] | None:
     """The run's settings from its config.json as flat 'section.key' entries, each value JSON-encoded (algorithm
     and env_id included), or None when the run has none (a bare progress.csv). The seed and the ``run`` section
-    (logging, checkpoints, evaluation, device, threads) are left out: they do not change what is learned."""
+    (logging, checkpoints, evaluation, device, threads) and the Ray sampler's address and timeouts are left out:
+    they do not change what is learned."""
     path = os.path.join(os.path.dirname(run_dir) if run_dir.endswith(".csv") else run_dir, "config.json")
     if not os.path.exists(path):
         return None
@@ -35,14 +43,37 @@ def run_settings(run_dir: str) -> dict[str, str] | None:
         if key == "seed" or key == "run":
             continue
         if isinstance(value, dict):
-            flat.update({f"{key}.{k}": json.dumps(v) for k, v in value.items()})
+            flat.update({f"{key}.{k}": json.dumps(v) for k, v in value.items() if f"{key}.{k}" not in NOT_LEARNING})
         else:
             flat[key] = json.dumps(value)
     return flat
 
 
+NOT_LEARNING = {"distributed.ray_address", "distributed.worker_timeout", "distributed.worker_start_timeout"}
+
+
 def _label(run: str) -> str:
     return os.path.basename(os.path.normpath(run))
+
+
+def run_labels(runs: list[str]) -> list[str]:
+    """Each run's directory name, lengthened to as many trailing path parts as it takes to tell it from the
+    others ('exp1/s0' and 'exp2/s0' rather than 's0' twice)."""
+    parts = [os.path.normpath(os.path.abspath(run)).split(os.sep) for run in runs]
+    depth = [1] * len(runs)
+    while True:
+        labels = [os.sep.join(p[-d:]) for p, d in zip(parts, depth)]
+        clash = [i for i, label in enumerate(labels) if labels.count(label) > 1 and depth[i] < len(parts[i])]
+        if not clash:
+            return [_label(run) if d == 1 else label for run, label, d in zip(runs, labels, depth)]
+        for i in clash:
+            depth[i] += 1
+
+
+def _distinct(runs: list[str]) -> list[str]:
+    """The runs with a directory given twice (by any path) kept once: one run is one seed."""
+    seen: set[str] = set()
+    return [run for run in runs if not (os.path.realpath(run) in seen or seen.add(os.path.realpath(run)))]
 
 
 def group_by_settings(run_dirs: list[str]) -> list[tuple[str, list[str]]]:
@@ -50,7 +81,7 @@ def group_by_settings(run_dirs: list[str]) -> list[tuple[str, list[str]]]:
     which the groups differ (e.g. 'npg Hopper-v5 max_kl=0.02'). Runs without a config.json stay alone."""
     groups: dict[str, list[str]] = {}
     keyed: dict[str, dict[str, str]] = {}
-    for run in run_dirs:
+    for run in _distinct(run_dirs):
         flat = run_settings(run)
         key = run if flat is None else json.dumps(flat, sort_keys=True)
         groups.setdefault(key, []).append(run)
@@ -108,7 +139,7 @@ def plot_runs(run_dirs: list[str], output: str, x: str = "env_steps", y: str = "
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("natpg plot needs matplotlib: pip install 'natpg[plot]'") from None
-    groups = group_by_settings(run_dirs) if seeds else [(_label(run), [run]) for run in run_dirs]
+    groups = group_by_settings(run_dirs) if seeds else list(zip(run_labels(run_dirs), ([run] for run in run_dirs)))
     curves = [(label, [_points(run, x, y) for run in runs]) for label, runs in groups]  # all read before drawing
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plotted: dict[str, tuple[list[float], list[float]]] = {}

@@ -17,8 +17,10 @@ the worker's traceback in its notes.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import pickle
 import signal
+import threading
 import time
 import traceback
 from typing import Any
@@ -31,9 +33,24 @@ def _send(conn, message: Any) -> None:
     conn.send_bytes(pickle.dumps(message, protocol=5))
 
 
-def _process_main(conn, spec: WorkerSpec, worker: int) -> None:
+def _exit_when_gone(pid: int, poll_s: float = 2.0) -> None:
+    """Exit this process once process ``pid`` (the learner) has gone: a worker stuck in a hanging environment
+    never reads the pipe's EOF, and would otherwise outlive a learner killed with SIGKILL."""
+    while True:
+        time.sleep(poll_s)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:  # alive, another user's (the pid was reused): not ours to judge
+            pass
+
+
+def _process_main(conn, spec: WorkerSpec, worker: int, learner_pid: int | None = None) -> None:
     # Ctrl-C goes to the whole process group: let the learner handle it (it saves a checkpoint, then closes us).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if learner_pid is not None:
+        threading.Thread(target=_exit_when_gone, args=(learner_pid,), daemon=True).start()
     rollout_worker = None
     try:
         rollout_worker = RolloutWorker(spec, worker)
@@ -104,14 +121,15 @@ class ProcessSampler(DistributedSampler):
             self.close()
             raise WorkerFailure(f"a rollout worker process failed while starting: {exc}. Worker processes import "
                                 f"the main script again: in a script, start training under "
-                                f"`if __name__ == '__main__':`") from None
+                                f"`if __name__ == '__main__':`, and define what the workers need (a custom "
+                                f"environment, an action-mask function) at module level, outside that block") from None
         except BaseException:
             self.close()
             raise
 
     def _start(self, w: int) -> None:
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_process_main, args=(child, self.spec(w), w), daemon=True,
+        proc = self._ctx.Process(target=_process_main, args=(child, self.spec(w), w, os.getpid()), daemon=True,
                                  name=f"natpg-rollout-worker-{w}")
         proc.start()
         child.close()

@@ -20,6 +20,9 @@ change once per iteration here; with the same seed and number of workers, ``samp
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -219,6 +222,37 @@ class WorkerSampler(DistributedSampler):
         self.workers = []
 
 
+def init_ray(ray, address: str | None, n_workers: int) -> None:
+    """``ray.init``: a local instance (``address`` None) or a running cluster ('auto', 'HOST:PORT', 'ray://…').
+
+    Keeps this process's SIGINT and SIGTERM handlers: ray.init installs a SIGTERM handler that exits at once,
+    which would skip natpg train's graceful stop and its final checkpoint. A HOST:PORT nobody listens on is a
+    ValueError within seconds (Ray itself retries for minutes), and so is any address Ray cannot connect to."""
+    if address is not None and address != "auto" and "://" not in address:
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"ray_address={address!r}: no Ray cluster answers there ({type(exc).__name__}: {exc}); "
+                             f"give the address `ray start --head` printed (HOST:PORT), 'auto' on a node of a "
+                             f"running cluster, or leave ray_address unset for a local instance") from None
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        if address is None:
+            ray.init(num_cpus=max(os.cpu_count() or 1, n_workers), include_dashboard=False)
+        else:
+            ray.init(address=address)
+    except (ConnectionError, ValueError) as exc:  # 'auto' without a cluster; an address Ray cannot parse
+        raise ValueError(f"ray_address={address!r}: cannot connect to a Ray cluster "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); start one with "
+                         f"`ray start --head`, or leave ray_address unset for a local instance") from None
+    finally:
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
 class RaySampler(DistributedSampler):
     """Each worker is a Ray actor (one CPU each) holding its share of the copies (``sampler='ray'``).
 
@@ -239,10 +273,7 @@ class RaySampler(DistributedSampler):
         ray = self.ray = require_ray()
         self.timeout, self.start_timeout = float(timeout), float(start_timeout)
         if not ray.is_initialized():
-            if address is None:
-                ray.init(num_cpus=max(os.cpu_count() or 1, self.n_workers), include_dashboard=False)
-            else:
-                ray.init(address=address)
+            init_ray(ray, address, self.n_workers)
         self._actor_class = ray.remote(num_cpus=1, max_restarts=0)(RolloutWorker)
         self.actors = [self._start(w) for w in range(self.n_workers)]
         self._starting: set[int] = set()  # replacements not yet seen to have started
