@@ -4,8 +4,9 @@
 
 Writes into the same folder:
 
-- ``learning_curves_<env>.png``: per algorithm the mean evaluation return across seeds against env steps,
-  with a shaded band from the minimum to the maximum over seeds (the spread, not a confidence interval).
+- ``learning_curves_<env>.png`` (``/`` and ``:`` of the id written as ``-``): per algorithm the mean
+  evaluation return across seeds against env steps, with a shaded band from the minimum to the maximum over
+  seeds (the spread, not a confidence interval).
 - ``summary.csv`` / ``summary.md``: per (env, algo) the number of seeds, the final env-step count, the
   mean ± sample standard deviation (ddof = 1) across seeds of the final evaluation return, and the
   interquartile mean (IQM) across seeds with a 95% percentile bootstrap confidence interval; beside them the
@@ -29,6 +30,8 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
+import sys
 from collections import defaultdict
 
 import numpy as np
@@ -49,6 +52,26 @@ COMPARE = {"natpg-npg": ["tianshou-npg"], "natpg-trpo": ["tianshou-trpo", "sb3-t
            "tianshou-npg": ["tianshou-npg"], "tianshou-trpo": ["tianshou-trpo"], "sb3-trpo": ["sb3-trpo"]}
 COMPARE |= {f"{algo}-procs": peers for algo, peers in list(COMPARE.items()) if algo.startswith("natpg-")}
 NORM_REF = {"tianshou": "tianshou-trpo", "sb3": "sb3-trpo"}
+NEEDED = ["library", "algo", "env", "seed", "env_steps", "eval_return_mean", "budget", "final"]
+
+
+class BadInput(Exception):
+    """returns.csv missing or unreadable: reported in one line, exit status 2."""
+
+
+def file_safe(part: str) -> str:
+    """The same rule as returns.py's: characters no file name may hold (ALE/Pong-v5's '/') become '-'."""
+    return re.sub(r'[/\\:*?"<>|\x00-\x1f]+', "-", part)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer ≥ 1, got {text!r}")
+    return value
 
 
 def env_family(env_id: str) -> str:
@@ -87,12 +110,22 @@ def bootstrap_ci(groups: list[np.ndarray], stat=iqm, reps: int = 10_000, level: 
 
 
 def read(path: str) -> list[dict]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["seed"], r["env_steps"], r["budget"] = int(r["seed"]), int(r["env_steps"]), int(r["budget"])
-        r["final"] = r["final"] == "1"
-        r["eval_return_mean"] = float(r["eval_return_mean"])
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except OSError as exc:
+        raise BadInput(f"cannot read {path}: {exc.strerror or exc} (give the --out folder of benchmarks/returns.py)")
+    if rows and (missing := [c for c in NEEDED if c not in columns]):
+        raise BadInput(f"{path} lacks the column(s) {missing}: not a returns.csv of benchmarks/returns.py")
+    for line, r in enumerate(rows, start=2):  # line 1 is the header
+        try:
+            r["seed"], r["env_steps"], r["budget"] = int(r["seed"]), int(r["env_steps"]), int(r["budget"])
+            r["final"] = r["final"] == "1"
+            r["eval_return_mean"] = float(r["eval_return_mean"])
+        except (TypeError, ValueError) as exc:
+            raise BadInput(f"{path}, line {line}: {exc}") from None
     return rows
 
 
@@ -144,17 +177,21 @@ def plot(env: str, runs: dict[str, dict[int, list[dict]]], path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="the --out folder of benchmarks/returns.py")
-    p.add_argument("--reps", type=int, default=10_000, help="bootstrap resamples")
+    p.add_argument("--reps", type=positive_int, default=10_000, help="bootstrap resamples (≥ 1)")
     p.add_argument("--norm-ref", choices=sorted(NORM_REF), default="tianshou",
                    help="published TRPO number the normalised score divides by")
     a = p.parse_args(argv)
-    data = select(read(os.path.join(a.out, "returns.csv")))
+    try:
+        data = select(read(os.path.join(a.out, "returns.csv")))
+    except BadInput as exc:
+        print(f"aggregate.py: error: {exc}", file=sys.stderr)
+        return 2
     if not data:
         raise SystemExit(f"no finished runs in {os.path.join(a.out, 'returns.csv')}")
 
     envs = sorted({env for env, _ in data})
     for env in envs:
-        path = os.path.join(a.out, f"learning_curves_{env}.png")
+        path = os.path.join(a.out, f"learning_curves_{file_safe(env)}.png")
         plot(env, {algo: seeds for (e, algo), seeds in data.items() if e == env}, path)
         print(f"wrote {path}")
 

@@ -19,7 +19,10 @@ natpg settings over the presets with ``--set KEY=VALUE`` (repeatable, natpg algo
 ``natpg train --set``); their ``algo`` column carries the overrides, e.g. ``natpg-npg[max_kl=0.05]``, so
 they sit beside the preset's rows as a separate algorithm. The child's stdout/stderr go to
 ``OUT/logs/<run>.log``; a failed run (e.g. the peer library not importable in the interpreter used)
-prints one line and the others go on; the exit status is 1 if any run failed.
+prints one line and the others go on; the exit status is 1 if any run failed. In file names ``<run>`` is
+algo_env_seed[_KEY=VALUE...], with the characters a file name cannot hold (``/`` and ``:`` of ids like
+ALE/Pong-v5) written as ``-``. A repeated algo, env or seed is run once. ``--set`` cannot change what a
+``-procs`` engine fixes (n_envs, n_steps, sampler, workers).
 
 Fairness rules followed (BENCHMARKING.md)
 -----------------------------------------
@@ -67,6 +70,7 @@ import argparse
 import csv
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -87,12 +91,31 @@ NATPG_ALGOS = {"natpg-npg": "NPG", "natpg-trpo": "TRPO", "natpg-acktr": "ACKTR",
 PROCESS_ENGINE = {"sampler": "processes", "workers": 2, "n_envs": 16}
 NATPG_ALGOS |= {f"{name}-procs": cls for name, cls in list(NATPG_ALGOS.items())}
 PEER_LIBRARY = {"sb3-trpo": "sb3-contrib", "tianshou-npg": "tianshou", "tianshou-trpo": "tianshou"}
+PEER_MODULE = {"sb3-contrib": "sb3_contrib", "tianshou": "tianshou"}
+PYTHON_FLAG = {"natpg": "--natpg-python", "sb3-contrib": "--sb3-python", "tianshou": "--tianshou-python"}
 ALGOS = list(NATPG_ALGOS) + list(PEER_LIBRARY)
 EVAL_SEED_OFFSET = 10_000
 
 
 def library_of(algo: str) -> str:
     return "natpg" if algo in NATPG_ALGOS else PEER_LIBRARY[algo]
+
+
+def engine_for(algo: str, env_id: str) -> dict:
+    """The settings a ``-procs`` algorithm fixes (PROCESS_ENGINE; n_steps keeps the preset's batch), else {}."""
+    if not algo.endswith("-procs"):
+        return {}
+    from natpg.algorithms import config_for
+
+    batch = config_for(NATPG_ALGOS[algo].lower(), env_id).batch_size
+    return {**PROCESS_ENGINE, "n_steps": batch // PROCESS_ENGINE["n_envs"]}
+
+
+def file_safe(part: str) -> str:
+    """``part`` of a log/partial file name: characters no file name may hold (the '/' of ALE/Pong-v5, ':' of
+    a module-qualified id, Windows' reserved ones) become '-'; a part without them is kept as it is, so
+    earlier runs' file names do not change."""
+    return re.sub(r'[/\\:*?"<>|\x00-\x1f]+', "-", part)
 
 
 # --- one run (the child process) -------------------------------------------------------------------------
@@ -108,14 +131,8 @@ class NatpgRunner:
             raise PeerMissing(f"{algo} needs natpg, which is not importable in {sys.executable} ({exc}); "
                               f"pass --natpg-python") from None
         self.natpg = natpg
-        cls = NATPG_ALGOS[algo]
-        engine = {}
-        if algo.endswith("-procs"):
-            from natpg.algorithms import config_for
-
-            batch = config_for(cls.lower(), env_id).batch_size
-            engine = {**PROCESS_ENGINE, "n_steps": batch // PROCESS_ENGINE["n_envs"]}
-        self.agent = getattr(natpg, cls)(env_id, seed=seed, **engine, **(overrides or {}))
+        self.agent = getattr(natpg, NATPG_ALGOS[algo])(env_id, seed=seed, **engine_for(algo, env_id),
+                                                       **(overrides or {}))
         self.batch = self.agent.config.batch_size
         self.env_id = env_id
         # Trained in chunks between evaluations: a KL schedule decays towards the whole budget, not each chunk's end.
@@ -170,6 +187,10 @@ def run_one(a: argparse.Namespace) -> int:
 
             runner = NatpgRunner(a.algo, a.env, a.seed, dict(map(parse_setting, a.settings)), a.steps)
         else:
+            # The peer library before torch: an interpreter without it (often without torch either) is then
+            # reported as lacking that library, with the flag that points at the interpreter that has it.
+            lib = PEER_LIBRARY[a.algo]
+            peers._require(PEER_MODULE[lib], a.algo, PYTHON_FLAG[lib])
             import torch
 
             torch.set_num_threads(a.torch_threads)
@@ -263,6 +284,16 @@ def main(argv: list[str] | None = None) -> int:
         return run_one(a)
     if a.steps < 1 or a.eval_every < 1 or a.eval_episodes < 1 or a.jobs < 1:
         p.error("--steps, --eval-every, --eval-episodes and --jobs must be positive")
+    # A repeated seed (or algo, env) would run twice and, with --jobs > 1, two children would share one
+    # partial file; each is run once, in the order given.
+    for flag, attr in (("--algos", "algos"), ("--envs", "envs"), ("--seeds", "seeds")):
+        given_values = getattr(a, attr)
+        unique = list(dict.fromkeys(given_values))
+        if len(unique) < len(given_values):
+            dropped = [v for i, v in enumerate(given_values) if v in given_values[:i]]
+            print(f"note: {flag}: dropped the repeated {' '.join(map(str, dropped))}; running "
+                  f"{' '.join(map(str, unique))}")
+            setattr(a, attr, unique)
     if a.settings:
         from natpg.algorithms import config_for
         from natpg.cli import parse_setting
@@ -270,13 +301,30 @@ def main(argv: list[str] | None = None) -> int:
         peers_asked = [algo for algo in a.algos if library_of(algo) != "natpg"]
         if peers_asked:
             p.error(f"--set overrides natpg settings only; drop {peers_asked} or run them without --set")
-        try:  # names and values, checked against each run's presets before any run starts
+        try:  # names and values, checked against each run's presets (and engine) before any run starts
             overrides = dict(map(parse_setting, a.settings))
-            for name in {NATPG_ALGOS[algo].lower() for algo in a.algos}:
+            procs = [algo for algo in a.algos if algo.endswith("-procs")]
+            if procs and (fixed := sorted(overrides.keys() & {"n_envs", "n_steps", *PROCESS_ENGINE})):
+                p.error(f"--set: {fixed} are fixed by the -procs engine ({', '.join(procs)}: "
+                        f"{', '.join(f'{k}={v}' for k, v in PROCESS_ENGINE.items())}, n_steps = preset batch / "
+                        f"{PROCESS_ENGINE['n_envs']}); drop them or run those algos without -procs")
+            for algo in a.algos:
                 for env_id in a.envs:
-                    config_for(name, env_id, overrides)
+                    config_for(NATPG_ALGOS[algo].lower(), env_id, {**engine_for(algo, env_id), **overrides})
         except (TypeError, ValueError) as exc:
             p.error(f"--set: {exc}")
+
+    runs = [(algo, env, seed) for env in a.envs for algo in a.algos for seed in a.seeds]
+
+    def run_name(run) -> str:  # its logs/ and partial/ file names
+        algo, env, seed = run
+        return "_".join(file_safe(part) for part in [algo, env, str(seed), *a.settings])
+
+    names: dict[str, tuple] = {}
+    for run in runs:  # ids that differ only in the characters file_safe replaces would share files
+        if (other := names.setdefault(run_name(run), run)) != run:
+            p.error(f"--envs {other[1]!r} and {run[1]!r} would share the file name {run_name(run)!r}; "
+                    f"run them into different --out folders")
 
     out = a.out
     os.makedirs(os.path.join(out, "partial"), exist_ok=True)
@@ -286,11 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     commit = git_commit()
     given = set(argv if argv is not None else sys.argv[1:])
     pythons = {"natpg": a.natpg_python, "sb3-contrib": a.sb3_python, "tianshou": a.tianshou_python}
-    python_flag = {"natpg": "--natpg-python", "sb3-contrib": "--sb3-python", "tianshou": "--tianshou-python"}
     lock = threading.Lock()
     sets = [arg for kv in a.settings for arg in ("--set", kv)]  # passed on to every run and its command
 
-    runs = [(algo, env, seed) for env in a.envs for algo in a.algos for seed in a.seeds]
     todo = [r for r in runs if (run_label(r[0], a.settings), r[1], r[2], a.steps) not in done]
     if len(todo) < len(runs):
         print(f"skipping {len(runs) - len(todo)} finished run(s) already in {csv_path}")
@@ -298,15 +344,15 @@ def main(argv: list[str] | None = None) -> int:
     def one(run) -> bool:
         algo, env, seed = run
         lib = library_of(algo)
-        name = "_".join([algo, env, str(seed), *a.settings])
+        name = run_name(run)
         cmd = ["python", "benchmarks/returns.py", "--algos", algo, "--envs", env, "--seeds", str(seed),
                "--steps", str(a.steps), "--eval-every", str(a.eval_every), "--out", out, *sets]
         if a.eval_episodes != 10:
             cmd += ["--eval-episodes", str(a.eval_episodes)]
         if a.torch_threads != 1 and lib != "natpg":
             cmd += ["--torch-threads", str(a.torch_threads)]
-        if lib == "tianshou" or python_flag[lib] in given:
-            cmd += [python_flag[lib], pythons[lib]]
+        if lib == "tianshou" or PYTHON_FLAG[lib] in given:
+            cmd += [PYTHON_FLAG[lib], pythons[lib]]
         partial = os.path.join(out, "partial", name + ".csv")
         child = [pythons[lib], os.path.abspath(__file__), "--worker", "--algo", algo, "--env", env,
                  "--seed", str(seed), "--steps", str(a.steps), "--eval-every", str(a.eval_every),

@@ -43,9 +43,21 @@ EQUAL_WORK = {"critic_epochs": 10, "critic_minibatch": 256, "cg_iters": 10, "ten
 FIXED_BY_ROWS = {"n_envs", "n_steps", *EQUAL_WORK, *(key for _, engine in ENGINES.values() for key in engine)}
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer ≥ 1, got {text!r}")
+    return value
+
+
 def natpg_rate(env_id: str, batch: int, updates: int, n_envs: int, settings: dict, **engine) -> float:
     import natpg
 
+    if batch % n_envs:  # the rate counts updates × batch steps: only true when each update steps all of them
+        raise ValueError(f"batch {batch} must be a multiple of n_envs {n_envs}")
     agent = natpg.NPG(env_id, seed=0, n_envs=n_envs, n_steps=batch // n_envs, **EQUAL_WORK, **settings, **engine)
     agent.learn(batch)
     start = time.perf_counter()
@@ -72,11 +84,12 @@ def sb3_rate(env_id: str, batch: int, updates: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--env", default="HalfCheetah-v5")
-    p.add_argument("--batch", type=int, default=2048)
-    p.add_argument("--updates", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--n-envs", type=int, default=8)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=positive_int, default=2048,
+                   help="env steps per update: a multiple of every natpg row's copies")
+    p.add_argument("--updates", type=positive_int, default=5)
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--n-envs", type=positive_int, default=8)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--engines", nargs="+", choices=[*ENGINES, "sb3"], default=[*ENGINES, "sb3"],
                    help="which rows to measure beside the raw rate (default: all); with PYTHONPATH=OTHER/src "
                         "the natpg rows of another checkout, for an A/B")
@@ -95,14 +108,19 @@ def main(argv: list[str] | None = None) -> None:
     if fixed := sorted(FIXED_BY_ROWS & set(settings)):
         p.error(f"--set: {fixed} are fixed by the rows (equal work per update; --batch, --n-envs, --engines set "
                 f"the batch and who steps it)")
+    engines = {name: (args.n_envs if n_envs is None else n_envs, engine)
+               for name, (n_envs, engine) in ENGINES.items() if name in args.engines}
+    # Each update steps every copy batch / copies times: a remainder would be dropped from natpg's updates
+    # but still counted in its rate, and sb3 would step more per update (not equal work). As `natpg bench`.
+    if uneven := [f"{name} ({n_envs} copies)" for name, (n_envs, _) in engines.items() if args.batch % n_envs]:
+        p.error(f"--batch {args.batch} must be a multiple of each natpg row's env copies, and is not for "
+                f"{', '.join(uneven)}; natpg and natpg_multiproc step --n-envs copies, the others 16")
     torch.set_num_threads(args.threads)
     try:
         import sb3_contrib  # noqa: F401
         have_sb3 = True
     except ImportError:
         have_sb3 = False
-    engines = {name: (args.n_envs if n_envs is None else n_envs, engine)
-               for name, (n_envs, engine) in ENGINES.items() if name in args.engines}
     have_sb3 = have_sb3 and "sb3" in args.engines
     rows: dict[str, list[float]] = {"raw": [], **{name: [] for name in engines}, "sb3": []}
     for _ in range(args.repeats):

@@ -5,7 +5,12 @@ benchmarks/episode_ends.py's episodes against natpg.evaluate."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import os
+import subprocess
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -144,7 +149,13 @@ def test_returns_refuses_bad_settings_before_any_run(tmp_path, capsys):
     for argv, says in [(["--algos", "natpg-trpo", "--set", "max_kl=-1"], "max_kl must be a finite number > 0"),
                        (["--algos", "natpg-npg-procs", "--set", "cg_iters=0"], "cg_iters"),
                        (["--algos", "natpg-npg", "--set", "nonsense=3"], "unknown setting"),
-                       (["--algos", "natpg-npg", "sb3-trpo", "--set", "max_kl=0.02"], "natpg settings only")]:
+                       (["--algos", "natpg-npg", "sb3-trpo", "--set", "max_kl=0.02"], "natpg settings only"),
+                       # what the -procs engine fixes, named up front rather than a TypeError in every run
+                       (["--algos", "natpg-npg-procs", "--set", "n_envs=8"], "['n_envs'] are fixed by the -procs"),
+                       (["--algos", "natpg-npg", "natpg-trpo-procs", "--set", "n_steps=64", "--set", "sampler=local",
+                         "--set", "workers=4"], "['n_steps', 'sampler', 'workers'] are fixed by the -procs engine"),
+                       # settings are checked together with the engine's
+                       (["--algos", "natpg-npg-procs", "--set", "vectorization=async"], "sampler='local' only")]:
         with pytest.raises(SystemExit) as exit_:
             returns.main([*argv, "--envs", "Hopper-v5", "--seeds", "0", "--out", str(out)])
         assert exit_.value.code == 2 and says in capsys.readouterr().err
@@ -173,3 +184,150 @@ def test_episode_ends_reports_each_evaluation_episode_as_natpg_eval_runs_them(tm
     assert [(r["length"], r["ended_by"]) for r in rows] == [(200, "time limit")] * 2
     assert episode_ends.main([str(tmp_path / "missing")]) == 2
     assert "no natpg checkpoint" in capsys.readouterr().err
+
+
+def _fake_children(returns, monkeypatch) -> list[tuple[str, str, str]]:
+    """returns.py's orchestrator with each run's child replaced by one that writes a finished run's row at once."""
+    calls = []
+
+    def run(child, stdout, **kwargs):
+        def arg(flag):
+            return child[child.index(flag) + 1]
+
+        calls.append((arg("--algo"), arg("--env"), arg("--seed")))
+        with open(arg("--partial"), "w", newline="") as f:
+            writer = csv.DictWriter(f, returns.COLUMNS)
+            writer.writeheader()
+            writer.writerow({"library": "natpg", "algo": arg("--algo"), "env": arg("--env"), "seed": arg("--seed"),
+                             "env_steps": arg("--steps"), "eval_return_mean": "1.0", "eval_return_std": "0.0",
+                             "wall_s": "1.0", "hardware": "test", "commit": "test", "command": arg("--command"),
+                             "budget": arg("--steps"), "final": 1})
+        stdout.write("trained\n")
+        return types.SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(returns, "subprocess", types.SimpleNamespace(run=run, STDOUT=subprocess.STDOUT))
+    monkeypatch.setattr(returns, "git_commit", lambda: "test")
+    return calls
+
+
+def test_returns_and_aggregate_name_files_of_ids_with_slashes(tmp_path, monkeypatch, capsys):
+    """An id like ALE/Pong-v5 gets ALE-Pong-v5 in log, partial and plot file names (its rows keep the id);
+    ids that are already safe keep their names; two ids that would share a file are refused up front."""
+    returns = _load("returns")
+    assert returns.file_safe("mod:Env-v0") == "mod-Env-v0" and returns.file_safe("max_kl=0.05") == "max_kl=0.05"
+    calls = _fake_children(returns, monkeypatch)
+    out = tmp_path / "b"
+    argv = ["--algos", "natpg-npg", "--envs", "ALE/Pong-v5", "CartPole-v1", "--seeds", "0", "--steps", "4096",
+            "--out", str(out)]
+    assert returns.main(argv) == 0
+    assert sorted(os.listdir(out / "logs")) == ["natpg-npg_ALE-Pong-v5_0.log", "natpg-npg_CartPole-v1_0.log"]
+    assert os.listdir(out / "partial") == []
+    with open(out / "returns.csv", newline="") as f:
+        assert [r["env"] for r in csv.DictReader(f)] == ["ALE/Pong-v5", "CartPole-v1"]
+    assert returns.main(argv) == 0 and len(calls) == 2  # finished: skipped on a rerun
+    assert "skipping 2 finished" in capsys.readouterr().out
+    assert aggregate.main([str(out), "--reps", "20"]) == 0
+    assert (out / "learning_curves_ALE-Pong-v5.png").exists() and (out / "learning_curves_CartPole-v1.png").exists()
+    with pytest.raises(SystemExit) as exit_:
+        returns.main(["--envs", "ALE/Pong-v5", "ALE:Pong-v5", "--seeds", "0", "--out", str(tmp_path / "c")])
+    assert exit_.value.code == 2 and "would share the file name" in capsys.readouterr().err
+    assert len(calls) == 2 and not (tmp_path / "c").exists()
+
+
+def test_returns_runs_a_repeated_seed_algo_or_env_once(tmp_path, monkeypatch, capsys):
+    """--seeds 0 0 --jobs 2 used to start two children on one partial file; each run now runs once, in order."""
+    returns = _load("returns")
+    calls = _fake_children(returns, monkeypatch)
+    out = tmp_path / "b"
+    assert returns.main(["--algos", "natpg-npg", "natpg-npg", "--envs", "CartPole-v1", "CartPole-v1", "--seeds", "1",
+                         "0", "1", "--jobs", "2", "--steps", "4096", "--out", str(out)]) == 0
+    assert calls == [("natpg-npg", "CartPole-v1", "1"), ("natpg-npg", "CartPole-v1", "0")]
+    printed = capsys.readouterr().out
+    assert "note: --seeds: dropped the repeated 1; running 1 0" in printed
+    assert "--algos: dropped the repeated natpg-npg" in printed
+    assert "--envs: dropped the repeated CartPole-v1" in printed
+    with open(out / "returns.csv", newline="") as f:
+        assert [r["seed"] for r in csv.DictReader(f)] == ["1", "0"]
+
+
+def test_returns_names_a_missing_peer_library_even_without_torch(tmp_path, monkeypatch, capsys):
+    """A peer's interpreter that has neither the peer nor torch: the run names the peer and its flag."""
+    returns = _load("returns")
+    for module in ("torch", "tianshou", "sb3_contrib"):
+        monkeypatch.setitem(sys.modules, module, None)  # not importable
+    for algo, module, flag in [("tianshou-npg", "tianshou", "--tianshou-python"),
+                               ("sb3-trpo", "sb3_contrib", "--sb3-python")]:
+        assert returns.main(["--worker", "--algo", algo, "--env", "Pendulum-v1", "--seed", "0", "--steps", "4096",
+                             "--partial", str(tmp_path / "p.csv")]) == 3
+        err = capsys.readouterr().err
+        assert f"{algo} needs the Python package '{module}'" in err and f"({flag})" in err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_throughput_refuses_uneven_batches_and_bad_counts_before_measuring(capsys, monkeypatch):
+    """--batch must split evenly over every natpg row's copies (as `natpg bench`); counts are integers ≥ 1."""
+    import json
+
+    throughput = _load("throughput")
+    measured = []
+    monkeypatch.setattr(throughput, "raw_env_rate", lambda env_id: measured.append(env_id) or 1000.0)
+    for argv, says in [(["--batch", "1000"], "--batch 1000 must be a multiple of each natpg row's env copies, and is "
+                                             "not for natpg_16 (16 copies), natpg_processes (16 copies)"),
+                       (["--batch", "24", "--n-envs", "16", "--engines", "natpg"], "not for natpg (16 copies)"),
+                       (["--batch", "8", "--engines", "natpg_16"], "not for natpg_16 (16 copies)"),
+                       (["--repeats", "0"], "argument --repeats: must be an integer ≥ 1, got '0'"),
+                       (["--updates", "0"], "argument --updates: must be an integer ≥ 1, got '0'"),
+                       (["--batch", "-8"], "argument --batch: must be an integer ≥ 1, got '-8'"),
+                       (["--n-envs", "2.5"], "argument --n-envs: must be an integer ≥ 1, got '2.5'")]:
+        with pytest.raises(SystemExit) as exit_:
+            throughput.main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and says in err and "Traceback" not in err
+    assert measured == []
+    with pytest.raises(ValueError, match="batch 100 must be a multiple of n_envs 16"):
+        throughput.natpg_rate("CartPole-v1", 100, 5, 16, {})
+    monkeypatch.setattr(throughput, "natpg_rate", lambda env_id, batch, updates, n_envs, settings, **engine: 500.0)
+    throughput.main(["--env", "CartPole-v1", "--batch", "32", "--n-envs", "4", "--engines", "natpg", "natpg_16",
+                     "--repeats", "1"])
+    assert json.loads(capsys.readouterr().out)["natpg_16_over_raw"] == 0.5
+
+
+def test_aggregate_reports_bad_input_in_one_line(tmp_path, capsys):
+    """--reps below 1, a missing folder or returns.csv, a missing column, a bad number: one line, exit 2."""
+    for reps in ("0", "-1", "2.5"):
+        with pytest.raises(SystemExit) as exit_:
+            aggregate.main([str(tmp_path), "--reps", reps])
+        assert exit_.value.code == 2 and f"--reps: must be an integer ≥ 1, got '{reps}'" in capsys.readouterr().err
+    (tmp_path / "nocol").mkdir()
+    (tmp_path / "nocol" / "returns.csv").write_text("algo,env,seed\nnatpg-npg,Hopper-v5,0\n")
+    (tmp_path / "badnum").mkdir()
+    (tmp_path / "badnum" / "returns.csv").write_text(
+        "library,algo,env,seed,env_steps,eval_return_mean,budget,final\nnatpg,natpg-npg,Hopper-v5,0,10,abc,10,1\n")
+    for folder, says in [("missing", "cannot read"), (".", "cannot read"),
+                         ("nocol", "lacks the column(s) ['library', 'env_steps', 'eval_return_mean', 'budget', "
+                                   "'final']"),
+                         ("badnum", "returns.csv, line 2: could not convert string to float: 'abc'")]:
+        assert aggregate.main([str(tmp_path / folder)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_distributed_bench_refuses_bad_combinations_before_measuring(monkeypatch, capsys):
+    """More workers than copies, or --ray-address without a Ray sampler: one line, exit 2, nothing measured."""
+    from natpg.distributed import bench
+
+    measured = []
+    monkeypatch.setattr(bench, "measure", lambda env_id, sampler, workers, *rest: measured.append((sampler, workers))
+                        or {})
+    for argv, says in [(["--samplers", "processes", "--workers", "1", "3", "--n-envs", "2"],
+                        "--workers 3 is more than --n-envs 2"),
+                       (["--samplers", "processes", "--ray-address", "auto"],
+                        "--ray-address 'auto' joins a Ray cluster for --samplers ray, which is not among --samplers "
+                        "processes")]:
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(["CartPole-v1", *argv])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and says in err and "Traceback" not in err
+    assert measured == []
+    bench.main(["CartPole-v1", "--samplers", "processes", "--workers", "1", "2", "--n-envs", "2"])
+    assert measured == [("local", 1), ("processes", 1), ("processes", 2)]

@@ -65,9 +65,26 @@ def main(argv: list[str] | None = None) -> None:
                         ("--iterations", args.iterations)):
         if value is not None and value < 1:
             p.error(f"{flag} must be at least 1, got {value}")
+    if args.ray_address is not None and "ray" not in args.samplers:  # it would be silently ignored
+        p.error(f"--ray-address {args.ray_address!r} joins a Ray cluster for --samplers ray, which is not among "
+                f"--samplers {' '.join(args.samplers)}")
 
     def n_envs(workers: int) -> int:
         return args.envs_per_worker * workers if args.envs_per_worker else (args.n_envs or 8)
+
+    # Every configuration is checked before the first is measured (the local baseline included).
+    from ..algorithms import config_for
+
+    for sampler in ["local"] * (not args.no_local) + args.samplers:
+        for w in [1] if sampler == "local" else args.workers:
+            if w > n_envs(w):
+                p.error(f"--workers {w} is more than --n-envs {n_envs(w)}: each worker steps at least one copy "
+                        f"(lower --workers, raise --n-envs, or give --envs-per-worker)")
+            try:
+                config_for("npg", args.env_id, {"n_envs": n_envs(w), "n_steps": args.n_steps, "sampler": sampler,
+                                                "workers": w, "tensorboard": False})
+            except (TypeError, ValueError) as exc:
+                p.error(f"{sampler} with {w} worker(s): {' '.join(str(exc).split())}")  # one line
 
     if not args.no_local:
         print(json.dumps(measure(args.env_id, "local", 1, n_envs(1), args.n_steps, args.iterations)), flush=True)
