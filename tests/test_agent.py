@@ -34,6 +34,9 @@ def test_a_misspelt_setting_gets_the_nearest_valid_name_and_a_foreign_one_none()
         natpg.PPO("CartPole-v1", learning_rate=3e-4)
     with pytest.raises(ValueError, match=r"'cg_max_steps' is Stable-Baselines3's name: natpg's is cg_iters"):
         natpg.TRPO("CartPole-v1", cg_max_steps=15)
+    with pytest.raises(ValueError, match=r"target_kl=0.01 stops PPO's epochs early .* is max_kl"):
+        natpg.TRPO("CartPole-v1", target_kl=0.01)  # sb3-contrib TRPO's name for the KL budget
+    assert natpg.PPO("CartPole-v1", target_kl=0.01).config.step.target_kl == 0.01
 
 
 @pytest.mark.parametrize("setting,pattern", [
@@ -587,11 +590,13 @@ def test_a_checkpoint_with_a_setting_that_did_nothing_still_loads(tmp_path):
     meta, tensors = checkpoint.read(str(tmp_path))  # as written before such settings were refused
     meta["config"]["curvature"]["fvp_subsample"] = 0.2
     meta["config"]["policy"]["action_squash"] = "tanh"
+    meta["config"]["step"]["target_kl"] = 0.01
     checkpoint.write(str(tmp_path), meta, tensors)
     with pytest.raises(ValueError, match="fvp_subsample"):
         natpg.NPG("CartPole-v1", fisher="kfac", fvp_subsample=0.2, **small())
     loaded = natpg.load(str(tmp_path))
     assert loaded.config.curvature.fvp_subsample == 1.0 and loaded.config.policy.action_squash == "clip"
+    assert loaded.config.step.target_kl == 0.0
     assert loaded.predict(np.zeros((3, 4))).tolist() == agent.predict(np.zeros((3, 4))).tolist()
 
 
@@ -636,3 +641,13 @@ def test_a_run_that_failed_before_its_first_update_may_be_started_again_in_its_d
     assert cli(["train", "trpo", "CartPole-v1", "--steps", "64", "--out", out, "--no-progress", "--n-envs", "2",
                 "--set", "n_steps=32"]) == 0  # nothing trained there: no --overwrite needed
     assert natpg.load(out).algorithm == "trpo" and _rows(tmp_path / "run") == [64]
+
+
+def test_a_callback_that_cannot_take_agent_and_row_is_refused_before_any_work(tmp_path):
+    agent = natpg.NPG("CartPole-v1", **small())
+    for bad, pattern in ((lambda agent: None, "cannot be called as callback\\(agent, row\\)"),
+                         ("stop", "callback must be callable")):
+        with pytest.raises(ValueError, match=pattern):
+            agent.learn(64, out_dir=str(tmp_path / "run"), callback=bad)
+    assert agent.env_steps == 0 and not (tmp_path / "run").exists()
+    agent.learn(64, callback=lambda agent, row, *rest: None)

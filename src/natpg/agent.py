@@ -6,6 +6,7 @@ owns none of the maths itself.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import numbers
@@ -190,6 +191,8 @@ class Agent:
             raise ValueError(f"total_steps must be an integer ≥ one batch ({self.config.env.n_envs} envs × "
                              f"{self.config.rollout.n_steps} steps = {batch}), got {total_steps!r}")
         total_steps = int(total_steps)
+        if callback is not None:
+            _check_callback(callback)
         n_updates = total_steps // batch
         end_steps = self.env_steps + n_updates * batch  # where this call ends
         if schedule_end is not None and (not _is_int(schedule_end) or schedule_end < end_steps):
@@ -498,13 +501,16 @@ class Agent:
 def _without_inert_settings(config: dict[str, Any], action_space: dict[str, Any]) -> dict[str, Any]:
     """A recorded config with the settings that did nothing put back to their defaults: checkpoints written before
     natpg refused them (fvp_subsample beside a Fisher other than CG's or the dense one, a tanh squash of non-Box
-    actions) still load, and train exactly as they did."""
+    actions, target_kl outside PPO) still load, and train exactly as they did."""
     config = json.loads(json.dumps(config))
     curvature, policy = config.get("curvature", {}), config.get("policy", {})
     if curvature.get("fisher") not in ("cg", "dense") and curvature.get("fvp_subsample", 1.0) != 1.0:
         curvature["fvp_subsample"] = 1.0
     if action_space.get("type") != "Box" and policy.get("action_squash") == "tanh":
         policy["action_squash"] = "clip"
+    step = config.get("step", {})
+    if step.get("step") != "ppo_clip" and step.get("target_kl", 0.0) > 0:
+        step["target_kl"] = 0.0
     return config
 
 
@@ -639,6 +645,19 @@ def _continues(agent: Agent, meta: dict[str, Any]) -> bool:
             and meta.get("seed") == agent.seed
             and _without_inert_settings(meta.get("config", {}), meta.get("action_space", {})) == config
             and isinstance(meta.get("env_steps"), int) and meta["env_steps"] <= agent.env_steps)
+
+
+def _check_callback(callback: Any) -> None:
+    """``callback(agent, row)`` is called after every update: a wrong signature is an error now, not after the
+    first update's rollout."""
+    if not callable(callback):
+        raise ValueError(f"callback must be callable as callback(agent, row), got {callback!r}")
+    try:
+        inspect.signature(callback).bind(None, None)
+    except TypeError as exc:
+        raise ValueError(f"callback {callback!r} cannot be called as callback(agent, row): {exc}") from None
+    except ValueError:  # a builtin without a signature: it will tell at its first call
+        pass
 
 
 def _is_int(value: Any) -> bool:

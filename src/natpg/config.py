@@ -420,6 +420,10 @@ class Config:
         pos_int("ppo_epochs", s.ppo_epochs)
         pos_int("ppo_minibatch", s.ppo_minibatch)
         pos_num("target_kl", s.target_kl, allow_zero=True)
+        # SB3's TRPO calls its KL budget target_kl: here it is PPO's early stop, and would do nothing elsewhere.
+        need(not (isinstance(s.target_kl, (int, float)) and s.target_kl > 0 and s.step != "ppo_clip"),
+             f"target_kl={s.target_kl!r} stops PPO's epochs early (step='ppo_clip'); step={s.step!r} does not use "
+             f"it. The KL budget of NPG, TRPO and ACKTR (sb3-contrib TRPO's target_kl) is max_kl")
         pos_num("ent_coef", s.ent_coef, allow_zero=True)
         need(s.ent_coef == 0 or self.algorithm != "nac",
              "ent_coef is not available for nac: its direction is the compatible critic's least-squares fit of "
