@@ -30,11 +30,13 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import re
 import sys
 from collections import defaultdict
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py
+from common import file_safe, positive_int  # noqa: E402
 
 # BENCHMARKING.md, "Published numbers at 1M env steps (MuJoCo v3 era)": (mean, std).
 PUBLISHED = {
@@ -57,21 +59,6 @@ NEEDED = ["library", "algo", "env", "seed", "env_steps", "eval_return_mean", "bu
 
 class BadInput(Exception):
     """returns.csv missing or unreadable: reported in one line, exit status 2."""
-
-
-def file_safe(part: str) -> str:
-    """The same rule as returns.py's: characters no file name may hold (ALE/Pong-v5's '/') become '-'."""
-    return re.sub(r'[/\\:*?"<>|\x00-\x1f]+', "-", part)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer ≥ 1, got {text!r}")
-    return value
 
 
 def env_family(env_id: str) -> str:

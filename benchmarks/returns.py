@@ -70,7 +70,6 @@ import argparse
 import csv
 import os
 import platform
-import re
 import shlex
 import subprocess
 import sys
@@ -80,7 +79,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, HERE)  # peers.py
+sys.path.insert(0, HERE)  # peers.py, common.py
+
+from common import file_safe  # noqa: E402
 
 COLUMNS = ["library", "algo", "env", "seed", "env_steps", "eval_return_mean", "eval_return_std", "wall_s",
            "hardware", "commit", "command", "budget", "final"]
@@ -109,13 +110,6 @@ def engine_for(algo: str, env_id: str) -> dict:
 
     batch = config_for(NATPG_ALGOS[algo].lower(), env_id).batch_size
     return {**PROCESS_ENGINE, "n_steps": batch // PROCESS_ENGINE["n_envs"]}
-
-
-def file_safe(part: str) -> str:
-    """``part`` of a log/partial file name: characters no file name may hold (the '/' of ALE/Pong-v5, ':' of
-    a module-qualified id, Windows' reserved ones) become '-'; a part without them is kept as it is, so
-    earlier runs' file names do not change."""
-    return re.sub(r'[/\\:*?"<>|\x00-\x1f]+', "-", part)
 
 
 # --- one run (the child process) -------------------------------------------------------------------------

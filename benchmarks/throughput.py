@@ -26,12 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 
 import torch
 
 from natpg.bench import raw_env_rate
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py
+from common import positive_int  # noqa: E402
 
 
 # natpg's rows: (copies, None = --n-envs; sampler settings)
@@ -41,16 +46,6 @@ ENGINES = {"natpg": (None, {}), "natpg_16": (16, {}),
 # The equal-work settings every natpg row fixes (with n_envs and n_steps from --batch and the row).
 EQUAL_WORK = {"critic_epochs": 10, "critic_minibatch": 256, "cg_iters": 10, "tensorboard": False}
 FIXED_BY_ROWS = {"n_envs", "n_steps", *EQUAL_WORK, *(key for _, engine in ENGINES.values() for key in engine)}
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer ≥ 1, got {text!r}")
-    return value
 
 
 def natpg_rate(env_id: str, batch: int, updates: int, n_envs: int, settings: dict, **engine) -> float:
