@@ -264,15 +264,14 @@ class Agent:
         """The next rollout and the seconds it took. Should collecting fail, the agent is still at its last
         completed update: the normalisers are put back as they were before the rollout and, with ``out_dir``,
         that state is saved (without the environments' mid-rollout state: continuing resets them)."""
-        saved = (self.obs_normalizer.rms.state_dict(), self.reward_scaler.rms.state_dict(),
-                 self.reward_scaler.ret.copy())
+        obs_rms, rew_rms, scaler = self.obs_normalizer.rms, self.reward_scaler.rms, self.reward_scaler
+        saved = [(rms.mean.copy(), rms.var.copy(), rms.count) for rms in (obs_rms, rew_rms)], scaler.ret.copy()
         start = time.perf_counter()
         try:
             rollout = self._sampler.collect(self.policy, self.config.rollout.n_steps)
         except BaseException as exc:
-            self.obs_normalizer.rms.load_state_dict(saved[0])
-            self.reward_scaler.rms.load_state_dict(saved[1])
-            self.reward_scaler.ret = saved[2]
+            (obs_rms.mean, obs_rms.var, obs_rms.count), (rew_rms.mean, rew_rms.var, rew_rms.count) = saved[0]
+            scaler.ret = saved[1]
             if out_dir:
                 file = self._write_checkpoint(out_dir, sampler_state=None)
                 exc.add_note(f"natpg: the last completed update ({self.updates} updates, {self.env_steps} env "
