@@ -651,3 +651,13 @@ def test_a_callback_that_cannot_take_agent_and_row_is_refused_before_any_work(tm
             agent.learn(64, out_dir=str(tmp_path / "run"), callback=bad)
     assert agent.env_steps == 0 and not (tmp_path / "run").exists()
     agent.learn(64, callback=lambda agent, row, *rest: None)
+
+
+def test_the_cli_error_line_carries_natpgs_notes_not_a_workers_traceback():
+    from natpg.cli import _natpg_notes
+
+    exc = ValueError("environment returned a non-finite observation")
+    exc.add_note("raised in rollout worker 0:\nTraceback (most recent call last):\n  ...")
+    exc.add_note("natpg: the last completed update (2 updates, 8 env steps) is saved in run/model.pt")
+    assert _natpg_notes(exc) == "\nnatpg: the last completed update (2 updates, 8 env steps) is saved in run/model.pt"
+    assert _natpg_notes(ValueError("plain")) == ""

@@ -304,6 +304,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _natpg_notes(exc: BaseException) -> str:
+    """natpg's notes on an exception (where the run was saved), each on its own line; not a worker's traceback."""
+    return "".join(f"\n{note}" for note in getattr(exc, "__notes__", ()) if note.startswith("natpg:"))
+
+
 def main(argv: list[str] | None = None) -> int:
     from .distributed import WorkerFailure  # does not import Ray
     from .rollout import NonFiniteEnvError
@@ -319,12 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except (ValueError, FileNotFoundError, ImportError, TrainingFault, NonFiniteEnvError, WorkerFailure,
             RenderError) as exc:
-        notes = "".join(f"\n{note}" for note in getattr(exc, "__notes__", ()))  # e.g. where the run was saved
-        print(f"natpg {args.command}: error: {exc}{notes}", file=sys.stderr)
+        print(f"natpg {args.command}: error: {exc}{_natpg_notes(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        notes = "".join(f"\n{note}" for note in getattr(exc, "__notes__", ()))
-        print(f"natpg {args.command}: interrupted{notes}", file=sys.stderr)
+        print(f"natpg {args.command}: interrupted{_natpg_notes(exc)}", file=sys.stderr)
         return 130
 
 
