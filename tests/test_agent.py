@@ -661,3 +661,23 @@ def test_the_cli_error_line_carries_natpgs_notes_not_a_workers_traceback():
     exc.add_note("natpg: the last completed update (2 updates, 8 env steps) is saved in run/model.pt")
     assert _natpg_notes(exc) == "\nnatpg: the last completed update (2 updates, 8 env steps) is saved in run/model.pt"
     assert _natpg_notes(ValueError("plain")) == ""
+
+
+def test_a_setting_the_run_would_not_read_is_named_in_a_warning():
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"ppo on CartPole-v1 does not read these settings: fisher \(PPO's clipped "
+                                         r"objective uses no Fisher\)"):
+        natpg.PPO("CartPole-v1", fisher="kfac", **small())
+    with pytest.warns(UserWarning, match=r"cg_iters \(read by fisher='cg'; this run's fisher is 'kfac'\)"):
+        natpg.NPG("CartPole-v1", fisher="kfac", cg_iters=5, **small())
+    with pytest.warns(UserWarning, match=r"alpha \(read by step fixed / adam / ppo_clip; this run's step is 'kl'\)"):
+        natpg.NPG("CartPole-v1", alpha=0.1, **small())
+    with pytest.warns(UserWarning, match=r"damping \(the identity \(the plain gradient\) is not damped\)"):
+        natpg.VPG("CartPole-v1", damping=0.1, **small())
+    with warnings.catch_warnings():  # settings the run reads: no warning
+        warnings.simplefilter("error")
+        natpg.TRPO("CartPole-v1", backtrack_iters=5, cg_iters=5, damping=0.05, **small())
+        natpg.ACKTR("CartPole-v1", momentum=0.5, kfac_ema_decay=0.9, kfac_refresh_every=2, **small())
+        natpg.NPG("CartPole-v1", cg_preconditioner="kfac", kfac_ema_decay=0.0, **small())
+        natpg.PPO("CartPole-v1", alpha=1e-3, clip_range=0.1, ppo_epochs=3, **small())
