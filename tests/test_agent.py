@@ -681,3 +681,18 @@ def test_a_setting_the_run_would_not_read_is_named_in_a_warning():
         natpg.ACKTR("CartPole-v1", momentum=0.5, kfac_ema_decay=0.9, kfac_refresh_every=2, **small())
         natpg.NPG("CartPole-v1", cg_preconditioner="kfac", kfac_ema_decay=0.0, **small())
         natpg.PPO("CartPole-v1", alpha=1e-3, clip_range=0.1, ppo_epochs=3, **small())
+
+
+def test_the_cli_prints_natpgs_warnings_as_one_line(tmp_path):
+    import subprocess
+    import sys
+    import warnings
+
+    before = warnings.formatwarning
+    done = subprocess.run([sys.executable, "-m", "natpg.cli", "train", "npg", "CartPole-v1", "--steps", "64", "--out",
+                           str(tmp_path / "r"), "--no-progress", "--n-envs", "2", "--set", "n_steps=32",
+                           "--set", "clip_range=0.1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "natpg train: warning: npg on CartPole-v1 does not read these settings: clip_range" in done.stderr
+    assert "UserWarning" not in done.stderr
+    assert cli(["config", "npg", "CartPole-v1"]) == 0 and warnings.formatwarning is before  # put back after main

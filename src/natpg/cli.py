@@ -10,6 +10,7 @@ import re
 import signal
 import statistics
 import sys
+import warnings
 from typing import Any
 
 from .config import EVAL_MAX_EPISODE_STEPS, Config
@@ -320,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # usage errors (already printed) and --help
         return exc.code if isinstance(exc.code, int) else 2
     handler = {"train": cmd_train, "config": cmd_config, "eval": cmd_eval, "plot": cmd_plot, "bench": cmd_bench}[args.command]
+    # natpg's warnings (a setting the run would not read, an evaluation episode cut) as one line each, like errors
+    format_warning = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *rest: f"natpg {args.command}: warning: {message}\n"
     try:
         return handler(args)
     except (ValueError, FileNotFoundError, ImportError, TrainingFault, NonFiniteEnvError, WorkerFailure,
@@ -329,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print(f"natpg {args.command}: interrupted{_natpg_notes(exc)}", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = format_warning
 
 
 if __name__ == "__main__":
