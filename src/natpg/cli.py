@@ -321,9 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # usage errors (already printed) and --help
         return exc.code if isinstance(exc.code, int) else 2
     handler = {"train": cmd_train, "config": cmd_config, "eval": cmd_eval, "plot": cmd_plot, "bench": cmd_bench}[args.command]
-    # natpg's warnings (a setting the run would not read, an evaluation episode cut) as one line each, like errors
+    # natpg's warnings (a setting the run would not read, an evaluation episode cut) as one line each, like errors;
+    # other libraries' keep their own form
     format_warning = warnings.formatwarning
-    warnings.formatwarning = lambda message, category, *rest: f"natpg {args.command}: warning: {message}\n"
+
+    def one_line(message, category, filename, lineno, line=None):
+        if os.path.dirname(os.path.abspath(filename)).startswith(os.path.dirname(os.path.abspath(__file__))):
+            return f"natpg {args.command}: warning: {message}\n"
+        return format_warning(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
     try:
         return handler(args)
     except (ValueError, FileNotFoundError, ImportError, TrainingFault, NonFiniteEnvError, WorkerFailure,
