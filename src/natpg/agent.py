@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import numbers
 import os
 import shutil
 import time
@@ -22,7 +21,7 @@ import torch
 
 from . import checkpoint
 from .algorithms import config_for, make_actor_update, make_critic
-from .config import EVAL_MAX_EPISODE_STEPS, Config
+from .config import EVAL_MAX_EPISODE_STEPS, Config, is_integer
 from .envs import ObsNormalizer, RewardScaler, check_spaces, make_vec_env, probe_spaces
 from .fisher.dense import check_dense_size
 from .logger import Logger
@@ -94,7 +93,7 @@ class Agent:
     algorithm = "npg"
 
     def __init__(self, env: str, seed: int = 0, **overrides: Any):
-        if not _is_int(seed) or seed < 0:
+        if not is_integer(seed) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         seed = int(seed)
         mask_fn = overrides.get("action_mask")
@@ -187,7 +186,7 @@ class Agent:
         ``learn(100_000, schedule_end=1_000_000)``.
         """
         batch = self.config.batch_size
-        if not _is_int(total_steps) or total_steps < batch:
+        if not is_integer(total_steps) or total_steps < batch:
             raise ValueError(f"total_steps must be an integer ≥ one batch ({self.config.env.n_envs} envs × "
                              f"{self.config.rollout.n_steps} steps = {batch}), got {total_steps!r}")
         total_steps = int(total_steps)
@@ -195,7 +194,7 @@ class Agent:
             _check_callback(callback)
         n_updates = total_steps // batch
         end_steps = self.env_steps + n_updates * batch  # where this call ends
-        if schedule_end is not None and (not _is_int(schedule_end) or schedule_end < end_steps):
+        if schedule_end is not None and (not is_integer(schedule_end) or schedule_end < end_steps):
             raise ValueError(f"schedule_end must be an env-step count ≥ {end_steps}, where this learn call ends; "
                              f"got {schedule_end!r}")
         continuing = claim_run_dir(self, out_dir, overwrite) if out_dir is not None else False
@@ -659,21 +658,16 @@ def _check_callback(callback: Any) -> None:
         pass
 
 
-def _is_int(value: Any) -> bool:
-    """An integer (Python's or numpy's), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
 def check_evaluation(agent: Agent, env: str | None, episodes: int, seed: int,
                      max_episode_steps: int = EVAL_MAX_EPISODE_STEPS) -> str:
     """The environment id to evaluate ``agent`` on (default: its own), after checking the arguments and, for
     another environment, that its spaces match the agent's; a ValueError that says what is wrong otherwise."""
     env_id = env or agent.env_id
-    if not _is_int(episodes) or episodes < 1:
+    if not is_integer(episodes) or episodes < 1:
         raise ValueError(f"episodes must be an integer ≥ 1, got {episodes!r}")
-    if not _is_int(max_episode_steps) or max_episode_steps < 1:
+    if not is_integer(max_episode_steps) or max_episode_steps < 1:
         raise ValueError(f"max_episode_steps must be an integer ≥ 1, got {max_episode_steps!r}")
-    if not _is_int(seed) or seed < 0:
+    if not is_integer(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if env is not None:
         obs_space, act_space = probe_spaces(env_id, agent.config.env.action_mask)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import time
 from typing import Any
 
@@ -30,6 +29,7 @@ def raw_env_rate(env_id: str, steps: int = 20_000, seed: int = 0) -> float:
 def throughput(algo: str, env_id: str, batch: int = 2048, updates: int = 5, **overrides: Any) -> dict[str, Any]:
     """Median-free single measurement: one warm-up update, then ``updates`` timed updates."""
     from .agent import ALGORITHM_CLASSES
+    from .config import is_integer
 
     if algo not in ALGORITHM_CLASSES:
         raise ValueError(f"unknown algorithm {algo!r}; valid: {sorted(ALGORITHM_CLASSES)}")
@@ -42,7 +42,7 @@ def throughput(algo: str, env_id: str, batch: int = 2048, updates: int = 5, **ov
         raise ValueError("not available in bench: " + "; ".join(f"{k}={overrides[k]!r} ({fixed[k]})" for k in clashes))
     n_envs = overrides.pop("n_envs", 8)
     for name, value in (("--batch", batch), ("--updates", updates), ("--n-envs (n_envs)", n_envs)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        if not is_integer(value) or value < 1:
             raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
     batch, updates, n_envs = int(batch), int(updates), int(n_envs)
     if batch % n_envs:

@@ -259,6 +259,16 @@ FOREIGN_NAMES: dict[str, str] = {
 }
 
 
+def is_integer(v: Any) -> bool:
+    """An int or a NumPy integer (np.arange gives those); a bool is not a count."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_real(v: Any) -> bool:
+    """An int, a float or a NumPy scalar of either; not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 @dataclass
 class Config:
     algorithm: str = "npg"
@@ -327,11 +337,7 @@ class Config:
             if not ok:
                 problems.append(msg)
 
-        def integer(v: Any) -> bool:  # int or a NumPy integer (np.arange gives those); bool is not a count
-            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-        def real(v: Any) -> bool:  # int, float or a NumPy scalar of either; not bool
-            return isinstance(v, numbers.Real) and not isinstance(v, bool)
+        integer, real = is_integer, is_real
 
         def whole(v: Any) -> bool:  # an integer ≥ 1
             return integer(v) and v >= 1
@@ -421,7 +427,7 @@ class Config:
         pos_int("ppo_minibatch", s.ppo_minibatch)
         pos_num("target_kl", s.target_kl, allow_zero=True)
         # SB3's TRPO calls its KL budget target_kl: here it is PPO's early stop, and would do nothing elsewhere.
-        need(not (isinstance(s.target_kl, (int, float)) and s.target_kl > 0 and s.step != "ppo_clip"),
+        need(not (real(s.target_kl) and s.target_kl > 0 and s.step != "ppo_clip"),
              f"target_kl={s.target_kl!r} stops PPO's epochs early (step='ppo_clip'); step={s.step!r} does not use "
              f"it. The KL budget of NPG, TRPO and ACKTR (sb3-contrib TRPO's target_kl) is max_kl")
         pos_num("ent_coef", s.ent_coef, allow_zero=True)
