@@ -34,7 +34,7 @@ def test_a_misspelt_setting_gets_the_nearest_valid_name_and_a_foreign_one_none()
         natpg.PPO("CartPole-v1", learning_rate=3e-4)
     with pytest.raises(ValueError, match=r"'cg_max_steps' is Stable-Baselines3's name: natpg's is cg_iters"):
         natpg.TRPO("CartPole-v1", cg_max_steps=15)
-    with pytest.raises(ValueError, match=r"target_kl=0.01 stops PPO's epochs early .* is max_kl"):
+    with pytest.raises(ValueError, match=r"target_kl=0.01 would not be read: read by step ppo_clip.* is max_kl"):
         natpg.TRPO("CartPole-v1", target_kl=0.01)  # sb3-contrib TRPO's name for the KL budget
     assert natpg.PPO("CartPole-v1", target_kl=0.01).config.step.target_kl == 0.01
 
@@ -290,7 +290,7 @@ def test_linear_kl_schedule_sets_the_budget_each_update_uses(algo, tmp_path):
         with pytest.raises(ValueError, match="schedule_end must be an env-step count ≥ 384"):
             chunked.learn(128, schedule_end=300, out_dir=str(tmp_path))  # reset=True would rewrite it
         assert (tmp_path / "progress.csv").read_text() == progress  # refused before any file was opened
-    with pytest.raises(ValueError, match="kl_schedule='linear' decays the KL budget"):
+    with pytest.raises(ValueError, match="kl_schedule='linear' would not be read: read by step kl / linesearch / kfac_clip"):
         natpg.PPO("CartPole-v1", kl_schedule="linear")
 
 
@@ -316,7 +316,7 @@ def test_linear_lr_schedule_sets_the_learning_rate_each_update_uses(algo, step, 
     chunked = getattr(natpg, algo)("CartPole-v1", seed=2, **kw)  # one run in two calls: the same run
     chunked.learn(128, schedule_end=256).learn(128, reset=False, schedule_end=256)
     assert all(torch.equal(p, q) for p, q in zip(agent.policy.parameters(), chunked.policy.parameters()))
-    with pytest.raises(ValueError, match="lr_schedule='linear' decays the learning rate of the step rules"):
+    with pytest.raises(ValueError, match="lr_schedule='linear' would not be read: read by step fixed / adam / ppo_clip"):
         natpg.NPG("CartPole-v1", lr_schedule="linear")
 
 
@@ -579,6 +579,32 @@ def test_numpy_integers_count_as_integers_everywhere_a_count_is_taken(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(agent.policy.parameters(), ref.policy.parameters()))
     assert natpg.evaluate(agent, episodes=np.int64(2), seed=np.int64(5), max_episode_steps=np.int64(50)) == \
         natpg.evaluate(ref, episodes=2, seed=5, max_episode_steps=50)
+
+
+# For each refused setting: a changed value where the run reads it, and the same value where it would not.
+REFUSED_CASES = {"fvp_subsample": ("npg", {"fvp_subsample": 0.5}, {"fisher": "kfac"}),
+                 "cg_preconditioner": ("npg", {"cg_preconditioner": "diagonal"}, {"fisher": "diagonal"}),
+                 "kl_schedule": ("npg", {"kl_schedule": "linear"}, {"step": "adam"}),
+                 "lr_schedule": ("vpg", {"lr_schedule": "linear"}, {"step": "kl"}),
+                 "target_kl": ("ppo", {"target_kl": 0.03}, {"step": "kl"}),
+                 "ent_coef": ("npg", {"ent_coef": 0.01}, {"algorithm": "nac"}),
+                 "value_clip": ("ppo", {"value_clip": 0.2}, {"critic_optimizer": "kfac"}),
+                 "action_squash": ("npg", {"action_squash": "tanh"}, {"env": "CartPole-v1"})}
+
+
+@pytest.mark.parametrize("key", sorted(REFUSED_CASES))
+def test_a_changed_setting_the_run_would_not_read_is_refused_and_one_it_reads_is_not(key):
+    from natpg.config import REFUSED_WHEN_UNREAD
+
+    assert set(REFUSED_CASES) == set(REFUSED_WHEN_UNREAD)
+    algorithm, value, elsewhere = REFUSED_CASES[key]
+    env = "Pendulum-v1"
+    read = getattr(natpg, algorithm.upper())(env, **value)
+    assert read.config.get(key) == value[key]
+    algorithm = elsewhere.pop("algorithm", algorithm)
+    env = elsewhere.pop("env", env)
+    with pytest.raises(ValueError, match=rf"{key}=.* would not be read: .*leave it at its default"):
+        getattr(natpg, algorithm.upper())(env, **value, **elsewhere)
 
 
 def test_a_checkpoint_with_a_setting_that_did_nothing_still_loads(tmp_path):

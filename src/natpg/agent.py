@@ -21,7 +21,7 @@ import torch
 
 from . import checkpoint
 from .algorithms import config_for, make_actor_update, make_critic
-from .config import EVAL_MAX_EPISODE_STEPS, Config, is_integer
+from .config import EVAL_MAX_EPISODE_STEPS, REFUSED_WHEN_UNREAD, Config, is_integer
 from .envs import ObsNormalizer, RewardScaler, check_spaces, make_vec_env, probe_spaces
 from .fisher.dense import check_dense_size
 from .logger import Logger
@@ -116,6 +116,8 @@ class Agent:
     def _build(self, env_id: str, seed: int, config: Config, observation_space: gym.Space,
                action_space: gym.Space) -> None:
         check_spaces(observation_space, action_space)
+        if refusal := config.refusal("action_squash", type(action_space).__name__):  # validate does not see spaces
+            raise ValueError(refusal)
         if config.run.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={config.run.device!r} requested but CUDA is not available")
         self.env_id, self.seed, self.config = env_id, seed, config
@@ -498,18 +500,15 @@ class Agent:
 
 def _without_inert_settings(config: dict[str, Any], action_space: dict[str, Any]) -> dict[str, Any]:
     """A recorded config with the settings that did nothing put back to their defaults: checkpoints written before
-    natpg refused them (fvp_subsample beside a Fisher other than CG's or the dense one, a tanh squash of non-Box
-    actions, target_kl outside PPO) still load, and train exactly as they did."""
-    config = json.loads(json.dumps(config))
-    curvature, policy = config.get("curvature", {}), config.get("policy", {})
-    if curvature.get("fisher") not in ("cg", "dense") and curvature.get("fvp_subsample", 1.0) != 1.0:
-        curvature["fvp_subsample"] = 1.0
-    if action_space.get("type") != "Box" and policy.get("action_squash") == "tanh":
-        policy["action_squash"] = "clip"
-    step = config.get("step", {})
-    if step.get("step") != "ppo_clip" and step.get("target_kl", 0.0) > 0:
-        step["target_kl"] = 0.0
-    return config
+    natpg refused them (config.REFUSED_WHEN_UNREAD: fvp_subsample beside K-FAC, a tanh squash of Discrete actions,
+    target_kl outside PPO) still load, and train exactly as they did. A config that is not natpg's is returned
+    as it is (loading it reports what is wrong)."""
+    try:
+        cfg = Config.from_dict(config)
+        reset = {key: Config().get(key) for key in REFUSED_WHEN_UNREAD if cfg.refusal(key, action_space.get("type"))}
+    except (ValueError, TypeError, AttributeError, KeyError):
+        return config
+    return json.loads(json.dumps(cfg.override(**reset).to_dict()))
 
 
 def _policy_stats(policy: torch.nn.Module) -> dict[str, float]:

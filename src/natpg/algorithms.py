@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributions import kl_divergence
 
 from . import fisher
-from .config import KL_RULES, LR_RULES, Config
+from .config import Config, unread_because
 from .critics import ValueCritic
 from .envs import env_family
 from .params import flatten
@@ -327,31 +327,6 @@ def config_for(algorithm: str, env_id: str, overrides: dict[str, Any] | None = N
         warnings.warn(f"{algorithm} on {env_id} does not read these settings: {'; '.join(unused)}", UserWarning,
                       stacklevel=3)
     return config
-
-
-def unread_because(cfg: Config, key: str) -> str | None:
-    """Why a run with ``cfg`` never reads setting ``key`` (the parts that read it are not in it), or None when it
-    does: what make_step_rule, make_actor_update and make_curvature hand each part."""
-    step, fisher = cfg.step.step, cfg.curvature.fisher
-    by_step = {"max_kl": KL_RULES, "backtrack_shrink": ("linesearch",), "backtrack_iters": ("linesearch",),
-               "eta_max": ("kfac_clip",), "momentum": ("kfac_clip",), "alpha": LR_RULES,
-               "max_grad_norm": ("adam", "ppo_clip"), "clip_range": ("ppo_clip",), "ppo_epochs": ("ppo_clip",),
-               "ppo_minibatch": ("ppo_clip",)}
-    if key in by_step and step not in by_step[key]:
-        return f"read by step {' / '.join(by_step[key])}; this run's step is {step!r}"
-    curvature = {"fisher", "damping", "cg_iters", "cg_tol", "cg_warm_start", "fvp_subsample",
-                 "fvp_subsample_step_length", "kfac_ema_decay", "kfac_refresh_every"}
-    if key in curvature and step == "ppo_clip":
-        return "PPO's clipped objective uses no Fisher"
-    if key in ("cg_iters", "cg_tol", "cg_warm_start") and fisher != "cg":
-        return f"read by fisher='cg'; this run's fisher is {fisher!r}"
-    if key == "kfac_refresh_every" and fisher != "kfac":
-        return f"read by fisher='kfac'; this run's fisher is {fisher!r}"
-    if key == "kfac_ema_decay" and fisher != "kfac" and cfg.curvature.cg_preconditioner != "kfac":
-        return f"read by fisher='kfac' and cg_preconditioner='kfac'; this run's fisher is {fisher!r}"
-    if key == "damping" and fisher == "identity":
-        return "the identity (the plain gradient) is not damped"
-    return None
 
 
 def setting_sources(algorithm: str, family: str, env_id: str | None = None,

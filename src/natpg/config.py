@@ -390,28 +390,14 @@ class Config:
         pos_num("damping", k.damping, allow_zero=True)
         pos_int("cg_iters", k.cg_iters)
         pos_num("cg_tol", k.cg_tol, allow_zero=True)
-        subsample_ok = real(k.fvp_subsample) and 0 < k.fvp_subsample <= 1
-        need(subsample_ok, f"fvp_subsample must be in (0, 1], got {k.fvp_subsample!r}")
-        # make_curvature hands it to CG and Dense only: elsewhere it would be silently ignored
-        need(not (subsample_ok and k.fvp_subsample < 1 and k.fisher in FISHERS and k.fisher not in ("cg", "dense")),
-             f"fvp_subsample={k.fvp_subsample!r} subsamples the Fisher-vector products of fisher='cg' or 'dense'; "
-             f"fisher={k.fisher!r} does not use it (leave fvp_subsample at 1)")
+        need(real(k.fvp_subsample) and 0 < k.fvp_subsample <= 1, f"fvp_subsample must be in (0, 1], got {k.fvp_subsample!r}")
         choice("fvp_subsample_step_length", k.fvp_subsample_step_length, STEP_LENGTHS)
         choice("cg_preconditioner", k.cg_preconditioner, CG_PRECONDITIONERS)
-        need(k.cg_preconditioner is None or k.fisher == "cg",
-             f"cg_preconditioner={k.cg_preconditioner!r} preconditions fisher='cg'; fisher={k.fisher!r} has no CG to "
-             f"precondition")
         choice("step", s.step, STEP_RULES)
         pos_num("alpha", s.alpha)
         pos_num("max_kl", s.max_kl)
         choice("kl_schedule", s.kl_schedule, SCHEDULES)
-        need(s.kl_schedule == "constant" or s.step in KL_RULES,
-             f"kl_schedule={s.kl_schedule!r} decays the KL budget of the step rules {list(KL_RULES)}; "
-             f"step={s.step!r} has none")
         choice("lr_schedule", s.lr_schedule, SCHEDULES)
-        need(s.lr_schedule == "constant" or s.step in LR_RULES,
-             f"lr_schedule={s.lr_schedule!r} decays the learning rate of the step rules {list(LR_RULES)}; "
-             f"step={s.step!r} has none (its KL budget decays with kl_schedule)")
         need(real(s.backtrack_shrink) and 0 < s.backtrack_shrink < 1,
              f"backtrack_shrink must be in (0, 1), got {s.backtrack_shrink!r}")
         pos_int("backtrack_iters", s.backtrack_iters)
@@ -426,21 +412,13 @@ class Config:
         pos_int("ppo_epochs", s.ppo_epochs)
         pos_int("ppo_minibatch", s.ppo_minibatch)
         pos_num("target_kl", s.target_kl, allow_zero=True)
-        # SB3's TRPO calls its KL budget target_kl: here it is PPO's early stop, and would do nothing elsewhere.
-        need(not (real(s.target_kl) and s.target_kl > 0 and s.step != "ppo_clip"),
-             f"target_kl={s.target_kl!r} stops PPO's epochs early (step='ppo_clip'); step={s.step!r} does not use "
-             f"it. The KL budget of NPG, TRPO and ACKTR (sb3-contrib TRPO's target_kl) is max_kl")
         pos_num("ent_coef", s.ent_coef, allow_zero=True)
-        need(s.ent_coef == 0 or self.algorithm != "nac",
-             "ent_coef is not available for nac: its direction is the compatible critic's least-squares fit of "
-             "the advantages, which has no entropy term (use npg with fisher='empirical' for an entropy bonus)")
         pos_num("max_grad_norm", s.max_grad_norm, allow_zero=True)
         choice("critic_optimizer", c.critic_optimizer, CRITIC_OPTIMIZERS)
         pos_num("critic_max_kl", c.critic_max_kl)
         pos_num("critic_eta_max", c.critic_eta_max)
         pos_num("critic_damping", c.critic_damping, allow_zero=True)
         pos_num("value_clip", c.value_clip, allow_zero=True)
-        need(not (c.value_clip and c.critic_optimizer == "kfac"), "value_clip applies to critic_optimizer='adam' only")
         need(isinstance(run.device, str) and (run.device == "cpu" or run.device.startswith("cuda")),
              f"device must be 'cpu' or 'cuda[:N]', got {run.device!r}")
         pos_int("torch_threads", run.torch_threads)
@@ -470,10 +448,23 @@ class Config:
         need(d.sampler == "local" or e.vectorization == "sync",
              f"vectorization={e.vectorization!r} applies to sampler='local' only: each rollout worker steps its "
              f"copies in its own process")
+        if self.algorithm in ALGORITHMS and s.step in STEP_RULES and k.fisher in FISHERS:  # what unread_because reads
+            problems += [msg for key in REFUSED_WHEN_UNREAD if not any(m.startswith(key) for m in problems)
+                         if (msg := self.refusal(key))]
         if problems:
             raise ValueError("invalid settings:\n  " + "\n  ".join(problems))
         self._plain_numbers()
         return self
+
+    def get(self, key: str) -> Any:
+        """The value of the flat-named setting ``key``."""
+        return getattr(getattr(self, self.field_index()[key]), key)
+
+    def refusal(self, key: str, action_space_type: str | None = None) -> str | None:
+        """The error for a changed value of setting ``key`` that this run would not read, or None."""
+        value, default = self.get(key), Config().get(key)
+        why = unread_because(self, key, action_space_type) if value != default else None
+        return why and f"{key}={value!r} would not be read: {why} (leave it at its default, {default!r}){UNREAD_HINTS.get(key, '')}"
 
     def _plain_numbers(self) -> None:
         """NumPy scalars (accepted above) become the int or float they stand for, so config.json and every
@@ -498,3 +489,50 @@ class Config:
     @property
     def batch_size(self) -> int:
         return self.env.n_envs * self.rollout.n_steps
+
+
+# Changed values of these settings are refused, not warned of, where the run would not read them: each looks
+# like it does something it does not (target_kl is sb3-contrib TRPO's name for the KL budget).
+REFUSED_WHEN_UNREAD = ("fvp_subsample", "cg_preconditioner", "kl_schedule", "lr_schedule", "target_kl", "ent_coef",
+                       "value_clip", "action_squash")
+UNREAD_HINTS = {"target_kl": ". The KL budget of NPG, TRPO and ACKTR (sb3-contrib TRPO's target_kl) is max_kl",
+                "ent_coef": ". For an entropy bonus with a natural gradient use npg, e.g. with fisher='empirical'"}
+CURVATURE_SETTINGS = ("fisher", "damping", "cg_iters", "cg_tol", "cg_warm_start", "cg_preconditioner", "fvp_subsample",
+                      "fvp_subsample_step_length", "kfac_ema_decay", "kfac_refresh_every")
+READ_BY_STEP = {"max_kl": KL_RULES, "kl_schedule": KL_RULES, "backtrack_shrink": ("linesearch",),
+                "backtrack_iters": ("linesearch",), "eta_max": ("kfac_clip",), "momentum": ("kfac_clip",),
+                "alpha": LR_RULES, "lr_schedule": LR_RULES, "max_grad_norm": ("adam", "ppo_clip"),
+                "clip_range": ("ppo_clip",), "ppo_epochs": ("ppo_clip",), "ppo_minibatch": ("ppo_clip",),
+                "target_kl": ("ppo_clip",)}
+
+
+def unread_because(cfg: Config, key: str, action_space_type: str | None = None) -> str | None:
+    """Why a run with ``cfg`` never reads setting ``key`` (the parts that read it are not in the run), or None when
+    it does or when that depends on an action space not given (its type name: 'Box', 'Discrete', ...).
+
+    The one record of which part reads which setting, mirroring what algorithms.make_step_rule,
+    make_actor_update and make_curvature hand each part: Config.validate refuses a changed value of the
+    REFUSED_WHEN_UNREAD settings, algorithms.config_for warns of the others, and checkpoints written before a
+    refusal load with the setting put back to its default (agent.load)."""
+    step, fisher = cfg.step.step, cfg.curvature.fisher
+    if key in READ_BY_STEP and step not in READ_BY_STEP[key]:
+        return f"read by step {' / '.join(READ_BY_STEP[key])}; this run's step is {step!r}"
+    if key in CURVATURE_SETTINGS and step == "ppo_clip":
+        return "PPO's clipped objective uses no Fisher"
+    if key in ("cg_iters", "cg_tol", "cg_warm_start", "cg_preconditioner") and fisher != "cg":
+        return f"read by fisher='cg'; this run's fisher is {fisher!r}"
+    if key in ("fvp_subsample", "fvp_subsample_step_length") and fisher not in ("cg", "dense"):
+        return f"subsamples the Fisher-vector products of fisher='cg' or 'dense'; this run's fisher is {fisher!r}"
+    if key == "kfac_refresh_every" and fisher != "kfac":
+        return f"read by fisher='kfac'; this run's fisher is {fisher!r}"
+    if key == "kfac_ema_decay" and fisher != "kfac" and cfg.curvature.cg_preconditioner != "kfac":
+        return f"read by fisher='kfac' and cg_preconditioner='kfac'; this run's fisher is {fisher!r}"
+    if key == "damping" and fisher == "identity":
+        return "the identity (the plain gradient) is not damped"
+    if key == "ent_coef" and cfg.algorithm == "nac":
+        return "nac's direction is the compatible critic's least-squares fit of the advantages, which has no entropy term"
+    if key == "value_clip" and cfg.critic.critic_optimizer != "adam":
+        return f"read by critic_optimizer='adam'; this run's critic_optimizer is {cfg.critic.critic_optimizer!r}"
+    if key == "action_squash" and action_space_type not in (None, "Box"):
+        return f"squashes Box actions into their bounds; this run's action space is a {action_space_type}"
+    return None

@@ -483,10 +483,6 @@ def make_policy(observation_space, action_space, hidden: Sequence[int], activati
     obs_dim, _, image = input_layout(observation_space, action_space, masked)
     if masked and not isinstance(action_space, gym.spaces.Discrete):
         raise ValueError(f"action masking is for Discrete action spaces, got {action_space}")
-    # Checked here, not in Config.validate, which does not see the spaces; otherwise it would be silently ignored.
-    if action_squash == "tanh" and not isinstance(action_space, gym.spaces.Box):
-        raise ValueError(f"action_squash='tanh' squashes Box actions into their bounds; the action space {action_space} "
-                         f"is not a Box (leave action_squash='clip', the default)")
     if isinstance(action_space, gym.spaces.Box):
         squash = action_squash == "tanh"
         if squash and not (np.isfinite(action_space.low).all() and np.isfinite(action_space.high).all()):
