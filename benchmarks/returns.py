@@ -18,7 +18,7 @@ command. ``command`` is the one-line command that reproduces that run alone. Tun
 natpg settings over the presets with ``--set KEY=VALUE`` (repeatable, natpg algorithms only; values as
 ``natpg train --set``); their ``algo`` column carries the overrides, e.g. ``natpg-npg[max_kl=0.05]``, so
 they sit beside the preset's rows as a separate algorithm. The child's stdout/stderr go to
-``OUT/logs/<run>.log``; a failed run (e.g. the peer library not importable in the interpreter used)
+``OUT/logs/<run>_<steps>.log`` (a rerun at another budget keeps the first's log); a failed run (e.g. the peer library not importable in the interpreter used)
 prints one line and the others go on; the exit status is 1 if any run failed. In file names ``<run>`` is
 algo_env_seed[_KEY=VALUE...], with the characters a file name cannot hold (``/`` and ``:`` of ids like
 ALE/Pong-v5) written as ``-``. A repeated algo, env or seed is run once. ``--set`` cannot change what a
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                  "--seed", str(seed), "--steps", str(a.steps), "--eval-every", str(a.eval_every),
                  "--eval-episodes", str(a.eval_episodes), "--torch-threads", str(a.torch_threads),
                  "--partial", partial, "--commit", commit, "--command", shlex.join(cmd), *sets]
-        log = os.path.join(out, "logs", name + ".log")
+        log = os.path.join(out, "logs", f"{name}_{a.steps}.log")  # one per budget, as its rows in returns.csv
         print(f"start {name}", flush=True)
         start = time.perf_counter()
         with open(log, "w") as f:

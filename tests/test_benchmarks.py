@@ -220,7 +220,7 @@ def test_returns_and_aggregate_name_files_of_ids_with_slashes(tmp_path, monkeypa
     argv = ["--algos", "natpg-npg", "--envs", "ALE/Pong-v5", "CartPole-v1", "--seeds", "0", "--steps", "4096",
             "--out", str(out)]
     assert returns.main(argv) == 0
-    assert sorted(os.listdir(out / "logs")) == ["natpg-npg_ALE-Pong-v5_0.log", "natpg-npg_CartPole-v1_0.log"]
+    assert sorted(os.listdir(out / "logs")) == ["natpg-npg_ALE-Pong-v5_0_4096.log", "natpg-npg_CartPole-v1_0_4096.log"]
     assert os.listdir(out / "partial") == []
     with open(out / "returns.csv", newline="") as f:
         assert [r["env"] for r in csv.DictReader(f)] == ["ALE/Pong-v5", "CartPole-v1"]
@@ -232,6 +232,9 @@ def test_returns_and_aggregate_name_files_of_ids_with_slashes(tmp_path, monkeypa
         returns.main(["--envs", "ALE/Pong-v5", "ALE:Pong-v5", "--seeds", "0", "--out", str(tmp_path / "c")])
     assert exit_.value.code == 2 and "would share the file name" in capsys.readouterr().err
     assert len(calls) == 2 and not (tmp_path / "c").exists()
+    assert returns.main([*argv[:-4], "--steps", "8192", "--out", str(out)]) == 0  # another budget: its own logs
+    assert sorted(os.listdir(out / "logs"))[1::2] == ["natpg-npg_ALE-Pong-v5_0_8192.log",
+                                                      "natpg-npg_CartPole-v1_0_8192.log"]
 
 
 def test_returns_runs_a_repeated_seed_algo_or_env_once(tmp_path, monkeypatch, capsys):

@@ -80,3 +80,8 @@ def test_training_with_multiproc_equals_sync():
 def test_bad_worker_count_is_rejected():
     with pytest.raises(ValueError, match="n_workers must be an integer ≥ 1"):
         natpg.NPG("CartPole-v1", n_workers=0)
+    with pytest.raises(ValueError, match=r"n_workers \(3\) must be at most n_envs \(2\) with vectorization='multiproc'"):
+        natpg.NPG("CartPole-v1", vectorization="multiproc", n_envs=2, n_workers=3)
+    with pytest.warns(UserWarning, match=r"n_workers \(read by vectorization='multiproc'; this run's vectorization "
+                                         r"is 'sync'\)"):
+        natpg.NPG("CartPole-v1", n_workers=4)

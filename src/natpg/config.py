@@ -356,6 +356,9 @@ class Config:
         pos_int("n_envs", e.n_envs)
         choice("vectorization", e.vectorization, ("sync", "async", "multiproc"))
         pos_int("n_workers", e.n_workers)
+        if e.vectorization == "multiproc" and whole(e.n_workers) and whole(e.n_envs):
+            need(e.n_workers <= e.n_envs, f"n_workers ({e.n_workers}) must be at most n_envs ({e.n_envs}) with "
+                                          f"vectorization='multiproc': each process steps at least one copy")
         pos_num("obs_clip", e.obs_clip)
         pos_num("reward_clip", e.reward_clip)
         pos_int("n_steps", r.n_steps)
@@ -527,6 +530,8 @@ def unread_because(cfg: Config, key: str, action_space_type: str | None = None) 
         return f"read by fisher='kfac'; this run's fisher is {fisher!r}"
     if key == "kfac_ema_decay" and fisher != "kfac" and cfg.curvature.cg_preconditioner != "kfac":
         return f"read by fisher='kfac' and cg_preconditioner='kfac'; this run's fisher is {fisher!r}"
+    if key == "n_workers" and cfg.env.vectorization != "multiproc":
+        return f"read by vectorization='multiproc'; this run's vectorization is {cfg.env.vectorization!r}"
     if key == "damping" and fisher == "identity":
         return "the identity (the plain gradient) is not damped"
     if key == "ent_coef" and cfg.algorithm == "nac":

@@ -222,7 +222,7 @@ def make_vec_env(env_id: str, n_envs: int, vectorization: str = "sync", n_worker
     if vectorization == "multiproc":  # several copies per worker process (natpg.vector)
         from .vector import MultiprocVectorEnv
 
-        return MultiprocVectorEnv(env_id, n_envs, min(n_workers, n_envs), action_mask)
+        return MultiprocVectorEnv(env_id, n_envs, n_workers, action_mask)
     if vectorization == "sync":  # natpg's lean in-process vector env (natpg.vector)
         from .vector import SerialVectorEnv
 
