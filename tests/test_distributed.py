@@ -308,6 +308,17 @@ def test_ray_sampler_equals_the_in_process_reference(ray_cluster):
     assert_equals_the_in_process_reference("ray")
 
 
+def test_ray_workers_make_their_copies_with_env_kwargs(ray_cluster):
+    rows = []
+    agent = natpg.NPG("Pendulum-v1", sampler="ray", workers=2, n_envs=2, n_steps=32, tensorboard=False,
+                      env_kwargs={"max_episode_steps": 10})
+    try:
+        agent.learn(128, callback=lambda a, row: rows.append(row))
+    finally:
+        agent.close()
+    assert [r["ep_length_mean"] for r in rows] == [10, 10]
+
+
 def test_ray_worker_faults(ray_cluster):
     _, fault_dir = ray_cluster
     agent = natpg.NPG(FAULTY_ID, seed=0, sampler="ray", workers=2, n_envs=4, n_steps=32, tensorboard=False)

@@ -6,6 +6,7 @@ import pytest
 from gymnasium.vector import AutoresetMode
 
 import natpg
+import natpg.agent
 from natpg.envs import env_wrappers, make_kwargs, make_vec_env
 from natpg.vector import SerialVectorEnv
 
@@ -85,3 +86,38 @@ def test_bad_worker_count_is_rejected():
     with pytest.warns(UserWarning, match=r"n_workers \(read by vectorization='multiproc'; this run's vectorization "
                                          r"is 'sync'\)"):
         natpg.NPG("CartPole-v1", n_workers=4)
+
+
+if "natpg_test/PendulumNoLimit-v0" not in gym.registry:  # Pendulum under another id, without a time limit
+    gym.register("natpg_test/PendulumNoLimit-v0", entry_point="gymnasium.envs.classic_control.pendulum:PendulumEnv")
+
+
+@pytest.mark.parametrize("engine", [{}, {"vectorization": "async"}, {"vectorization": "multiproc"},
+                                    {"sampler": "processes", "workers": 2}, {"sampler": "workers", "workers": 2}])
+def test_env_kwargs_reach_every_copy_in_every_engine_and_the_evaluation(engine, tmp_path):
+    """gymnasium.make's max_episode_steps=10 makes every episode 10 steps long wherever a copy is made."""
+    rows = []
+    agent = natpg.NPG("Pendulum-v1", env_kwargs={"max_episode_steps": 10, "g": 3.0}, n_envs=2, n_steps=32, **engine)
+    agent.learn(128, out_dir=str(tmp_path), callback=lambda a, row: rows.append(row))
+    agent.close()
+    assert [r["ep_length_mean"] for r in rows] == [10, 10] and rows[-1]["episodes"] == 12
+    loaded = natpg.load(str(tmp_path))
+    assert loaded.config.env.env_kwargs == {"max_episode_steps": 10, "g": 3.0}
+    episodes = natpg.agent.evaluation_episodes(loaded, episodes=2)
+    assert episodes["length"].tolist() == [10, 10]
+    assert natpg.agent.evaluation_episodes(loaded, env="Pendulum-v1", episodes=1)["length"].tolist() == [10]
+    with pytest.warns(RuntimeWarning, match="had not ended after max_episode_steps=30"):  # another id: without them
+        other = natpg.agent.evaluation_episodes(loaded, env="natpg_test/PendulumNoLimit-v0", episodes=1,
+                                                max_episode_steps=30)
+    assert other["length"].tolist() == [30]
+
+
+def test_env_kwargs_are_checked():
+    with pytest.raises(ValueError, match=r"cannot be made with env_kwargs=\{'gravity': 3.0\}: .*unexpected keyword"):
+        natpg.NPG("Pendulum-v1", env_kwargs={"gravity": 3.0})
+    with pytest.raises(ValueError, match="env_kwargs cannot set render_mode"):
+        natpg.NPG("Pendulum-v1", env_kwargs={"render_mode": "human"})
+    with pytest.raises(ValueError, match="env_kwargs must hold JSON values"):
+        natpg.NPG("Pendulum-v1", env_kwargs={"g": {1.0}})
+    with pytest.raises(ValueError, match="env_kwargs must be a dict of keyword arguments"):
+        natpg.NPG("Pendulum-v1", env_kwargs="g=3")

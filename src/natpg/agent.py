@@ -106,7 +106,7 @@ class Agent:
             check_ray_installed()
         self.action_mask_fn = mask_fn if callable(mask_fn) else None
         self.config = config
-        self._build(env, seed, config, *probe_spaces(env, self.action_mask_source))
+        self._build(env, seed, config, *probe_spaces(env, self.action_mask_source, config.env.env_kwargs))
 
     @property
     def action_mask_source(self):
@@ -318,7 +318,7 @@ class Agent:
             return make_sampler(kind, self.env_id, self.config, seed, self.obs_normalizer, self.reward_scaler,
                                 self.device, self.action_mask_source)
         envs = make_vec_env(self.env_id, self.config.env.n_envs, self.config.env.vectorization,
-                            self.config.env.n_workers, self.action_mask_source)
+                            self.config.env.n_workers, self.action_mask_source, self.config.env.env_kwargs)
         return Sampler(envs, self.obs_normalizer, self.reward_scaler, seed, self.device, self.sampling_generator,
                        self.config.env.nonfinite_env)
 
@@ -657,6 +657,12 @@ def _check_callback(callback: Any) -> None:
         pass
 
 
+def evaluation_env_kwargs(agent: Agent, env_id: str) -> dict[str, Any]:
+    """The ``env_kwargs`` an evaluation on ``env_id`` makes its copies with: the agent's own on the id it was
+    trained on, none on another id (whose constructor need not take them)."""
+    return agent.config.env.env_kwargs if env_id == agent.env_id else {}
+
+
 def check_evaluation(agent: Agent, env: str | None, episodes: int, seed: int,
                      max_episode_steps: int = EVAL_MAX_EPISODE_STEPS) -> str:
     """The environment id to evaluate ``agent`` on (default: its own), after checking the arguments and, for
@@ -669,7 +675,7 @@ def check_evaluation(agent: Agent, env: str | None, episodes: int, seed: int,
     if not is_integer(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if env is not None:
-        obs_space, act_space = probe_spaces(env_id, agent.config.env.action_mask)
+        obs_space, act_space = probe_spaces(env_id, agent.config.env.action_mask, evaluation_env_kwargs(agent, env_id))
         # A Box of the same shape with other bounds is fine (the policy reads the values); any other space must match.
         same_obs = obs_space == agent.observation_space or (
             isinstance(obs_space, gym.spaces.Box) and obs_space.shape == agent.observation_space.shape)
@@ -696,7 +702,8 @@ def evaluation_episodes(agent: Agent, env: str | None = None, episodes: int = 10
     env_id = check_evaluation(agent, env, episodes, seed, max_episode_steps)
     episodes, seed, max_episode_steps = int(episodes), int(seed), int(max_episode_steps)  # numpy's too
     generator = None if deterministic else torch.Generator(agent.device).manual_seed(seed)
-    envs = make_vec_env(env_id, episodes, "sync", action_mask=agent.action_mask_source)
+    envs = make_vec_env(env_id, episodes, "sync", action_mask=agent.action_mask_source,
+                        env_kwargs=evaluation_env_kwargs(agent, env_id))
     try:
         obs, _ = envs.reset(seed=seed)
         flat = np.asarray(obs, np.float64).reshape(episodes, -1)  # flattened, with the mask appended: to the policy

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import numbers
 from dataclasses import dataclass, field, fields
@@ -51,6 +52,9 @@ class EnvConfig:
     it is appended to the observation the policy reads and masked logits get probability 0. A callable
     ``f(unwrapped_env) -> array`` can be given to the Python constructor instead (recorded as '<callable>':
     pass it again to natpg.load)."""
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for ``gymnasium.make`` of every copy, e.g. ``{'continuous': True}`` for LunarLander-v3
+    (JSON values: they are recorded in the checkpoint, and evaluation on the same id uses them too)."""
     nonfinite_env: str = "raise"
     """A NaN/inf observation or reward: 'raise' (NonFiniteEnvError naming the step and copy) or 'drop' (end that
     copy's episode as truncated at its last finite observation, leave the transition out, reset the copy)."""
@@ -259,6 +263,19 @@ FOREIGN_NAMES: dict[str, str] = {
 }
 
 
+def env_kwargs_problem(kwargs: Any) -> str | None:
+    """What is wrong with ``env_kwargs`` for gymnasium.make and the checkpoint, or None."""
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+        return f"must be a dict of keyword arguments for gymnasium.make, such as {{'continuous': True}}, got {kwargs!r}"
+    if "render_mode" in kwargs:
+        return "cannot set render_mode: natpg trains without rendering, and renders for videos itself (natpg eval --video)"
+    try:
+        json.dumps(kwargs, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return f"must hold JSON values (numbers, strings, booleans, None, lists, dicts), as the checkpoint records them: {exc}"
+    return None
+
+
 def is_integer(v: Any) -> bool:
     """An int or a NumPy integer (np.arange gives those); a bool is not a count."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
@@ -368,6 +385,7 @@ class Config:
         for name in ("normalize_obs", "normalize_reward"):
             flag(name, getattr(e, name))
         choice("nonfinite_env", e.nonfinite_env, ("raise", "drop"))
+        need(env_kwargs_problem(e.env_kwargs) is None, f"env_kwargs {env_kwargs_problem(e.env_kwargs)}")
         need(not (e.nonfinite_env == "drop" and e.vectorization == "multiproc"),
              "nonfinite_env='drop' needs vectorization 'sync' or 'async' (it resets single copies)")
         flag("normalize_advantages", a.normalize_advantages)

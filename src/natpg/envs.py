@@ -125,6 +125,9 @@ def make_kwargs(env_id: str) -> dict[str, Any]:
 def make_env(env_id: str, action_mask=None, wrap: bool = True, **kwargs: Any) -> gym.Env:
     """One copy of the environment with natpg's wrappers; ``wrap=False`` stops before flattening and masking
     (the space a user's observations come in, after Atari preprocessing); ``kwargs`` go to ``gym.make``."""
+    if is_atari(env_id) and "frameskip" in kwargs:
+        raise ValueError(f"environment {env_id!r}: natpg's Atari preprocessing skips frames itself (4); leave "
+                         f"frameskip out of env_kwargs")
     env = gym.make(env_id, **{**make_kwargs(env_id), **kwargs})
     for w in env_wrappers(env_id, action_mask) if wrap else atari_wrappers() if is_atari(env_id) else []:
         env = w(env)
@@ -185,12 +188,18 @@ def check_spaces(observation_space: gym.Space, action_space: gym.Space) -> None:
                          f"supported {SUPPORTED}")
 
 
-def probe_spaces(env_id: str, action_mask=None) -> tuple[gym.Space, gym.Space]:
+def probe_spaces(env_id: str, action_mask=None, env_kwargs: dict[str, Any] | None = None) -> tuple[gym.Space, gym.Space]:
     """Observation space (after Atari preprocessing, before flattening: the space of the observations a user
     passes to ``predict``) and action space of one copy of the environment (checked)."""
     check_env_id(env_id)
+    env_kwargs = env_kwargs or {}
     try:
-        env = make_env(env_id, wrap=False)
+        env = make_env(env_id, wrap=False, **env_kwargs)
+    except TypeError as exc:
+        if not env_kwargs:
+            raise
+        raise ValueError(f"environment {env_id!r} cannot be made with env_kwargs={env_kwargs!r}: "
+                         f"{str(exc).splitlines()[0]}") from None
     except gym.error.DependencyNotInstalled as exc:
         raise ValueError(f"environment {env_id!r} needs an optional dependency: {exc}. For MuJoCo tasks: "
                          f"pip install 'natpg[mujoco]'; for Atari: pip install 'natpg[atari]'") from None
@@ -203,7 +212,7 @@ def probe_spaces(env_id: str, action_mask=None) -> tuple[gym.Space, gym.Space]:
         if not isinstance(act_space, gym.spaces.Discrete):
             raise ValueError(f"action_mask is for Discrete action spaces, {env_id!r} has {act_space}")
         if not callable(action_mask):  # the info key must be there at reset: check before any work
-            env = make_env(env_id, action_mask)
+            env = make_env(env_id, action_mask, **env_kwargs)
             try:
                 env.reset(seed=0)
             finally:
@@ -211,25 +220,28 @@ def probe_spaces(env_id: str, action_mask=None) -> tuple[gym.Space, gym.Space]:
     return obs_space, act_space
 
 
-def make_vec_env(env_id: str, n_envs: int, vectorization: str = "sync", n_workers: int = 2, action_mask=None):
-    """``n_envs`` copies (each with ``env_wrappers``) in one vector env that resets a finished copy in the same step.
+def make_vec_env(env_id: str, n_envs: int, vectorization: str = "sync", n_workers: int = 2, action_mask=None,
+                 env_kwargs: dict[str, Any] | None = None):
+    """``n_envs`` copies (each with ``env_wrappers``, made with ``gym.make(env_id, **env_kwargs)``) in one vector
+    env that resets a finished copy in the same step.
 
     With same-step autoreset the observation returned for a finished copy is already the first one of
     its next episode, and the true last observation is in ``info['final_obs']``: the sampler reads it
     to bootstrap truncated episodes from V(final observation).
     """
     check_env_id(env_id)
+    env_kwargs = env_kwargs or {}
     if vectorization == "multiproc":  # several copies per worker process (natpg.vector)
         from .vector import MultiprocVectorEnv
 
-        return MultiprocVectorEnv(env_id, n_envs, n_workers, action_mask)
+        return MultiprocVectorEnv(env_id, n_envs, n_workers, action_mask, **env_kwargs)
     if vectorization == "sync":  # natpg's lean in-process vector env (natpg.vector)
         from .vector import SerialVectorEnv
 
-        return SerialVectorEnv([lambda: make_env(env_id, action_mask) for _ in range(n_envs)])
+        return SerialVectorEnv([lambda: make_env(env_id, action_mask, **env_kwargs) for _ in range(n_envs)])
     return gym.make_vec(env_id, num_envs=n_envs, vectorization_mode=vectorization,
                         vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP},
-                        wrappers=env_wrappers(env_id, action_mask), **make_kwargs(env_id))
+                        wrappers=env_wrappers(env_id, action_mask), **{**make_kwargs(env_id), **env_kwargs})
 
 
 class RunningMeanStd:

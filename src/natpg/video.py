@@ -17,7 +17,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
-from .agent import Agent, check_evaluation, warn_cut_episodes
+from .agent import Agent, check_evaluation, evaluation_env_kwargs, warn_cut_episodes
 from .config import EVAL_MAX_EPISODE_STEPS
 from .envs import make_env
 
@@ -73,11 +73,11 @@ def _render(env, env_id: str) -> np.ndarray:
     return frame
 
 
-def _builds_without_render_mode(env_id: str, action_mask) -> bool:
+def _builds_without_render_mode(env_id: str, action_mask, env_kwargs: dict) -> bool:
     """Whether ``env_id`` builds without ``render_mode``: then a TypeError with it came from that keyword
     (Gymnasium passes it to the constructor, and a plain ``__init__(self)`` rejects it)."""
     try:
-        make_env(env_id, action_mask).close()
+        make_env(env_id, action_mask, **env_kwargs).close()
     except Exception:
         return False
     return True
@@ -92,13 +92,14 @@ def record_video(agent: Agent, path: str | os.PathLike, env: str | None = None, 
     An episode not ended after ``max_episode_steps`` steps is cut there, with a warning, as in ``evaluate``."""
     out = _check_path(path)
     env_id = check_evaluation(agent, env, episodes, seed, max_episode_steps)
+    env_kwargs = evaluation_env_kwargs(agent, env_id)
     episodes, seed, max_episode_steps = int(episodes), int(seed), int(max_episode_steps)  # numpy's too
     with warnings.catch_warnings():  # an environment without rgb_array gets the clearer error below
         warnings.filterwarnings("ignore", message=".*render_mode.*not in the possible render_modes")
         try:
-            rendered = make_env(env_id, agent.action_mask_source, render_mode="rgb_array")
+            rendered = make_env(env_id, agent.action_mask_source, render_mode="rgb_array", **env_kwargs)
         except TypeError as exc:
-            if not _builds_without_render_mode(env_id, agent.action_mask_source):
+            if not _builds_without_render_mode(env_id, agent.action_mask_source, env_kwargs):
                 raise  # the constructor fails anyway: not a rendering problem
             raise RenderError(f"environment {env_id!r} cannot render frames: its constructor does not take "
                               f"render_mode ({str(exc).splitlines()[0]}). An environment that renders takes "

@@ -88,7 +88,8 @@ class DistributedSampler:
                                normalize_obs=e.normalize_obs, gamma=config.advantage.gamma,
                                reward_clip=e.reward_clip, normalize_reward=e.normalize_reward,
                                nonfinite=e.nonfinite_env, torch_threads=config.run.torch_threads,
-                               action_squash=p.action_squash, action_mask=action_mask)
+                               action_squash=p.action_squash, action_mask=action_mask,
+                               env_kwargs=dict(e.env_kwargs))
         self.restarts = [0] * self.n_workers  # replacements per worker
         self.recent_returns: deque[float] = deque(maxlen=100)
         self.recent_lengths: deque[int] = deque(maxlen=100)

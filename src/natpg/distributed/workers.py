@@ -12,7 +12,7 @@ the reward scaler tracked) and the episodes that finished, each tagged with the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -49,6 +49,8 @@ class WorkerSpec:
     action_squash: str = "clip"
     action_mask: Any = None
     """None, an info key, or a callable (shipped with cloudpickle by Ray)."""
+    env_kwargs: dict = field(default_factory=dict)
+    """Keyword arguments for gymnasium.make of each copy."""
 
 
 def generator_seed(seed: int, worker: int, restart: int = 0) -> int:
@@ -128,8 +130,8 @@ class RolloutWorker:
     def __init__(self, spec: WorkerSpec, worker: int):
         torch.set_num_threads(spec.torch_threads)
         self.spec, self.worker = spec, worker
-        envs = make_vec_env(spec.env_id, spec.n_envs, "sync", action_mask=spec.action_mask)
-        obs_space, act_space = probe_spaces(spec.env_id)
+        envs = make_vec_env(spec.env_id, spec.n_envs, "sync", action_mask=spec.action_mask, env_kwargs=spec.env_kwargs)
+        obs_space, act_space = probe_spaces(spec.env_id, env_kwargs=spec.env_kwargs)
         masked = spec.action_mask is not None
         features, mask_dim, image = input_layout(obs_space, act_space, masked)
         self.obs_norm = RecordingObsNormalizer((features + mask_dim,), spec.obs_clip,
