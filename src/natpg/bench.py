@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 
-def raw_env_rate(env_id: str, steps: int = 20_000, seed: int = 0) -> float:
+def raw_env_rate(env_id: str, steps: int = 20_000, seed: int = 0, env_kwargs: dict[str, Any] | None = None) -> float:
     """Steps/s of one environment copy with random actions in this process (the ceiling)."""
-    env = gym.make(env_id)
+    env = gym.make(env_id, **(env_kwargs or {}))
     env.reset(seed=seed)
     env.action_space.seed(seed)
     actions = [env.action_space.sample() for _ in range(1000)]
@@ -56,7 +56,7 @@ def throughput(algo: str, env_id: str, batch: int = 2048, updates: int = 5, **ov
     agent.learn(updates * batch, reset=False)
     train_rate = updates * batch / (time.perf_counter() - start)
     agent.close()
-    raw = raw_env_rate(env_id)
+    raw = raw_env_rate(env_id, env_kwargs=agent.config.env.env_kwargs)
     return {"algo": algo, "env_id": env_id, "batch": batch, "n_envs": n_envs, "torch_threads": torch.get_num_threads(),
             "natpg_steps_per_s": round(train_rate, 1), "raw_env_steps_per_s": round(raw, 1),
             "fraction_of_raw": round(train_rate / raw, 3), "startup_s": round(startup, 2)}
