@@ -698,16 +698,16 @@ def test_a_setting_the_run_would_not_read_is_named_in_a_warning():
     with pytest.warns(UserWarning, match=r"cg_iters \(read by fisher='cg'; this run's fisher is 'kfac'\)"):
         natpg.NPG("CartPole-v1", fisher="kfac", cg_iters=5, **small())
     with pytest.warns(UserWarning, match=r"alpha \(read by step fixed / adam / ppo_clip; this run's step is 'kl'\)"):
-        natpg.NPG("CartPole-v1", alpha=0.1, **small())
+        natpg.NPG("CartPole-v1", alpha=0.05, **small())
     with pytest.warns(UserWarning, match=r"damping \(the identity \(the plain gradient\) is not damped\)"):
-        natpg.VPG("CartPole-v1", damping=0.1, **small())
+        natpg.VPG("CartPole-v1", damping=0.05, **small())
     with warnings.catch_warnings():  # settings the run reads: no warning
         warnings.simplefilter("error")
         natpg.TRPO("CartPole-v1", backtrack_iters=5, cg_iters=5, damping=0.05, **small())
         natpg.ACKTR("CartPole-v1", momentum=0.5, kfac_ema_decay=0.9, kfac_refresh_every=2, **small())
         natpg.NPG("CartPole-v1", cg_preconditioner="kfac", kfac_ema_decay=0.0, **small())
         natpg.PPO("CartPole-v1", alpha=1e-3, clip_range=0.1, ppo_epochs=3, **small())
-
+        natpg.NPG("CartPole-v1", alpha=0.1, clip_range=0.2, **small())  # the values the run has anyway
 
 def test_the_cli_prints_natpgs_warnings_as_one_line(tmp_path):
     import subprocess
@@ -722,3 +722,31 @@ def test_the_cli_prints_natpgs_warnings_as_one_line(tmp_path):
     assert "natpg train: warning: npg on CartPole-v1 does not read these settings: clip_range" in done.stderr
     assert "UserWarning" not in done.stderr
     assert cli(["config", "npg", "CartPole-v1"]) == 0 and warnings.formatwarning is before  # put back after main
+
+
+def test_cli_config_file_reproduces_a_run_and_layers_under_set(tmp_path, capsys):
+    """A run's config.json given to --config trains the same run (its seed too); a flat TOML file sits between the
+    presets and --set; a file of another algorithm's run, or with an unknown name, is refused naming the file."""
+    import csv
+
+    first, again = str(tmp_path / "first"), str(tmp_path / "again")
+    assert cli(["train", "npg", "CartPole-v1", "--steps", "256", "--seed", "7", "--no-progress", "--out", first,
+                "--set", "n_envs=2", "--set", "n_steps=64", "--set", "hidden=[16,16]", "--set", "max_kl=0.03"]) == 0
+    assert cli(["train", "npg", "CartPole-v1", "--steps", "256", "--no-progress", "--out", again,
+                "--config", os.path.join(first, "config.json")]) == 0
+    rows = [[{k: v for k, v in r.items() if not k.startswith("time/") and k not in ("wall_s", "steps_per_s")}
+             for r in csv.DictReader(open(os.path.join(d, "progress.csv")))] for d in (first, again)]
+    assert len(rows[0]) == 2 and rows[0] == rows[1]
+    assert natpg.load(again).seed == 7 and natpg.load(again).config.policy.hidden == (16, 16)
+    toml = tmp_path / "s.toml"
+    toml.write_text('max_kl = 0.02\nhidden = [32, 32]\n[curvature]\ncg_iters = 5\n')
+    capsys.readouterr()
+    assert cli(["config", "npg", "CartPole-v1", "--config", str(toml), "--set", "max_kl=0.05", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["hidden"] == {"value": [32, 32], "source": str(toml)} and shown["cg_iters"]["source"] == str(toml)
+    assert shown["max_kl"] == {"value": 0.05, "source": "user"}
+    assert cli(["config", "trpo", "CartPole-v1", "--config", os.path.join(first, "config.json")]) == 2
+    assert "holds the settings of a run of npg, not trpo" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"max_kll": 1}')
+    assert cli(["config", "npg", "CartPole-v1", "--config", str(tmp_path / "bad.json")]) == 2
+    assert re.search(r"--config '.*bad.json': unknown setting\(s\) \['max_kll'\] \(did you mean", capsys.readouterr().err)

@@ -319,10 +319,13 @@ def default_config(algorithm: str, family: str, env_id: str | None = None) -> Co
 
 def config_for(algorithm: str, env_id: str, overrides: dict[str, Any] | None = None) -> Config:
     """The validated settings of one run: the presets for ``env_id`` (its family's, then its own), then
-    ``overrides``. Raises ValueError naming every invalid setting; warns of every override the run would not read
-    (a warning, not an error: one dict of settings shared by several algorithms is a fair way to run a sweep)."""
-    config = default_config(algorithm, env_family(env_id), env_id).override(**(overrides or {})).validate()
-    unused = [f"{key} ({why})" for key in overrides or {} if (why := unread_because(config, key))]
+    ``overrides``. Raises ValueError naming every invalid setting; warns of every override that changes a setting
+    the run would not read (a warning, not an error: one dict of settings shared by several algorithms is a fair
+    way to run a sweep; an override equal to the preset's value, as a whole config.json holds, changes nothing)."""
+    preset = default_config(algorithm, env_family(env_id), env_id)
+    config = preset.override(**(overrides or {})).validate()
+    unused = [f"{key} ({why})" for key in overrides or {}
+              if config.get(key) != preset.get(key) and (why := unread_because(config, key))]
     if unused:
         warnings.warn(f"{algorithm} on {env_id} does not read these settings: {'; '.join(unused)}", UserWarning,
                       stacklevel=3)
@@ -330,9 +333,11 @@ def config_for(algorithm: str, env_id: str, overrides: dict[str, Any] | None = N
 
 
 def setting_sources(algorithm: str, family: str, env_id: str | None = None,
-                    overrides: dict[str, Any] | None = None) -> dict[str, str]:
-    """For each flat setting, the last layer that set it: 'default' (natpg.Config), a preset layer, or 'user'."""
+                    overrides: dict[str, Any] | None = None, files: dict[str, dict[str, Any]] | None = None
+                    ) -> dict[str, str]:
+    """For each flat setting, the last layer that set it: 'default' (natpg.Config), a preset layer, a settings
+    file (by its name, before the user's overrides), or 'user'."""
     sources = dict.fromkeys(Config.field_index(), "default")
-    for name, values in [*preset_layers(algorithm, family, env_id), ("user", overrides or {})]:
+    for name, values in [*preset_layers(algorithm, family, env_id), *(files or {}).items(), ("user", overrides or {})]:
         sources |= dict.fromkeys(values, name)
     return sources

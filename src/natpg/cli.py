@@ -13,7 +13,7 @@ import sys
 import warnings
 from typing import Any
 
-from .config import EVAL_MAX_EPISODE_STEPS, Config
+from .config import EVAL_MAX_EPISODE_STEPS, SECTIONS, Config
 
 
 DEFAULT_STEPS = 1_000_000
@@ -31,6 +31,46 @@ def parse_setting(text: str) -> tuple[str, Any]:
     if isinstance(value, list):
         value = tuple(value)
     return key.strip(), value
+
+
+def read_settings_file(path: str, algo: str) -> tuple[dict[str, Any], int | None]:
+    """The settings in a JSON or TOML file, and its seed if it has one: flat ({"max_kl": 0.02, "hidden": [64, 64]})
+    or by section, as a run's config.json records them (its algorithm must be ``algo``; its env_id is not read)."""
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        else:
+            with open(path) as f:
+                data = json.load(f)
+    except OSError as exc:
+        raise ValueError(f"--config {path!r}: cannot read it ({exc.strerror or exc})") from None
+    except ValueError as exc:  # json.JSONDecodeError, tomllib.TOMLDecodeError
+        kind = "TOML" if path.endswith(".toml") else "JSON (or a .toml file)"
+        raise ValueError(f"--config {path!r}: not valid {kind}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path!r}: expected settings by name, such as {{\"max_kl\": 0.02}}, "
+                         f"got {type(data).__name__}")
+    data = dict(data)
+    if data.get("algorithm", algo) != algo:
+        raise ValueError(f"--config {path!r} holds the settings of a run of {data['algorithm']}, not {algo} (they "
+                         f"set its composition: train {data['algorithm']} with it)")
+    data.pop("algorithm", None)
+    data.pop("env_id", None)
+    seed = data.pop("seed", None)
+    settings: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            settings |= value
+        else:
+            settings[key] = value
+    try:
+        Config().override(**settings)  # names only: values are checked with the rest of the run's settings
+    except ValueError as exc:
+        raise ValueError(f"--config {path!r}: {exc}") from None
+    return settings, seed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fisher", default=None, help="how F⁻¹g is applied: cg, dense, kfac, diagonal, empirical")
     t.add_argument("--n-envs", type=int, default=None, help="environment copies per vector env")
     t.add_argument("--device", default=None, help="update device: cpu or cuda")
+    t.add_argument("--config", default=None, metavar="FILE",
+                   help="settings from a JSON or TOML file, flat ({\"max_kl\": 0.02}) or a run's config.json (its "
+                        "seed too, unless --seed); --set and the flags override it")
     t.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set max_kl=0.02 --set hidden=[64,64]")
     t.add_argument("--eval-every", type=int, default=None, metavar="STEPS",
@@ -94,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "family's, the environment's own, or user (--set). Nothing is trained.")
     c.add_argument("algo", type=str.lower, help=f"algorithm: {', '.join(sorted(ALGORITHM_CLASSES))}")
     c.add_argument("env_id", help="Gymnasium environment id")
+    c.add_argument("--config", default=None, metavar="FILE", help="a settings file, as in natpg train")
     c.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="an override, as in natpg train")
     c.add_argument("--json", action="store_true", help="print {setting: {value, source}} as JSON")
@@ -144,7 +188,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .agent import claim_run_dir
 
     agent_class = algorithm_class(args.algo)
-    overrides = dict(parse_setting(s) for s in args.settings)
+    file_settings, file_seed = read_settings_file(args.config, args.algo) if args.config else ({}, None)
+    if args.seed is None and args.resume is None:  # a run's config.json reproduces that run, seed included
+        args.seed = file_seed
+    overrides = file_settings | dict(parse_setting(s) for s in args.settings)
     for key, value in (("fisher", args.fisher), ("n_envs", args.n_envs), ("device", args.device),
                        ("eval_every", args.eval_every),
                        ("workers", args.workers), ("ray_address", args.ray_address), ("sampler", args.sampler)):
@@ -244,10 +291,11 @@ def cmd_config(args: argparse.Namespace) -> int:
     from .envs import env_family
 
     algorithm_class(args.algo)
-    overrides = dict(parse_setting(s) for s in args.settings)
+    file_settings = read_settings_file(args.config, args.algo)[0] if args.config else {}
+    given = dict(parse_setting(s) for s in args.settings)
     family = env_family(args.env_id)
-    config = config_for(args.algo, args.env_id, overrides)
-    sources = setting_sources(args.algo, family, args.env_id, overrides)
+    config = config_for(args.algo, args.env_id, file_settings | given)
+    sources = setting_sources(args.algo, family, args.env_id, given, {args.config: file_settings} if args.config else {})
     rows = [(section, key, value, sources[key]) for section, values in config.to_dict().items()
             if isinstance(values, dict) for key, value in values.items()]
     if args.json:
