@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributions import kl_divergence
 
 from . import fisher
-from .config import Config, unread_because
+from .config import REFUSED_WHEN_UNREAD, Config, unread_because
 from .critics import ValueCritic
 from .envs import env_family
 from .params import flatten
@@ -323,7 +323,12 @@ def config_for(algorithm: str, env_id: str, overrides: dict[str, Any] | None = N
     the run would not read (a warning, not an error: one dict of settings shared by several algorithms is a fair
     way to run a sweep; an override equal to the preset's value, as a whole config.json holds, changes nothing)."""
     preset = default_config(algorithm, env_family(env_id), env_id)
-    config = preset.override(**(overrides or {})).validate()
+    config = preset.override(**(overrides or {}))
+    # A preset's value that the user's choices leave unread (PPO's target_kl after step='kl') is not the user's
+    # mistake: it goes back to the default instead of being refused.
+    inert = {key: Config().get(key) for key in REFUSED_WHEN_UNREAD if key not in (overrides or {})
+             and config.refusal(key)}
+    config = config.override(**inert).validate()
     unused = [f"{key} ({why})" for key in overrides or {}
               if config.get(key) != preset.get(key) and (why := unread_because(config, key))]
     if unused:
