@@ -608,7 +608,7 @@ def test_a_changed_setting_the_run_would_not_read_is_refused_and_one_it_reads_is
 
 
 def test_a_presets_value_left_unread_by_the_users_choice_goes_back_to_its_default():
-    agent = natpg.PPO("CartPole-v1", step="kl")  # PPO's preset sets target_kl and a linear lr_schedule
+XX
     assert agent.config.step.target_kl == 0.0 and agent.config.step.lr_schedule == "constant"
     assert natpg.PPO("CartPole-v1").config.step.target_kl > 0
 
