@@ -40,7 +40,7 @@ from natpg.params import add_flat  # noqa: E402
 from natpg.policies import CategoricalMLP  # noqa: E402
 
 OBS_DIM, N_ACTIONS, HIDDEN = 3, 4, (8,)
-DAMPING = 1e-3  # λ, about 1% of the mean eigenvalue tr(F)/P ≈ 0.15
+DAMPING = 1e-3  # λ, about 0.1 % of the mean eigenvalue tr(F)/P ≈ 0.8 (and 20 % of the median, 5e-3)
 MAX_KL = 0.01  # δ
 
 

@@ -233,7 +233,7 @@ def test_fisher_is_hessian_of_kl():
     for i in range(n):
         for j in range(n):
             H[i, j] = (kl(E[i] + E[j]) - kl(E[i] - E[j]) - kl(-E[i] + E[j]) + kl(-E[i] - E[j])) / (4 * h * h)
-    np.testing.assert_allclose(H, fisher(m, theta), atol=1e-7)
+    np.testing.assert_allclose(H, fisher(m, theta), atol=1e-8)  # measured error 1.3e-9
 
 
 # ------------------------------------------------------------------------------ natural gradient
@@ -494,7 +494,7 @@ def test_entropy_regularised_npg_converges_linearly_to_soft_optimum():
 
 def test_geometric_step_sizes_converge_linearly():
     """Increasing steps eta_t = eta_0 / gamma^t (Lan 2021; Xiao 2022) give linear convergence.
-    Empirical envelope checked here: gap_t <= gamma^t (gap_0 + log|A| / ((1 - gamma) eta_0))."""
+    Empirical envelope checked here: gap_t <= gamma^t (gap_0 + log|A| / eta_0) (measured ratio <= 0.18)."""
     for seed in range(3):
         m = random_mdp(15, 4, 0.9, seed=seed)
         v_star = m.optimal_value()
@@ -503,7 +503,7 @@ def test_geometric_step_sizes_converge_linearly():
         np.testing.assert_allclose(h.step_sizes, eta0 * 0.9 ** -np.arange(T))
         gap = v_star - h.values
         t = np.arange(T + 1)
-        assert (gap <= 0.9**t * (gap[0] + np.log(4) / ((1 - 0.9) * eta0)) + 1e-12).all()
+        assert (gap <= 0.9**t * (gap[0] + np.log(4) / eta0) + 1e-12).all()
         assert gap[-1] < 1e-10
         const = npg(m, eta0, T, keep_thetas=False)
         assert v_star - const.values[-1] > 1e-6  # the constant step is still far behind
@@ -533,9 +533,9 @@ def test_taxi_npg_matches_value_iteration_and_env_rollouts():
 
     m = taxi(gamma=0.99)
     assert (m.n_states, m.n_actions) == (501, 6)
-    h = npg(m, 1.0, 15, keep_thetas=False)
+    h = npg(m, 1.0, 10, keep_thetas=False)
     v_star = optimal_values(m)
-    assert m.rho @ v_star - h.values[-1] < 1e-8
+    assert abs(m.rho @ v_star - h.values[-1]) < 1e-13  # V*(ρ) to rounding (reached at iteration 2)
     # Taxi is deterministic: one rollout of the greedy NPG policy gives the exact return.
     env = gym.make("Taxi-v4").unwrapped
     policy = h.policy.argmax(axis=1)
