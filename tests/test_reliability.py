@@ -305,13 +305,14 @@ def test_numpy_scalars_are_accepted_and_stored_as_python_numbers(tmp_path):
                  cg_iters=np.int16(5), max_kl=np.float32(0.25), gae_lambda=np.float32(0.75), gamma=np.float64(0.9),
                  damping=np.int64(1), checkpoint_every=np.int64(0), update_threads=np.int64(0))
     py_kw = {k: tuple(int(x) for x in v) if isinstance(v, tuple) else v.item() for k, v in np_kw.items()}
+    np_kw["env_kwargs"], py_kw["env_kwargs"] = {"sutton_barto_reward": np.bool_(False)}, {"sutton_barto_reward": False}
     common = dict(tensorboard=False, critic_hidden=(16,))
     with_np = natpg.NPG("CartPole-v1", seed=0, **common, **np_kw)
     plain = natpg.NPG("CartPole-v1", seed=0, **common, **py_kw)
     assert with_np.config.to_dict() == plain.config.to_dict()
     for section in with_np.config.to_dict().values():
         for name, value in (section.items() if isinstance(section, dict) else ()):
-            for v in value if isinstance(value, tuple) else (value,):
+            for v in value if isinstance(value, tuple) else value.values() if isinstance(value, dict) else (value,):
                 assert type(v) in (int, float, bool, str, type(None)), (name, type(v))
     with_np.learn(BATCH)
     plain.learn(BATCH)

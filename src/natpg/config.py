@@ -15,6 +15,8 @@ import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
+
 ALGORITHMS = ("npg", "trpo", "acktr", "nac", "ppo", "vpg")
 FISHERS = ("cg", "dense", "kfac", "diagonal", "empirical", "identity")
 CG_PRECONDITIONERS = (None, "kfac", "diagonal")
@@ -270,10 +272,19 @@ def env_kwargs_problem(kwargs: Any) -> str | None:
     if "render_mode" in kwargs:
         return "cannot set render_mode: natpg trains without rendering, and renders for videos itself (natpg eval --video)"
     try:
-        json.dumps(kwargs, allow_nan=False)
+        json.dumps(plain_json(kwargs), allow_nan=False)
     except (TypeError, ValueError) as exc:
         return f"must hold JSON values (numbers, strings, booleans, None, lists, dicts), as the checkpoint records them: {exc}"
     return None
+
+
+def plain_json(v: Any) -> Any:
+    """``v`` with NumPy scalars (a sweep over np.arange gives those) as the Python values they stand for."""
+    if isinstance(v, dict):
+        return {k: plain_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(plain_json(x) for x in v)
+    return v.item() if isinstance(v, np.generic) else v
 
 
 def is_integer(v: Any) -> bool:
@@ -500,6 +511,8 @@ class Config:
                 return float(v)
             if isinstance(v, tuple):
                 return tuple(plain(x) for x in v)
+            if isinstance(v, dict):
+                return plain_json(v)
             return v
 
         for sec in SECTIONS:
