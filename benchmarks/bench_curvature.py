@@ -6,7 +6,7 @@ For Gaussian MLP policies from ~10k to ~10M actor parameters and batches of 1k t
 * for every curvature in ``natpg.fisher``: ``fit(policy, obs, act)`` followed by ``solve(g)``,
 
 and print a markdown table of seconds for ``grad`` and of each solver as a multiple of ``grad``.
-``cg+kfac`` is CG preconditioned by K-FAC (its fit, and a K-FAC solve per iteration). K-FAC is timed twice: refreshing its eigendecompositions every fit (``kfac``), and amortised over
+``cg+kfac`` is CG preconditioned by K-FAC (its fit, and a K-FAC solve per iteration). K-FAC is timed twice: refreshing its factors' Cholesky inverses every fit (``kfac``), and amortised over
 ``refresh_every=10`` fits (``kfac/10``: nine fits without a refresh and one with, per ten solves).
 Combinations whose work (batch × parameters) exceeds ``--max-work``, or whose dense/empirical
 matrices would not fit in memory, are shown as "–". Not part of the test run::

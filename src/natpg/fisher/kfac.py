@@ -22,8 +22,9 @@ How ``g`` is obtained (``estimator``):
 
 Parameters that are not the weight/bias of a ``nn.Linear`` or ``nn.Conv2d`` (the Gaussian log-std)
 get their own dense block ``E_s[J_sᵀ F_out J_s]`` (or, with ``"empirical"``, the taken actions' score
-outer products), from per-sample forward-mode Jacobians of η with respect to just those parameters;
-the cost grows with their number, which is meant to be small.
+outer products): a diagonal Gaussian's state-independent log-std block is read off F_out, any other from
+per-sample forward-mode Jacobians of η with respect to just those parameters (the cost grows with their
+number, which is meant to be small).
 """
 
 from __future__ import annotations
