@@ -732,3 +732,29 @@ def test_learns(algo, env):
     mean, std = natpg.evaluate(agent, episodes=10, seed=1000)
     print(f"{algo} {env}: {mean:.1f} ± {std:.1f} after {agent.env_steps} steps, {time.perf_counter() - start:.1f} s")
     assert mean >= threshold
+
+
+@pytest.mark.parametrize("kind", ["cat", "gauss"])
+def test_batch_diagnostics_entropy_and_explained_variance_against_closed_forms(kind):
+    """policy/entropy: the mean over states of −Σ p log p (categorical) or Σ_i (½ log 2πe + log σ_i) (Gaussian);
+    critic/explained_variance: 1 − mean (V − R)² / Var R, from the critic's loss before its fit."""
+    from natpg.train import batch_diagnostics
+
+    policy = make_policy(kind)
+    batch = make_batch(policy)
+    batch.ret = torch.linspace(-1.0, 3.0, batch.obs.shape[0])
+    values = batch.ret + 0.5 * torch.cos(torch.arange(batch.obs.shape[0], dtype=torch.float64))
+    loss_before = float(((values - batch.ret) ** 2).mean())
+    out = batch_diagnostics(policy, batch, loss_before)
+    if kind == "cat":
+        p = torch.softmax(batch.eta_old, dim=-1)
+        expected = float(-(p * p.log()).sum(-1).mean())
+    else:
+        log_std = policy.log_std.detach()
+        expected = float((0.5 * math.log(2 * math.pi * math.e) + log_std).sum())
+    assert out["policy/entropy"] == pytest.approx(expected, rel=1e-12)
+    ret = batch.ret.numpy()
+    assert out["critic/explained_variance"] == pytest.approx(1 - np.mean((values.numpy() - ret) ** 2) / np.var(ret),
+                                                             rel=1e-12)
+    batch.ret = torch.full_like(batch.ret, 2.0)  # no variance to explain
+    assert math.isnan(batch_diagnostics(policy, batch, 0.0)["critic/explained_variance"])

@@ -225,6 +225,18 @@ def _threads(n: int):
             torch.set_num_threads(before)
 
 
+@torch.no_grad()
+def batch_diagnostics(policy: nn.Module, batch: Batch, critic_loss_before: float | None) -> dict[str, float]:
+    """What RL practitioners read first: the old policy's mean entropy on the batch (collapsing exploration), and
+    the critic's explained variance 1 − E[(V − R)²]/Var[R] before its fit (1: V predicts the returns; ≤ 0: no
+    better than their mean), V being the values GAE used."""
+    out = {"policy/entropy": float(policy.head.dist(batch.eta_old).entropy().mean())}
+    if critic_loss_before is not None:
+        var = float(batch.ret.var(unbiased=False))
+        out["critic/explained_variance"] = 1.0 - critic_loss_before / var if var > 0 else float("nan")
+    return out
+
+
 def iteration(rollout: Rollout, collect_s: float, sampler, policy: nn.Module, critic, actor_update, cfg,
               generator: torch.Generator, prefetch: bool = False, critic_fit: CriticFit | None = None
               ) -> dict[str, Any]:
@@ -257,6 +269,7 @@ def iteration(rollout: Rollout, collect_s: float, sampler, policy: nn.Module, cr
         t2 = time.perf_counter()
         stats |= critic_fit.finish(fitting, critic, batch, generator)
         t3 = time.perf_counter()
+        stats |= batch_diagnostics(policy, batch, stats.get("critic/loss_before"))
     else:
         t2 = t3 = time.perf_counter()
     stats |= {"env/nonfinite_dropped": float(getattr(sampler, "dropped", 0)),
