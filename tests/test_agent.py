@@ -756,3 +756,49 @@ def test_cli_config_file_reproduces_a_run_and_layers_under_set(tmp_path, capsys)
     (tmp_path / "bad.json").write_text('{"max_kll": 1}')
     assert cli(["config", "npg", "CartPole-v1", "--config", str(tmp_path / "bad.json")]) == 2
     assert re.search(r"--config '.*bad.json': unknown setting\(s\) \['max_kll'\] \(did you mean", capsys.readouterr().err)
+
+
+def parameters_of(module):
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def test_load_with_changes_continues_the_run_with_other_settings_and_records_them(tmp_path):
+    """natpg.load(path, max_kl=...) builds every part from the changed settings around the saved networks; the
+    config is frozen, so changing it in place is an error rather than a silent no-op that config.json would
+    record; a run trained on CUDA loads on the CPU where there is none."""
+    import dataclasses
+    import warnings
+
+    from natpg import checkpoint
+
+    run = str(tmp_path / "run")
+    agent = natpg.NPG("CartPole-v1", seed=1, **small())
+    agent.learn(128, out_dir=run)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        agent.config.step.max_kl = 0.5
+    with pytest.raises(AttributeError, match=r"natpg.load\(path, max_kl=...\)"):
+        agent.config = agent.config.override(max_kl=0.5)
+    changed = natpg.load(run, max_kl=0.005)
+    assert changed.config.step.max_kl == 0.005 and changed.actor_update.step_rule.max_kl == 0.005
+    assert torch.equal(parameters_of(changed.policy), parameters_of(agent.policy)) and changed.env_steps == 128
+    assert natpg.load(run).config.step.max_kl == 0.02  # the run on disk is unchanged
+    with pytest.raises(ValueError, match=r"with other settings \(max_kl .* → 0.005\): a changed run goes to a new "
+                                         r"directory"):
+        changed.learn(64, out_dir=run)
+    changed.learn(64, out_dir=str(tmp_path / "branch"))
+    assert natpg.load(str(tmp_path / "branch")).config.step.max_kl == 0.005
+    with open(tmp_path / "branch" / "progress.csv") as f:
+        assert float(list(csv.DictReader(f))[-1]["step/kl"]) <= 0.005 * 1.5
+    with pytest.raises(ValueError, match=r"natpg.load cannot change \['hidden'\]"):
+        natpg.load(run, hidden=(8,))
+    meta, tensors = checkpoint.read(run)
+    meta["config"]["run"]["device"] = "cuda"
+    checkpoint.write(str(tmp_path / "gpu"), meta, tensors)
+    if not torch.cuda.is_available():
+        with pytest.warns(UserWarning, match=r"trained with device='cuda' and CUDA is not available here: loaded on "
+                                             r"the CPU"):
+            on_cpu = natpg.load(str(tmp_path / "gpu"))
+        assert on_cpu.config.run.device == "cpu" and torch.equal(parameters_of(on_cpu.policy), parameters_of(agent.policy))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert natpg.load(str(tmp_path / "gpu"), device="cpu").config.run.device == "cpu"

@@ -105,8 +105,19 @@ class Agent:
 
             check_ray_installed()
         self.action_mask_fn = mask_fn if callable(mask_fn) else None
-        self.config = config
+        self._config = config
         self._build(env, seed, config, *probe_spaces(env, self.action_mask_source, config.env.env_kwargs))
+
+    @property
+    def config(self) -> Config:
+        """The settings this agent was built from (frozen)."""
+        return self._config
+
+    @config.setter
+    def config(self, value: Any) -> None:
+        raise AttributeError("an agent's config is fixed once its parts are built from it (a new one would be "
+                             "recorded but not used): to continue a run with other settings, "
+                             "natpg.load(path, max_kl=...) or natpg.load(path, **config_changes)")
 
     @property
     def action_mask_source(self):
@@ -120,7 +131,7 @@ class Agent:
             raise ValueError(refusal)
         if config.run.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={config.run.device!r} requested but CUDA is not available")
-        self.env_id, self.seed, self.config = env_id, seed, config
+        self.env_id, self.seed, self._config = env_id, seed, config
         self.observation_space, self.action_space = observation_space, action_space
         self.device = torch.device(config.run.device)
         torch.set_num_threads(config.run.torch_threads)
@@ -412,9 +423,9 @@ class Agent:
 
     # --- persistence ----------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str, action_mask=None) -> "Agent":
+    def load(cls, path: str, action_mask=None, **changes: Any) -> "Agent":
         """``natpg.load``, for those used to ``PPO.load(path)``: ``NPG.load`` refuses another algorithm's run."""
-        agent = load(path, action_mask)
+        agent = load(path, action_mask, **changes)
         if cls is not Agent and not isinstance(agent, cls):
             raise ValueError(f"{os.fspath(path)!r} holds a {agent.algorithm} run, not {cls.algorithm}; load it with "
                              f"natpg.load or natpg.{type(agent).__name__}.load")
@@ -465,9 +476,11 @@ class Agent:
         return {k: v for k, v in parts.items() if hasattr(v, "state_dict") and hasattr(v, "load_state_dict")}
 
     @classmethod
-    def _from_checkpoint(cls, meta: dict[str, Any], tensors: dict[str, Any], action_mask=None) -> "Agent":
+    def _from_checkpoint(cls, meta: dict[str, Any], tensors: dict[str, Any], action_mask=None,
+                         changes: dict[str, Any] | None = None) -> "Agent":
         agent = cls.__new__(cls)
-        config = Config.from_dict(_without_inert_settings(meta["config"], meta["action_space"])).validate()
+        config = _loaded_config(Config.from_dict(_without_inert_settings(meta["config"], meta["action_space"])),
+                                changes or {})
         if config.env.action_mask == CALLABLE_MASK and not callable(action_mask):
             raise ValueError("this agent was trained with a callable action mask: pass it again, "
                              "natpg.load(path, action_mask=fn)")
@@ -487,8 +500,8 @@ class Agent:
         agent.train_wall_s = float(meta.get("train_wall_s", 0.0))
         agent.best_eval_return = meta.get("best_eval_return")
         agent._saved_sampler = meta.get("sampler")
-        if "rng" in tensors:
-            agent.generator.set_state(tensors["rng"]["generator"])
+        if "rng" in tensors and tensors["rng"]["generator"].numel() == agent.generator.get_state().numel():
+            agent.generator.set_state(tensors["rng"]["generator"])  # (a CUDA generator's state does not fit a CPU one)
             agent.cpu_generator.set_state(tensors["rng"]["cpu_generator"])
             if "sampling_generator" in tensors["rng"] and agent.sampling_generator is not agent.generator:
                 agent.sampling_generator.set_state(tensors["rng"]["sampling_generator"])
@@ -564,9 +577,34 @@ ALGORITHM_CLASSES: dict[str, type[Agent]] = {"npg": NPG, "trpo": TRPO, "vpg": VP
                                              "ppo": PPO}
 
 
-def load(path: str, action_mask=None) -> Agent:
+# Settings the saved tensors are shaped by: loading cannot change them.
+SHAPED_BY_CHECKPOINT = ("hidden", "critic_hidden", "activation", "action_squash", "action_mask", "critic_optimizer",
+                        "algorithm")
+
+
+def _loaded_config(recorded: Config, changes: dict[str, Any]) -> Config:
+    """The recorded config with ``changes`` (natpg.load's keywords); a run trained on CUDA loads on the CPU, with a
+    warning, where CUDA is not available and no device was asked for."""
+    fixed = sorted(set(changes) & set(SHAPED_BY_CHECKPOINT))
+    if fixed:
+        raise ValueError(f"natpg.load cannot change {fixed}: the saved networks and optimiser state are shaped by "
+                         f"them (train a new agent instead)")
+    if "device" not in changes and recorded.run.device.startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn(f"this run was trained with device={recorded.run.device!r} and CUDA is not available here: "
+                      f"loaded on the CPU (natpg.load(path, device=...) chooses)", UserWarning, stacklevel=4)
+        changes = {**changes, "device": "cpu"}
+    return recorded.override(**changes).validate()
+
+
+def load(path: str, action_mask=None, **changes: Any) -> Agent:
     """Load a checkpoint written by ``Agent.save``; the algorithm class is recorded inside. ``action_mask``: the
-    callable mask a run was trained with (callables are not saved; an info-key mask needs nothing)."""
+    callable mask a run was trained with (callables are not saved; an info-key mask needs nothing).
+
+    ``changes`` continue the run with other settings, e.g. ``natpg.load(path, max_kl=0.005, device="cpu")``: the
+    networks, optimiser and normaliser statistics are the checkpoint's, every part is built from the changed
+    settings, and the agent records them (learning on into the run's own directory is then refused as another
+    run: give a new out_dir). Settings the saved networks are shaped by (``SHAPED_BY_CHECKPOINT``) cannot change.
+    A run trained on CUDA loads on the CPU, with a warning, where CUDA is not available."""
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"path must be a run directory or a .pt checkpoint file, got {path!r}")
     path = os.fspath(path)
@@ -576,7 +614,7 @@ def load(path: str, action_mask=None) -> Agent:
         raise ValueError(f"checkpoint at {path!r} is for algorithm {algo!r}, unknown to this natpg "
                          f"(known: {sorted(ALGORITHM_CLASSES)})")
     try:
-        return ALGORITHM_CLASSES[algo]._from_checkpoint(meta, tensors, action_mask)
+        return ALGORITHM_CLASSES[algo]._from_checkpoint(meta, tensors, action_mask, changes)
     except KeyError as exc:
         raise ValueError(f"checkpoint at {path!r} lacks the entry {exc} (written by another natpg version?)") from None
     except (RuntimeError, TypeError) as exc:  # tensors that do not fit the recorded config
@@ -613,7 +651,8 @@ def claim_run_dir(agent: Agent, out_dir: Any, overwrite: bool = False) -> bool:
     untrained = meta is not None and meta.get("env_steps") == 0 and _progress_rows(out_dir) == 0
     if not (overwrite or untrained):
         what = (f"a natpg run ({meta.get('algorithm')} on {meta.get('env_id')}, seed {meta.get('seed')}, "
-                f"{meta.get('env_steps')} env steps)" if meta is not None else f"natpg outputs ({', '.join(held)})")
+                f"{meta.get('env_steps')} env steps{_other_settings(agent, meta)})" if meta is not None
+                else f"natpg outputs ({', '.join(held)})")
         raise ValueError(f"out_dir {out_dir!r} already holds {what}; choose another directory, continue that run "
                          f"(natpg.load(dir).learn(..., out_dir=dir); natpg train ... --resume DIR), or replace it "
                          f"with overwrite=True (natpg train --overwrite)")
@@ -624,6 +663,20 @@ def claim_run_dir(agent: Agent, out_dir: Any, overwrite: bool = False) -> bool:
         else:
             os.remove(path)
     return False
+
+
+def _other_settings(agent: Agent, meta: dict[str, Any]) -> str:
+    """', with other settings (max_kl 0.01 → 0.005)' where the run in a directory is ``agent``'s but for its
+    settings (natpg.load(path, max_kl=...) makes such a run); else ''."""
+    if (meta.get("algorithm"), meta.get("env_id"), meta.get("seed")) != (agent.algorithm, agent.env_id, agent.seed):
+        return ""
+    try:
+        recorded = Config.from_dict(_without_inert_settings(meta.get("config", {}), meta.get("action_space", {})))
+    except (ValueError, TypeError):
+        return ""
+    changed = [f"{k} {recorded.get(k)!r} → {agent.config.get(k)!r}" for k in Config.field_index()
+               if recorded.get(k) != agent.config.get(k)]
+    return f", with other settings ({', '.join(changed)}): a changed run goes to a new directory" if changed else ""
 
 
 def _progress_rows(out_dir: str) -> int:

@@ -2,7 +2,9 @@
 
 Users override fields by their flat names (``natpg.NPG(env, max_kl=0.02, n_envs=4)``); every field
 name is unique across the sections so a flat name says exactly what it sets. ``Config.validate()``
-runs before any work and names the valid choices when a value is wrong.
+runs before any work and names the valid choices when a value is wrong. A Config is frozen: the parts of an
+agent are built from it once, so changing a field afterwards would do nothing while being recorded as if it
+had; ``override`` gives a changed copy, and ``natpg.load(path, key=value)`` continues a run with it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ SAMPLERS = ("local", "processes", "ray", "workers")
 EVAL_MAX_EPISODE_STEPS = 100_000
 
 
-@dataclass
+@dataclass(frozen=True)
 class EnvConfig:
     n_envs: int = 8
     """Number of environment copies stepped together by one vector environment."""
@@ -62,13 +64,13 @@ class EnvConfig:
     copy's episode as truncated at its last finite observation, leave the transition out, reset the copy)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RolloutConfig:
     n_steps: int = 256
     """Steps per environment per update; the batch is n_envs × n_steps transitions."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class AdvantageConfig:
     gamma: float = 0.99
     """Discount factor γ."""
@@ -78,7 +80,7 @@ class AdvantageConfig:
     """Standardise advantages per batch: (A − mean) / (std + 1e-8)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class PolicyConfig:
     hidden: tuple = (64, 64)
     """Hidden layer sizes of the actor MLP."""
@@ -91,7 +93,7 @@ class PolicyConfig:
     (low + (tanh(u) + 1)(high − low)/2; needs finite bounds; same Fisher and KL as the Gaussian over u)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class CriticConfig:
     critic_hidden: tuple = (64, 64)
     """Hidden layer sizes of the value network."""
@@ -115,7 +117,7 @@ class CriticConfig:
     """PPO-style value clipping: V − V_old is clipped to ±value_clip in the loss (return units; 0: off)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class CurvatureConfig:
     fisher: str = "cg"
     """How F⁻¹g is applied: 'cg', 'dense', 'kfac', 'diagonal', 'empirical', or 'identity' (vanilla gradient)."""
@@ -145,7 +147,7 @@ class CurvatureConfig:
     k > 1 saves the O(in³ + out³) inversions, which dominate for wide layers (a CNN's 3137-input layer)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepConfig:
     step: str = "kl"
     """Step rule: 'fixed' (θ += α·d), 'adam' (Adam on d), 'kl' (α = √(2δ / dᵀFd)), 'linesearch' (TRPO),
@@ -186,7 +188,7 @@ class StepConfig:
     H is that of the distribution the Fisher and KL are of: the Gaussian before clipping or squashing."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     device: str = "cpu"
     """Device of the update computations ('cpu' or 'cuda'); environments always step on the CPU."""
@@ -223,7 +225,7 @@ class RunConfig:
     """Episodes per evaluation of ``eval_every``."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistributedConfig:
     sampler: str = "local"
     """Who steps the environments: 'local' (one vector env in this process), 'processes' (the n_envs copies
@@ -297,7 +299,7 @@ def is_real(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     algorithm: str = "npg"
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -518,7 +520,7 @@ class Config:
         for sec in SECTIONS:
             section = getattr(self, sec)
             for f in fields(section):
-                setattr(section, f.name, plain(getattr(section, f.name)))
+                object.__setattr__(section, f.name, plain(getattr(section, f.name)))  # frozen: once, here
 
     @property
     def batch_size(self) -> int:
