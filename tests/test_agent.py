@@ -802,3 +802,24 @@ def test_load_with_changes_continues_the_run_with_other_settings_and_records_the
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert natpg.load(str(tmp_path / "gpu"), device="cpu").config.run.device == "cpu"
+
+
+def test_a_callbacks_own_numbers_are_logged_and_a_false_return_stops(tmp_path):
+    """SB3's logger.record inside a callback: here the callback adds keys to the row it is given. A key first seen
+    after some rows becomes a new column, NaN in the rows before (the file rewritten, its rows kept)."""
+    def callback(agent, row):
+        if agent.updates >= 2:
+            row["custom/twice_updates"] = 2 * agent.updates
+        return agent.updates < 4
+
+    agent = natpg.NPG("CartPole-v1", seed=0, **small())
+    agent.learn(64 * 6, out_dir=str(tmp_path), callback=callback)
+    assert agent.updates == 4
+    with open(tmp_path / "progress.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["updates"] for r in rows] == ["1", "2", "3", "4"]
+    assert [r["custom/twice_updates"] for r in rows] == ["nan", "4", "6", "8"]
+    assert all(r["env_steps"] == str(64 * int(r["updates"])) for r in rows)  # earlier columns untouched
+    natpg.load(str(tmp_path)).learn(64, out_dir=str(tmp_path))  # continued without the callback: NaN there
+    with open(tmp_path / "progress.csv", newline="") as f:
+        assert [r["custom/twice_updates"] for r in csv.DictReader(f)][-1] == "nan"

@@ -212,6 +212,12 @@ API_CASES = [
                          **small()).learn(BATCH),
      ValueError, r"sampler='processes' sends the action mask .* cannot be pickled .*use a function defined at module "
                  r"level"),
+    ("SB3's policy name first", lambda a: natpg.PPO("MlpPolicy", "CartPole-v1"), ValueError,
+     r"'MlpPolicy' is Stable-Baselines3's policy name: .*natpg.PPO\('CartPole-v1'\)"),
+    ("an environment instance", lambda a: natpg.PPO(gym.make("CartPole-v1")), ValueError,
+     r"environment id must be a non-empty string .*gymnasium.register\('MyEnv-v0', entry_point=MyEnv\)"),
+    ("SB3's clip_range_vf", lambda a: natpg.PPO("CartPole-v1", clip_range_vf=0.2), ValueError,
+     r"'clip_range_vf' is Stable-Baselines3's name: natpg's is value_clip"),
     ("bench with zero envs", lambda a: bench.throughput("npg", "CartPole-v1", 256, 1, n_envs=0), ValueError,
      r"--n-envs \(n_envs\) must be an integer ≥ 1, got 0"),
     ("bench with n_steps", lambda a: bench.throughput("npg", "CartPole-v1", 256, 1, n_steps=4), ValueError,

@@ -121,3 +121,25 @@ def test_env_kwargs_are_checked():
         natpg.NPG("Pendulum-v1", env_kwargs={"g": {1.0}})
     with pytest.raises(ValueError, match="env_kwargs must be a dict of keyword arguments"):
         natpg.NPG("Pendulum-v1", env_kwargs="g=3")
+
+
+SCRIPT_REGISTERING_UNDER_MAIN = """
+import sys, natpg, gymnasium as gym
+if __name__ == "__main__":
+    gym.register("natpg_test/UnderMain-v0", entry_point="gymnasium.envs.classic_control.cartpole:CartPoleEnv")
+    kw = {"sampler": "processes", "workers": 2} if sys.argv[1] == "processes" else {"vectorization": "multiproc"}
+    natpg.NPG("natpg_test/UnderMain-v0", n_envs=2, n_steps=32, **kw).learn(64)
+"""
+
+
+@pytest.mark.parametrize("engine", ["processes", "multiproc"])
+def test_an_env_registered_under_main_is_named_as_unknown_to_the_workers(engine, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT_REGISTERING_UNDER_MAIN)
+    done = subprocess.run([sys.executable, str(script), engine], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert ("'natpg_test/UnderMain-v0' is registered in this process but not in the worker processes, which import "
+            "your script again without running its `if __name__ == '__main__':` block") in done.stderr

@@ -22,7 +22,7 @@ import torch
 from . import checkpoint
 from .algorithms import config_for, make_actor_update, make_critic
 from .config import EVAL_MAX_EPISODE_STEPS, REFUSED_WHEN_UNREAD, Config, is_integer
-from .envs import ObsNormalizer, RewardScaler, check_spaces, make_vec_env, probe_spaces
+from .envs import ObsNormalizer, RewardScaler, check_env_id, check_spaces, make_vec_env, probe_spaces
 from .fisher.dense import check_dense_size
 from .logger import Logger
 from .policies import env_action, input_layout, make_policy
@@ -93,6 +93,7 @@ class Agent:
     algorithm = "npg"
 
     def __init__(self, env: str, seed: int = 0, **overrides: Any):
+        check_env_id(env)  # first: SB3's PPO("MlpPolicy", env) would otherwise read as a bad seed
         if not is_integer(seed) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         seed = int(seed)
@@ -253,6 +254,8 @@ class Agent:
                        "faults/consecutive": self.consecutive_faults, **stats, **_policy_stats(self.policy),
                        **getattr(self._sampler, "log_stats", dict)()}
                 evaluated = not math.isnan(stats.get("eval/return_mean", math.nan))
+                # The callback sees the row first: numbers it adds (row["custom/x"] = ...) are logged with it.
+                stop = callback is not None and callback(self, row) is False
                 if self.updates % run.log_interval == 0 or fault or evaluated:
                     logger.record(row)
                 if self.consecutive_faults >= run.max_consecutive_faults:
@@ -263,7 +266,7 @@ class Agent:
                         f"one: {fault}. The parameters are those from before the faults{saved}.")
                 if out_dir and run.checkpoint_every and self.updates % run.checkpoint_every == 0:
                     self.save(out_dir)
-                if callback is not None and callback(self, row) is False:
+                if stop:
                     break
         finally:
             logger.close()

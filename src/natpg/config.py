@@ -262,8 +262,12 @@ FOREIGN_NAMES: dict[str, str] = {
     "n_epochs": "ppo_epochs", "n_critic_updates": "critic_epochs", "cg_max_steps": "cg_iters",
     "cg_damping": "damping", "line_search_shrinking_factor": "backtrack_shrink",
     "line_search_max_iter": "backtrack_iters", "sub_sampling_factor": "fvp_subsample (its inverse: 0.2 for 5)",
-    "normalize_advantage": "normalize_advantages", "policy_kwargs": "hidden, activation, log_std_init",
+    "normalize_advantage": "normalize_advantages",
     "vf_coef": "critic_lr (the critic is fitted separately)", "verbose": "log_interval, or natpg train --no-progress",
+    "policy_kwargs": "hidden (actor), critic_hidden (critic), activation ('tanh', 'relu', 'elu'), log_std_init",
+    "clip_range_vf": "value_clip (in return units)", "tensorboard_log": "learn(out_dir=DIR): events in DIR/tb",
+    "net_arch": "hidden (actor) and critic_hidden (critic)", "activation_fn": "activation ('tanh', 'relu' or 'elu')",
+    "create_eval_env": "eval_every, eval_episodes",
 }
 
 

@@ -140,7 +140,15 @@ def check_env_id(env_id: str) -> gym.envs.registration.EnvSpec:
     ``'module:EnvName-v0'`` (Gymnasium's syntax) imports ``module`` first, so that an environment it
     registers on import exists in every process that builds one, rollout worker processes included."""
     if not isinstance(env_id, str) or not env_id:
-        raise ValueError(f"environment id must be a non-empty string such as 'CartPole-v1', got {env_id!r}")
+        hint = ""
+        if isinstance(env_id, gym.Env) or callable(env_id):  # SB3 takes an env instance or a class
+            hint = ("; natpg makes every copy itself (in worker processes too) from a registered id: at module "
+                    "level, gymnasium.register('MyEnv-v0', entry_point=MyEnv), then natpg.NPG('MyEnv-v0') "
+                    "(constructor arguments: env_kwargs={...})")
+        raise ValueError(f"environment id must be a non-empty string such as 'CartPole-v1', got {env_id!r}{hint}")
+    if env_id in ("MlpPolicy", "CnnPolicy", "MultiInputPolicy"):
+        raise ValueError(f"{env_id!r} is Stable-Baselines3's policy name: natpg builds the policy from the spaces, "
+                         f"so the environment id comes first, e.g. natpg.PPO('CartPole-v1')")
     if ":" in env_id:
         module, _, name = env_id.partition(":")
         try:
@@ -160,6 +168,16 @@ def check_env_id(env_id: str) -> gym.envs.registration.EnvSpec:
         return gym.spec(env_id)
     except gym.error.Error as exc:  # NameNotFound, VersionNotFound, DeprecatedEnv, ...
         raise ValueError(f"unknown environment id {env_id!r}: {exc}") from None
+
+
+def unregistered_in_worker_hint(env_id: str, error: str) -> str:
+    """For an 'unknown environment id' raised in a worker process while this process knows the id: why, and the
+    fix ('' otherwise)."""
+    if "unknown environment id" not in error or env_id.split(":")[-1] not in gym.registry:
+        return ""
+    return (f"{env_id!r} is registered in this process but not in the worker processes, which import your script "
+            f"again without running its `if __name__ == '__main__':` block: register it at module level (or use a "
+            f"'module:{env_id}' id whose module registers it)")
 
 
 def env_family(env_id: str) -> str:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from typing import Any
 
 
 class Logger:
-    """Writes one row per logged update. Columns are fixed by the first row; later new keys are dropped
-    from the CSV (they still go to TensorBoard). Non-numeric values go to ``events.log``.
+    """Writes one row per logged update. A numeric key not seen before (a callback's own metric, a column a
+    newer natpg adds to a continued run) becomes a new column: the file is rewritten with it, NaN in the earlier
+    rows. Non-numeric values go to ``events.log``.
 
     ``resume=True`` appends to an existing progress.csv (keeping its columns). With ``resume_step`` (the
     env_steps of the checkpoint being resumed) it first drops the rows written after that checkpoint
@@ -53,6 +55,8 @@ class Logger:
             if self._columns is None:
                 self._columns = list(numeric)
                 csv.writer(self._csv_file).writerow(self._columns)
+            elif new := [k for k in numeric if k not in self._columns]:
+                self._add_columns(new)
             csv.writer(self._csv_file).writerow([_fmt(numeric.get(c, float("nan"))) for c in self._columns])
             self._csv_file.flush()
             if text:
@@ -67,6 +71,25 @@ class Logger:
             ret = numeric.get("ep_return_mean", float("nan"))
             self._bar.set_postfix_str(f"return {ret:.1f}", refresh=False)  # tqdm itself shows steps/s
             self._bar.refresh()
+
+    def _add_columns(self, new: list[str]) -> None:
+        """Rewrite progress.csv (atomically) with ``new`` columns after the others, NaN in the rows written."""
+        from .checkpoint import _atomic_write
+
+        path = self._csv_file.name
+        self._csv_file.close()
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        self._columns += new
+        rows = [self._columns] + [row + ["nan"] * len(new) for row in rows[1:]]
+
+        def write(f) -> None:
+            text = io.StringIO()
+            csv.writer(text).writerows(rows)
+            f.write(text.getvalue().encode())
+
+        _atomic_write(path, write)
+        self._csv_file = open(path, "a", newline="")
 
     def close(self) -> None:
         if self._csv_file is not None:

@@ -112,7 +112,7 @@ class MultiprocVectorEnv:
     def __init__(self, env_id: str, n_envs: int, n_workers: int, action_mask=None, **make_kwargs: Any):
         if n_workers < 1 or n_workers > n_envs:
             raise ValueError(f"n_workers must be between 1 and n_envs={n_envs}, got {n_workers}")
-        self.num_envs = n_envs
+        self.num_envs, self.env_id = n_envs, env_id
         sizes = [n_envs // n_workers + (1 if w < n_envs % n_workers else 0) for w in range(n_workers)]
         self.offsets = np.cumsum([0, *sizes[:-1]]).tolist()
         ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
@@ -135,6 +135,10 @@ class MultiprocVectorEnv:
         except EOFError:
             raise RuntimeError("an environment worker process died") from None
         if status == "error":
+            from .envs import unregistered_in_worker_hint
+
+            if hint := unregistered_in_worker_hint(self.env_id, payload):
+                raise ValueError(f"environment worker failed: {payload.splitlines()[0]}; {hint}")
             raise RuntimeError(f"environment worker failed: {payload}")
         return payload
 

@@ -25,6 +25,7 @@ import time
 import traceback
 from typing import Any
 
+from ..envs import unregistered_in_worker_hint
 from .sampler import DistributedSampler, WorkerFailure
 from .workers import RolloutWorker, WorkerResult, WorkerSpec
 
@@ -156,6 +157,8 @@ class ProcessSampler(DistributedSampler):
         if tag == "error":
             exc, remote = payload
             exc.add_note(f"raised in rollout worker {w}:\n{remote}")
+            if hint := unregistered_in_worker_hint(self.env_id, str(exc)):
+                exc.add_note(f"natpg: {hint}")
             raise exc
         assert tag == kind, (tag, kind)
         return payload

@@ -283,6 +283,13 @@ class RaySampler(DistributedSampler):
     def _start(self, w: int):
         return self._actor_class.remote(self.spec(w), w)
 
+    def _registration_hint(self, error: str) -> str:
+        """Ray workers know only the environments their own imports register (docs/distributed.md)."""
+        if "unknown environment id" not in error or ":" in self.env_id:
+            return ""
+        return (f"; a Ray worker knows only the environments its imports register: use a 'module:{self.env_id}' id "
+                f"whose module registers it (docs/distributed.md, custom environments)")
+
     def _wait_started(self, which: list[int]) -> None:
         refs = {self.actors[w].ready.remote(): w for w in which}
         ready, pending = self.ray.wait(list(refs), num_returns=len(refs), timeout=self.start_timeout)
@@ -293,7 +300,8 @@ class RaySampler(DistributedSampler):
             raise exc.as_instanceof_cause() from None
         except self.ray.exceptions.RayActorError as exc:
             self.close()
-            raise WorkerFailure(f"a rollout worker died while starting: {exc}") from None
+            raise WorkerFailure(f"a rollout worker died while starting: {exc}{self._registration_hint(str(exc))}"
+                                ) from None
         if pending:
             cpus = self.ray.available_resources().get("CPU", 0)
             self.close()
@@ -334,7 +342,8 @@ class RaySampler(DistributedSampler):
             if attempt >= self.retries:
                 self._settle(pending)
                 raise WorkerFailure(f"rollout worker {w} failed ({why}) and its share of this iteration was "
-                                    f"already retried {attempt} time(s); giving up (the worker has been replaced)")
+                                    f"already retried {attempt} time(s); giving up (the worker has been replaced)"
+                                    f"{self._registration_hint(why)}")
             self._submit_one(args, pending, w, attempt + 1, "start")
 
         results: list[WorkerResult] = []
