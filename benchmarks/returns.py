@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--torch-threads", str(a.torch_threads)]
         if lib == "tianshou" or PYTHON_FLAG[lib] in given:
             cmd += [PYTHON_FLAG[lib], pythons[lib]]
-        partial = os.path.join(out, "partial", name + ".csv")
+        partial = os.path.join(out, "partial", f"{name}_{a.steps}.csv")
         child = [pythons[lib], os.path.abspath(__file__), "--worker", "--algo", algo, "--env", env,
                  "--seed", str(seed), "--steps", str(a.steps), "--eval-every", str(a.eval_every),
                  "--eval-episodes", str(a.eval_episodes), "--torch-threads", str(a.torch_threads),

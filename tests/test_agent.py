@@ -823,3 +823,38 @@ def test_a_callbacks_own_numbers_are_logged_and_a_false_return_stops(tmp_path):
     natpg.load(str(tmp_path)).learn(64, out_dir=str(tmp_path))  # continued without the callback: NaN there
     with open(tmp_path / "progress.csv", newline="") as f:
         assert [r["custom/twice_updates"] for r in csv.DictReader(f)][-1] == "nan"
+
+
+def test_cli_settings_edge_cases_from_the_audit(tmp_path, capsys):
+    """A run's config.json repeats its preset's values: changing the step rule is not refused over them; JSON's
+    true/null in --set; every invalid setting on one line; natpg config checks the environment as train does."""
+    from natpg.cli import parse_setting
+
+    natpg.PPO("Pendulum-v1").save(str(tmp_path / "ppo"))
+    capsys.readouterr()
+    assert cli(["config", "ppo", "Pendulum-v1", "--config", str(tmp_path / "ppo" / "config.json"), "--set",
+                "step=kl", "--json"]) == 0
+    out = capsys.readouterr()
+    shown = json.loads(out.out)
+    assert shown["target_kl"]["value"] == 0.0 and shown["target_kl"]["source"].startswith("default (the preset's")
+    assert "warning" not in out.err
+    assert parse_setting('env_kwargs={"continuous": true, "x": null}') == ("env_kwargs", {"continuous": True, "x": None})
+    assert cli(["train", "npg", "CartPole-v1", "--set", "max_kl=-1", "--set", "gamma=2", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid settings: gamma must be in [0, 1), got 2; max_kl must be" in err
+    assert cli(["config", "npg", "MountainCar-v0", "--set", "action_squash=tanh"]) == 2
+    assert "action_squash='tanh' would not be read" in capsys.readouterr().err
+    (tmp_path / "twice.json").write_text('{"max_kl": 0.01, "step": {"max_kl": 0.02}}')
+    assert cli(["config", "npg", "CartPole-v1", "--config", str(tmp_path / "twice.json")]) == 2
+    assert "sets max_kl twice, to 0.01 and 0.02" in capsys.readouterr().err
+
+
+def test_a_checkpoint_with_more_multiproc_workers_than_copies_still_loads(tmp_path):
+    from natpg import checkpoint
+
+    natpg.NPG("CartPole-v1", vectorization="multiproc", n_envs=2, n_workers=2, n_steps=32, tensorboard=False).save(str(tmp_path))
+    meta, tensors = checkpoint.read(str(tmp_path))
+    meta["config"]["env"]["n_workers"] = 4  # clamped to 2 by the natpg that wrote it; refused now
+    checkpoint.write(str(tmp_path), meta, tensors)
+    assert natpg.load(str(tmp_path)).config.env.n_workers == 2
+    assert natpg.NPG("CartPole-v1", vectorization="multiproc", n_envs=1, n_steps=32, tensorboard=False).config.env.n_workers == 2

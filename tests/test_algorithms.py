@@ -758,3 +758,5 @@ def test_batch_diagnostics_entropy_and_explained_variance_against_closed_forms(k
                                                              rel=1e-12)
     batch.ret = torch.full_like(batch.ret, 2.0)  # no variance to explain
     assert math.isnan(batch_diagnostics(policy, batch, 0.0)["critic/explained_variance"])
+    batch.ret = 2.0 + 1e-16 * torch.arange(batch.obs.shape[0], dtype=torch.float64)  # equal up to rounding
+    assert math.isnan(batch_diagnostics(policy, batch, 1e-3)["critic/explained_variance"])

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from gymnasium.vector import AutoresetMode
 
+from gymnasium.envs.classic_control.cartpole import CartPoleEnv
 import natpg
 import natpg.agent
 from natpg.envs import env_wrappers, make_kwargs, make_vec_env
@@ -110,6 +111,8 @@ def test_env_kwargs_reach_every_copy_in_every_engine_and_the_evaluation(engine, 
         other = natpg.agent.evaluation_episodes(loaded, env="natpg_test/PendulumNoLimit-v0", episodes=1,
                                                 max_episode_steps=30)
     assert other["length"].tolist() == [30]
+    given = natpg.agent.evaluation_episodes(loaded, episodes=2, env_kwargs={"max_episode_steps": 4})
+    assert given["length"].tolist() == [4, 4]  # env_kwargs given replace the run's own
 
 
 def test_env_kwargs_are_checked():
@@ -143,3 +146,33 @@ def test_an_env_registered_under_main_is_named_as_unknown_to_the_workers(engine,
     assert done.returncode != 0
     assert ("'natpg_test/UnderMain-v0' is registered in this process but not in the worker processes, which import "
             "your script again without running its `if __name__ == '__main__':` block") in done.stderr
+
+
+
+class KwargsCartPole(CartPoleEnv):
+    """CartPole whose constructor takes keywords named like natpg's own parameters."""
+
+    def __init__(self, wrap=None, env_id=None, action_mask=None, n_envs=None, n_workers=None, extra=None,
+                 render_mode=None):
+        super().__init__(render_mode=render_mode)
+        self.given = dict(wrap=wrap, env_id=env_id, action_mask=action_mask, n_envs=n_envs, n_workers=n_workers,
+                          extra=extra)
+
+
+if "natpg_test/KwargsCartPole-v0" not in gym.registry:
+    gym.register("natpg_test/KwargsCartPole-v0", entry_point=KwargsCartPole, max_episode_steps=100)
+
+
+def test_env_kwargs_named_like_natpgs_parameters_reach_the_environment_and_tuples_are_recorded_as_lists():
+    given = {"wrap": 1, "env_id": "x", "action_mask": 0, "n_envs": 3, "n_workers": 5, "extra": (1, 2)}
+    agent = natpg.NPG("natpg_test/KwargsCartPole-v0", env_kwargs=given, n_envs=2, n_steps=32)
+    agent.learn(64)
+    assert agent.config.env.env_kwargs["extra"] == [1, 2]  # as JSON, and so the checkpoint, holds it
+    assert agent._sampler.envs.envs[0].unwrapped.given == {**given, "extra": [1, 2]}
+    assert natpg.agent.evaluation_episodes(agent, episodes=1)["length"][0] >= 1
+
+
+def test_an_environment_refusing_env_kwargs_in_any_way_is_named_with_them():
+    with pytest.raises(ValueError, match=r"'FrozenLake-v1' cannot be made with env_kwargs=\{'map_name': '9x9'\}: "
+                                         r"KeyError"):
+        natpg.NPG("FrozenLake-v1", env_kwargs={"map_name": "9x9"})

@@ -21,7 +21,7 @@ import torch
 
 from . import checkpoint
 from .algorithms import config_for, make_actor_update, make_critic
-from .config import EVAL_MAX_EPISODE_STEPS, REFUSED_WHEN_UNREAD, Config, is_integer
+from .config import EVAL_MAX_EPISODE_STEPS, REFUSED_WHEN_UNREAD, Config, env_kwargs_problem, is_integer, plain_json
 from .envs import ObsNormalizer, RewardScaler, check_env_id, check_spaces, make_vec_env, probe_spaces
 from .fisher.dense import check_dense_size
 from .logger import Logger
@@ -517,11 +517,14 @@ class Agent:
 def _without_inert_settings(config: dict[str, Any], action_space: dict[str, Any]) -> dict[str, Any]:
     """A recorded config with the settings that did nothing put back to their defaults: checkpoints written before
     natpg refused them (config.REFUSED_WHEN_UNREAD: fvp_subsample beside K-FAC, a tanh squash of Discrete actions,
-    target_kl outside PPO) still load, and train exactly as they did. A config that is not natpg's is returned
+    target_kl outside PPO; more multiproc workers than copies, which were clamped) still load, and train exactly as
+    they did. A config that is not natpg's is returned
     as it is (loading it reports what is wrong)."""
     try:
         cfg = Config.from_dict(config)
         reset = {key: Config().get(key) for key in REFUSED_WHEN_UNREAD if cfg.refusal(key, action_space.get("type"))}
+        if cfg.env.vectorization == "multiproc" and cfg.env.n_workers > cfg.env.n_envs:  # was clamped, now refused
+            reset["n_workers"] = cfg.env.n_envs
     except (ValueError, TypeError, AttributeError, KeyError):
         return config
     return json.loads(json.dumps(cfg.override(**reset).to_dict()))
@@ -713,14 +716,19 @@ def _check_callback(callback: Any) -> None:
         pass
 
 
-def evaluation_env_kwargs(agent: Agent, env_id: str) -> dict[str, Any]:
-    """The ``env_kwargs`` an evaluation on ``env_id`` makes its copies with: the agent's own on the id it was
-    trained on, none on another id (whose constructor need not take them)."""
+def evaluation_env_kwargs(agent: Agent, env_id: str, env_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``env_kwargs`` an evaluation on ``env_id`` makes its copies with: those given, else the agent's own on
+    the id it was trained on and none on another id (whose constructor need not take them)."""
+    if env_kwargs is not None:
+        if problem := env_kwargs_problem(env_kwargs):
+            raise ValueError(f"env_kwargs {problem}")
+        return plain_json(env_kwargs)
     return agent.config.env.env_kwargs if env_id == agent.env_id else {}
 
 
 def check_evaluation(agent: Agent, env: str | None, episodes: int, seed: int,
-                     max_episode_steps: int = EVAL_MAX_EPISODE_STEPS) -> str:
+                     max_episode_steps: int = EVAL_MAX_EPISODE_STEPS, env_kwargs: dict[str, Any] | None = None
+                     ) -> str:
     """The environment id to evaluate ``agent`` on (default: its own), after checking the arguments and, for
     another environment, that its spaces match the agent's; a ValueError that says what is wrong otherwise."""
     env_id = env or agent.env_id
@@ -730,8 +738,9 @@ def check_evaluation(agent: Agent, env: str | None, episodes: int, seed: int,
         raise ValueError(f"max_episode_steps must be an integer ≥ 1, got {max_episode_steps!r}")
     if not is_integer(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if env is not None:
-        obs_space, act_space = probe_spaces(env_id, agent.config.env.action_mask, evaluation_env_kwargs(agent, env_id))
+    if env is not None or env_kwargs is not None:  # another environment, or the same made otherwise
+        obs_space, act_space = probe_spaces(env_id, agent.config.env.action_mask,
+                                            evaluation_env_kwargs(agent, env_id, env_kwargs))
         # A Box of the same shape with other bounds is fine (the policy reads the values); any other space must match.
         same_obs = obs_space == agent.observation_space or (
             isinstance(obs_space, gym.spaces.Box) and obs_space.shape == agent.observation_space.shape)
@@ -743,8 +752,8 @@ def check_evaluation(agent: Agent, env: str | None, episodes: int, seed: int,
 
 
 def evaluation_episodes(agent: Agent, env: str | None = None, episodes: int = 10, seed: int = 123,
-                        deterministic: bool = True,
-                        max_episode_steps: int = EVAL_MAX_EPISODE_STEPS) -> dict[str, np.ndarray]:
+                        deterministic: bool = True, max_episode_steps: int = EVAL_MAX_EPISODE_STEPS,
+                        env_kwargs: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """Each of ``episodes`` evaluation episodes, with frozen normalisation: ``return`` (undiscounted), ``length``,
     ``terminated`` (True where the environment ended it; False where its time limit or ``max_episode_steps`` cut
     it) and ``last_obs`` (its last observation as the policy reads it: flattened, any action mask appended).
@@ -755,11 +764,11 @@ def evaluation_episodes(agent: Agent, env: str | None = None, episodes: int = 10
     registered without a time limit would otherwise never return). A NaN or infinite observation or reward is
     a ``NonFiniteEnvError`` naming the episode and step, as in training.
     """
-    env_id = check_evaluation(agent, env, episodes, seed, max_episode_steps)
+    env_id = check_evaluation(agent, env, episodes, seed, max_episode_steps, env_kwargs)
     episodes, seed, max_episode_steps = int(episodes), int(seed), int(max_episode_steps)  # numpy's too
     generator = None if deterministic else torch.Generator(agent.device).manual_seed(seed)
     envs = make_vec_env(env_id, episodes, "sync", action_mask=agent.action_mask_source,
-                        env_kwargs=evaluation_env_kwargs(agent, env_id))
+                        env_kwargs=evaluation_env_kwargs(agent, env_id, env_kwargs))
     try:
         obs, _ = envs.reset(seed=seed)
         flat = np.asarray(obs, np.float64).reshape(episodes, -1)  # flattened, with the mask appended: to the policy
@@ -799,11 +808,13 @@ def evaluation_episodes(agent: Agent, env: str | None = None, episodes: int = 10
 
 
 def evaluate(agent: Agent, env: str | None = None, episodes: int = 10, seed: int = 123,
-             deterministic: bool = True, max_episode_steps: int = EVAL_MAX_EPISODE_STEPS) -> tuple[float, float]:
+             deterministic: bool = True, max_episode_steps: int = EVAL_MAX_EPISODE_STEPS,
+             env_kwargs: dict[str, Any] | None = None) -> tuple[float, float]:
     """Mean and std of the undiscounted return over ``episodes`` episodes run by ``evaluation_episodes`` (copy i
     seeded ``seed + i``, frozen normalisation, an episode not ended after ``max_episode_steps`` cut with a warning).
-    """
-    returns = evaluation_episodes(agent, env, episodes, seed, deterministic, max_episode_steps)["return"]
+    ``env_kwargs``: how the environment is made (default: the run's own on its own id, none on another id), e.g.
+    a policy trained with ``{"g": 3.0}`` evaluated under ``{"g": 10.0}``."""
+    returns = evaluation_episodes(agent, env, episodes, seed, deterministic, max_episode_steps, env_kwargs)["return"]
     return float(returns.mean()), float(returns.std())
 
 

@@ -325,12 +325,12 @@ def config_for(algorithm: str, env_id: str, overrides: dict[str, Any] | None = N
     preset = default_config(algorithm, env_family(env_id), env_id)
     config = preset.override(**(overrides or {}))
     # A preset's value that the user's choices leave unread (PPO's target_kl after step='kl') is not the user's
-    # mistake: it goes back to the default instead of being refused.
-    inert = {key: Config().get(key) for key in REFUSED_WHEN_UNREAD if key not in (overrides or {})
-             and config.refusal(key)}
+    # mistake, even where the user repeats it (a run's config.json holds every value): it goes back to the default
+    # instead of being refused.
+    given = {k: v for k, v in (overrides or {}).items() if preset.get(k) != v} if overrides else {}
+    inert = {key: Config().get(key) for key in REFUSED_WHEN_UNREAD if key not in given and config.refusal(key)}
     config = config.override(**inert).validate()
-    unused = [f"{key} ({why})" for key in overrides or {}
-              if config.get(key) != preset.get(key) and (why := unread_because(config, key))]
+    unused = [f"{key} ({why})" for key in given if (why := unread_because(config, key))]
     if unused:
         warnings.warn(f"{algorithm} on {env_id} does not read these settings: {'; '.join(unused)}", UserWarning,
                       stacklevel=3)

@@ -13,7 +13,7 @@ import sys
 import warnings
 from typing import Any
 
-from .config import EVAL_MAX_EPISODE_STEPS, SECTIONS, Config
+from .config import EVAL_MAX_EPISODE_STEPS, REFUSED_WHEN_UNREAD, SECTIONS, Config
 
 
 DEFAULT_STEPS = 1_000_000
@@ -27,7 +27,10 @@ def parse_setting(text: str) -> tuple[str, Any]:
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-        value = raw
+        try:  # JSON's spelling (true, null), as config.json and --config files have it
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
     if isinstance(value, list):
         value = tuple(value)
     return key.strip(), value
@@ -36,8 +39,9 @@ def parse_setting(text: str) -> tuple[str, Any]:
 def read_settings_file(path: str, algo: str) -> tuple[dict[str, Any], int | None]:
     """The settings in a JSON or TOML file, and its seed if it has one: flat ({"max_kl": 0.02, "hidden": [64, 64]})
     or by section, as a run's config.json records them (its algorithm must be ``algo``; its env_id is not read)."""
+    toml = path.lower().endswith(".toml")
     try:
-        if path.endswith(".toml"):
+        if toml:
             import tomllib
 
             with open(path, "rb") as f:
@@ -48,24 +52,24 @@ def read_settings_file(path: str, algo: str) -> tuple[dict[str, Any], int | None
     except OSError as exc:
         raise ValueError(f"--config {path!r}: cannot read it ({exc.strerror or exc})") from None
     except ValueError as exc:  # json.JSONDecodeError, tomllib.TOMLDecodeError
-        kind = "TOML" if path.endswith(".toml") else "JSON (or a .toml file)"
+        kind = "TOML" if toml else "JSON (or a .toml file)"
         raise ValueError(f"--config {path!r}: not valid {kind}: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config {path!r}: expected settings by name, such as {{\"max_kl\": 0.02}}, "
                          f"got {type(data).__name__}")
     data = dict(data)
-    if data.get("algorithm", algo) != algo:
-        raise ValueError(f"--config {path!r} holds the settings of a run of {data['algorithm']}, not {algo} (they "
-                         f"set its composition: train {data['algorithm']} with it)")
-    data.pop("algorithm", None)
+    recorded = data.pop("algorithm", algo)
+    if not isinstance(recorded, str) or recorded.lower() != algo:
+        raise ValueError(f"--config {path!r} holds the settings of a run of {recorded!r}, not {algo!r} (they "
+                         f"set its composition: train that algorithm with it)")
     data.pop("env_id", None)
     seed = data.pop("seed", None)
     settings: dict[str, Any] = {}
     for key, value in data.items():
-        if key in SECTIONS and isinstance(value, dict):
-            settings |= value
-        else:
-            settings[key] = value
+        for name, v in (value.items() if key in SECTIONS and isinstance(value, dict) else [(key, value)]):
+            if name in settings and settings[name] != v:
+                raise ValueError(f"--config {path!r} sets {name} twice, to {settings[name]!r} and {v!r}")
+            settings[name] = v
     try:
         Config().override(**settings)  # names only: values are checked with the rest of the run's settings
     except ValueError as exc:
@@ -151,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {EVAL_MAX_EPISODE_STEPS:,}; for environments without a time limit)")
     e.add_argument("--env", default=None, help="environment id (default: the one trained on)")
     e.add_argument("--stochastic", action="store_true", help="sample actions instead of the mode")
+    e.add_argument("--env-kwargs", default=None, metavar="DICT",
+                   help="how to make the environment, e.g. \"{'g': 10.0}\" (default: the run's own env_kwargs on "
+                        "its own id, none on another id)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.add_argument("--video", default=None, metavar="FILE",
                    help="also record the episodes, back to back, to FILE (.mp4 and other ffmpeg formats with "
@@ -189,7 +196,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     agent_class = algorithm_class(args.algo)
     file_settings, file_seed = read_settings_file(args.config, args.algo) if args.config else ({}, None)
-    if args.seed is None and args.resume is None:  # a run's config.json reproduces that run, seed included
+    if args.seed is None:  # a run's config.json reproduces that run, seed included (--resume checks it)
         args.seed = file_seed
     overrides = file_settings | dict(parse_setting(s) for s in args.settings)
     for key, value in (("fisher", args.fisher), ("n_envs", args.n_envs), ("device", args.device),
@@ -287,15 +294,23 @@ class _StopOnSignal:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from .algorithms import config_for, setting_sources
-    from .envs import env_family
+    from .algorithms import config_for, default_config, setting_sources
+    from .envs import env_family, probe_spaces
 
     algorithm_class(args.algo)
     file_settings = read_settings_file(args.config, args.algo)[0] if args.config else {}
     given = dict(parse_setting(s) for s in args.settings)
     family = env_family(args.env_id)
     config = config_for(args.algo, args.env_id, file_settings | given)
+    # what train checks against the environment itself (its spaces, env_kwargs), without training
+    _, action_space = probe_spaces(args.env_id, config.env.action_mask, config.env.env_kwargs)
+    if refusal := config.refusal("action_squash", type(action_space).__name__):
+        raise ValueError(refusal)
     sources = setting_sources(args.algo, family, args.env_id, given, {args.config: file_settings} if args.config else {})
+    preset = default_config(args.algo, family, args.env_id)
+    for key in REFUSED_WHEN_UNREAD:  # a preset's value the run would not read went back to the default
+        if config.get(key) == Config().get(key) != preset.get(key) and sources[key] != "user":
+            sources[key] = "default (the preset's value is not read by this run)"
     rows = [(section, key, value, sources[key]) for section, values in config.to_dict().items()
             if isinstance(values, dict) for key, value in values.items()]
     if args.json:
@@ -315,15 +330,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         os.environ.setdefault("MUJOCO_GL", "egl")  # headless: MuJoCo renders through EGL (read at its import),
         os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame (classic control) without a window
     agent = load(args.run_dir)
+    env_kwargs = None if args.env_kwargs is None else parse_setting(f"env_kwargs={args.env_kwargs}")[1]
     if args.video:
         from .video import record_video
 
         returns = record_video(agent, args.video, args.env, episodes=args.episodes, seed=args.seed,
-                               deterministic=not args.stochastic, max_episode_steps=args.max_episode_steps)
+                               deterministic=not args.stochastic, max_episode_steps=args.max_episode_steps,
+                               env_kwargs=env_kwargs)
         mean, std = float(statistics.fmean(returns)), float(statistics.pstdev(returns))
     else:
         mean, std = evaluate(agent, args.env, episodes=args.episodes, seed=args.seed,
-                             deterministic=not args.stochastic, max_episode_steps=args.max_episode_steps)
+                             deterministic=not args.stochastic, max_episode_steps=args.max_episode_steps,
+                             env_kwargs=env_kwargs)
     result = {"env_id": args.env or agent.env_id, "algorithm": agent.algorithm, "episodes": args.episodes,
               "seed": args.seed, "return_mean": mean, "return_std": std, "env_steps_trained": agent.env_steps}
     if args.video:
@@ -383,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except (ValueError, FileNotFoundError, ImportError, TrainingFault, NonFiniteEnvError, WorkerFailure,
             RenderError) as exc:
-        print(f"natpg {args.command}: error: {exc}{_natpg_notes(exc)}", file=sys.stderr)
+        message = str(exc).replace(":\n  ", ": ", 1).replace("\n  ", "; ")  # one line: Config's list of problems
+        print(f"natpg {args.command}: error: {message}{_natpg_notes(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         print(f"natpg {args.command}: interrupted{_natpg_notes(exc)}", file=sys.stderr)

@@ -22,6 +22,7 @@ import numpy as np
 ALGORITHMS = ("npg", "trpo", "acktr", "nac", "ppo", "vpg")
 FISHERS = ("cg", "dense", "kfac", "diagonal", "empirical", "identity")
 CG_PRECONDITIONERS = (None, "kfac", "diagonal")
+N_WORKERS = 2  # EnvConfig.n_workers' default: lowered to n_envs where there are fewer copies
 STEP_LENGTHS = ("subsample", "batch")  # fvp_subsample_step_length: where the KL step measures dᵀFd
 STEP_RULES = ("fixed", "adam", "kl", "linesearch", "kfac_clip", "ppo_clip")
 KL_RULES = ("kl", "linesearch", "kfac_clip")  # the step rules with a KL budget δ
@@ -41,8 +42,9 @@ class EnvConfig:
     vectorization: str = "sync"
     """'sync' steps the copies in this process; 'async' runs each copy in its own subprocess (Gymnasium);
     'multiproc' splits the copies over n_workers processes, several copies each (natpg.vector)."""
-    n_workers: int = 2
-    """Worker processes of the 'multiproc' vectorization (at most n_envs)."""
+    n_workers: int = N_WORKERS
+    """Worker processes of the 'multiproc' vectorization (at most n_envs; the default 2 becomes n_envs where
+    there are fewer copies)."""
     normalize_obs: bool = True
     """Running mean/std normalisation of observations (saved with the model, frozen at evaluation)."""
     obs_clip: float = 10.0
@@ -285,11 +287,12 @@ def env_kwargs_problem(kwargs: Any) -> str | None:
 
 
 def plain_json(v: Any) -> Any:
-    """``v`` with NumPy scalars (a sweep over np.arange gives those) as the Python values they stand for."""
+    """``v`` as JSON holds it: NumPy scalars (a sweep over np.arange gives those) as the Python values they stand
+    for, tuples as lists."""
     if isinstance(v, dict):
         return {k: plain_json(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return type(v)(plain_json(x) for x in v)
+        return [plain_json(x) for x in v]  # a list, as JSON (and so the checkpoint) has it
     return v.item() if isinstance(v, np.generic) else v
 
 
@@ -390,7 +393,7 @@ class Config:
         pos_int("n_envs", e.n_envs)
         choice("vectorization", e.vectorization, ("sync", "async", "multiproc"))
         pos_int("n_workers", e.n_workers)
-        if e.vectorization == "multiproc" and whole(e.n_workers) and whole(e.n_envs):
+        if e.vectorization == "multiproc" and whole(e.n_workers) and whole(e.n_envs) and e.n_workers != N_WORKERS:
             need(e.n_workers <= e.n_envs, f"n_workers ({e.n_workers}) must be at most n_envs ({e.n_envs}) with "
                                           f"vectorization='multiproc': each process steps at least one copy")
         pos_num("obs_clip", e.obs_clip)

@@ -122,13 +122,27 @@ def make_kwargs(env_id: str) -> dict[str, Any]:
     return {"frameskip": 1} if is_atari(env_id) else {}
 
 
-def make_env(env_id: str, action_mask=None, wrap: bool = True, **kwargs: Any) -> gym.Env:
+# gymnasium.make arguments natpg's Atari preprocessing sets or relies on (it skips frames and reads the screen)
+ATARI_FIXED_KWARGS = ("frameskip", "obs_type")
+
+
+def make_env(env_id: str, action_mask=None, wrap: bool = True, env_kwargs: dict[str, Any] | None = None,
+             render_mode: str | None = None) -> gym.Env:
     """One copy of the environment with natpg's wrappers; ``wrap=False`` stops before flattening and masking
-    (the space a user's observations come in, after Atari preprocessing); ``kwargs`` go to ``gym.make``."""
-    if is_atari(env_id) and "frameskip" in kwargs:
-        raise ValueError(f"environment {env_id!r}: natpg's Atari preprocessing skips frames itself (4); leave "
-                         f"frameskip out of env_kwargs")
-    env = gym.make(env_id, **{**make_kwargs(env_id), **kwargs})
+    (the space a user's observations come in, after Atari preprocessing); ``env_kwargs`` go to ``gym.make``.
+    An environment that cannot be made with the user's ``env_kwargs`` is a ValueError naming them."""
+    env_kwargs = env_kwargs or {}
+    if is_atari(env_id) and (fixed := sorted(set(env_kwargs) & set(ATARI_FIXED_KWARGS))):
+        raise ValueError(f"environment {env_id!r}: natpg's Atari preprocessing skips frames (4) and reads the "
+                         f"screen itself; leave {fixed} out of env_kwargs")
+    kwargs = {**make_kwargs(env_id), **env_kwargs, **({"render_mode": render_mode} if render_mode else {})}
+    try:
+        env = gym.make(env_id, **kwargs)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError, OSError, AssertionError) as exc:
+        if not env_kwargs or (render_mode and isinstance(exc, TypeError) and "render_mode" in str(exc)):
+            raise
+        raise ValueError(f"environment {env_id!r} cannot be made with env_kwargs={env_kwargs!r}: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     for w in env_wrappers(env_id, action_mask) if wrap else atari_wrappers() if is_atari(env_id) else []:
         env = w(env)
     return env
@@ -212,12 +226,7 @@ def probe_spaces(env_id: str, action_mask=None, env_kwargs: dict[str, Any] | Non
     check_env_id(env_id)
     env_kwargs = env_kwargs or {}
     try:
-        env = make_env(env_id, wrap=False, **env_kwargs)
-    except TypeError as exc:
-        if not env_kwargs:
-            raise
-        raise ValueError(f"environment {env_id!r} cannot be made with env_kwargs={env_kwargs!r}: "
-                         f"{str(exc).splitlines()[0]}") from None
+        env = make_env(env_id, wrap=False, env_kwargs=env_kwargs)
     except gym.error.DependencyNotInstalled as exc:
         raise ValueError(f"environment {env_id!r} needs an optional dependency: {exc}. For MuJoCo tasks: "
                          f"pip install 'natpg[mujoco]'; for Atari: pip install 'natpg[atari]'") from None
@@ -230,7 +239,7 @@ def probe_spaces(env_id: str, action_mask=None, env_kwargs: dict[str, Any] | Non
         if not isinstance(act_space, gym.spaces.Discrete):
             raise ValueError(f"action_mask is for Discrete action spaces, {env_id!r} has {act_space}")
         if not callable(action_mask):  # the info key must be there at reset: check before any work
-            env = make_env(env_id, action_mask, **env_kwargs)
+            env = make_env(env_id, action_mask, env_kwargs=env_kwargs)
             try:
                 env.reset(seed=0)
             finally:
@@ -252,11 +261,11 @@ def make_vec_env(env_id: str, n_envs: int, vectorization: str = "sync", n_worker
     if vectorization == "multiproc":  # several copies per worker process (natpg.vector)
         from .vector import MultiprocVectorEnv
 
-        return MultiprocVectorEnv(env_id, n_envs, n_workers, action_mask, **env_kwargs)
+        return MultiprocVectorEnv(env_id, n_envs, min(n_workers, n_envs), action_mask, env_kwargs)
     if vectorization == "sync":  # natpg's lean in-process vector env (natpg.vector)
         from .vector import SerialVectorEnv
 
-        return SerialVectorEnv([lambda: make_env(env_id, action_mask, **env_kwargs) for _ in range(n_envs)])
+        return SerialVectorEnv([lambda: make_env(env_id, action_mask, env_kwargs=env_kwargs) for _ in range(n_envs)])
     return gym.make_vec(env_id, num_envs=n_envs, vectorization_mode=vectorization,
                         vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP},
                         wrappers=env_wrappers(env_id, action_mask), **{**make_kwargs(env_id), **env_kwargs})

@@ -233,7 +233,9 @@ def batch_diagnostics(policy: nn.Module, batch: Batch, critic_loss_before: float
     out = {"policy/entropy": float(policy.head.dist(batch.eta_old).entropy().mean())}
     if critic_loss_before is not None:
         var = float(batch.ret.var(unbiased=False))
-        out["critic/explained_variance"] = 1.0 - critic_loss_before / var if var > 0 else float("nan")
+        # returns equal up to rounding (γ = 0 with a constant reward) have no variance to explain
+        spread = var > 1e-10 * float((batch.ret**2).mean())
+        out["critic/explained_variance"] = 1.0 - critic_loss_before / var if spread else float("nan")
     return out
 
 

@@ -74,14 +74,14 @@ class SerialVectorEnv:
                 env.close()
 
 
-def _worker(conn, env_id: str, n_envs: int, action_mask, make_kwargs: dict[str, Any]) -> None:
+def _worker(conn, env_id: str, n_envs: int, action_mask, env_kwargs: dict[str, Any]) -> None:
     # Ctrl-C goes to the whole process group: let the parent handle it (it saves a checkpoint, then closes us).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     envs = None
     try:
         from .envs import make_env
 
-        envs = SerialVectorEnv([lambda: make_env(env_id, action_mask, **make_kwargs) for _ in range(n_envs)])
+        envs = SerialVectorEnv([lambda: make_env(env_id, action_mask, env_kwargs=env_kwargs) for _ in range(n_envs)])
         conn.send(("ok", (envs.single_observation_space, envs.single_action_space, envs.metadata)))
         while True:
             cmd, data = conn.recv()
@@ -109,7 +109,8 @@ class MultiprocVectorEnv:
     """``n_envs`` copies of ``env_id`` split over ``n_workers`` processes (the API subset natpg's sampler uses:
     ``reset(seed)``, ``step(actions)`` with ``info['final_obs']``, ``num_envs``, the single spaces, ``close``)."""
 
-    def __init__(self, env_id: str, n_envs: int, n_workers: int, action_mask=None, **make_kwargs: Any):
+    def __init__(self, env_id: str, n_envs: int, n_workers: int, action_mask=None,
+                 env_kwargs: dict[str, Any] | None = None):
         if n_workers < 1 or n_workers > n_envs:
             raise ValueError(f"n_workers must be between 1 and n_envs={n_envs}, got {n_workers}")
         self.num_envs, self.env_id = n_envs, env_id
@@ -119,7 +120,7 @@ class MultiprocVectorEnv:
         self.conns, self.procs = [], []
         for size in sizes:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, env_id, size, action_mask, make_kwargs), daemon=True)
+            proc = ctx.Process(target=_worker, args=(child, env_id, size, action_mask, env_kwargs or {}), daemon=True)
             proc.start()
             child.close()
             self.conns.append(parent)

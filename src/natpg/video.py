@@ -77,27 +77,27 @@ def _builds_without_render_mode(env_id: str, action_mask, env_kwargs: dict) -> b
     """Whether ``env_id`` builds without ``render_mode``: then a TypeError with it came from that keyword
     (Gymnasium passes it to the constructor, and a plain ``__init__(self)`` rejects it)."""
     try:
-        make_env(env_id, action_mask, **env_kwargs).close()
+        make_env(env_id, action_mask, env_kwargs=env_kwargs).close()
     except Exception:
         return False
     return True
 
 
 def record_video(agent: Agent, path: str | os.PathLike, env: str | None = None, episodes: int = 1,
-                 seed: int = 123, deterministic: bool = True,
-                 max_episode_steps: int = EVAL_MAX_EPISODE_STEPS) -> list[float]:
+                 seed: int = 123, deterministic: bool = True, max_episode_steps: int = EVAL_MAX_EPISODE_STEPS,
+                 env_kwargs: dict | None = None) -> list[float]:
     """Play ``episodes`` episodes of ``agent`` on ``env`` (default: its own) and write them, back to back, to
     ``path`` (.mp4/.mkv/.webm/.avi/.mov through ffmpeg, needs ``natpg[video]``; or .gif). Returns each
     episode's undiscounted return. The file appears only when complete (written beside it, then renamed).
     An episode not ended after ``max_episode_steps`` steps is cut there, with a warning, as in ``evaluate``."""
     out = _check_path(path)
-    env_id = check_evaluation(agent, env, episodes, seed, max_episode_steps)
-    env_kwargs = evaluation_env_kwargs(agent, env_id)
+    env_id = check_evaluation(agent, env, episodes, seed, max_episode_steps, env_kwargs)
+    env_kwargs = evaluation_env_kwargs(agent, env_id, env_kwargs)
     episodes, seed, max_episode_steps = int(episodes), int(seed), int(max_episode_steps)  # numpy's too
     with warnings.catch_warnings():  # an environment without rgb_array gets the clearer error below
         warnings.filterwarnings("ignore", message=".*render_mode.*not in the possible render_modes")
         try:
-            rendered = make_env(env_id, agent.action_mask_source, render_mode="rgb_array", **env_kwargs)
+            rendered = make_env(env_id, agent.action_mask_source, env_kwargs=env_kwargs, render_mode="rgb_array")
         except TypeError as exc:
             if not _builds_without_render_mode(env_id, agent.action_mask_source, env_kwargs):
                 raise  # the constructor fails anyway: not a rendering problem
