@@ -858,3 +858,28 @@ def test_a_checkpoint_with_more_multiproc_workers_than_copies_still_loads(tmp_pa
     checkpoint.write(str(tmp_path), meta, tensors)
     assert natpg.load(str(tmp_path)).config.env.n_workers == 2
     assert natpg.NPG("CartPole-v1", vectorization="multiproc", n_envs=1, n_steps=32, tensorboard=False).config.env.n_workers == 2
+
+
+@pytest.mark.parametrize("engine", [{}, {"sampler": "processes", "workers": 2}])
+def test_episodes_csv_has_every_finished_training_episode_and_resumes_like_progress(engine, tmp_path):
+    """One row per training episode, (return, length) as the sampler counted them: as many rows as the sampler's
+    episode count, the last 100 equal to the episodes ep_return_mean averages; a resumed run's file equals an
+    uninterrupted one's."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    agent = natpg.NPG("CartPole-v1", seed=3, **small(**engine))
+    agent.learn(64 * 6, out_dir=one)
+    with open(os.path.join(one, "episodes.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == agent._sampler.episodes > 10
+    assert [float(r["return"]) for r in rows[-100:]] == list(agent._sampler.recent_returns)
+    assert [int(r["length"]) for r in rows[-100:]] == list(agent._sampler.recent_lengths)
+    assert all(float(r["return"]) == int(r["length"]) for r in rows)  # CartPole: reward 1 per step
+    steps = [int(r["env_steps"]) for r in rows]
+    assert steps == sorted(steps) and set(steps) <= {64 * k for k in range(1, 7)}
+    agent.close()
+    if engine:
+        return
+    first = natpg.NPG("CartPole-v1", seed=3, **small())
+    first.learn(64 * 3, out_dir=two)
+    natpg.load(two).learn(64 * 3, out_dir=two, reset=False)
+    assert (tmp_path / "two" / "episodes.csv").read_text() == (tmp_path / "one" / "episodes.csv").read_text()

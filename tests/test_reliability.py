@@ -709,6 +709,7 @@ def _assert_same_run(a, b, dir_a, dir_b):
     assert torch.equal(a.cpu_generator.get_state(), b.cpu_generator.get_state())
     assert (a.env_steps, a.updates) == (b.env_steps, b.updates)
     assert progress_rows(dir_a) == progress_rows(dir_b)
+    assert (Path(dir_a) / "episodes.csv").read_text() == (Path(dir_b) / "episodes.csv").read_text()
 
 
 RESUME_CASES = [("npg", "CartPole-v1", {}), ("trpo", "Pendulum-v1", {"normalize_reward": True}),

@@ -238,6 +238,7 @@ class Agent:
                                   critic_fit=self._critic_fit)
                 self.updates += 1
                 self.env_steps += batch
+                logger.record_episodes(self.env_steps, self._sampler.last_episodes)
                 stats |= schedule
                 fault = fault_of(stats)
                 self.consecutive_faults = self.consecutive_faults + 1 if fault else 0
@@ -628,7 +629,7 @@ def load(path: str, action_mask=None, **changes: Any) -> Agent:
                          f"{str(exc).splitlines()[0]}") from None
 
 
-RUN_OUTPUTS = ("model.pt", "config.json", "progress.csv", "events.log", "tb", "best")  # what a run writes
+RUN_OUTPUTS = ("model.pt", "config.json", "progress.csv", "episodes.csv", "events.log", "tb", "best")  # a run's
 
 
 def claim_run_dir(agent: Agent, out_dir: Any, overwrite: bool = False) -> bool:

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "another run is refused unless --overwrite")
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run in --out (deletes natpg's outputs there: model.pt, config.json, "
-                        "progress.csv, events.log, tb/, best/)")
+                        "progress.csv, episodes.csv, events.log, tb/, best/)")
     t.add_argument("--fisher", default=None, help="how F⁻¹g is applied: cg, dense, kfac, diagonal, empirical")
     t.add_argument("--n-envs", type=int, default=None, help="environment copies per vector env")
     t.add_argument("--device", default=None, help="update device: cpu or cuda")

@@ -9,8 +9,11 @@ import os
 from typing import Any
 
 
+EPISODE_COLUMNS = ["env_steps", "return", "length"]
+
+
 class Logger:
-    """Writes one row per logged update. A numeric key not seen before (a callback's own metric, a column a
+    """Writes one row per logged update to progress.csv, and one per finished training episode to episodes.csv. A numeric key not seen before (a callback's own metric, a column a
     newer natpg adds to a continued run) becomes a new column: the file is rewritten with it, NaN in the earlier
     rows. Non-numeric values go to ``events.log``.
 
@@ -24,6 +27,7 @@ class Logger:
                  total_steps: int = 0, resume: bool = False, resume_step: int | None = None):
         self.out_dir = out_dir
         self._csv_file = None
+        self._episodes_file = None
         self._writer = None
         self._columns: list[str] | None = None
         self._bar = None
@@ -35,6 +39,12 @@ class Logger:
                 self._csv_file = open(path, "a", newline="")
             else:
                 self._csv_file = open(path, "w", newline="")
+            path = os.path.join(out_dir, "episodes.csv")
+            if resume and os.path.exists(path) and _truncate_progress(path, resume_step) == EPISODE_COLUMNS:
+                self._episodes_file = open(path, "a", newline="")
+            else:
+                self._episodes_file = open(path, "w", newline="")
+                csv.writer(self._episodes_file).writerow(EPISODE_COLUMNS)
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -72,6 +82,13 @@ class Logger:
             self._bar.set_postfix_str(f"return {ret:.1f}", refresh=False)  # tqdm itself shows steps/s
             self._bar.refresh()
 
+    def record_episodes(self, env_steps: int, episodes: list[tuple[float, int]]) -> None:
+        """One episodes.csv row per finished training episode, (return, length) as Monitor files have them, in
+        the order they ended; ``env_steps``: the count at the end of the rollout it ended in."""
+        if self._episodes_file is not None and episodes:
+            csv.writer(self._episodes_file).writerows([env_steps, _fmt(ret), length] for ret, length in episodes)
+            self._episodes_file.flush()
+
     def _add_columns(self, new: list[str]) -> None:
         """Rewrite progress.csv (atomically) with ``new`` columns after the others, NaN in the rows written."""
         from .checkpoint import _atomic_write
@@ -94,6 +111,8 @@ class Logger:
     def close(self) -> None:
         if self._csv_file is not None:
             self._csv_file.close()
+        if self._episodes_file is not None:
+            self._episodes_file.close()
         if self._writer is not None:
             self._writer.close()
         if self._bar is not None:

@@ -79,6 +79,7 @@ class Sampler:
         self.recent_returns: deque[float] = deque(maxlen=100)
         self.recent_lengths: deque[int] = deque(maxlen=100)
         self.episodes = 0
+        self.last_episodes: list[tuple[float, int]] = []  # (return, length) of each episode the last collect ended
         self.total_steps = 0
         self.dropped = 0  # episodes ended early because of a non-finite observation or reward
         self._cpu_actor: torch.nn.Module | None = None  # the acting copy of a policy that lives on a GPU
@@ -100,6 +101,7 @@ class Sampler:
     def collect(self, policy: torch.nn.Module, n_steps: int) -> Rollout:
         # inference_mode is the cheapest way to run the per-step forward; the rollout's tensors are made
         # after it, so that they are ordinary tensors the updates can differentiate through.
+        self.last_episodes = []
         with torch.inference_mode():
             buffers = self._steps(self._actor(policy), n_steps)
         obs_buf, act_buf, rew_buf, term_buf, trunc_buf, next_buf, valid = buffers
@@ -176,6 +178,7 @@ class Sampler:
                 for i in np.flatnonzero(finished):
                     self.recent_returns.append(float(self.ep_return[i]))
                     self.recent_lengths.append(int(self.ep_length[i]))
+                    self.last_episodes.append((float(self.ep_return[i]), int(self.ep_length[i])))
                 self.episodes += int(finished.sum())
             if done.any():
                 self.ep_return[done] = 0.0

@@ -94,6 +94,7 @@ class DistributedSampler:
         self.recent_returns: deque[float] = deque(maxlen=100)
         self.recent_lengths: deque[int] = deque(maxlen=100)
         self.episodes = 0
+        self.last_episodes: list[tuple[float, int]] = []  # (return, length) of each episode the last collect ended
         self.total_steps = 0
         self.steps = 0
         self.dropped = 0
@@ -176,6 +177,7 @@ class DistributedSampler:
                     self.rew_scale.rms.update(ret[t][ok[t]])
         finished = sorted(((t, r.worker, k, ret, length) for r in results
                            for k, (t, ret, length) in enumerate(r.episodes)))
+        self.last_episodes = [(float(ret), int(length)) for _, _, _, ret, length in finished]
         for _, _, _, ret, length in finished:
             self.recent_returns.append(float(ret))
             self.recent_lengths.append(int(length))
