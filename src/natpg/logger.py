@@ -13,11 +13,12 @@ EPISODE_COLUMNS = ["env_steps", "return", "length"]
 
 
 class Logger:
-    """Writes one row per logged update to progress.csv, and one per finished training episode to episodes.csv. A numeric key not seen before (a callback's own metric, a column a
-    newer natpg adds to a continued run) becomes a new column: the file is rewritten with it, NaN in the earlier
-    rows. Non-numeric values go to ``events.log``.
+    """Writes one row per logged update to progress.csv, and one per finished training episode to episodes.csv.
+    A numeric key not seen before (a callback's own metric, a column a newer natpg adds to a continued run)
+    becomes a new column of progress.csv: the file is rewritten with it, NaN in the earlier rows. Non-numeric
+    values go to ``events.log``.
 
-    ``resume=True`` appends to an existing progress.csv (keeping its columns). With ``resume_step`` (the
+    ``resume=True`` appends to an existing progress.csv (keeping its columns) and episodes.csv. With ``resume_step`` (the
     env_steps of the checkpoint being resumed) it first drops the rows written after that checkpoint
     (by a run killed between a log row and its next checkpoint) and a partly written last line, so
     that the resumed file equals the one an uninterrupted run writes.
