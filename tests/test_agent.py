@@ -585,7 +585,7 @@ def test_numpy_integers_count_as_integers_everywhere_a_count_is_taken(tmp_path):
 REFUSED_CASES = {"fvp_subsample": ("npg", {"fvp_subsample": 0.5}, {"fisher": "kfac"}),
                  "cg_preconditioner": ("npg", {"cg_preconditioner": "diagonal"}, {"fisher": "diagonal"}),
                  "kl_schedule": ("npg", {"kl_schedule": "linear"}, {"step": "adam"}),
-                 "lr_schedule": ("vpg", {"lr_schedule": "linear"}, {"step": "kl"}),
+                 "lr_schedule": ("vpg", {"lr_schedule": "linear"}, {"step": "kl", "env": "CartPole-v1"}),
                  "target_kl": ("ppo", {"target_kl": 0.03}, {"step": "kl"}),
                  "ent_coef": ("npg", {"ent_coef": 0.01}, {"algorithm": "nac"}),
                  "value_clip": ("ppo", {"value_clip": 0.2}, {"critic_optimizer": "kfac"}),
@@ -752,7 +752,7 @@ def test_cli_config_file_reproduces_a_run_and_layers_under_set(tmp_path, capsys)
     assert shown["hidden"] == {"value": [32, 32], "source": str(toml)} and shown["cg_iters"]["source"] == str(toml)
     assert shown["max_kl"] == {"value": 0.05, "source": "user"}
     assert cli(["config", "trpo", "CartPole-v1", "--config", os.path.join(first, "config.json")]) == 2
-    assert "holds the settings of a run of npg, not trpo" in capsys.readouterr().err
+    assert "holds the settings of a run of 'npg', not 'trpo'" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text('{"max_kll": 1}')
     assert cli(["config", "npg", "CartPole-v1", "--config", str(tmp_path / "bad.json")]) == 2
     assert re.search(r"--config '.*bad.json': unknown setting\(s\) \['max_kll'\] \(did you mean", capsys.readouterr().err)
