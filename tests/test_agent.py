@@ -883,3 +883,13 @@ def test_episodes_csv_has_every_finished_training_episode_and_resumes_like_progr
     first.learn(64 * 3, out_dir=two)
     natpg.load(two).learn(64 * 3, out_dir=two, reset=False)
     assert (tmp_path / "two" / "episodes.csv").read_text() == (tmp_path / "one" / "episodes.csv").read_text()
+
+
+def test_device_auto_takes_the_gpu_where_there_is_one_and_is_recorded_as_auto(tmp_path):
+    agent = natpg.NPG("CartPole-v1", device="auto", **small())
+    assert agent.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    agent.learn(64)
+    agent.save(str(tmp_path))
+    assert natpg.load(str(tmp_path)).config.run.device == "auto"
+    with pytest.raises(ValueError, match=r"device must be 'cpu', 'cuda\[:N\]' or 'auto', got 'gpu'"):
+        natpg.NPG("CartPole-v1", device="gpu")

@@ -131,10 +131,12 @@ class Agent:
         if refusal := config.refusal("action_squash", type(action_space).__name__):  # validate does not see spaces
             raise ValueError(refusal)
         if config.run.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device={config.run.device!r} requested but CUDA is not available")
+            raise ValueError(f"device={config.run.device!r} requested but CUDA is not available (device='auto' takes "
+                             f"the GPU where there is one)")
         self.env_id, self.seed, self._config = env_id, seed, config
         self.observation_space, self.action_space = observation_space, action_space
-        self.device = torch.device(config.run.device)
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.run.device == "auto"
+                                   else config.run.device)
         torch.set_num_threads(config.run.torch_threads)
         torch.manual_seed(seed)
         p = config.policy

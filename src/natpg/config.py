@@ -193,7 +193,8 @@ class StepConfig:
 @dataclass(frozen=True)
 class RunConfig:
     device: str = "cpu"
-    """Device of the update computations ('cpu' or 'cuda'); environments always step on the CPU."""
+    """Device of the update computations ('cpu', 'cuda[:N]', or 'auto': the GPU where there is one, decided where the
+    agent is built or loaded); environments always step on the CPU."""
     torch_threads: int = 1
     """torch.set_num_threads for the process (1 is usually fastest for small networks on few cores)."""
     update_threads: int = 0
@@ -460,8 +461,8 @@ class Config:
         pos_num("critic_eta_max", c.critic_eta_max)
         pos_num("critic_damping", c.critic_damping, allow_zero=True)
         pos_num("value_clip", c.value_clip, allow_zero=True)
-        need(isinstance(run.device, str) and (run.device == "cpu" or run.device.startswith("cuda")),
-             f"device must be 'cpu' or 'cuda[:N]', got {run.device!r}")
+        need(isinstance(run.device, str) and (run.device in ("cpu", "auto") or run.device.startswith("cuda")),
+             f"device must be 'cpu', 'cuda[:N]' or 'auto', got {run.device!r}")
         pos_int("torch_threads", run.torch_threads)
         need(integer(run.update_threads) and run.update_threads >= 0,
              f"update_threads must be an integer ≥ 1, or 0 for torch_threads, got {run.update_threads!r}")
