@@ -893,3 +893,18 @@ def test_device_auto_takes_the_gpu_where_there_is_one_and_is_recorded_as_auto(tm
     assert natpg.load(str(tmp_path)).config.run.device == "auto"
     with pytest.raises(ValueError, match=r"device must be 'cpu', 'cuda\[:N\]' or 'auto', got 'gpu'"):
         natpg.NPG("CartPole-v1", device="gpu")
+
+
+def test_a_callback_that_raises_leaves_the_completed_update_logged_and_saved(tmp_path):
+    def callback(agent, row):
+        if agent.updates == 2:
+            raise RuntimeError("my callback's bug")
+
+    agent = natpg.NPG("CartPole-v1", seed=0, **small())
+    with pytest.raises(RuntimeError, match="my callback's bug") as info:
+        agent.learn(64 * 4, out_dir=str(tmp_path), callback=callback)
+    assert any(n.startswith("natpg: the callback raised after update 2") for n in info.value.__notes__)
+    with open(tmp_path / "progress.csv", newline="") as f:
+        assert [r["updates"] for r in csv.DictReader(f)] == ["1", "2"]
+    loaded = natpg.load(str(tmp_path))
+    assert loaded.updates == 2 and torch.equal(parameters_of(loaded.policy), parameters_of(agent.policy))

@@ -258,7 +258,11 @@ class Agent:
                        **getattr(self._sampler, "log_stats", dict)()}
                 evaluated = not math.isnan(stats.get("eval/return_mean", math.nan))
                 # The callback sees the row first: numbers it adds (row["custom/x"] = ...) are logged with it.
-                stop = callback is not None and callback(self, row) is False
+                failed: BaseException | None = None
+                try:
+                    stop = callback is not None and callback(self, row) is False
+                except BaseException as exc:  # the update is complete: logged and saved before the error goes on
+                    failed, stop = exc, True
                 if self.updates % run.log_interval == 0 or fault or evaluated:
                     logger.record(row)
                 if self.consecutive_faults >= run.max_consecutive_faults:
@@ -269,6 +273,11 @@ class Agent:
                         f"one: {fault}. The parameters are those from before the faults{saved}.")
                 if out_dir and run.checkpoint_every and self.updates % run.checkpoint_every == 0:
                     self.save(out_dir)
+                if failed is not None:
+                    if out_dir:
+                        failed.add_note(f"natpg: the callback raised after update {self.updates} ({self.env_steps} "
+                                        f"env steps); that update is logged and saved in {self.save(out_dir)}")
+                    raise failed
                 if stop:
                     break
         finally:
