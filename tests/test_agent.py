@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -908,3 +909,41 @@ def test_a_callback_that_raises_leaves_the_completed_update_logged_and_saved(tmp
         assert [r["updates"] for r in csv.DictReader(f)] == ["1", "2"]
     loaded = natpg.load(str(tmp_path))
     assert loaded.updates == 2 and torch.equal(parameters_of(loaded.policy), parameters_of(agent.policy))
+
+
+def test_latest_audit_edges(tmp_path):
+    """A CUDA run loaded on the CPU goes on in its own directory; a callback's NumPy/torch numbers are numbers, and
+    changing natpg's own columns is an error (the update saved); settings the saved state is made by cannot change
+    at load; env_kwargs is frozen with the Config; 'cuda:x' is not a device."""
+    from natpg import checkpoint
+
+    run = tmp_path / "run"
+    natpg.NPG("CartPole-v1", seed=1, **small()).learn(64, out_dir=str(run))
+    meta, tensors = checkpoint.read(str(run))
+    meta["config"]["run"]["device"] = "cuda:0"
+    checkpoint.write(str(run), meta, tensors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        natpg.load(str(run)).learn(64, out_dir=str(run), reset=False)
+        assert natpg.load(str(run)).env_steps == 128
+
+    def numbers(agent, row):
+        row.update({"custom/f32": np.float32(0.5), "custom/i64": np.int64(3), "custom/t": torch.tensor(2.5),
+                    "custom/text": "hello"})
+
+    other = tmp_path / "other"
+    natpg.NPG("CartPole-v1", **small()).learn(64, out_dir=str(other), callback=numbers)
+    with open(other / "progress.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    assert (row["custom/f32"], row["custom/i64"], row["custom/t"]) == ("0.5", "3", "2.5") and "custom/text" not in row
+    with pytest.raises(ValueError, match=r"the callback changed natpg's own columns \['env_steps'\]") as info:
+        natpg.NPG("CartPole-v1", **small()).learn(
+            128, out_dir=str(tmp_path / "bad"), callback=lambda a, r: r.update(env_steps=999))
+    assert any("that update is saved in" in n for n in info.value.__notes__)
+    with pytest.raises(ValueError, match=r"natpg.load cannot change \['log_std_init'\]"):
+        natpg.load(str(other), log_std_init=-2.0)
+    agent = natpg.NPG("Pendulum-v1", env_kwargs={"g": 3.0}, **small())
+    with pytest.raises(TypeError, match="a Config is frozen, env_kwargs too"):
+        agent.config.env.env_kwargs["g"] = 5.0
+    with pytest.raises(ValueError, match=r"device must be 'cpu', 'cuda\[:N\]' or 'auto', got 'cuda:x'"):
+        natpg.NPG("CartPole-v1", device="cuda:x")

@@ -259,10 +259,15 @@ class Agent:
                 evaluated = not math.isnan(stats.get("eval/return_mean", math.nan))
                 # The callback sees the row first: numbers it adds (row["custom/x"] = ...) are logged with it.
                 failed: BaseException | None = None
+                before = dict(row)
                 try:
                     stop = callback is not None and callback(self, row) is False
                 except BaseException as exc:  # the update is complete: logged and saved before the error goes on
                     failed, stop = exc, True
+                if failed is None and (changed := [k for k, v in before.items() if row.get(k, v) is not v or k not in row]):
+                    failed = ValueError(f"the callback changed natpg's own columns {changed}: add keys of your own "
+                                        f"instead (row['custom/...'] = value)")
+                    row = before
                 if self.updates % run.log_interval == 0 or fault or evaluated:
                     logger.record(row)
                 if self.consecutive_faults >= run.max_consecutive_faults:
@@ -276,7 +281,7 @@ class Agent:
                 if failed is not None:
                     if out_dir:
                         failed.add_note(f"natpg: the callback raised after update {self.updates} ({self.env_steps} "
-                                        f"env steps); that update is logged and saved in {self.save(out_dir)}")
+                                        f"env steps); that update is saved in {self.save(out_dir)}")
                     raise failed
                 if stop:
                     break
@@ -595,9 +600,10 @@ ALGORITHM_CLASSES: dict[str, type[Agent]] = {"npg": NPG, "trpo": TRPO, "vpg": VP
                                              "ppo": PPO}
 
 
-# Settings the saved tensors are shaped by: loading cannot change them.
+# Settings the saved state is made by (the networks' shapes, their initial σ, the inputs the normaliser's statistics
+# scale): loading cannot change them.
 SHAPED_BY_CHECKPOINT = ("hidden", "critic_hidden", "activation", "action_squash", "action_mask", "critic_optimizer",
-                        "algorithm")
+                        "log_std_init", "normalize_obs", "algorithm")
 
 
 def _loaded_config(recorded: Config, changes: dict[str, Any]) -> Config:
@@ -605,8 +611,8 @@ def _loaded_config(recorded: Config, changes: dict[str, Any]) -> Config:
     warning, where CUDA is not available and no device was asked for."""
     fixed = sorted(set(changes) & set(SHAPED_BY_CHECKPOINT))
     if fixed:
-        raise ValueError(f"natpg.load cannot change {fixed}: the saved networks and optimiser state are shaped by "
-                         f"them (train a new agent instead)")
+        raise ValueError(f"natpg.load cannot change {fixed}: the saved networks, optimiser state and observation "
+                         f"statistics were made with them (train a new agent instead)")
     if "device" not in changes and recorded.run.device.startswith("cuda") and not torch.cuda.is_available():
         warnings.warn(f"this run was trained with device={recorded.run.device!r} and CUDA is not available here: "
                       f"loaded on the CPU (natpg.load(path, device=...) chooses)", UserWarning, stacklevel=4)
@@ -693,7 +699,7 @@ def _other_settings(agent: Agent, meta: dict[str, Any]) -> str:
     except (ValueError, TypeError):
         return ""
     changed = [f"{k} {recorded.get(k)!r} → {agent.config.get(k)!r}" for k in Config.field_index()
-               if recorded.get(k) != agent.config.get(k)]
+               if recorded.get(k) != agent.config.get(k) and k != "device"]
     return f", with other settings ({', '.join(changed)}): a changed run goes to a new directory" if changed else ""
 
 
@@ -709,9 +715,12 @@ def _progress_rows(out_dir: str) -> int:
 def _continues(agent: Agent, meta: dict[str, Any]) -> bool:
     """Whether a checkpoint's metadata is an earlier (or the same) state of the run ``agent`` is training."""
     config = json.loads(json.dumps(agent.config.to_dict()))  # as the checkpoint records it (lists, not tuples)
+    recorded = _without_inert_settings(meta.get("config", {}), meta.get("action_space", {}))
+    for c in (config, recorded):  # the device is where a run computes, not what it is (a CUDA run goes on on a CPU)
+        if isinstance(c.get("run"), dict):
+            c["run"] = {**c["run"], "device": None}
     return (meta.get("algorithm") == agent.algorithm and meta.get("env_id") == agent.env_id
-            and meta.get("seed") == agent.seed
-            and _without_inert_settings(meta.get("config", {}), meta.get("action_space", {})) == config
+            and meta.get("seed") == agent.seed and recorded == config
             and isinstance(meta.get("env_steps"), int) and meta["env_steps"] <= agent.env_steps)
 
 

@@ -9,11 +9,13 @@ had; ``override`` gives a changed copy, and ``natpg.load(path, key=value)`` cont
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
 import math
 import numbers
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -287,6 +289,22 @@ def env_kwargs_problem(kwargs: Any) -> str | None:
     return None
 
 
+class FrozenDict(dict):
+    """A dict setting (env_kwargs) of a frozen Config: read like a dict, refused to change like the Config."""
+
+    def _frozen(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a Config is frozen, env_kwargs too: natpg.load(path, env_kwargs={...}) continues a run "
+                        "with others")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _frozen  # type: ignore
+
+    def __deepcopy__(self, memo: dict) -> "FrozenDict":
+        return FrozenDict(copy.deepcopy(dict(self), memo))
+
+    def __reduce__(self):
+        return (FrozenDict, (dict(self),))
+
+
 def plain_json(v: Any) -> Any:
     """``v`` as JSON holds it: NumPy scalars (a sweep over np.arange gives those) as the Python values they stand
     for, tuples as lists."""
@@ -461,7 +479,7 @@ class Config:
         pos_num("critic_eta_max", c.critic_eta_max)
         pos_num("critic_damping", c.critic_damping, allow_zero=True)
         pos_num("value_clip", c.value_clip, allow_zero=True)
-        need(isinstance(run.device, str) and (run.device in ("cpu", "auto") or run.device.startswith("cuda")),
+        need(isinstance(run.device, str) and re.fullmatch(r"cpu|auto|cuda(:\d+)?", run.device) is not None,
              f"device must be 'cpu', 'cuda[:N]' or 'auto', got {run.device!r}")
         pos_int("torch_threads", run.torch_threads)
         need(integer(run.update_threads) and run.update_threads >= 0,
@@ -522,7 +540,7 @@ class Config:
             if isinstance(v, tuple):
                 return tuple(plain(x) for x in v)
             if isinstance(v, dict):
-                return plain_json(v)
+                return FrozenDict(plain_json(v))
             return v
 
         for sec in SECTIONS:

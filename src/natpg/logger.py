@@ -5,8 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import math
+import numbers
 import os
 from typing import Any
+
+import numpy as np
 
 
 EPISODE_COLUMNS = ["env_steps", "return", "length"]
@@ -59,7 +62,7 @@ class Logger:
             self._bar = tqdm(total=total_steps, unit="step", unit_scale=True, dynamic_ncols=True)
 
     def record(self, row: dict[str, Any]) -> None:
-        numeric = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numeric = {k: x for k, v in row.items() if (x := _number(v)) is not None}
         text = {k: v for k, v in row.items() if k not in numeric}
         step = int(numeric.get("env_steps", 0))
         if self._csv_file is not None:
@@ -118,6 +121,22 @@ class Logger:
             self._writer.close()
         if self._bar is not None:
             self._bar.close()
+
+
+def _number(v: Any) -> float | None:
+    """``v`` as a float where it is one number: Python's, NumPy's (np.float32, np.int64, a 0-d array) or a
+    one-element torch tensor; None otherwise (text and bools go to events.log)."""
+    if isinstance(v, bool) or isinstance(v, np.bool_):
+        return None
+    if isinstance(v, numbers.Real):
+        return float(v)
+    if getattr(v, "ndim", None) == 0 or (hasattr(v, "numel") and callable(v.numel) and v.numel() == 1):
+        try:
+            item = v.item()
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        return float(item) if isinstance(item, numbers.Real) and not isinstance(item, bool) else None
+    return None
 
 
 def _fmt(v: float) -> str:
