@@ -921,10 +921,13 @@ def test_latest_audit_edges(tmp_path):
     natpg.NPG("CartPole-v1", seed=1, **small()).learn(64, out_dir=str(run))
     meta, tensors = checkpoint.read(str(run))
     meta["config"]["run"]["device"] = "cuda:0"
+    tensors["rng"]["generator"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state is 16 bytes
     checkpoint.write(str(run), meta, tensors)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        natpg.load(str(run)).learn(64, out_dir=str(run), reset=False)
+        on_cpu = natpg.load(str(run))
+        assert torch.equal(on_cpu.cpu_generator.get_state(), tensors["rng"]["cpu_generator"])  # still restored
+        on_cpu.learn(64, out_dir=str(run), reset=False)
         assert natpg.load(str(run)).env_steps == 128
 
     def numbers(agent, row):

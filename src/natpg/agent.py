@@ -520,8 +520,9 @@ class Agent:
         agent.train_wall_s = float(meta.get("train_wall_s", 0.0))
         agent.best_eval_return = meta.get("best_eval_return")
         agent._saved_sampler = meta.get("sampler")
-        if "rng" in tensors and tensors["rng"]["generator"].numel() == agent.generator.get_state().numel():
-            agent.generator.set_state(tensors["rng"]["generator"])  # (a CUDA generator's state does not fit a CPU one)
+        if "rng" in tensors:
+            if tensors["rng"]["generator"].numel() == agent.generator.get_state().numel():  # not CUDA's on a CPU
+                agent.generator.set_state(tensors["rng"]["generator"])
             agent.cpu_generator.set_state(tensors["rng"]["cpu_generator"])
             if "sampling_generator" in tensors["rng"] and agent.sampling_generator is not agent.generator:
                 agent.sampling_generator.set_state(tensors["rng"]["sampling_generator"])
