@@ -264,7 +264,7 @@ class Agent:
                     stop = callback is not None and callback(self, row) is False
                 except BaseException as exc:  # the update is complete: logged and saved before the error goes on
                     failed, stop = exc, True
-                if failed is None and (changed := [k for k, v in before.items() if row.get(k, v) is not v or k not in row]):
+                if failed is None and (changed := [k for k, v in before.items() if k not in row or row[k] is not v]):
                     failed = ValueError(f"the callback changed natpg's own columns {changed}: add keys of your own "
                                         f"instead (row['custom/...'] = value)")
                     row = before
@@ -690,17 +690,24 @@ def claim_run_dir(agent: Agent, out_dir: Any, overwrite: bool = False) -> bool:
     return False
 
 
+def _changed_settings(agent: Agent, meta: dict[str, Any]) -> list[str] | None:
+    """The settings (``'max_kl 0.01 → 0.005'``) in which ``agent`` differs from the run a checkpoint's metadata
+    records, when it is the same algorithm, environment and seed; None when it is not, or not readable. The device
+    is where a run computes, not what it is: a CUDA run goes on on a CPU."""
+    if (meta.get("algorithm"), meta.get("env_id"), meta.get("seed")) != (agent.algorithm, agent.env_id, agent.seed):
+        return None
+    try:
+        recorded = Config.from_dict(_without_inert_settings(meta.get("config", {}), meta.get("action_space", {})))
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return [f"{k} {recorded.get(k)!r} → {agent.config.get(k)!r}" for k in Config.field_index()
+            if recorded.get(k) != agent.config.get(k) and k != "device"]
+
+
 def _other_settings(agent: Agent, meta: dict[str, Any]) -> str:
     """', with other settings (max_kl 0.01 → 0.005)' where the run in a directory is ``agent``'s but for its
     settings (natpg.load(path, max_kl=...) makes such a run); else ''."""
-    if (meta.get("algorithm"), meta.get("env_id"), meta.get("seed")) != (agent.algorithm, agent.env_id, agent.seed):
-        return ""
-    try:
-        recorded = Config.from_dict(_without_inert_settings(meta.get("config", {}), meta.get("action_space", {})))
-    except (ValueError, TypeError):
-        return ""
-    changed = [f"{k} {recorded.get(k)!r} → {agent.config.get(k)!r}" for k in Config.field_index()
-               if recorded.get(k) != agent.config.get(k) and k != "device"]
+    changed = _changed_settings(agent, meta)
     return f", with other settings ({', '.join(changed)}): a changed run goes to a new directory" if changed else ""
 
 
@@ -715,14 +722,8 @@ def _progress_rows(out_dir: str) -> int:
 
 def _continues(agent: Agent, meta: dict[str, Any]) -> bool:
     """Whether a checkpoint's metadata is an earlier (or the same) state of the run ``agent`` is training."""
-    config = json.loads(json.dumps(agent.config.to_dict()))  # as the checkpoint records it (lists, not tuples)
-    recorded = _without_inert_settings(meta.get("config", {}), meta.get("action_space", {}))
-    for c in (config, recorded):  # the device is where a run computes, not what it is (a CUDA run goes on on a CPU)
-        if isinstance(c.get("run"), dict):
-            c["run"] = {**c["run"], "device": None}
-    return (meta.get("algorithm") == agent.algorithm and meta.get("env_id") == agent.env_id
-            and meta.get("seed") == agent.seed and recorded == config
-            and isinstance(meta.get("env_steps"), int) and meta["env_steps"] <= agent.env_steps)
+    return (_changed_settings(agent, meta) == [] and isinstance(meta.get("env_steps"), int)
+            and meta["env_steps"] <= agent.env_steps)
 
 
 def _check_callback(callback: Any) -> None:
