@@ -324,17 +324,26 @@ def config_for(algorithm: str, env_id: str, overrides: dict[str, Any] | None = N
     way to run a sweep; an override equal to the preset's value, as a whole config.json holds, changes nothing)."""
     preset = default_config(algorithm, env_family(env_id), env_id)
     config = preset.override(**(overrides or {}))
-    # A preset's value that the user's choices leave unread (PPO's target_kl after step='kl') is not the user's
-    # mistake, even where the user repeats it (a run's config.json holds every value): it goes back to the default
-    # instead of being refused.
-    given = {k: v for k, v in (overrides or {}).items() if preset.get(k) != v} if overrides else {}
-    inert = {key: Config().get(key) for key in REFUSED_WHEN_UNREAD if key not in given and config.refusal(key)}
-    config = config.override(**inert).validate()
-    unused = [f"{key} ({why})" for key in given if (why := unread_because(config, key))]
+    config = config.override(**inert_preset_values(preset, config, overrides or {})).validate()
+    unused = [f"{key} ({why})" for key in changed_by(preset, overrides or {})
+              if (why := unread_because(config, key))]
     if unused:
         warnings.warn(f"{algorithm} on {env_id} does not read these settings: {'; '.join(unused)}", UserWarning,
                       stacklevel=3)
     return config
+
+
+def changed_by(preset: Config, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The overrides that change the preset's value (a whole config.json repeats most of them)."""
+    return {k: v for k, v in overrides.items() if preset.get(k) != v}
+
+
+def inert_preset_values(preset: Config, config: Config, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The refused settings (config.REFUSED_WHEN_UNREAD) whose preset value ``config`` — the preset with the
+    ``overrides`` — would not read, each with its default to go back to: PPO's target_kl after step='kl' is not the
+    user's mistake, even where the user repeats it, so it is reset instead of refused."""
+    given = changed_by(preset, overrides)
+    return {key: Config().get(key) for key in REFUSED_WHEN_UNREAD if key not in given and config.refusal(key)}
 
 
 def setting_sources(algorithm: str, family: str, env_id: str | None = None,

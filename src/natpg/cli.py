@@ -13,7 +13,7 @@ import sys
 import warnings
 from typing import Any
 
-from .config import EVAL_MAX_EPISODE_STEPS, REFUSED_WHEN_UNREAD, SECTIONS, Config
+from .config import EVAL_MAX_EPISODE_STEPS, SECTIONS, Config
 
 
 DEFAULT_STEPS = 1_000_000
@@ -294,23 +294,23 @@ class _StopOnSignal:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from .algorithms import config_for, default_config, setting_sources
+    from .algorithms import config_for, default_config, inert_preset_values, setting_sources
     from .envs import env_family, probe_spaces
 
     algorithm_class(args.algo)
     file_settings = read_settings_file(args.config, args.algo)[0] if args.config else {}
     given = dict(parse_setting(s) for s in args.settings)
+    overrides = file_settings | given
     family = env_family(args.env_id)
-    config = config_for(args.algo, args.env_id, file_settings | given)
+    config = config_for(args.algo, args.env_id, overrides)
     # what train checks against the environment itself (its spaces, env_kwargs), without training
     _, action_space = probe_spaces(args.env_id, config.env.action_mask, config.env.env_kwargs)
     if refusal := config.refusal("action_squash", type(action_space).__name__):
         raise ValueError(refusal)
     sources = setting_sources(args.algo, family, args.env_id, given, {args.config: file_settings} if args.config else {})
     preset = default_config(args.algo, family, args.env_id)
-    for key in REFUSED_WHEN_UNREAD:  # a preset's value the run would not read went back to the default
-        if config.get(key) == Config().get(key) != preset.get(key) and sources[key] != "user":
-            sources[key] = "default (the preset's value is not read by this run)"
+    for key in inert_preset_values(preset, preset.override(**overrides), overrides):
+        sources[key] = "default (the preset's value is not read by this run)"
     rows = [(section, key, value, sources[key]) for section, values in config.to_dict().items()
             if isinstance(values, dict) for key, value in values.items()]
     if args.json:
