@@ -424,7 +424,8 @@ class Config:
         for name in ("normalize_obs", "normalize_reward"):
             flag(name, getattr(e, name))
         choice("nonfinite_env", e.nonfinite_env, ("raise", "drop"))
-        need(env_kwargs_problem(e.env_kwargs) is None, f"env_kwargs {env_kwargs_problem(e.env_kwargs)}")
+        if problem := env_kwargs_problem(e.env_kwargs):
+            problems.append(f"env_kwargs {problem}")
         need(not (e.nonfinite_env == "drop" and e.vectorization == "multiproc"),
              "nonfinite_env='drop' needs vectorization 'sync' or 'async' (it resets single copies)")
         flag("normalize_advantages", a.normalize_advantages)

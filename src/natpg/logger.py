@@ -21,10 +21,10 @@ class Logger:
     becomes a new column of progress.csv: the file is rewritten with it, NaN in the earlier rows. Non-numeric
     values go to ``events.log``.
 
-    ``resume=True`` appends to an existing progress.csv (keeping its columns) and episodes.csv. With ``resume_step`` (the
-    env_steps of the checkpoint being resumed) it first drops the rows written after that checkpoint
-    (by a run killed between a log row and its next checkpoint) and a partly written last line, so
-    that the resumed file equals the one an uninterrupted run writes.
+    ``resume=True`` appends to an existing progress.csv (keeping its columns) and episodes.csv. With
+    ``resume_step`` (the env_steps of the checkpoint being resumed) it first drops from both the rows written
+    after that checkpoint (by a run killed between a log row and its next checkpoint) and a partly written last
+    line, so that the resumed files equal those an uninterrupted run writes.
     """
 
     def __init__(self, out_dir: str | None, tensorboard: bool = True, progress_bar: bool = False,
@@ -39,12 +39,12 @@ class Logger:
             os.makedirs(out_dir, exist_ok=True)
             path = os.path.join(out_dir, "progress.csv")
             if resume and os.path.exists(path):
-                self._columns = _truncate_progress(path, resume_step)
+                self._columns = _truncate_log(path, resume_step)
                 self._csv_file = open(path, "a", newline="")
             else:
                 self._csv_file = open(path, "w", newline="")
             path = os.path.join(out_dir, "episodes.csv")
-            if resume and os.path.exists(path) and _truncate_progress(path, resume_step) == EPISODE_COLUMNS:
+            if resume and os.path.exists(path) and _truncate_log(path, resume_step) == EPISODE_COLUMNS:
                 self._episodes_file = open(path, "a", newline="")
             else:
                 self._episodes_file = open(path, "w", newline="")
@@ -126,7 +126,7 @@ class Logger:
 def _number(v: Any) -> float | None:
     """``v`` as a float where it is one number: Python's, NumPy's (np.float32, np.int64, a 0-d array) or a
     one-element torch tensor; None otherwise (text and bools go to events.log)."""
-    if isinstance(v, bool) or isinstance(v, np.bool_):
+    if isinstance(v, (bool, np.bool_)):
         return None
     if isinstance(v, numbers.Real):
         return float(v)
@@ -143,9 +143,10 @@ def _fmt(v: float) -> str:
     return repr(v) if not float(v).is_integer() else str(int(v)) if abs(v) < 1e15 else repr(v)
 
 
-def _truncate_progress(path: str, resume_step: int | None) -> list[str] | None:
-    """Keep progress.csv's header and its complete rows with env_steps ≤ resume_step (all complete rows
-    when None); rewrite the file atomically when anything is dropped. Returns the header (None if empty)."""
+def _truncate_log(path: str, resume_step: int | None) -> list[str] | None:
+    """Keep a log's (progress.csv's, episodes.csv's) header and its complete rows with env_steps ≤ resume_step
+    (all complete rows when None); rewrite the file atomically when anything is dropped. Returns the header
+    (None if empty)."""
     with open(path, newline="") as f:
         text = f.read()
     lines = text.splitlines(keepends=True)
