@@ -757,6 +757,15 @@ def test_cli_config_file_reproduces_a_run_and_layers_under_set(tmp_path, capsys)
     (tmp_path / "bad.json").write_text('{"max_kll": 1}')
     assert cli(["config", "npg", "CartPole-v1", "--config", str(tmp_path / "bad.json")]) == 2
     assert re.search(r"--config '.*bad.json': unknown setting\(s\) \['max_kll'\] \(did you mean", capsys.readouterr().err)
+    # a bad value names the file it came from, unless --set replaced it; a seed inside a section is not silently lost
+    (tmp_path / "values.toml").write_text('max_kl = -1\ngamma = 2\n')
+    assert cli(["config", "npg", "CartPole-v1", "--config", str(tmp_path / "values.toml"), "--set", "gamma=3"]) == 2
+    err = capsys.readouterr().err
+    assert f"max_kl must be a finite number > 0, got -1 (from --config {tmp_path / 'values.toml'})" in err
+    assert "gamma must be in [0, 1), got 3;" in err and err.count("(from --config") == 1
+    (tmp_path / "seed.toml").write_text('[run]\nseed = 3\n')
+    assert cli(["train", "npg", "CartPole-v1", "--config", str(tmp_path / "seed.toml"), "--out", str(tmp_path / "s")]) == 2
+    assert "seed goes at the top level of the file" in capsys.readouterr().err and not (tmp_path / "s").exists()
 
 
 def parameters_of(module):

@@ -216,6 +216,8 @@ API_CASES = [
      r"'MlpPolicy' is Stable-Baselines3's policy name: .*natpg.PPO\('CartPole-v1'\)"),
     ("an environment instance", lambda a: natpg.PPO(gym.make("CartPole-v1")), ValueError,
      r"environment id must be a non-empty string .*gymnasium.register\('MyEnv-v0', entry_point=MyEnv\)"),
+    ("SB3's policy= keyword", lambda a: natpg.PPO(policy="MlpPolicy", env="CartPole-v1"), ValueError,
+     r"'policy' is Stable-Baselines3's name: natpg's is hidden, activation, log_std_init"),
     ("SB3's clip_range_vf", lambda a: natpg.PPO("CartPole-v1", clip_range_vf=0.2), ValueError,
      r"'clip_range_vf' is Stable-Baselines3's name: natpg's is value_clip"),
     ("bench with zero envs", lambda a: bench.throughput("npg", "CartPole-v1", 256, 1, n_envs=0), ValueError,

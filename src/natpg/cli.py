@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import os
 import re
@@ -66,6 +67,9 @@ def read_settings_file(path: str, algo: str) -> tuple[dict[str, Any], int | None
     seed = data.pop("seed", None)
     settings: dict[str, Any] = {}
     for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict) and "seed" in value:
+            raise ValueError(f"--config {path!r}: seed goes at the top level of the file, as in a run's config.json "
+                             f"(it is the run's, not a setting of [{key}])")
         for name, v in (value.items() if key in SECTIONS and isinstance(value, dict) else [(key, value)]):
             if name in settings and settings[name] != v:
                 raise ValueError(f"--config {path!r} sets {name} twice, to {settings[name]!r} and {v!r}")
@@ -75,6 +79,20 @@ def read_settings_file(path: str, algo: str) -> tuple[dict[str, Any], int | None
     except ValueError as exc:
         raise ValueError(f"--config {path!r}: {exc}") from None
     return settings, seed
+
+
+@contextlib.contextmanager
+def naming_settings_file(path: str | None, keys: set[str]):
+    """A settings error about one of ``keys`` (those the file ``path`` gave, not overridden) says it came from there."""
+    try:
+        yield
+    except ValueError as exc:
+        lines = str(exc).split("\n")
+        named = [f"{line} (from --config {path})" if (m := re.match(r"\s*(\w+)", line)) and m[1] in keys else line
+                 for line in lines]
+        if not path or named == lines:
+            raise
+        raise ValueError("\n".join(named)) from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -198,12 +216,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     file_settings, file_seed = read_settings_file(args.config, args.algo) if args.config else ({}, None)
     if args.seed is None:  # a run's config.json reproduces that run, seed included (--resume checks it)
         args.seed = file_seed
-    overrides = file_settings | dict(parse_setting(s) for s in args.settings)
+    given = dict(parse_setting(s) for s in args.settings)
     for key, value in (("fisher", args.fisher), ("n_envs", args.n_envs), ("device", args.device),
                        ("eval_every", args.eval_every),
                        ("workers", args.workers), ("ray_address", args.ray_address), ("sampler", args.sampler)):
         if value is not None:
-            overrides[key] = value
+            given[key] = value
+    overrides = file_settings | given
     if "sampler" not in overrides and ((args.workers or 1) > 1 or args.ray_address is not None):
         overrides["sampler"] = "ray"
     if args.resume is not None:
@@ -222,7 +241,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed = 0 if args.seed is None else args.seed
         # An id such as ALE/Pong-v5 or module:Env-v0 names one directory, not a nested one.
         out = args.out or os.path.join("runs", f"{args.algo}-{re.sub(r'[^A-Za-z0-9._-]+', '-', args.env_id)}-s{seed}")
-        agent = agent_class(args.env_id, seed=seed, **overrides)
+        with naming_settings_file(args.config, set(file_settings) - set(given)):
+            agent = agent_class(args.env_id, seed=seed, **overrides)
         steps, reset = (DEFAULT_STEPS if args.steps is None else args.steps), True
         if not isinstance(steps, int) or steps < agent.config.batch_size:
             agent.learn(steps)  # the step-budget error, before writing anything
@@ -302,7 +322,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     given = dict(parse_setting(s) for s in args.settings)
     overrides = file_settings | given
     family = env_family(args.env_id)
-    config = config_for(args.algo, args.env_id, overrides)
+    with naming_settings_file(args.config, set(file_settings) - set(given)):
+        config = config_for(args.algo, args.env_id, overrides)
     # what train checks against the environment itself (its spaces, env_kwargs), without training
     _, action_space = probe_spaces(args.env_id, config.env.action_mask, config.env.env_kwargs)
     if refusal := config.refusal("action_squash", type(action_space).__name__):

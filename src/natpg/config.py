@@ -273,6 +273,7 @@ FOREIGN_NAMES: dict[str, str] = {
     "clip_range_vf": "value_clip (in return units)", "tensorboard_log": "learn(out_dir=DIR): events in DIR/tb",
     "net_arch": "hidden (actor) and critic_hidden (critic)", "activation_fn": "activation ('tanh', 'relu' or 'elu')",
     "create_eval_env": "eval_every, eval_episodes",
+    "policy": "hidden, activation, log_std_init (the policy is built from the spaces)",
 }
 
 
