@@ -330,6 +330,18 @@ def test_training_is_reproducible_with_a_seed():
     assert torch.equal(*runs)
 
 
+def test_seed_none_draws_a_seed_that_is_recorded_and_repeats_the_run(tmp_path):
+    """SB3's seed=None: each agent gets its own seed, kept in agent.seed and config.json; giving it back repeats the run."""
+    first, second = natpg.NPG("CartPole-v1", seed=None, **small()), natpg.NPG("CartPole-v1", seed=None, **small())
+    assert isinstance(first.seed, int) and first.seed >= 0 and first.seed != second.seed
+    first.learn(128, out_dir=str(tmp_path / "r"))
+    recorded = json.load(open(tmp_path / "r" / "config.json"))["seed"]
+    again = natpg.NPG("CartPole-v1", seed=recorded, **small())
+    again.learn(128)
+    assert recorded == first.seed and all(torch.equal(p, q) for p, q in zip(first.policy.parameters(),
+                                                                             again.policy.parameters()))
+
+
 def test_log_rows_carry_the_gaussian_policys_noise():
     """policy/std is the mean σ of the policy that just stepped (Gaussian heads only)."""
     seen = []

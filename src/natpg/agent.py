@@ -10,6 +10,7 @@ import inspect
 import json
 import math
 import os
+import random
 import shutil
 import time
 import warnings
@@ -92,8 +93,10 @@ class Agent:
 
     algorithm = "npg"
 
-    def __init__(self, env: str, seed: int = 0, **overrides: Any):
+    def __init__(self, env: str, seed: int | None = 0, **overrides: Any):
         check_env_id(env)  # first: SB3's PPO("MlpPolicy", env) would otherwise read as a bad seed
+        if seed is None:  # SB3's convention: a fresh seed, recorded with the run (agent.seed, config.json) to repeat it
+            seed = random.SystemRandom().randrange(2**31)
         if not is_integer(seed) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         seed = int(seed)
