@@ -3,6 +3,7 @@
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 from gymnasium.vector import AutoresetMode
 
 from gymnasium.envs.classic_control.cartpole import CartPoleEnv
@@ -113,6 +114,21 @@ def test_env_kwargs_reach_every_copy_in_every_engine_and_the_evaluation(engine, 
     assert other["length"].tolist() == [30]
     given = natpg.agent.evaluation_episodes(loaded, episodes=2, env_kwargs={"max_episode_steps": 4})
     assert given["length"].tolist() == [4, 4]  # env_kwargs given replace the run's own
+
+
+@pytest.mark.parametrize("env_id, env_kwargs", [("Pendulum-v1", {"max_episode_steps": 50}), ("CartPole-v1", {})])
+def test_async_vectorization_trains_exactly_as_sync(env_id, env_kwargs):
+    """Gymnasium's AsyncVectorEnv (copies in subprocesses) and natpg's in-process vector env step the same seeded
+    copies: the networks after three updates, through truncations (Pendulum cut at 50 steps) and terminations, agree."""
+    params = []
+    for vectorization in ("sync", "async"):
+        agent = natpg.NPG(env_id, seed=5, vectorization=vectorization, n_envs=3, n_steps=64, env_kwargs=env_kwargs,
+                          tensorboard=False)
+        agent.learn(3 * 192)
+        agent.close()
+        params.append(torch.cat([p.detach().reshape(-1) for p in [*agent.policy.parameters(),
+                                                                  *agent.critic.parameters()]]))
+    assert torch.equal(*params)
 
 
 def test_env_kwargs_are_checked():

@@ -14,7 +14,7 @@ import sys
 import warnings
 from typing import Any
 
-from .config import EVAL_MAX_EPISODE_STEPS, SECTIONS, Config
+from .config import EVAL_MAX_EPISODE_STEPS, SECTIONS, Config, one_line
 
 
 DEFAULT_STEPS = 1_000_000
@@ -422,8 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except (ValueError, FileNotFoundError, ImportError, TrainingFault, NonFiniteEnvError, WorkerFailure,
             RenderError) as exc:
-        message = str(exc).replace(":\n  ", ": ", 1).replace("\n  ", "; ")  # one line: Config's list of problems
-        print(f"natpg {args.command}: error: {message}{_natpg_notes(exc)}", file=sys.stderr)
+        print(f"natpg {args.command}: error: {one_line(str(exc))}{_natpg_notes(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         print(f"natpg {args.command}: interrupted{_natpg_notes(exc)}", file=sys.stderr)

@@ -266,9 +266,8 @@ def make_vec_env(env_id: str, n_envs: int, vectorization: str = "sync", n_worker
         from .vector import SerialVectorEnv
 
         return SerialVectorEnv([lambda: make_env(env_id, action_mask, env_kwargs=env_kwargs) for _ in range(n_envs)])
-    return gym.make_vec(env_id, num_envs=n_envs, vectorization_mode=vectorization,
-                        vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP},
-                        wrappers=env_wrappers(env_id, action_mask), **{**make_kwargs(env_id), **env_kwargs})
+    return gym.vector.AsyncVectorEnv([lambda: make_env(env_id, action_mask, env_kwargs=env_kwargs)] * n_envs,
+                                     autoreset_mode=AutoresetMode.SAME_STEP)
 
 
 class RunningMeanStd:

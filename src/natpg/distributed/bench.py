@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Every configuration is checked before the first is measured (the local baseline included).
     from ..algorithms import config_for
+    from ..config import one_line
 
     for sampler in ["local"] * (not args.no_local) + args.samplers:
         for w in [1] if sampler == "local" else args.workers:
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
                 config_for("npg", args.env_id, {"n_envs": n_envs(w), "n_steps": args.n_steps, "sampler": sampler,
                                                 "workers": w, "tensorboard": False})
             except (TypeError, ValueError) as exc:
-                p.error(f"{sampler} with {w} worker(s): {' '.join(str(exc).split())}")  # one line
+                p.error(f"{sampler} with {w} worker(s): {one_line(str(exc))}")
 
     if not args.no_local:
         print(json.dumps(measure(args.env_id, "local", 1, n_envs(1), args.n_steps, args.iterations)), flush=True)
