@@ -173,12 +173,15 @@ def test_merge_orders_copies_and_episodes_and_updates_statistics_per_step():
         return WorkerResult(w, r, rng.normal(size=(T, n, 2)), rng.normal(size=(T, n)), np.ones((T, n), bool),
                             episodes, 0)
 
-    results = [result(1, 2, [(1, 10.0, 5), (2, 11.0, 6)]), result(0, 3, [(3, 20.0, 7), (1, 21.0, 8)])]
+    results = [result(1, 2, [(1, 10.0, 5, (0.5,)), (2, 11.0, 6, (0.6,))]),
+               result(0, 3, [(3, 20.0, 7, (0.7,)), (1, 21.0, 8, (0.8,))])]
     rollout = sampler._merge(results, T)
     assert rollout.obs[0, :, 0].tolist() == [0, 0, 0, 1, 1]  # worker 0's copies first
     # finished episodes in the order one sampler would record them: by step, then by copy
     assert list(sampler.recent_returns) == [21.0, 10.0, 11.0, 20.0]
     assert list(sampler.recent_lengths) == [8, 5, 6, 7] and sampler.episodes == 4
+    assert list(sampler.recent_infos) == [(0.8,), (0.5,), (0.6,), (0.7,)]
+    assert sampler.last_episodes == [(21.0, 8, (0.8,)), (10.0, 5, (0.5,)), (11.0, 6, (0.6,)), (20.0, 7, (0.7,))]
     ref_obs, ref_ret = RunningMeanStd((2,)), RunningMeanStd(())
     for t in range(T):
         ref_obs.update(np.concatenate([results[1].raw_obs[t], results[0].raw_obs[t]]))

@@ -192,3 +192,83 @@ def test_an_environment_refusing_env_kwargs_in_any_way_is_named_with_them():
     with pytest.raises(ValueError, match=r"'FrozenLake-v1' cannot be made with env_kwargs=\{'map_name': '9x9'\}: "
                                          r"KeyError"):
         natpg.NPG("FrozenLake-v1", env_kwargs={"map_name": "9x9"})
+
+
+class SuccessCartPole(CartPoleEnv):
+    """CartPole whose last step's info says is_success (the episode lasted ≥ 20 steps) and its length."""
+
+    def reset(self, **kwargs):
+        self.t = 0
+        return super().reset(**kwargs)
+
+    def step(self, action):
+        obs, rew, term, trunc, info = super().step(action)
+        self.t += 1
+        if term or trunc:
+            info = {**info, "is_success": np.bool_(self.t >= 20), "steps": self.t}
+        return obs, rew, term, trunc, info
+
+
+if "natpg_test/SuccessCartPole-v0" not in gym.registry:
+    gym.register("natpg_test/SuccessCartPole-v0", entry_point=SuccessCartPole, max_episode_steps=100)
+SUCCESS_ID = f"{__name__}:natpg_test/SuccessCartPole-v0"  # importable by worker processes
+
+
+@pytest.mark.parametrize("engine", [{}, {"vectorization": "async"}, {"vectorization": "multiproc"},
+                                    {"sampler": "processes", "workers": 2}, {"sampler": "workers", "workers": 2}])
+def test_info_keys_of_each_episodes_last_step_are_recorded_in_every_engine(engine, tmp_path):
+    """episodes.csv gets a column per info key, from each episode's last info (NaN where an episode has none);
+    progress.csv's ep_KEY_mean is their mean over the last 100 episodes, as computed from episodes.csv."""
+    import csv
+
+    rows = []
+    agent = natpg.NPG(SUCCESS_ID, info_keys=("is_success", "steps", "absent"), n_envs=2, n_steps=64,
+                      tensorboard=False, **engine)
+    agent.learn(256, out_dir=str(tmp_path), callback=lambda a, row: rows.append(row))
+    agent.close()
+    episodes = list(csv.DictReader(open(tmp_path / "episodes.csv")))
+    assert list(episodes[0]) == ["env_steps", "return", "length", "is_success", "steps", "absent"]
+    lengths = np.array([int(e["length"]) for e in episodes])
+    assert len(episodes) == rows[-1]["episodes"] > 5 and 0 < (lengths >= 20).mean() < 1
+    assert [float(e["is_success"]) for e in episodes] == (lengths >= 20).astype(float).tolist()
+    assert [float(e["steps"]) for e in episodes] == lengths.tolist() and {e["absent"] for e in episodes} == {"nan"}
+    assert rows[-1]["ep_is_success_mean"] == pytest.approx((lengths[-100:] >= 20).mean(), abs=1e-12)
+    assert rows[-1]["ep_steps_mean"] == pytest.approx(rows[-1]["ep_length_mean"], abs=1e-9)
+    assert np.isnan(rows[-1]["ep_absent_mean"])
+
+
+@pytest.mark.filterwarnings("ignore:resuming with freshly reset environments")  # the test's own env class
+def test_info_keys_window_survives_a_resume_and_keys_can_be_added_when_a_run_is_loaded(tmp_path):
+    """Continued with reset=False, ep_is_success_mean still averages the episodes before the checkpoint (all in episodes.csv
+    here: fewer than 100); keys given to load add a column, NaN in the rows written before."""
+    import csv
+
+    run, rows = tmp_path / "run", []
+    kw = dict(info_keys=("is_success",), n_envs=2, n_steps=64, seed=3, tensorboard=False)
+    natpg.NPG("natpg_test/SuccessCartPole-v0", **kw).learn(256, out_dir=str(run))
+    natpg.load(str(run)).learn(128, out_dir=str(run), reset=False, callback=lambda a, row: rows.append(row))
+    episodes = list(csv.DictReader(open(run / "episodes.csv")))
+    before = [e for e in episodes if int(e["env_steps"]) <= 256]
+    assert 0 < len(before) < len(episodes) < 100
+    assert rows[-1]["ep_is_success_mean"] == pytest.approx(np.mean([int(e["length"]) >= 20 for e in episodes]))
+    natpg.load(str(run), info_keys=("is_success", "steps")).learn(128, out_dir=str(run))
+    after = list(csv.DictReader(open(run / "episodes.csv")))
+    assert list(after[0]) == ["env_steps", "return", "length", "is_success", "steps"]
+    assert after[:len(episodes)] == [{**e, "steps": "nan"} for e in episodes]
+    assert len(after) > len(episodes) and all(e["steps"] == e["length"] for e in after[len(episodes):])
+
+
+def test_episode_info_reads_both_vector_formats_and_refuses_a_value_that_is_not_a_number():
+    from natpg.rollout import episode_info
+
+    gymnasium_format = {"final_info": {"is_success": np.array([True, False, True]),
+                                       "_is_success": np.array([True, False, True])}}
+    assert episode_info(gymnasium_format, 2, ("is_success",)) == (1.0,)
+    assert np.isnan(episode_info(gymnasium_format, 1, ("is_success",))[0])
+    natpg_format = {"final_info": np.array([None, {"is_success": False, "d": np.float32(0.5)}], dtype=object)}
+    assert episode_info(natpg_format, 1, ("d", "is_success")) == (0.5, 0.0)
+    with pytest.raises(ValueError, match=r"info_keys: info\['d'\] at the end of an episode must be a number or "
+                                         r"boolean, got 'far'"):
+        episode_info({"final_info": np.array([{"d": "far"}], dtype=object)}, 0, ("d",))
+    with pytest.raises(ValueError, match="info_keys must be a tuple of distinct info keys"):
+        natpg.NPG("CartPole-v1", info_keys=("return",))

@@ -227,7 +227,7 @@ class Agent:
         self.obs_normalizer.frozen = False
         run = self.config.run
         logger = Logger(out_dir, run.tensorboard, progress_bar, total_steps=end_steps,
-                        resume=continuing, resume_step=self.env_steps)
+                        resume=continuing, resume_step=self.env_steps, info_keys=self.config.env.info_keys)
         start = time.perf_counter()
         eval_s = 0.0  # seconds spent in periodic evaluations, left out of the training wall-clock
         wall_before = self.train_wall_s
@@ -255,7 +255,7 @@ class Agent:
                 self.train_wall_s = wall_before + wall
                 row = {"env_steps": self.env_steps, "updates": self.updates,
                        "ep_return_mean": self.recent_return(), "ep_length_mean": _mean(self._sampler.recent_lengths),
-                       "episodes": self._sampler.episodes, "wall_s": self.train_wall_s,
+                       **self._recent_info_means(), "episodes": self._sampler.episodes, "wall_s": self.train_wall_s,
                        "steps_per_s": (self.env_steps - steps_at_start) / max(wall, 1e-9),
                        "faults/consecutive": self.consecutive_faults, **stats, **_policy_stats(self.policy),
                        **getattr(self._sampler, "log_stats", dict)()}
@@ -351,10 +351,22 @@ class Agent:
 
             return make_sampler(kind, self.env_id, self.config, seed, self.obs_normalizer, self.reward_scaler,
                                 self.device, self.action_mask_source)
-        envs = make_vec_env(self.env_id, self.config.env.n_envs, self.config.env.vectorization,
-                            self.config.env.n_workers, self.action_mask_source, self.config.env.env_kwargs)
+        e = self.config.env
+        envs = make_vec_env(self.env_id, e.n_envs, e.vectorization, e.n_workers, self.action_mask_source,
+                            e.env_kwargs, e.info_keys)
         return Sampler(envs, self.obs_normalizer, self.reward_scaler, seed, self.device, self.sampling_generator,
-                       self.config.env.nonfinite_env)
+                       e.nonfinite_env, e.info_keys)
+
+    def _recent_info_means(self) -> dict[str, float]:
+        """``ep_KEY_mean`` of each of ``info_keys``: its mean over the last (up to) 100 finished training episodes
+        that had it (NaN before any had)."""
+        keys = self.config.env.info_keys
+        if not keys:
+            return {}
+        values = np.array(list(self._sampler.recent_infos), np.float64).reshape(-1, len(keys))
+        had = ~np.isnan(values)
+        means = np.where(had.any(0), np.where(had, values, 0).sum(0) / np.maximum(had.sum(0), 1), np.nan)
+        return {f"ep_{key}_mean": float(m) for key, m in zip(keys, means)}
 
     def recent_return(self) -> float:
         """Mean undiscounted return of the last (up to) 100 finished training episodes."""
@@ -696,7 +708,8 @@ def claim_run_dir(agent: Agent, out_dir: Any, overwrite: bool = False) -> bool:
 def _changed_settings(agent: Agent, meta: dict[str, Any]) -> list[str] | None:
     """The settings (``'max_kl 0.01 → 0.005'``) in which ``agent`` differs from the run a checkpoint's metadata
     records, when it is the same algorithm, environment and seed; None when it is not, or not readable. The device
-    is where a run computes, not what it is: a CUDA run goes on on a CPU."""
+    (where a run computes: a CUDA run goes on on a CPU) and the info_keys (what it records of its episodes) are not
+    what a run is."""
     if (meta.get("algorithm"), meta.get("env_id"), meta.get("seed")) != (agent.algorithm, agent.env_id, agent.seed):
         return None
     try:
@@ -704,7 +717,7 @@ def _changed_settings(agent: Agent, meta: dict[str, Any]) -> list[str] | None:
     except (ValueError, TypeError, AttributeError):
         return None
     return [f"{k} {recorded.get(k)!r} → {agent.config.get(k)!r}" for k in Config.field_index()
-            if recorded.get(k) != agent.config.get(k) and k != "device"]
+            if recorded.get(k) != agent.config.get(k) and k not in ("device", "info_keys")]
 
 
 def _other_settings(agent: Agent, meta: dict[str, Any]) -> str:

@@ -412,12 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     # other libraries' keep their own form
     format_warning = warnings.formatwarning
 
-    def one_line(message, category, filename, lineno, line=None):
+    def warning_line(message, category, filename, lineno, line=None):
         if os.path.dirname(os.path.abspath(filename)).startswith(os.path.dirname(os.path.abspath(__file__))):
             return f"natpg {args.command}: warning: {message}\n"
         return format_warning(message, category, filename, lineno, line)
 
-    warnings.formatwarning = one_line
+    warnings.formatwarning = warning_line
     try:
         return handler(args)
     except (ValueError, FileNotFoundError, ImportError, TrainingFault, NonFiniteEnvError, WorkerFailure,

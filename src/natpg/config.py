@@ -63,6 +63,10 @@ class EnvConfig:
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for ``gymnasium.make`` of every copy, e.g. ``{'continuous': True}`` for LunarLander-v3
     (JSON values: they are recorded in the checkpoint, and evaluation on the same id uses them too)."""
+    info_keys: tuple[str, ...] = ()
+    """Keys of the info dict the environment returns with an episode's last step (e.g. ``('is_success',)`` for
+    goal environments), each a number or boolean: recorded per episode as columns of episodes.csv, and their
+    mean over the last 100 episodes as ``ep_KEY_mean`` in progress.csv (SB3's Monitor ``info_keywords``)."""
     nonfinite_env: str = "raise"
     """A NaN/inf observation or reward: 'raise' (NonFiniteEnvError naming the step and copy) or 'drop' (end that
     copy's episode as truncated at its last finite observation, leave the transition out, reset the copy)."""
@@ -384,7 +388,7 @@ class Config:
             bad = sorted(set(values) - valid)
             if bad:
                 raise ValueError(f"unknown setting(s) {bad} in section {sec!r}; valid: {sorted(valid)}")
-            for k in ("hidden", "critic_hidden"):
+            for k in ("hidden", "critic_hidden", "info_keys"):
                 if isinstance(values.get(k), list):
                     values[k] = tuple(values[k])
             kwargs[sec] = cls(**values)
@@ -448,6 +452,10 @@ class Config:
                  f"{name} must be a tuple of positive integers such as (64, 64), got {hid!r}")
         choice("activation", p.activation, ("tanh", "relu", "elu"))
         choice("action_squash", p.action_squash, ("clip", "tanh"))
+        need(isinstance(e.info_keys, tuple) and all(isinstance(k, str) and k for k in e.info_keys)
+             and len(set(e.info_keys)) == len(e.info_keys) and not {"return", "length", "env_steps"} & set(e.info_keys),
+             f"info_keys must be a tuple of distinct info keys such as ('is_success',) (not 'return', 'length' or "
+             f"'env_steps', episodes.csv's own columns), got {e.info_keys!r}")
         need(e.action_mask is None or (isinstance(e.action_mask, str) and e.action_mask != ""),
              f"action_mask must be None, an info key such as 'action_mask', or (in Python) a callable, "
              f"got {e.action_mask!r}")

@@ -248,20 +248,21 @@ def probe_spaces(env_id: str, action_mask=None, env_kwargs: dict[str, Any] | Non
 
 
 def make_vec_env(env_id: str, n_envs: int, vectorization: str = "sync", n_workers: int = 2, action_mask=None,
-                 env_kwargs: dict[str, Any] | None = None):
+                 env_kwargs: dict[str, Any] | None = None, info_keys: tuple[str, ...] = ()):
     """``n_envs`` copies (each with ``env_wrappers``, made with ``gym.make(env_id, **env_kwargs)``) in one vector
     env that resets a finished copy in the same step.
 
     With same-step autoreset the observation returned for a finished copy is already the first one of
     its next episode, and the true last observation is in ``info['final_obs']``: the sampler reads it
-    to bootstrap truncated episodes from V(final observation).
+    to bootstrap truncated episodes from V(final observation). The last step's info is in ``info['final_info']``
+    (the multiproc engine ships only its ``info_keys`` from the worker processes).
     """
     check_env_id(env_id)
     env_kwargs = env_kwargs or {}
     if vectorization == "multiproc":  # several copies per worker process (natpg.vector)
         from .vector import MultiprocVectorEnv
 
-        return MultiprocVectorEnv(env_id, n_envs, min(n_workers, n_envs), action_mask, env_kwargs)
+        return MultiprocVectorEnv(env_id, n_envs, min(n_workers, n_envs), action_mask, env_kwargs, info_keys)
     if vectorization == "sync":  # natpg's lean in-process vector env (natpg.vector)
         from .vector import SerialVectorEnv
 

@@ -28,7 +28,8 @@ class Logger:
     """
 
     def __init__(self, out_dir: str | None, tensorboard: bool = True, progress_bar: bool = False,
-                 total_steps: int = 0, resume: bool = False, resume_step: int | None = None):
+                 total_steps: int = 0, resume: bool = False, resume_step: int | None = None,
+                 info_keys: tuple[str, ...] = ()):
         self.out_dir = out_dir
         self._csv_file = None
         self._episodes_file = None
@@ -44,11 +45,17 @@ class Logger:
             else:
                 self._csv_file = open(path, "w", newline="")
             path = os.path.join(out_dir, "episodes.csv")
-            if resume and os.path.exists(path) and _truncate_log(path, resume_step) == EPISODE_COLUMNS:
+            self._episode_columns = EPISODE_COLUMNS + list(info_keys)
+            self._info_index = {key: j for j, key in enumerate(info_keys)}
+            header = _truncate_log(path, resume_step) if resume and os.path.exists(path) else None
+            if header is not None and header[:len(EPISODE_COLUMNS)] == EPISODE_COLUMNS:
+                if new := [k for k in self._episode_columns if k not in header]:  # info_keys added on load
+                    _append_columns(path, new)
+                self._episode_columns = header + new  # keys no longer recorded stay, NaN from here
                 self._episodes_file = open(path, "a", newline="")
             else:
                 self._episodes_file = open(path, "w", newline="")
-                csv.writer(self._episodes_file).writerow(EPISODE_COLUMNS)
+                csv.writer(self._episodes_file).writerow(self._episode_columns)
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -86,30 +93,23 @@ class Logger:
             self._bar.set_postfix_str(f"return {ret:.1f}", refresh=False)  # tqdm itself shows steps/s
             self._bar.refresh()
 
-    def record_episodes(self, env_steps: int, episodes: list[tuple[float, int]]) -> None:
-        """One episodes.csv row per finished training episode, (return, length) as Monitor files have them, in
-        the order they ended; ``env_steps``: the count at the end of the rollout it ended in."""
+    def record_episodes(self, env_steps: int, episodes: list[tuple[float, int, tuple[float, ...]]]) -> None:
+        """One episodes.csv row per finished training episode, (return, length, info_keys' values) as Monitor
+        files have them, in the order they ended; ``env_steps``: the count at the end of the rollout it ended in."""
         if self._episodes_file is not None and episodes:
-            csv.writer(self._episodes_file).writerows([env_steps, _fmt(ret), length] for ret, length in episodes)
+            at = self._info_index
+            csv.writer(self._episodes_file).writerows(
+                [env_steps, _fmt(ret), length, *(_fmt(values[at[c]]) if c in at else "nan"
+                                                   for c in self._episode_columns[len(EPISODE_COLUMNS):])]
+                for ret, length, values in episodes)
             self._episodes_file.flush()
 
     def _add_columns(self, new: list[str]) -> None:
-        """Rewrite progress.csv (atomically) with ``new`` columns after the others, NaN in the rows written."""
-        from .checkpoint import _atomic_write
-
+        """progress.csv with ``new`` columns after the others, NaN in the rows written."""
         path = self._csv_file.name
         self._csv_file.close()
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
+        _append_columns(path, new)
         self._columns += new
-        rows = [self._columns] + [row + ["nan"] * len(new) for row in rows[1:]]
-
-        def write(f) -> None:
-            text = io.StringIO()
-            csv.writer(text).writerows(rows)
-            f.write(text.getvalue().encode())
-
-        _atomic_write(path, write)
         self._csv_file = open(path, "a", newline="")
 
     def close(self) -> None:
@@ -137,6 +137,22 @@ def _number(v: Any) -> float | None:
             return None
         return float(item) if isinstance(item, numbers.Real) and not isinstance(item, bool) else None
     return None
+
+
+def _append_columns(path: str, new: list[str]) -> None:
+    """Rewrite the CSV log at ``path`` (atomically) with ``new`` columns after the others, NaN in its rows."""
+    from .checkpoint import _atomic_write
+
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    rows = [rows[0] + new] + [row + ["nan"] * len(new) for row in rows[1:]]
+
+    def write(f) -> None:
+        text = io.StringIO()
+        csv.writer(text).writerows(rows)
+        f.write(text.getvalue().encode())
+
+    _atomic_write(path, write)
 
 
 def _fmt(v: float) -> str:

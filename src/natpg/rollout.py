@@ -60,11 +60,13 @@ class Sampler:
     """
 
     def __init__(self, envs: gym.vector.VectorEnv, obs_normalizer: ObsNormalizer, reward_scaler: RewardScaler,
-                 seed: int, device: torch.device, generator: torch.Generator, nonfinite: str = "raise"):
+                 seed: int, device: torch.device, generator: torch.Generator, nonfinite: str = "raise",
+                 info_keys: tuple[str, ...] = ()):
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {list(NONFINITE_MODES)}, got {nonfinite!r}")
         self.envs, self.obs_norm, self.rew_scale = envs, obs_normalizer, reward_scaler
         self.device, self.generator, self.nonfinite = device, generator, nonfinite
+        self.info_keys = tuple(info_keys)
         self.n_envs = envs.num_envs
         self.action_space = envs.single_action_space
         self.steps = 0  # vector steps taken (each is n_envs transitions)
@@ -78,8 +80,10 @@ class Sampler:
         self.ep_length = np.zeros(self.n_envs, np.int64)
         self.recent_returns: deque[float] = deque(maxlen=100)
         self.recent_lengths: deque[int] = deque(maxlen=100)
+        self.recent_infos: deque[tuple[float, ...]] = deque(maxlen=100)  # the info_keys' values, as episode_info
         self.episodes = 0
-        self.last_episodes: list[tuple[float, int]] = []  # (return, length) of each episode the last collect ended
+        # (return, length, info_keys' values) of each episode the last collect ended
+        self.last_episodes: list[tuple[float, int, tuple[float, ...]]] = []
         self.total_steps = 0
         self.dropped = 0  # episodes ended early because of a non-finite observation or reward
         self._cpu_actor: torch.nn.Module | None = None  # the acting copy of a policy that lives on a GPU
@@ -176,9 +180,11 @@ class Sampler:
             finished = done & valid[t]
             if finished.any():
                 for i in np.flatnonzero(finished):
+                    values = episode_info(info, i, self.info_keys)
                     self.recent_returns.append(float(self.ep_return[i]))
                     self.recent_lengths.append(int(self.ep_length[i]))
-                    self.last_episodes.append((float(self.ep_return[i]), int(self.ep_length[i])))
+                    self.recent_infos.append(values)
+                    self.last_episodes.append((float(self.ep_return[i]), int(self.ep_length[i]), values))
                 self.episodes += int(finished.sum())
             if done.any():
                 self.ep_return[done] = 0.0
@@ -244,10 +250,33 @@ class Sampler:
         self.envs.close()
 
 
+def episode_info(info: dict[str, Any], i: int, keys: tuple[str, ...]) -> tuple[float, ...]:
+    """The values of ``keys`` in the last step's info of copy ``i``'s finished episode (NaN where it has no such
+    key), from natpg's vector envs (``final_info``: one dict per copy) or Gymnasium's (a dict of arrays, with
+    ``_KEY`` marking the copies that have KEY)."""
+    if not keys:
+        return ()
+    final = info.get("final_info")
+    if isinstance(final, dict):
+        last = {k: final[k][i] for k in keys if k in final and final.get(f"_{k}", np.ones(i + 1, bool))[i]}
+    else:
+        last = final[i] if final is not None and final[i] is not None else {}
+    values = []
+    for key in keys:
+        value = last.get(key, np.nan)
+        try:
+            values.append(float(np.asarray(value).item()))
+        except (TypeError, ValueError):
+            raise ValueError(f"info_keys: info[{key!r}] at the end of an episode must be a number or boolean, got "
+                             f"{value!r}") from None
+    return tuple(values)
+
+
 def episode_counters(sampler) -> dict[str, Any]:
     """The part of a sampler's resume state every sampler has: copy count, episode statistics, counters."""
     return {"n_envs": sampler.n_envs, "recent_returns": list(sampler.recent_returns),
-            "recent_lengths": list(sampler.recent_lengths), "episodes": sampler.episodes,
+            "recent_lengths": list(sampler.recent_lengths), "info_keys": list(sampler.info_keys),
+            "recent_infos": [list(v) for v in sampler.recent_infos], "episodes": sampler.episodes,
             "total_steps": sampler.total_steps, "steps": sampler.steps, "dropped": sampler.dropped}
 
 
@@ -257,5 +286,7 @@ def restore_episode_counters(sampler, state: dict[str, Any]) -> None:
         raise ValueError(f"saved sampler state has {state['n_envs']} environment copies, this run {sampler.n_envs}")
     sampler.recent_returns.extend(float(x) for x in state["recent_returns"])
     sampler.recent_lengths.extend(int(x) for x in state["recent_lengths"])
+    if state.get("info_keys", []) == list(sampler.info_keys):  # other keys (load with changes): a new window
+        sampler.recent_infos.extend(tuple(float(x) for x in v) for v in state.get("recent_infos", []))
     sampler.episodes, sampler.total_steps = int(state["episodes"]), int(state["total_steps"])
     sampler.steps, sampler.dropped = int(state["steps"]), int(state["dropped"])

@@ -27,9 +27,10 @@ import numpy as np
 class SerialVectorEnv:
     """Copies built by ``env_fns`` stepped in turn in this process, a finished copy reset in the same step.
 
-    ``step(actions)`` returns (obs [N, ...], rewards, terminated, truncated, {'final_obs': object array}) where
-    the observation of a copy whose episode just ended is already the first of its next episode and the last
-    one is ``info['final_obs'][i]`` (None for the others). ``reset(seed)`` seeds copy i with ``seed + i``;
+    ``step(actions)`` returns (obs [N, ...], rewards, terminated, truncated, {'final_obs': object array,
+    'final_info': object array}) where the observation of a copy whose episode just ended is already the first
+    of its next episode and the last one is ``info['final_obs'][i]``, the last step's info
+    ``info['final_info'][i]`` (None for the others). ``reset(seed)`` seeds copy i with ``seed + i``;
     ``reset(options={'reset_mask': mask})`` resets only the masked copies. ``envs`` holds the copies.
     """
 
@@ -58,14 +59,14 @@ class SerialVectorEnv:
         n = self.num_envs
         rew = np.zeros(n, np.float64)
         term, trunc = np.zeros(n, bool), np.zeros(n, bool)
-        final = np.full(n, None, dtype=object)
+        final, final_info = np.full(n, None, dtype=object), np.full(n, None, dtype=object)
         for i, env in enumerate(self.envs):
-            obs, rew[i], term[i], trunc[i], _ = env.step(actions[i])
+            obs, rew[i], term[i], trunc[i], info = env.step(actions[i])
             if term[i] or trunc[i]:
-                final[i] = obs
+                final[i], final_info[i] = obs, info
                 obs, _ = env.reset()
             self._obs[i] = obs
-        return self._obs.copy(), rew, term, trunc, {"final_obs": final}
+        return self._obs.copy(), rew, term, trunc, {"final_obs": final, "final_info": final_info}
 
     def close(self) -> None:
         if not self.closed:
@@ -74,7 +75,7 @@ class SerialVectorEnv:
                 env.close()
 
 
-def _worker(conn, env_id: str, n_envs: int, action_mask, env_kwargs: dict[str, Any]) -> None:
+def _worker(conn, env_id: str, n_envs: int, action_mask, env_kwargs: dict[str, Any], info_keys: tuple) -> None:
     # Ctrl-C goes to the whole process group: let the parent handle it (it saves a checkpoint, then closes us).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     envs = None
@@ -88,7 +89,9 @@ def _worker(conn, env_id: str, n_envs: int, action_mask, env_kwargs: dict[str, A
             if cmd == "step":
                 obs, rew, term, trunc, info = envs.step(data)
                 done = term | trunc
-                final = [np.asarray(info["final_obs"][i]) for i in np.flatnonzero(done)] if done.any() else []
+                final = [(np.asarray(info["final_obs"][i]), {k: v for k, v in info["final_info"][i].items()
+                                                             if k in info_keys})  # only what is asked for crosses
+                         for i in np.flatnonzero(done)] if done.any() else []
                 conn.send(("ok", (obs, rew, term, trunc, final)))
             elif cmd == "reset":
                 obs, _ = envs.reset(seed=data)
@@ -107,10 +110,11 @@ def _worker(conn, env_id: str, n_envs: int, action_mask, env_kwargs: dict[str, A
 
 class MultiprocVectorEnv:
     """``n_envs`` copies of ``env_id`` split over ``n_workers`` processes (the API subset natpg's sampler uses:
-    ``reset(seed)``, ``step(actions)`` with ``info['final_obs']``, ``num_envs``, the single spaces, ``close``)."""
+    ``reset(seed)``, ``step(actions)`` with ``info['final_obs']`` and ``info['final_info']`` (the ``info_keys``
+    of each finished copy's last info), ``num_envs``, the single spaces, ``close``)."""
 
     def __init__(self, env_id: str, n_envs: int, n_workers: int, action_mask=None,
-                 env_kwargs: dict[str, Any] | None = None):
+                 env_kwargs: dict[str, Any] | None = None, info_keys: tuple[str, ...] = ()):
         if n_workers < 1 or n_workers > n_envs:
             raise ValueError(f"n_workers must be between 1 and n_envs={n_envs}, got {n_workers}")
         self.num_envs, self.env_id = n_envs, env_id
@@ -120,7 +124,8 @@ class MultiprocVectorEnv:
         self.conns, self.procs = [], []
         for size in sizes:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, env_id, size, action_mask, env_kwargs or {}), daemon=True)
+            proc = ctx.Process(target=_worker, daemon=True,
+                               args=(child, env_id, size, action_mask, env_kwargs or {}, tuple(info_keys)))
             proc.start()
             child.close()
             self.conns.append(parent)
@@ -156,12 +161,12 @@ class MultiprocVectorEnv:
         rew = np.concatenate([p[1] for p in parts])
         term = np.concatenate([p[2] for p in parts])
         trunc = np.concatenate([p[3] for p in parts])
-        final_obs = np.empty(self.num_envs, dtype=object)
+        final_obs, final_info = np.empty(self.num_envs, dtype=object), np.empty(self.num_envs, dtype=object)
         done_idx = np.flatnonzero(term | trunc)
         finals = [f for p in parts for f in p[4]]
-        for i, f in zip(done_idx, finals):  # workers list their finished copies in index order
-            final_obs[i] = f
-        return obs, rew, term, trunc, {"final_obs": final_obs}
+        for i, (f, info) in zip(done_idx, finals):  # workers list their finished copies in index order
+            final_obs[i], final_info[i] = f, info
+        return obs, rew, term, trunc, {"final_obs": final_obs, "final_info": final_info}
 
     def close(self) -> None:
         if self.closed:

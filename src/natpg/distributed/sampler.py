@@ -89,12 +89,15 @@ class DistributedSampler:
                                reward_clip=e.reward_clip, normalize_reward=e.normalize_reward,
                                nonfinite=e.nonfinite_env, torch_threads=config.run.torch_threads,
                                action_squash=p.action_squash, action_mask=action_mask,
-                               env_kwargs=dict(e.env_kwargs))
+                               env_kwargs=dict(e.env_kwargs), info_keys=tuple(e.info_keys))
+        self.info_keys = tuple(e.info_keys)
         self.restarts = [0] * self.n_workers  # replacements per worker
         self.recent_returns: deque[float] = deque(maxlen=100)
         self.recent_lengths: deque[int] = deque(maxlen=100)
+        self.recent_infos: deque[tuple[float, ...]] = deque(maxlen=100)
         self.episodes = 0
-        self.last_episodes: list[tuple[float, int]] = []  # (return, length) of each episode the last collect ended
+        # (return, length, info_keys' values) of each episode the last collect ended
+        self.last_episodes: list[tuple[float, int, tuple[float, ...]]] = []
         self.total_steps = 0
         self.steps = 0
         self.dropped = 0
@@ -175,12 +178,13 @@ class DistributedSampler:
             for t in range(ret.shape[0]):
                 if ok[t].any():
                     self.rew_scale.rms.update(ret[t][ok[t]])
-        finished = sorted(((t, r.worker, k, ret, length) for r in results
-                           for k, (t, ret, length) in enumerate(r.episodes)))
-        self.last_episodes = [(float(ret), int(length)) for _, _, _, ret, length in finished]
-        for _, _, _, ret, length in finished:
-            self.recent_returns.append(float(ret))
-            self.recent_lengths.append(int(length))
+        finished = sorted(((t, r.worker, k, ret, length, values) for r in results
+                           for k, (t, ret, length, values) in enumerate(r.episodes)), key=lambda e: e[:3])
+        self.last_episodes = [(float(ret), int(length), values) for _, _, _, ret, length, values in finished]
+        for ret, length, values in self.last_episodes:
+            self.recent_returns.append(ret)
+            self.recent_lengths.append(length)
+            self.recent_infos.append(values)
         self.episodes += len(finished)
         self.dropped += sum(r.dropped for r in results)
         self.total_steps += rollout.num_steps

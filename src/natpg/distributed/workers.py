@@ -51,6 +51,8 @@ class WorkerSpec:
     """None, an info key, or a callable (shipped with cloudpickle by Ray)."""
     env_kwargs: dict = field(default_factory=dict)
     """Keyword arguments for gymnasium.make of each copy."""
+    info_keys: tuple = ()
+    """Keys of an episode's last info to return with it."""
 
 
 def generator_seed(seed: int, worker: int, restart: int = 0) -> int:
@@ -117,8 +119,9 @@ class WorkerResult:
     """[T, n] float64: the reward scaler's discounted returns per step (None when reward scaling is off)."""
     returns_valid: np.ndarray | None
     """[T, n] bool: which of those returns enter the statistics (copies not dropped that step)."""
-    episodes: list[tuple[int, float, int]]
-    """(step of this rollout, return, length) of every episode that finished, in the order they finished."""
+    episodes: list[tuple[int, float, int, tuple[float, ...]]]
+    """(step of this rollout, return, length, info_keys' values) of every episode that finished, in the order
+    they finished."""
     dropped: int
     """Episodes ended this iteration for a non-finite observation or reward."""
 
@@ -139,7 +142,7 @@ class RolloutWorker:
         self.rew_scale = RecordingRewardScaler(spec.n_envs, spec.gamma, spec.reward_clip, spec.normalize_reward)
         self.generator = torch.Generator().manual_seed(spec.generator_seed)
         self.sampler = Sampler(envs, self.obs_norm, self.rew_scale, spec.reset_seed, torch.device("cpu"),
-                               self.generator, spec.nonfinite)
+                               self.generator, spec.nonfinite, spec.info_keys)
         self.policy = make_policy(obs_space, act_space, spec.hidden, spec.activation, spec.log_std_init,
                                   spec.action_squash, masked)
 
@@ -158,7 +161,7 @@ class RolloutWorker:
             self.rew_scale.rms.load_state_dict(reward_stats)
         self.obs_norm.seen, self.rew_scale.seen = [], []
         s = self.sampler
-        s.recent_returns, s.recent_lengths = _StepTagged(s), _StepTagged(s)
+        s.recent_returns, s.recent_lengths, s.recent_infos = _StepTagged(s), _StepTagged(s), _StepTagged(s)
         dropped_before = s.dropped
         rollout = s.collect(self.policy, n_steps)
         raw = np.stack(self.obs_norm.seen) if self.obs_norm.seen else None
@@ -167,7 +170,8 @@ class RolloutWorker:
             returns_valid = np.stack([v for _, v in self.rew_scale.seen])
         else:
             returns = returns_valid = None
-        episodes = [(t, ret, length) for (t, ret), (_, length) in zip(s.recent_returns, s.recent_lengths)]
+        episodes = [(t, ret, length, values) for (t, ret), (_, length), (_, values)
+                    in zip(s.recent_returns, s.recent_lengths, s.recent_infos)]
         return WorkerResult(self.worker, rollout, raw, returns, returns_valid, episodes, s.dropped - dropped_before)
 
     def close(self) -> None:
