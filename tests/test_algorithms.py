@@ -337,6 +337,27 @@ def critic_data(hidden, n=50, seed=0):
     return critic, obs, ret
 
 
+def test_kfac_critic_counts_its_skipped_minibatch_steps_apart_from_the_skipped_fit():
+    """A minibatch step KFACClip refuses (a non-finite direction) is counted in critic/skipped_steps, which the fault
+    guard's critic/skipped (the whole fit undone: 0 or 1) must not overwrite."""
+    from types import SimpleNamespace
+
+    from natpg.train import guarded_critic_fit
+
+    _, obs, ret = critic_data(hidden=(), n=40)
+    critic = KFACCritic(OBS_DIM, (8,), "tanh", epochs=2, minibatch=10, max_kl=0.05, eta_max=1.0, damping=0.01)
+    solve, calls = critic.curvature.solve, []
+
+    def every_third_nan(g):
+        calls.append(1)
+        return torch.full_like(g, float("nan")) if len(calls) % 3 == 0 else solve(g)
+
+    critic.curvature.solve = every_third_nan
+    stats = guarded_critic_fit(critic, SimpleNamespace(obs=obs, ret=ret), torch.Generator().manual_seed(0))
+    assert len(calls) == 8 and stats["critic/skipped_steps"] == 2.0 and stats["critic/skipped"] == 0.0
+    assert stats["critic/loss_after"] < stats["critic/loss_before"]
+
+
 def test_critic_kfac_is_the_gauss_newton_matrix_for_a_linear_critic():
     critic, obs, ret = critic_data(hidden=())
     sigma = float(ret.std())

@@ -163,5 +163,5 @@ class KFACCritic(ValueCritic):
             after = float(((self(obs) - returns) ** 2).mean())
         n = max(len(sizes), 1)
         return {"critic/loss_before": before, "critic/loss_after": after, "critic/step_size": sum(sizes) / n,
-                "critic/quadratic_kl": sum(kls) / n, "critic/skipped": float(skipped), **self.curvature.stats}
+                "critic/quadratic_kl": sum(kls) / n, "critic/skipped_steps": float(skipped), **self.curvature.stats}
 
