@@ -208,8 +208,8 @@ class CriticFit:
 
 def fault_of(stats: dict[str, Any]) -> str | None:
     """The reason an iteration's update was (partly) skipped, or None."""
-    reasons = [stats[k] for k in ("step/fault", "critic/fault") if stats.get(k)]
-    return "; ".join(str(r) for r in reasons) or None
+    reasons = dict.fromkeys(str(stats[k]) for k in ("step/fault", "critic/fault") if stats.get(k))  # once each
+    return "; ".join(reasons) or None
 
 
 @contextlib.contextmanager
