@@ -1050,3 +1050,11 @@ def test_batch_of_one_sample_with_a_constant_observation_is_finite():
     assert torch.isfinite(flat_params(policy)).all()
     if stats.get("step/skipped"):
         assert torch.equal(flat_params(policy), before)
+
+
+def test_errors_quoted_inside_natpgs_messages_by_their_first_line_even_when_empty():
+    """An error from below with no text (a bare RuntimeError()) is quoted as '' rather than failing to be quoted."""
+    from natpg.errors import first_line, one_line
+
+    assert first_line(RuntimeError()) == "" and first_line(RuntimeError("a\nb")) == "a" and first_line("\n") == ""
+    assert one_line("invalid settings:\n  a\n  b") == "invalid settings: a; b"

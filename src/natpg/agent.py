@@ -29,6 +29,7 @@ from .logger import Logger
 from .policies import env_action, input_layout, make_policy
 from .rollout import NonFiniteEnvError, Sampler
 from .train import CriticFit, TrainingFault, fault_of, iteration
+from .errors import first_line
 
 
 def space_to_dict(space: gym.Space) -> dict[str, Any]:
@@ -659,7 +660,7 @@ def load(path: str, action_mask=None, **changes: Any) -> Agent:
         raise ValueError(f"checkpoint at {path!r} lacks the entry {exc} (written by another natpg version?)") from None
     except (RuntimeError, TypeError) as exc:  # tensors that do not fit the recorded config
         raise ValueError(f"checkpoint at {path!r} is inconsistent with its recorded config: "
-                         f"{str(exc).splitlines()[0]}") from None
+                         f"{first_line(exc)}") from None
 
 
 RUN_OUTPUTS = ("model.pt", "config.json", "progress.csv", "episodes.csv", "events.log", "tb", "best")  # a run's

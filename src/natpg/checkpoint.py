@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from .errors import first_line
+
 FORMAT = "natpg-checkpoint"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1: no digest
@@ -164,7 +166,7 @@ def read(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
             payload = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle, foreign or malicious content
         # torch's own text suggests weights_only=False, i.e. running the file's code: not advice to pass on.
-        detail = "" if "weights_only" in str(exc) or not str(exc) else f": {str(exc).splitlines()[0]}"
+        detail = "" if "weights_only" in str(exc) or not first_line(exc) else f": {first_line(exc)}"
         raise ValueError(f"{file!r} is not a readable natpg checkpoint (truncated or corrupted, or not tensors "
                          f"only): {type(exc).__name__}{detail}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -14,7 +14,8 @@ import sys
 import warnings
 from typing import Any
 
-from .config import EVAL_MAX_EPISODE_STEPS, SECTIONS, Config, one_line
+from .config import EVAL_MAX_EPISODE_STEPS, SECTIONS, Config
+from .errors import one_line
 
 
 DEFAULT_STEPS = 1_000_000

@@ -263,12 +263,6 @@ SECTIONS = {
 }
 
 
-def one_line(message: str) -> str:
-    """Config's list of problems ('invalid settings:\n  a\n  b') as the command line prints it: 'invalid settings:
-    a; b'. Other lines are kept (a worker's error as it came)."""
-    return message.replace(":\n  ", ": ", 1).replace("\n  ", "; ")
-
-
 # Stable-Baselines3 / sb3-contrib names a newcomer types first, and natpg's for the same thing.
 FOREIGN_NAMES: dict[str, str] = {
     "learning_rate": "alpha (the step rule's rate; PPO's and VPG-Adam's learning rate) or critic_lr",

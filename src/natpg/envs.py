@@ -15,6 +15,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
+from .errors import first_line
+
 SUPPORTED = ("observations: Box (flat or any shape, flattened; uint8 images [C,H,W] or [H,W,C] of at least 36×36 "
              "go to a CNN), Discrete, MultiDiscrete, MultiBinary (one-hot/flattened), Dict and Tuple of these "
              "(flattened); "
@@ -142,7 +144,7 @@ def make_env(env_id: str, action_mask=None, wrap: bool = True, env_kwargs: dict[
         if not env_kwargs or (render_mode and isinstance(exc, TypeError) and "render_mode" in str(exc)):
             raise
         raise ValueError(f"environment {env_id!r} cannot be made with env_kwargs={env_kwargs!r}: "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+                         f"{type(exc).__name__}: {first_line(exc)}") from None
     for w in env_wrappers(env_id, action_mask) if wrap else atari_wrappers() if is_atari(env_id) else []:
         env = w(env)
     return env

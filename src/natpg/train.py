@@ -28,6 +28,7 @@ from torch import nn
 from .advantages import gae, normalize_advantages
 from .algorithms import Batch
 from .config import AdvantageConfig, RunConfig
+from .errors import first_line
 from .rollout import Rollout
 
 
@@ -77,7 +78,7 @@ def _restore(module: nn.Module, saved: list[torch.Tensor]) -> None:
 def numerical_error(exc: BaseException) -> str | None:
     """The reason, when an exception raised inside an update is a numerical fault rather than a bug: a value
     that overflows the parameters' dtype, a distribution built from NaN/inf parameters, a failed factorisation."""
-    msg = str(exc).splitlines()[0] if str(exc) else ""
+    msg = first_line(exc)
     if isinstance(exc, torch.linalg.LinAlgError) or (isinstance(exc, RuntimeError) and "overflow" in msg) or \
             (isinstance(exc, ValueError) and "invalid values" in str(exc)):
         return f"{type(exc).__name__}: {msg[:200]}"

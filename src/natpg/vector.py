@@ -142,9 +142,10 @@ class MultiprocVectorEnv:
             raise RuntimeError("an environment worker process died") from None
         if status == "error":
             from .envs import unregistered_in_worker_hint
+            from .errors import first_line
 
             if hint := unregistered_in_worker_hint(self.env_id, payload):
-                raise ValueError(f"environment worker failed: {payload.splitlines()[0]}; {hint}")
+                raise ValueError(f"environment worker failed: {first_line(payload)}; {hint}")
             raise RuntimeError(f"environment worker failed: {payload}")
         return payload
 

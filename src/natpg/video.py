@@ -20,6 +20,7 @@ import numpy as np
 from .agent import Agent, check_evaluation, evaluation_env_kwargs, warn_cut_episodes
 from .config import EVAL_MAX_EPISODE_STEPS
 from .envs import make_env
+from .errors import first_line
 
 FFMPEG_FORMATS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 VIDEO_FORMATS = FFMPEG_FORMATS + (".gif",)
@@ -64,7 +65,7 @@ def _render(env, env_id: str) -> np.ndarray:
         raise RenderError(f"environment {env_id!r} needs an optional dependency to render: {exc}") from None
     except Exception as exc:  # the OpenGL back end fails in many ways; report it once, with the usual fix
         raise RenderError(f"environment {env_id!r} could not render a frame ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}). On a machine without a display, "
+                          f"{first_line(exc)}). On a machine without a display, "
                           f"MuJoCo needs MUJOCO_GL=egl (or osmesa) in the environment before natpg is imported; "
                           f"`natpg eval --video` sets it itself.") from exc
     if not isinstance(frame, np.ndarray) or frame.ndim != 3 or frame.shape[2] not in (3, 4):
@@ -102,7 +103,7 @@ def record_video(agent: Agent, path: str | os.PathLike, env: str | None = None, 
             if not _builds_without_render_mode(env_id, agent.action_mask_source, env_kwargs):
                 raise  # the constructor fails anyway: not a rendering problem
             raise RenderError(f"environment {env_id!r} cannot render frames: its constructor does not take "
-                              f"render_mode ({str(exc).splitlines()[0]}). An environment that renders takes "
+                              f"render_mode ({first_line(exc)}). An environment that renders takes "
                               f"render_mode='rgb_array' and lists it in metadata['render_modes']") from None
     tmp_name = None
     try:

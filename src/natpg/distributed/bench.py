@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Every configuration is checked before the first is measured (the local baseline included).
     from ..algorithms import config_for
-    from ..config import one_line
+    from ..errors import one_line
 
     for sampler in ["local"] * (not args.no_local) + args.samplers:
         for w in [1] if sampler == "local" else args.workers:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..envs import ObsNormalizer, RewardScaler
+from ..errors import first_line
 from ..rollout import Rollout, episode_counters, restore_episode_counters
 from .workers import RolloutWorker, WorkerResult, WorkerSpec, generator_seed
 
@@ -252,7 +253,7 @@ def init_ray(ray, address: str | None, n_workers: int) -> None:
             ray.init(address=address)
     except (ConnectionError, ValueError) as exc:  # 'auto' without a cluster; an address Ray cannot parse
         raise ValueError(f"ray_address={address!r}: cannot connect to a Ray cluster "
-                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); start one with "
+                         f"({first_line(exc) or type(exc).__name__}); start one with "
                          f"`ray start --head`, or leave ray_address unset for a local instance") from None
     finally:
         for sig, handler in handlers.items():
@@ -364,8 +365,7 @@ class RaySampler(DistributedSampler):
                     raise exc.as_instanceof_cause() from None
                 except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
                         ray.exceptions.WorkerCrashedError) as exc:
-                    first = str(exc).splitlines()[0] if str(exc) else ""
-                    failed(w, attempt, f"{type(exc).__name__} while {phase}ing: {first}"[:300])
+                    failed(w, attempt, f"{type(exc).__name__} while {phase}ing: {first_line(exc)}"[:300])
                     continue
                 if phase == "start":
                     self._starting.discard(w)
