@@ -353,6 +353,10 @@ def test_history_layout():
     assert h.values[-1] == pytest.approx(ref_value_rho(m, h.policy), abs=1e-12)
     h2 = pg(m, 0.5, 7, theta0=np.ones((4, 3)), keep_thetas=False)
     assert h2.thetas is None and h2.values.shape == (8,) and h2.policy.shape == (4, 3)
+    # suboptimality against V* found by trying all 3^4 deterministic policies (an optimal one is deterministic)
+    v_star = max(ref_value_rho(m, np.eye(3)[list(acts)]) for acts in itertools.product(range(3), repeat=4))
+    np.testing.assert_allclose(h.suboptimality(m), v_star - h.values, rtol=0, atol=1e-12)
+    assert (h.suboptimality(m) >= -1e-12).all()
 
 
 @pytest.mark.parametrize("seed, gamma", [(0, 0.9), (1, 0.9), (2, 0.5), (3, 0.8)])

@@ -78,11 +78,8 @@ def make_curvature(cfg: Config, generator: torch.Generator | None):
     if c.fisher == "kfac":
         return fisher.KFAC(damping=c.damping, ema_decay=c.kfac_ema_decay, refresh_every=c.kfac_refresh_every,
                            generator=generator)
-    approximations = {"kfac": "KFAC", "diagonal": "Diagonal", "empirical": "Empirical"}
-    cls = getattr(fisher, approximations[c.fisher], None)
-    if cls is None:
-        raise ValueError(f"fisher={c.fisher!r} is not available in this build of natpg")
-    return cls(damping=c.damping, generator=generator)
+    return {"diagonal": fisher.Diagonal, "empirical": fisher.Empirical}[c.fisher](damping=c.damping,
+                                                                                generator=generator)
 
 
 def make_step_rule(cfg: Config):

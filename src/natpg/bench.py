@@ -5,14 +5,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import gymnasium as gym
-import numpy as np
 import torch
 
 
 def raw_env_rate(env_id: str, steps: int = 20_000, seed: int = 0, env_kwargs: dict[str, Any] | None = None) -> float:
-    """Steps/s of one environment copy with random actions in this process (the ceiling)."""
-    env = gym.make(env_id, **(env_kwargs or {}))
+    """Steps/s of one environment copy with random actions in this process (the ceiling): the environment as
+    natpg makes it (Atari's preprocessing included), without natpg's observation wrappers."""
+    from .envs import make_env
+
+    env = make_env(env_id, wrap=False, env_kwargs=env_kwargs)
     env.reset(seed=seed)
     env.action_space.seed(seed)
     actions = [env.action_space.sample() for _ in range(1000)]

@@ -444,9 +444,7 @@ class DiscreteMLP(nn.Module):
 def CategoricalMLP(obs_dim: int, n_actions: int, hidden: Sequence[int] = (64, 64), activation: str = "tanh",
                    mask: bool = False, image: tuple[tuple[int, ...], bool] | None = None) -> DiscreteMLP:
     """Categorical policy over ``n_actions`` (Discrete); ``mask=True`` reads an action mask after the features."""
-    policy = DiscreteMLP(obs_dim, n_actions, CategoricalHead(), hidden, activation, n_actions if mask else 0, image)
-    policy.n_actions = n_actions
-    return policy
+    return DiscreteMLP(obs_dim, n_actions, CategoricalHead(), hidden, activation, n_actions if mask else 0, image)
 
 
 def MultiCategoricalMLP(obs_dim: int, nvec: Sequence[int], hidden: Sequence[int] = (64, 64),
@@ -465,8 +463,6 @@ def input_layout(observation_space, action_space, masked: bool = False):
     """(features, mask_dim, image) of the flat vector a policy reads for ``observation_space``: the flattened
     observation (one-hot for discrete parts) of ``features`` entries, then ``mask_dim`` action-mask entries;
     ``image`` is the CNN layout for uint8 images (``image_layout``), else None."""
-    import gymnasium as gym
-
     from .envs import is_image
 
     features = int(gym.spaces.flatdim(observation_space))
@@ -478,8 +474,6 @@ def input_layout(observation_space, action_space, masked: bool = False):
 def make_policy(observation_space, action_space, hidden: Sequence[int], activation: str,
                 log_std_init: float, action_squash: str = "clip", masked: bool = False) -> nn.Module:
     """The policy for any supported pair of spaces (``natpg.envs.SUPPORTED``); observations as ``input_layout``."""
-    import gymnasium as gym
-
     obs_dim, _, image = input_layout(observation_space, action_space, masked)
     if masked and not isinstance(action_space, gym.spaces.Discrete):
         raise ValueError(f"action masking is for Discrete action spaces, got {action_space}")

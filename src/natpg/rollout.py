@@ -165,7 +165,7 @@ class Sampler:
                 bad = ~np.isfinite(rew) | ~np.isfinite(after).all(1) | ~next_ok
                 if self.nonfinite == "raise":
                     raise NonFiniteEnvError(self._nonfinite_message(bad, rew, after, next_obs))
-                next_obs = self._drop(bad, done, next_ok, next_obs, rew, after)
+                next_obs = self._drop(bad, done, next_ok, next_obs)
                 valid[t, bad] = False
                 if t > 0:
                     trunc_buf[t - 1, bad] |= ~term_buf[t - 1, bad]
@@ -195,8 +195,7 @@ class Sampler:
             self.steps += 1
         return obs_buf, act_buf, rew_buf, term_buf, trunc_buf, next_buf, valid
 
-    def _drop(self, bad: np.ndarray, done: np.ndarray, next_ok: np.ndarray, next_obs: np.ndarray,
-              rew: np.ndarray, after: np.ndarray) -> np.ndarray:
+    def _drop(self, bad: np.ndarray, done: np.ndarray, next_ok: np.ndarray, next_obs: np.ndarray) -> np.ndarray:
         """End the bad copies' episodes and reset those the vector env has not already reset cleanly."""
         self.dropped += int(bad.sum())
         need = bad & ~(done & next_ok)

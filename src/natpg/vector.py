@@ -20,7 +20,6 @@ import signal
 import traceback
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 
 

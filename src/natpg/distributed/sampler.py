@@ -24,6 +24,7 @@ import signal
 import socket
 import threading
 import time
+import warnings
 from collections import deque
 from typing import Any
 
@@ -130,8 +131,6 @@ class DistributedSampler:
             results = self._gather(handle)
             if steps == n_steps and _same_weights(policy, weights):
                 return self._merge(results, n_steps)
-            import warnings
-
             warnings.warn("the policy changed after its next rollout was started (prefetch); that rollout is "
                           "discarded and a new one collected", RuntimeWarning, stacklevel=2)
         return self._merge(self._gather(self._submit(*self._request(policy), n_steps)), n_steps)
@@ -198,8 +197,6 @@ class DistributedSampler:
         return {**episode_counters(self), "env_states": None, "env_state_error": reason}
 
     def load_state_dict(self, state: dict[str, Any]) -> bool:
-        import warnings
-
         restore_episode_counters(self, state)
         warnings.warn("resuming with freshly reset environments in the rollout workers, so the continuation "
                       "is not bit-exact", RuntimeWarning, stacklevel=2)
