@@ -32,7 +32,7 @@ def categorical_score_fisher(policy, obs):
     F = torch.zeros(P, P)
     for s in obs:
         probs = policy.dist(s.unsqueeze(0)).probs.squeeze(0).detach()
-        for a in range(policy.n_actions):
+        for a in range(len(probs)):
             g = score(policy, s, torch.tensor(a))
             F += probs[a] * torch.outer(g, g)
     return F / len(obs)
