@@ -57,3 +57,57 @@ def test_advantage_normalisation_uses_std_plus_eps_and_survives_degenerate_batch
     assert torch.isfinite(normalize_advantages(torch.tensor([3.0]))).all()
     assert torch.isfinite(normalize_advantages(torch.zeros(7))).all()
     assert torch.all(normalize_advantages(torch.zeros(7)) == 0)
+
+
+# --- the wiring around gae: what the sampler stores as the next observation, what make_batch passes -------------
+
+def test_the_sampler_stores_the_final_observation_at_an_episode_end_and_the_next_one_otherwise():
+    """next_obs[t] is obs[t + 1] within an episode; where one ends, the observation that ended it (outside
+    CartPole's bounds, unless cut by the time limit), while obs[t + 1] is already a reset state (|·| ≤ 0.05)."""
+    from natpg.envs import ObsNormalizer, RewardScaler, make_vec_env
+    from natpg.policies import CategoricalMLP
+    from natpg.rollout import Sampler
+
+    envs = make_vec_env("CartPole-v1", 3)
+    sampler = Sampler(envs, ObsNormalizer((4,), 10.0, enabled=False), RewardScaler(3, 0.99, 10.0), 0,
+                      torch.device("cpu"), torch.Generator().manual_seed(0))
+    rollout = sampler.collect(CategoricalMLP(4, 2, (8,)), 200)
+    done = (rollout.terminated | rollout.truncated).numpy()
+    obs, after = rollout.obs.numpy(), rollout.next_obs.numpy()
+    assert done[:-1].sum() > 5
+    for t in range(199):
+        for i in range(3):
+            if not done[t, i]:
+                np.testing.assert_array_equal(after[t, i], obs[t + 1, i])
+            else:
+                assert abs(after[t, i][0]) > 2.4 or abs(after[t, i][2]) > 0.2095 or rollout.truncated[t, i]
+                assert np.abs(obs[t + 1, i]).max() <= 0.05
+
+
+def test_make_batch_bootstraps_truncations_and_cuts_the_trace_at_every_episode_end():
+    """make_batch's advantages and returns equal the plain loop's, for a critic V(s) = s[0], with one termination
+    and one truncation and normalize_advantages=False (so the raw GAE values are compared)."""
+    from natpg.config import AdvantageConfig
+    from natpg.policies import CategoricalMLP
+    from natpg.rollout import Rollout
+    from natpg.train import make_batch
+
+    class FirstFeature(torch.nn.Module):
+        def forward(self, x):
+            return x[:, 0]
+
+    T, N = 6, 2
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randn(T, N, 3, generator=g, dtype=torch.float64)
+    after = torch.randn(T, N, 3, generator=g, dtype=torch.float64)
+    term, trunc = torch.zeros(T, N, dtype=torch.bool), torch.zeros(T, N, dtype=torch.bool)
+    term[2, 0], trunc[3, 1] = True, True
+    rew = torch.randn(T, N, generator=g, dtype=torch.float64)
+    rollout = Rollout(obs=obs, act=torch.zeros(T, N, dtype=torch.long), rew=rew, terminated=term, truncated=trunc,
+                      next_obs=after)
+    batch = make_batch(rollout, CategoricalMLP(3, 2, (4,)).double(), FirstFeature(),
+                       AdvantageConfig(gamma=0.9, gae_lambda=0.8, normalize_advantages=False))
+    ref = reference_gae(rew.numpy(), obs[..., 0].numpy(), after[..., 0].numpy(), term.numpy(), trunc.numpy(),
+                        0.9, 0.8)
+    np.testing.assert_allclose(batch.adv.numpy(), ref.reshape(-1), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(batch.ret.numpy(), (ref + obs[..., 0].numpy()).reshape(-1), rtol=0, atol=1e-12)
