@@ -330,6 +330,26 @@ def test_training_is_reproducible_with_a_seed():
     assert torch.equal(*runs)
 
 
+def test_each_learn_call_resets_its_environments_with_seeds_after_the_updates_done(monkeypatch):
+    """learn(reset=True) resets the copies with seed + updates: a second call steps other episodes than the first;
+    reset=False resets nothing."""
+    made = []
+    real = natpg.agent.make_vec_env
+
+    def recording(*args, **kwargs):
+        envs = real(*args, **kwargs)
+        reset = envs.reset
+        envs.reset = lambda seed=None, options=None: made.append(seed) or reset(seed=seed, options=options)
+        return envs
+
+    monkeypatch.setattr(natpg.agent, "make_vec_env", recording)
+    agent = natpg.NPG("CartPole-v1", seed=4, normalize_obs=False, **small())
+    agent.learn(64)
+    agent.learn(128)
+    agent.learn(64, reset=False)
+    assert made == [4, 5]  # the vector env seeds copy i with seed + i (test_vector)
+
+
 def test_seed_none_draws_a_seed_that_is_recorded_and_repeats_the_run(tmp_path):
     """SB3's seed=None: each agent gets its own seed, kept in agent.seed and config.json; giving it back repeats the run."""
     first, second = natpg.NPG("CartPole-v1", seed=None, **small()), natpg.NPG("CartPole-v1", seed=None, **small())
@@ -882,11 +902,11 @@ def test_a_checkpoint_with_more_multiproc_workers_than_copies_still_loads(tmp_pa
     assert natpg.NPG("CartPole-v1", vectorization="multiproc", n_envs=1, n_steps=32, tensorboard=False).config.env.n_workers == 2
 
 
-@pytest.mark.parametrize("engine", [{}, {"sampler": "processes", "workers": 2}])
+@pytest.mark.parametrize("engine", [{}, {"sampler": "processes", "workers": 2}, {"normalize_reward": True}])
 def test_episodes_csv_has_every_finished_training_episode_and_resumes_like_progress(engine, tmp_path):
     """One row per training episode, (return, length) as the sampler counted them: as many rows as the sampler's
-    episode count, the last 100 equal to the episodes ep_return_mean averages; a resumed run's file equals an
-    uninterrupted one's."""
+    episode count, the last 100 equal to the episodes ep_return_mean averages, returns of the environment's own
+    rewards (not the scaled ones the critic learns from); a resumed run's file equals an uninterrupted one's."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     agent = natpg.NPG("CartPole-v1", seed=3, **small(**engine))
     agent.learn(64 * 6, out_dir=one)

@@ -185,7 +185,9 @@ class Agent:
         this run (an earlier ``learn`` of this agent, or the checkpoint it was loaded from) is continued: its
         progress.csv is appended to after dropping rows newer than the agent. One that holds another run is an
         error unless ``overwrite=True``, which deletes natpg's outputs there (``RUN_OUTPUTS``) first.
-        ``reset=False`` keeps stepping the environments where the previous ``learn`` left them — or, for an
+        ``reset=True`` (the default) starts from freshly reset environments, copy i seeded ``seed + updates + i``
+        (``updates`` done so far), so that each call steps other episodes. ``reset=False`` keeps stepping the
+        environments where the previous ``learn`` left them — or, for an
         agent just loaded from a checkpoint, where the saved run left them (bit-exact for classic-control and
         MuJoCo tasks with vectorization='sync'; otherwise from freshly reset environments, with a warning).
 
