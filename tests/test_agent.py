@@ -991,3 +991,48 @@ def test_latest_audit_edges(tmp_path):
         agent.config.env.env_kwargs["g"] = 5.0
     with pytest.raises(ValueError, match=r"device must be 'cpu', 'cuda\[:N\]' or 'auto', got 'cuda:x'"):
         natpg.NPG("CartPole-v1", device="cuda:x")
+
+
+def test_cli_flags_reach_what_they_name(tmp_path, capsys):
+    """natpg train's flags become the settings they stand for; natpg eval's --seed, --stochastic, --env-kwargs and
+    --max-episode-steps give exactly natpg.evaluate's numbers with those arguments."""
+    run = str(tmp_path / "run")
+    assert cli(["train", "npg", "Pendulum-v1", "--steps", "128", "--no-progress", "--out", run, "--fisher", "kfac",
+                "--n-envs", "2", "--device", "cpu", "--eval-every", "128", "--set", "n_steps=64",
+                "--set", "tensorboard=False"]) == 0
+    recorded = json.load(open(os.path.join(run, "config.json")))
+    assert (recorded["curvature"]["fisher"], recorded["env"]["n_envs"], recorded["run"]["eval_every"]) == ("kfac", 2, 128)
+    agent = natpg.load(run)
+    cases = [(["--seed", "5"], dict(seed=5)), (["--seed", "5", "--stochastic"], dict(seed=5, deterministic=False)),
+             (["--env-kwargs", "{'max_episode_steps': 4}"], dict(seed=123, env_kwargs={"max_episode_steps": 4})),
+             (["--max-episode-steps", "7"], dict(seed=123, max_episode_steps=7))]
+    means = []
+    for flags, kwargs in cases:
+        capsys.readouterr()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # episodes cut by --max-episode-steps
+            assert cli(["eval", run, "--episodes", "2", "--json", *flags]) == 0
+            shown = json.loads(capsys.readouterr().out)
+            expected = natpg.evaluate(agent, episodes=2, **kwargs)
+        assert (shown["return_mean"], shown["return_std"]) == pytest.approx(expected, rel=0, abs=1e-9)
+        means.append(shown["return_mean"])
+    assert len(set(means)) == 4  # each flag changed the result
+
+
+def test_a_worker_sampler_resumes_its_episode_statistics(tmp_path):
+    """sampler='workers' (the code of 'processes' and 'ray'): after load(...).learn(reset=False) the episode count,
+    the window of recent returns and the env-step count continue from the checkpoint's, in progress.csv too."""
+    agent = natpg.NPG("CartPole-v1", seed=1, sampler="workers", workers=2, **small())
+    agent.learn(256, out_dir=str(tmp_path))
+    episodes, recent = agent._sampler.episodes, list(agent._sampler.recent_returns)
+    agent.close()
+    rows = []
+    loaded = natpg.load(str(tmp_path))
+    with pytest.warns(RuntimeWarning, match="resuming with freshly reset environments in the rollout workers"):
+        loaded.learn(64, out_dir=str(tmp_path), reset=False, callback=lambda a, row: rows.append(row))
+    new = loaded._sampler.last_episodes
+    assert episodes > 3 and loaded._sampler.episodes == episodes + len(new) == rows[-1]["episodes"]
+    assert list(loaded._sampler.recent_returns) == recent + [ret for ret, _, _ in new]
+    assert rows[-1]["ep_return_mean"] == pytest.approx(np.mean(recent + [ret for ret, _, _ in new]))
+    assert loaded._sampler.total_steps == 320 and rows[-1]["env_steps"] == 320
+    loaded.close()
