@@ -1058,3 +1058,51 @@ def test_errors_quoted_inside_natpgs_messages_by_their_first_line_even_when_empt
 
     assert first_line(RuntimeError()) == "" and first_line(RuntimeError("a\nb")) == "a" and first_line("\n") == ""
     assert one_line("invalid settings:\n  a\n  b") == "invalid settings: a; b"
+
+
+# One bad value for every setting (the edge just outside its range where it has one), refused by Config.validate
+# with a message naming the setting; the completeness check fails when a setting is added without a case here.
+BAD_VALUE = {
+    "n_envs": 0, "vectorization": "thread", "n_workers": 0, "normalize_obs": 1, "obs_clip": 0.0,
+    "normalize_reward": "yes", "reward_clip": -1.0, "action_mask": "", "env_kwargs": "g=3", "info_keys": "is_success",
+    "nonfinite_env": "ignore", "n_steps": 0, "gamma": 1.0, "gae_lambda": 1.01, "normalize_advantages": None,
+    "hidden": (64, 0), "activation": "sigmoid", "log_std_init": float("inf"), "action_squash": "sigmoid",
+    "critic_hidden": ("64",), "critic_lr": 0.0, "critic_epochs": 0, "critic_minibatch": 0, "critic_optimizer": "sgd",
+    "critic_max_kl": 0.0, "critic_eta_max": 0.0, "critic_damping": -0.1, "critic_momentum": 1.0,
+    "value_clip": -1.0, "fisher": "exact", "damping": -1e-3, "cg_iters": 0, "cg_tol": -1.0, "fvp_subsample": 0.0,
+    "fvp_subsample_step_length": "all", "cg_warm_start": "no", "cg_preconditioner": "jacobi",
+    "kfac_ema_decay": 1.0, "kfac_refresh_every": 0, "step": "newton", "alpha": 0.0, "max_kl": 0.0,
+    "kl_schedule": "cosine", "lr_schedule": "cosine", "backtrack_shrink": 1.0, "backtrack_iters": 0,
+    "eta_max": 0.0, "momentum": 1.0, "clip_range": 0.0, "ppo_epochs": 0, "ppo_minibatch": 0, "target_kl": -0.01,
+    "max_grad_norm": -1.0, "ent_coef": -0.01, "device": "gpu", "torch_threads": 0, "update_threads": -1,
+    "critic_thread": 0, "log_interval": 0, "checkpoint_every": -1, "tensorboard": "on",
+    "max_consecutive_faults": 0, "eval_every": -1, "eval_episodes": 0, "sampler": "dask", "workers": 0,
+    "ray_address": "", "worker_timeout": 0.0, "worker_start_timeout": float("nan"),
+}
+
+Config = natpg.Config
+
+RELATIONS = [  # settings valid alone, refused together
+    (dict(vectorization="multiproc", n_envs=2, n_workers=3), r"n_workers \(3\) must be at most n_envs \(2\)"),
+    (dict(vectorization="multiproc", nonfinite_env="drop"), "nonfinite_env='drop' needs vectorization"),
+    (dict(sampler="processes", workers=3, n_envs=2), r"workers \(3\) must be at most n_envs \(2\)"),
+    (dict(workers=2), "workers=2 needs sampler='processes' or 'ray'"),
+    (dict(ray_address="auto"), "ray_address needs sampler='ray'"),
+    (dict(sampler="processes", workers=2, vectorization="async"), "applies to sampler='local' only"),
+]
+
+
+def test_every_setting_has_a_refused_bad_value():
+    assert set(BAD_VALUE) == set(Config.field_index())
+
+
+@pytest.mark.parametrize("key", sorted(BAD_VALUE))
+def test_a_bad_value_of_any_setting_is_refused_naming_it(key):
+    with pytest.raises(ValueError, match=rf"invalid settings:\n  (.*\n  )*{key} must"):
+        Config().override(**{key: BAD_VALUE[key]}).validate()
+
+
+@pytest.mark.parametrize("settings, message", RELATIONS, ids=[str(r[0]) for r in RELATIONS])
+def test_settings_valid_alone_are_refused_together(settings, message):
+    with pytest.raises(ValueError, match=message):
+        Config().override(**settings).validate()
