@@ -1106,3 +1106,30 @@ def test_a_bad_value_of_any_setting_is_refused_naming_it(key):
 def test_settings_valid_alone_are_refused_together(settings, message):
     with pytest.raises(ValueError, match=message):
         Config().override(**settings).validate()
+
+
+@pytest.mark.parametrize("algo", ["trpo", "ppo"])
+def test_ctrl_c_after_the_policy_step_leaves_and_saves_the_last_completed_update(algo, tmp_path):
+    """A KeyboardInterrupt raised after the actor's step (as while learn waits for the critic thread) puts the
+    policy, critic and normalisers back as they were after the last completed update, and saves that state."""
+    cls = {"trpo": natpg.TRPO, "ppo": natpg.PPO}[algo]
+    agent = cls("Pendulum-v1", seed=0, n_envs=2, n_steps=64, tensorboard=False)
+    agent.learn(256, out_dir=str(tmp_path))
+    actor, critic = flat_params(agent.policy), flat_params(agent.critic)
+    obs_stats = agent.obs_normalizer.rms.state_dict()
+    real = agent.actor_update.update
+
+    def step_then_interrupt(policy, batch):
+        real(policy, batch)
+        raise KeyboardInterrupt
+
+    agent.actor_update.update = step_then_interrupt
+    with pytest.raises(KeyboardInterrupt) as interrupted:
+        agent.learn(128, out_dir=str(tmp_path), reset=False)
+    assert (agent.updates, agent.env_steps) == (2, 256)
+    assert torch.equal(flat_params(agent.policy), actor) and torch.equal(flat_params(agent.critic), critic)
+    assert agent.obs_normalizer.rms.state_dict() == obs_stats
+    assert any("the last completed update (2 updates, 256 env steps) is saved" in n for n in interrupted.value.__notes__)
+    saved = natpg.load(str(tmp_path))
+    assert saved.env_steps == 256 and torch.equal(flat_params(saved.policy), actor)
+    saved.learn(128, out_dir=str(tmp_path))  # the directory goes on

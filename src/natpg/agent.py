@@ -28,7 +28,7 @@ from .fisher.dense import check_dense_size
 from .logger import Logger
 from .policies import env_action, input_layout, make_policy
 from .rollout import NonFiniteEnvError, Sampler
-from .train import CriticFit, TrainingFault, fault_of, iteration
+from .train import CriticFit, TrainingFault, fault_of, iteration, restore_parameters
 from .errors import first_line
 
 
@@ -191,9 +191,10 @@ class Agent:
         agent just loaded from a checkpoint, where the saved run left them (bit-exact for classic-control and
         MuJoCo tasks with vectorization='sync'; otherwise from freshly reset environments, with a warning).
 
-        An exception while collecting a rollout (the environment's own error, a non-finite observation, an
-        interrupt) leaves the agent at its last completed update; with ``out_dir`` that state is saved there
-        before the exception propagates (a note on it says so), so no completed update is lost.
+        An exception while collecting a rollout or updating from it (the environment's own error, a non-finite
+        observation, Ctrl-C) leaves the agent at its last completed update (policy, critic and normalisers); with
+        ``out_dir`` that state is saved there before the exception propagates (a note on it says so), so no
+        completed update is lost.
 
         A numerically faulty update (non-finite gradient, direction, step, loss or parameters) is skipped
         with the parameters untouched and logged (``step/fault``/``critic/fault`` in events.log); after
@@ -240,10 +241,26 @@ class Agent:
         try:
             for i in range(n_updates):
                 schedule = self._schedule(step_rule, schedule_end)
-                rollout, collect_s = self._collect(out_dir)
-                stats = iteration(rollout, collect_s, self._sampler, self.policy, self.critic, self.actor_update,
-                                  self.config, self.cpu_generator, prefetch=i < n_updates - 1,
-                                  critic_fit=self._critic_fit)
+                normalisers = self._normaliser_state()
+                try:
+                    rollout, collect_s = self._collect()
+                    policy = [p.detach().clone() for p in self.policy.parameters()]
+                    try:
+                        stats = iteration(rollout, collect_s, self._sampler, self.policy, self.critic,
+                                          self.actor_update, self.config, self.cpu_generator,
+                                          prefetch=i < n_updates - 1, critic_fit=self._critic_fit)
+                    except BaseException:
+                        restore_parameters(self.policy, policy)  # iteration puts the critic back itself
+                        raise
+                except BaseException as exc:  # Ctrl-C, the environment's error: back to the last completed update
+                    self._restore_normalisers(normalisers)
+                    if out_dir:
+                        file = self._write_checkpoint(out_dir, sampler_state=None)
+                        exc.add_note(f"natpg: the last completed update ({self.updates} updates, {self.env_steps} "
+                                     f"env steps) is saved in {file}; continue from it with natpg.load("
+                                     f"{str(out_dir)!r}) (or natpg train ... --resume {out_dir}); the environments "
+                                     f"then start afresh")
+                    raise
                 self.updates += 1
                 self.env_steps += batch
                 logger.record_episodes(self.env_steps, self._sampler.last_episodes)
@@ -298,25 +315,22 @@ class Agent:
             self.save(out_dir)
         return self
 
-    def _collect(self, out_dir: str | None):
-        """The next rollout and the seconds it took. Should collecting fail, the agent is still at its last
-        completed update: the normalisers are put back as they were before the rollout and, with ``out_dir``,
-        that state is saved (without the environments' mid-rollout state: continuing resets them)."""
-        obs_rms, rew_rms, scaler = self.obs_normalizer.rms, self.reward_scaler.rms, self.reward_scaler
-        saved = [(rms.mean.copy(), rms.var.copy(), rms.count) for rms in (obs_rms, rew_rms)], scaler.ret.copy()
+    def _collect(self):
+        """The next rollout and the seconds it took."""
         start = time.perf_counter()
-        try:
-            rollout = self._sampler.collect(self.policy, self.config.rollout.n_steps)
-        except BaseException as exc:
-            (obs_rms.mean, obs_rms.var, obs_rms.count), (rew_rms.mean, rew_rms.var, rew_rms.count) = saved[0]
-            scaler.ret = saved[1]
-            if out_dir:
-                file = self._write_checkpoint(out_dir, sampler_state=None)
-                exc.add_note(f"natpg: the last completed update ({self.updates} updates, {self.env_steps} env "
-                             f"steps) is saved in {file}; continue from it with natpg.load({str(out_dir)!r}) "
-                             f"(or natpg train ... --resume {out_dir}); the environments then start afresh")
-            raise
+        rollout = self._sampler.collect(self.policy, self.config.rollout.n_steps)
         return rollout, time.perf_counter() - start
+
+    def _normaliser_state(self):
+        """The observation and reward statistics, which a rollout updates: to put back should the update fail."""
+        rms = (self.obs_normalizer.rms, self.reward_scaler.rms)
+        return [(r.mean.copy(), r.var.copy(), r.count) for r in rms], self.reward_scaler.ret.copy()
+
+    def _restore_normalisers(self, state) -> None:
+        (obs, rew), ret = state
+        (self.obs_normalizer.rms.mean, self.obs_normalizer.rms.var, self.obs_normalizer.rms.count) = obs
+        (self.reward_scaler.rms.mean, self.reward_scaler.rms.var, self.reward_scaler.rms.count) = rew
+        self.reward_scaler.ret = ret
 
     def _schedule(self, step_rule, schedule_end: int | None) -> dict[str, float]:
         """Set the next update's δ (``kl_schedule``) and α (``lr_schedule``), the fraction of the env steps up to

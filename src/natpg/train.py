@@ -69,7 +69,7 @@ def _finite_module(module: nn.Module) -> bool:
     return _finite(*(p.detach() for p in module.parameters()))
 
 
-def _restore(module: nn.Module, saved: list[torch.Tensor]) -> None:
+def restore_parameters(module: nn.Module, saved: list[torch.Tensor]) -> None:
     with torch.no_grad():
         for p, s in zip(module.parameters(), saved):
             p.copy_(s)
@@ -102,7 +102,7 @@ def guarded_actor_update(actor_update, policy: nn.Module, batch: Batch) -> dict[
     if fault is None and not math.isfinite(float(stats.get("step/kl", 0.0))):
         fault = "non-finite KL after the step (the stepped policy is not finite)"
     if fault is not None:
-        _restore(policy, saved)
+        restore_parameters(policy, saved)
         stats = {**stats, "step/skipped": 1.0, "step/fault": fault, "step/size": 0.0}
     stats.setdefault("step/skipped", 0.0)
     return stats
@@ -116,7 +116,7 @@ def _critic_snapshot(critic: nn.Module):
 
 def _critic_restore(critic: nn.Module, snapshot) -> None:
     params, optimizer_state = snapshot
-    _restore(critic, params)
+    restore_parameters(critic, params)
     if optimizer_state is not None:
         critic.optimizer.load_state_dict(optimizer_state)
 
