@@ -935,6 +935,7 @@ def test_sigterm_sigint_save_a_final_checkpoint_and_exit_cleanly(tmp_path, fork_
     log = (tmp_path / "log").read_text()
     assert rc == 128 + sig, log
     assert f"stopped by {signal.Signals(sig).name} after" in log and "Traceback" not in log
+    assert f"{signal.Signals(sig).name}: stopping after this update and saving it" in log  # said at once
     agent = natpg.load(str(out))
     assert agent.env_steps > 0 and agent.env_steps == int(progress_rows(out)[-1]["env_steps"])
 

@@ -288,8 +288,8 @@ def _resume(args: argparse.Namespace, overrides: dict[str, Any]):
 
 class _StopOnSignal:
     """SIGINT/SIGTERM end training at the next iteration boundary, where the state is consistent: learn then
-    writes its final checkpoint and returns. A second signal interrupts at once (during a rollout, the last
-    completed update is saved; otherwise the last periodic checkpoint stays)."""
+    writes its final checkpoint and returns. A second signal interrupts at once (the last completed update is
+    saved)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -304,6 +304,8 @@ class _StopOnSignal:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
+        print(f"natpg train: {signal.Signals(signum).name}: stopping after this update and saving it (again to stop "
+              f"now; the last completed update is saved)", file=sys.stderr, flush=True)
 
     def callback(self, agent, row) -> bool:
         return self.signum is None
