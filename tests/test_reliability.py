@@ -1134,3 +1134,35 @@ def test_ctrl_c_after_the_policy_step_leaves_and_saves_the_last_completed_update
     saved = natpg.load(str(tmp_path))
     assert saved.env_steps == 256 and torch.equal(flat_params(saved.policy), actor)
     saved.learn(128, out_dir=str(tmp_path))  # the directory goes on
+
+
+def test_a_run_directory_has_one_writer(tmp_path, capsys):
+    """While one process writes a run in DIR (here: holds its lock), learn, save and natpg train --resume/--out
+    into DIR are refused naming that process, and write nothing; once it has ended (however), DIR is free."""
+    import subprocess
+    import sys as _sys
+
+    run = tmp_path / "run"
+    natpg.NPG("CartPole-v1", **small()).learn(BATCH, out_dir=str(run))
+    files = lambda: {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".natpg.lock"}  # noqa: E731
+    before = files()
+    holder = subprocess.Popen([_sys.executable, "-c", "import sys, time, natpg.checkpoint as c\n"
+                               "with c.run_dir_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
+                               str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = rf"in use by another natpg process \(pid {holder.pid}\)"
+        with pytest.raises(ValueError, match=busy):
+            natpg.load(str(run)).learn(BATCH, out_dir=str(run), reset=False)
+        with pytest.raises(ValueError, match=busy):
+            natpg.NPG("CartPole-v1", **small()).save(str(run))
+        capsys.readouterr()
+        assert cli(["train", "npg", "CartPole-v1", "--resume", str(run), "--steps", str(4 * BATCH),
+                    "--no-progress"]) == 2
+        assert re.search(busy, capsys.readouterr().err)
+        assert cli(["train", "npg", "CartPole-v1", "--out", str(run), "--overwrite", "--no-progress"]) == 2
+        assert files() == before
+    finally:
+        holder.kill()
+        holder.wait()
+    natpg.load(str(run)).learn(BATCH, out_dir=str(run), reset=False)  # the lock died with its process

@@ -220,7 +220,18 @@ class Agent:
         if schedule_end is not None and (not is_integer(schedule_end) or schedule_end < end_steps):
             raise ValueError(f"schedule_end must be an env-step count ≥ {end_steps}, where this learn call ends; "
                              f"got {schedule_end!r}")
-        continuing = claim_run_dir(self, out_dir, overwrite) if out_dir is not None else False
+        if out_dir is None:
+            return self._train(n_updates, end_steps, schedule_end, None, False, progress_bar, reset, callback)
+        check_out_dir(out_dir)
+        with checkpoint.run_dir_lock(os.fspath(out_dir)):  # one writer per run directory
+            continuing = claim_run_dir(self, out_dir, overwrite)
+            return self._train(n_updates, end_steps, schedule_end, os.fspath(out_dir), continuing, progress_bar,
+                               reset, callback)
+
+    def _train(self, n_updates: int, end_steps: int, schedule_end: int | None, out_dir: str | None,
+               continuing: bool, progress_bar: bool, reset: bool, callback) -> "Agent":
+        """learn's loop, its arguments checked (and ``out_dir`` locked and claimed)."""
+        batch = self.config.batch_size
         self.target_steps = end_steps  # recorded, so that natpg train --resume without --steps knows where to stop
         if reset or self._sampler is None:
             self._close_sampler()
@@ -484,7 +495,11 @@ class Agent:
         return agent
 
     def save(self, path: str) -> str:
-        """Write a checkpoint to ``path`` (a directory, or a file ending in .pt); returns the file written."""
+        """Write a checkpoint to ``path`` (a directory, or a file ending in .pt); returns the file written. A
+        directory another process is training in is refused (``checkpoint.run_dir_lock``)."""
+        if isinstance(path, (str, os.PathLike)) and not os.fspath(path).endswith(".pt"):
+            with checkpoint.run_dir_lock(check_out_dir(path)):
+                return self._write_checkpoint(path, self._sampler_state())
         return self._write_checkpoint(path, self._sampler_state())
 
     def _write_checkpoint(self, path: str, sampler_state: dict[str, Any] | None) -> str:
@@ -682,11 +697,8 @@ def load(path: str, action_mask=None, **changes: Any) -> Agent:
 RUN_OUTPUTS = ("model.pt", "config.json", "progress.csv", "episodes.csv", "events.log", "tb", "best")  # a run's
 
 
-def claim_run_dir(agent: Agent, out_dir: Any, overwrite: bool = False) -> bool:
-    """Check ``out_dir`` before anything is written there. True: it holds an earlier state of ``agent``'s own
-    run (same algorithm, environment, seed and config, at most as many env steps), whose log is continued.
-    False: it is new, or holds none of natpg's outputs, or held another run and ``overwrite`` deleted those
-    outputs (``RUN_OUTPUTS``, nothing else). Another run without ``overwrite`` is a ValueError: never lost data."""
+def check_out_dir(out_dir: Any) -> str:
+    """``out_dir`` as a path, or a ValueError when it cannot be a run directory."""
     if not isinstance(out_dir, (str, os.PathLike)):
         raise ValueError(f"out_dir must be a directory path, got {out_dir!r}")
     out_dir = os.fspath(out_dir)
@@ -695,6 +707,20 @@ def claim_run_dir(agent: Agent, out_dir: Any, overwrite: bool = False) -> bool:
                          f"file, as agent.save writes)")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"out_dir {out_dir!r} exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"out_dir {out_dir!r} cannot be made: {parent!r} is a file")
+    return out_dir
+
+
+def claim_run_dir(agent: Agent, out_dir: Any, overwrite: bool = False) -> bool:
+    """Check ``out_dir`` before anything is written there. True: it holds an earlier state of ``agent``'s own
+    run (same algorithm, environment, seed and config, at most as many env steps), whose log is continued.
+    False: it is new, or holds none of natpg's outputs, or held another run and ``overwrite`` deleted those
+    outputs (``RUN_OUTPUTS``, nothing else). Another run without ``overwrite`` is a ValueError: never lost data."""
+    out_dir = check_out_dir(out_dir)
     held = [name for name in RUN_OUTPUTS if os.path.lexists(os.path.join(out_dir, name))]
     if not held:
         return False

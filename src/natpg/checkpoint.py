@@ -12,6 +12,7 @@ silently different weights. One process writes a given checkpoint at a time.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -24,6 +25,11 @@ from typing import Any
 import torch
 
 from .errors import first_line
+
+try:
+    import fcntl
+except ImportError:  # Windows: run directories are not locked
+    fcntl = None
 
 FORMAT = "natpg-checkpoint"
 VERSION = 2
@@ -189,3 +195,41 @@ def read(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(meta, dict):
         raise ValueError(f"{file!r} is corrupted: its metadata is not a JSON object")
     return meta, tensors
+
+
+LOCK_FILE = ".natpg.lock"
+_held_locks: dict[str, int] = {}  # real path of a run directory this process has locked → its lock file descriptor
+
+
+@contextlib.contextmanager
+def run_dir_lock(directory: str):
+    """Hold ``directory``'s lock while this process writes a run there, so that a second process (the same
+    ``--resume`` started twice) is refused — naming the first one's pid — instead of interleaving its log rows and
+    checkpoints with the first's. An flock on DIR/.natpg.lock: released however the process ends, so never stale;
+    nested use within one process is fine. Where there is no fcntl (Windows) nothing is locked."""
+    if fcntl is None:
+        yield
+        return
+    os.makedirs(directory, exist_ok=True)
+    key = os.path.realpath(directory)
+    if key in _held_locks:  # an outer use holds it (natpg train around learn)
+        yield
+        return
+    fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ValueError(f"{directory!r} is in use by another natpg process (pid {holder}) writing a run there: one "
+                         f"writer per run directory; wait for it to end (or stop it), or use another directory"
+                         ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _held_locks[key] = fd
+    try:
+        yield
+    finally:
+        del _held_locks[key]
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

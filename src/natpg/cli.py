@@ -211,7 +211,8 @@ def algorithm_class(name: str):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .agent import claim_run_dir
+    from .agent import check_out_dir, claim_run_dir
+    from .checkpoint import run_dir_lock
 
     agent_class = algorithm_class(args.algo)
     file_settings, file_seed = read_settings_file(args.config, args.algo) if args.config else ({}, None)
@@ -226,43 +227,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = file_settings | given
     if "sampler" not in overrides and ((args.workers or 1) > 1 or args.ray_address is not None):
         overrides["sampler"] = "ray"
-    if args.resume is not None:
-        if args.overwrite:
-            raise ValueError("--resume continues the run in DIR; --overwrite would replace it: give one of them")
-        agent = _resume(args, overrides)
-        out = args.out or args.resume
-        target = args.steps if args.steps is not None else agent.target_steps or DEFAULT_STEPS
-        steps, reset = target - agent.env_steps, False
-        if steps < agent.config.batch_size:
-            left = f"; the {steps} left are less than one batch ({agent.config.batch_size})" if steps > 0 else ""
-            print(f"the run in {args.resume} already has {agent.env_steps} of --steps {target} environment "
-                  f"steps{left}; nothing to do")
-            return 0
-    else:
-        seed = 0 if args.seed is None else args.seed
-        # An id such as ALE/Pong-v5 or module:Env-v0 names one directory, not a nested one.
-        out = args.out or os.path.join("runs", f"{args.algo}-{re.sub(r'[^A-Za-z0-9._-]+', '-', args.env_id)}-s{seed}")
-        with naming_settings_file(args.config, set(file_settings) - set(given)):
-            agent = agent_class(args.env_id, seed=seed, **overrides)
-        steps, reset = (DEFAULT_STEPS if args.steps is None else args.steps), True
-        if not isinstance(steps, int) or steps < agent.config.batch_size:
-            agent.learn(steps)  # the step-budget error, before writing anything
-        claim_run_dir(agent, out, overwrite=args.overwrite)  # another run in --out: an error, before writing
-        agent.target_steps = steps  # a run killed before its first checkpoint resumes towards it too
-        agent.save(out)  # config.json and an initial checkpoint before any work
-    stop = _StopOnSignal()
-    try:
-        agent.learn(steps, out_dir=out, progress_bar=not args.no_progress, reset=reset, callback=stop.callback)
-    finally:
-        stop.restore()
-    if stop.signum is not None:
-        name = signal.Signals(stop.signum).name
-        print(f"natpg train: stopped by {name} after {agent.env_steps} environment steps; checkpoint saved to "
-              f"{out} (continue with --resume {out})", file=sys.stderr)
-        return 128 + stop.signum
-    print(f"trained {args.algo} on {args.env_id} for {agent.env_steps} steps; recent return "
-          f"{agent.recent_return():.1f}; saved to {out}")
-    return 0
+    with contextlib.ExitStack() as lock:
+        if args.resume is not None:
+            if args.overwrite:
+                raise ValueError("--resume continues the run in DIR; --overwrite would replace it: give one of them")
+            agent = _resume(args, overrides)
+            out = args.out or args.resume
+            target = args.steps if args.steps is not None else agent.target_steps or DEFAULT_STEPS
+            steps, reset = target - agent.env_steps, False
+            if steps < agent.config.batch_size:
+                left = f"; the {steps} left are less than one batch ({agent.config.batch_size})" if steps > 0 else ""
+                print(f"the run in {args.resume} already has {agent.env_steps} of --steps {target} environment "
+                      f"steps{left}; nothing to do")
+                return 0
+        else:
+            seed = 0 if args.seed is None else args.seed
+            # An id such as ALE/Pong-v5 or module:Env-v0 names one directory, not a nested one.
+            out = args.out or os.path.join("runs", f"{args.algo}-{re.sub(r'[^A-Za-z0-9._-]+', '-', args.env_id)}-s{seed}")
+            with naming_settings_file(args.config, set(file_settings) - set(given)):
+                agent = agent_class(args.env_id, seed=seed, **overrides)
+            steps, reset = (DEFAULT_STEPS if args.steps is None else args.steps), True
+            if not isinstance(steps, int) or steps < agent.config.batch_size:
+                agent.learn(steps)  # the step-budget error, before writing anything
+            lock.enter_context(run_dir_lock(check_out_dir(out)))  # held through training: one writer per directory
+            claim_run_dir(agent, out, overwrite=args.overwrite)  # another run in --out: an error, before writing
+            agent.target_steps = steps  # a run killed before its first checkpoint resumes towards it too
+            agent.save(out)  # config.json and an initial checkpoint before any work
+        stop = _StopOnSignal()
+        try:
+            agent.learn(steps, out_dir=out, progress_bar=not args.no_progress, reset=reset, callback=stop.callback)
+        finally:
+            stop.restore()
+        if stop.signum is not None:
+            name = signal.Signals(stop.signum).name
+            print(f"natpg train: stopped by {name} after {agent.env_steps} environment steps; checkpoint saved to "
+                  f"{out} (continue with --resume {out})", file=sys.stderr)
+            return 128 + stop.signum
+        print(f"trained {args.algo} on {args.env_id} for {agent.env_steps} steps; recent return "
+              f"{agent.recent_return():.1f}; saved to {out}")
+        return 0
 
 
 def _resume(args: argparse.Namespace, overrides: dict[str, Any]):
