@@ -216,6 +216,9 @@ API_CASES = [
      r"'MlpPolicy' is Stable-Baselines3's policy name: .*natpg.PPO\('CartPole-v1'\)"),
     ("an environment instance", lambda a: natpg.PPO(gym.make("CartPole-v1")), ValueError,
      r"environment id must be a non-empty string .*gymnasium.register\('MyEnv-v0', entry_point=MyEnv\)"),
+    ("a seed torch cannot take", lambda a: natpg.NPG("CartPole-v1", seed=2**70), ValueError, "below 2\\*\\*62"),
+    ("evaluate given a path", lambda a: natpg.evaluate("runs/x"), ValueError,
+     r"evaluate takes an agent, got 'runs/x': natpg.evaluate\(natpg.load\(path\)\)"),
     ("SB3's policy= keyword", lambda a: natpg.PPO(policy="MlpPolicy", env="CartPole-v1"), ValueError,
      r"'policy' is Stable-Baselines3's name: natpg's is hidden, activation, log_std_init"),
     ("SB3's clip_range_vf", lambda a: natpg.PPO("CartPole-v1", clip_range_vf=0.2), ValueError,
@@ -347,6 +350,8 @@ def _cli_cases():
         (["train", "npg", "CartPole-v1", "--resume", "{root}/cart", "--set", "max_kl=0.1"],
          "settings cannot change it"),
         (["train", "npg", "CartPole-v1", "--resume", "{root}/cart", "--seed", "7"], "that run has seed 0, not 7"),
+        (["train", "npg", "CartPole-v1", "--out", "{root}/foreign.pt/run"], r"foreign.pt' is a file"),
+        (["train", "npg", "CartPole-v1", "--seed", str(2**70)], r"seed must be a non-negative integer below 2\*\*62"),
         (["eval", "{root}/missing"], "no natpg checkpoint"),
         (["eval", "{root}/garbage"], "not a readable natpg checkpoint"),
         (["eval", "{root}/cart", "--episodes", "0"], "episodes must be an integer ≥ 1"),
@@ -1166,3 +1171,17 @@ def test_a_run_directory_has_one_writer(tmp_path, capsys):
         holder.kill()
         holder.wait()
     natpg.load(str(run)).learn(BATCH, out_dir=str(run), reset=False)  # the lock died with its process
+
+
+def test_a_full_disk_is_one_error_line_from_the_cli(tmp_path, monkeypatch, capsys):
+    import errno
+
+    def full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(checkpoint, "_atomic_write", full)
+    capsys.readouterr()
+    assert cli(["train", "npg", "CartPole-v1", "--steps", "64", "--out", str(tmp_path / "r"), "--no-progress",
+                "--set", "n_envs=2", "--set", "n_steps=32"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("natpg train: error: [Errno 28] No space left on device") and "Traceback" not in err

@@ -70,6 +70,7 @@ def space_from_dict(d: dict[str, Any]) -> gym.Space:
 
 
 CALLABLE_MASK = "<callable>"
+MAX_SEED = 2**62  # torch.manual_seed takes a 64-bit integer; room for the offsets below and the copies' seed + i
 EVAL_SEED_OFFSET = 10_000  # periodic evaluations run on environments seeded apart from the training ones
 ACT_SEED_OFFSET = 20_000  # predict's stochastic actions come from a generator seeded apart from training's
 
@@ -98,8 +99,8 @@ class Agent:
         check_env_id(env)  # first: SB3's PPO("MlpPolicy", env) would otherwise read as a bad seed
         if seed is None:  # SB3's convention: a fresh seed, recorded with the run (agent.seed, config.json) to repeat it
             seed = random.SystemRandom().randrange(2**31)
-        if not is_integer(seed) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if not is_integer(seed) or not 0 <= seed < MAX_SEED:
+            raise ValueError(f"seed must be a non-negative integer below 2**62, got {seed!r}")
         seed = int(seed)
         mask_fn = overrides.get("action_mask")
         if callable(mask_fn):
@@ -813,13 +814,15 @@ def check_evaluation(agent: Agent, env: str | None, episodes: int, seed: int,
                      ) -> str:
     """The environment id to evaluate ``agent`` on (default: its own), after checking the arguments and, for
     another environment, that its spaces match the agent's; a ValueError that says what is wrong otherwise."""
+    if not isinstance(agent, Agent):
+        raise ValueError(f"evaluate takes an agent, got {agent!r}: natpg.evaluate(natpg.load(path)) for a saved run")
     env_id = env or agent.env_id
     if not is_integer(episodes) or episodes < 1:
         raise ValueError(f"episodes must be an integer ≥ 1, got {episodes!r}")
     if not is_integer(max_episode_steps) or max_episode_steps < 1:
         raise ValueError(f"max_episode_steps must be an integer ≥ 1, got {max_episode_steps!r}")
-    if not is_integer(seed) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if not is_integer(seed) or not 0 <= seed < MAX_SEED:
+        raise ValueError(f"seed must be a non-negative integer below 2**62, got {seed!r}")
     if env is not None or env_kwargs is not None:  # another environment, or the same made otherwise
         obs_space, act_space = probe_spaces(env_id, agent.config.env.action_mask,
                                             evaluation_env_kwargs(agent, env_id, env_kwargs))

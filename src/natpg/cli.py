@@ -426,8 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = warning_line
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError, ImportError, TrainingFault, NonFiniteEnvError, WorkerFailure,
-            RenderError) as exc:
+    except (ValueError, OSError, ImportError, TrainingFault, NonFiniteEnvError, WorkerFailure,
+            RenderError) as exc:  # OSError: a full disk, a read-only directory, a file where a directory goes
         print(f"natpg {args.command}: error: {one_line(str(exc))}{_natpg_notes(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
