@@ -1185,3 +1185,40 @@ def test_a_full_disk_is_one_error_line_from_the_cli(tmp_path, monkeypatch, capsy
                 "--set", "n_envs=2", "--set", "n_steps=32"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("natpg train: error: [Errno 28] No space left on device") and "Traceback" not in err
+
+
+from gymnasium.envs.classic_control.cartpole import CartPoleEnv  # noqa: E402
+
+
+class _OffApiCartPole(CartPoleEnv):
+    """CartPole returning what Gymnasium's API does not allow, in the way ``mode`` names."""
+
+    def __init__(self, mode: str = "", **kwargs):
+        super().__init__(**kwargs)
+        self.mode = mode
+
+    def step(self, action):
+        obs, rew, term, trunc, info = super().step(action)
+        return {"short_obs": (obs[:3], rew, term, trunc, info), "four": (obs, rew, term, info),
+                "vector_reward": (obs, np.array([rew, rew]), term, trunc, info)}[self.mode]
+
+    def reset(self, **kwargs):
+        obs, info = super().reset(**kwargs)
+        return obs if self.mode == "bare_reset" else (obs, info)
+
+
+if "natpgtest/OffApiCartPole-v0" not in gym.registry:
+    gym.register("natpgtest/OffApiCartPole-v0", entry_point=_OffApiCartPole, max_episode_steps=200,
+                 disable_env_checker=True)
+
+
+@pytest.mark.parametrize("mode, call, detail", [
+    ("short_obs", "step", r"5-tuple: could not broadcast input array from shape \(3,\) into shape \(4,\)"),
+    ("four", "step", r"not enough values to unpack \(expected 5, got 4\)"),
+    ("vector_reward", "step", "5-tuple: setting an array element with a sequence"),
+    ("bare_reset", "reset", "ndarray: too many values to unpack")])
+def test_an_environment_off_gymnasiums_api_is_named_with_what_it_returned(mode, call, detail):
+    with pytest.raises(ValueError, match=rf"environment 'natpgtest/OffApiCartPole-v0' \(copy 0\) returned from "
+                                         rf"{call}\(\) what natpg cannot read \({detail}.*Gymnasium's API: reset\(\) "
+                                         rf"returns \(observation, info\)"):
+        natpg.NPG("natpgtest/OffApiCartPole-v0", env_kwargs={"mode": mode}, **small()).learn(BATCH)

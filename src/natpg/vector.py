@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import first_line
+
 
 class SerialVectorEnv:
     """Copies built by ``env_fns`` stepped in turn in this process, a finished copy reset in the same step.
@@ -50,9 +52,23 @@ class SerialVectorEnv:
         mask = np.asarray(options.pop("reset_mask", np.ones(self.num_envs, bool)), bool)
         infos = [{} for _ in self.envs]
         for i in np.flatnonzero(mask):
-            self._obs[i], infos[i] = self.envs[i].reset(seed=None if seed is None else seed + int(i),
-                                                        options=options or None)
+            result = self.envs[i].reset(seed=None if seed is None else seed + int(i), options=options or None)
+            try:
+                self._obs[i], infos[i] = result
+            except (ValueError, TypeError) as exc:
+                raise ValueError(self._api_error(i, "reset", result, exc)) from None
         return self._obs.copy(), {"infos": infos}
+
+    def _api_error(self, i: int, call: str, result: Any, exc: Exception) -> str:
+        """What an environment returned that natpg cannot read, against what Gymnasium's API asks."""
+        env = self.envs[i]
+        name = env.spec.id if env.spec is not None else type(env.unwrapped).__name__
+        got = "" if result is None else f"{len(result)}-tuple: " if isinstance(result, tuple) else \
+            f"{type(result).__name__}: "
+        return (f"environment {name!r} (copy {i}) returned from {call}() what natpg cannot read ({got}"
+                f"{first_line(exc)}). Gymnasium's API: reset() returns (observation, info), step() returns "
+                f"(observation, reward, terminated, truncated, info), with each observation in "
+                f"{self.single_observation_space} and a number for the reward")
 
     def step(self, actions):
         n = self.num_envs
@@ -60,11 +76,21 @@ class SerialVectorEnv:
         term, trunc = np.zeros(n, bool), np.zeros(n, bool)
         final, final_info = np.full(n, None, dtype=object), np.full(n, None, dtype=object)
         for i, env in enumerate(self.envs):
-            obs, rew[i], term[i], trunc[i], info = env.step(actions[i])
-            if term[i] or trunc[i]:
-                final[i], final_info[i] = obs, info
-                obs, _ = env.reset()
-            self._obs[i] = obs
+            try:
+                result, call = env.step(actions[i]), "step"
+            except ValueError as exc:  # a wrapper (Gymnasium's time limit, say) unpacking what the env returned
+                if "values to unpack" not in str(exc):
+                    raise
+                raise ValueError(self._api_error(i, "step", None, exc)) from None
+            try:
+                obs, rew[i], term[i], trunc[i], info = result
+                if term[i] or trunc[i]:
+                    final[i], final_info[i] = obs, info
+                    result, call = env.reset(), "reset"
+                    obs, _ = result
+                self._obs[i] = obs
+            except (ValueError, TypeError) as exc:
+                raise ValueError(self._api_error(i, call, result, exc)) from None
         return self._obs.copy(), rew, term, trunc, {"final_obs": final, "final_info": final_info}
 
     def close(self) -> None:
@@ -141,7 +167,6 @@ class MultiprocVectorEnv:
             raise RuntimeError("an environment worker process died") from None
         if status == "error":
             from .envs import unregistered_in_worker_hint
-            from .errors import first_line
 
             if hint := unregistered_in_worker_hint(self.env_id, payload):
                 raise ValueError(f"environment worker failed: {first_line(payload)}; {hint}")
