@@ -119,6 +119,7 @@ def test_predict_single_and_batch_and_shape_errors():
         agent.predict(np.zeros(4))
     cart = natpg.NPG("CartPole-v1", **small())
     assert cart.predict(np.zeros(4)).shape == () and cart.predict(np.zeros((3, 4))).shape == (3,)
+    assert cart.predict(np.zeros((0, 4))).shape == (0,) and agent.predict(np.zeros((0, 3))).shape == (0, 1)  # empty
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])

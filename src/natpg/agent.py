@@ -419,6 +419,8 @@ class Agent:
         frames after natpg's preprocessing). Box actions are clipped to the bounds (or tanh-squashed), as when
         training. A policy trained with action masking needs ``action_mask`` (1 = allowed; [n] or [B, n]).
         """
+        if not isinstance(deterministic, (bool, np.bool_)):
+            raise ValueError(f"deterministic must be True or False, got {deterministic!r}")
         space = self.observation_space
         if isinstance(space, gym.spaces.Box):
             flat, single = self._box_observations(obs)
@@ -460,7 +462,7 @@ class Agent:
         else:
             raise ValueError(f"observation of shape {obs.shape} does not match the policy's observation shape "
                              f"{shape} (or a batch of them, [B, {', '.join(map(str, shape))}])")
-        return obs.reshape(1 if single else obs.shape[0], -1), single
+        return obs.reshape(1 if single else obs.shape[0], math.prod(shape)), single  # an empty batch too
 
     def _mask_rows(self, action_mask: Any, rows: int) -> np.ndarray:
         n = int(self.action_space.n)
@@ -810,8 +812,8 @@ def evaluation_env_kwargs(agent: Agent, env_id: str, env_kwargs: dict[str, Any] 
 
 
 def check_evaluation(agent: Agent, env: str | None, episodes: int, seed: int,
-                     max_episode_steps: int = EVAL_MAX_EPISODE_STEPS, env_kwargs: dict[str, Any] | None = None
-                     ) -> str:
+                     max_episode_steps: int = EVAL_MAX_EPISODE_STEPS, env_kwargs: dict[str, Any] | None = None,
+                     deterministic: bool = True) -> str:
     """The environment id to evaluate ``agent`` on (default: its own), after checking the arguments and, for
     another environment, that its spaces match the agent's; a ValueError that says what is wrong otherwise."""
     if not isinstance(agent, Agent):
@@ -823,6 +825,8 @@ def check_evaluation(agent: Agent, env: str | None, episodes: int, seed: int,
         raise ValueError(f"max_episode_steps must be an integer ≥ 1, got {max_episode_steps!r}")
     if not is_integer(seed) or not 0 <= seed < MAX_SEED:
         raise ValueError(f"seed must be a non-negative integer below 2**62, got {seed!r}")
+    if not isinstance(deterministic, (bool, np.bool_)):
+        raise ValueError(f"deterministic must be True or False, got {deterministic!r}")
     if env is not None or env_kwargs is not None:  # another environment, or the same made otherwise
         obs_space, act_space = probe_spaces(env_id, agent.config.env.action_mask,
                                             evaluation_env_kwargs(agent, env_id, env_kwargs))
@@ -849,7 +853,7 @@ def evaluation_episodes(agent: Agent, env: str | None = None, episodes: int = 10
     registered without a time limit would otherwise never return). A NaN or infinite observation or reward is
     a ``NonFiniteEnvError`` naming the episode and step, as in training.
     """
-    env_id = check_evaluation(agent, env, episodes, seed, max_episode_steps, env_kwargs)
+    env_id = check_evaluation(agent, env, episodes, seed, max_episode_steps, env_kwargs, deterministic)
     episodes, seed, max_episode_steps = int(episodes), int(seed), int(max_episode_steps)  # numpy's too
     generator = None if deterministic else torch.Generator(agent.device).manual_seed(seed)
     envs = make_vec_env(env_id, episodes, "sync", action_mask=agent.action_mask_source,

@@ -39,7 +39,7 @@ FILENAME = "model.pt"
 
 def checkpoint_file(path: str) -> str:
     """A path ending in '.pt' is the file itself; anything else is a directory holding model.pt."""
-    if not isinstance(path, (str, os.PathLike)):
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise ValueError(f"a checkpoint path must be a directory or a .pt file name, got {path!r}")
     path = os.fspath(path)
     return path if path.endswith(".pt") else os.path.join(path, FILENAME)

@@ -92,7 +92,7 @@ def record_video(agent: Agent, path: str | os.PathLike, env: str | None = None, 
     episode's undiscounted return. The file appears only when complete (written beside it, then renamed).
     An episode not ended after ``max_episode_steps`` steps is cut there, with a warning, as in ``evaluate``."""
     out = _check_path(path)
-    env_id = check_evaluation(agent, env, episodes, seed, max_episode_steps, env_kwargs)
+    env_id = check_evaluation(agent, env, episodes, seed, max_episode_steps, env_kwargs, deterministic)
     env_kwargs = evaluation_env_kwargs(agent, env_id, env_kwargs)
     episodes, seed, max_episode_steps = int(episodes), int(seed), int(max_episode_steps)  # numpy's too
     with warnings.catch_warnings():  # an environment without rgb_array gets the clearer error below
