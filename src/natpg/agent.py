@@ -500,10 +500,10 @@ class Agent:
     def save(self, path: str) -> str:
         """Write a checkpoint to ``path`` (a directory, or a file ending in .pt); returns the file written. A
         directory another process is training in is refused (``checkpoint.run_dir_lock``)."""
-        if isinstance(path, (str, os.PathLike)) and not os.fspath(path).endswith(".pt"):
-            with checkpoint.run_dir_lock(check_out_dir(path)):
-                return self._write_checkpoint(path, self._sampler_state())
-        return self._write_checkpoint(path, self._sampler_state())
+        if checkpoint.checkpoint_file(path) == os.fspath(path):  # a .pt file, not a run directory
+            return self._write_checkpoint(path, self._sampler_state())
+        with checkpoint.run_dir_lock(check_out_dir(path)):
+            return self._write_checkpoint(path, self._sampler_state())
 
     def _write_checkpoint(self, path: str, sampler_state: dict[str, Any] | None) -> str:
         meta = {
