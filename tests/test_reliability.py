@@ -1229,3 +1229,19 @@ def test_an_environment_off_gymnasiums_api_is_named_with_what_it_returned(mode, 
                                          rf"{call}\(\) what natpg cannot read \({detail}.*Gymnasium's API: reset\(\) "
                                          rf"returns \(observation, info\)"):
         natpg.NPG("natpgtest/OffApiCartPole-v0", env_kwargs={"mode": mode}, **small()).learn(BATCH)
+
+
+def test_an_edited_config_json_is_named_as_not_read(tmp_path):
+    """The checkpoint's settings are the run's; a config.json edited by hand is said to be ignored, not obeyed
+    silently or overwritten without a word."""
+    natpg.NPG("CartPole-v1", **small()).learn(BATCH, out_dir=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        natpg.load(str(tmp_path))  # as written: no warning
+    edited = json.loads((tmp_path / "config.json").read_text())
+    edited["step"]["max_kl"], edited["seed"] = 0.5, 9
+    (tmp_path / "config.json").write_text(json.dumps(edited))
+    with pytest.warns(RuntimeWarning, match=r"config.json differs from the settings recorded in the checkpoint "
+                                            r"\(max_kl, seed\): natpg reads the checkpoint's"):
+        agent = natpg.load(str(tmp_path))
+    assert agent.config.step.max_kl == natpg.NPG("CartPole-v1").config.step.max_kl and agent.seed == 0

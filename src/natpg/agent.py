@@ -684,6 +684,7 @@ def load(path: str, action_mask=None, **changes: Any) -> Agent:
         raise ValueError(f"path must be a run directory or a .pt checkpoint file, got {path!r}")
     path = os.fspath(path)
     meta, tensors = checkpoint.read(path)
+    _warn_edited_config_json(path, meta)
     algo = meta.get("algorithm")
     if algo not in ALGORITHM_CLASSES:
         raise ValueError(f"checkpoint at {path!r} is for algorithm {algo!r}, unknown to this natpg "
@@ -695,6 +696,33 @@ def load(path: str, action_mask=None, **changes: Any) -> Agent:
     except (RuntimeError, TypeError) as exc:  # tensors that do not fit the recorded config
         raise ValueError(f"checkpoint at {path!r} is inconsistent with its recorded config: "
                          f"{first_line(exc)}") from None
+
+
+def _warn_edited_config_json(path: str, meta: dict[str, Any]) -> None:
+    """config.json records a run's settings for people; the checkpoint's are the ones read. Say so when they
+    differ (someone edited config.json expecting it to change the run)."""
+    file = os.path.join(path, "config.json")
+    if path.endswith(".pt") or not os.path.isfile(file):
+        return
+    recorded = {"algorithm": meta.get("algorithm"), "env_id": meta.get("env_id"), "seed": meta.get("seed"),
+                **meta.get("config", {})}
+    try:
+        with open(file) as f:
+            shown = json.load(f)
+    except (OSError, ValueError):
+        shown = None
+    if not isinstance(shown, dict):
+        differ = ["(unreadable)"]
+    else:
+        flat = lambda d: {f"{k}.{k2}" if isinstance(v, dict) and k != "env_kwargs" else k: v2  # noqa: E731
+                          for k, v in d.items() for k2, v2 in (v.items() if isinstance(v, dict) else [(k, v)])}
+        a, b = flat(json.loads(json.dumps(recorded))), flat(shown)
+        differ = sorted(k.split(".")[-1] for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if differ:
+        warnings.warn(f"{file} differs from the settings recorded in the checkpoint ({', '.join(differ)}): natpg "
+                      f"reads the checkpoint's, and writes them back to config.json at its next save. To continue "
+                      f"with other settings: natpg.load(dir, setting=value) and a new out_dir", RuntimeWarning,
+                      stacklevel=3)
 
 
 RUN_OUTPUTS = ("model.pt", "config.json", "progress.csv", "episodes.csv", "events.log", "tb", "best")  # a run's
