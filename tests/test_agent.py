@@ -322,6 +322,14 @@ def test_linear_lr_schedule_sets_the_learning_rate_each_update_uses(algo, step, 
         natpg.NPG("CartPole-v1", lr_schedule="linear")
 
 
+def test_a_critic_setting_the_chosen_critic_does_not_read_is_named():
+    with pytest.warns(UserWarning, match=r"acktr on Hopper-v5 does not read these settings: critic_lr \(read by "
+                                         r"critic_optimizer='adam'; this run's critic_optimizer is 'kfac'\)"):
+        natpg.ACKTR("Hopper-v5", critic_lr=1e-2)
+    with pytest.warns(UserWarning, match=r"critic_damping \(read by critic_optimizer='kfac'"):
+        natpg.NPG("Hopper-v5", critic_damping=0.5)
+
+
 def test_training_is_reproducible_with_a_seed():
     runs = []
     for _ in range(2):

@@ -605,8 +605,11 @@ def unread_because(cfg: Config, key: str, action_space_type: str | None = None) 
         return "the identity (the plain gradient) is not damped"
     if key == "ent_coef" and cfg.algorithm == "nac":
         return "nac's direction is the compatible critic's least-squares fit of the advantages, which has no entropy term"
-    if key == "value_clip" and cfg.critic.critic_optimizer != "adam":
+    if key in ("value_clip", "critic_lr") and cfg.critic.critic_optimizer != "adam":
         return f"read by critic_optimizer='adam'; this run's critic_optimizer is {cfg.critic.critic_optimizer!r}"
+    if key in ("critic_max_kl", "critic_eta_max", "critic_damping", "critic_momentum") and \
+            cfg.critic.critic_optimizer != "kfac":
+        return f"read by critic_optimizer='kfac'; this run's critic_optimizer is {cfg.critic.critic_optimizer!r}"
     if key == "action_squash" and action_space_type not in (None, "Box"):
         return f"squashes Box actions into their bounds; this run's action space is a {action_space_type}"
     return None
