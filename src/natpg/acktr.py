@@ -44,7 +44,8 @@ def linear_layers(net: nn.Module) -> list[nn.Linear]:
 
 
 def damped_factor_inverse(M: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Inverse of a damped (positive definite) factor by Cholesky in float64; its diagonal if that fails."""
+    """Inverse of a damped (positive definite) factor by Cholesky (the factors are float64); the inverse of its
+    diagonal if that fails."""
     L, info = torch.linalg.cholesky_ex(M)
     if int(info) == 0 and bool(torch.isfinite(L).all()):
         return torch.cholesky_inverse(L), False

@@ -622,14 +622,16 @@ class TRPO(Agent):
 
 
 class VPG(Agent):
-    """Vanilla policy gradient: the standard gradient (identity curvature) with a fixed step."""
+    """Vanilla policy gradient: the standard gradient (identity curvature) with a fixed step, or Adam where the
+    presets choose it (MuJoCo, Pendulum)."""
 
     algorithm = "vpg"
 
 
 class ACKTR(Agent):
     """ACKTR (Wu et al. 2017): K-FAC natural gradient with a clipped trust-region step and momentum for the
-    actor, and a Gauss-Newton K-FAC step for the critic."""
+    actor, and a Gauss-Newton K-FAC step for the critic (an Adam critic where the presets choose it: Atari,
+    Walker2d, Ant, HalfCheetah)."""
 
     algorithm = "acktr"
 

@@ -189,7 +189,8 @@ class StepConfig:
     target_kl: float = 0.0
     """PPO: stop the epochs once a minibatch's exact KL(old‖new) exceeds this, before its step (0: never)."""
     max_grad_norm: float = 0.5
-    """First-order rules ('ppo_clip', 'adam'): clip the actor gradient's norm to this (0: no clipping)."""
+    """First-order rules: 'ppo_clip' clips each minibatch gradient's norm to this, 'adam' the norm of the direction it
+    is given (the gradient for VPG, F⁻¹g with a Fisher); 0: no clipping."""
     ent_coef: float = 0.0
     """Entropy bonus c: the actor's objective is the surrogate plus c·mean_b H(π_θ(·|s_b)), for the gradient, the
     line search and PPO's loss alike (every algorithm but nac, whose direction is a regression on advantages).

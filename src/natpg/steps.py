@@ -1,8 +1,9 @@
 """Step rules: given a direction d ≈ F⁻¹g, choose how far to move the actor parameters.
 
-Every rule checks what it is about to apply: a non-finite direction, a non-finite or non-positive
-curvature dᵀFd, or a non-finite step leaves the parameters untouched and is logged as
-``step/skipped = 1`` with the reason in ``step/fault``.
+Every rule checks what it is about to apply: a non-finite direction (and, for the rules that measure it,
+a non-finite or non-positive curvature dᵀFd) leaves the parameters untouched and is logged as
+``step/skipped = 1`` with the reason in ``step/fault``. A step that leaves non-finite parameters or a
+non-finite KL behind is undone by the update's guard (``train.guarded_actor_update``).
 """
 
 from __future__ import annotations

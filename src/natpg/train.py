@@ -275,6 +275,7 @@ def iteration(rollout: Rollout, collect_s: float, sampler, policy: nn.Module, cr
         stats |= batch_diagnostics(policy, batch, stats.get("critic/loss_before"))
     else:
         t2 = t3 = time.perf_counter()
+    # time/actor_s: the phase the environments wait for, the batch (GAE, old-policy outputs) and the actor update
     stats |= {"env/nonfinite_dropped": float(getattr(sampler, "dropped", 0)),
               "time/collect_s": collect_s, "time/actor_s": t2 - t1, "time/critic_s": t3 - t2}
     return stats

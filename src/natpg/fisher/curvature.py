@@ -4,7 +4,7 @@
 that need them, e.g. the empirical Fisher); ``solve(g)`` returns ≈ (F + λI)⁻¹ g; ``mv(v)`` returns the
 product with the (damped) matrix that ``solve`` inverts, so that step rules measure dᵀFd with the
 same matrix the direction came from — except where the solver works on a subsample of the batch and
-``step_length="batch"``: then ``mv`` is the exact Fisher of the whole batch, so that the KL step's δ
+``step_length="batch"``: then ``mv`` is the exact Fisher of the whole batch (damped as the solver's), so that the KL step's δ
 bounds the quadratic KL over every state of the batch rather than over the subsample, whose dᵀFd is as
 noisy as the direction. ``stats`` holds what the last fit/solve wants logged.
 """
