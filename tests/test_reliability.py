@@ -434,8 +434,24 @@ def test_nonfinite_env_drop_ends_the_episode_and_masks_the_transition():
     assert torch.isfinite(ro.obs).all() and torch.isfinite(ro.next_obs).all() and torch.isfinite(ro.rew).all()
     assert abs(ro.obs[6, 0]).max() <= 0.05  # copy 0 was reset: CartPole starts within ±0.05
     assert sampler.dropped == 1 and len(sampler.recent_returns) == sampler.episodes
+    # the dropped episode (cut, truncated, at step 4) is not counted or logged as one that finished
+    assert sampler.episodes == int(((ro.terminated | ro.truncated) & ro.valid).sum()) - sampler.dropped
     batch = make_batch(ro, policy, natpg.critics.ValueCritic(4, (8,)), natpg.config.AdvantageConfig())
     assert batch.obs.shape[0] == 23 and all(torch.isfinite(t).all() for t in (batch.adv, batch.ret, batch.logp_old))
+    # advantages normalised over the 23 transitions kept, not the 24 of the rollout
+    assert abs(float(batch.adv.mean())) < 1e-6 and abs(float(batch.adv.std()) - 1) < 1e-6
+
+
+def test_nonfinite_env_drop_leaves_the_dropped_copy_out_of_the_reward_statistics():
+    """With reward scaling, the running statistics take one discounted return per kept (step, copy): none from the
+    step whose reward or observation was dropped."""
+    policy = CategoricalMLP(4, 2, (8,))
+    scaler = RewardScaler(2, 0.99, 10.0, enabled=True)
+    sampler = Sampler(_nan_vec_env(at=6, what="reward"), ObsNormalizer((4,), 10.0, enabled=False), scaler, 0,
+                      torch.device("cpu"), torch.Generator().manual_seed(0), "drop")
+    ro = sampler.collect(policy, 12)
+    assert int((~ro.valid).sum()) == 1
+    assert scaler.rms.count == pytest.approx(1e-4 + int(ro.valid.sum()), abs=1e-9)
 
 
 def test_nonfinite_env_through_the_agent_and_the_cli(tmp_path, capsys):
