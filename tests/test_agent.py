@@ -1045,3 +1045,21 @@ def test_a_worker_sampler_resumes_its_episode_statistics(tmp_path):
     assert rows[-1]["ep_return_mean"] == pytest.approx(np.mean(recent + [ret for ret, _, _ in new]))
     assert loaded._sampler.total_steps == 320 and rows[-1]["env_steps"] == 320
     loaded.close()
+
+
+def test_observation_statistics_take_every_stepped_observation_and_checkpoints_come_every_k_updates(tmp_path):
+    """The running observation statistics count each observation the policy acted on once (n_envs × n_steps per
+    update); with checkpoint_every=2 the checkpoint on disk is from the last even update, and the final one
+    from the end."""
+    from natpg import checkpoint
+
+    seen = []
+
+    def on_disk(agent, row):
+        seen.append(checkpoint.read(str(tmp_path))[0]["env_steps"] if (tmp_path / "model.pt").exists() else None)
+
+    agent = natpg.NPG("CartPole-v1", checkpoint_every=2, **small())
+    agent.learn(5 * 64, out_dir=str(tmp_path), callback=on_disk)
+    assert agent.obs_normalizer.rms.count == pytest.approx(1e-4 + 5 * 64, abs=1e-9)
+    assert seen == [None, None, 128, 128, 256]  # the callback runs before that update's checkpoint
+    assert checkpoint.read(str(tmp_path))[0]["env_steps"] == 320
