@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .algorithms import Batch, surrogate, surrogate_and_kl
+from .fisher import curvature
 from .fisher.empirical import per_sample_scores
 from .fisher.fvp import fisher_vector_product
 
@@ -53,16 +54,8 @@ def psd_solve(M: torch.Tensor, b: torch.Tensor, ridge: float) -> torch.Tensor:
     Cholesky when ridge > 0; the pseudo-inverse (the minimum-norm solution) when ridge = 0 or the damped
     matrix is numerically indefinite, so that nothing is added along M's null space.
     """
-    n = M.shape[0]
-    A = M + ridge * torch.eye(n, dtype=M.dtype, device=M.device) if ridge else M
-    if ridge > 0:
-        L, info = torch.linalg.cholesky_ex(A)
-        if int(info) == 0:
-            return torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
-    evals, evecs = torch.linalg.eigh(A)
-    cutoff = evals.abs().max() * n * torch.finfo(evals.dtype).eps
-    inv = torch.where(evals > cutoff, 1.0 / evals, torch.zeros_like(evals))
-    return evecs @ (inv * (evecs.T @ b))
+    A = M + ridge * torch.eye(M.shape[0], dtype=M.dtype, device=M.device) if ridge else M
+    return curvature.psd_solve(A, b, cholesky=ridge > 0)
 
 
 def compatible_least_squares(psi: torch.Tensor, adv: torch.Tensor, ridge: float = 0.0,

@@ -44,6 +44,21 @@ def fixed_subsample(obs: torch.Tensor, fraction: float, generator: torch.Generat
     return obs[idx]
 
 
+def psd_solve(A: torch.Tensor, b: torch.Tensor, cholesky: bool) -> torch.Tensor:
+    """A⁻¹b for a symmetric PSD A [n, n], b [n]: by Cholesky where ``cholesky`` (A damped, so safely positive
+    definite) and it succeeds; otherwise the pseudo-inverse (the minimum-norm solution), so that the result stays
+    in the range of A — a Cholesky of a numerically singular matrix "succeeds" and returns huge components along
+    its null space, which change the policy at second order."""
+    if cholesky:
+        L, info = torch.linalg.cholesky_ex(A)
+        if int(info) == 0:
+            return torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
+    evals, evecs = torch.linalg.eigh(A)
+    cutoff = evals.abs().max() * evals.shape[0] * torch.finfo(evals.dtype).eps
+    inv = torch.where(evals > cutoff, 1.0 / evals, torch.zeros_like(evals))
+    return evecs @ (inv * (evecs.T @ b))
+
+
 def checked_step_length(step_length: str) -> str:
     if step_length not in STEP_LENGTHS:
         raise ValueError(f"step_length must be one of {STEP_LENGTHS}, got {step_length!r}")
@@ -144,17 +159,7 @@ class Dense:
         return self.matrix @ v if self._step_fvp is None else self._step_fvp(v)
 
     def solve(self, g: torch.Tensor) -> torch.Tensor:
-        # Cholesky when damping makes F + λI safely positive definite; otherwise the pseudo-inverse, so that
-        # the direction stays in the range of F (a Cholesky of a numerically singular F "succeeds" and
-        # returns huge components along its null space, which change the policy at second order).
-        if self.damping > 0:
-            L, info = torch.linalg.cholesky_ex(self.matrix)
-            if int(info) == 0:
-                return torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
-        evals, evecs = torch.linalg.eigh(self.matrix)
-        cutoff = evals.abs().max() * evals.shape[0] * torch.finfo(evals.dtype).eps
-        inv = torch.where(evals > cutoff, 1.0 / evals, torch.zeros_like(evals))
-        return evecs @ (inv * (evecs.T @ g))
+        return psd_solve(self.matrix, g, cholesky=self.damping > 0)
 
 
 class Identity:
