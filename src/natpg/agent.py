@@ -24,12 +24,12 @@ from . import checkpoint
 from .algorithms import config_for, make_actor_update, make_critic
 from .config import EVAL_MAX_EPISODE_STEPS, REFUSED_WHEN_UNREAD, Config, env_kwargs_problem, is_integer, plain_json
 from .envs import ObsNormalizer, RewardScaler, check_env_id, check_spaces, make_vec_env, probe_spaces
+from .errors import first_line
 from .fisher.dense import check_dense_size
 from .logger import Logger
 from .policies import env_action, input_layout, make_policy
 from .rollout import NonFiniteEnvError, Sampler
 from .train import CriticFit, TrainingFault, fault_of, iteration, restore_parameters
-from .errors import first_line
 
 
 def space_to_dict(space: gym.Space) -> dict[str, Any]:
