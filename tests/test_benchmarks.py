@@ -250,7 +250,7 @@ def test_returns_runs_a_repeated_seed_algo_or_env_once(tmp_path, monkeypatch, ca
     assert "--algos: dropped the repeated natpg-npg" in printed
     assert "--envs: dropped the repeated CartPole-v1" in printed
     with open(out / "returns.csv", newline="") as f:
-        assert [r["seed"] for r in csv.DictReader(f)] == ["1", "0"]
+        assert sorted(r["seed"] for r in csv.DictReader(f)) == ["0", "1"]  # once each, in the order they finished
 
 
 def test_returns_names_a_missing_peer_library_even_without_torch(tmp_path, monkeypatch, capsys):
