@@ -1261,3 +1261,12 @@ def test_an_edited_config_json_is_named_as_not_read(tmp_path):
                                             r"\(max_kl, seed\): natpg reads the checkpoint's"):
         agent = natpg.load(str(tmp_path))
     assert agent.config.step.max_kl == natpg.NPG("CartPole-v1").config.step.max_kl and agent.seed == 0
+
+
+def test_continuing_a_run_whose_log_is_not_text_names_the_file(tmp_path):
+    natpg.NPG("CartPole-v1", **small()).learn(BATCH, out_dir=str(tmp_path))
+    (tmp_path / "progress.csv").write_bytes(b"env_steps\n\xc4\xff\xfe\n")
+    with pytest.raises(ValueError, match=r"progress.csv is not a log natpg can continue \(not UTF-8 text: invalid "
+                                         r".* at byte \d+\); move it away"):
+        natpg.load(str(tmp_path)).learn(BATCH, out_dir=str(tmp_path))
+    assert natpg.load(str(tmp_path)).env_steps == BATCH  # nothing written over

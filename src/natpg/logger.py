@@ -163,8 +163,12 @@ def _truncate_log(path: str, resume_step: int | None) -> list[str] | None:
     """Keep a log's (progress.csv's, episodes.csv's) header and its complete rows with env_steps ≤ resume_step
     (all complete rows when None); rewrite the file atomically when anything is dropped. Returns the header
     (None if empty)."""
-    with open(path, newline="") as f:
-        text = f.read()
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not a log natpg can continue (not UTF-8 text: {exc.reason} at byte "
+                         f"{exc.start}); move it away to continue the run without it") from None
     lines = text.splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
         lines = lines[:-1]  # a row cut short by a kill
