@@ -1049,8 +1049,8 @@ def test_a_worker_sampler_resumes_its_episode_statistics(tmp_path):
 
 def test_observation_statistics_take_every_stepped_observation_and_checkpoints_come_every_k_updates(tmp_path):
     """The running observation statistics count each observation the policy acted on once (n_envs × n_steps per
-    update); with checkpoint_every=2 the checkpoint on disk is from the last even update, and the final one
-    from the end."""
+    update); a new run directory gets a checkpoint before any work, then one every checkpoint_every=2 updates,
+    and the final one at the end."""
     from natpg import checkpoint
 
     seen = []
@@ -1061,5 +1061,6 @@ def test_observation_statistics_take_every_stepped_observation_and_checkpoints_c
     agent = natpg.NPG("CartPole-v1", checkpoint_every=2, **small())
     agent.learn(5 * 64, out_dir=str(tmp_path), callback=on_disk)
     assert agent.obs_normalizer.rms.count == pytest.approx(1e-4 + 5 * 64, abs=1e-9)
-    assert seen == [None, None, 128, 128, 256]  # the callback runs before that update's checkpoint
+    assert seen == [0, 0, 128, 128, 256]  # the one written before any work, then every second update's (the
+    # callback runs before that update's checkpoint): a process killed at any moment leaves a run that goes on
     assert checkpoint.read(str(tmp_path))[0]["env_steps"] == 320

@@ -241,6 +241,8 @@ class Agent:
                 self._sampler.load_state_dict(self._saved_sampler)
         self._saved_sampler = None
         self.obs_normalizer.frozen = False
+        if out_dir and not continuing:  # a new run directory holds a checkpoint before any log row (as natpg train's)
+            self._write_checkpoint(out_dir, self._sampler_state())
         run = self.config.run
         logger = Logger(out_dir, run.tensorboard, progress_bar, total_steps=end_steps,
                         resume=continuing, resume_step=self.env_steps, info_keys=self.config.env.info_keys)
