@@ -14,7 +14,7 @@ import sys
 import warnings
 from typing import Any
 
-from .config import EVAL_MAX_EPISODE_STEPS, SECTIONS, Config
+from .config import EVAL_MAX_EPISODE_STEPS, SAMPLERS, SECTIONS, Config
 from .errors import one_line
 
 
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, default=None, metavar="N",
                    help="split the environment copies over N rollout workers; N > 1 samples on Ray "
                         "(sampler=ray, unless --sampler says otherwise; docs/distributed.md)")
-    t.add_argument("--sampler", default=None, choices=("local", "processes", "ray", "workers"),
+    t.add_argument("--sampler", default=None, choices=SAMPLERS,
                    help="who steps the environments: local (this process, the default), processes (--workers "
                         "local worker processes, overlapped with the critic fit), ray (Ray actors), workers "
                         "(the worker code in this process, a reference)")

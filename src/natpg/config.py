@@ -32,6 +32,7 @@ LR_RULES = ("fixed", "adam", "ppo_clip")  # the step rules with a learning rate 
 SCHEDULES = ("constant", "linear")
 CRITIC_OPTIMIZERS = ("adam", "kfac")
 SAMPLERS = ("local", "processes", "ray", "workers")
+NONFINITE_MODES = ("raise", "drop")  # nonfinite_env
 # An evaluation episode is cut here if the environment has not ended it: above every registered time limit
 # (Atari's 108k frames are 27k steps), and a bound for environments registered without one.
 EVAL_MAX_EPISODE_STEPS = 100_000
@@ -429,7 +430,7 @@ class Config:
 
         for name in ("normalize_obs", "normalize_reward"):
             flag(name, getattr(e, name))
-        choice("nonfinite_env", e.nonfinite_env, ("raise", "drop"))
+        choice("nonfinite_env", e.nonfinite_env, NONFINITE_MODES)
         if problem := env_kwargs_problem(e.env_kwargs):
             problems.append(f"env_kwargs {problem}")
         need(not (e.nonfinite_env == "drop" and e.vectorization == "multiproc"),

@@ -17,8 +17,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from .policies import env_action
+from .config import NONFINITE_MODES
 from .envs import EnvStateError, ObsNormalizer, RewardScaler, set_vector_env_state, vector_env_state
+from .policies import env_action
 
 
 @dataclass
@@ -45,9 +46,6 @@ class Rollout:
 
 class NonFiniteEnvError(RuntimeError):
     """The environment produced a NaN or infinite observation or reward (``nonfinite_env='raise'``)."""
-
-
-NONFINITE_MODES = ("raise", "drop")
 
 
 class Sampler:
