@@ -212,6 +212,21 @@ def test_non_positive_curvature_is_skipped(rule):
     assert torch.equal(get_flat(policy.actor_parameters()), before)
 
 
+@pytest.mark.parametrize("rule", [KLStep(0.01), LineSearch(0.01), KFACClip(0.01, 1.0)])
+def test_a_zero_direction_is_no_step_and_no_fault(rule):
+    """A vanished gradient (a deterministic policy, nothing in the batch to learn) gives d = 0: the rules take no
+    step and report no fault, so that training is not stopped for it."""
+    policy = make_policy("gauss")
+    batch = make_batch(policy)
+    before = get_flat(policy.actor_parameters())
+    curvature = fisher.Dense(damping=0.1)
+    curvature.fit(policy, batch.obs)
+    g = torch.zeros_like(before)
+    stats = rule.apply(policy.actor_parameters(), curvature.solve(g), g, curvature, evaluator(policy, batch))
+    assert stats["step/skipped"] == 0.0 and "step/fault" not in stats and stats["step/size"] == 0.0
+    assert torch.equal(get_flat(policy.actor_parameters()), before)
+
+
 # --------------------------------------------------------------------------------------------------
 # ACKTR: the actor's K-FAC trust-region step
 # --------------------------------------------------------------------------------------------------

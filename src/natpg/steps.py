@@ -26,10 +26,14 @@ def skipped(reason: str) -> dict[str, float]:
 def quadratic_kl_step(d: torch.Tensor, curvature: Curvature, max_kl: float) -> tuple[float, float, str | None]:
     """α = √(2δ / dᵀFd), so that the quadratic model of the KL, ½ α² dᵀFd, equals δ.
 
-    Returns (α, dᵀFd, fault) with fault None when the step is safe to take.
+    Returns (α, dᵀFd, fault) with fault None when the step is safe to take. A zero direction (the batch's
+    gradient vanished, as for a policy that has become deterministic: nothing in it to learn) is no step, not a
+    fault: (0, 0, None).
     """
     if not bool(torch.isfinite(d).all()):
         return 0.0, float("nan"), "non-finite direction"
+    if not bool(d.any()):
+        return 0.0, 0.0, None
     dFd = float(torch.dot(d, curvature.mv(d)))
     if not math.isfinite(dFd) or dFd <= 0.0:
         return 0.0, dFd, f"dᵀFd = {dFd!r} is not positive and finite"
