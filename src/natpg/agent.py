@@ -529,9 +529,7 @@ class Agent:
                    "actor_update": {name: obj.state_dict() for name, obj in self._stateful_update_parts().items()}}
         file = checkpoint.write(path, meta, tensors)
         if not str(path).endswith(".pt"):
-            checkpoint.write_json(os.path.join(path, "config.json"),
-                                  {"algorithm": self.algorithm, "env_id": self.env_id, "seed": self.seed,
-                                   **self.config.to_dict()})
+            checkpoint.write_json(os.path.join(path, "config.json"), _config_json(meta))
         return file
 
     def _sampler_state(self) -> dict[str, Any] | None:
@@ -702,14 +700,21 @@ def load(path: str, action_mask=None, **changes: Any) -> Agent:
                          f"{first_line(exc)}") from None
 
 
+def _config_json(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a run directory's config.json holds: the run's identity and settings, from the checkpoint's metadata."""
+    return {"algorithm": meta["algorithm"], "env_id": meta["env_id"], "seed": meta["seed"], **meta["config"]}
+
+
 def _warn_edited_config_json(path: str, meta: dict[str, Any]) -> None:
     """config.json records a run's settings for people; the checkpoint's are the ones read. Say so when they
     differ (someone edited config.json expecting it to change the run)."""
     file = os.path.join(path, "config.json")
     if path.endswith(".pt") or not os.path.isfile(file):
         return
-    recorded = {"algorithm": meta.get("algorithm"), "env_id": meta.get("env_id"), "seed": meta.get("seed"),
-                **meta.get("config", {})}
+    try:
+        recorded = json.loads(json.dumps(_config_json(meta)))
+    except KeyError:  # a checkpoint without them: loading it says so
+        return
     try:
         with open(file) as f:
             shown = json.load(f)
@@ -718,10 +723,11 @@ def _warn_edited_config_json(path: str, meta: dict[str, Any]) -> None:
     if not isinstance(shown, dict):
         differ = ["(unreadable)"]
     else:
-        flat = lambda d: {f"{k}.{k2}" if isinstance(v, dict) and k != "env_kwargs" else k: v2  # noqa: E731
-                          for k, v in d.items() for k2, v2 in (v.items() if isinstance(v, dict) else [(k, v)])}
-        a, b = flat(json.loads(json.dumps(recorded))), flat(shown)
-        differ = sorted(k.split(".")[-1] for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        # by setting name (unique across sections); env_kwargs, a dict inside a section, is compared whole
+        flat = lambda d: {k2: v2 for k, v in d.items()  # noqa: E731
+                          for k2, v2 in (v.items() if isinstance(v, dict) else [(k, v)])}
+        a, b = flat(recorded), flat(shown)
+        differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     if differ:
         warnings.warn(f"{file} differs from the settings recorded in the checkpoint ({', '.join(differ)}): natpg "
                       f"reads the checkpoint's, and writes them back to config.json at its next save. To continue "
