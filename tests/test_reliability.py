@@ -1223,7 +1223,9 @@ class _OffApiCartPole(CartPoleEnv):
     def step(self, action):
         obs, rew, term, trunc, info = super().step(action)
         return {"short_obs": (obs[:3], rew, term, trunc, info), "four": (obs, rew, term, info),
-                "vector_reward": (obs, np.array([rew, rew]), term, trunc, info)}[self.mode]
+                "vector_reward": (obs, np.array([rew, rew]), term, trunc, info),
+                "string_reward": (obs, str(rew), term, trunc, info), "none_reward": (obs, None, term, trunc, info)
+                }[self.mode]
 
     def reset(self, **kwargs):
         obs, info = super().reset(**kwargs)
@@ -1239,6 +1241,8 @@ if "natpgtest/OffApiCartPole-v0" not in gym.registry:
     ("short_obs", "step", r"5-tuple: could not broadcast input array from shape \(3,\) into shape \(4,\)"),
     ("four", "step", r"not enough values to unpack \(expected 5, got 4\)"),
     ("vector_reward", "step", "5-tuple: setting an array element with a sequence"),
+    ("string_reward", "step", "5-tuple: the reward '1.0' is not a number"),
+    ("none_reward", "step", "5-tuple: the reward None is not a number"),
     ("bare_reset", "reset", "ndarray: too many values to unpack")])
 def test_an_environment_off_gymnasiums_api_is_named_with_what_it_returned(mode, call, detail):
     with pytest.raises(ValueError, match=rf"environment 'natpgtest/OffApiCartPole-v0' \(copy 0\) returned from "

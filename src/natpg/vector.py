@@ -83,7 +83,10 @@ class SerialVectorEnv:
                     raise
                 raise ValueError(self._api_error(i, "step", None, exc)) from None
             try:
-                obs, rew[i], term[i], trunc[i], info = result
+                obs, reward, term[i], trunc[i], info = result
+                if reward is None or isinstance(reward, (str, bytes)):  # numpy would read "1.0" or None silently
+                    raise TypeError(f"the reward {reward!r} is not a number")
+                rew[i] = reward
                 if term[i] or trunc[i]:
                     final[i], final_info[i] = obs, info
                     result, call = env.reset(), "reset"
