@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .critics import ValueCritic
+from .critics import ValueCritic, mean_squared_error, minibatch_indices
 from .fisher.kfac import pi_correction
 from .steps import KFACClip
 
@@ -143,25 +143,19 @@ class KFACCritic(ValueCritic):
 
     def fit(self, obs: torch.Tensor, returns: torch.Tensor, generator: torch.Generator | None = None
             ) -> dict[str, float]:
-        B = obs.shape[0]
         params = list(self.net.parameters())
-        with torch.no_grad():
-            before = float(((self(obs) - returns) ** 2).mean())
+        before = mean_squared_error(self, obs, returns)
         # σ² of the output model N(R; V(s), σ²): its maximum-likelihood value at the start of the fit.
         sigma = max(before, 1e-12) ** 0.5
         sizes, kls, skipped = [], [], 0
-        for _ in range(self.epochs):
-            perm = torch.randperm(B, generator=generator).to(obs.device)
-            for start in range(0, B, self.minibatch):
-                idx = perm[start : start + self.minibatch]
-                g = self.curvature.fit(self.net, obs[idx], returns[idx], sigma)
-                d = self.curvature.solve(g)
-                step = self.optimizer.apply(params, d, g, self.curvature, None)
-                skipped += int(step["step/skipped"])
-                sizes.append(step["step/size"])
-                kls.append(step.get("step/quadratic_kl", 0.0))
-        with torch.no_grad():
-            after = float(((self(obs) - returns) ** 2).mean())
+        for idx in minibatch_indices(obs.shape[0], self.epochs, self.minibatch, generator, obs.device):
+            g = self.curvature.fit(self.net, obs[idx], returns[idx], sigma)
+            d = self.curvature.solve(g)
+            step = self.optimizer.apply(params, d, g, self.curvature, None)
+            skipped += int(step["step/skipped"])
+            sizes.append(step["step/size"])
+            kls.append(step.get("step/quadratic_kl", 0.0))
+        after = mean_squared_error(self, obs, returns)
         n = max(len(sizes), 1)
         return {"critic/loss_before": before, "critic/loss_after": after, "critic/step_size": sum(sizes) / n,
                 "critic/quadratic_kl": sum(kls) / n, "critic/skipped_steps": float(skipped), **self.curvature.stats}

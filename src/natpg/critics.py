@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -45,6 +45,21 @@ def adam_step(optimizer: torch.optim.Optimizer) -> None:
     torch._foreach_addcdiv_(params, exp_avgs, denominator, step_size)
 
 
+def minibatch_indices(n: int, epochs: int, size: int, generator: torch.Generator | None, device
+                      ) -> Iterator[torch.Tensor]:
+    """``epochs`` passes over n samples, each a fresh permutation (drawn from ``generator`` as its pass begins)
+    cut into index tensors of ``size`` (the last one shorter) on ``device``: the loop of every minibatch fit."""
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=generator).to(device)
+        for start in range(0, n, size):
+            yield perm[start : start + size]
+
+
+@torch.no_grad()
+def mean_squared_error(critic: nn.Module, obs: torch.Tensor, returns: torch.Tensor) -> float:
+    return float(((critic(obs) - returns) ** 2).mean())
+
+
 class ValueCritic(nn.Module):
     """V(s) as an MLP (a Nature-CNN torso on images) with orthogonal init; ``fit`` regresses it on return
     targets with Adam."""
@@ -65,23 +80,16 @@ class ValueCritic(nn.Module):
     def fit(self, obs: torch.Tensor, returns: torch.Tensor, generator: torch.Generator | None = None
             ) -> dict[str, float]:
         """Minimise mean (V(s) − R)² over ``epochs`` shuffled passes; obs [B, D], returns [B]."""
-        B = obs.shape[0]
-        with torch.no_grad():
-            before = float(((self(obs) - returns) ** 2).mean())
-        for _ in range(self.epochs):
-            perm = torch.randperm(B, generator=generator).to(obs.device)
-            for start in range(0, B, self.minibatch):
-                idx = perm[start : start + self.minibatch]
-                if self._mlp is not None:
-                    self._set_squared_error_gradients(obs[idx], returns[idx])
-                else:
-                    loss = ((self(obs[idx]) - returns[idx]) ** 2).mean()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                adam_step(self.optimizer)
-        with torch.no_grad():
-            after = float(((self(obs) - returns) ** 2).mean())
-        return {"critic/loss_before": before, "critic/loss_after": after}
+        before = mean_squared_error(self, obs, returns)
+        for idx in minibatch_indices(obs.shape[0], self.epochs, self.minibatch, generator, obs.device):
+            if self._mlp is not None:
+                self._set_squared_error_gradients(obs[idx], returns[idx])
+            else:
+                loss = ((self(obs[idx]) - returns[idx]) ** 2).mean()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            adam_step(self.optimizer)
+        return {"critic/loss_before": before, "critic/loss_after": mean_squared_error(self, obs, returns)}
 
     @torch.no_grad()
     def _set_squared_error_gradients(self, obs: torch.Tensor, returns: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributions import kl_divergence
 
 from .algorithms import Batch, surrogate, surrogate_and_kl
-from .critics import ValueCritic, adam_step
+from .critics import ValueCritic, adam_step, mean_squared_error, minibatch_indices
 from .params import flatten
 
 
@@ -71,32 +71,27 @@ class ClippedSurrogateUpdate:
             surr_before = float(surrogate(policy, batch, self.ent_coef))
         B = batch.obs.shape[0]
         steps, clip_fracs, grad_norms, stopped = 0, [], [], False
-        for epoch in range(self.epochs):
-            perm = torch.randperm(B, generator=self.generator).to(batch.obs.device)
-            for start in range(0, B, self.minibatch):
-                idx = perm[start : start + self.minibatch]
-                dist = policy.dist(batch.obs[idx])
-                if self.target_kl:
-                    with torch.no_grad():
-                        kl = float(kl_divergence(policy.head.dist(batch.eta_old[idx]), dist).mean())
-                    if kl > self.target_kl:
-                        stopped = True
-                        break
-                L, clip_frac = clipped_surrogate(dist.log_prob(batch.act[idx]), batch.logp_old[idx], batch.adv[idx],
-                                                 self.clip_range)
-                if self.ent_coef:
-                    L = L + self.ent_coef * dist.entropy().mean()
-                self.optimizer.zero_grad(set_to_none=True)
-                (-L).backward()
-                if self.max_grad_norm:
-                    grad_norms.append(float(nn.utils.clip_grad_norm_(params, self.max_grad_norm)))
-                else:
-                    grad_norms.append(float(flatten([p.grad for p in params]).norm()))
-                self.optimizer.step()
-                steps += 1
-                clip_fracs.append(float(clip_frac))
-            if stopped:
-                break
+        for idx in minibatch_indices(B, self.epochs, self.minibatch, self.generator, batch.obs.device):
+            dist = policy.dist(batch.obs[idx])
+            if self.target_kl:
+                with torch.no_grad():
+                    kl = float(kl_divergence(policy.head.dist(batch.eta_old[idx]), dist).mean())
+                if kl > self.target_kl:
+                    stopped = True
+                    break
+            L, clip_frac = clipped_surrogate(dist.log_prob(batch.act[idx]), batch.logp_old[idx], batch.adv[idx],
+                                             self.clip_range)
+            if self.ent_coef:
+                L = L + self.ent_coef * dist.entropy().mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            (-L).backward()
+            if self.max_grad_norm:
+                grad_norms.append(float(nn.utils.clip_grad_norm_(params, self.max_grad_norm)))
+            else:
+                grad_norms.append(float(flatten([p.grad for p in params]).norm()))
+            self.optimizer.step()
+            steps += 1
+            clip_fracs.append(float(clip_frac))
         surr_after, kl = surrogate_and_kl(policy, batch, self.ent_coef)
         return {"step/kl": kl, "step/surrogate_gain": surr_after - surr_before, "step/sgd_steps": float(steps),
                 "step/epochs": steps * self.minibatch / B, "step/early_stop": float(stopped),
@@ -118,23 +113,18 @@ class ClippedValueCritic(ValueCritic):
 
     def fit(self, obs: torch.Tensor, returns: torch.Tensor, generator: torch.Generator | None = None
             ) -> dict[str, float]:
-        B, c = obs.shape[0], self.value_clip
+        c = self.value_clip
         with torch.no_grad():
             v_old = self(obs)
             before = float(((v_old - returns) ** 2).mean())
         clipped = []
-        for _ in range(self.epochs):
-            perm = torch.randperm(B, generator=generator).to(obs.device)
-            for start in range(0, B, self.minibatch):
-                idx = perm[start : start + self.minibatch]
-                v, R, v0 = self(obs[idx]), returns[idx], v_old[idx]
-                v_clip = v0 + torch.clamp(v - v0, -c, c)
-                loss = torch.maximum((v - R) ** 2, (v_clip - R) ** 2).mean()
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                adam_step(self.optimizer)
-                clipped.append(float(((v - v0).abs() > c).float().mean()))
-        with torch.no_grad():
-            after = float(((self(obs) - returns) ** 2).mean())
-        return {"critic/loss_before": before, "critic/loss_after": after,
+        for idx in minibatch_indices(obs.shape[0], self.epochs, self.minibatch, generator, obs.device):
+            v, R, v0 = self(obs[idx]), returns[idx], v_old[idx]
+            v_clip = v0 + torch.clamp(v - v0, -c, c)
+            loss = torch.maximum((v - R) ** 2, (v_clip - R) ** 2).mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            adam_step(self.optimizer)
+            clipped.append(float(((v - v0).abs() > c).float().mean()))
+        return {"critic/loss_before": before, "critic/loss_after": mean_squared_error(self, obs, returns),
                 "critic/clip_fraction": sum(clipped) / max(len(clipped), 1)}
