@@ -387,6 +387,16 @@ def test_critic_kfac_is_the_gauss_newton_matrix_for_a_linear_critic():
     torch.testing.assert_close(gn.solve(g), torch.linalg.solve(M, g), rtol=1e-9, atol=1e-11)
 
 
+def test_critic_kfac_of_a_singular_factor_falls_back_and_stays_consistent():
+    """Undamped factors of constant inputs are singular (A = āāᵀ has rank 1): the critic's K-FAC counts a
+    fallback, and mv inverts solve, since both use the factor actually inverted."""
+    critic, obs, ret = critic_data(hidden=())
+    gn = GaussNewtonKFAC(damping=0.0)
+    g = gn.fit(critic.net, torch.ones_like(obs), ret, float(ret.std()))
+    assert gn.stats["critic/kfac_fallbacks"] >= 1 and bool(torch.isfinite(gn.solve(g)).all())
+    torch.testing.assert_close(gn.mv(gn.solve(g)), g, rtol=1e-5, atol=1e-8)  # jitter of 1e-10 or more: cond ≤ 1e10
+
+
 def explicit_critic_kfac(critic: ValueCritic, obs: torch.Tensor, lam: float, sigma: float) -> torch.Tensor:
     """blockdiag((A_l + π√λI) ⊗ (G_l + √λ/π I))/σ² by torch.kron, with the factors re-run by hand: layer inputs ā by a manual
     forward, per-sample ∂V/∂s_l from the Jacobian of V w.r.t. each bias (∂V/∂b_l = ∂V/∂s_l)."""

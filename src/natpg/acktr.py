@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .critics import ValueCritic, mean_squared_error, minibatch_indices
-from .fisher.kfac import pi_correction
+from .fisher.kfac import damped_inverse, pi_correction
 from .steps import KFACClip
 
 
@@ -41,16 +41,6 @@ def linear_layers(net: nn.Module) -> list[nn.Linear]:
     if sum(p.numel() for m in layers for p in m.parameters()) != sum(p.numel() for p in net.parameters()):
         raise ValueError("the K-FAC critic needs a network whose parameters all belong to nn.Linear layers")
     return layers
-
-
-def damped_factor_inverse(M: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Inverse of a damped (positive definite) factor by Cholesky (the factors are float64); the inverse of its
-    diagonal if that fails."""
-    L, info = torch.linalg.cholesky_ex(M)
-    if int(info) == 0 and bool(torch.isfinite(L).all()):
-        return torch.cholesky_inverse(L), False
-    d = torch.nan_to_num(M.diagonal(), nan=1.0).clamp_min(torch.finfo(M.dtype).tiny)
-    return torch.diag(1.0 / d), True
 
 
 class GaussNewtonKFAC:
@@ -97,9 +87,10 @@ class GaussNewtonKFAC:
             g_parts += [W_grad[:, :-1].reshape(-1), W_grad[:, -1]]
             A, G = (a.T @ a / B).double(), (s.T @ s / B).double()
             pi = pi_correction(A, G)
-            A_d = A + pi * sq * torch.eye(A.shape[0], dtype=A.dtype)
-            G_d = G + sq / pi * torch.eye(G.shape[0], dtype=G.dtype)
-            (A_inv, failA), (G_inv, failG) = damped_factor_inverse(A_d), damped_factor_inverse(G_d)
+            # The actor's K-FAC inverse: Cholesky, with jitter and then the diagonal where the damped factor
+            # is numerically singular (damping 0); A_d, G_d are the matrices inverted, so mv and solve agree.
+            A_d, A_inv, failA = damped_inverse(A + pi * sq * torch.eye(A.shape[0], dtype=A.dtype))
+            G_d, G_inv, failG = damped_inverse(G + sq / pi * torch.eye(G.shape[0], dtype=G.dtype))
             self.fallbacks += failA + failG
             self.factors.append((A, G))
             self._damped.append((A_d, G_d, A_inv, G_inv))
