@@ -513,6 +513,10 @@ def test_value_clipping_limits_the_loss_to_the_clipped_range():
     assert float(moved.max()) < 1.0 and stats["critic/clip_fraction"] > 0
 
 
+def test_every_activation_the_settings_admit_builds_a_network():
+    assert set(natpg.config.ACTIVATIONS) == set(natpg.policies.ACTIVATIONS)
+
+
 @pytest.mark.parametrize("activation,dtype,hand_backward", [("tanh", torch.float32, True),
                                                              ("relu", torch.float32, True),
                                                              ("tanh", torch.float64, True),

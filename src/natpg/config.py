@@ -33,6 +33,7 @@ SCHEDULES = ("constant", "linear")
 CRITIC_OPTIMIZERS = ("adam", "kfac")
 SAMPLERS = ("local", "processes", "ray", "workers")
 NONFINITE_MODES = ("raise", "drop")  # nonfinite_env
+ACTIVATIONS = ("tanh", "relu", "elu")  # the names of policies.ACTIVATIONS, which config does not import (torch)
 # An evaluation episode is cut here if the environment has not ended it: above every registered time limit
 # (Atari's 108k frames are 27k steps), and a bound for environments registered without one.
 EVAL_MAX_EPISODE_STEPS = 100_000
@@ -446,7 +447,7 @@ class Config:
         for name, hid in (("hidden", p.hidden), ("critic_hidden", c.critic_hidden)):
             need(isinstance(hid, tuple) and all(whole(h) for h in hid),
                  f"{name} must be a tuple of positive integers such as (64, 64), got {hid!r}")
-        choice("activation", p.activation, ("tanh", "relu", "elu"))
+        choice("activation", p.activation, ACTIVATIONS)
         choice("action_squash", p.action_squash, ("clip", "tanh"))
         need(isinstance(e.info_keys, tuple) and all(isinstance(k, str) and k for k in e.info_keys)
              and len(set(e.info_keys)) == len(e.info_keys) and not {"return", "length", "env_steps"} & set(e.info_keys),
