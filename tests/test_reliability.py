@@ -794,11 +794,17 @@ def test_cli_resume_is_bit_exact(tmp_path):
               "--set", "eval_episodes=2"]
     assert cli(["train", "npg", "CartPole-v1", "--steps", "160", "--out", str(tmp_path / "a"), *common]) == 0
     assert cli(["train", "npg", "CartPole-v1", "--steps", "96", "--out", str(tmp_path / "b"), *common]) == 0
+    # continued elsewhere (--out C): C gets the whole run, its history and best policy included; B is untouched
+    before = {f.name: f.read_bytes() for f in (tmp_path / "b").rglob("*") if f.is_file() and f.name != ".natpg.lock"}
+    assert cli(["train", "npg", "CartPole-v1", "--steps", "160", "--resume", str(tmp_path / "b"), "--out",
+                str(tmp_path / "c"), "--no-progress"]) == 0
+    assert before == {f.name: f.read_bytes() for f in (tmp_path / "b").rglob("*") if f.is_file() and f.name != ".natpg.lock"}
     assert cli(["train", "npg", "CartPole-v1", "--steps", "160", "--resume", str(tmp_path / "b"), "--no-progress"]) == 0
-    _assert_same_run(natpg.load(str(tmp_path / "a")), natpg.load(str(tmp_path / "b")), tmp_path / "a", tmp_path / "b")
-    # the periodic evaluations (eval/* columns, compared above) and the best policy carry over the resume
-    best_a, best_b = natpg.load(str(tmp_path / "a" / "best")), natpg.load(str(tmp_path / "b" / "best"))
-    assert best_a.env_steps == best_b.env_steps and best_a.best_eval_return == best_b.best_eval_return
+    for run in ("b", "c"):
+        _assert_same_run(natpg.load(str(tmp_path / "a")), natpg.load(str(tmp_path / run)), tmp_path / "a", tmp_path / run)
+        # the periodic evaluations (eval/* columns, compared above) and the best policy carry over the resume
+        best_a, best = natpg.load(str(tmp_path / "a" / "best")), natpg.load(str(tmp_path / run / "best"))
+        assert best_a.env_steps == best.env_steps and best_a.best_eval_return == best.best_eval_return
     assert [r["env_steps"] for r in progress_rows(tmp_path / "b") if r["eval/return_mean"] != "nan"] == ["64", "96", "160"]
 
 

@@ -789,6 +789,18 @@ def claim_run_dir(agent: Agent, out_dir: Any, overwrite: bool = False) -> bool:
     return False
 
 
+def copy_run(src: str, dst: str) -> None:
+    """Copy natpg's outputs (``RUN_OUTPUTS``) of the run in ``src`` into ``dst``, which holds none: a run
+    continued in another directory (``natpg train --resume SRC --out DST``) keeps its whole log there, and the
+    best policy its best return refers to; ``src`` is left as it was."""
+    for name in RUN_OUTPUTS:
+        path = os.path.join(src, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.copytree(path, os.path.join(dst, name))
+        elif os.path.lexists(path):
+            shutil.copy2(path, os.path.join(dst, name))
+
+
 def _changed_settings(agent: Agent, meta: dict[str, Any]) -> list[str] | None:
     """The settings (``'max_kl 0.01 → 0.005'``) in which ``agent`` differs from the run a checkpoint's metadata
     records, when it is the same algorithm, environment and seed; None when it is not, or not readable. The device

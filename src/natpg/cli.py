@@ -152,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "Ray instance); implies sampler=ray")
     t.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run in DIR (its recorded config, checkpoint, generators and environment "
-                        "state) until it has --steps steps in all; bit-exact for classic-control and MuJoCo tasks")
+                        "state) until it has --steps steps in all; bit-exact for classic-control and MuJoCo tasks. "
+                        "With --out NEW, the run (logs and best policy too) is copied to NEW and goes on there; "
+                        "DIR stays as it was")
 
     c = sub.add_parser("config", help="print the settings ALGO gets on ENV_ID and which preset set each",
                        description="Print every setting a `natpg train ALGO ENV_ID` run would get, with the layer "
@@ -211,7 +213,7 @@ def algorithm_class(name: str):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .agent import check_out_dir, claim_run_dir
+    from .agent import check_out_dir, claim_run_dir, copy_run
     from .checkpoint import run_dir_lock
 
     agent_class = algorithm_class(args.algo)
@@ -231,6 +233,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.resume is not None:
             if args.overwrite:
                 raise ValueError("--resume continues the run in DIR; --overwrite would replace it: give one of them")
+            lock.enter_context(run_dir_lock(_resumable(args.resume)))  # no other writer while it is read
             agent = _resume(args, overrides)
             out = args.out or args.resume
             target = args.steps if args.steps is not None else agent.target_steps or DEFAULT_STEPS
@@ -240,6 +243,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                 print(f"the run in {args.resume} already has {agent.env_steps} of --steps {target} environment "
                       f"steps{left}; nothing to do")
                 return 0
+            if os.path.realpath(out) != os.path.realpath(args.resume):
+                lock.enter_context(run_dir_lock(check_out_dir(out)))
+                if not claim_run_dir(agent, out):  # a new directory: the run goes on there, with its history
+                    copy_run(args.resume, out)
         else:
             seed = 0 if args.seed is None else args.seed
             # An id such as ALE/Pong-v5 or module:Env-v0 names one directory, not a nested one.
@@ -268,14 +275,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
 
 
-def _resume(args: argparse.Namespace, overrides: dict[str, Any]):
-    from .agent import load
+def _resumable(run_dir: str) -> str:
     from .checkpoint import checkpoint_file
 
-    file = checkpoint_file(args.resume)
+    file = checkpoint_file(run_dir)
     if not os.path.isfile(file):
-        raise ValueError(f"--resume {args.resume!r}: not a natpg run (no checkpoint {file!r}); start one with "
+        raise ValueError(f"--resume {run_dir!r}: not a natpg run (no checkpoint {file!r}); start one with "
                          f"natpg train ALGO ENV_ID --out DIR")
+    return run_dir
+
+
+def _resume(args: argparse.Namespace, overrides: dict[str, Any]):
+    from .agent import load
+
     agent = load(args.resume)
     changed = sorted(k for k, v in overrides.items() if agent.config.override(**{k: v}) != agent.config)
     if changed:  # repeating the original command line with --resume is fine; changing the config is not
