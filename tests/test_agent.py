@@ -255,6 +255,11 @@ def test_periodic_evaluation_is_logged_keeps_the_best_and_leaves_training_unchan
     assert best.env_steps == best_steps and a.best_eval_return == max(seen.values())
     assert natpg.evaluate(best, episodes=3, seed=10_007)[0] == max(seen.values())
     assert natpg.load(str(run)).best_eval_return == a.best_eval_return  # kept for a resumed run
+    # a loaded run trained into a new directory keeps its best policy there, however good the earlier best was
+    forked = natpg.load(str(run))
+    forked.best_eval_return = float("inf")
+    forked.learn(128, out_dir=str(tmp_path / "fork"), reset=False)  # evaluated at 512, past 480
+    assert natpg.load(str(tmp_path / "fork" / "best")).env_steps == 512 == forked.env_steps
     pytest.importorskip("matplotlib")
     from natpg.plotting import plot_runs  # the plot skips the rows between evaluations instead of breaking the line
 

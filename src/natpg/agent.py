@@ -242,6 +242,8 @@ class Agent:
         self._saved_sampler = None
         self.obs_normalizer.frozen = False
         if out_dir and not continuing:  # a new run directory holds a checkpoint before any log row (as natpg train's)
+            # and its own best policy: a best return recorded elsewhere (before a load) would keep DIR/best empty
+            self.best_eval_return = None
             self._write_checkpoint(out_dir, self._sampler_state())
         run = self.config.run
         logger = Logger(out_dir, run.tensorboard, progress_bar, total_steps=end_steps,
