@@ -21,7 +21,7 @@ from .config import REFUSED_WHEN_UNREAD, Config, unread_because
 from .critics import ValueCritic
 from .envs import env_family
 from .params import flatten
-from .steps import AdamStep, FixedStep, KFACClip, KLStep, LineSearch
+from .steps import AdamStep, FixedStep, KFACClip, KLStep, LineSearch, skipped
 
 
 @dataclass
@@ -108,8 +108,7 @@ class NaturalGradientUpdate:
         surr_before = surrogate(policy, batch, self.ent_coef)
         g = flatten(torch.autograd.grad(surr_before, params)).detach()
         if not (bool(torch.isfinite(surr_before)) and bool(torch.isfinite(g).all())):  # before any curvature state
-            return {"step/skipped": 1.0, "step/fault": "non-finite surrogate or gradient", "step/size": 0.0,
-                    "grad/norm": float(g.norm())}
+            return {**skipped("non-finite surrogate or gradient"), "grad/norm": float(g.norm())}
         self.curvature.fit(policy, batch.obs, batch.act)
         d = self.curvature.solve(g)
 

@@ -30,6 +30,7 @@ from .algorithms import Batch
 from .config import AdvantageConfig, RunConfig
 from .errors import first_line
 from .rollout import Rollout
+from .steps import skipped
 
 
 class TrainingFault(RuntimeError):
@@ -95,7 +96,7 @@ def guarded_actor_update(actor_update, policy: nn.Module, batch: Batch) -> dict[
         reason = numerical_error(exc)
         if reason is None:
             raise
-        stats = {"step/skipped": 1.0, "step/fault": f"numerical error in the actor update ({reason})"}
+        stats = skipped(f"numerical error in the actor update ({reason})")
     fault = stats.get("step/fault") if stats.get("step/skipped") else None
     if fault is None and not _finite_module(policy):
         fault = "non-finite parameters after the step"
@@ -103,7 +104,7 @@ def guarded_actor_update(actor_update, policy: nn.Module, batch: Batch) -> dict[
         fault = "non-finite KL after the step (the stepped policy is not finite)"
     if fault is not None:
         restore_parameters(policy, saved)
-        stats = {**stats, "step/skipped": 1.0, "step/fault": fault, "step/size": 0.0}
+        stats = {**stats, **skipped(fault)}
     stats.setdefault("step/skipped", 0.0)
     return stats
 
@@ -261,8 +262,7 @@ def iteration(rollout: Rollout, collect_s: float, sampler, policy: nn.Module, cr
         fitting = critic_fit.start(critic, batch, generator, cfg.run) if usable else None
         try:
             stats: dict[str, Any] = (guarded_actor_update(actor_update, policy, batch) if usable else
-                                     {"step/skipped": 1.0, "step/fault": unusable, "step/size": 0.0,
-                                      "critic/skipped": 1.0, "critic/fault": unusable})
+                                     {**skipped(unusable), "critic/skipped": 1.0, "critic/fault": unusable})
             if usable and prefetch and hasattr(sampler, "prefetch"):
                 sampler.prefetch(policy, n_steps)
         except BaseException:  # an interrupt or a bug: leave the critic as it was, not half-fitted
