@@ -473,7 +473,6 @@ def test_worker_sampler_handles_every_space_like_the_local_one(env, extra):
     """The rollout workers build the same wrappers, policy and normaliser: the merged reset observations (masks
     included) equal the in-process ones (copy i seeded seed + i in both), and every action respects its mask.
     Later steps differ where the env reacts to actions: each worker samples with its own generator."""
-    from natpg.train import make_batch
 
     def first_batch(**kw):
         agent = natpg.NPG(env, seed=3, **tiny("NPG", env, **extra), normalize_obs=False, **kw)

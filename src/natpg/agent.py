@@ -22,7 +22,7 @@ import torch
 
 from . import checkpoint
 from .algorithms import config_for, make_actor_update, make_critic
-from .config import EVAL_MAX_EPISODE_STEPS, REFUSED_WHEN_UNREAD, Config, env_kwargs_problem, is_integer, plain_json
+from .config import EVAL_MAX_EPISODE_STEPS, Config, env_kwargs_problem, is_integer, plain_json
 from .envs import ObsNormalizer, RewardScaler, check_env_id, check_spaces, make_vec_env, probe_spaces
 from .errors import first_line
 from .fisher.dense import check_dense_size
@@ -592,7 +592,7 @@ def _without_inert_settings(config: dict[str, Any], action_space: dict[str, Any]
     as it is (loading it reports what is wrong)."""
     try:
         cfg = Config.from_dict(config)
-        reset = {key: Config().get(key) for key in REFUSED_WHEN_UNREAD if cfg.refusal(key, action_space.get("type"))}
+        reset = cfg.unread_refused_defaults(action_space.get("type"))
         if cfg.env.vectorization == "multiproc" and cfg.env.n_workers > cfg.env.n_envs:  # was clamped, now refused
             reset["n_workers"] = cfg.env.n_envs
     except (ValueError, TypeError, AttributeError, KeyError):

@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributions import kl_divergence
 
 from . import fisher
-from .config import REFUSED_WHEN_UNREAD, Config, unread_because
+from .config import Config, unread_because
 from .critics import ValueCritic
 from .envs import env_family
 from .params import flatten
@@ -338,8 +338,7 @@ def inert_preset_values(preset: Config, config: Config, overrides: dict[str, Any
     """The refused settings (config.REFUSED_WHEN_UNREAD) whose preset value ``config`` — the preset with the
     ``overrides`` — would not read, each with its default to go back to: PPO's target_kl after step='kl' is not the
     user's mistake, even where the user repeats it, so it is reset instead of refused."""
-    given = changed_by(preset, overrides)
-    return {key: Config().get(key) for key in REFUSED_WHEN_UNREAD if key not in given and config.refusal(key)}
+    return config.unread_refused_defaults(keep=changed_by(preset, overrides))
 
 
 def setting_sources(algorithm: str, family: str, env_id: str | None = None,

@@ -539,6 +539,12 @@ class Config:
         why = unread_because(self, key, action_space_type) if value != default else None
         return why and f"{key}={value!r} would not be read: {why} (leave it at its default, {default!r}){UNREAD_HINTS.get(key, '')}"
 
+    def unread_refused_defaults(self, action_space_type: str | None = None, keep=()) -> dict[str, Any]:
+        """The refused settings (REFUSED_WHEN_UNREAD) outside ``keep`` that this run would not read, each with
+        the default to put back: where the value is not the user's doing (a preset's, an old checkpoint's)."""
+        return {key: Config().get(key) for key in REFUSED_WHEN_UNREAD
+                if key not in keep and self.refusal(key, action_space_type)}
+
     def _plain_numbers(self) -> None:
         """NumPy scalars (accepted above) become the int or float they stand for, so config.json and every
         computation see exactly what the same value typed as a Python number gives."""
