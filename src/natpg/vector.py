@@ -25,6 +25,19 @@ import numpy as np
 from .errors import first_line
 
 
+def split_copies(n_envs: int, workers: int, name: str) -> list[int]:
+    """Environment copies per worker process: as even as possible, the first ``n_envs % workers`` one more."""
+    if not 1 <= workers <= n_envs:
+        raise ValueError(f"{name} must be between 1 and n_envs={n_envs}, got {workers}")
+    return [n_envs // workers + (1 if w < n_envs % workers else 0) for w in range(workers)]
+
+
+def process_context():
+    """How worker processes start: forkserver where the platform has it (a fork of the learner, which runs
+    threads, could inherit a held lock), else spawn."""
+    return mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+
+
 class SerialVectorEnv:
     """Copies built by ``env_fns`` stepped in turn in this process, a finished copy reset in the same step.
 
@@ -143,12 +156,10 @@ class MultiprocVectorEnv:
 
     def __init__(self, env_id: str, n_envs: int, n_workers: int, action_mask=None,
                  env_kwargs: dict[str, Any] | None = None, info_keys: tuple[str, ...] = ()):
-        if n_workers < 1 or n_workers > n_envs:
-            raise ValueError(f"n_workers must be between 1 and n_envs={n_envs}, got {n_workers}")
+        sizes = split_copies(n_envs, n_workers, "n_workers")
         self.num_envs, self.env_id = n_envs, env_id
-        sizes = [n_envs // n_workers + (1 if w < n_envs % n_workers else 0) for w in range(n_workers)]
         self.offsets = np.cumsum([0, *sizes[:-1]]).tolist()
-        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+        ctx = process_context()
         self.conns, self.procs = [], []
         for size in sizes:
             parent, child = ctx.Pipe()

@@ -16,7 +16,6 @@ the worker's traceback in its notes.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import pickle
 import signal
@@ -26,6 +25,7 @@ import traceback
 from typing import Any
 
 from ..envs import unregistered_in_worker_hint
+from ..vector import process_context
 from .sampler import DistributedSampler, WorkerFailure
 from .workers import RolloutWorker, WorkerResult, WorkerSpec
 
@@ -106,8 +106,7 @@ class ProcessSampler(DistributedSampler):
         super().__init__(*args, **kwargs)
         _check_picklable_mask(self._spec_args["action_mask"])
         self.timeout, self.start_timeout = float(timeout), float(start_timeout)
-        methods = mp.get_all_start_methods()
-        self._ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+        self._ctx = process_context()
         self.procs: list[Any] = [None] * self.n_workers
         self.conns: list[Any] = [None] * self.n_workers
         # 1 while worker w owes the answer to a request: a request whose answer was never read (its handle

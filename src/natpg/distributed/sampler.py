@@ -34,6 +34,7 @@ import torch
 from ..envs import ObsNormalizer, RewardScaler
 from ..errors import first_line
 from ..rollout import Rollout, episode_counters, restore_episode_counters
+from ..vector import split_copies
 from .workers import RolloutWorker, WorkerResult, WorkerSpec, generator_seed
 
 RAY_INSTALL_HINT = "pip install 'natpg[ray]'"
@@ -61,13 +62,6 @@ class WorkerFailure(RuntimeError):
     """A rollout worker died (or did not answer in time) again after being replaced."""
 
 
-def split(n_envs: int, workers: int) -> list[int]:
-    """Copies per worker: as even as possible, the first ``n_envs % workers`` workers one more."""
-    if not 1 <= workers <= n_envs:
-        raise ValueError(f"workers must be between 1 and n_envs={n_envs}, got {workers}")
-    return [n_envs // workers + (1 if w < n_envs % workers else 0) for w in range(workers)]
-
-
 class DistributedSampler:
     """Common part of the worker samplers: the specs of the workers, the merge, the statistics.
 
@@ -83,7 +77,7 @@ class DistributedSampler:
         self.obs_norm, self.rew_scale = obs_normalizer, reward_scaler
         self.n_envs = e.n_envs
         self.n_workers = config.distributed.workers
-        self.sizes = split(self.n_envs, self.n_workers)
+        self.sizes = split_copies(self.n_envs, self.n_workers, "workers")
         self.offsets = np.cumsum([0, *self.sizes[:-1]]).tolist()
         self._spec_args = dict(env_id=env_id, hidden=tuple(p.hidden), activation=p.activation,
                                log_std_init=float(p.log_std_init), obs_clip=e.obs_clip,
