@@ -316,8 +316,12 @@ class ObsNormalizer:
         if not self.enabled:
             return np.asarray(obs, np.float32)
         if update and not self.frozen:
-            self.rms.update(obs)
+            self.observe(obs)
         return self.normalize(obs)
+
+    def observe(self, obs: np.ndarray) -> None:
+        """Update the statistics with observations [n, D]."""
+        self.rms.update(obs)
 
     def normalize(self, obs: np.ndarray) -> np.ndarray:
         if not self.enabled:
@@ -341,12 +345,16 @@ class RewardScaler:
         if not self.enabled:
             return rew
         self.ret = self.ret * self.gamma + rew
-        if valid is None:
-            self.rms.update(self.ret)
-        elif valid.any():
-            self.rms.update(self.ret[valid])
+        self.observe(self.ret, valid)
         self.ret[done] = 0.0
         return (rew / np.sqrt(self.rms.var + 1e-8)).clip(-self.clip, self.clip)
+
+    def observe(self, ret: np.ndarray, valid: np.ndarray | None) -> None:
+        """Update the statistics with the discounted returns of the valid copies."""
+        if valid is None:
+            self.rms.update(ret)
+        elif valid.any():
+            self.rms.update(ret[valid])
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -66,13 +66,10 @@ class RecordingObsNormalizer(ObsNormalizer):
 
     def __init__(self, shape: tuple[int, ...], clip: float, enabled: bool = True, passthrough: int = 0):
         super().__init__(shape, clip, enabled, passthrough)
-        self.frozen = True
         self.seen: list[np.ndarray] = []
 
-    def __call__(self, obs: np.ndarray, update: bool = True) -> np.ndarray:
-        if self.enabled and update:
-            self.seen.append(np.array(obs, np.float64))
-        return self.normalize(obs)
+    def observe(self, obs: np.ndarray) -> None:
+        self.seen.append(np.array(obs, np.float64))
 
 
 class RecordingRewardScaler(RewardScaler):
@@ -84,14 +81,9 @@ class RecordingRewardScaler(RewardScaler):
         super().__init__(n_envs, gamma, clip, enabled)
         self.seen: list[tuple[np.ndarray, np.ndarray]] = []
 
-    def __call__(self, rew: np.ndarray, done: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
-        if not self.enabled:
-            return rew
-        self.ret = self.ret * self.gamma + rew
-        ok = np.ones(len(self.ret), bool) if valid is None else np.asarray(valid, bool).copy()
-        self.seen.append((self.ret.copy(), ok))
-        self.ret[done] = 0.0
-        return (rew / np.sqrt(self.rms.var + 1e-8)).clip(-self.clip, self.clip)
+    def observe(self, ret: np.ndarray, valid: np.ndarray | None) -> None:
+        ok = np.ones(len(ret), bool) if valid is None else np.asarray(valid, bool).copy()
+        self.seen.append((ret.copy(), ok))
 
 
 class _StepTagged(list):
