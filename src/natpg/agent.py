@@ -27,6 +27,7 @@ from .envs import ObsNormalizer, RewardScaler, check_env_id, check_spaces, make_
 from .errors import first_line
 from .fisher.dense import check_dense_size
 from .logger import Logger
+from .params import num_params
 from .policies import env_action, input_layout, make_policy
 from .rollout import NonFiniteEnvError, Sampler
 from .train import CriticFit, TrainingFault, fault_of, iteration, restore_parameters
@@ -152,7 +153,7 @@ class Agent:
         self.critic = make_critic(config, features + mask_dim, image).to(self.device)
         if config.curvature.fisher == "dense":  # refuse a P×P matrix that cannot fit now, not after a rollout
             actor = list(self.policy.actor_parameters())
-            check_dense_size(sum(p.numel() for p in actor), actor[0].dtype)
+            check_dense_size(num_params(actor), actor[0].dtype)
         # Images are scaled by 1/255 inside the CNN instead of normalised by running statistics.
         self.obs_normalizer = ObsNormalizer((features + mask_dim,), config.env.obs_clip,
                                             config.env.normalize_obs and image is None, passthrough=mask_dim)

@@ -35,13 +35,15 @@ class Curvature(Protocol):
     def mv(self, v: torch.Tensor) -> torch.Tensor: ...
 
 
-def fixed_subsample(obs: torch.Tensor, fraction: float, generator: torch.Generator | None) -> torch.Tensor:
-    """A random subset of ``fraction`` of the rows, drawn once and kept for the whole update."""
+def fixed_subsample(fraction: float, generator: torch.Generator | None, *rows: torch.Tensor
+                    ) -> tuple[torch.Tensor, ...]:
+    """The same random ``fraction`` of the rows of each tensor (observations, actions), drawn once and kept for
+    the whole update; the tensors themselves when the fraction is 1."""
     if fraction >= 1.0:
-        return obs
-    n = max(1, int(round(fraction * obs.shape[0])))
-    idx = torch.randperm(obs.shape[0], generator=generator)[:n].to(obs.device)
-    return obs[idx]
+        return rows
+    n = max(1, int(round(fraction * rows[0].shape[0])))
+    idx = torch.randperm(rows[0].shape[0], generator=generator)[:n].to(rows[0].device)
+    return tuple(t[idx] for t in rows)
 
 
 def psd_solve(A: torch.Tensor, b: torch.Tensor, cholesky: bool) -> torch.Tensor:
@@ -97,7 +99,7 @@ class CG:
         self.stats: dict[str, float] = {}
 
     def fit(self, policy: nn.Module, obs: torch.Tensor, act: torch.Tensor | None = None) -> None:
-        solver_obs = fixed_subsample(obs, self.subsample, self.generator)
+        solver_obs, = fixed_subsample(self.subsample, self.generator, obs)
         self._fvp = fisher_vector_product(policy, solver_obs, self.damping)
         self._step_fvp = step_length_products(policy, obs, solver_obs, self.step_length, self.damping) or self._fvp
         if self.preconditioner is not None:
@@ -150,7 +152,7 @@ class Dense:
         self.stats: dict[str, float] = {}
 
     def fit(self, policy: nn.Module, obs: torch.Tensor, act: torch.Tensor | None = None) -> None:
-        solver_obs = fixed_subsample(obs, self.subsample, self.generator)
+        solver_obs, = fixed_subsample(self.subsample, self.generator, obs)
         F = dense_fisher(policy, solver_obs)
         self.matrix = F + self.damping * torch.eye(F.shape[0], dtype=F.dtype, device=F.device)
         self._step_fvp = step_length_products(policy, obs, solver_obs, self.step_length, self.damping)

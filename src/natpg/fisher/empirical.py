@@ -6,7 +6,9 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
+from ..params import num_params
 from .cg import conjugate_gradient
+from .curvature import fixed_subsample
 from .dense import DEFAULT_MAX_BYTES
 from .fvp import functional_policy
 
@@ -61,12 +63,8 @@ class Empirical:
     def fit(self, policy: nn.Module, obs: torch.Tensor, act: torch.Tensor | None = None) -> None:
         if act is None:
             raise ValueError("the empirical Fisher needs the taken actions: fit(policy, obs, act)")
-        if self.subsample < 1.0:  # the same rows of obs and act, drawn once for the whole update
-            n = max(1, int(round(self.subsample * obs.shape[0])))
-            idx = torch.randperm(obs.shape[0], generator=self.generator)[:n].to(obs.device)
-            obs, act = obs[idx], act[idx]
-        N = obs.shape[0]
-        P = sum(p.numel() for p in policy.actor_parameters())
+        obs, act = fixed_subsample(self.subsample, self.generator, obs, act)
+        N, P = obs.shape[0], num_params(list(policy.actor_parameters()))
         nbytes = N * P * obs.element_size()
         if nbytes > self.max_bytes:
             raise ValueError(f"the empirical Fisher's {N}x{P} score matrix needs {nbytes / 2**30:.2f} GiB, more than "
