@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kfac import Estimator, ESTIMATORS, capture, find_layers, make_cotangents, rest_block
+from .kfac import Estimator, capture, checked_estimator, find_layers, make_cotangents, rest_block
 
 
 class Diagonal:
@@ -31,9 +31,7 @@ class Diagonal:
 
     def __init__(self, damping: float = 0.01, estimator: Estimator = "exact",
                  generator: torch.Generator | None = None, chunk: int = 1024):
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {estimator!r}; valid: {list(ESTIMATORS)}")
-        self.damping, self.estimator, self.generator, self.chunk = damping, estimator, generator, chunk
+        self.damping, self.estimator, self.generator, self.chunk = damping, checked_estimator(estimator), generator, chunk
         self.diag: torch.Tensor | None = None  # [P], undamped diagonal of F in actor_parameters() order
         self.stats: dict[str, float] = {}
 

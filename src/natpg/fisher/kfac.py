@@ -230,11 +230,15 @@ def score_wrt_eta(head, eta: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def make_cotangents(estimator: str, policy: nn.Module, act: torch.Tensor | None,
-                    generator: torch.Generator | None) -> Callable[[torch.Tensor], torch.Tensor]:
+def checked_estimator(estimator: str) -> str:
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; valid: {list(ESTIMATORS)}")
-    if estimator == "empirical" and act is None:
+    return estimator
+
+
+def make_cotangents(estimator: str, policy: nn.Module, act: torch.Tensor | None,
+                    generator: torch.Generator | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    if checked_estimator(estimator) == "empirical" and act is None:
         raise ValueError("estimator='empirical' needs the taken actions: fit(policy, obs, act)")
     if estimator == "exact":
         return lambda eta: output_fisher_sqrt(policy.head, eta)
@@ -388,10 +392,8 @@ class KFAC:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be ≥ 1, got {refresh_every}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {estimator!r}; valid: {list(ESTIMATORS)}")
         self.damping, self.ema_decay, self.refresh_every = damping, ema_decay, refresh_every
-        self.estimator, self.generator = estimator, generator
+        self.estimator, self.generator = checked_estimator(estimator), generator
         self.structure: Structure | None = None
         self.factors: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (A [cols, cols], G [out, out]), float64
         self.rest_fisher: torch.Tensor | None = None  # [R, R] float64
