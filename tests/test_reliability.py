@@ -1208,7 +1208,7 @@ def test_a_full_disk_is_one_error_line_from_the_cli(tmp_path, monkeypatch, capsy
     def full(path, write):
         raise OSError(errno.ENOSPC, "No space left on device", path)
 
-    monkeypatch.setattr(checkpoint, "_atomic_write", full)
+    monkeypatch.setattr(checkpoint, "atomic_write", full)
     capsys.readouterr()
     assert cli(["train", "npg", "CartPole-v1", "--steps", "64", "--out", str(tmp_path / "r"), "--no-progress",
                 "--set", "n_envs=2", "--set", "n_steps=32"]) == 2

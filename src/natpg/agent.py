@@ -186,7 +186,7 @@ class Agent:
         ``out_dir`` receives progress.csv, TensorBoard events and checkpoints. A directory that already holds
         this run (an earlier ``learn`` of this agent, or the checkpoint it was loaded from) is continued: its
         progress.csv is appended to after dropping rows newer than the agent. One that holds another run is an
-        error unless ``overwrite=True``, which deletes natpg's outputs there (``RUN_OUTPUTS``) first.
+        error unless ``overwrite=True``, which deletes natpg's outputs there (``checkpoint.RUN_OUTPUTS``) first.
         ``reset=True`` (the default) starts from freshly reset environments, copy i seeded ``seed + updates + i``
         (``updates`` done so far), so that each call steps other episodes. ``reset=False`` keeps stepping the
         environments where the previous ``learn`` left them — or, for an
@@ -372,7 +372,7 @@ class Agent:
         if self.best_eval_return is None or mean > self.best_eval_return:
             self.best_eval_return = mean
             if out_dir:
-                self.save(os.path.join(out_dir, "best"))
+                self.save(os.path.join(out_dir, checkpoint.BEST_DIR))
         return {"eval/return_mean": mean, "eval/return_std": std}
 
     def _make_sampler(self, seed: int):
@@ -531,8 +531,8 @@ class Agent:
                               if self.sampling_generator is not self.generator else {})},
                    "actor_update": {name: obj.state_dict() for name, obj in self._stateful_update_parts().items()}}
         file = checkpoint.write(path, meta, tensors)
-        if not str(path).endswith(".pt"):
-            checkpoint.write_json(os.path.join(path, "config.json"), _config_json(meta))
+        if not checkpoint.is_file_path(path):
+            checkpoint.write_json(os.path.join(path, checkpoint.CONFIG_JSON), _config_json(meta))
         return file
 
     def _sampler_state(self) -> dict[str, Any] | None:
@@ -711,8 +711,8 @@ def _config_json(meta: dict[str, Any]) -> dict[str, Any]:
 def _warn_edited_config_json(path: str, meta: dict[str, Any]) -> None:
     """config.json records a run's settings for people; the checkpoint's are the ones read. Say so when they
     differ (someone edited config.json expecting it to change the run)."""
-    file = os.path.join(path, "config.json")
-    if path.endswith(".pt") or not os.path.isfile(file):
+    file = os.path.join(path, checkpoint.CONFIG_JSON)
+    if checkpoint.is_file_path(path) or not os.path.isfile(file):
         return
     try:
         recorded = json.loads(json.dumps(_config_json(meta)))
@@ -738,15 +738,12 @@ def _warn_edited_config_json(path: str, meta: dict[str, Any]) -> None:
                       stacklevel=3)
 
 
-RUN_OUTPUTS = ("model.pt", "config.json", "progress.csv", "episodes.csv", "events.log", "tb", "best")  # a run's
-
-
 def check_out_dir(out_dir: Any) -> str:
     """``out_dir`` as a path, or a ValueError when it cannot be a run directory."""
     if not isinstance(out_dir, (str, os.PathLike)):
         raise ValueError(f"out_dir must be a directory path, got {out_dir!r}")
     out_dir = os.fspath(out_dir)
-    if out_dir.endswith(".pt"):
+    if checkpoint.is_file_path(out_dir):
         raise ValueError(f"out_dir {out_dir!r} must be a directory (a path ending in .pt names one checkpoint "
                          f"file, as agent.save writes)")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -763,9 +760,10 @@ def claim_run_dir(agent: Agent, out_dir: Any, overwrite: bool = False) -> bool:
     """Check ``out_dir`` before anything is written there. True: it holds an earlier state of ``agent``'s own
     run (same algorithm, environment, seed and config, at most as many env steps), whose log is continued.
     False: it is new, or holds none of natpg's outputs, or held another run and ``overwrite`` deleted those
-    outputs (``RUN_OUTPUTS``, nothing else). Another run without ``overwrite`` is a ValueError: never lost data."""
+    outputs (``checkpoint.RUN_OUTPUTS``, nothing else). Another run without ``overwrite`` is a ValueError: never
+    lost data."""
     out_dir = check_out_dir(out_dir)
-    held = [name for name in RUN_OUTPUTS if os.path.lexists(os.path.join(out_dir, name))]
+    held = [name for name in checkpoint.RUN_OUTPUTS if os.path.lexists(os.path.join(out_dir, name))]
     if not held:
         return False
     try:
@@ -793,10 +791,10 @@ def claim_run_dir(agent: Agent, out_dir: Any, overwrite: bool = False) -> bool:
 
 
 def copy_run(src: str, dst: str) -> None:
-    """Copy natpg's outputs (``RUN_OUTPUTS``) of the run in ``src`` into ``dst``, which holds none: a run
+    """Copy natpg's outputs (``checkpoint.RUN_OUTPUTS``) of the run in ``src`` into ``dst``, which holds none: a run
     continued in another directory (``natpg train --resume SRC --out DST``) keeps its whole log there, and the
     best policy its best return refers to; ``src`` is left as it was."""
-    for name in RUN_OUTPUTS:
+    for name in checkpoint.RUN_OUTPUTS:
         path = os.path.join(src, name)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.copytree(path, os.path.join(dst, name))
@@ -829,7 +827,7 @@ def _other_settings(agent: Agent, meta: dict[str, Any]) -> str:
 def _progress_rows(out_dir: str) -> int:
     """Rows of ``out_dir``'s progress.csv (0 when it is missing or holds only its header)."""
     try:
-        with open(os.path.join(out_dir, "progress.csv")) as f:
+        with open(os.path.join(out_dir, checkpoint.PROGRESS_CSV)) as f:
             return max(sum(1 for line in f if line.strip()) - 1, 0)
     except OSError:
         return 0

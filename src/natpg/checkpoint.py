@@ -35,6 +35,15 @@ FORMAT = "natpg-checkpoint"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1: no digest
 FILENAME = "model.pt"
+# The other files natpg writes in a run directory, and the ones --overwrite may delete (RUN_OUTPUTS).
+CONFIG_JSON, PROGRESS_CSV, EPISODES_CSV, EVENTS_LOG = "config.json", "progress.csv", "episodes.csv", "events.log"
+TENSORBOARD_DIR, BEST_DIR = "tb", "best"
+RUN_OUTPUTS = (FILENAME, CONFIG_JSON, PROGRESS_CSV, EPISODES_CSV, EVENTS_LOG, TENSORBOARD_DIR, BEST_DIR)
+
+
+def is_file_path(path: str | os.PathLike) -> bool:
+    """A path ending in '.pt' names one checkpoint file; any other path, a run directory."""
+    return os.fspath(path).endswith(".pt")
 
 
 def checkpoint_file(path: str) -> str:
@@ -42,7 +51,7 @@ def checkpoint_file(path: str) -> str:
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise ValueError(f"a checkpoint path must be a directory or a .pt file name, got {path!r}")
     path = os.fspath(path)
-    return path if path.endswith(".pt") else os.path.join(path, FILENAME)
+    return path if is_file_path(path) else os.path.join(path, FILENAME)
 
 
 def digest(meta_json: str, tensors: dict[str, Any]) -> str:
@@ -107,7 +116,7 @@ def _open_mode(file: str) -> int:
         return 0o666 & ~_umask()
 
 
-def _atomic_write(file: str, write) -> None:
+def atomic_write(file: str, write) -> None:
     directory = os.path.dirname(os.path.abspath(file))
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ValueError(f"cannot write {file!r}: {directory!r} exists and is not a directory")
@@ -140,7 +149,7 @@ def write(path: str, meta: dict[str, Any], tensors: dict[str, Any]) -> str:
     meta_json = json.dumps(meta)
     payload = {"format": FORMAT, "version": VERSION, "meta": meta_json, "sha256": digest(meta_json, tensors),
                **tensors}
-    _atomic_write(file, lambda f: torch.save(payload, f))
+    atomic_write(file, lambda f: torch.save(payload, f))
     return file
 
 
@@ -154,7 +163,7 @@ def write_json(file: str, obj: Any) -> None:
                 return
     except OSError:
         pass
-    _atomic_write(file, lambda f: f.write(data))
+    atomic_write(file, lambda f: f.write(data))
 
 
 def read(path: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from .checkpoint import EPISODES_CSV, EVENTS_LOG, PROGRESS_CSV, TENSORBOARD_DIR, atomic_write
+
 
 EPISODE_COLUMNS = ["env_steps", "return", "length"]
 
@@ -38,13 +40,13 @@ class Logger:
         self._bar = None
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
-            path = os.path.join(out_dir, "progress.csv")
+            path = os.path.join(out_dir, PROGRESS_CSV)
             if resume and os.path.exists(path):
                 self._columns = _truncate_log(path, resume_step)
                 self._csv_file = open(path, "a", newline="")
             else:
                 self._csv_file = open(path, "w", newline="")
-            path = os.path.join(out_dir, "episodes.csv")
+            path = os.path.join(out_dir, EPISODES_CSV)
             self._episode_columns = EPISODE_COLUMNS + list(info_keys)
             self._info_index = {key: j for j, key in enumerate(info_keys)}
             header = _truncate_log(path, resume_step) if resume and os.path.exists(path) else None
@@ -62,7 +64,7 @@ class Logger:
                 except ImportError:  # tensorboard is a dependency, but a stripped install should still train
                     SummaryWriter = None
                 if SummaryWriter is not None:
-                    self._writer = SummaryWriter(os.path.join(out_dir, "tb"))
+                    self._writer = SummaryWriter(os.path.join(out_dir, TENSORBOARD_DIR))
         if progress_bar:
             from tqdm.auto import tqdm
 
@@ -81,7 +83,7 @@ class Logger:
             csv.writer(self._csv_file).writerow([_fmt(numeric.get(c, float("nan"))) for c in self._columns])
             self._csv_file.flush()
             if text:
-                with open(os.path.join(self.out_dir, "events.log"), "a") as f:
+                with open(os.path.join(self.out_dir, EVENTS_LOG), "a") as f:
                     f.write(f"env_steps={step} {text}\n")
         if self._writer is not None:
             for k, v in numeric.items():
@@ -141,8 +143,6 @@ def _number(v: Any) -> float | None:
 
 def _append_columns(path: str, new: list[str]) -> None:
     """Rewrite the CSV log at ``path`` (atomically) with ``new`` columns after the others, NaN in its rows."""
-    from .checkpoint import _atomic_write
-
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     rows = [rows[0] + new] + [row + ["nan"] * len(new) for row in rows[1:]]
@@ -152,7 +152,7 @@ def _append_columns(path: str, new: list[str]) -> None:
         csv.writer(text).writerows(rows)
         f.write(text.getvalue().encode())
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _fmt(v: float) -> str:
@@ -191,7 +191,5 @@ def _truncate_log(path: str, resume_step: int | None) -> list[str] | None:
             lines = kept
     new = "".join(lines)
     if new != text:
-        from .checkpoint import _atomic_write
-
-        _atomic_write(path, lambda f: f.write(new.encode()))
+        atomic_write(path, lambda f: f.write(new.encode()))
     return header

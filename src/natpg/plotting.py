@@ -9,9 +9,11 @@ import os
 
 import numpy as np
 
+from .checkpoint import CONFIG_JSON, PROGRESS_CSV
+
 
 def read_progress(run_dir: str) -> dict[str, list[float]]:
-    path = run_dir if run_dir.endswith(".csv") else os.path.join(run_dir, "progress.csv")
+    path = run_dir if run_dir.endswith(".csv") else os.path.join(run_dir, PROGRESS_CSV)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no progress.csv in {run_dir!r}")
     with open(path, newline="") as f:
@@ -33,7 +35,7 @@ def run_settings(run_dir: str) -> dict[str, str] | None:
     and env_id included), or None when the run has none (a bare progress.csv). The seed and the ``run`` section
     (logging, checkpoints, evaluation, device, threads) and the Ray sampler's address and timeouts are left out:
     they do not change what is learned."""
-    path = os.path.join(os.path.dirname(run_dir) if run_dir.endswith(".csv") else run_dir, "config.json")
+    path = os.path.join(os.path.dirname(run_dir) if run_dir.endswith(".csv") else run_dir, CONFIG_JSON)
     if not os.path.exists(path):
         return None
     with open(path) as f:
