@@ -186,7 +186,7 @@ API_CASES = [
     ("MultiDiscrete(start=1) actions", lambda a: natpg.NPG("natpgtest/ShiftedMultiDiscrete-v0"), ValueError,
      r"MultiDiscrete actions must start at 0"),
     ("action mask on Box actions", lambda a: natpg.NPG("Pendulum-v1", action_mask="action_mask"), ValueError,
-     r"action_mask is for Discrete action spaces"),
+     r"action masking \(action_mask\) is for Discrete action spaces, 'Pendulum-v1' has Box"),
     ("action mask key missing from info", lambda a: natpg.NPG("CartPole-v1", action_mask="nokey", **small()).learn(BATCH),
      ValueError, r"action_mask='nokey': the environment's info has no such key"),
     ("tanh squash with unbounded actions", lambda a: natpg.NPG("natpgtest/UnboundedBox-v0", action_squash="tanh"),

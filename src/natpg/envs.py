@@ -105,8 +105,7 @@ def input_wrappers(action_mask=None) -> list:
         return e if isinstance(e.observation_space, gym.spaces.Box) else FlattenObservation(e)
 
     def mask(e: gym.Env) -> gym.Env:
-        if not isinstance(e.action_space, gym.spaces.Discrete):
-            raise ValueError(f"action masking is for Discrete actions, got {e.action_space}")
+        check_maskable(e.action_space)
         if len(e.observation_space.shape) > 1:
             e = FlattenObservation(e)
         return ActionMaskObservation(e, action_mask, int(e.action_space.n))
@@ -198,8 +197,7 @@ def unregistered_in_worker_hint(env_id: str, error: str) -> str:
 
 def env_family(env_id: str) -> str:
     """'mujoco' for MuJoCo locomotion tasks, 'atari' for ALE games, else 'classic' (used to pick presets)."""
-    entry = str(check_env_id(env_id).entry_point)
-    return "mujoco" if "mujoco" in entry else "atari" if "ale_py" in entry else "classic"
+    return "mujoco" if "mujoco" in str(check_env_id(env_id).entry_point) else "atari" if is_atari(env_id) else "classic"
 
 
 def _check_observation_space(space: gym.Space, top: gym.Space) -> None:
@@ -208,6 +206,12 @@ def _check_observation_space(space: gym.Space, top: gym.Space) -> None:
             _check_observation_space(sub, top)
     elif not isinstance(space, OBS_LEAVES):
         raise ValueError(f"unsupported observation space {top} (it holds {space}); supported {SUPPORTED}")
+
+
+def check_maskable(action_space: gym.Space, env_id: str | None = None) -> None:
+    if not isinstance(action_space, gym.spaces.Discrete):
+        has = f"{env_id!r} has" if env_id is not None else "got"
+        raise ValueError(f"action masking (action_mask) is for Discrete action spaces, {has} {action_space}")
 
 
 def check_spaces(observation_space: gym.Space, action_space: gym.Space) -> None:
@@ -238,8 +242,7 @@ def probe_spaces(env_id: str, action_mask=None, env_kwargs: dict[str, Any] | Non
     env.close()
     check_spaces(obs_space, act_space)
     if action_mask is not None:
-        if not isinstance(act_space, gym.spaces.Discrete):
-            raise ValueError(f"action_mask is for Discrete action spaces, {env_id!r} has {act_space}")
+        check_maskable(act_space, env_id)
         if not callable(action_mask):  # the info key must be there at reset: check before any work
             env = make_env(env_id, action_mask, env_kwargs=env_kwargs)
             try:

@@ -475,8 +475,10 @@ def make_policy(observation_space, action_space, hidden: Sequence[int], activati
                 log_std_init: float, action_squash: str = "clip", masked: bool = False) -> nn.Module:
     """The policy for any supported pair of spaces (``natpg.envs.SUPPORTED``); observations as ``input_layout``."""
     obs_dim, _, image = input_layout(observation_space, action_space, masked)
-    if masked and not isinstance(action_space, gym.spaces.Discrete):
-        raise ValueError(f"action masking is for Discrete action spaces, got {action_space}")
+    if masked:
+        from .envs import check_maskable
+
+        check_maskable(action_space)
     if isinstance(action_space, gym.spaces.Box):
         squash = action_squash == "tanh"
         if squash and not (np.isfinite(action_space.low).all() and np.isfinite(action_space.high).all()):
