@@ -24,7 +24,7 @@ from typing import Literal, Union
 
 import numpy as np
 
-from .mdp import MDP, policy_transition, q_values, values
+from .mdp import MDP, policy_transition, q_values, state_distribution, values
 
 __all__ = [
     "softmax_policy",
@@ -173,9 +173,7 @@ def soft_policy_gradient(mdp: MDP, theta: np.ndarray, tau: float) -> np.ndarray:
     logp = log_softmax_policy(theta)
     pi = np.exp(logp)
     V, Q = soft_values(mdp, theta, tau)
-    d = (1.0 - mdp.gamma) * np.linalg.solve(
-        (np.eye(mdp.n_states) - mdp.gamma * policy_transition(mdp, pi)).T, mdp.rho
-    )
+    d = state_distribution(mdp, pi)
     return d[:, None] * pi * (Q - tau * logp - V[:, None]) / (1.0 - mdp.gamma)
 
 
