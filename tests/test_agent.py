@@ -636,7 +636,20 @@ REFUSED_CASES = {"fvp_subsample": ("npg", {"fvp_subsample": 0.5}, {"fisher": "kf
                  "target_kl": ("ppo", {"target_kl": 0.03}, {"step": "kl"}),
                  "ent_coef": ("npg", {"ent_coef": 0.01}, {"algorithm": "nac"}),
                  "value_clip": ("ppo", {"value_clip": 0.2}, {"critic_optimizer": "kfac"}),
-                 "action_squash": ("npg", {"action_squash": "tanh"}, {"env": "CartPole-v1"})}
+                 "action_squash": ("npg", {"action_squash": "tanh"}, {"env": "CartPole-v1"}),
+                 "fisher_estimator": ("acktr", {"fisher_estimator": "empirical"}, {"fisher": "cg"})}
+
+
+@pytest.mark.parametrize("fisher, estimator, expected", [("kfac", None, "sampled"), ("kfac", "empirical", "empirical"),
+                                                         ("kfac", "exact", "exact"), ("diagonal", None, "exact"),
+                                                         ("diagonal", "sampled", "sampled"),
+                                                         ("diagonal", "empirical", "empirical")])
+def test_fisher_estimator_reaches_kfac_and_the_diagonal(fisher, estimator, expected):
+    agent = natpg.NPG("CartPole-v1", fisher=fisher, fisher_estimator=estimator, **small())
+    assert agent.actor_update.curvature.estimator == expected
+    rows = []
+    agent.learn(128, callback=lambda a, row: rows.append(row))
+    assert [row["step/skipped"] for row in rows] == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("key", sorted(REFUSED_CASES))

@@ -1106,7 +1106,7 @@ BAD_VALUE = {
     "critic_max_kl": 0.0, "critic_eta_max": 0.0, "critic_damping": -0.1, "critic_momentum": 1.0,
     "value_clip": -1.0, "fisher": "exact", "damping": -1e-3, "cg_iters": 0, "cg_tol": -1.0, "fvp_subsample": 0.0,
     "fvp_subsample_step_length": "all", "cg_warm_start": "no", "cg_preconditioner": "jacobi",
-    "kfac_ema_decay": 1.0, "kfac_refresh_every": 0, "step": "newton", "alpha": 0.0, "max_kl": 0.0,
+    "kfac_ema_decay": 1.0, "kfac_refresh_every": 0, "fisher_estimator": "taken", "step": "newton", "alpha": 0.0, "max_kl": 0.0,
     "kl_schedule": "cosine", "lr_schedule": "cosine", "backtrack_shrink": 1.0, "backtrack_iters": 0,
     "eta_max": 0.0, "momentum": 1.0, "clip_range": 0.0, "ppo_epochs": 0, "ppo_minibatch": 0, "target_kl": -0.01,
     "max_grad_norm": -1.0, "ent_coef": -0.01, "device": "gpu", "torch_threads": 0, "update_threads": -1,

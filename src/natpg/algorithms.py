@@ -75,11 +75,13 @@ def make_curvature(cfg: Config, generator: torch.Generator | None):
                             step_length=c.fvp_subsample_step_length)
     if c.fisher == "identity":
         return fisher.Identity()
+    estimator = {"estimator": c.fisher_estimator} if c.fisher_estimator is not None else {}
     if c.fisher == "kfac":
         return fisher.KFAC(damping=c.damping, ema_decay=c.kfac_ema_decay, refresh_every=c.kfac_refresh_every,
-                           generator=generator)
-    return {"diagonal": fisher.Diagonal, "empirical": fisher.Empirical}[c.fisher](damping=c.damping,
-                                                                                generator=generator)
+                           generator=generator, **estimator)
+    if c.fisher == "diagonal":
+        return fisher.Diagonal(damping=c.damping, generator=generator, **estimator)
+    return fisher.Empirical(damping=c.damping, generator=generator)
 
 
 def make_step_rule(cfg: Config):

@@ -24,6 +24,7 @@ import numpy as np
 ALGORITHMS = ("npg", "trpo", "acktr", "nac", "ppo", "vpg")
 FISHERS = ("cg", "dense", "kfac", "diagonal", "empirical", "identity")
 CG_PRECONDITIONERS = (None, "kfac", "diagonal")
+FISHER_ESTIMATORS = (None, "sampled", "exact", "empirical")  # fisher_estimator (None: the approximation's own)
 N_WORKERS = 2  # EnvConfig.n_workers' default: lowered to n_envs where there are fewer copies
 STEP_LENGTHS = ("subsample", "batch")  # fvp_subsample_step_length: where the KL step measures dᵀFd
 STEP_RULES = ("fixed", "adam", "kl", "linesearch", "kfac_clip", "ppo_clip")
@@ -155,6 +156,12 @@ class CurvatureConfig:
     kfac_refresh_every: int = 1
     """K-FAC: invert the damped factors every this many updates (the factors still average every update);
     k > 1 saves the O(in³ + out³) inversions, which dominate for wide layers (a CNN's 3137-input layer)."""
+    fisher_estimator: str | None = None
+    """fisher='kfac' and 'diagonal': the actions whose log-likelihood gradients build the approximation —
+    'sampled' (one a ~ π(·|s) per state: the true Fisher, unbiased), 'exact' (actions integrated out through the
+    output distribution's Fisher: the true Fisher's diagonal exactly; for K-FAC, R backward passes, R the
+    output's dimension), or 'empirical' (the taken actions: the empirical Fisher, biased by the advantage-free
+    choice of actions, docs/curvature.md). None: each approximation's own, K-FAC 'sampled', diagonal 'exact'."""
 
 
 @dataclass(frozen=True)
@@ -476,6 +483,7 @@ class Config:
         pos_int("backtrack_iters", s.backtrack_iters)
         pos_num("eta_max", s.eta_max)
         pos_int("kfac_refresh_every", k.kfac_refresh_every)
+        choice("fisher_estimator", k.fisher_estimator, FISHER_ESTIMATORS)
         need(real(k.kfac_ema_decay) and 0 <= k.kfac_ema_decay < 1,
              f"kfac_ema_decay must be in [0, 1), got {k.kfac_ema_decay!r}")
         for name, mu in (("momentum", s.momentum), ("critic_momentum", c.critic_momentum)):
@@ -574,12 +582,12 @@ class Config:
 
 # Changed values of these settings are refused, not warned of, where the run would not read them: each looks
 # like it does something it does not (target_kl is sb3-contrib TRPO's name for the KL budget).
-REFUSED_WHEN_UNREAD = ("fvp_subsample", "cg_preconditioner", "kl_schedule", "lr_schedule", "target_kl", "ent_coef",
+REFUSED_WHEN_UNREAD = ("fvp_subsample", "cg_preconditioner", "fisher_estimator", "kl_schedule", "lr_schedule", "target_kl", "ent_coef",
                        "value_clip", "action_squash")
 UNREAD_HINTS = {"target_kl": ". The KL budget of NPG, TRPO and ACKTR (sb3-contrib TRPO's target_kl) is max_kl",
                 "ent_coef": ". For an entropy bonus with a natural gradient use npg, e.g. with fisher='empirical'"}
 CURVATURE_SETTINGS = ("fisher", "damping", "cg_iters", "cg_tol", "cg_warm_start", "cg_preconditioner", "fvp_subsample",
-                      "fvp_subsample_step_length", "kfac_ema_decay", "kfac_refresh_every")
+                      "fvp_subsample_step_length", "kfac_ema_decay", "kfac_refresh_every", "fisher_estimator")
 READ_BY_STEP = {"max_kl": KL_RULES, "kl_schedule": KL_RULES, "backtrack_shrink": ("linesearch",),
                 "backtrack_iters": ("linesearch",), "eta_max": ("kfac_clip",), "momentum": ("kfac_clip",),
                 "alpha": LR_RULES, "lr_schedule": LR_RULES, "max_grad_norm": ("adam", "ppo_clip"),
@@ -606,6 +614,8 @@ def unread_because(cfg: Config, key: str, action_space_type: str | None = None) 
         return f"subsamples the Fisher-vector products of fisher='cg' or 'dense'; this run's fisher is {fisher!r}"
     if key == "kfac_refresh_every" and fisher != "kfac":
         return f"read by fisher='kfac'; this run's fisher is {fisher!r}"
+    if key == "fisher_estimator" and fisher not in ("kfac", "diagonal"):
+        return f"read by fisher='kfac' and 'diagonal'; this run's fisher is {fisher!r}"
     if key == "kfac_ema_decay" and fisher != "kfac" and cfg.curvature.cg_preconditioner != "kfac":
         return f"read by fisher='kfac' and cg_preconditioner='kfac'; this run's fisher is {fisher!r}"
     if key == "n_workers" and cfg.env.vectorization != "multiproc":

@@ -38,11 +38,12 @@ import torch.nn.functional as Fn
 from torch import nn
 from torch.func import functional_call, jacfwd, vmap
 
+from ..config import FISHER_ESTIMATORS
 from ..params import parameter_names
 from ..policies import CategoricalHead, GaussianMLP
 
 Estimator = Literal["sampled", "exact", "empirical"]
-ESTIMATORS = ("sampled", "exact", "empirical")
+ESTIMATORS = tuple(e for e in FISHER_ESTIMATORS if e is not None)
 
 # A Cholesky factor whose smallest pivot² is below this fraction of its largest is treated as a failure
 # (the matrix is numerically singular): jitter is added, and counted as a fallback.
