@@ -177,13 +177,7 @@ class Sampler:
             term_buf[t], trunc_buf[t] = term, trunc
             finished = done & valid[t]
             if finished.any():
-                for i in np.flatnonzero(finished):
-                    values = episode_info(info, i, self.info_keys)
-                    self.recent_returns.append(float(self.ep_return[i]))
-                    self.recent_lengths.append(int(self.ep_length[i]))
-                    self.recent_infos.append(values)
-                    self.last_episodes.append((float(self.ep_return[i]), int(self.ep_length[i]), values))
-                self.episodes += int(finished.sum())
+                self._record_episodes(finished, info)
             if done.any():
                 self.ep_return[done] = 0.0
                 self.ep_length[done] = 0
@@ -192,6 +186,16 @@ class Sampler:
             self.total_steps += N
             self.steps += 1
         return obs_buf, act_buf, rew_buf, term_buf, trunc_buf, next_buf, valid
+
+    def _record_episodes(self, finished: np.ndarray, info: dict) -> None:
+        """The statistics of the episodes the copies in ``finished`` ended (their return, length, info_keys)."""
+        for i in np.flatnonzero(finished):
+            values = episode_info(info, i, self.info_keys)
+            self.recent_returns.append(float(self.ep_return[i]))
+            self.recent_lengths.append(int(self.ep_length[i]))
+            self.recent_infos.append(values)
+            self.last_episodes.append((float(self.ep_return[i]), int(self.ep_length[i]), values))
+        self.episodes += int(finished.sum())
 
     def _drop(self, bad: np.ndarray, done: np.ndarray, next_ok: np.ndarray, next_obs: np.ndarray) -> np.ndarray:
         """End the bad copies' episodes and reset those the vector env has not already reset cleanly."""
