@@ -633,9 +633,10 @@ def test_deterministic_given_generator(make):
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.learning
-@pytest.mark.parametrize("fisher", [*SOLVERS, "cg+kfac"])
+@pytest.mark.parametrize("fisher", [*SOLVERS, "cg+kfac", "kfac/empirical", "diagonal/empirical"])
 def test_npg_learns_cartpole_with_every_fisher(fisher):
-    """NPG (KL-normalised step, CartPole preset) reaches a mean deterministic return ≥ 475 within 150k steps."""
+    """NPG (KL-normalised step, CartPole preset) reaches a mean deterministic return ≥ 475 within 150k steps;
+    also with K-FAC and the diagonal built from the taken actions (fisher_estimator='empirical')."""
     import natpg
 
     torch.set_default_dtype(torch.float32)  # the agent trains in float32 like any user would
@@ -644,7 +645,9 @@ def test_npg_learns_cartpole_with_every_fisher(fisher):
     # for this test; a [32, 32] actor (P = 1282) runs the same check 13× cheaper.
     small = {"hidden": (32, 32)} if fisher == "dense" else {}
     fisher, _, pre = fisher.partition("+")  # "cg+kfac": CG preconditioned by K-FAC
-    agent = natpg.NPG("CartPole-v1", seed=0, fisher=fisher, cg_preconditioner=pre or None, tensorboard=False, **small)
+    fisher, _, estimator = fisher.partition("/")  # "kfac/empirical": fisher_estimator='empirical'
+    agent = natpg.NPG("CartPole-v1", seed=0, fisher=fisher, cg_preconditioner=pre or None,
+                      fisher_estimator=estimator or None, tensorboard=False, **small)
     agent.learn(total_steps=150_000)
     mean, _ = natpg.evaluate(agent, "CartPole-v1", episodes=10, seed=1000)
     assert mean >= 475, f"fisher={fisher}: mean return {mean} after 150k steps"
