@@ -149,6 +149,28 @@ def test_zero_ridge_gives_the_minimum_norm_least_squares_solution(float64):
     torch.testing.assert_close(w, torch.linalg.pinv(Psi) @ batch.adv, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("dual", [True, False])
+def test_zero_ridge_on_float32_scores_drops_what_float32_cannot_resolve(dual):
+    """A float32 Ψ of rank r < N: its Gram, formed in float32, has N − r eigenvalues of rounding noise (≈ 1e-7 of
+    the largest, either sign). The minimum-norm solution leaves them out, as the float64 pseudo-inverse of Ψ does
+    with a cutoff above float32's rounding; inverting them (a cutoff at float64's) gave weights 9× (dual) and 56×
+    (primal) too long here, and NAC with damping 0 non-finite steps."""
+    gen = torch.Generator().manual_seed(0)
+    N, P, r = 64, 200, 20
+    psi = torch.randn(N, r, generator=gen) @ torch.randn(r, P, generator=gen)  # float32, rank r
+    adv = torch.randn(N, generator=gen)
+    w = compatible_least_squares(psi, adv, 0.0, dual=dual)
+    reference = torch.linalg.pinv(psi.double(), rtol=1e-4) @ adv.double()
+    torch.testing.assert_close(w.double(), reference, rtol=1e-3, atol=1e-3 * float(reference.abs().max()))
+
+
+def test_nac_with_zero_damping_trains_without_faults():
+    rows = []
+    natpg.NAC("CartPole-v1", seed=0, damping=0.0, n_envs=4, n_steps=256, tensorboard=False).learn(
+        5 * 1024, callback=lambda agent, row: rows.append(row))
+    assert [row["step/skipped"] for row in rows] == [0.0] * 5 and all(row["nac/critic_r2"] > -1 for row in rows)
+
+
 @pytest.mark.parametrize("kind", ["gauss", "cat"])
 def test_nac_direction_is_the_empirical_fisher_natural_gradient(float64, kind):
     """w = (ΨᵀΨ + λN I)⁻¹ΨᵀÂ = (F_emp + λI)⁻¹g, with g = ΨᵀÂ/N the surrogate's gradient at θ_old; the update

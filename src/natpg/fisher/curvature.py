@@ -46,7 +46,8 @@ def fixed_subsample(fraction: float, generator: torch.Generator | None, *rows: t
     return tuple(t[idx] for t in rows)
 
 
-def psd_solve(A: torch.Tensor, b: torch.Tensor, cholesky: bool) -> torch.Tensor:
+def psd_solve(A: torch.Tensor, b: torch.Tensor, cholesky: bool, formed_in: torch.dtype | None = None
+              ) -> torch.Tensor:
     """A⁻¹b for a symmetric PSD A [n, n], b [n]: by Cholesky where ``cholesky`` (A damped, so safely positive
     definite) and it succeeds; otherwise the pseudo-inverse (the minimum-norm solution), so that the result stays
     in the range of A — a Cholesky of a numerically singular matrix "succeeds" and returns huge components along
@@ -56,7 +57,9 @@ def psd_solve(A: torch.Tensor, b: torch.Tensor, cholesky: bool) -> torch.Tensor:
         if int(info) == 0:
             return torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
     evals, evecs = torch.linalg.eigh(A)
-    cutoff = evals.abs().max() * evals.shape[0] * torch.finfo(evals.dtype).eps
+    # Eigenvalues below the rounding of the precision A was computed in (``formed_in``, e.g. a float32 product
+    # factorised in float64) are noise: inverting them is what the pseudo-inverse is there to avoid.
+    cutoff = evals.abs().max() * evals.shape[0] * torch.finfo(formed_in or evals.dtype).eps
     inv = torch.where(evals > cutoff, 1.0 / evals, torch.zeros_like(evals))
     return evecs @ (inv * (evecs.T @ b))
 
