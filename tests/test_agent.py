@@ -711,7 +711,8 @@ def test_cli_default_run_directory_is_one_directory_and_plot_names_the_file_it_w
     assert capsys.readouterr().out.strip() == "wrote curve.png" and (tmp_path / "curve.png").exists()
 
 
-def test_cli_resume_without_steps_trains_to_the_runs_own_target(tmp_path, capsys):
+def test_cli_resume_without_steps_trains_to_the_runs_own_target(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("natpg.cli.DEFAULT_STEPS", 128)  # a resume that fell back on the default would stop at once
     out = str(tmp_path / "run")
     agent = natpg.NPG("CartPole-v1", seed=0, **small())
     agent.learn(256, out_dir=out, callback=lambda a, row: a.updates < 2)  # stopped after 2 of its 4 updates
