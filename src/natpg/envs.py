@@ -156,7 +156,12 @@ def check_env_id(env_id: str) -> gym.envs.registration.EnvSpec:
     registers on import exists in every process that builds one, rollout worker processes included."""
     if not isinstance(env_id, str) or not env_id:
         hint = ""
-        if isinstance(env_id, gym.Env) or callable(env_id):  # SB3 takes an env instance or a class
+        spec = getattr(env_id, "spec", None)
+        if isinstance(env_id, (gym.Env, gym.vector.VectorEnv)) and spec is not None:  # gym.make(id) or make_vec
+            hint = (f"; natpg makes every copy itself (in worker processes too) from a registered id: pass "
+                    f"{spec.id!r} (constructor arguments: env_kwargs={{...}}; wrappers: register a factory that "
+                    f"applies them, README)")
+        elif isinstance(env_id, (gym.Env, gym.vector.VectorEnv)) or callable(env_id):  # SB3 takes these too
             hint = ("; natpg makes every copy itself (in worker processes too) from a registered id: at module "
                     "level, gymnasium.register('MyEnv-v0', entry_point=MyEnv), then natpg.NPG('MyEnv-v0') "
                     "(constructor arguments: env_kwargs={...})")
