@@ -170,24 +170,55 @@ def test_merge_orders_copies_and_episodes_and_updates_statistics_per_step():
         r = Rollout(obs=torch.full((T, n, 2), float(w)), act=torch.zeros(T, n, 1), rew=torch.zeros(T, n),
                     terminated=torch.zeros(T, n, dtype=torch.bool), truncated=torch.zeros(T, n, dtype=torch.bool),
                     next_obs=torch.zeros(T, n, 2))
-        return WorkerResult(w, r, rng.normal(size=(T, n, 2)), rng.normal(size=(T, n)), np.ones((T, n), bool),
-                            episodes, 0)
+        valid = np.ones((T, n), bool)
+        valid[w + 1, 0] = False  # a copy dropped for a non-finite value: its return stays out of the statistics
+        return WorkerResult(w, r, rng.normal(size=(T, n, 2)), rng.normal(size=(T, n)), valid, episodes, w + 1)
 
     results = [result(1, 2, [(1, 10.0, 5, (0.5,)), (2, 11.0, 6, (0.6,))]),
                result(0, 3, [(3, 20.0, 7, (0.7,)), (1, 21.0, 8, (0.8,))])]
     rollout = sampler._merge(results, T)
+    assert sampler.dropped == 3
     assert rollout.obs[0, :, 0].tolist() == [0, 0, 0, 1, 1]  # worker 0's copies first
     # finished episodes in the order one sampler would record them: by step, then by copy
     assert list(sampler.recent_returns) == [21.0, 10.0, 11.0, 20.0]
     assert list(sampler.recent_lengths) == [8, 5, 6, 7] and sampler.episodes == 4
     assert list(sampler.recent_infos) == [(0.8,), (0.5,), (0.6,), (0.7,)]
     assert sampler.last_episodes == [(21.0, 8, (0.8,)), (10.0, 5, (0.5,)), (11.0, 6, (0.6,)), (20.0, 7, (0.7,))]
-    ref_obs, ref_ret = RunningMeanStd((2,)), RunningMeanStd(())
+    ref_obs, ref_ret = RunningMeanStd((2,)), RewardScaler(5, 0.99, 10.0, enabled=True)  # the local sampler's
     for t in range(T):
         ref_obs.update(np.concatenate([results[1].raw_obs[t], results[0].raw_obs[t]]))
-        ref_ret.update(np.concatenate([results[1].returns[t], results[0].returns[t]]))
+        ref_ret.observe(np.concatenate([results[1].returns[t], results[0].returns[t]]),
+                        np.concatenate([results[1].returns_valid[t], results[0].returns_valid[t]]))
     assert obs_norm.rms.state_dict() == ref_obs.state_dict()
-    assert rew_scale.rms.state_dict() == ref_ret.state_dict()
+    assert rew_scale.rms.state_dict() == ref_ret.rms.state_dict() and ref_ret.rms.count == 1e-4 + 5 * T - 2
+
+
+def test_a_replaced_worker_seeds_copies_no_other_copy_has_used():
+    """Worker w's r-th replacement seeds its copies seed + offset + r·n_envs + j: never a seed of another copy, nor
+    one its earlier incarnations used (the same seeds would replay the same episodes)."""
+    sampler = DistributedSampler("Pendulum-v1", small_config(), 7, ObsNormalizer((3,), 10.0),
+                                 RewardScaler(5, 0.99, 10.0), "cpu")
+    used, before = set(), [None, None]
+    for restarts in ([0, 0], [1, 0], [1, 2], [2, 2]):
+        sampler.restarts = restarts
+        seeds = {w: {sampler.spec(w).reset_seed + j for j in range(sampler.sizes[w])} for w in range(2)}
+        assert len(seeds[0] | seeds[1]) == 5
+        for w in range(2):
+            if restarts[w] != before[w]:  # a new incarnation
+                assert not used & seeds[w]
+        used |= seeds[0] | seeds[1]
+        before = list(restarts)
+
+
+def test_workers_build_their_policy_for_the_spaces_env_kwargs_give():
+    """FrozenLake's map (an env_kwarg) sets its observation space: 8×8 is 64 one-hot features, not the default 16."""
+    agent = natpg.NPG("FrozenLake-v1", env_kwargs={"map_name": "8x8"}, sampler="workers", workers=2, n_envs=2,
+                      n_steps=16, hidden=(8,), tensorboard=False)
+    try:
+        agent.learn(32)
+    finally:
+        agent.close()
+    assert agent.policy.logits_net[0].in_features == 64 and agent.env_steps == 32
 
 
 @pytest.mark.parametrize("algo", sorted(ALGORITHM_CLASSES))
