@@ -1299,3 +1299,106 @@ def test_a_policy_that_has_become_deterministic_trains_on_without_faults(cls):
     agent.learn(4 * BATCH, callback=lambda a, row: rows.append(row))
     assert [r["step/skipped"] for r in rows] == [0.0] * 4 and agent.consecutive_faults == 0
     assert torch.equal(flat_params(agent.policy), before)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Against the mutation audit's survivors (stop 37): each test fails when its named mistake is put back
+# ------------------------------------------------------------------------------------------------------
+
+class _RecordRewards(gym.Wrapper):
+    def __init__(self, env, log):
+        super().__init__(env)
+        self.log = log
+
+    def step(self, action):
+        result = super().step(action)
+        self.log.append((float(result[1]), bool(result[2] or result[3])))
+        return result
+
+
+def test_the_reward_scalers_discounted_return_restarts_at_every_episode_end():
+    """Pendulum cut by a 5-step time limit ends only by truncation: the discounted return the statistics see
+    restarts there too (a reset at termination alone would run it across episodes)."""
+    from gymnasium.envs.classic_control.pendulum import PendulumEnv
+    from natpg.envs import RunningMeanStd
+    from natpg.vector import SerialVectorEnv
+
+    logs = [[], []]
+    envs = SerialVectorEnv([lambda i=i: _RecordRewards(gym.wrappers.TimeLimit(PendulumEnv(), 5), logs[i])
+                            for i in range(2)])
+    scaler = RewardScaler(2, 0.9, 10.0, enabled=True)
+    sampler = Sampler(envs, ObsNormalizer((3,), 10.0, enabled=False), scaler, 0, torch.device("cpu"),
+                      torch.Generator().manual_seed(0))
+    sampler.collect(GaussianMLP(3, 1, (8,)), 12)
+    reference, ret = RunningMeanStd(()), np.zeros(2)
+    for t in range(12):  # the discounted return of each copy, by a loop over the recorded rewards
+        ret = 0.9 * ret + np.array([logs[0][t][0], logs[1][t][0]])
+        reference.update(ret)
+        ret[[logs[0][t][1], logs[1][t][1]]] = 0.0
+    assert [done for _, done in logs[0]].count(True) == 2
+    np.testing.assert_allclose([scaler.rms.mean, scaler.rms.var], [reference.mean, reference.var], rtol=1e-12)
+    np.testing.assert_allclose(scaler.ret, ret, rtol=1e-12)
+
+
+def test_reward_scaler_and_observation_normaliser_against_their_formulas():
+    scaler = RewardScaler(2, 0.5, 3.0, enabled=True)
+    scaler.rms.mean, scaler.rms.var, scaler.rms.count = 0.0, 0.25, 1e12  # a settled std of 0.5
+    out = scaler(np.array([1.0, 4.0]), np.array([True, False]))
+    assert scaler.ret.tolist() == [0.0, 4.0]  # the finished copy's return restarts
+    np.testing.assert_allclose(out, [1.0 / 0.5, 3.0], rtol=1e-6)  # 4 / 0.5 = 8, clipped to 3
+    norm = ObsNormalizer((4,), 2.0, passthrough=2)
+    norm.rms.mean, norm.rms.var = np.array([1.0, 1.0, 5.0, 5.0]), np.array([4.0, 4.0, 4.0, 4.0])
+    z = norm.normalize(np.array([[3.0, 101.0, 0.0, 1.0]]))
+    np.testing.assert_allclose(z, [[1.0, 2.0, 0.0, 1.0]], rtol=1e-6)  # (3 − 1)/2; 50 clipped to 2; mask as given
+
+
+def test_a_sampler_resumes_its_dropped_count():
+    policy, sampler = _sampler(_nan_vec_env(at=6, what="obs"), "drop")
+    sampler.collect(policy, 12)
+    _, fresh = _sampler(_nan_vec_env(at=6, what="obs"), "drop")
+    fresh.load_state_dict(json.loads(json.dumps(sampler.state_dict())))
+    assert sampler.dropped == 1 and fresh.dropped == 1 and fresh.episodes == sampler.episodes
+
+
+def test_the_first_of_equal_best_evaluations_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(natpg.agent, "evaluate", lambda *args, **kwargs: (100.0, 0.0))
+    agent = natpg.NPG("CartPole-v1", **small(eval_every=BATCH, eval_episodes=1))
+    agent.learn(3 * BATCH, out_dir=str(tmp_path))
+    assert natpg.load(str(tmp_path / "best")).env_steps == BATCH and agent.best_eval_return == 100.0
+
+
+def test_load_restores_the_fault_count_and_the_training_time(tmp_path):
+    agent = natpg.NPG("CartPole-v1", **small())
+    agent.learn(BATCH)
+    agent.consecutive_faults, agent.train_wall_s = 2, 12.5
+    agent.save(str(tmp_path))
+    loaded = natpg.load(str(tmp_path))
+    assert (loaded.consecutive_faults, loaded.train_wall_s) == (2, 12.5)
+
+
+def test_a_log_row_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    natpg.NPG("CartPole-v1", **small()).learn(2 * BATCH, out_dir=str(tmp_path))
+    with open(tmp_path / "progress.csv", "a") as f:
+        f.write(str(3 * BATCH)[0])  # the start of a row, no newline: the process died writing its env_steps
+    natpg.load(str(tmp_path)).learn(BATCH, out_dir=str(tmp_path), reset=False)
+    rows = progress_rows(tmp_path)
+    assert [r["env_steps"] for r in rows] == [str(BATCH), str(2 * BATCH), str(3 * BATCH)]
+    assert all(None not in r.values() and None not in r for r in rows)
+
+
+def test_the_checkpoint_digest_covers_the_metadata(tmp_path):
+    natpg.NPG("CartPole-v1", **small()).save(str(tmp_path))
+    payload = torch.load(tmp_path / "model.pt", weights_only=True)
+    meta = json.loads(payload["meta"])
+    meta["env_steps"] = 10_000  # an edit of the metadata alone
+    payload["meta"] = json.dumps(meta)
+    torch.save(payload, tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="does not match the SHA-256 digest"):
+        natpg.load(str(tmp_path))
+
+
+def test_a_temporary_file_left_by_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    stale = tmp_path / ".model.pt.tmp-abc123"
+    stale.write_bytes(b"half a checkpoint")
+    natpg.NPG("CartPole-v1", **small()).save(str(tmp_path))
+    assert not stale.exists() and natpg.load(str(tmp_path)).env_steps == 0
