@@ -106,6 +106,9 @@ def test_agent_trains_on_cuda_and_keeps_its_tensors_there(tmp_path):
     assert all(p.device.type == "cuda" for p in agent.critic.parameters())
     agent.save(tmp_path / "m")
     loaded = natpg.load(tmp_path / "m")
+    # the CPU generator the sampler acts with is saved and restored apart from the CUDA one (bit-exact resume)
+    assert loaded.sampling_generator is not loaded.generator
+    assert torch.equal(loaded.sampling_generator.get_state(), agent.sampling_generator.get_state())
     obs = torch.zeros(4).numpy()
     assert loaded.predict(obs) == agent.predict(obs)
     mean, _ = natpg.evaluate(loaded, episodes=2, seed=1)
