@@ -711,6 +711,17 @@ def test_cli_default_run_directory_is_one_directory_and_plot_names_the_file_it_w
     assert capsys.readouterr().out.strip() == "wrote curve.png" and (tmp_path / "curve.png").exists()
 
 
+def test_cli_resume_of_a_checkpoint_file_needs_out_and_trains_there(tmp_path, capsys):
+    natpg.NPG("CartPole-v1", seed=0, **small()).learn(64, out_dir=str(tmp_path / "a"))
+    file = str(tmp_path / "a" / "model.pt")
+    capsys.readouterr()
+    assert cli(["train", "npg", "CartPole-v1", "--steps", "128", "--resume", file, "--no-progress"]) == 2
+    assert "is one checkpoint file, not a run directory: give --out DIR" in capsys.readouterr().err
+    assert cli(["train", "npg", "CartPole-v1", "--steps", "128", "--resume", file, "--out", str(tmp_path / "b"),
+                "--no-progress"]) == 0
+    assert natpg.load(str(tmp_path / "b")).env_steps == 128 and _rows(tmp_path / "b") == [128]
+
+
 def test_cli_resume_without_steps_trains_to_the_runs_own_target(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("natpg.cli.DEFAULT_STEPS", 128)  # a resume that fell back on the default would stop at once
     out = str(tmp_path / "run")

@@ -214,7 +214,7 @@ def algorithm_class(name: str):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .agent import check_out_dir, claim_run_dir, copy_run
-    from .checkpoint import run_dir_lock
+    from .checkpoint import is_file_path, run_dir_lock
 
     agent_class = algorithm_class(args.algo)
     file_settings, file_seed = read_settings_file(args.config, args.algo) if args.config else ({}, None)
@@ -233,7 +233,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.resume is not None:
             if args.overwrite:
                 raise ValueError("--resume continues the run in DIR; --overwrite would replace it: give one of them")
-            lock.enter_context(run_dir_lock(_resumable(args.resume)))  # no other writer while it is read
+            run_dir = not is_file_path(_resumable(args.resume))  # else one checkpoint file, not a run directory
+            if run_dir:
+                lock.enter_context(run_dir_lock(args.resume))  # no other writer while it is read
+            elif args.out is None:
+                raise ValueError(f"--resume {args.resume!r} is one checkpoint file, not a run directory: give --out "
+                                 f"DIR for the continued run's logs and checkpoints")
             agent = _resume(args, overrides)
             out = args.out or args.resume
             target = args.steps if args.steps is not None else agent.target_steps or DEFAULT_STEPS
@@ -245,7 +250,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 return 0
             if os.path.realpath(out) != os.path.realpath(args.resume):
                 lock.enter_context(run_dir_lock(check_out_dir(out)))
-                if not claim_run_dir(agent, out):  # a new directory: the run goes on there, with its history
+                if not claim_run_dir(agent, out) and run_dir:  # a new directory: the run goes on there, with its logs
                     copy_run(args.resume, out)
         else:
             seed = 0 if args.seed is None else args.seed
