@@ -128,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run in --out (deletes natpg's outputs there: model.pt, config.json, "
                         "progress.csv, episodes.csv, events.log, tb/, best/)")
-    t.add_argument("--fisher", default=None, help="how F⁻¹g is applied: cg, dense, kfac, diagonal, empirical")
+    t.add_argument("--fisher", default=None, help="how F⁻¹g is applied: cg, dense, kfac, diagonal, empirical, identity")
     t.add_argument("--n-envs", type=int, default=None, help="environment copies per vector env")
-    t.add_argument("--device", default=None, help="update device: cpu, cuda or auto (the GPU where there is one)")
+    t.add_argument("--device", default=None, help="update device: cpu, cuda[:N] or auto (the GPU where there is one)")
     t.add_argument("--config", default=None, metavar="FILE",
                    help="settings from a JSON or TOML file, flat ({\"max_kl\": 0.02}) or a run's config.json (its "
                         "seed too, unless --seed); --set and the flags override it")
