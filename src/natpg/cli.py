@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run in --out (deletes natpg's outputs there: model.pt, config.json, "
                         "progress.csv, episodes.csv, events.log, tb/, best/)")
-    t.add_argument("--fisher", default=None, help="how F⁻¹g is applied: cg, dense, kfac, diagonal, empirical, identity")
+    t.add_argument("--fisher", default=None,
+                   help="how F⁻¹g is applied: cg, dense, kfac, diagonal, empirical, identity")
     t.add_argument("--n-envs", type=int, default=None, help="environment copies per vector env")
     t.add_argument("--device", default=None, help="update device: cpu, cuda[:N] or auto (the GPU where there is one)")
     t.add_argument("--config", default=None, metavar="FILE",

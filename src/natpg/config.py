@@ -160,8 +160,9 @@ class CurvatureConfig:
     """fisher='kfac' and 'diagonal': the actions whose log-likelihood gradients build the approximation —
     'sampled' (one a ~ π(·|s) per state: the true Fisher, unbiased), 'exact' (actions integrated out through the
     output distribution's Fisher: the true Fisher's diagonal exactly; for K-FAC, R backward passes, R the
-    output's dimension), or 'empirical' (the taken actions: the empirical Fisher, biased by the advantage-free
-    choice of actions, docs/curvature.md). None: each approximation's own, K-FAC 'sampled', diagonal 'exact'."""
+    output's dimension), or 'empirical' (the taken actions: the empirical Fisher, unbiased only while the batch
+    is fresh from the current policy, and built from the gradient's own terms, docs/curvature.md). None: each
+    approximation's own, K-FAC 'sampled', diagonal 'exact'."""
 
 
 @dataclass(frozen=True)
@@ -582,8 +583,8 @@ class Config:
 
 # Changed values of these settings are refused, not warned of, where the run would not read them: each looks
 # like it does something it does not (target_kl is sb3-contrib TRPO's name for the KL budget).
-REFUSED_WHEN_UNREAD = ("fvp_subsample", "cg_preconditioner", "fisher_estimator", "kl_schedule", "lr_schedule", "target_kl", "ent_coef",
-                       "value_clip", "action_squash")
+REFUSED_WHEN_UNREAD = ("fvp_subsample", "cg_preconditioner", "fisher_estimator", "kl_schedule", "lr_schedule",
+                       "target_kl", "ent_coef", "value_clip", "action_squash")
 UNREAD_HINTS = {"target_kl": ". The KL budget of NPG, TRPO and ACKTR (sb3-contrib TRPO's target_kl) is max_kl",
                 "ent_coef": ". For an entropy bonus with a natural gradient use npg, e.g. with fisher='empirical'"}
 CURVATURE_SETTINGS = ("fisher", "damping", "cg_iters", "cg_tol", "cg_warm_start", "cg_preconditioner", "fvp_subsample",

@@ -31,7 +31,8 @@ class Diagonal:
 
     def __init__(self, damping: float = 0.01, estimator: Estimator = "exact",
                  generator: torch.Generator | None = None, chunk: int = 1024):
-        self.damping, self.estimator, self.generator, self.chunk = damping, checked_estimator(estimator), generator, chunk
+        self.damping, self.estimator = damping, checked_estimator(estimator)
+        self.generator, self.chunk = generator, chunk
         self.diag: torch.Tensor | None = None  # [P], undamped diagonal of F in actor_parameters() order
         self.stats: dict[str, float] = {}
 
