@@ -505,7 +505,8 @@ class Agent:
     def save(self, path: str) -> str:
         """Write a checkpoint to ``path`` (a directory, or a file ending in .pt); returns the file written. A
         directory another process is training in is refused (``checkpoint.run_dir_lock``)."""
-        if checkpoint.checkpoint_file(path) == os.fspath(path):  # a .pt file, not a run directory
+        checkpoint.checkpoint_file(path)  # a clear error for an empty path or one that is not a path
+        if checkpoint.is_file_path(path):  # one checkpoint file, not a run directory: nothing to lock
             return self._write_checkpoint(path, self._sampler_state())
         with checkpoint.run_dir_lock(check_out_dir(path)):
             return self._write_checkpoint(path, self._sampler_state())
