@@ -22,9 +22,8 @@ from gymnasium.envs.classic_control.pendulum import PendulumEnv
 import natpg
 from natpg.agent import ALGORITHM_CLASSES
 from natpg.cli import main as cli
-from natpg.distributed import RolloutWorker, WorkerFailure, WorkerSampler
-from natpg.distributed.sampler import DistributedSampler, require_ray
-from natpg.distributed.workers import WorkerResult, WorkerSpec
+from natpg.distributed import (DistributedSampler, InProcessPool, RolloutWorker, WorkerFailure, WorkerPlan,
+                               WorkerResult, WorkerSpec, require_ray)
 from natpg.envs import ObsNormalizer, RewardScaler, RunningMeanStd, make_vec_env
 from natpg.rollout import NonFiniteEnvError, Rollout
 
@@ -124,9 +123,10 @@ def test_worker_sampler_seeds_copies_like_the_local_sampler():
     """Global copy i is seeded seed + i, whatever worker holds it (3 + 2 copies here)."""
     cfg = small_config(normalize_obs=False)
     obs_norm = ObsNormalizer((3,), 10.0, enabled=False)
-    sampler = WorkerSampler("Pendulum-v1", cfg, 7, obs_norm, RewardScaler(5, 0.99, 10.0), "cpu")
+    sampler = DistributedSampler("Pendulum-v1", cfg, 7, obs_norm, RewardScaler(5, 0.99, 10.0), "cpu",
+                                 pool=InProcessPool)
     try:
-        assert sampler.sizes == [3, 2] and sampler.offsets == [0, 3]
+        assert sampler.plan.sizes == [3, 2] and sampler.plan.offsets == [0, 3]
         policy = natpg.policies.GaussianMLP(3, 1, (8,))
         rollout = sampler.collect(policy, 16)
         envs = make_vec_env("Pendulum-v1", 5)
@@ -196,12 +196,13 @@ def test_merge_orders_copies_and_episodes_and_updates_statistics_per_step():
 def test_a_replaced_worker_seeds_copies_no_other_copy_has_used():
     """Worker w's r-th replacement seeds its copies seed + offset + r·n_envs + j: never a seed of another copy, nor
     one its earlier incarnations used (the same seeds would replay the same episodes)."""
-    sampler = DistributedSampler("Pendulum-v1", small_config(), 7, ObsNormalizer((3,), 10.0),
-                                 RewardScaler(5, 0.99, 10.0), "cpu")
+    plan = WorkerPlan("Pendulum-v1", small_config(), 7)
     used, before = set(), [None, None]
-    for restarts in ([0, 0], [1, 0], [1, 2], [2, 2]):
-        sampler.restarts = restarts
-        seeds = {w: {sampler.spec(w).reset_seed + j for j in range(sampler.sizes[w])} for w in range(2)}
+    for replaced in ([], [0], [1, 1], [0]):
+        for w in replaced:
+            assert plan.replace(w) == plan.spec(w)
+        restarts = list(plan.restarts)
+        seeds = {w: {plan.spec(w).reset_seed + j for j in range(plan.sizes[w])} for w in range(2)}
         assert len(seeds[0] | seeds[1]) == 5
         for w in range(2):
             if restarts[w] != before[w]:  # a new incarnation
@@ -258,13 +259,13 @@ def check_worker_faults(agent, fault_dir):
         assert rollouts[-1].obs.shape == (32, 4, 3) and torch.isfinite(rollouts[-1].obs).all()
         assert not os.listdir(fault_dir)
 
-        agent._sampler.timeout = 6.0
+        agent._sampler.pool.timeout = 6.0
         token("hang")  # no answer within worker_timeout: killed, replaced, re-run
         agent.learn(128, reset=False, callback=keep)
         assert rows[-1]["sampler/worker_restarts"] == 2 and agent.env_steps == 512
-        agent._sampler.timeout = 300.0
+        agent._sampler.pool.timeout = 300.0
 
-        agent._sampler.retries = 0
+        agent._sampler.pool.retries = 0
         token("die")  # no retry left: a clear error, not a hang
         token("slow")  # ... raised only once the other worker's share is done: none of it steps on afterwards
         start = time.monotonic()
@@ -468,7 +469,7 @@ def test_init_ray_keeps_this_processes_signal_handlers_and_names_an_address_it_c
     import signal
     import socket
 
-    from natpg.distributed.sampler import init_ray
+    from natpg.distributed.ray_pool import init_ray
 
     class FakeRay:  # what ray.init does to the handlers, and its error for 'auto' without a cluster
         def init(self, **kwargs):

@@ -1,14 +1,15 @@
-"""Scale-out sampling: the environment copies split over rollout workers, in-process or as Ray actors.
+"""Scale-out sampling: the environment copies split over rollout workers, in this process, in local processes
+or as Ray actors.
 
-``sampler='ray'`` (``RaySampler``) runs each worker as a Ray actor; ``sampler='workers'``
-(``WorkerSampler``) runs the same ``RolloutWorker`` code one worker after the other in this process
-and is the reference the Ray sampler equals bit for bit. Ray is optional and imported only when a
-``RaySampler`` is built (``pip install 'natpg[ray]'``). See docs/distributed.md.
+``DistributedSampler`` merges the workers' rollouts; a pool runs the same ``RolloutWorker`` code:
+``InProcessPool`` (``sampler='workers'``, one worker after the other in this process: the reference the
+others equal bit for bit), ``ProcessPool`` (``'processes'``) or ``RayPool`` (``'ray'``). Ray is optional
+and imported only when a ``RayPool`` is built (``pip install 'natpg[ray]'``). See docs/distributed.md.
 """
 
-from .sampler import (DistributedSampler, RaySampler, WorkerFailure, WorkerSampler, check_ray_installed,
-                      make_sampler, require_ray)
-from .workers import RolloutWorker, WorkerResult, WorkerSpec
+from .ray_pool import check_ray_installed, require_ray
+from .sampler import DistributedSampler, InProcessPool, make_sampler
+from .workers import RolloutWorker, WorkerFailure, WorkerPlan, WorkerResult, WorkerSpec
 
-__all__ = ["DistributedSampler", "RaySampler", "RolloutWorker", "WorkerFailure", "WorkerResult", "WorkerSampler",
+__all__ = ["DistributedSampler", "InProcessPool", "RolloutWorker", "WorkerFailure", "WorkerPlan", "WorkerResult",
            "WorkerSpec", "check_ray_installed", "make_sampler", "require_ray"]

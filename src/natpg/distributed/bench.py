@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(measure(args.env_id, "local", 1, n_envs(1), args.n_steps, args.iterations)), flush=True)
     for sampler in args.samplers:
         if sampler == "ray":
-            from .sampler import require_ray
+            from .ray_pool import require_ray
 
             ray = require_ray()
             if not ray.is_initialized():

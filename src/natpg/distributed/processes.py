@@ -8,7 +8,7 @@ cost of talking to a worker does not grow with the number of steps. With ``prefe
 the next rollout while the learner fits the critic, which on a two-core machine keeps both cores busy.
 
 A worker that dies or does not answer in time is killed and replaced by a fresh process (fresh episodes,
-as in ``DistributedSampler.spec``) and its share of the iteration runs again on the replacement; a second
+as in ``WorkerPlan.spec``) and its share of the iteration runs again on the replacement; a second
 failure of the same share raises ``WorkerFailure``. An exception raised inside the worker (a non-finite
 observation, a bug in the environment) is not a fault of the worker and is raised here as it is, with
 the worker's traceback in its notes.
@@ -26,8 +26,7 @@ from typing import Any
 
 from ..envs import unregistered_in_worker_hint
 from ..vector import process_context
-from .sampler import DistributedSampler, WorkerFailure
-from .workers import RolloutWorker, WorkerResult, WorkerSpec
+from .workers import RolloutWorker, WorkerFailure, WorkerPlan, WorkerResult, WorkerSpec
 
 
 def _send(conn, message: Any) -> None:
@@ -96,15 +95,16 @@ class _Died(Exception):
     """A worker process ended or its pipe broke."""
 
 
-class ProcessSampler(DistributedSampler):
-    """``workers`` local processes, each stepping its share of the copies with its own policy copy."""
+class ProcessPool:
+    """``plan.n_workers`` local processes, each stepping its share of the copies with its own policy copy."""
 
     retries = 1  # re-runs of a failed worker's share per iteration
     poll_s = 0.5  # how often a waiting learner checks that the workers are alive
 
-    def __init__(self, *args: Any, timeout: float = 300.0, start_timeout: float = 600.0, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        _check_picklable_mask(self._spec_args["action_mask"])
+    def __init__(self, plan: WorkerPlan, timeout: float = 300.0, start_timeout: float = 600.0):
+        _check_picklable_mask(plan.spec_args["action_mask"])
+        self.plan = plan
+        self.n_workers = plan.n_workers
         self.timeout, self.start_timeout = float(timeout), float(start_timeout)
         self._ctx = process_context()
         self.procs: list[Any] = [None] * self.n_workers
@@ -114,7 +114,7 @@ class ProcessSampler(DistributedSampler):
         self._owed = [0] * self.n_workers
         try:
             for w in range(self.n_workers):
-                self._start(w)
+                self._start(w, plan.spec(w))
             for w in range(self.n_workers):
                 self._expect(w, "ready", self.start_timeout, "starting")
         except _Died as exc:
@@ -127,9 +127,9 @@ class ProcessSampler(DistributedSampler):
             self.close()
             raise
 
-    def _start(self, w: int) -> None:
+    def _start(self, w: int, spec: WorkerSpec) -> None:
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_process_main, args=(child, self.spec(w), w, os.getpid()), daemon=True,
+        proc = self._ctx.Process(target=_process_main, args=(child, spec, w, os.getpid()), daemon=True,
                                  name=f"natpg-rollout-worker-{w}")
         proc.start()
         child.close()
@@ -156,7 +156,7 @@ class ProcessSampler(DistributedSampler):
         if tag == "error":
             exc, remote = payload
             exc.add_note(f"raised in rollout worker {w}:\n{remote}")
-            if hint := unregistered_in_worker_hint(self.env_id, str(exc)):
+            if hint := unregistered_in_worker_hint(self.plan.env_id, str(exc)):
                 exc.add_note(f"natpg: {hint}")
             raise exc
         assert tag == kind, (tag, kind)
@@ -164,11 +164,11 @@ class ProcessSampler(DistributedSampler):
 
     def _replace(self, w: int) -> None:
         self._kill(w)
-        self.restarts[w] += 1
-        self._start(w)
+        self._start(w, self.plan.replace(w))
         self._expect(w, "ready", self.start_timeout, "starting as a replacement")
 
-    def _submit(self, weights, obs_stats, reward_stats, n_steps: int):
+    def submit(self, weights, obs_stats, reward_stats, n_steps: int):
+        """Send every worker the request for its share of one rollout; returns what ``gather`` waits for."""
         message = pickle.dumps(("collect", (weights, obs_stats, reward_stats, n_steps)), protocol=5)
         self._drain([w for w in range(self.n_workers) if self._owed[w]])
         failed = []
@@ -177,10 +177,11 @@ class ProcessSampler(DistributedSampler):
                 conn.send_bytes(message)
                 self._owed[w] = 1
             except (BrokenPipeError, OSError):
-                failed.append(w)  # _gather replaces it
+                failed.append(w)  # gather replaces it
         return message, failed
 
-    def _gather(self, handle) -> list[WorkerResult]:
+    def gather(self, handle) -> list[WorkerResult]:
+        """The workers' answers to the request ``submit`` sent, replacing and re-asking a worker that fails."""
         message, failed = handle
         results: list[WorkerResult] = []
         for w in range(self.n_workers):
@@ -236,8 +237,8 @@ class ProcessSampler(DistributedSampler):
             proc.join(timeout=5)
         self.procs[w] = self.conns[w] = None
 
-    def close(self) -> None:
-        busy, self._pending = self._pending is not None, None
+    def close(self, busy: bool = False) -> None:
+        """Ask the workers to stop and wait for them; ``busy`` (a prefetched rollout never gathered): kill them."""
         for conn in self.conns:
             if conn is not None and not busy:  # a worker busy with a prefetched rollout is killed instead
                 try:

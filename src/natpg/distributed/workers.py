@@ -21,6 +21,7 @@ import torch
 from ..envs import ObsNormalizer, RewardScaler, make_vec_env, probe_spaces
 from ..policies import input_layout, make_policy
 from ..rollout import Rollout, Sampler
+from ..vector import split_copies
 
 
 @dataclass
@@ -58,6 +59,46 @@ class WorkerSpec:
 def generator_seed(seed: int, worker: int, restart: int = 0) -> int:
     """The action-sampling seed of worker ``worker`` (its ``restart``-th replacement), from the run seed."""
     return int(np.random.SeedSequence([seed, worker, restart]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class WorkerFailure(RuntimeError):
+    """A rollout worker died (or did not answer in time) again after being replaced."""
+
+
+class WorkerPlan:
+    """Which environment copies each worker steps, and how each worker and each of its replacements is seeded.
+
+    The copies are split as evenly as possible, worker 0's first; global copy i is seeded ``seed + i``. The
+    worker pools ask ``spec(w)`` for what to build and ``replace(w)`` for a replacement's spec.
+    """
+
+    def __init__(self, env_id: str, config, seed: int, action_mask=None):
+        e, p = config.env, config.policy
+        self.env_id, self.seed, self.n_envs = env_id, seed, e.n_envs
+        self.n_workers = config.distributed.workers
+        self.sizes = split_copies(self.n_envs, self.n_workers, "workers")
+        self.offsets = np.cumsum([0, *self.sizes[:-1]]).tolist()
+        self.spec_args = dict(env_id=env_id, hidden=tuple(p.hidden), activation=p.activation,
+                              log_std_init=float(p.log_std_init), obs_clip=e.obs_clip,
+                              normalize_obs=e.normalize_obs, gamma=config.advantage.gamma,
+                              reward_clip=e.reward_clip, normalize_reward=e.normalize_reward,
+                              nonfinite=e.nonfinite_env, torch_threads=config.run.torch_threads,
+                              action_squash=p.action_squash, action_mask=action_mask,
+                              env_kwargs=dict(e.env_kwargs), info_keys=tuple(e.info_keys))
+        self.restarts = [0] * self.n_workers  # replacements per worker
+
+    def spec(self, w: int) -> WorkerSpec:
+        """The spec of worker w; its r-th replacement seeds its copies ``seed + i + r·n_envs`` (fresh
+        episodes, no seed shared with any other copy) and its generator from ``(seed, w, r)``."""
+        r = self.restarts[w]
+        return WorkerSpec(offset=self.offsets[w], n_envs=self.sizes[w],
+                          reset_seed=self.seed + self.offsets[w] + r * self.n_envs,
+                          generator_seed=generator_seed(self.seed, w, r), **self.spec_args)
+
+    def replace(self, w: int) -> WorkerSpec:
+        """Count a replacement of worker w and return the spec it is built from."""
+        self.restarts[w] += 1
+        return self.spec(w)
 
 
 class RecordingObsNormalizer(ObsNormalizer):
