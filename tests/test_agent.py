@@ -58,6 +58,22 @@ def test_invalid_settings_are_named(setting, pattern):
         natpg.NPG("CartPole-v1", **setting)
 
 
+def test_every_setting_is_checked_and_every_default_passes_its_check():
+    """SETTING_RULES covers every field (env_kwargs has its own check): a value no setting takes is named for all
+    of them at once, and each default passes its rule."""
+    from natpg.config import SETTING_RULES
+
+    names = set(natpg.Config.field_index())
+    assert set(SETTING_RULES) == names - {"env_kwargs"}
+    default = natpg.Config()
+    for name, (ok, _) in SETTING_RULES.items():
+        assert ok(default.get(name)), name
+    with pytest.raises(ValueError) as err:
+        default.override(**{name: object() for name in names}).validate()
+    named = {line.split()[0] for line in str(err.value).splitlines()[1:]}
+    assert names <= named
+
+
 def test_update_threads_hold_for_the_actor_phase_only_and_runs_repeat_for_a_given_value():
     """The batch and the actor update run with update_threads torch threads, sampling and the critic fit with
     torch_threads; a run repeats bit for bit at a given value and ends within float32 rounding of the

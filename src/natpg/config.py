@@ -17,7 +17,7 @@ import math
 import numbers
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -341,6 +341,115 @@ def is_real(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+Rule = tuple[Callable[[Any], bool], str]  # (is the value valid, what a valid value is)
+
+
+def integer_from(low: int, note: str = "") -> Rule:
+    return (lambda v: is_integer(v) and v >= low), f"an integer ≥ {low}{note}"
+
+
+def finite_above_zero(allow_zero: bool = False) -> Rule:
+    return ((lambda v: is_real(v) and math.isfinite(v) and (v >= 0 if allow_zero else v > 0)),
+            f"a finite number {'≥' if allow_zero else '>'} 0")
+
+
+def within(low: float, high: float, closed_low: bool, closed_high: bool) -> Rule:
+    def ok(v: Any) -> bool:
+        return is_real(v) and (low <= v if closed_low else low < v) and (v <= high if closed_high else v < high)
+
+    return ok, f"in {'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
+
+
+def one_of(valid: tuple) -> Rule:
+    return (lambda v: v in valid), f"one of {list(valid)}"
+
+
+FLAG: Rule = (lambda v: isinstance(v, bool)), "True or False"
+POSITIVE_INT, POSITIVE, NON_NEGATIVE = integer_from(1), finite_above_zero(), finite_above_zero(allow_zero=True)
+LAYER_SIZES: Rule = ((lambda v: isinstance(v, tuple) and all(is_integer(h) and h >= 1 for h in v)),
+                     "a tuple of positive integers such as (64, 64)")
+
+# The rule of every setting taken alone, in the order of the fields; Config.validate adds the rules that relate
+# settings. env_kwargs is checked by env_kwargs_problem (a test asserts that nothing else is left out).
+SETTING_RULES: dict[str, Rule] = {
+    "n_envs": POSITIVE_INT,
+    "vectorization": one_of(("sync", "async", "multiproc")),
+    "n_workers": POSITIVE_INT,
+    "normalize_obs": FLAG,
+    "obs_clip": POSITIVE,
+    "normalize_reward": FLAG,
+    "reward_clip": POSITIVE,
+    "action_mask": ((lambda v: v is None or (isinstance(v, str) and v != "")),
+                    "None, an info key such as 'action_mask', or (in Python) a callable"),
+    "info_keys": ((lambda v: isinstance(v, tuple) and all(isinstance(k, str) and k for k in v)
+                   and len(set(v)) == len(v) and not {"return", "length", "env_steps"} & set(v)),
+                  "a tuple of distinct info keys such as ('is_success',) (not 'return', 'length' or 'env_steps', "
+                  "episodes.csv's own columns)"),
+    "nonfinite_env": one_of(NONFINITE_MODES),
+    "n_steps": POSITIVE_INT,
+    "gamma": within(0, 1, True, False),
+    "gae_lambda": within(0, 1, True, True),
+    "normalize_advantages": FLAG,
+    "hidden": LAYER_SIZES,
+    "activation": one_of(ACTIVATIONS),
+    "log_std_init": ((lambda v: is_real(v) and math.isfinite(v)), "a finite number"),
+    "action_squash": one_of(("clip", "tanh")),
+    "critic_hidden": LAYER_SIZES,
+    "critic_lr": POSITIVE,
+    "critic_epochs": POSITIVE_INT,
+    "critic_minibatch": POSITIVE_INT,
+    "critic_optimizer": one_of(CRITIC_OPTIMIZERS),
+    "critic_max_kl": POSITIVE,
+    "critic_eta_max": POSITIVE,
+    "critic_damping": NON_NEGATIVE,
+    "critic_momentum": within(0, 1, True, False),
+    "value_clip": NON_NEGATIVE,
+    "fisher": one_of(FISHERS),
+    "damping": NON_NEGATIVE,
+    "cg_iters": POSITIVE_INT,
+    "cg_tol": NON_NEGATIVE,
+    "fvp_subsample": within(0, 1, False, True),
+    "fvp_subsample_step_length": one_of(STEP_LENGTHS),
+    "cg_warm_start": FLAG,
+    "cg_preconditioner": one_of(CG_PRECONDITIONERS),
+    "kfac_ema_decay": within(0, 1, True, False),
+    "kfac_refresh_every": POSITIVE_INT,
+    "fisher_estimator": one_of(FISHER_ESTIMATORS),
+    "step": one_of(STEP_RULES),
+    "alpha": POSITIVE,
+    "max_kl": POSITIVE,
+    "kl_schedule": one_of(SCHEDULES),
+    "lr_schedule": one_of(SCHEDULES),
+    "backtrack_shrink": within(0, 1, False, False),
+    "backtrack_iters": POSITIVE_INT,
+    "eta_max": POSITIVE,
+    "momentum": within(0, 1, True, False),
+    "clip_range": POSITIVE,
+    "ppo_epochs": POSITIVE_INT,
+    "ppo_minibatch": POSITIVE_INT,
+    "target_kl": NON_NEGATIVE,
+    "max_grad_norm": NON_NEGATIVE,
+    "ent_coef": NON_NEGATIVE,
+    "device": ((lambda v: isinstance(v, str) and re.fullmatch(r"cpu|auto|cuda(:\d+)?", v) is not None),
+               "'cpu', 'cuda[:N]' or 'auto'"),
+    "torch_threads": POSITIVE_INT,
+    "update_threads": ((lambda v: is_integer(v) and v >= 0), "an integer ≥ 1, or 0 for torch_threads"),
+    "critic_thread": FLAG,
+    "log_interval": POSITIVE_INT,
+    "checkpoint_every": integer_from(0, " (env steps; 0: none)"),
+    "tensorboard": FLAG,
+    "max_consecutive_faults": POSITIVE_INT,
+    "eval_every": integer_from(0, " (env steps; 0: no evaluation)"),
+    "eval_episodes": POSITIVE_INT,
+    "sampler": one_of(SAMPLERS),
+    "workers": POSITIVE_INT,
+    "ray_address": ((lambda v: v is None or (isinstance(v, str) and v.strip() != "")),
+                    "None, 'auto' or 'HOST:PORT'"),
+    "worker_timeout": POSITIVE,
+    "worker_start_timeout": POSITIVE,
+}
+
+
 @dataclass(frozen=True)
 class Config:
     algorithm: str = "npg"
@@ -401,132 +510,37 @@ class Config:
 
     def validate(self) -> "Config":
         """Check every value; raise one ValueError naming what is wrong and what is valid."""
-        e, r, a, p, c, k, s, run = (self.env, self.rollout, self.advantage, self.policy, self.critic,
-                                    self.curvature, self.step, self.run)
+        e, k, s = self.env, self.curvature, self.step
         problems: list[str] = []
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 problems.append(msg)
 
-        integer, real = is_integer, is_real
-
         def whole(v: Any) -> bool:  # an integer ≥ 1
-            return integer(v) and v >= 1
+            return is_integer(v) and v >= 1
 
-        def pos_int(name: str, v: Any) -> None:
-            need(whole(v), f"{name} must be an integer ≥ 1, got {v!r}")
-
-        def pos_num(name: str, v: Any, allow_zero: bool = False) -> None:
-            ok = real(v) and math.isfinite(v) and (v >= 0 if allow_zero else v > 0)
-            need(ok, f"{name} must be a finite number {'≥' if allow_zero else '>'} 0, got {v!r}")
-
-        def choice(name: str, v: Any, valid: tuple) -> None:
-            need(v in valid, f"{name} must be one of {list(valid)}, got {v!r}")
-
-        choice("algorithm", self.algorithm, ALGORITHMS)
-        pos_int("n_envs", e.n_envs)
-        choice("vectorization", e.vectorization, ("sync", "async", "multiproc"))
-        pos_int("n_workers", e.n_workers)
+        need(self.algorithm in ALGORITHMS, f"algorithm must be one of {list(ALGORITHMS)}, got {self.algorithm!r}")
+        section = self.field_index()
+        for name, (ok, valid) in SETTING_RULES.items():
+            value = getattr(getattr(self, section[name]), name)
+            need(ok(value), f"{name} must be {valid}, got {value!r}")
+        if problem := env_kwargs_problem(e.env_kwargs):
+            problems.append(f"env_kwargs {problem}")
+        # Rules that relate settings: each relates only values that are valid alone.
         if e.vectorization == "multiproc" and whole(e.n_workers) and whole(e.n_envs) and e.n_workers != N_WORKERS:
             need(e.n_workers <= e.n_envs, f"n_workers ({e.n_workers}) must be at most n_envs ({e.n_envs}) with "
                                           f"vectorization='multiproc': each process steps at least one copy")
-        pos_num("obs_clip", e.obs_clip)
-        pos_num("reward_clip", e.reward_clip)
-        pos_int("n_steps", r.n_steps)
-        def flag(name: str, v: Any) -> None:
-            need(isinstance(v, bool), f"{name} must be True or False, got {v!r}")
-
-        for name in ("normalize_obs", "normalize_reward"):
-            flag(name, getattr(e, name))
-        choice("nonfinite_env", e.nonfinite_env, NONFINITE_MODES)
-        if problem := env_kwargs_problem(e.env_kwargs):
-            problems.append(f"env_kwargs {problem}")
         need(not (e.nonfinite_env == "drop" and e.vectorization == "multiproc"),
              "nonfinite_env='drop' needs vectorization 'sync' or 'async' (it resets single copies)")
-        flag("normalize_advantages", a.normalize_advantages)
-        flag("cg_warm_start", k.cg_warm_start)
-        flag("tensorboard", run.tensorboard)
-        flag("critic_thread", run.critic_thread)
-        need(real(p.log_std_init) and math.isfinite(p.log_std_init),
-             f"log_std_init must be a finite number, got {p.log_std_init!r}")
-        need(real(a.gamma) and 0 <= a.gamma < 1, f"gamma must be in [0, 1), got {a.gamma!r}")
-        need(real(a.gae_lambda) and 0 <= a.gae_lambda <= 1, f"gae_lambda must be in [0, 1], got {a.gae_lambda!r}")
-        for name, hid in (("hidden", p.hidden), ("critic_hidden", c.critic_hidden)):
-            need(isinstance(hid, tuple) and all(whole(h) for h in hid),
-                 f"{name} must be a tuple of positive integers such as (64, 64), got {hid!r}")
-        choice("activation", p.activation, ACTIVATIONS)
-        choice("action_squash", p.action_squash, ("clip", "tanh"))
-        need(isinstance(e.info_keys, tuple) and all(isinstance(k, str) and k for k in e.info_keys)
-             and len(set(e.info_keys)) == len(e.info_keys) and not {"return", "length", "env_steps"} & set(e.info_keys),
-             f"info_keys must be a tuple of distinct info keys such as ('is_success',) (not 'return', 'length' or "
-             f"'env_steps', episodes.csv's own columns), got {e.info_keys!r}")
-        need(e.action_mask is None or (isinstance(e.action_mask, str) and e.action_mask != ""),
-             f"action_mask must be None, an info key such as 'action_mask', or (in Python) a callable, "
-             f"got {e.action_mask!r}")
-        pos_num("critic_lr", c.critic_lr)
-        pos_int("critic_epochs", c.critic_epochs)
-        pos_int("critic_minibatch", c.critic_minibatch)
-        choice("fisher", k.fisher, FISHERS)
-        pos_num("damping", k.damping, allow_zero=True)
-        pos_int("cg_iters", k.cg_iters)
-        pos_num("cg_tol", k.cg_tol, allow_zero=True)
-        need(real(k.fvp_subsample) and 0 < k.fvp_subsample <= 1, f"fvp_subsample must be in (0, 1], got {k.fvp_subsample!r}")
-        choice("fvp_subsample_step_length", k.fvp_subsample_step_length, STEP_LENGTHS)
-        choice("cg_preconditioner", k.cg_preconditioner, CG_PRECONDITIONERS)
-        choice("step", s.step, STEP_RULES)
-        pos_num("alpha", s.alpha)
-        pos_num("max_kl", s.max_kl)
-        choice("kl_schedule", s.kl_schedule, SCHEDULES)
-        choice("lr_schedule", s.lr_schedule, SCHEDULES)
-        need(real(s.backtrack_shrink) and 0 < s.backtrack_shrink < 1,
-             f"backtrack_shrink must be in (0, 1), got {s.backtrack_shrink!r}")
-        pos_int("backtrack_iters", s.backtrack_iters)
-        pos_num("eta_max", s.eta_max)
-        pos_int("kfac_refresh_every", k.kfac_refresh_every)
-        choice("fisher_estimator", k.fisher_estimator, FISHER_ESTIMATORS)
-        need(real(k.kfac_ema_decay) and 0 <= k.kfac_ema_decay < 1,
-             f"kfac_ema_decay must be in [0, 1), got {k.kfac_ema_decay!r}")
-        for name, mu in (("momentum", s.momentum), ("critic_momentum", c.critic_momentum)):
-            need(real(mu) and 0 <= mu < 1,
-                 f"{name} must be in [0, 1), got {mu!r}")
-        pos_num("clip_range", s.clip_range)
-        pos_int("ppo_epochs", s.ppo_epochs)
-        pos_int("ppo_minibatch", s.ppo_minibatch)
-        pos_num("target_kl", s.target_kl, allow_zero=True)
-        pos_num("ent_coef", s.ent_coef, allow_zero=True)
-        pos_num("max_grad_norm", s.max_grad_norm, allow_zero=True)
-        choice("critic_optimizer", c.critic_optimizer, CRITIC_OPTIMIZERS)
-        pos_num("critic_max_kl", c.critic_max_kl)
-        pos_num("critic_eta_max", c.critic_eta_max)
-        pos_num("critic_damping", c.critic_damping, allow_zero=True)
-        pos_num("value_clip", c.value_clip, allow_zero=True)
-        need(isinstance(run.device, str) and re.fullmatch(r"cpu|auto|cuda(:\d+)?", run.device) is not None,
-             f"device must be 'cpu', 'cuda[:N]' or 'auto', got {run.device!r}")
-        pos_int("torch_threads", run.torch_threads)
-        need(integer(run.update_threads) and run.update_threads >= 0,
-             f"update_threads must be an integer ≥ 1, or 0 for torch_threads, got {run.update_threads!r}")
-        pos_int("log_interval", run.log_interval)
-        pos_int("max_consecutive_faults", run.max_consecutive_faults)
-        pos_int("eval_episodes", run.eval_episodes)
-        need(integer(run.eval_every) and run.eval_every >= 0,
-             f"eval_every must be an integer ≥ 0 (env steps; 0: no evaluation), got {run.eval_every!r}")
-        need(integer(run.checkpoint_every) and run.checkpoint_every >= 0,
-             f"checkpoint_every must be an integer ≥ 0, got {run.checkpoint_every!r}")
         d = self.distributed
-        choice("sampler", d.sampler, SAMPLERS)
-        pos_int("workers", d.workers)
-        if whole(d.workers) and whole(e.n_envs):  # each alone is checked above; relate only valid values
+        if whole(d.workers) and whole(e.n_envs):
             need(d.workers <= e.n_envs, f"workers ({d.workers}) must be at most n_envs ({e.n_envs}): each worker "
                                         f"steps at least one environment copy")
             need(d.workers == 1 or d.sampler != "local",
                  f"workers={d.workers} needs sampler='processes' or 'ray' (or 'workers', their in-process "
                  f"reference)")
-        need(d.ray_address is None or (isinstance(d.ray_address, str) and d.ray_address.strip() != ""),
-             f"ray_address must be None, 'auto' or 'HOST:PORT', got {d.ray_address!r}")
         need(d.ray_address is None or d.sampler == "ray", "ray_address needs sampler='ray'")
-        pos_num("worker_timeout", d.worker_timeout)
-        pos_num("worker_start_timeout", d.worker_start_timeout)
         need(d.sampler == "local" or e.vectorization == "sync",
              f"vectorization={e.vectorization!r} applies to sampler='local' only: each rollout worker steps its "
              f"copies in its own process")
