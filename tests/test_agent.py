@@ -74,6 +74,20 @@ def test_every_setting_is_checked_and_every_default_passes_its_check():
     assert names <= named
 
 
+@pytest.mark.parametrize("settings,named", [
+    (dict(sampler="processes", workers=2, vectorization="bad"), ["vectorization"]),
+    (dict(sampler="bad", ray_address="auto"), ["sampler"]),
+    (dict(workers=0, n_envs=0), ["n_envs", "workers"]),
+    (dict(fisher=np.array(["cg", "kfac"]), step=np.array([1, 2])), ["fisher", "step"]),
+])
+def test_a_value_invalid_alone_is_named_once_and_not_related_to_other_settings(settings, named):
+    """Each problem line names its setting; a value that fails its own rule (a NumPy array included) is not also
+    measured against the settings it relates to."""
+    with pytest.raises(ValueError) as err:
+        natpg.Config().override(**settings).validate()
+    assert [line.split()[0] for line in str(err.value).splitlines()[1:]] == named
+
+
 def test_update_threads_hold_for_the_actor_phase_only_and_runs_repeat_for_a_given_value():
     """The batch and the actor update run with update_threads torch threads, sampling and the critic fit with
     torch_threads; a run repeats bit for bit at a given value and ends within float32 rounding of the

@@ -17,7 +17,7 @@ import math
 import numbers
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -341,36 +341,47 @@ def is_real(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-Rule = tuple[Callable[[Any], bool], str]  # (is the value valid, what a valid value is)
+class Rule(NamedTuple):
+    """The check of one setting taken alone: ``ok(value)``, and what a valid value is (for the message)."""
+
+    ok: Callable[[Any], bool]
+    valid: str
 
 
-def integer_from(low: int, note: str = "") -> Rule:
-    return (lambda v: is_integer(v) and v >= low), f"an integer ≥ {low}{note}"
+def integer_from(low: int, valid: str | None = None) -> Rule:
+    return Rule(lambda v: is_integer(v) and v >= low, valid or f"an integer ≥ {low}")
 
 
-def finite_above_zero(allow_zero: bool = False) -> Rule:
-    return ((lambda v: is_real(v) and math.isfinite(v) and (v >= 0 if allow_zero else v > 0)),
-            f"a finite number {'≥' if allow_zero else '>'} 0")
+def finite_from(low: float, *, strict: bool) -> Rule:
+    """A finite number above ``low`` (``strict``) or at least ``low``."""
+    return Rule(lambda v: is_real(v) and math.isfinite(v) and (v > low if strict else v >= low),
+                f"a finite number {'>' if strict else '≥'} {low:g}")
 
 
-def within(low: float, high: float, closed_low: bool, closed_high: bool) -> Rule:
+def interval(text: str) -> Rule:
+    """A number in the interval written as ``text``, e.g. '[0, 1)'."""
+    closed_low, closed_high = text[0] == "[", text[-1] == "]"
+    low, high = (float(x) for x in text[1:-1].split(","))
+
     def ok(v: Any) -> bool:
         return is_real(v) and (low <= v if closed_low else low < v) and (v <= high if closed_high else v < high)
 
-    return ok, f"in {'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
+    return Rule(ok, f"in {text}")
 
 
-def one_of(valid: tuple) -> Rule:
-    return (lambda v: v in valid), f"one of {list(valid)}"
+def one_of(choices: tuple) -> Rule:
+    """One of ``choices`` (strings, or None): anything else, a NumPy array too, is simply not one of them."""
+    assert all(c is None or isinstance(c, str) for c in choices), choices
+    return Rule(lambda v: (v is None or isinstance(v, str)) and v in choices, f"one of {list(choices)}")
 
 
-FLAG: Rule = (lambda v: isinstance(v, bool)), "True or False"
-POSITIVE_INT, POSITIVE, NON_NEGATIVE = integer_from(1), finite_above_zero(), finite_above_zero(allow_zero=True)
-LAYER_SIZES: Rule = ((lambda v: isinstance(v, tuple) and all(is_integer(h) and h >= 1 for h in v)),
-                     "a tuple of positive integers such as (64, 64)")
+FLAG = Rule(lambda v: isinstance(v, bool), "True or False")
+POSITIVE_INT, POSITIVE, NON_NEGATIVE = integer_from(1), finite_from(0, strict=True), finite_from(0, strict=False)
+LAYER_SIZES = Rule(lambda v: isinstance(v, tuple) and all(is_integer(h) and h >= 1 for h in v),
+                   "a tuple of positive integers such as (64, 64)")
 
 # The rule of every setting taken alone, in the order of the fields; Config.validate adds the rules that relate
-# settings. env_kwargs is checked by env_kwargs_problem (a test asserts that nothing else is left out).
+# settings. env_kwargs is checked by env_kwargs_problem, at its place (a test asserts nothing else is left out).
 SETTING_RULES: dict[str, Rule] = {
     "n_envs": POSITIVE_INT,
     "vectorization": one_of(("sync", "async", "multiproc")),
@@ -379,20 +390,20 @@ SETTING_RULES: dict[str, Rule] = {
     "obs_clip": POSITIVE,
     "normalize_reward": FLAG,
     "reward_clip": POSITIVE,
-    "action_mask": ((lambda v: v is None or (isinstance(v, str) and v != "")),
-                    "None, an info key such as 'action_mask', or (in Python) a callable"),
-    "info_keys": ((lambda v: isinstance(v, tuple) and all(isinstance(k, str) and k for k in v)
-                   and len(set(v)) == len(v) and not {"return", "length", "env_steps"} & set(v)),
-                  "a tuple of distinct info keys such as ('is_success',) (not 'return', 'length' or 'env_steps', "
-                  "episodes.csv's own columns)"),
+    "action_mask": Rule(lambda v: v is None or (isinstance(v, str) and v != ""),
+                        "None, an info key such as 'action_mask', or (in Python) a callable"),
+    "info_keys": Rule(lambda v: isinstance(v, tuple) and all(isinstance(k, str) and k for k in v)
+                      and len(set(v)) == len(v) and not {"return", "length", "env_steps"} & set(v),
+                      "a tuple of distinct info keys such as ('is_success',) (not 'return', 'length' or "
+                      "'env_steps', episodes.csv's own columns)"),
     "nonfinite_env": one_of(NONFINITE_MODES),
     "n_steps": POSITIVE_INT,
-    "gamma": within(0, 1, True, False),
-    "gae_lambda": within(0, 1, True, True),
+    "gamma": interval("[0, 1)"),
+    "gae_lambda": interval("[0, 1]"),
     "normalize_advantages": FLAG,
     "hidden": LAYER_SIZES,
     "activation": one_of(ACTIVATIONS),
-    "log_std_init": ((lambda v: is_real(v) and math.isfinite(v)), "a finite number"),
+    "log_std_init": Rule(lambda v: is_real(v) and math.isfinite(v), "a finite number"),
     "action_squash": one_of(("clip", "tanh")),
     "critic_hidden": LAYER_SIZES,
     "critic_lr": POSITIVE,
@@ -402,17 +413,17 @@ SETTING_RULES: dict[str, Rule] = {
     "critic_max_kl": POSITIVE,
     "critic_eta_max": POSITIVE,
     "critic_damping": NON_NEGATIVE,
-    "critic_momentum": within(0, 1, True, False),
+    "critic_momentum": interval("[0, 1)"),
     "value_clip": NON_NEGATIVE,
     "fisher": one_of(FISHERS),
     "damping": NON_NEGATIVE,
     "cg_iters": POSITIVE_INT,
     "cg_tol": NON_NEGATIVE,
-    "fvp_subsample": within(0, 1, False, True),
+    "fvp_subsample": interval("(0, 1]"),
     "fvp_subsample_step_length": one_of(STEP_LENGTHS),
     "cg_warm_start": FLAG,
     "cg_preconditioner": one_of(CG_PRECONDITIONERS),
-    "kfac_ema_decay": within(0, 1, True, False),
+    "kfac_ema_decay": interval("[0, 1)"),
     "kfac_refresh_every": POSITIVE_INT,
     "fisher_estimator": one_of(FISHER_ESTIMATORS),
     "step": one_of(STEP_RULES),
@@ -420,31 +431,31 @@ SETTING_RULES: dict[str, Rule] = {
     "max_kl": POSITIVE,
     "kl_schedule": one_of(SCHEDULES),
     "lr_schedule": one_of(SCHEDULES),
-    "backtrack_shrink": within(0, 1, False, False),
+    "backtrack_shrink": interval("(0, 1)"),
     "backtrack_iters": POSITIVE_INT,
     "eta_max": POSITIVE,
-    "momentum": within(0, 1, True, False),
+    "momentum": interval("[0, 1)"),
     "clip_range": POSITIVE,
     "ppo_epochs": POSITIVE_INT,
     "ppo_minibatch": POSITIVE_INT,
     "target_kl": NON_NEGATIVE,
     "max_grad_norm": NON_NEGATIVE,
     "ent_coef": NON_NEGATIVE,
-    "device": ((lambda v: isinstance(v, str) and re.fullmatch(r"cpu|auto|cuda(:\d+)?", v) is not None),
-               "'cpu', 'cuda[:N]' or 'auto'"),
+    "device": Rule(lambda v: isinstance(v, str) and re.fullmatch(r"cpu|auto|cuda(:\d+)?", v) is not None,
+                   "'cpu', 'cuda[:N]' or 'auto'"),
     "torch_threads": POSITIVE_INT,
-    "update_threads": ((lambda v: is_integer(v) and v >= 0), "an integer ≥ 1, or 0 for torch_threads"),
+    "update_threads": integer_from(0, "an integer ≥ 1, or 0 for torch_threads"),
     "critic_thread": FLAG,
     "log_interval": POSITIVE_INT,
-    "checkpoint_every": integer_from(0, " (env steps; 0: none)"),
+    "checkpoint_every": integer_from(0),
     "tensorboard": FLAG,
     "max_consecutive_faults": POSITIVE_INT,
-    "eval_every": integer_from(0, " (env steps; 0: no evaluation)"),
+    "eval_every": integer_from(0, "an integer ≥ 0 (env steps; 0: no evaluation)"),
     "eval_episodes": POSITIVE_INT,
     "sampler": one_of(SAMPLERS),
     "workers": POSITIVE_INT,
-    "ray_address": ((lambda v: v is None or (isinstance(v, str) and v.strip() != "")),
-                    "None, 'auto' or 'HOST:PORT'"),
+    "ray_address": Rule(lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
+                        "None, 'auto' or 'HOST:PORT'"),
     "worker_timeout": POSITIVE,
     "worker_start_timeout": POSITIVE,
 }
@@ -510,43 +521,52 @@ class Config:
 
     def validate(self) -> "Config":
         """Check every value; raise one ValueError naming what is wrong and what is valid."""
-        e, k, s = self.env, self.curvature, self.step
+        e, d = self.env, self.distributed
         problems: list[str] = []
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 problems.append(msg)
 
-        def whole(v: Any) -> bool:  # an integer ≥ 1
-            return is_integer(v) and v >= 1
+        algorithm_ok = isinstance(self.algorithm, str) and self.algorithm in ALGORITHMS
+        need(algorithm_ok, f"algorithm must be one of {list(ALGORITHMS)}, got {self.algorithm!r}")
+        invalid = set()  # the settings whose own rule fails: the rules that relate settings leave them out
+        for name, section in self.field_index().items():
+            value = getattr(getattr(self, section), name)
+            if name == "env_kwargs":
+                problem = env_kwargs_problem(value)
+                problem = problem and f"env_kwargs {problem}"
+            else:
+                rule = SETTING_RULES[name]
+                problem = None if rule.ok(value) else f"{name} must be {rule.valid}, got {value!r}"
+            if problem:
+                invalid.add(name)
+                problems.append(problem)
 
-        need(self.algorithm in ALGORITHMS, f"algorithm must be one of {list(ALGORITHMS)}, got {self.algorithm!r}")
-        section = self.field_index()
-        for name, (ok, valid) in SETTING_RULES.items():
-            value = getattr(getattr(self, section[name]), name)
-            need(ok(value), f"{name} must be {valid}, got {value!r}")
-        if problem := env_kwargs_problem(e.env_kwargs):
-            problems.append(f"env_kwargs {problem}")
-        # Rules that relate settings: each relates only values that are valid alone.
-        if e.vectorization == "multiproc" and whole(e.n_workers) and whole(e.n_envs) and e.n_workers != N_WORKERS:
+        def relate(*names: str) -> bool:  # all of these are valid alone
+            return not invalid.intersection(names)
+
+        if relate("vectorization", "n_workers", "n_envs") and e.vectorization == "multiproc" and e.n_workers != N_WORKERS:
             need(e.n_workers <= e.n_envs, f"n_workers ({e.n_workers}) must be at most n_envs ({e.n_envs}) with "
                                           f"vectorization='multiproc': each process steps at least one copy")
-        need(not (e.nonfinite_env == "drop" and e.vectorization == "multiproc"),
-             "nonfinite_env='drop' needs vectorization 'sync' or 'async' (it resets single copies)")
-        d = self.distributed
-        if whole(d.workers) and whole(e.n_envs):
+        if relate("nonfinite_env", "vectorization"):
+            need(not (e.nonfinite_env == "drop" and e.vectorization == "multiproc"),
+                 "nonfinite_env='drop' needs vectorization 'sync' or 'async' (it resets single copies)")
+        if relate("workers", "n_envs"):
             need(d.workers <= e.n_envs, f"workers ({d.workers}) must be at most n_envs ({e.n_envs}): each worker "
                                         f"steps at least one environment copy")
+        if relate("workers", "sampler"):
             need(d.workers == 1 or d.sampler != "local",
                  f"workers={d.workers} needs sampler='processes' or 'ray' (or 'workers', their in-process "
                  f"reference)")
-        need(d.ray_address is None or d.sampler == "ray", "ray_address needs sampler='ray'")
-        need(d.sampler == "local" or e.vectorization == "sync",
-             f"vectorization={e.vectorization!r} applies to sampler='local' only: each rollout worker steps its "
-             f"copies in its own process")
-        if self.algorithm in ALGORITHMS and s.step in STEP_RULES and k.fisher in FISHERS:  # what unread_because reads
-            problems += [msg for key in REFUSED_WHEN_UNREAD if not any(m.startswith(key) for m in problems)
-                         if (msg := self.refusal(key))]
+        if relate("ray_address", "sampler"):
+            need(d.ray_address is None or d.sampler == "ray", "ray_address needs sampler='ray'")
+        if relate("sampler", "vectorization"):
+            need(d.sampler == "local" or e.vectorization == "sync",
+                 f"vectorization={e.vectorization!r} applies to sampler='local' only: each rollout worker steps its "
+                 f"copies in its own process")
+        if algorithm_ok and relate("step", "fisher"):  # what unread_because reads
+            problems += [msg for key in REFUSED_WHEN_UNREAD if key not in invalid if (msg := self.refusal(key))]
         if problems:
             raise ValueError("invalid settings:\n  " + "\n  ".join(problems))
         self._plain_numbers()
