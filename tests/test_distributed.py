@@ -22,8 +22,8 @@ from gymnasium.envs.classic_control.pendulum import PendulumEnv
 import natpg
 from natpg.agent import ALGORITHM_CLASSES
 from natpg.cli import main as cli
-from natpg.distributed import (DistributedSampler, InProcessPool, RolloutWorker, WorkerFailure, WorkerPlan,
-                               WorkerResult, WorkerSpec, require_ray)
+from natpg.distributed import (DistributedSampler, RolloutWorker, WorkerFailure, WorkerPlan, WorkerResult, WorkerSpec,
+                               make_sampler, require_ray)
 from natpg.envs import ObsNormalizer, RewardScaler, RunningMeanStd, make_vec_env
 from natpg.rollout import NonFiniteEnvError, Rollout
 
@@ -123,8 +123,7 @@ def test_worker_sampler_seeds_copies_like_the_local_sampler():
     """Global copy i is seeded seed + i, whatever worker holds it (3 + 2 copies here)."""
     cfg = small_config(normalize_obs=False)
     obs_norm = ObsNormalizer((3,), 10.0, enabled=False)
-    sampler = DistributedSampler("Pendulum-v1", cfg, 7, obs_norm, RewardScaler(5, 0.99, 10.0), "cpu",
-                                 pool=InProcessPool)
+    sampler = make_sampler("workers", "Pendulum-v1", cfg, 7, obs_norm, RewardScaler(5, 0.99, 10.0), "cpu")
     try:
         assert sampler.plan.sizes == [3, 2] and sampler.plan.offsets == [0, 3]
         policy = natpg.policies.GaussianMLP(3, 1, (8,))
@@ -162,7 +161,7 @@ def test_merge_orders_copies_and_episodes_and_updates_statistics_per_step():
     cfg = small_config(normalize_reward=True)
     obs_norm = ObsNormalizer((2,), 10.0)
     rew_scale = RewardScaler(5, 0.99, 10.0, enabled=True)
-    sampler = DistributedSampler("Pendulum-v1", cfg, 0, obs_norm, rew_scale, "cpu")  # no workers: merge only
+    sampler = DistributedSampler(WorkerPlan("Pendulum-v1", cfg, 0), None, obs_norm, rew_scale, "cpu")  # merge only
     rng = np.random.default_rng(0)
     T = 4
 
@@ -201,7 +200,7 @@ def test_a_replaced_worker_seeds_copies_no_other_copy_has_used():
     for replaced in ([], [0], [1, 1], [0]):
         for w in replaced:
             assert plan.replace(w) == plan.spec(w)
-        restarts = list(plan.restarts)
+        restarts = list(plan.replacements)
         seeds = {w: {plan.spec(w).reset_seed + j for j in range(plan.sizes[w])} for w in range(2)}
         assert len(seeds[0] | seeds[1]) == 5
         for w in range(2):
@@ -436,6 +435,31 @@ def test_process_worker_faults():
     agent = natpg.NPG(FAULTY_PROCESS_ID, seed=0, sampler="processes", workers=2, n_envs=4, n_steps=32,
                       tensorboard=False)
     check_worker_faults(agent, os.environ[FAULT_DIR_VAR])
+
+
+def test_closing_the_process_pool_kills_a_worker_that_owes_an_answer_at_once():
+    """A rollout whose answer will never be read (its collect interrupted) is not waited for on close: a worker
+    stuck in its environment is killed at once, not after the 5 s a closing worker is given to exit."""
+    fault_dir = os.environ[FAULT_DIR_VAR]
+    agent = natpg.NPG(FAULTY_PROCESS_ID, seed=0, sampler="processes", workers=2, n_envs=4, n_steps=32,
+                      tensorboard=False)
+    try:
+        agent.learn(128)
+        sampler = agent._sampler
+        open(os.path.join(fault_dir, f"hang.{time.monotonic_ns()}"), "w").close()
+        sampler.pool.submit(*sampler._request(agent.policy), 32)  # its handle dropped, as by an interrupt
+        deadline = time.monotonic() + 30
+        while os.listdir(fault_dir) and time.monotonic() < deadline:  # a worker is now in its 600 s step
+            time.sleep(0.05)
+        assert not os.listdir(fault_dir)
+        procs = list(sampler.pool.procs)
+    finally:
+        start = time.monotonic()
+        agent.close()
+        closed_in = time.monotonic() - start
+        for token in os.listdir(fault_dir):
+            os.remove(os.path.join(fault_dir, token))
+    assert closed_in < 3 and not any(p.is_alive() for p in procs)
 
 
 def test_process_sampler_from_the_cli(tmp_path):

@@ -7,9 +7,11 @@ others equal bit for bit), ``ProcessPool`` (``'processes'``) or ``RayPool`` (``'
 and imported only when a ``RayPool`` is built (``pip install 'natpg[ray]'``). See docs/distributed.md.
 """
 
-from .ray_pool import check_ray_installed, require_ray
-from .sampler import DistributedSampler, InProcessPool, make_sampler
+from .processes import ProcessPool
+from .ray_pool import RayPool, check_ray_installed, require_ray
+from .sampler import DistributedSampler, InProcessPool, WorkerPool, make_sampler
 from .workers import RolloutWorker, WorkerFailure, WorkerPlan, WorkerResult, WorkerSpec
 
-__all__ = ["DistributedSampler", "InProcessPool", "RolloutWorker", "WorkerFailure", "WorkerPlan", "WorkerResult",
-           "WorkerSpec", "check_ray_installed", "make_sampler", "require_ray"]
+__all__ = ["DistributedSampler", "InProcessPool", "ProcessPool", "RayPool", "RolloutWorker", "WorkerFailure",
+           "WorkerPlan", "WorkerPool", "WorkerResult", "WorkerSpec", "check_ray_installed", "make_sampler",
+           "require_ray"]

@@ -102,20 +102,19 @@ class ProcessPool:
     poll_s = 0.5  # how often a waiting learner checks that the workers are alive
 
     def __init__(self, plan: WorkerPlan, timeout: float = 300.0, start_timeout: float = 600.0):
-        _check_picklable_mask(plan.spec_args["action_mask"])
+        _check_picklable_mask(plan.action_mask)
         self.plan = plan
-        self.n_workers = plan.n_workers
         self.timeout, self.start_timeout = float(timeout), float(start_timeout)
         self._ctx = process_context()
-        self.procs: list[Any] = [None] * self.n_workers
-        self.conns: list[Any] = [None] * self.n_workers
+        self.procs: list[Any] = [None] * self.plan.n_workers
+        self.conns: list[Any] = [None] * self.plan.n_workers
         # 1 while worker w owes the answer to a request: a request whose answer was never read (its handle
         # lost to an interrupt) is drained before the next, so that no stale rollout passes for a new one.
-        self._owed = [0] * self.n_workers
+        self._owed = [0] * self.plan.n_workers
         try:
-            for w in range(self.n_workers):
+            for w in range(self.plan.n_workers):
                 self._start(w, plan.spec(w))
-            for w in range(self.n_workers):
+            for w in range(self.plan.n_workers):
                 self._expect(w, "ready", self.start_timeout, "starting")
         except _Died as exc:
             self.close()
@@ -170,7 +169,7 @@ class ProcessPool:
     def submit(self, weights, obs_stats, reward_stats, n_steps: int):
         """Send every worker the request for its share of one rollout; returns what ``gather`` waits for."""
         message = pickle.dumps(("collect", (weights, obs_stats, reward_stats, n_steps)), protocol=5)
-        self._drain([w for w in range(self.n_workers) if self._owed[w]])
+        self._drain([w for w in range(self.plan.n_workers) if self._owed[w]])
         failed = []
         for w, conn in enumerate(self.conns):
             try:
@@ -184,7 +183,7 @@ class ProcessPool:
         """The workers' answers to the request ``submit`` sent, replacing and re-asking a worker that fails."""
         message, failed = handle
         results: list[WorkerResult] = []
-        for w in range(self.n_workers):
+        for w in range(self.plan.n_workers):
             attempt, why = 0, None
             if w in failed:
                 why = f"worker {w}'s pipe was closed when the rollout was requested"
@@ -197,7 +196,7 @@ class ProcessPool:
                         why = str(exc)
                 if attempt >= self.retries:
                     self._replace_quietly(w)
-                    self._drain(range(w + 1, self.n_workers))
+                    self._drain(range(w + 1, self.plan.n_workers))
                     raise WorkerFailure(f"rollout worker {w} failed ({why}) and its share of this iteration was "
                                         f"already retried {attempt} time(s); giving up (the worker has been "
                                         f"replaced)")
@@ -237,15 +236,16 @@ class ProcessPool:
             proc.join(timeout=5)
         self.procs[w] = self.conns[w] = None
 
-    def close(self, busy: bool = False) -> None:
-        """Ask the workers to stop and wait for them; ``busy`` (a prefetched rollout never gathered): kill them."""
-        for conn in self.conns:
-            if conn is not None and not busy:  # a worker busy with a prefetched rollout is killed instead
+    def close(self) -> None:
+        """Ask the idle workers to stop and wait for them; kill those still owing an answer (a prefetched rollout
+        never gathered, an iteration interrupted), which would finish it first."""
+        for w, conn in enumerate(self.conns):
+            if conn is not None and not self._owed[w]:
                 try:
                     _send(conn, ("close", None))
                 except (BrokenPipeError, OSError):
                     pass
         for w, proc in enumerate(self.procs):
-            if proc is not None and not busy:
+            if proc is not None and not self._owed[w]:
                 proc.join(timeout=5)
             self._kill(w)

@@ -195,8 +195,8 @@ class RayPool:
             self.ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
         pending.clear()
 
-    def close(self, busy: bool = False) -> None:
-        """Kill the actors (``busy``, a rollout still running, changes nothing: they are killed either way)."""
+    def close(self) -> None:
+        """Kill the actors (one still stepping a rollout too)."""
         for actor in getattr(self, "actors", []):
             try:
                 self.ray.kill(actor, no_restart=True)

@@ -4,9 +4,8 @@
 (``collect(policy, n_steps)``, ``recent_returns``, ``recent_lengths``, ``episodes``, ``total_steps``,
 ``close``); a worker pool runs the ``RolloutWorker``s: ``InProcessPool`` one after the other in this
 process (``sampler='workers'``, the reference), ``ProcessPool`` as local processes (``'processes'``),
-``RayPool`` as Ray actors (``'ray'``). A pool has three methods: ``submit(weights, obs_stats, reward_stats,
-n_steps)`` starts one rollout and returns a handle, ``gather(handle)`` waits for the workers' results
-(replacing a worker that fails), ``close(busy)`` stops the workers. One iteration:
+``RayPool`` as Ray actors (``'ray'``), each built from the ``WorkerPlan`` (``WorkerPool`` says what a pool
+does). One iteration:
 
 1. the learner sends every worker the policy weights (``state_dict`` as CPU tensors) and the statistics
    of the observation normaliser and the reward scaler;
@@ -27,33 +26,46 @@ from __future__ import annotations
 import warnings
 from collections import deque
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from ..envs import ObsNormalizer, RewardScaler
 from ..rollout import Rollout, episode_counters, restore_episode_counters
+from .processes import ProcessPool
+from .ray_pool import RayPool
 from .workers import RolloutWorker, WorkerPlan, WorkerResult
+
+
+class WorkerPool(Protocol):
+    """Runs the ``RolloutWorker``s of a ``WorkerPlan``: ``InProcessPool``, ``ProcessPool`` or ``RayPool``."""
+
+    def submit(self, weights: dict[str, torch.Tensor], obs_stats: dict[str, Any] | None,
+               reward_stats: dict[str, Any] | None, n_steps: int) -> Any:
+        """Start one rollout of every worker with these weights and (frozen) statistics; a handle for gather."""
+
+    def gather(self, handle: Any) -> list[WorkerResult]:
+        """The workers' results of that rollout, a worker that fails replaced and its share run again (a second
+        failure raises ``WorkerFailure``)."""
+
+    def close(self) -> None:
+        """Stop the workers (one still stepping a rollout too)."""
 
 
 class DistributedSampler:
     """The learner's side of the worker samplers: the merge of the workers' rollouts, the statistics.
 
     ``obs_normalizer`` and ``reward_scaler`` are the learner's (saved with the model); the workers only
-    ever normalise with a frozen copy of their statistics. ``seed`` seeds the copies (global copy i gets
-    ``seed + i``); worker w samples actions with a generator seeded from ``(seed, w)`` (``WorkerPlan``).
-    ``pool`` builds the worker pool from the plan (None: no workers, only the merge).
+    ever normalise with a frozen copy of their statistics. ``plan`` says which copies each worker of ``pool``
+    steps and how they are seeded.
     """
 
-    def __init__(self, env_id: str, config, seed: int, obs_normalizer: ObsNormalizer,
-                 reward_scaler: RewardScaler, device: torch.device, action_mask=None,
-                 pool: Callable[[WorkerPlan], Any] | None = None):
-        self.env_id, self.seed, self.device = env_id, seed, torch.device(device)
+    def __init__(self, plan: WorkerPlan, pool: WorkerPool, obs_normalizer: ObsNormalizer,
+                 reward_scaler: RewardScaler, device: torch.device):
+        self.plan, self.pool, self.device = plan, pool, torch.device(device)
         self.obs_norm, self.rew_scale = obs_normalizer, reward_scaler
-        self.plan = WorkerPlan(env_id, config, seed, action_mask)
-        self.n_envs, self.n_workers = self.plan.n_envs, self.plan.n_workers
-        self.info_keys = tuple(config.env.info_keys)
+        self.n_envs, self.n_workers, self.info_keys = plan.n_envs, plan.n_workers, plan.info_keys
         self.recent_returns: deque[float] = deque(maxlen=100)
         self.recent_lengths: deque[int] = deque(maxlen=100)
         self.recent_infos: deque[tuple[float, ...]] = deque(maxlen=100)
@@ -64,11 +76,10 @@ class DistributedSampler:
         self.steps = 0
         self.dropped = 0
         self._pending = None  # (weights, n_steps, handle) of a rollout started by prefetch
-        self.pool = pool(self.plan) if pool is not None else None
 
     @property
     def worker_restarts(self) -> int:
-        return sum(self.plan.restarts)
+        return sum(self.plan.replacements)
 
     def log_stats(self) -> dict[str, Any]:
         """Columns for the progress log."""
@@ -149,9 +160,8 @@ class DistributedSampler:
         return False
 
     def close(self) -> None:
-        busy, self._pending = self._pending is not None, None
-        if self.pool is not None:
-            self.pool.close(busy)
+        self._pending = None
+        self.pool.close()
 
 
 class InProcessPool:
@@ -167,7 +177,7 @@ class InProcessPool:
     def gather(self, results: list[WorkerResult]) -> list[WorkerResult]:
         return results
 
-    def close(self, busy: bool = False) -> None:
+    def close(self) -> None:
         for w in self.workers:
             w.close()
         self.workers = []
@@ -180,19 +190,14 @@ def _same_weights(policy: torch.nn.Module, weights: dict[str, torch.Tensor]) -> 
 
 def make_sampler(kind: str, env_id: str, config, seed: int, obs_normalizer: ObsNormalizer,
                  reward_scaler: RewardScaler, device: torch.device, action_mask=None) -> DistributedSampler:
-    """The ``sampler='workers'``, ``'processes'`` or ``'ray'`` sampler for a run (``config.distributed``); ``action_mask``:
-    None, an info key or a callable (``Agent.action_mask_source``)."""
+    """The ``sampler='workers'``, ``'processes'`` or ``'ray'`` sampler for a run (``config.distributed``); global copy i
+    is seeded ``seed + i``; ``action_mask``: None, an info key or a callable (``Agent.action_mask_source``)."""
     d = config.distributed
-    if kind == "workers":
-        pool = InProcessPool
-    elif kind == "ray":
-        from .ray_pool import RayPool
-
-        pool = partial(RayPool, address=d.ray_address, timeout=d.worker_timeout, start_timeout=d.worker_start_timeout)
-    elif kind == "processes":
-        from .processes import ProcessPool
-
-        pool = partial(ProcessPool, timeout=d.worker_timeout, start_timeout=d.worker_start_timeout)
-    else:
+    pools = {"workers": InProcessPool,
+             "processes": partial(ProcessPool, timeout=d.worker_timeout, start_timeout=d.worker_start_timeout),
+             "ray": partial(RayPool, address=d.ray_address, timeout=d.worker_timeout,
+                            start_timeout=d.worker_start_timeout)}
+    if kind not in pools:
         raise ValueError(f"unknown sampler {kind!r}; valid: 'local', 'processes', 'workers', 'ray'")
-    return DistributedSampler(env_id, config, seed, obs_normalizer, reward_scaler, device, action_mask, pool)
+    plan = WorkerPlan(env_id, config, seed, action_mask)
+    return DistributedSampler(plan, pools[kind](plan), obs_normalizer, reward_scaler, device)

@@ -1,8 +1,10 @@
 """A rollout worker: a share of the environment copies, its own policy copy, frozen normalisers.
 
-``RolloutWorker`` is plain Python (no Ray): the Ray sampler wraps it in an actor with ``ray.remote``,
-the in-process reference sampler (``sampler='workers'``) calls it directly, so both run the same code
-and, given the same seed and number of workers, produce the same batches bit for bit.
+``RolloutWorker`` is plain Python (no Ray): the Ray pool wraps it in an actor with ``ray.remote``, the process
+pool runs it in a worker process, the in-process pool (``sampler='workers'``) calls it directly, so all three
+run the same code and, given the same seed and number of workers, produce the same batches bit for bit.
+``WorkerPlan`` says which copies each worker steps and how it (and each of its replacements) is seeded;
+``WorkerFailure`` is what a pool raises when a worker fails again after being replaced.
 
 Each call of ``collect`` receives the learner's policy weights and normaliser statistics, steps the
 worker's copies ``n_steps`` times with the normalisers frozen, and returns the rollout together with what
@@ -49,7 +51,7 @@ class WorkerSpec:
     torch_threads: int = 1
     action_squash: str = "clip"
     action_mask: Any = None
-    """None, an info key, or a callable (shipped with cloudpickle by Ray)."""
+    """None, an info key, or a callable (pickled to a worker process; cloudpickled to a Ray actor)."""
     env_kwargs: dict = field(default_factory=dict)
     """Keyword arguments for gymnasium.make of each copy."""
     info_keys: tuple = ()
@@ -69,7 +71,8 @@ class WorkerPlan:
     """Which environment copies each worker steps, and how each worker and each of its replacements is seeded.
 
     The copies are split as evenly as possible, worker 0's first; global copy i is seeded ``seed + i``. The
-    worker pools ask ``spec(w)`` for what to build and ``replace(w)`` for a replacement's spec.
+    worker pools ask ``spec(w)`` for what to build and ``replace(w)`` for a replacement's spec; the plan counts
+    the replacements of each worker, which choose the replacement's seeds.
     """
 
     def __init__(self, env_id: str, config, seed: int, action_mask=None):
@@ -78,26 +81,27 @@ class WorkerPlan:
         self.n_workers = config.distributed.workers
         self.sizes = split_copies(self.n_envs, self.n_workers, "workers")
         self.offsets = np.cumsum([0, *self.sizes[:-1]]).tolist()
-        self.spec_args = dict(env_id=env_id, hidden=tuple(p.hidden), activation=p.activation,
-                              log_std_init=float(p.log_std_init), obs_clip=e.obs_clip,
-                              normalize_obs=e.normalize_obs, gamma=config.advantage.gamma,
-                              reward_clip=e.reward_clip, normalize_reward=e.normalize_reward,
-                              nonfinite=e.nonfinite_env, torch_threads=config.run.torch_threads,
-                              action_squash=p.action_squash, action_mask=action_mask,
-                              env_kwargs=dict(e.env_kwargs), info_keys=tuple(e.info_keys))
-        self.restarts = [0] * self.n_workers  # replacements per worker
+        self.action_mask, self.info_keys = action_mask, tuple(e.info_keys)
+        self._spec_args = dict(env_id=env_id, hidden=tuple(p.hidden), activation=p.activation,
+                               log_std_init=float(p.log_std_init), obs_clip=e.obs_clip,
+                               normalize_obs=e.normalize_obs, gamma=config.advantage.gamma,
+                               reward_clip=e.reward_clip, normalize_reward=e.normalize_reward,
+                               nonfinite=e.nonfinite_env, torch_threads=config.run.torch_threads,
+                               action_squash=p.action_squash, action_mask=action_mask,
+                               env_kwargs=dict(e.env_kwargs), info_keys=tuple(e.info_keys))
+        self.replacements = [0] * self.n_workers
 
     def spec(self, w: int) -> WorkerSpec:
         """The spec of worker w; its r-th replacement seeds its copies ``seed + i + r·n_envs`` (fresh
         episodes, no seed shared with any other copy) and its generator from ``(seed, w, r)``."""
-        r = self.restarts[w]
+        r = self.replacements[w]
         return WorkerSpec(offset=self.offsets[w], n_envs=self.sizes[w],
                           reset_seed=self.seed + self.offsets[w] + r * self.n_envs,
-                          generator_seed=generator_seed(self.seed, w, r), **self.spec_args)
+                          generator_seed=generator_seed(self.seed, w, r), **self._spec_args)
 
     def replace(self, w: int) -> WorkerSpec:
         """Count a replacement of worker w and return the spec it is built from."""
-        self.restarts[w] += 1
+        self.replacements[w] += 1
         return self.spec(w)
 
 
