@@ -309,6 +309,29 @@ def test_acktr_step_meets_documented_quadratic_kl(kind):
     assert capped_stats["step/kl_bound_active"] == 0.0 and 0.5 * float(step3 @ M2 @ step3) < delta
 
 
+def test_acktr_momentum_direction_over_several_updates_against_a_loop(float64):
+    """v₁ = d₁, v_k = μ·v_{k−1} + (1 − μ)·d_k, back to v_k = d_k where gₖᵀv ≤ 0; each step is η·v_k with
+    η = min(η_max, √(2δ / v_kᵀF̂v_k)) — a plain loop over five updates (the identity as F̂), one of them a reset."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(6, generator=gen)
+    ds = [base + 0.5 * torch.randn(6, generator=gen) for _ in range(5)]
+    gs = [d.clone() for d in ds]
+    gs[3] = -(0.9 * 0.9 * ds[0] + ds[3])  # descends along the remembered direction: a reset at update 4
+    param = nn.Parameter(torch.zeros(6))
+    delta, mu = 1e-3, 0.9
+    rule = KFACClip(delta, eta_max=1e6, momentum=mu)
+    v = None
+    for k, (d, g) in enumerate(zip(ds, gs)):
+        before = param.detach().clone()
+        stats = rule.apply([param], d, g, fisher.Identity(), None)
+        want = d if v is None else mu * v + (1 - mu) * d
+        reset = v is not None and float(g @ want) <= 0
+        v = d if reset else want
+        assert stats["step/momentum_reset"] == float(reset) and reset == (k == 3)
+        eta = min(1e6, math.sqrt(2 * delta / float(v @ v)))
+        torch.testing.assert_close(param.detach() - before, eta * v, rtol=1e-12, atol=1e-15)
+
+
 def test_acktr_step_kl_against_dense_fisher_and_exact_kl_where_kfac_is_exact():
     """Linear Gaussian policy, λ = 0: K-FAC = F, so ½ΔᵀFΔ = δ with the exact dense Fisher, and the exact
     mean KL(old‖new) agrees with δ to second order."""
@@ -499,6 +522,56 @@ def test_ppo_update_improves_surrogate_and_target_kl_stops_early():
     assert stats["step/sgd_steps"] == 1 and stats["step/early_stop"] == 1.0
 
 
+def test_ppo_target_kl_stops_at_the_first_minibatch_whose_kl_old_new_exceeds_it(float64):
+    """The passes stop before the first minibatch whose mean KL(old‖new) — the closed-form Gaussian KL, old first —
+    exceeds target_kl. The KLs each minibatch would see are recorded in a run without the stop; target_kl is
+    chosen where the reverse KL(new‖old), or a stop at 1.5·target_kl, would stop at another minibatch."""
+
+    def gaussian_kl(p, q):  # KL(p‖q) of diagonal Gaussians, summed over action dimensions, averaged over states
+        p, q = p.base_dist, q.base_dist  # Independent(Normal)
+        return float((q.scale.log() - p.scale.log() + (p.scale**2 + (p.loc - q.loc) ** 2) / (2 * q.scale**2)
+                      - 0.5).sum(-1).mean())
+
+    policy = make_policy("gauss")
+    batch = make_batch(policy, n=128)
+    start = copy.deepcopy(policy.state_dict())
+
+    def run(target_kl, record=None):
+        policy.load_state_dict(start)
+        update = ClippedSurrogateUpdate(alpha=3e-2, clip_range=0.2, epochs=4, minibatch=32, target_kl=target_kl,
+                                        generator=torch.Generator().manual_seed(0))
+        if record is not None:
+            dist = policy.dist
+
+            def recording(obs):
+                out = dist(obs)
+                if obs.shape[0] == 32:  # a minibatch, seen before its step
+                    old = policy.head.dist(batch.eta_old[[int(i) for i in idx_of(obs)]])
+                    new = policy.head.dist(policy(obs).detach())
+                    record.append((gaussian_kl(old, new), gaussian_kl(new, old)))
+                return out
+
+            policy.dist = recording
+        try:
+            return update.update(policy, batch)["step/sgd_steps"]
+        finally:
+            policy.__dict__.pop("dist", None)
+
+    rows = {tuple(o.tolist()): i for i, o in enumerate(batch.obs)}
+    idx_of = lambda obs: [rows[tuple(o.tolist())] for o in obs]  # noqa: E731
+    kls = []
+    assert run(0.0, kls) == 16 and len(kls) == 16 and kls[0] == (0.0, 0.0)
+
+    def first_above(values, t):  # steps taken before the stop
+        return next((k for k, v in enumerate(values) if v > t), len(values))
+
+    forward, reverse = [f for f, _ in kls], [r for _, r in kls]
+    candidates = sorted({(a + b) / 2 for a in forward + reverse for b in forward + reverse if a != b})
+    target = next(t for t in candidates
+                  if len({first_above(forward, t), first_above(reverse, t), first_above(forward, 1.5 * t)}) == 3)
+    assert run(target) == first_above(forward, target)
+
+
 def test_value_clipping_limits_the_loss_to_the_clipped_range():
     torch.manual_seed(0)
     critic = ClippedValueCritic(OBS_DIM, (8,), "tanh", lr=1e-2, epochs=5, minibatch=16, value_clip=0.1)
@@ -651,6 +724,23 @@ def test_adam_step_matches_torch_adam():
             c.grad = -gi.view_as(c)  # torch minimises; the rule ascends
         opt.step()
         torch.testing.assert_close(get_flat(params), flatten([c.detach() for c in clone]), rtol=1e-12, atol=1e-14)
+
+
+def test_adam_step_clips_only_directions_longer_than_max_norm(float64):
+    """max_norm bounds ‖d‖ before Adam's moments see it: a longer direction is scaled to that norm, a shorter one
+    is left as it is — checked against torch's Adam fed d·min(1, max_norm/‖d‖)."""
+    gen = torch.Generator().manual_seed(2)
+    directions = [torch.randn(5, generator=gen) * scale for scale in (0.1, 10.0, 0.2, 5.0)]
+    max_norm = 1.0
+    assert {bool(d.norm() > max_norm) for d in directions} == {True, False}
+    param, twin = nn.Parameter(torch.zeros(5)), nn.Parameter(torch.zeros(5))
+    rule, opt = AdamStep(0.05, max_norm=max_norm), torch.optim.Adam([twin], lr=0.05, eps=1e-8)
+    for d in directions:
+        stats = rule.apply([param], d, d, fisher.Identity(), None)
+        assert stats["step/direction_norm"] == pytest.approx(float(d.norm()), rel=1e-12)
+        twin.grad = -d * min(1.0, max_norm / float(d.norm()))
+        opt.step()
+        torch.testing.assert_close(param.detach(), twin.detach(), rtol=1e-12, atol=1e-14)
 
 
 # --------------------------------------------------------------------------------------------------

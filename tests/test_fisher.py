@@ -133,6 +133,25 @@ def test_conjugate_gradient_is_deterministic_and_honours_x0_and_cap(float64):
     assert torch.allclose(x1, (b @ b) / (b @ F @ b) * b)  # one CG step from zero = exact line search along b
 
 
+def test_conjugate_gradient_stops_on_the_residual_relative_to_b(float64):
+    """‖r‖ ≤ tol·‖b‖: scaling b scales x and changes neither the iterations nor the stop (a gradient of 1e-9
+    is solved as carefully as one of 1); the returned residual is ‖b − Fx‖. Powers of two scale exactly."""
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(25, 25, generator=g)
+    F = A @ A.T / 25 + 0.01 * torch.eye(25)
+    b = torch.randn(25, generator=g)
+    scales = (2.0**-30, 2.0**20)
+    runs = [conjugate_gradient(lambda v: F @ v, c * b, max_iters=100, tol=1e-6) for c in (1.0, *scales)]
+    (x, info), *scaled = runs
+    assert info.converged and 1 < info.iterations < 100
+    for c, (xc, info_c) in zip(scales, scaled):
+        assert info_c.iterations == info.iterations and info_c.converged
+        assert torch.equal(xc, c * x)
+        assert info_c.residual_norm <= 1e-6 * c * float(torch.linalg.vector_norm(b))
+        torch.testing.assert_close(info_c.residual_norm, float(torch.linalg.vector_norm(c * b - F @ xc)), rtol=1e-5,
+                                   atol=0.0)
+
+
 def test_preconditioned_cg_is_plain_cg_on_the_transformed_system(float64):
     """PCG with M is plain CG on M^-1/2 F M^-1/2 y = M^-1/2 b, x = M^-1/2 y, iterate for iterate (the
     transformed system formed as a dense matrix here); it converges to F⁻¹b; with M = F it takes one step."""
