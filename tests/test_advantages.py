@@ -1,5 +1,7 @@
 """GAE against a plain per-episode loop, with terminations, truncations and the rollout's end."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -54,7 +56,9 @@ def test_advantage_normalisation_uses_std_plus_eps_and_survives_degenerate_batch
     a = torch.tensor([1.0, 2.0, 3.0, 6.0])
     out = normalize_advantages(a, eps=1e-8)
     assert torch.allclose(out, (a - a.mean()) / (a.std() + 1e-8))
-    assert torch.isfinite(normalize_advantages(torch.tensor([3.0]))).all()
+    two = normalize_advantages(torch.tensor([1.0, 3.0]), eps=0.0)  # mean 2, sample std √2: scaled like any batch
+    torch.testing.assert_close(two, torch.tensor([-1.0, 1.0]) / math.sqrt(2.0), rtol=1e-15, atol=0.0)
+    assert normalize_advantages(torch.tensor([3.0])).tolist() == [0.0]  # one value: std undefined, only centred
     assert torch.isfinite(normalize_advantages(torch.zeros(7))).all()
     assert torch.all(normalize_advantages(torch.zeros(7)) == 0)
 
