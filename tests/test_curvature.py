@@ -334,6 +334,59 @@ def test_kfac_conv_factors_loop_reference_and_solve():
     torch.testing.assert_close(kfac.solve(g), torch.linalg.solve(M, g), rtol=1e-8, atol=1e-10)
 
 
+def test_undamped_dense_and_diagonal_solve_a_singular_fisher_by_its_pseudo_inverse():
+    """damping=0 on a Fisher that is singular twice over — an input that is always 0 (its weights' rows and columns
+    are exactly zero) and the categorical's logit shift (an eigenvalue at rounding level, which a Cholesky accepts
+    and inverts into a huge step): Dense returns pinv(F)·g, the minimum-norm solution, and Diagonal leaves the zero
+    entries at zero (the pseudo-inverse of diag F) instead of dividing by them."""
+    policy = make_policy("cat", hidden=())
+    obs, _ = batch(policy, n=40)
+    obs[:, 0] = 0.0
+    F = dense_fisher(policy, obs)
+    g = torch.randn(F.shape[0], generator=torch.Generator().manual_seed(3))
+    dense = Dense(damping=0.0)
+    dense.fit(policy, obs)
+    x = dense.solve(g)
+    torch.testing.assert_close(x, torch.linalg.pinv(F, hermitian=True) @ g, rtol=1e-8, atol=1e-10)
+    assert float(x.norm()) < 1e3 * float(g.norm())
+    # Where rounding leaves every pivot of the singular F positive, a Cholesky "succeeds" (‖x‖ ~ 1e16 here):
+    # the first such seed shows that Dense does not take it.
+    for seed in range(300):
+        other = make_policy("cat", hidden=(), seed=seed)
+        other_obs, _ = batch(other, n=40, seed=seed)
+        F_other = dense_fisher(other, other_obs)
+        if int(torch.linalg.cholesky_ex(F_other)[1]) == 0:
+            break
+    else:
+        pytest.fail("no seed gave a singular Fisher with a successful Cholesky")
+    dense.fit(other, other_obs)
+    torch.testing.assert_close(dense.solve(g), torch.linalg.pinv(F_other, hermitian=True) @ g, rtol=1e-8, atol=1e-10)
+    diag = Diagonal(damping=0.0)
+    diag.fit(policy, obs)
+    f = F.diagonal()
+    assert int((f == 0).sum()) == 4 and torch.equal(diag.diag == 0, f == 0)  # W[:, 0] of the 4 logits
+    torch.testing.assert_close(diag.solve(g), torch.linalg.pinv(torch.diag(f)) @ g, rtol=1e-10, atol=0.0)
+
+
+def test_psd_solve_drops_the_eigenvalues_at_or_below_its_cutoff_negative_ones_too():
+    """The pseudo-inverse of the positive part: eigenvalues that are rounding noise of a PSD matrix (≤ n·eps·max,
+    with eps of the precision it was formed in) and negative ones are treated as zero, never inverted."""
+    from natpg.fisher.curvature import psd_solve
+
+    Q, _ = torch.linalg.qr(torch.randn(5, 5, generator=torch.Generator().manual_seed(4)))
+    evals = torch.tensor([3.0, 1.0, 1e-3, -0.5, 1e-16])  # float64 cutoff: 5·2.2e-16·3 = 3.3e-15
+    A = Q @ torch.diag(evals) @ Q.T
+    b = torch.randn(5, generator=torch.Generator().manual_seed(5))
+    keep = torch.tensor([1 / 3.0, 1.0, 1e3, 0.0, 0.0])
+    torch.testing.assert_close(psd_solve(A, b, cholesky=False), Q @ (keep * (Q.T @ b)), rtol=1e-9, atol=1e-12)
+    # formed in float32, the cutoff is 5·1.2e-7·3 = 1.8e-6: 1e-3 is still inverted, 1e-6 is not
+    torch.testing.assert_close(psd_solve(A, b, cholesky=False, formed_in=torch.float32), Q @ (keep * (Q.T @ b)),
+                               rtol=1e-9, atol=1e-12)
+    small = Q @ torch.diag(torch.tensor([3.0, 1.0, 1e-6, 0.0, 0.0])) @ Q.T
+    torch.testing.assert_close(psd_solve(small, b, cholesky=False, formed_in=torch.float32),
+                               Q @ (torch.tensor([1 / 3.0, 1.0, 0.0, 0.0, 0.0]) * (Q.T @ b)), rtol=1e-9, atol=1e-12)
+
+
 def test_diagonal_of_conv_policy_equals_dense_diagonal():
     """Positions share the conv weight: the per-sample score sums over them before it is squared."""
     torch.manual_seed(2)
