@@ -521,6 +521,104 @@ def test_kfac_fallback_when_cholesky_fails(monkeypatch):
     torch.testing.assert_close(kfac.mv(g)[idx], M @ g[idx])
 
 
+def test_kfac_leaves_a_non_finite_batch_out_of_its_averages():
+    """A batch whose factors are not finite (a NaN observation) leaves the moving averages as they were, and is
+    counted; a first batch that was not finite is replaced by the next finite one instead of poisoning it."""
+    policy = make_policy("gauss", hidden=(5,))
+    good = [batch(policy, seed=s)[0] for s in (1, 2)]
+    bad = good[0].clone()
+    bad[3, 1] = float("nan")
+    fresh = []
+    for obs in good:
+        k = KFAC(damping=0.1, estimator="exact")
+        k.fit(policy, obs)
+        fresh.append(k.factors)
+    k = KFAC(damping=0.1, ema_decay=0.7, estimator="exact")
+    k.fit(policy, good[0])
+    k.fit(policy, bad)
+    assert k.stats["fisher/kfac_nonfinite_batches"] == 2  # both layers: the hidden one's A and G, the output A
+    for (A, G), (A0, G0) in zip(k.factors, fresh[0]):  # (the output G, F_out's μ block, does not see the NaN)
+        torch.testing.assert_close(A, A0, rtol=1e-14, atol=0.0), torch.testing.assert_close(G, G0, rtol=1e-14, atol=0.0)
+    k.fit(policy, good[1])
+    for (A, G), (A0, G0), (A1, G1) in zip(k.factors, fresh[0], fresh[1]):
+        torch.testing.assert_close(A, 0.7 * A0 + 0.3 * A1), torch.testing.assert_close(G, 0.7 * G0 + 0.3 * G1)
+    k = KFAC(damping=0.1, ema_decay=0.7, estimator="exact")
+    k.fit(policy, bad)
+    k.fit(policy, good[1])
+    for (A, G), (A1, G1) in zip(k.factors, fresh[1]):
+        torch.testing.assert_close(A, A1, rtol=1e-14, atol=0.0), torch.testing.assert_close(G, G1, rtol=1e-14, atol=0.0)
+
+
+def test_kfac_solve_follows_a_changed_damping():
+    """The damped inverses are cached for one damping: a KFAC whose damping is changed after the fit solves with
+    the new one, as the explicit Kronecker matrix of the new damping (and a KFAC fitted with it) does."""
+    policy = make_policy("gauss", hidden=(5,))
+    obs, _ = batch(policy)
+    g = torch.randn(sum(p.numel() for p in policy.actor_parameters()), generator=torch.Generator().manual_seed(6))
+    kfac = KFAC(damping=0.1, estimator="exact")
+    kfac.fit(policy, obs)
+    first = kfac.solve(g)
+    kfac.damping = 0.4
+    M = explicit_kfac(policy, kfac, 0.4, kfac.rest_fisher)
+    torch.testing.assert_close(kfac.solve(g), torch.linalg.solve(M, g), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(kfac.mv(g), M @ g, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(kfac.solve(g), first)
+
+
+def test_damped_inverse_is_scale_equivariant_and_refuses_tiny_pivots():
+    """The jitter is relative to the largest diagonal entry: damped_inverse(c·M) is (c·M', M'⁻¹/c), bit for bit for
+    c a power of four. A Cholesky that succeeds with a pivot² below PIVOT_FLOOR·max is not taken: M + 1e-10·max·I
+    is. Where every factorisation fails, the diagonal is floored at PIVOT_FLOOR·max (finite inverse)."""
+    from natpg.fisher.kfac import JITTERS, PIVOT_FLOOR, damped_inverse
+
+    Q, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(7)))
+    M = Q @ torch.diag(torch.tensor([2.0, 1.0, 0.5, 1e-14])) @ Q.T  # pivots² down to ~1e-14: below the floor
+    Md, M_inv, fell_back = damped_inverse(M)
+    scale = float(M.diagonal().max())
+    assert fell_back and torch.equal(Md, M + JITTERS[0] * scale * torch.eye(4))
+    torch.testing.assert_close(Md @ M_inv, torch.eye(4), rtol=0.0, atol=1e-5)
+    for c in (4.0**20, 4.0**-20):
+        Mc, Mc_inv, fell_back_c = damped_inverse(c * M)
+        assert fell_back_c and torch.equal(Mc, c * Md) and torch.equal(Mc_inv, M_inv / c)
+    well = Q @ torch.diag(torch.tensor([2.0, 1.0, 0.5, 0.25])) @ Q.T
+    Wd, W_inv, fell_back = damped_inverse(well)
+    assert not fell_back and torch.equal(Wd, well)
+    torch.testing.assert_close(W_inv, torch.linalg.inv(well), rtol=1e-12, atol=1e-12)
+
+
+def test_damped_inverse_diagonal_fallback_is_floored(monkeypatch):
+    from natpg.fisher.kfac import PIVOT_FLOOR, damped_inverse
+
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda M: (real(M)[0], torch.tensor(1)))
+    Md, M_inv, fell_back = damped_inverse(torch.diag(torch.tensor([4.0, 0.0, 1.0])))
+    assert fell_back
+    assert torch.equal(Md, torch.diag(torch.tensor([4.0, PIVOT_FLOOR * 4.0, 1.0])))
+    assert torch.equal(M_inv, torch.diag(torch.tensor([0.25, 1.0 / (PIVOT_FLOOR * 4.0), 1.0])))
+
+
+def test_generic_rest_block_is_the_dense_block_whatever_the_chunk():
+    """Parameters outside the Linear layers, read through their Jacobian (here a bias and the log-std, asked for
+    as the rest): the chunked sum equals the dense Fisher's block, exact and empirical, for any chunk size."""
+    from natpg.fisher.kfac import rest_block
+
+    policy = make_policy("gauss", hidden=(5,))
+    obs, act = batch(policy, n=23)
+    last = linear_layers(policy)[-1]
+    rest = [last.bias, policy.log_std]
+    off = offsets(policy)
+    idx = torch.tensor([off[id(p)] + j for p in rest for j in range(p.numel())])
+    with torch.no_grad():
+        eta = policy(obs)
+    F = dense_fisher(policy, obs)
+    F_emp = loop_empirical_fisher(policy, obs, act)
+    for chunk in (1, 5, 23, 4096):
+        torch.testing.assert_close(rest_block(policy, obs, rest, eta, chunk=chunk), block(F, idx), rtol=1e-10,
+                                   atol=1e-12)
+        torch.testing.assert_close(rest_block(policy, obs, rest, eta, act, chunk=chunk), block(F_emp, idx),
+                                   rtol=1e-10, atol=1e-12)
+
+
 # --------------------------------------------------------------------------------------------------
 # Empirical Fisher
 # --------------------------------------------------------------------------------------------------
@@ -562,6 +660,22 @@ def test_empirical_solve_woodbury_and_cg(kind, n):
     g = torch.randn(P)
     torch.testing.assert_close(emp.solve(g), torch.linalg.solve(F_ref + lam * torch.eye(P), g),
                                rtol=1e-7, atol=1e-9)
+
+
+def test_empirical_woodbury_solve_when_its_cholesky_fails(monkeypatch):
+    """The Gram's Cholesky failing in floating point: the same Woodbury identity with the pseudo-inverse of the
+    damped Gram SSᵀ + NλI, which still gives (F_emp + λI)⁻¹ g."""
+    policy = make_policy("cat", hidden=(4,))
+    obs, act = batch(policy, n=8)
+    emp = Empirical(damping=0.05)
+    emp.fit(policy, obs, act)
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda M: (real(M)[0], torch.tensor(1)))
+    g = torch.randn(emp.scores.shape[1], generator=torch.Generator().manual_seed(8))
+    x = emp.solve(g)
+    assert emp._factor()[0] == "pinv_damped"
+    F_ref = loop_empirical_fisher(policy, obs, act)
+    torch.testing.assert_close(x, torch.linalg.solve(F_ref + 0.05 * torch.eye(len(g)), g), rtol=1e-7, atol=1e-9)
 
 
 def test_empirical_zero_damping_uses_pseudo_inverse():

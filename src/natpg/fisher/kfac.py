@@ -473,9 +473,12 @@ class KFAC:
         self.fallbacks = int(state["fallbacks"])
 
     def _ema(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        # A non-finite batch statistic is dropped rather than poisoning the average for good.
+        # A non-finite batch statistic is dropped rather than poisoning the average for good (a first batch that
+        # was not finite is replaced by the next finite one).
         if not bool(torch.isfinite(new).all()):
             return old
+        if not bool(torch.isfinite(old).all()):
+            return new
         return self.ema_decay * old + (1.0 - self.ema_decay) * new
 
     def _inverses(self) -> tuple[list[_Damped], tuple[torch.Tensor, torch.Tensor] | None]:
