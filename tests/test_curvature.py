@@ -569,7 +569,7 @@ def test_damped_inverse_is_scale_equivariant_and_refuses_tiny_pivots():
     """The jitter is relative to the largest diagonal entry: damped_inverse(c·M) is (c·M', M'⁻¹/c), bit for bit for
     c a power of four. A Cholesky that succeeds with a pivot² below PIVOT_FLOOR·max is not taken: M + 1e-10·max·I
     is. Where every factorisation fails, the diagonal is floored at PIVOT_FLOOR·max (finite inverse)."""
-    from natpg.fisher.kfac import JITTERS, PIVOT_FLOOR, damped_inverse
+    from natpg.fisher.kfac import JITTERS, damped_inverse
 
     Q, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(7)))
     M = Q @ torch.diag(torch.tensor([2.0, 1.0, 0.5, 1e-14])) @ Q.T  # pivots² down to ~1e-14: below the floor
