@@ -187,11 +187,15 @@ def test_nac_direction_is_the_empirical_fisher_natural_gradient(float64, kind):
     w = compatible_least_squares(compatible_features(policy, batch.obs, batch.act), batch.adv, lam)
     torch.testing.assert_close(w, emp.solve(g), rtol=0, atol=1e-9)
     theta0 = get_flat(params)
+    F = fisher.dense_fisher(policy, batch.obs)  # at θ_old: the logged ratio compares the two Fishers along w
     stats = NaturalActorCritic(lam, FixedStep(0.3)).update(policy, batch)
     torch.testing.assert_close(get_flat(params) - theta0, 0.3 * w, rtol=0, atol=1e-12)
     residual = batch.adv - Psi @ w
     r2 = 1 - float(residual.square().sum() / (batch.adv - batch.adv.mean()).square().sum())
     assert stats["nac/critic_r2"] == pytest.approx(r2, abs=1e-10)
+    assert stats["grad/norm"] == pytest.approx(float(g.norm()), rel=1e-10)  # g = ΨᵀÂ/N, the surrogate's gradient
+    assert stats["nac/emp_to_true_curvature"] == pytest.approx(float(w @ (Psi.T @ Psi / 20) @ w) / float(w @ F @ w),
+                                                                 rel=1e-8)
 
 
 def test_kl_step_is_measured_with_the_exact_fisher(float64):
