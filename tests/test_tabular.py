@@ -35,11 +35,13 @@ from natpg.tabular import (
     policy_kl,
     q_values,
     random_mdp,
+    soft_optimal_policy,
     soft_policy_gradient,
     softmax_policy,
     state_distribution,
     step_sizes,
     taxi,
+    value_iteration,
     values,
 )
 
@@ -511,6 +513,104 @@ def test_geometric_step_sizes_converge_linearly():
         assert gap[-1] < 1e-10
         const = npg(m, eta0, T, keep_thetas=False)
         assert v_star - const.values[-1] > 1e-6  # the constant step is still far behind
+
+
+def test_soft_optimal_policy_matches_an_independent_soft_value_iteration():
+    """Q*_tau is the fixed point of Q = R + gamma P (tau log sum_a exp(Q / tau)), pi*_tau propto exp(Q*_tau / tau)."""
+    m = random_mdp(10, 4, 0.9, seed=14)
+    for tau in (0.05, 0.3, 2.0):
+        pi, Q = soft_optimal_policy(m, tau)
+        pi_ref, Q_ref = ref_soft_optimum(m, tau)
+        np.testing.assert_allclose(Q, Q_ref, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(pi, pi_ref, rtol=0, atol=1e-9)
+
+
+def test_npg_iterates_are_theta_plus_eta_advantage_over_one_minus_gamma():
+    """The softmax NPG update in closed form (Kakade 2001; Agarwal et al. 2021): theta_{t+1} = theta_t +
+    eta A^{pi_t} / (1 - gamma), with A = Q - V from an explicit inverse — the iterates themselves, not only the
+    policies (a per-state constant, Q for A, would leave the policies as they are)."""
+    m = tiny_mdp(seed=3)
+    h = npg(m, 0.7, 4)
+    for t in range(4):
+        pi = ref_softmax(h.thetas[t])
+        V = ref_solve_values(m, pi)
+        A = m.R + m.gamma * np.einsum("sat,t->sa", m.P, V) - V[:, None]
+        np.testing.assert_allclose(h.thetas[t + 1], h.thetas[t] + 0.7 * A / (1 - m.gamma), rtol=1e-10, atol=1e-12)
+
+
+def test_npg_bound_formula():
+    """log|A| / (eta T) + 1 / ((1 - gamma)^2 T), worked by hand: log 4 / 20 + 1 / (0.01 * 10) = 10.0693147..."""
+    assert npg_bound(2.0, 10, 0.9, 4) == pytest.approx(np.log(4) / 20 + 10.0, rel=1e-12)
+    assert npg_bound(2.0, 10, 0.9, 4) == pytest.approx(10.069314718055995, rel=1e-12)
+
+
+def test_value_iteration_stops_by_its_rule_and_polishes_to_the_exact_optimum():
+    """Sweeps stop at the first ||V_k+1 - V_k|| <= tol (1 - gamma) / (2 gamma) (a plain loop counts them); however
+    loose tol is, the returned V* and policy are exact: the polish improves the greedy policy until it is stable."""
+    m = chain(8, gamma=0.95)  # staying pays at once, going right pays later: sweeps cut short are myopic
+    exact = ref_policy_iteration_values(m)
+    for tol in (1e-8, 1.0, 50.0):
+        V, pi, sweeps = value_iteration(m, tol)
+        threshold = tol * (1 - m.gamma) / (2 * m.gamma)
+        W, k = np.zeros(m.n_states), 0
+        while True:
+            k += 1
+            W_new = (m.R + m.gamma * np.einsum("sat,t->sa", m.P, W)).max(axis=1)
+            if np.abs(W_new - W).max() <= threshold:
+                break
+            W = W_new
+        assert sweeps == k
+        np.testing.assert_allclose(V, exact, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(ref_solve_values(m, pi), exact, rtol=0, atol=1e-9)
+    greedy = np.eye(m.n_actions)[(m.R + m.gamma * np.einsum("sat,t->sa", m.P, W_new)).argmax(axis=1)]
+    assert sweeps == 1 and (ref_solve_values(m, greedy) < exact - 1e-6).any()  # at tol 50 the sweeps stop short
+
+
+def ref_policy_iteration_values(mdp: MDP) -> np.ndarray:
+    """V* by plain policy iteration from the first action everywhere, until no action changes."""
+    S, A = mdp.R.shape
+    pi = np.eye(A)[np.zeros(S, dtype=int)]
+    while True:
+        V = ref_solve_values(mdp, pi)
+        Q = mdp.R + mdp.gamma * np.einsum("sat,t->sa", mdp.P, V)
+        improve = Q.max(axis=1) > (pi * Q).sum(axis=1) + 1e-12
+        if not improve.any():
+            return V
+        pi[improve] = np.eye(A)[Q.argmax(axis=1)][improve]
+
+
+# ------------------------------------------------------------------------------ builders
+def test_gridworld_slips_to_the_two_perpendicular_moves():
+    """Open 3x3 grid, centre cell 4, slip 0.2: 'up' goes up with 0.8, left and right with 0.1 each, never down (and
+    likewise for 'down' and 'left'); at the top-left corner 'up' stays put with 0.8 + 0.1 (the left slip is blocked
+    too) and slips right with 0.1."""
+    m = gridworld(["S..", "...", "..G"], gamma=0.9, slip=0.2)
+    up, right, down, left = 0, 1, 2, 3
+    expected = np.zeros(9)
+    expected[[1, 3, 5]] = [0.8, 0.1, 0.1]
+    np.testing.assert_allclose(m.P[4, up], expected, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(m.P[4, down], np.eye(9)[7] * 0.8 + np.eye(9)[3] * 0.1 + np.eye(9)[5] * 0.1, rtol=0,
+                               atol=1e-15)
+    np.testing.assert_allclose(m.P[0, up], np.eye(9)[0] * 0.9 + np.eye(9)[1] * 0.1, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(m.P[0, right], np.eye(9)[1] * 0.8 + np.eye(9)[0] * 0.1 + np.eye(9)[3] * 0.1,
+                               rtol=0, atol=1e-15)
+    np.testing.assert_allclose(m.P[4, left], np.eye(9)[3] * 0.8 + np.eye(9)[1] * 0.1 + np.eye(9)[7] * 0.1, rtol=0,
+                               atol=1e-15)
+
+
+def test_from_gymnasium_reward_is_the_expected_reward_of_the_table():
+    """R[s, a] = sum over the table's outcomes of prob * reward: slippery FrozenLake pays 1/3 for 'right' next to
+    the goal (one of its three slips arrives), a plain loop over env.unwrapped.P for every pair."""
+    import gymnasium
+
+    m = frozen_lake(is_slippery=True, gamma=0.9)
+    env = gymnasium.make("FrozenLake-v1", is_slippery=True)
+    table = env.unwrapped.P
+    env.close()
+    for s in range(16):
+        for a in range(4):
+            assert m.R[s, a] == pytest.approx(sum(p * r for p, _, r, _ in table[s][a]), abs=1e-15)
+    assert m.R[14, 2] == pytest.approx(1 / 3)  # state 14, action 2 (right): the goal is state 15
 
 
 # ------------------------------------------------------------------------------ builders
