@@ -63,8 +63,9 @@ def test_bernoulli_fisher_equals_enumerated_score_outer_product(float64):
         torch.testing.assert_close(F, enumerated_fisher(head, eta, actions), rtol=1e-12, atol=1e-14)
 
 
-def test_kl_of_new_heads_matches_enumeration(float64):
-    """KL(p‖q) = Σ_a p(a)(log p(a) − log q(a)) for the registered multi-categorical KL and Bernoulli's."""
+def test_kl_and_entropy_of_new_heads_match_enumeration(float64):
+    """KL(p‖q) = Σ_a p(a)(log p(a) − log q(a)) for the registered multi-categorical KL and Bernoulli's, and the
+    entropy −Σ_a p(a) log p(a) over every joint action."""
     torch.manual_seed(2)
     cases = [(MultiCategoricalHead([3, 2]), [torch.tensor(a) for a in itertools.product(range(3), range(2))], 5),
              (BernoulliHead(), [torch.tensor(a, dtype=torch.float64) for a in itertools.product([0, 1], repeat=3)], 3)]
@@ -73,6 +74,8 @@ def test_kl_of_new_heads_matches_enumeration(float64):
         p, q = head.dist(e1), head.dist(e2)
         ref = sum(p.log_prob(a[None]).exp() * (p.log_prob(a[None]) - q.log_prob(a[None])) for a in actions)
         torch.testing.assert_close(kl_divergence(p, q), ref, rtol=1e-12, atol=1e-14)
+        entropy = -sum(p.log_prob(a[None]).exp() * p.log_prob(a[None]) for a in actions)
+        torch.testing.assert_close(p.entropy(), entropy, rtol=1e-12, atol=1e-14)
 
 
 # --------------------------------------------------------------------------------------------------
