@@ -238,13 +238,14 @@ def test_returns_and_aggregate_name_files_of_ids_with_slashes(tmp_path, monkeypa
 
 
 def test_returns_runs_a_repeated_seed_algo_or_env_once(tmp_path, monkeypatch, capsys):
-    """--seeds 0 0 --jobs 2 used to start two children on one partial file; each run now runs once, in order."""
+    """--seeds 0 0 --jobs 2 used to start two children on one partial file; each run now runs once."""
     returns = _load("returns")
     calls = _fake_children(returns, monkeypatch)
     out = tmp_path / "b"
     assert returns.main(["--algos", "natpg-npg", "natpg-npg", "--envs", "CartPole-v1", "CartPole-v1", "--seeds", "1",
                          "0", "1", "--jobs", "2", "--steps", "4096", "--out", str(out)]) == 0
-    assert calls == [("natpg-npg", "CartPole-v1", "1"), ("natpg-npg", "CartPole-v1", "0")]
+    # each run once; two threads start them, so either may record its call first
+    assert sorted(calls) == [("natpg-npg", "CartPole-v1", "0"), ("natpg-npg", "CartPole-v1", "1")]
     printed = capsys.readouterr().out
     assert "note: --seeds: dropped the repeated 1; running 1 0" in printed
     assert "--algos: dropped the repeated natpg-npg" in printed
