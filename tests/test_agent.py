@@ -88,6 +88,28 @@ def test_a_value_invalid_alone_is_named_once_and_not_related_to_other_settings(s
     assert [line.split()[0] for line in str(err.value).splitlines()[1:]] == named
 
 
+def test_a_gpu_runs_sampling_generator_goes_on_when_the_run_is_loaded_on_a_cpu(tmp_path):
+    """A GPU run's checkpoint holds its CUDA generator's state (16 bytes) and, apart, the CPU generator its rollouts
+    drew their actions from: loaded on a CPU, that one goes on (the CUDA state has no generator to go to here), so
+    the continued run does not start its action noise again from the seed."""
+    from natpg import checkpoint
+
+    agent = natpg.NPG("CartPole-v1", seed=0, n_envs=2, n_steps=32, tensorboard=False)
+    agent.learn(64)
+    path = str(tmp_path / "m.pt")
+    agent.save(path)
+    meta, tensors = checkpoint.read(path)
+    drawn = torch.Generator().manual_seed(123)
+    torch.rand(5, generator=drawn)
+    tensors["rng"] = {"generator": torch.zeros(16, dtype=torch.uint8), "cpu_generator": tensors["rng"]["cpu_generator"],
+                      "sampling_generator": drawn.get_state()}
+    checkpoint.write(path, meta, tensors)
+    loaded = natpg.load(path)
+    assert loaded.sampling_generator is loaded.generator
+    assert torch.equal(loaded.sampling_generator.get_state(), drawn.get_state())
+    assert torch.equal(loaded.cpu_generator.get_state(), agent.cpu_generator.get_state())
+
+
 def test_update_threads_hold_for_the_actor_phase_only_and_runs_repeat_for_a_given_value():
     """The batch and the actor update run with update_threads torch threads, sampling and the critic fit with
     torch_threads; a run repeats bit for bit at a given value and ends within float32 rounding of the

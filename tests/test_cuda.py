@@ -143,3 +143,46 @@ def test_gpu_learner_acts_with_a_cpu_copy_of_the_policy():
         assert agent.sampling_generator.device.type == "cpu"
     finally:
         agent.close()
+
+
+def test_sampled_curvatures_on_the_gpu_draw_the_actions_the_cpu_run_draws():
+    """K-FAC and the diagonal with sampled actions, given the agent's CPU generator and η on the GPU: the actions
+    are drawn on the CPU from that generator, so the factors equal the CPU run's."""
+    policy, batch = policy_and_batch("gauss")
+    gpu = copy.deepcopy(policy).to(CUDA)
+    v = torch.randn(sum(p.numel() for p in policy.actor_parameters()))
+    for make in (lambda g: fisher.KFAC(damping=0.1, estimator="sampled", generator=g),
+                 lambda g: fisher.Diagonal(damping=0.1, estimator="sampled", generator=g),
+                 lambda g: fisher.CG(damping=0.1, iters=10, preconditioner="kfac", generator=g)):
+        a, b = make(torch.Generator().manual_seed(5)), make(torch.Generator().manual_seed(5))
+        a.fit(policy, batch.obs, batch.act)
+        b.fit(gpu, batch.obs.to(CUDA), batch.act.to(CUDA))
+        torch.testing.assert_close(b.solve(v.to(CUDA)).cpu(), a.solve(v), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("cls", [natpg.ACKTR, natpg.VPG])
+def test_a_gpu_run_with_step_rule_state_resumes_on_the_gpu(tmp_path, cls):
+    """ACKTR's momentum (actor and K-FAC critic) and VPG's Adam moments are saved on the CPU; loaded for a GPU run,
+    they follow it to the GPU at the next update (a sampled K-FAC draws on the CPU generator)."""
+    agent = cls("Pendulum-v1", seed=0, device="cuda", n_envs=2, n_steps=64, tensorboard=False)
+    agent.learn(256)
+    agent.save(tmp_path / "m")
+    loaded = natpg.load(tmp_path / "m")
+    loaded.learn(256, reset=False)
+    state = loaded.actor_update.step_rule.state_dict()
+    assert all(t.device.type == "cuda" for t in state.values() if isinstance(t, torch.Tensor))
+    assert all(p.device.type == "cuda" for p in loaded.policy.parameters()) and loaded.env_steps == 512
+
+
+def test_a_run_moves_between_cpu_and_gpu_with_its_sampling_generator(tmp_path):
+    """The CPU generator the rollouts draw their actions from goes on across devices, both ways."""
+    cpu = natpg.NPG("CartPole-v1", seed=0, n_envs=2, n_steps=32, tensorboard=False)
+    cpu.learn(64)
+    cpu.save(tmp_path / "cpu")
+    on_gpu = natpg.load(tmp_path / "cpu", device="cuda")
+    assert torch.equal(on_gpu.sampling_generator.get_state(), cpu.sampling_generator.get_state())
+    gpu = natpg.NPG("CartPole-v1", seed=0, device="cuda", n_envs=2, n_steps=32, tensorboard=False)
+    gpu.learn(64)
+    gpu.save(tmp_path / "gpu")
+    on_cpu = natpg.load(tmp_path / "gpu", device="cpu")
+    assert torch.equal(on_cpu.sampling_generator.get_state(), gpu.sampling_generator.get_state())

@@ -89,8 +89,8 @@ class GaussNewtonKFAC:
             pi = pi_correction(A, G)
             # The actor's K-FAC inverse: Cholesky, with jitter and then the diagonal where the damped factor
             # is numerically singular (damping 0); A_d, G_d are the matrices inverted, so mv and solve agree.
-            A_d, A_inv, failA = damped_inverse(A + pi * sq * torch.eye(A.shape[0], dtype=A.dtype))
-            G_d, G_inv, failG = damped_inverse(G + sq / pi * torch.eye(G.shape[0], dtype=G.dtype))
+            A_d, A_inv, failA = damped_inverse(A + pi * sq * torch.eye(A.shape[0], dtype=A.dtype, device=A.device))
+            G_d, G_inv, failG = damped_inverse(G + sq / pi * torch.eye(G.shape[0], dtype=G.dtype, device=G.device))
             self.fallbacks += failA + failG
             self.factors.append((A, G))
             self._damped.append((A_d, G_d, A_inv, G_inv))

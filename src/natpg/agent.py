@@ -575,11 +575,16 @@ class Agent:
         agent.best_eval_return = meta.get("best_eval_return")
         agent._saved_sampler = meta.get("sampler")
         if "rng" in tensors:
-            if tensors["rng"]["generator"].numel() == agent.generator.get_state().numel():  # not CUDA's on a CPU
-                agent.generator.set_state(tensors["rng"]["generator"])
-            agent.cpu_generator.set_state(tensors["rng"]["cpu_generator"])
-            if "sampling_generator" in tensors["rng"] and agent.sampling_generator is not agent.generator:
-                agent.sampling_generator.set_state(tensors["rng"]["sampling_generator"])
+            rng = tensors["rng"]
+            # The rollouts' actions are drawn on the CPU wherever the run learns: by ``generator`` on a CPU run,
+            # by ``sampling_generator`` beside a GPU run's CUDA ``generator``. Either goes on across devices.
+            sampling = rng.get("sampling_generator", rng["generator"])
+            if sampling.numel() == agent.sampling_generator.get_state().numel():
+                agent.sampling_generator.set_state(sampling)
+            if agent.generator is not agent.sampling_generator and "sampling_generator" in rng \
+                    and rng["generator"].numel() == agent.generator.get_state().numel():  # CUDA's, on a GPU
+                agent.generator.set_state(rng["generator"])
+            agent.cpu_generator.set_state(rng["cpu_generator"])
         for name, part in agent._stateful_update_parts().items():
             if name in tensors.get("actor_update", {}):
                 part.load_state_dict(tensors["actor_update"][name])

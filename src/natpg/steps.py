@@ -131,6 +131,8 @@ class AdamStep:
         b1, b2 = self.betas
         if self.m is None or self.m.shape != d.shape:
             self.m, self.v, self.t = torch.zeros_like(d), torch.zeros_like(d), 0
+        elif self.m.device != d.device:  # loaded from a checkpoint (on the CPU) for a GPU learner
+            self.m, self.v = self.m.to(d.device), self.v.to(d.device)
         self.t += 1
         self.m = b1 * self.m + (1 - b1) * d
         self.v = b2 * self.v + (1 - b2) * d * d
@@ -168,6 +170,8 @@ class KFACClip:
         if not bool(torch.isfinite(d).all()):
             return skipped("non-finite direction")
         fresh = self.v is None or self.v.shape != d.shape or self.momentum == 0.0
+        if not fresh and self.v.device != d.device:  # loaded from a checkpoint (on the CPU) for a GPU learner
+            self.v = self.v.to(d.device)
         v = d if fresh else self.momentum * self.v + (1.0 - self.momentum) * d
         reset = not fresh and float(torch.dot(g, v)) <= 0.0  # the remembered direction descends this batch
         if reset:

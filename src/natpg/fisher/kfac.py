@@ -214,7 +214,11 @@ def output_fisher_sqrt(head, eta: torch.Tensor) -> torch.Tensor:
 
 
 def sample_actions(policy: nn.Module, eta: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """a ~ π(·|η), reproducible given ``generator``."""
+    """a ~ π(·|η), reproducible given ``generator``. A generator on another device than η (the agent draws its
+    updates' randomness from one CPU generator, η of a GPU learner is on the GPU) samples where it lives, and
+    the actions move to η's device: the same actions as the run on the CPU draws."""
+    if generator is not None and generator.device != eta.device:
+        return sample_actions(policy, eta.detach().to(generator.device), generator).to(eta.device)
     if hasattr(policy, "sample"):
         return policy.sample(eta, generator=generator)
     seed = int(torch.randint(2**62, (), generator=generator))
