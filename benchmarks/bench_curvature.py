@@ -144,7 +144,12 @@ def main() -> None:
     print("|---:|---:|---:|" + "---:|" * len(cols), flush=True)
     for P in args.params:
         for B in args.batches:
-            row = bench_one(P, B, device, args.max_work, args.max_bytes, args.repeats)
+            try:
+                row = bench_one(P, B, device, args.max_work, args.max_bytes, args.repeats)
+            except torch.cuda.OutOfMemoryError:  # the rows before it are printed already; go on with the next
+                torch.cuda.empty_cache()
+                print(f"| ≈{P:,.0f} | {B:,} | out of memory |" + " |" * len(cols), flush=True)
+                continue
             if "grad_s" not in row:
                 print(f"| {row['P']:,} | {B:,} | – |" + " – |" * len(cols), flush=True)
                 continue

@@ -12,9 +12,12 @@
 # two calls and are joined there (ignored paths stay on a warm machine between calls). With the device tool,
 # the second call within idle_release_s of the first:
 #   run(command="bash benchmarks/gpu_job.sh run", carry=[".whl", ".whl-ray-1"], timeout_s=600)
-#   run(command="bash benchmarks/gpu_job.sh ray-sweep", carry=[".whl-ray-2", ".whl-ray-3"], timeout_s=300)
-# The timeouts of `run` add up to 520 s, under the 600 s a call may run. Results land in $OUT (or ./gpu-results):
-# test log, bench_curvature.md, update_time.md, sampling_processes.jsonl, sampling_ray.jsonl, nvidia-smi.txt.
+#   run(command="bash benchmarks/gpu_job.sh ray-sweep", carry=[".whl-ray-2", ".whl-ray-3"], timeout_s=200)
+# A session has 15 minutes of device time, the machine's start (1–2 min) included. The steps of `run` are in order
+# of what the open issues need first and their timeouts add up to 510 s: with the start, about 11 minutes. The Ray
+# sweep (150 s) comes last and only where `status` still shows 4 minutes. Results land in $OUT (or ./gpu-results),
+# at most 8 files a call: versions.txt, nvidia-smi.txt, test_cuda.log, fvp_throughput.md, bench_curvature.md,
+# update_time.md, sampling_processes.jsonl; sampling_ray.jsonl from the second call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=("gymnasium==1.4.0" "farama-notifications==0.0.6" "mujoco==4.0.0" "mujoco-core==4.0.0" "mujoco-studio==4.0.0"
@@ -42,7 +45,7 @@ install_wheels() {
 
 case "${1:-run}" in
 prepare)
-    download .whl "${WHEELS[@]}"
+    rm -rf .whl && download .whl "${WHEELS[@]}"  # one version of each: two stop the install there
     rm -rf .whl-ray .whl-ray-[123] && download .whl-ray "$RAY"
     for i in 1 2 3; do mkdir -p ".whl-ray-$i"; done
     whl=$(basename .whl-ray/ray-*.whl)
@@ -60,14 +63,15 @@ run)
     python3 -c "import torch, gymnasium, natpg; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 torch.cuda.get_device_name() if torch.cuda.is_available() else '')" | tee "$out/versions.txt"
     set +e
+    nproc >> "$out/versions.txt"
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
-    timeout 150 python3 benchmarks/bench_curvature.py --device cuda --max-work 1e13 --repeats 3 \
+    timeout 60 python3 benchmarks/fvp_throughput.py --device cuda --repeats 3 2>&1 | tee "$out/fvp_throughput.md"
+    timeout 120 python3 benchmarks/bench_curvature.py --device cuda --max-work 1e13 --repeats 3 \
         2>&1 | tee "$out/bench_curvature.md"
-    timeout 120 python3 benchmarks/update_time.py --devices cuda cpu --threads 16 --max-work 2e11 --repeats 2 \
+    timeout 90 python3 benchmarks/update_time.py --devices cuda cpu --threads 16 --max-work 2e11 --repeats 2 \
         2>&1 | tee "$out/update_time.md"
-    nproc > "$out/nproc.txt"
     export -f sweep
-    timeout 100 bash -c "sweep processes" 2>&1 | tee "$out/sampling_processes.jsonl"
+    timeout 90 bash -c "sweep processes" 2>&1 | tee "$out/sampling_processes.jsonl"
     ;;
 ray-sweep)
     out="${OUT:-gpu-results}"
@@ -76,7 +80,7 @@ ray-sweep)
     cat .whl-ray-1/"$whl".part-0 .whl-ray-2/"$whl".part-1 .whl-ray-3/"$whl".part-2 > "/tmp/ray-whl/$whl"
     install_wheels .whl/*.whl "/tmp/ray-whl/$whl"
     export -f sweep
-    timeout 240 bash -c "sweep ray --no-local" 2>&1 | tee "$out/sampling_ray.jsonl"
+    timeout 150 bash -c "sweep ray --no-local" 2>&1 | tee "$out/sampling_ray.jsonl"
     ;;
 *)
     echo "usage: bash benchmarks/gpu_job.sh prepare|run|ray-sweep" >&2

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
+import math
 import os
 import subprocess
 import sys
@@ -335,3 +337,18 @@ def test_distributed_bench_refuses_bad_combinations_before_measuring(monkeypatch
     assert measured == []
     bench.main(["CartPole-v1", "--samplers", "processes", "--workers", "1", "2", "--n-envs", "2"])
     assert measured == [("local", 1), ("processes", 1), ("processes", 2)]
+
+
+def test_fvp_throughput_counts_the_products_flops_and_compares_them_with_a_matmul(capsys):
+    """fvp_throughput.py: the FVP's matmul FLOPs grow exactly with the batch (B·P work), a 2n³ matmul sets the
+    reference, and bad arguments are a usage error before anything is measured."""
+    fvp = _load("fvp_throughput")
+    assert fvp.main(["--params", "2e4", "--batches", "100", "200", "--matmul-n", "64", "--repeats", "1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["batch"] for r in rows] == [100, 200] and rows[0]["params"] == rows[1]["params"]
+    assert rows[1]["fvp_flops"] == 2 * rows[0]["fvp_flops"] > 0
+    assert rows[0]["fvp_flops"] > 4 * 100 * rows[0]["params"]  # at least a forward and a backward through the torso
+    assert all(r["of_matmul"] > 0 and math.isfinite(r["of_matmul"]) for r in rows)
+    with pytest.raises(SystemExit):
+        fvp.main(["--repeats", "0"])
+    assert "must be positive" in capsys.readouterr().err
