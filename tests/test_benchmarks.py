@@ -352,3 +352,14 @@ def test_fvp_throughput_counts_the_products_flops_and_compares_them_with_a_matmu
     with pytest.raises(SystemExit):
         fvp.main(["--repeats", "0"])
     assert "must be positive" in capsys.readouterr().err
+
+
+def test_the_gpu_jobs_tests_hold_with_the_cpu_standing_in_for_the_gpu():
+    """tests/test_cuda.py runs only on a GPU, which CI never has: with NATPG_TEST_CUDA_DEVICE=cpu its comparisons
+    run here with the CPU in the GPU's place, so that their references and tolerances stay right between GPU runs."""
+    env = {**os.environ, "NATPG_TEST_CUDA_DEVICE": "cpu"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                           str(Path(__file__).with_name("test_cuda.py"))], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout

@@ -8,6 +8,7 @@ these and the GPU benchmarks. References are the same computations on the CPU, i
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -17,8 +18,11 @@ from natpg import fisher
 from natpg.algorithms import Batch, default_config, make_actor_update, make_critic
 from natpg.policies import CategoricalMLP, GaussianMLP
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-CUDA = torch.device("cuda")
+# NATPG_TEST_CUDA_DEVICE=cpu runs these tests with the CPU standing in for the GPU: a check of the tests' own
+# references and tolerances on a machine without one (not of the device handling, which needs two devices).
+CUDA = torch.device(os.environ.get("NATPG_TEST_CUDA_DEVICE", "cuda"))
+pytestmark = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
+two_devices = pytest.mark.skipif(CUDA.type == "cpu", reason="about a GPU learner beside the CPU")
 TOL = dict(rtol=2e-4, atol=2e-5)
 
 
@@ -99,11 +103,12 @@ def test_one_update_of_every_algorithm_matches_cpu(algorithm):
         assert s_gpu["step/kl"] == pytest.approx(s_cpu["step/kl"], rel=1e-2, abs=1e-6)
 
 
+@two_devices
 def test_agent_trains_on_cuda_and_keeps_its_tensors_there(tmp_path):
-    agent = natpg.NPG("CartPole-v1", seed=0, device="cuda", n_envs=4, n_steps=64, tensorboard=False)
+    agent = natpg.NPG("CartPole-v1", seed=0, device=CUDA.type, n_envs=4, n_steps=64, tensorboard=False)
     agent.learn(512)
-    assert all(p.device.type == "cuda" for p in agent.policy.parameters())
-    assert all(p.device.type == "cuda" for p in agent.critic.parameters())
+    assert all(p.device.type == CUDA.type for p in agent.policy.parameters())
+    assert all(p.device.type == CUDA.type for p in agent.critic.parameters())
     agent.save(tmp_path / "m")
     loaded = natpg.load(tmp_path / "m")
     # the CPU generator the sampler acts with is saved and restored apart from the CUDA one (bit-exact resume)
@@ -115,10 +120,11 @@ def test_agent_trains_on_cuda_and_keeps_its_tensors_there(tmp_path):
     assert mean > 0
 
 
+@two_devices
 def test_gpu_learner_acts_with_a_cpu_copy_of_the_policy():
     """device='cuda' with the local sampler: the updates run on the GPU, the per-step forward on a CPU copy
     given the policy's weights once per rollout (no host-device copy per step), the rollout lands on the GPU."""
-    agent = natpg.NPG("Pendulum-v1", seed=0, n_envs=4, n_steps=64, device="cuda", tensorboard=False)
+    agent = natpg.NPG("Pendulum-v1", seed=0, n_envs=4, n_steps=64, device=CUDA.type, tensorboard=False)
     seen = []
     collect = None
     try:
@@ -135,9 +141,9 @@ def test_gpu_learner_acts_with_a_cpu_copy_of_the_policy():
         agent.learn(256, reset=False)
         actor = sampler._cpu_actor
         assert actor is not None and all(p.device.type == "cpu" for p in actor.parameters())
-        assert all(p.device.type == "cuda" for p in agent.policy.parameters())
+        assert all(p.device.type == CUDA.type for p in agent.policy.parameters())
         rollout, weights = seen[-1]
-        assert rollout.obs.device.type == "cuda" and rollout.act.device.type == "cuda"
+        assert rollout.obs.device.type == CUDA.type and rollout.act.device.type == CUDA.type
         for name, value in actor.state_dict().items():  # the copy acted with the weights of that rollout
             assert torch.equal(value, weights[name]), name
         assert agent.sampling_generator.device.type == "cpu"
@@ -164,14 +170,14 @@ def test_sampled_curvatures_on_the_gpu_draw_the_actions_the_cpu_run_draws():
 def test_a_gpu_run_with_step_rule_state_resumes_on_the_gpu(tmp_path, cls):
     """ACKTR's momentum (actor and K-FAC critic) and VPG's Adam moments are saved on the CPU; loaded for a GPU run,
     they follow it to the GPU at the next update (a sampled K-FAC draws on the CPU generator)."""
-    agent = cls("Pendulum-v1", seed=0, device="cuda", n_envs=2, n_steps=64, tensorboard=False)
+    agent = cls("Pendulum-v1", seed=0, device=CUDA.type, n_envs=2, n_steps=64, tensorboard=False)
     agent.learn(256)
     agent.save(tmp_path / "m")
     loaded = natpg.load(tmp_path / "m")
     loaded.learn(256, reset=False)
     state = loaded.actor_update.step_rule.state_dict()
-    assert all(t.device.type == "cuda" for t in state.values() if isinstance(t, torch.Tensor))
-    assert all(p.device.type == "cuda" for p in loaded.policy.parameters()) and loaded.env_steps == 512
+    assert all(t.device.type == CUDA.type for t in state.values() if isinstance(t, torch.Tensor))
+    assert all(p.device.type == CUDA.type for p in loaded.policy.parameters()) and loaded.env_steps == 512
 
 
 def test_a_run_moves_between_cpu_and_gpu_with_its_sampling_generator(tmp_path):
@@ -179,9 +185,9 @@ def test_a_run_moves_between_cpu_and_gpu_with_its_sampling_generator(tmp_path):
     cpu = natpg.NPG("CartPole-v1", seed=0, n_envs=2, n_steps=32, tensorboard=False)
     cpu.learn(64)
     cpu.save(tmp_path / "cpu")
-    on_gpu = natpg.load(tmp_path / "cpu", device="cuda")
+    on_gpu = natpg.load(tmp_path / "cpu", device=CUDA.type)
     assert torch.equal(on_gpu.sampling_generator.get_state(), cpu.sampling_generator.get_state())
-    gpu = natpg.NPG("CartPole-v1", seed=0, device="cuda", n_envs=2, n_steps=32, tensorboard=False)
+    gpu = natpg.NPG("CartPole-v1", seed=0, device=CUDA.type, n_envs=2, n_steps=32, tensorboard=False)
     gpu.learn(64)
     gpu.save(tmp_path / "gpu")
     on_cpu = natpg.load(tmp_path / "gpu", device="cpu")
