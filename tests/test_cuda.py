@@ -192,3 +192,59 @@ def test_a_run_moves_between_cpu_and_gpu_with_its_sampling_generator(tmp_path):
     gpu.save(tmp_path / "gpu")
     on_cpu = natpg.load(tmp_path / "gpu", device="cpu")
     assert torch.equal(on_cpu.sampling_generator.get_state(), gpu.sampling_generator.get_state())
+
+
+def solve_on_both(policy, obs, act, make, v):
+    """make() fitted on the CPU and on the GPU (the same CPU generator seed each); both solves, on the CPU."""
+    gpu = copy.deepcopy(policy).to(CUDA)
+    a, b = make(), make()
+    a.fit(policy, obs, act)
+    b.fit(gpu, obs.to(CUDA), act.to(CUDA))
+    return b.solve(v.to(CUDA)).cpu(), a.solve(v)
+
+
+@pytest.mark.parametrize("name", ["cg-subsample", "cg+kfac", "cg+diagonal", "dense", "empirical-undamped"])
+def test_the_other_solvers_match_cpu(name):
+    """The Fisher subsample (drawn on the CPU generator), CG preconditioned by K-FAC or the diagonal, the dense
+    Fisher's Cholesky and the undamped empirical Fisher's pseudo-inverse, GPU against CPU."""
+    policy, batch = policy_and_batch("gauss", n=256 if name == "dense" else 512)
+    if name == "dense":  # a small torso: the P×P matrix is formed
+        torch.manual_seed(3)
+        policy = GaussianMLP(11, 3, (16,))
+    make = {"cg-subsample": lambda: fisher.CG(damping=0.1, iters=10, subsample=0.5,
+                                              generator=torch.Generator().manual_seed(1)),
+            "cg+kfac": lambda: fisher.CG(damping=0.1, iters=10, preconditioner="kfac",
+                                         generator=torch.Generator().manual_seed(1)),
+            "cg+diagonal": lambda: fisher.CG(damping=0.1, iters=10, preconditioner="diagonal"),
+            "dense": lambda: fisher.Dense(damping=0.1),
+            "empirical-undamped": lambda: fisher.Empirical(damping=0.0, subsample=0.25,
+                                                           generator=torch.Generator().manual_seed(1))}[name]
+    v = torch.randn(sum(p.numel() for p in policy.actor_parameters()), generator=torch.Generator().manual_seed(2))
+    if name == "empirical-undamped":  # in the span of the scores, where the pseudo-inverse is well defined
+        emp = make()
+        emp.fit(policy, batch.obs, batch.act)
+        v = emp.mv(v)
+    on_gpu, on_cpu = solve_on_both(policy, batch.obs, batch.act, make, v)
+    torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["multibinary", "multidiscrete", "cnn"])
+def test_other_heads_and_the_cnn_match_cpu(kind):
+    """The Bernoulli and multi-categorical heads' Fisher products and K-FAC, and K-FAC of a Nature-CNN's conv
+    layers, GPU against CPU."""
+    from natpg.policies import BernoulliMLP, MultiCategoricalMLP
+
+    torch.manual_seed(0)
+    if kind == "cnn":
+        policy, obs = CategoricalMLP(36 * 36, 3, image=((1, 36, 36), False, 4, (2, 3, 2))), torch.rand(64, 36 * 36)
+    else:
+        policy = BernoulliMLP(11, 3, (32,)) if kind == "multibinary" else MultiCategoricalMLP(11, [2, 3], (32,))
+        obs = torch.randn(256, 11)
+    with torch.no_grad():
+        act = policy.sample(policy(obs), generator=torch.Generator().manual_seed(1))
+    v = torch.randn(sum(p.numel() for p in policy.actor_parameters()), generator=torch.Generator().manual_seed(2))
+    gpu = copy.deepcopy(policy).to(CUDA)
+    torch.testing.assert_close(fisher.fisher_vector_product(gpu, obs.to(CUDA), damping=0.1)(v.to(CUDA)).cpu(),
+                               fisher.fisher_vector_product(policy, obs, damping=0.1)(v), **TOL)
+    on_gpu, on_cpu = solve_on_both(policy, obs, act, lambda: fisher.KFAC(damping=0.1, estimator="exact"), v)
+    torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-4)
