@@ -581,7 +581,7 @@ class Agent:
             sampling = rng.get("sampling_generator", rng["generator"])
             if sampling.numel() == agent.sampling_generator.get_state().numel():
                 agent.sampling_generator.set_state(sampling)
-            if agent.generator is not agent.sampling_generator and "sampling_generator" in rng \
+            if agent.generator is not agent.sampling_generator \
                     and rng["generator"].numel() == agent.generator.get_state().numel():  # CUDA's, on a GPU
                 agent.generator.set_state(rng["generator"])
             agent.cpu_generator.set_state(rng["cpu_generator"])

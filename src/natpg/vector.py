@@ -32,6 +32,11 @@ def split_copies(n_envs: int, workers: int, name: str) -> list[int]:
     return [n_envs // workers + (1 if w < n_envs % workers else 0) for w in range(workers)]
 
 
+def first_copies(sizes: list[int]) -> list[int]:
+    """The global index of each worker's first copy, for the shares ``split_copies`` gives (worker 0's first)."""
+    return np.cumsum([0, *sizes[:-1]]).tolist()
+
+
 def process_context():
     """How worker processes start: forkserver where the platform has it (a fork of the learner, which runs
     threads, could inherit a held lock), else spawn."""
@@ -158,7 +163,7 @@ class MultiprocVectorEnv:
                  env_kwargs: dict[str, Any] | None = None, info_keys: tuple[str, ...] = ()):
         sizes = split_copies(n_envs, n_workers, "n_workers")
         self.num_envs, self.env_id = n_envs, env_id
-        self.offsets = np.cumsum([0, *sizes[:-1]]).tolist()
+        self.offsets = first_copies(sizes)
         ctx = process_context()
         self.conns, self.procs = [], []
         for size in sizes:

@@ -23,7 +23,7 @@ import torch
 from ..envs import ObsNormalizer, RewardScaler, make_vec_env, probe_spaces
 from ..policies import input_layout, make_policy
 from ..rollout import Rollout, Sampler
-from ..vector import split_copies
+from ..vector import first_copies, split_copies
 
 
 @dataclass
@@ -80,7 +80,7 @@ class WorkerPlan:
         self.env_id, self.seed, self.n_envs = env_id, seed, e.n_envs
         self.n_workers = config.distributed.workers
         self.sizes = split_copies(self.n_envs, self.n_workers, "workers")
-        self.offsets = np.cumsum([0, *self.sizes[:-1]]).tolist()
+        self.offsets = first_copies(self.sizes)
         self.action_mask, self.info_keys = action_mask, tuple(e.info_keys)
         self._spec_args = dict(env_id=env_id, hidden=tuple(p.hidden), activation=p.activation,
                                log_std_init=float(p.log_std_init), obs_clip=e.obs_clip,
