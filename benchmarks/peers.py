@@ -87,6 +87,7 @@ class SB3TRPO:
         _require("sb3_contrib", "sb3-trpo", "--sb3-python")
         from sb3_contrib import TRPO
         from stable_baselines3.common.env_util import make_vec_env
+        from stable_baselines3.common.logger import Logger
         from stable_baselines3.common.vec_env import VecNormalize
 
         gamma = 0.9999 if env_id.startswith("Swimmer") else 0.99
@@ -96,6 +97,8 @@ class SB3TRPO:
         self.model = TRPO("MlpPolicy", self.venv, n_steps=1024, batch_size=128, gamma=gamma, gae_lambda=0.95,
                           sub_sampling_factor=1, cg_max_steps=25, cg_damping=0.1, n_critic_updates=20,
                           learning_rate=1e-3, target_kl=target_kl, seed=seed, device="cpu", verbose=0)
+        # A logger of our own: otherwise every learn() call makes an empty /tmp/SB3-<time> folder.
+        self.model.set_logger(Logger(folder=None, output_formats=[]))
         self._started = False
 
     @property

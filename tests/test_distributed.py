@@ -4,9 +4,11 @@ bit for bit, prefetching the next rollout, worker faults, and Ray as an optional
 The Ray tests start a local Ray instance (2 CPUs) once for the module and skip when Ray is not installed.
 """
 
+import atexit
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,7 +34,11 @@ FAULTY_ID = "NatpgFaultyPendulum-v0"
 # Worker processes import this module by the id below and inherit the variable: it is set at collection,
 # before any test starts multiprocessing's fork server (whose children get its environment).
 FAULTY_PROCESS_ID = f"{__name__}:{FAULTY_ID}"
-os.environ.setdefault(FAULT_DIR_VAR, tempfile.mkdtemp(prefix="natpg-test-faults-"))
+if FAULT_DIR_VAR not in os.environ:
+    os.environ[FAULT_DIR_VAR] = tempfile.mkdtemp(prefix="natpg-test-faults-")
+    # Removed by the process that made it (a forked child runs the parent's atexit hooks too).
+    atexit.register(lambda directory=os.environ[FAULT_DIR_VAR], owner=os.getpid():
+                    os.getpid() == owner and shutil.rmtree(directory, ignore_errors=True))
 
 
 class FaultyPendulum(PendulumEnv):
