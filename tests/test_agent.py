@@ -6,6 +6,7 @@ import math
 import os
 import re
 import warnings
+from functools import partial
 
 import gymnasium as gym
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import natpg
+from natpg.agent import evaluation_episodes
 from natpg.cli import main as cli
 
 
@@ -634,6 +636,20 @@ def test_stochastic_acting_between_learn_calls_leaves_training_alone():
     agent = natpg.NPG("CartPole-v1", seed=0, **small())  # a stochastic evaluation repeats for its seed
     assert natpg.evaluate(agent, episodes=3, seed=5, deterministic=False) == \
         natpg.evaluate(agent, episodes=3, seed=5, deterministic=False)
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_a_stochastic_evaluation_episode_is_its_own_whatever_runs_beside_it(env_id):
+    """Episode i draws from its own generator seeded seed + i, as its environment is: its return is the same
+    when it runs alone, or as episode i - 1 of an evaluation seeded seed + 1, as among the others."""
+    agent = natpg.NPG(env_id, seed=0, **small())
+    returns = evaluation_episodes(agent, episodes=4, seed=5, deterministic=False)["return"]
+    alone = [evaluation_episodes(agent, episodes=1, seed=5 + i, deterministic=False)["return"][0] for i in range(4)]
+    same = partial(np.testing.assert_allclose, rtol=1e-6)  # a batch of 1, 3 or 4 rows: rounding alone differs
+    same(alone, returns)
+    same(evaluation_episodes(agent, episodes=3, seed=6, deterministic=False)["return"], returns[1:])
+    assert len(set(returns)) > 1  # the copies did not draw alike
+    assert (returns != evaluation_episodes(agent, episodes=4, seed=5)["return"]).any()  # nor act by the mode
 
 
 def test_every_evaluation_is_logged_whatever_the_log_interval(tmp_path):

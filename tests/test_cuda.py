@@ -15,6 +15,7 @@ import torch
 
 import natpg
 from natpg import fisher
+from natpg.agent import evaluation_episodes
 from natpg.algorithms import Batch, default_config, make_actor_update, make_critic
 from natpg.policies import CategoricalMLP, GaussianMLP
 
@@ -192,6 +193,40 @@ def test_a_run_moves_between_cpu_and_gpu_with_its_sampling_generator(tmp_path):
     gpu.save(tmp_path / "gpu")
     on_cpu = natpg.load(tmp_path / "gpu", device="cpu")
     assert torch.equal(on_cpu.sampling_generator.get_state(), gpu.sampling_generator.get_state())
+
+
+def test_stochastic_predict_and_evaluation_draw_what_the_cpu_draws(tmp_path):
+    """predict(deterministic=False) and evaluate(deterministic=False) of a GPU agent draw on the CPU, as its rollouts
+    do: the same actions and returns as the same weights on the CPU."""
+    natpg.NPG("Pendulum-v1", seed=0, n_envs=2, n_steps=32, tensorboard=False).learn(64, out_dir=tmp_path / "p")
+    cpu, gpu = natpg.load(tmp_path / "p", device="cpu"), natpg.load(tmp_path / "p", device=CUDA.type)
+    obs = torch.randn(16, 3, generator=torch.Generator().manual_seed(0)).numpy()
+    for _ in range(3):
+        a_cpu, a_gpu = cpu.predict(obs, deterministic=False), gpu.predict(obs, deterministic=False)
+        assert not (a_cpu == cpu.predict(obs, deterministic=True)).all()
+        torch.testing.assert_close(torch.from_numpy(a_gpu), torch.from_numpy(a_cpu), rtol=1e-4, atol=1e-5)
+    natpg.NPG("CartPole-v1", seed=0, n_envs=2, n_steps=32, tensorboard=False).learn(64, out_dir=tmp_path / "c")
+    cpu, gpu = natpg.load(tmp_path / "c", device="cpu"), natpg.load(tmp_path / "c", device=CUDA.type)
+    stochastic = evaluation_episodes(cpu, episodes=4, seed=3, deterministic=False)["return"]
+    assert (evaluation_episodes(gpu, episodes=4, seed=3, deterministic=False)["return"] == stochastic).all()
+    assert (evaluation_episodes(cpu, episodes=4, seed=3)["return"] != stochastic).any()
+
+
+@pytest.mark.parametrize("sampler", ["workers", "processes"])
+def test_a_gpu_learner_over_distributed_samplers_learns_what_the_cpu_learns(sampler):
+    """The worker samplers act with CPU copies of the weights (sent from the GPU); the merged rollout goes to the
+    GPU, and two updates there give the CPU run's parameters within float32 tolerance."""
+    params = {}
+    for device in ("cpu", CUDA.type):
+        agent = natpg.NPG("Pendulum-v1", seed=0, sampler=sampler, workers=2, n_envs=4, n_steps=64, device=device,
+                          tensorboard=False)
+        try:
+            agent.learn(512)
+        finally:
+            agent.close()
+        assert all(p.device.type == device for p in agent.policy.parameters()) and agent.env_steps == 512
+        params[device] = flat(agent.policy.parameters())
+    torch.testing.assert_close(params[CUDA.type], params["cpu"], rtol=1e-3, atol=1e-4)
 
 
 def solve_on_both(policy, obs, act, make, v):

@@ -101,6 +101,14 @@ def test_cartpole_video_has_evaluates_returns_and_every_kth_frame(tmp_path):
     assert sorted(os.listdir(tmp_path / "sub")) == ["cartpole.mp4"]  # no temporary file left
 
 
+def test_a_stochastic_video_plays_the_stochastic_evaluations_episodes(tmp_path):
+    agent = natpg.NPG("Pendulum-v1", seed=0)
+    returns = record_video(agent, tmp_path / "p.gif", episodes=3, seed=7, deterministic=False)
+    evaluation = natpg.agent.evaluation_episodes(agent, episodes=3, seed=7, deterministic=False)["return"]
+    np.testing.assert_allclose(returns, evaluation, rtol=1e-6)  # one row at a time vs 3: rounding alone
+    assert not np.allclose(returns, natpg.agent.evaluation_episodes(agent, episodes=3, seed=7)["return"])
+
+
 def test_gif_frames_and_timing(tmp_path):
     agent = natpg.NPG("natpg_test/Frames-v0", seed=0)
     returns = record_video(agent, tmp_path / "walk.gif", episodes=2, seed=0)

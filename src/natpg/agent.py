@@ -164,8 +164,9 @@ class Agent:
         self.sampling_generator = (self.generator if self.device.type == "cpu"
                                    else torch.Generator().manual_seed(seed))
         self.cpu_generator = torch.Generator().manual_seed(seed + 1)
-        # predict(deterministic=False) draws here, so that acting between learn calls leaves training's draws alone.
-        self.act_generator = torch.Generator(self.device).manual_seed(seed + ACT_SEED_OFFSET)
+        # predict(deterministic=False) draws here, so that acting between learn calls leaves training's draws alone;
+        # on the CPU, as the rollouts do, so that the draws are the same whichever device the policy is on.
+        self.act_generator = torch.Generator().manual_seed(seed + ACT_SEED_OFFSET)
         self.actor_update = make_actor_update(config, self.cpu_generator)
         self._critic_fit = CriticFit()  # beside the actor update, bit for bit as after it
         self.env_steps = 0
@@ -483,14 +484,20 @@ class Agent:
         return mask
 
     @torch.no_grad()
-    def _act(self, flat: np.ndarray, deterministic: bool, generator: torch.Generator | None = None) -> np.ndarray:
+    def _act(self, flat: np.ndarray, deterministic: bool,
+             generators: list[torch.Generator] | None = None) -> np.ndarray:
         """Actions for policy inputs [B, D] (flattened observations, mask appended), as the environment takes them.
-        Stochastic actions draw from ``generator`` (default ``act_generator``), never from training's generators."""
+        Stochastic actions draw on the CPU, never from training's generators: row i from ``generators[i]``
+        (evaluation's, one per episode), or all rows from ``act_generator``."""
         x = torch.from_numpy(self.obs_normalizer.normalize(flat)).to(self.device)
         eta = self.policy(x)
-        act = (self.policy.mode(eta) if deterministic else self.policy.sample(eta, generator or self.act_generator)
-               ).cpu().numpy()
-        return env_action(act, self.action_space, getattr(self.policy, "squash", False))
+        if deterministic:
+            act = self.policy.mode(eta).cpu()
+        elif generators is None:
+            act = self.policy.sample(eta.cpu(), self.act_generator)
+        else:
+            act = torch.cat([self.policy.sample(row, g) for row, g in zip(eta.cpu().split(1), generators)])
+        return env_action(act.numpy(), self.action_space, getattr(self.policy, "squash", False))
 
     # --- persistence ----------------------------------------------------------------------------
     @classmethod
@@ -897,6 +904,11 @@ def check_evaluation(agent: Agent, env: str | None, episodes: int, seed: int,
     return env_id
 
 
+def episode_generators(seed: int, episodes: int) -> list[torch.Generator]:
+    """The CPU generators of evaluation episodes ``0 … episodes-1``: episode i's seeded ``seed + i``, as its copy."""
+    return [torch.Generator().manual_seed(seed + i) for i in range(episodes)]
+
+
 def evaluation_episodes(agent: Agent, env: str | None = None, episodes: int = 10, seed: int = 123,
                         deterministic: bool = True, max_episode_steps: int = EVAL_MAX_EPISODE_STEPS,
                         env_kwargs: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
@@ -904,15 +916,16 @@ def evaluation_episodes(agent: Agent, env: str | None = None, episodes: int = 10
     ``terminated`` (True where the environment ended it; False where its time limit or ``max_episode_steps`` cut
     it) and ``last_obs`` (its last observation as the policy reads it: flattened, any action mask appended).
 
-    Episodes run in parallel copies of ``env`` (default: the agent's own), copy i seeded ``seed + i``;
-    stochastic actions (``deterministic=False``) draw from a generator seeded ``seed``. An episode the
+    Episodes run in parallel copies of ``env`` (default: the agent's own), copy i seeded ``seed + i``; its
+    stochastic actions (``deterministic=False``) draw from a CPU generator seeded ``seed + i`` too, so that an
+    episode does not depend on how many run beside it or on the device (``record_video`` plays it). An episode the
     environment has not ended after ``max_episode_steps`` steps is cut there, with a warning (an environment
     registered without a time limit would otherwise never return). A NaN or infinite observation or reward is
     a ``NonFiniteEnvError`` naming the episode and step, as in training.
     """
     env_id = check_evaluation(agent, env, episodes, seed, max_episode_steps, env_kwargs, deterministic)
     episodes, seed, max_episode_steps = int(episodes), int(seed), int(max_episode_steps)  # numpy's too
-    generator = None if deterministic else torch.Generator(agent.device).manual_seed(seed)
+    generators = None if deterministic else episode_generators(seed, episodes)
     envs = make_vec_env(env_id, episodes, "sync", action_mask=agent.action_mask_source,
                         env_kwargs=evaluation_env_kwargs(agent, env_id, env_kwargs))
     try:
@@ -925,7 +938,7 @@ def evaluation_episodes(agent: Agent, env: str | None = None, episodes: int = 10
         dropped = np.zeros(episodes, bool)
         last_obs = np.empty_like(flat)
         for t in range(max_episode_steps):
-            obs, rew, term, trunc, info = envs.step(agent._act(flat, deterministic, generator))
+            obs, rew, term, trunc, info = envs.step(agent._act(flat, deterministic, generators))
             new = np.asarray(obs, np.float64).reshape(episodes, -1)
             bad = _nonfinite(env_id, new, rew, ~finished, t + 1, drop)
             if bad.any():  # nonfinite_env='drop': the episode ends at its last finite observation, as in training

@@ -17,7 +17,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
-from .agent import Agent, check_evaluation, evaluation_env_kwargs, warn_cut_episodes
+from .agent import Agent, check_evaluation, episode_generators, evaluation_env_kwargs, warn_cut_episodes
 from .config import EVAL_MAX_EPISODE_STEPS
 from .envs import make_env
 from .errors import first_line
@@ -117,8 +117,9 @@ def record_video(agent: Agent, path: str | os.PathLike, env: str | None = None, 
         returns, cut = [], 0
         writer = _writer(Path(tmp_name), fps / frame_every)
         try:
-            for i in range(episodes):
+            for i, generator in enumerate(episode_generators(seed, episodes)):
                 obs, _ = rendered.reset(seed=seed + i)
+                draws = None if deterministic else [generator]  # evaluation episode i's draws
                 total, t, done = 0.0, 0, False
                 while True:
                     if t % frame_every == 0:
@@ -126,7 +127,7 @@ def record_video(agent: Agent, path: str | os.PathLike, env: str | None = None, 
                     if done or t == max_episode_steps:
                         cut += not done
                         break
-                    act = agent._act(np.asarray(obs, np.float64).reshape(1, -1), deterministic)[0]
+                    act = agent._act(np.asarray(obs, np.float64).reshape(1, -1), deterministic, draws)[0]
                     obs, rew, term, trunc, _ = rendered.step(act)
                     total += float(rew)
                     t += 1
