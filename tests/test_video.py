@@ -27,8 +27,8 @@ class FrameEnv(gym.Env):
     observation_space = gym.spaces.Box(-10.0, 10.0, (1,))
     action_space = gym.spaces.Discrete(2)
 
-    def __init__(self, render_mode=None, fail_at=None):
-        self.render_mode, self.fail_at, self.t = render_mode, fail_at, 0
+    def __init__(self, render_mode=None, fail_at=None, nan_at=None):
+        self.render_mode, self.fail_at, self.nan_at, self.t = render_mode, fail_at, nan_at, 0
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
@@ -37,7 +37,7 @@ class FrameEnv(gym.Env):
 
     def step(self, action):
         self.t += 1
-        return np.full(1, self.t, np.float32), float(action), False, self.t >= 10, {}
+        return np.full(1, np.nan if self.t == self.nan_at else self.t, np.float32), float(action), False, self.t >= 10, {}
 
     def render(self):
         if self.fail_at is not None and self.t >= self.fail_at:
@@ -81,6 +81,7 @@ class BrokenPlainEnv(PlainEnv):
 for _id, _kwargs, _entry in [("natpg_test/Frames-v0", {}, FrameEnv),
                              ("natpg_test/Plain-v0", {}, PlainEnv),
                              ("natpg_test/BrokenFrames-v0", {"fail_at": 3}, FrameEnv),
+                             ("natpg_test/NaNFrames-v0", {"nan_at": 4}, FrameEnv),
                              ("natpg_test/NoFrames-v0", {}, NoRenderEnv),
                              ("natpg_test/Endless-v0", {}, EndlessEnv)]:
     if _id not in gym.registry:
@@ -107,6 +108,22 @@ def test_a_stochastic_video_plays_the_stochastic_evaluations_episodes(tmp_path):
     evaluation = natpg.agent.evaluation_episodes(agent, episodes=3, seed=7, deterministic=False)["return"]
     np.testing.assert_allclose(returns, evaluation, rtol=1e-6)  # one row at a time vs 3: rounding alone
     assert not np.allclose(returns, natpg.agent.evaluation_episodes(agent, episodes=3, seed=7)["return"])
+
+
+def test_a_video_treats_a_non_finite_observation_as_the_evaluation_does(tmp_path):
+    """An error naming the step, no file; under nonfinite_env='drop' the episodes end before it, with evaluate's
+    returns and warning."""
+    agent = natpg.NPG("natpg_test/NaNFrames-v0", seed=0)
+    with pytest.raises(natpg.NonFiniteEnvError, match=r"step 4 of evaluation episode"):
+        record_video(agent, tmp_path / "v.gif", episodes=2)
+    assert not os.listdir(tmp_path)
+    dropping = natpg.NPG("natpg_test/NaNFrames-v0", seed=0, nonfinite_env="drop")
+    with pytest.warns(RuntimeWarning, match="2 of 2 evaluation episodes .* ended at a non-finite"):
+        returns = record_video(dropping, tmp_path / "v.gif", episodes=2, deterministic=False)
+    with pytest.warns(RuntimeWarning, match="2 of 2 evaluation episodes .* ended at a non-finite"):
+        evaluation = natpg.agent.evaluation_episodes(dropping, episodes=2, deterministic=False)
+    assert returns == evaluation["return"].tolist() and evaluation["length"].tolist() == [3, 3]
+    assert len(iio.imread(tmp_path / "v.gif")) == 2 * 2  # frames at t = 0 and 3 of each (k = 3)
 
 
 def test_gif_frames_and_timing(tmp_path):

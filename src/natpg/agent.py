@@ -932,7 +932,7 @@ def evaluation_episodes(agent: Agent, env: str | None = None, episodes: int = 10
         obs, _ = envs.reset(seed=seed)
         flat = np.asarray(obs, np.float64).reshape(episodes, -1)  # flattened, with the mask appended: to the policy
         drop = agent.config.env.nonfinite_env == "drop"
-        _nonfinite(env_id, flat, np.zeros(episodes), np.ones(episodes, bool), 0, drop=False)  # no episode to end yet
+        nonfinite_steps(env_id, flat, np.zeros(episodes), np.ones(episodes, bool), 0, drop=False)  # none to end yet
         returns, lengths = np.zeros(episodes), np.zeros(episodes, np.int64)
         terminated, finished = np.zeros(episodes, bool), np.zeros(episodes, bool)
         dropped = np.zeros(episodes, bool)
@@ -940,7 +940,7 @@ def evaluation_episodes(agent: Agent, env: str | None = None, episodes: int = 10
         for t in range(max_episode_steps):
             obs, rew, term, trunc, info = envs.step(agent._act(flat, deterministic, generators))
             new = np.asarray(obs, np.float64).reshape(episodes, -1)
-            bad = _nonfinite(env_id, new, rew, ~finished, t + 1, drop)
+            bad = nonfinite_steps(env_id, new, rew, ~finished, t + 1, drop)
             if bad.any():  # nonfinite_env='drop': the episode ends at its last finite observation, as in training
                 last_obs[bad] = flat[bad]
                 dropped |= bad
@@ -959,10 +959,7 @@ def evaluation_episodes(agent: Agent, env: str | None = None, episodes: int = 10
     finally:
         envs.close()
     warn_cut_episodes(env_id, int((~finished).sum()), episodes, max_episode_steps)
-    if dropped.any():
-        warnings.warn(f"{int(dropped.sum())} of {episodes} evaluation episodes on {env_id!r} ended at a non-finite "
-                      f"observation or reward (nonfinite_env='drop'); their returns are those of the steps before it",
-                      RuntimeWarning, stacklevel=2)
+    warn_dropped_episodes(env_id, int(dropped.sum()), episodes)
     return {"return": returns, "length": lengths, "terminated": terminated, "last_obs": last_obs}
 
 
@@ -977,7 +974,7 @@ def evaluate(agent: Agent, env: str | None = None, episodes: int = 10, seed: int
     return float(returns.mean()), float(returns.std())
 
 
-def _nonfinite(env_id: str, obs: np.ndarray, rew: np.ndarray, running: np.ndarray, step: int,
+def nonfinite_steps(env_id: str, obs: np.ndarray, rew: np.ndarray, running: np.ndarray, step: int,
                drop: bool) -> np.ndarray:
     """The running evaluation episodes whose observation [E, D] or reward [E] is NaN or infinite: returned with
     ``drop`` (nonfinite_env='drop'), a ``NonFiniteEnvError`` naming them otherwise."""
@@ -987,6 +984,13 @@ def _nonfinite(env_id: str, obs: np.ndarray, rew: np.ndarray, running: np.ndarra
                                 f"reward at step {step} of evaluation episode(s) {np.flatnonzero(bad).tolist()} "
                                 f"(nonfinite_env='drop' ends such episodes instead)")
     return bad
+
+
+def warn_dropped_episodes(env_id: str, dropped: int, episodes: int) -> None:
+    if dropped:
+        warnings.warn(f"{dropped} of {episodes} evaluation episodes on {env_id!r} ended at a non-finite "
+                      f"observation or reward (nonfinite_env='drop'); their returns are those of the steps before it",
+                      RuntimeWarning, stacklevel=3)
 
 
 def warn_cut_episodes(env_id: str, cut: int, episodes: int, max_episode_steps: int) -> None:

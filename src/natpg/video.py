@@ -17,7 +17,8 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
-from .agent import Agent, check_evaluation, episode_generators, evaluation_env_kwargs, warn_cut_episodes
+from .agent import (Agent, check_evaluation, episode_generators, evaluation_env_kwargs, nonfinite_steps,
+                    warn_cut_episodes, warn_dropped_episodes)
 from .config import EVAL_MAX_EPISODE_STEPS
 from .envs import make_env
 from .errors import first_line
@@ -117,8 +118,11 @@ def record_video(agent: Agent, path: str | os.PathLike, env: str | None = None, 
         returns, cut = [], 0
         writer = _writer(Path(tmp_name), fps / frame_every)
         try:
+            drop, dropped = agent.config.env.nonfinite_env == "drop", 0
             for i, generator in enumerate(episode_generators(seed, episodes)):
                 obs, _ = rendered.reset(seed=seed + i)
+                flat = np.asarray(obs, np.float64).reshape(1, -1)
+                nonfinite_steps(env_id, flat, np.zeros(1), np.ones(1, bool), 0, drop=False)  # as evaluate's
                 draws = None if deterministic else [generator]  # evaluation episode i's draws
                 total, t, done = 0.0, 0, False
                 while True:
@@ -127,10 +131,13 @@ def record_video(agent: Agent, path: str | os.PathLike, env: str | None = None, 
                     if done or t == max_episode_steps:
                         cut += not done
                         break
-                    act = agent._act(np.asarray(obs, np.float64).reshape(1, -1), deterministic, draws)[0]
-                    obs, rew, term, trunc, _ = rendered.step(act)
-                    total += float(rew)
+                    obs, rew, term, trunc, _ = rendered.step(agent._act(flat, deterministic, draws)[0])
                     t += 1
+                    flat = np.asarray(obs, np.float64).reshape(1, -1)
+                    if nonfinite_steps(env_id, flat, np.array([rew]), np.ones(1, bool), t, drop).any():
+                        dropped += 1  # the episode ends at its last finite observation, as in evaluate
+                        break
+                    total += float(rew)
                     done = bool(term or trunc)
                 returns.append(total)
         finally:
@@ -138,6 +145,7 @@ def record_video(agent: Agent, path: str | os.PathLike, env: str | None = None, 
         os.replace(tmp_name, out)
         tmp_name = None
         warn_cut_episodes(env_id, cut, episodes, max_episode_steps)
+        warn_dropped_episodes(env_id, dropped, episodes)
         return returns
     finally:
         rendered.close()
