@@ -235,6 +235,8 @@ def test_cli_train_eval_plot(tmp_path, capsys):
     rc = cli(["train", "npg", "CartPole-v1", "--steps", "256", "--seed", "1", "--out", str(out), "--no-progress",
               "--n-envs", "2", "--set", "n_steps=64", "--set", "checkpoint_every=1"])
     assert rc == 0
+    recent = natpg.load(str(out)).recent_return()
+    assert capsys.readouterr().out == f"trained npg on CartPole-v1 for 256 steps; recent return {recent:.1f}; saved to {out}\n"
     cfg = json.load(open(out / "config.json"))
     assert cfg["algorithm"] == "npg" and cfg["env"]["n_envs"] == 2 and cfg["rollout"]["n_steps"] == 64
     rows = list(csv.DictReader(open(out / "progress.csv")))
@@ -248,6 +250,10 @@ def test_cli_train_eval_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert cli(["plot", str(out), "-o", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert cli(["train", "npg", "Pendulum-v1", "--steps", "64", "--out", str(tmp_path / "p"), "--no-progress",
+                "--n-envs", "2", "--set", "n_steps=32"]) == 0  # its 200-step episodes: none over yet
+    assert "for 64 steps; no episode finished yet; saved to" in capsys.readouterr().out
 
 
 def test_cli_config_prints_what_a_run_gets_and_where_each_value_came_from(capsys):

@@ -978,6 +978,37 @@ def test_sigterm_sigint_save_a_final_checkpoint_and_exit_cleanly(tmp_path, fork_
     assert agent.env_steps > 0 and agent.env_steps == int(progress_rows(out)[-1]["env_steps"])
 
 
+def test_an_async_run_ends_quietly_and_a_ctrl_c_to_its_process_group_is_the_learners_alone(tmp_path):
+    """natpg train with vectorization='async' (env workers forked from the CLI, with its signal handlers): a run
+    that ends closes its workers (they were terminated at exit, each printing the SIGTERM message and a broken
+    pipe's traceback); a SIGINT to the whole process group, as Ctrl-C sends, is acted on by the learner alone."""
+    cmd = [sys.executable, "-c", "import sys, natpg.cli; sys.exit(natpg.cli.main(sys.argv[1:]))", "train", "npg",
+           "CartPole-v1", *KILL_ARGS, "--set", "vectorization=async"]
+    env = {**os.environ, "MUJOCO_GL": "disabled"}
+    done = subprocess.run([*cmd, "--steps", "64", "--out", str(tmp_path / "a")], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.startswith("trained npg on CartPole-v1 for 64 steps; recent return")
+    out = tmp_path / "b"
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen([*cmd, "--steps", "1000000", "--out", str(out)], stdout=log, stderr=log, env=env,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ((out / "progress.csv").exists() and len((out / "progress.csv").read_text().splitlines()) >= 3):
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "log").read_text()
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = (tmp_path / "log").read_text()
+    assert rc == 128 + signal.SIGINT, text
+    assert text.count("SIGINT: stopping after this update") == 1 and "Traceback" not in text, text
+    assert natpg.load(str(out)).env_steps == int(progress_rows(out)[-1]["env_steps"])
+
+
 # ------------------------------------------------------------------------------------------------------
 # 5. Property-based tests (hypothesis): CG, every Fisher solver, GAE
 # ------------------------------------------------------------------------------------------------------

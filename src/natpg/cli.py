@@ -6,6 +6,7 @@ import argparse
 import ast
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -270,15 +271,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         stop = _StopOnSignal()
         try:
             agent.learn(steps, out_dir=out, progress_bar=not args.no_progress, reset=reset, callback=stop.callback)
+            recent = agent.recent_return()  # from the sampler's episodes: before it closes
         finally:
+            agent.close()  # the sampler's workers end now, not when the interpreter's exit terminates them
             stop.restore()
         if stop.signum is not None:
             name = signal.Signals(stop.signum).name
             print(f"natpg train: stopped by {name} after {agent.env_steps} environment steps; checkpoint saved to "
                   f"{out} (continue with --resume {out})", file=sys.stderr)
             return 128 + stop.signum
-        print(f"trained {args.algo} on {args.env_id} for {agent.env_steps} steps; recent return "
-              f"{agent.recent_return():.1f}; saved to {out}")
+        print(f"trained {args.algo} on {args.env_id} for {agent.env_steps} steps; "
+              f"{'no episode finished yet' if math.isnan(recent) else f'recent return {recent:.1f}'}; saved to {out}")
         return 0
 
 
@@ -316,6 +319,7 @@ class _StopOnSignal:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
+        self._pid = os.getpid()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -323,6 +327,11 @@ class _StopOnSignal:
                 pass
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked env worker (vectorization='async') inherited this handler
+            if signum == signal.SIGTERM:  # its end, as by default; a SIGINT is the learner's to act on
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
