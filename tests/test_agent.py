@@ -860,6 +860,49 @@ def test_a_setting_the_run_would_not_read_is_named_in_a_warning():
         natpg.NPG("CartPole-v1", cg_preconditioner="kfac", kfac_ema_decay=0.0, **small())
         natpg.PPO("CartPole-v1", alpha=1e-3, clip_range=0.1, ppo_epochs=3, **small())
         natpg.NPG("CartPole-v1", alpha=0.1, clip_range=0.2, **small())  # the values the run has anyway
+        natpg.NPG("Pendulum-v1", log_std_init=-1.0, reward_clip=5.0, normalize_reward=True, obs_clip=5.0,
+                  sampler="processes", workers=2, n_envs=2, worker_timeout=60.0, eval_every=64, eval_episodes=2,
+                  fvp_subsample=0.5, fvp_subsample_step_length="subsample")
+        natpg.NPG("CartPole-v1", hidden=(16,), activation="relu", **small())
+
+
+class _ImageEnv(gym.Env):
+    """One step of a random 36×36 grey image: what the Nature-CNN reads."""
+
+    observation_space = gym.spaces.Box(0, 255, (36, 36, 1), np.uint8)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), 0.0, False, True, {}
+
+
+if "natpg_test/Image-v0" not in gym.registry:
+    gym.register(id="natpg_test/Image-v0", entry_point=_ImageEnv)
+
+
+def test_settings_that_the_spaces_or_other_settings_leave_unread_are_named_in_one_warning():
+    with pytest.warns(UserWarning) as caught:
+        natpg.NPG("CartPole-v1", log_std_init=-1.0, reward_clip=5.0, normalize_obs=False, obs_clip=5.0,
+                  worker_timeout=5.0, worker_start_timeout=5.0, eval_episodes=3, fvp_subsample_step_length="subsample",
+                  **small())
+    assert len(caught) == 1
+    assert str(caught[0].message) == (  # in the order given
+        "npg on CartPole-v1 does not read these settings: "
+        "log_std_init (the Gaussian policy's starting log σ, for Box actions; this run's action space is a Discrete); "
+        "reward_clip (clips scaled rewards; this run's normalize_reward is False); "
+        "obs_clip (clips normalised observations; this run's normalize_obs is False); "
+        "worker_timeout (read by sampler='processes' and 'ray'; this run's sampler is 'local'); "
+        "worker_start_timeout (read by sampler='processes' and 'ray'; this run's sampler is 'local'); "
+        "eval_episodes (read by the periodic evaluation; this run's eval_every is 0); "
+        "fvp_subsample_step_length (where the KL step of a Fisher subsample is measured; this run's fvp_subsample "
+        "is 1, the whole batch)")
+    with pytest.warns(UserWarning, match=r"does not read these settings: hidden \(image observations get the "
+                                         r"Nature-CNN torso.*critic_hidden .*activation .*obs_clip \(images are scaled"):
+        natpg.PPO("natpg_test/Image-v0", hidden=(8,), critic_hidden=(8,), activation="relu", obs_clip=3.0, **small())
 
 def test_the_cli_prints_natpgs_warnings_as_one_line(tmp_path):
     import subprocess
@@ -915,6 +958,47 @@ def test_cli_config_file_reproduces_a_run_and_layers_under_set(tmp_path, capsys)
 
 def parameters_of(module):
     return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def test_load_with_another_step_rule_or_curvature_starts_their_state_afresh(tmp_path):
+    """The state of a part (ACKTR's momentum, Adam's moments, K-FAC's factors) goes only into a part of the kind
+    that wrote it: an Adam checkpoint's second moments are not ACKTR's momentum, nor its missing 'm' an error."""
+    acktr = natpg.ACKTR("CartPole-v1", seed=0, **small())
+    acktr.learn(64)
+    acktr.save(tmp_path / "acktr")
+    momentum = acktr.actor_update.step_rule.v
+    assert momentum is not None
+    assert torch.equal(natpg.load(tmp_path / "acktr", max_kl=0.005).actor_update.step_rule.v, momentum)  # kept
+    as_adam = natpg.load(tmp_path / "acktr", step="adam")
+    assert as_adam.actor_update.step_rule.m is None and as_adam.actor_update.step_rule.t == 0
+    kept = natpg.load(tmp_path / "acktr", kfac_refresh_every=2).actor_update.curvature.state_dict()
+    assert kept["fits"] == acktr.actor_update.curvature.state_dict()["fits"] > 0  # K-FAC's factors: kept
+    vpg = natpg.VPG("CartPole-v1", seed=0, step="adam", **small())
+    vpg.learn(64)
+    vpg.save(tmp_path / "vpg")
+    assert vpg.actor_update.step_rule.v is not None
+    assert natpg.load(tmp_path / "vpg", step="kfac_clip", fisher="kfac").actor_update.step_rule.v is None
+    as_adam.learn(64, reset=False)  # and they learn on
+    assert as_adam.actor_update.step_rule.t == 1
+
+
+def test_load_with_other_n_envs_continues_from_fresh_environments_with_a_warning(tmp_path):
+    """The saved copies cannot go on as more (or fewer): like any continuation that cannot be bit-exact, the run
+    goes on from freshly reset environments with a warning, keeping its episode statistics; the per-copy
+    discounted returns of reward normalisation start at 0 (they were a shape error deep inside)."""
+    agent = natpg.NPG("CartPole-v1", seed=0, normalize_reward=True, **small())
+    agent.learn(128)
+    agent.save(tmp_path / "m")
+    for reset in (False, True):
+        more = natpg.load(tmp_path / "m", n_envs=4)
+        assert more.reward_scaler.ret.tolist() == [0.0] * 4
+        if reset:
+            more.learn(128, reset=True)
+        else:
+            with pytest.warns(RuntimeWarning, match="saved with 2 environment copies and goes on with 4"):
+                more.learn(128, reset=False)
+            assert more._sampler.episodes > agent._sampler.episodes  # its statistics went on
+        assert more.env_steps == 256
 
 
 def test_load_with_changes_continues_the_run_with_other_settings_and_records_them(tmp_path):

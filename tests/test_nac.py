@@ -217,6 +217,8 @@ def test_nac_facade_cli_and_checkpoint(tmp_path):
 
     with pytest.raises(ValueError, match="fisher must be 'empirical'"):
         natpg.NAC("CartPole-v1", fisher="cg")
+    with pytest.raises(ValueError, match="which step='ppo_clip' would replace by PPO's clipped objective: for that, use ppo"):
+        natpg.NAC("CartPole-v1", step="ppo_clip")  # was PPO under NAC's name
     agent = natpg.NAC("CartPole-v1", seed=0, n_envs=2, n_steps=32, tensorboard=False).learn(128)
     loaded = natpg.load(agent.save(str(tmp_path / "m")))
     assert type(loaded) is natpg.NAC and loaded.config.curvature.fisher == "empirical"

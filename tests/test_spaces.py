@@ -432,8 +432,12 @@ def test_masked_predict_needs_the_mask():
     agent = natpg.NPG("Taxi-v4", action_mask="action_mask", n_envs=2, n_steps=8, tensorboard=False)
     with pytest.raises(ValueError, match="trained with action masking: pass action_mask"):
         agent.predict(3)
-    with pytest.raises(ValueError, match="allow at least one action"):
+    with pytest.raises(ValueError, match=r"action_mask allows no action in row\(s\) \[0\]"):
         agent.predict(3, action_mask=np.zeros(6))
+    with pytest.raises(ValueError, match=r"allows no action in row\(s\) \[1\]"):
+        agent.predict([3, 4], action_mask=[[1, 0, 0, 0, 0, 0], [0] * 6])
+    with pytest.raises(ValueError, match=r"action_mask must have shape \(6,\) or \(1, 6\), got shape \(5,\)"):
+        agent.predict(3, action_mask=np.ones(5))
     assert agent.predict(3, action_mask=[0, 0, 0, 0, 1, 0]) == 4
     plain = natpg.NPG("CartPole-v1", n_envs=2, n_steps=8, tensorboard=False)
     with pytest.raises(ValueError, match="trained without action masking"):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .algorithms import config_for, make_actor_update, make_critic
+from .algorithms import config_for, make_actor_update, make_critic, warn_unread
 from .config import EVAL_MAX_EPISODE_STEPS, Config, env_kwargs_problem, is_integer, plain_json
 from .envs import ObsNormalizer, RewardScaler, check_env_id, check_spaces, make_vec_env, probe_spaces
 from .errors import first_line
@@ -106,14 +106,17 @@ class Agent:
         mask_fn = overrides.get("action_mask")
         if callable(mask_fn):
             overrides["action_mask"] = CALLABLE_MASK
-        config = config_for(self.algorithm, env, overrides)
+        config = config_for(self.algorithm, env, overrides, warn=False)  # warned of below, with the spaces
         if config.distributed.sampler == "ray":
             from .distributed import check_ray_installed
 
             check_ray_installed()
         self.action_mask_fn = mask_fn if callable(mask_fn) else None
         self._config = config
-        self._build(env, seed, config, *probe_spaces(env, self.action_mask_source, config.env.env_kwargs))
+        observation_space, action_space = probe_spaces(env, self.action_mask_source, config.env.env_kwargs)
+        image = input_layout(observation_space, action_space, config.env.action_mask is not None)[2] is not None
+        warn_unread(config, env, overrides, type(action_space).__name__, image)
+        self._build(env, seed, config, observation_space, action_space)
 
     @property
     def config(self) -> Config:
@@ -478,10 +481,12 @@ class Agent:
         mask = np.asarray(action_mask, np.float64)
         if mask.shape == (n,):
             mask = np.broadcast_to(mask, (rows, n))
-        if mask.shape != (rows, n) or not ((mask > 0.5).any(axis=1)).all():
-            raise ValueError(f"action_mask must have shape ({n},) or ({rows}, {n}) and allow at least one action "
-                             f"per row, got shape {mask.shape}")
-        return mask
+        if mask.shape != (rows, n):
+            raise ValueError(f"action_mask must have shape ({n},) or ({rows}, {n}), got shape {mask.shape}")
+        if not (none := ~(mask > 0.5).any(axis=1)).any():
+            return mask
+        raise ValueError(f"action_mask allows no action in row(s) {np.flatnonzero(none).tolist()} (1 = allowed; "
+                         f"at least one per row)")
 
     @torch.no_grad()
     def _act(self, flat: np.ndarray, deterministic: bool,
@@ -537,7 +542,8 @@ class Agent:
                    "rng": {"generator": self.generator.get_state(), "cpu_generator": self.cpu_generator.get_state(),
                            **({"sampling_generator": self.sampling_generator.get_state()}
                               if self.sampling_generator is not self.generator else {})},
-                   "actor_update": {name: obj.state_dict() for name, obj in self._stateful_update_parts().items()}}
+                   "actor_update": {name: part.state_dict()
+                                    for name, part in stateful_update_parts(self.actor_update).items()}}
         file = checkpoint.write(path, meta, tensors)
         if not checkpoint.is_file_path(path):
             checkpoint.write_json(os.path.join(path, checkpoint.CONFIG_JSON), _config_json(meta))
@@ -550,18 +556,12 @@ class Agent:
         state_dict = getattr(self._sampler, "state_dict", None)
         return state_dict() if state_dict is not None else None
 
-    def _stateful_update_parts(self) -> dict[str, Any]:
-        """Parts of the actor update that carry state across updates and can save it (``state_dict``)."""
-        parts = {"update": self.actor_update, "step_rule": getattr(self.actor_update, "step_rule", None),
-                 "curvature": getattr(self.actor_update, "curvature", None)}
-        return {k: v for k, v in parts.items() if hasattr(v, "state_dict") and hasattr(v, "load_state_dict")}
-
     @classmethod
     def _from_checkpoint(cls, meta: dict[str, Any], tensors: dict[str, Any], action_mask=None,
                          changes: dict[str, Any] | None = None) -> "Agent":
         agent = cls.__new__(cls)
-        config = _loaded_config(Config.from_dict(_without_inert_settings(meta["config"], meta["action_space"])),
-                                changes or {})
+        recorded = Config.from_dict(_without_inert_settings(meta["config"], meta["action_space"]))
+        config = _loaded_config(recorded, changes or {})
         if config.env.action_mask == CALLABLE_MASK and not callable(action_mask):
             raise ValueError("this agent was trained with a callable action mask: pass it again, "
                              "natpg.load(path, action_mask=fn)")
@@ -575,8 +575,9 @@ class Agent:
         agent.reward_scaler.rms.load_state_dict(meta["reward_scaler"])
         agent.env_steps, agent.updates = int(meta["env_steps"]), int(meta["updates"])
         agent.target_steps = meta.get("target_steps")
-        if "reward_scaler_ret" in meta:
-            agent.reward_scaler.ret = np.asarray(meta["reward_scaler_ret"], np.float64)
+        ret = np.asarray(meta.get("reward_scaler_ret", []), np.float64)
+        if ret.shape == agent.reward_scaler.ret.shape:  # per copy: a run loaded with other n_envs starts them at 0
+            agent.reward_scaler.ret = ret
         agent.consecutive_faults = int(meta.get("consecutive_faults", 0))
         agent.train_wall_s = float(meta.get("train_wall_s", 0.0))
         agent.best_eval_return = meta.get("best_eval_return")
@@ -592,10 +593,21 @@ class Agent:
                     and rng["generator"].numel() == agent.generator.get_state().numel():  # CUDA's, on a GPU
                 agent.generator.set_state(rng["generator"])
             agent.cpu_generator.set_state(rng["cpu_generator"])
-        for name, part in agent._stateful_update_parts().items():
-            if name in tensors.get("actor_update", {}):
+        # A part's state (momentum, Adam's moments, K-FAC's factors) is restored into a part of the kind that wrote
+        # it; one that the changes replaced (natpg.load(path, step='adam')) starts afresh.
+        written_by = {name: type(part) for name, part in
+                      stateful_update_parts(make_actor_update(recorded, None)).items()} if changes else None
+        for name, part in stateful_update_parts(agent.actor_update).items():
+            if name in tensors.get("actor_update", {}) and (written_by is None or written_by.get(name) is type(part)):
                 part.load_state_dict(tensors["actor_update"][name])
         return agent
+
+
+def stateful_update_parts(actor_update: Any) -> dict[str, Any]:
+    """Parts of an actor update that carry state across updates and can save it (``state_dict``)."""
+    parts = {"update": actor_update, "step_rule": getattr(actor_update, "step_rule", None),
+             "curvature": getattr(actor_update, "curvature", None)}
+    return {k: v for k, v in parts.items() if hasattr(v, "state_dict") and hasattr(v, "load_state_dict")}
 
 
 def _without_inert_settings(config: dict[str, Any], action_space: dict[str, Any]) -> dict[str, Any]:

@@ -127,6 +127,9 @@ class NaturalGradientUpdate:
 def make_actor_update(cfg: Config, generator: torch.Generator | None):
     """PPO's clipped objective for step='ppo_clip', else curvature × step rule."""
     s = cfg.step
+    if cfg.algorithm == "nac" and s.step == "ppo_clip":
+        raise ValueError("nac's direction is the compatible critic's least-squares weights, which step='ppo_clip' "
+                         "would replace by PPO's clipped objective: for that, use ppo")
     if s.step == "ppo_clip":
         from .ppo import ClippedSurrogateUpdate
 
@@ -315,20 +318,30 @@ def default_config(algorithm: str, family: str, env_id: str | None = None) -> Co
     return Config(algorithm=algorithm).override(**merged)
 
 
-def config_for(algorithm: str, env_id: str, overrides: dict[str, Any] | None = None) -> Config:
+def config_for(algorithm: str, env_id: str, overrides: dict[str, Any] | None = None, warn: bool = True) -> Config:
     """The validated settings of one run: the presets for ``env_id`` (its family's, then its own), then
-    ``overrides``. Raises ValueError naming every invalid setting; warns of every override that changes a setting
-    the run would not read (a warning, not an error: one dict of settings shared by several algorithms is a fair
-    way to run a sweep; an override equal to the preset's value, as a whole config.json holds, changes nothing)."""
+    ``overrides``. Raises ValueError naming every invalid setting; warns (``warn``; an agent does, once it knows
+    the spaces) of every override that changes a setting the run would not read (a warning, not an error: one
+    dict of settings shared by several algorithms is a fair way to run a sweep; an override equal to the preset's
+    value, as a whole config.json holds, changes nothing)."""
     preset = default_config(algorithm, env_family(env_id), env_id)
     config = preset.override(**(overrides or {}))
     config = config.override(**inert_preset_values(preset, config, overrides or {})).validate()
-    unused = [f"{key} ({why})" for key in changed_by(preset, overrides or {})
-              if (why := unread_because(config, key))]
-    if unused:
-        warnings.warn(f"{algorithm} on {env_id} does not read these settings: {'; '.join(unused)}", UserWarning,
-                      stacklevel=3)
+    if warn:
+        warn_unread(config, env_id, overrides or {}, stacklevel=4)
     return config
+
+
+def warn_unread(config: Config, env_id: str, overrides: dict[str, Any], action_space_type: str | None = None,
+                image: bool | None = None, stacklevel: int = 3) -> None:
+    """Warn of the ``overrides`` that change a preset's value of a setting the run would not read (given the
+    spaces, also of those they leave unread: ``unread_because``)."""
+    preset = default_config(config.algorithm, env_family(env_id), env_id)
+    unused = [f"{key} ({why})" for key in changed_by(preset, overrides)
+              if (why := unread_because(config, key, action_space_type, image))]
+    if unused:
+        warnings.warn(f"{config.algorithm} on {env_id} does not read these settings: {'; '.join(unused)}",
+                      UserWarning, stacklevel=stacklevel)
 
 
 def changed_by(preset: Config, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -630,9 +630,11 @@ READ_BY_STEP = {"max_kl": KL_RULES, "kl_schedule": KL_RULES, "backtrack_shrink":
                 "target_kl": ("ppo_clip",)}
 
 
-def unread_because(cfg: Config, key: str, action_space_type: str | None = None) -> str | None:
+def unread_because(cfg: Config, key: str, action_space_type: str | None = None,
+                   image: bool | None = None) -> str | None:
     """Why a run with ``cfg`` never reads setting ``key`` (the parts that read it are not in the run), or None when
-    it does or when that depends on an action space not given (its type name: 'Box', 'Discrete', ...).
+    it does or when that depends on spaces not given: the action space's type name ('Box', 'Discrete', ...), and
+    ``image``, whether the observations are images (read by the Nature-CNN).
 
     The one record of which part reads which setting, mirroring what algorithms.make_step_rule,
     make_actor_update and make_curvature hand each part: Config.validate refuses a changed value of the
@@ -666,4 +668,20 @@ def unread_because(cfg: Config, key: str, action_space_type: str | None = None) 
         return f"read by critic_optimizer='kfac'; this run's critic_optimizer is {cfg.critic.critic_optimizer!r}"
     if key == "action_squash" and action_space_type not in (None, "Box"):
         return f"squashes Box actions into their bounds; this run's action space is a {action_space_type}"
+    if key == "log_std_init" and action_space_type not in (None, "Box"):
+        return f"the Gaussian policy's starting log σ, for Box actions; this run's action space is a {action_space_type}"
+    if key in ("hidden", "critic_hidden", "activation") and image:
+        return "image observations get the Nature-CNN torso, whatever the MLP settings say"
+    if key in ("normalize_obs", "obs_clip") and image:
+        return "images are scaled by 1/255 inside the CNN, not normalised by running statistics"
+    if key == "obs_clip" and not cfg.env.normalize_obs:
+        return "clips normalised observations; this run's normalize_obs is False"
+    if key == "reward_clip" and not cfg.env.normalize_reward:
+        return "clips scaled rewards; this run's normalize_reward is False"
+    if key in ("worker_timeout", "worker_start_timeout") and cfg.distributed.sampler not in ("processes", "ray"):
+        return f"read by sampler='processes' and 'ray'; this run's sampler is {cfg.distributed.sampler!r}"
+    if key == "eval_episodes" and not cfg.run.eval_every:
+        return "read by the periodic evaluation; this run's eval_every is 0"
+    if key == "fvp_subsample_step_length" and cfg.curvature.fvp_subsample >= 1.0:
+        return "where the KL step of a Fisher subsample is measured; this run's fvp_subsample is 1, the whole batch"
     return None

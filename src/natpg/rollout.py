@@ -231,7 +231,9 @@ class Sampler:
         """
         restore_episode_counters(self, state)
         reason = state.get("env_state_error")
-        if state.get("env_states") is not None:
+        if state["n_envs"] != self.n_envs:
+            reason = f"the run was saved with {state['n_envs']} environment copies and goes on with {self.n_envs}"
+        elif state.get("env_states") is not None:
             try:
                 set_vector_env_state(self.envs, state["env_states"])
                 obs = np.asarray(state["obs"], np.float64)
@@ -282,9 +284,7 @@ def episode_counters(sampler) -> dict[str, Any]:
 
 
 def restore_episode_counters(sampler, state: dict[str, Any]) -> None:
-    """Inverse of ``episode_counters``; refuses a state saved with another number of environment copies."""
-    if state["n_envs"] != sampler.n_envs:
-        raise ValueError(f"saved sampler state has {state['n_envs']} environment copies, this run {sampler.n_envs}")
+    """Inverse of ``episode_counters`` (also into a sampler of another number of copies: natpg.load with n_envs)."""
     sampler.recent_returns.extend(float(x) for x in state["recent_returns"])
     sampler.recent_lengths.extend(int(x) for x in state["recent_lengths"])
     if state.get("info_keys", []) == list(sampler.info_keys):  # other keys (load with changes): a new window
