@@ -707,7 +707,8 @@ def load(path: str, action_mask=None, **changes: Any) -> Agent:
 
     ``changes`` continue the run with other settings, e.g. ``natpg.load(path, max_kl=0.005, device="cpu")``: the
     networks, optimiser and normaliser statistics are the checkpoint's, every part is built from the changed
-    settings, and the agent records them (learning on into the run's own directory is then refused as another
+    settings (a step rule or curvature of another kind starts without the saved momentum, moments or factors;
+    other ``n_envs`` go on from freshly reset environments), and the agent records them (learning on into the run's own directory is then refused as another
     run: give a new out_dir). Settings the saved networks are shaped by (``SHAPED_BY_CHECKPOINT``) cannot change.
     A run trained on CUDA loads on the CPU, with a warning, where CUDA is not available."""
     if not isinstance(path, (str, os.PathLike)):
