@@ -1001,6 +1001,31 @@ def test_load_with_other_n_envs_continues_from_fresh_environments_with_a_warning
         assert more.env_steps == 256
 
 
+@pytest.mark.parametrize("how", ["reset", "continue", "resume", "resume-not-exact"])
+def test_reward_normalisation_tracks_each_episodes_own_discounted_return(tmp_path, how):
+    """The return reward normalisation accumulates per copy starts at 0 with fresh episodes (learn's default
+    reset=True, a resume that cannot restore the environments) and goes on where they go on (reset=False, a
+    bit-exact resume): its first value in the next learn is one reward (Pendulum: ≥ −16.3 a step) or not."""
+    agent = natpg.NPG("Pendulum-v1", seed=0, normalize_reward=True, **small())
+    agent.learn(64)
+    carried = agent.reward_scaler.ret.copy()
+    assert (carried < -40).all()  # 32 steps into Pendulum's 200-step episodes
+    if how.startswith("resume"):
+        agent.save(tmp_path / "m")
+        agent = natpg.load(tmp_path / "m", **({"vectorization": "async"} if how == "resume-not-exact" else {}))
+    seen = []
+    observe = agent.reward_scaler.observe
+    agent.reward_scaler.observe = lambda ret, valid=None: (seen.append(ret.copy()), observe(ret, valid))
+    if how == "resume-not-exact":
+        with pytest.warns(RuntimeWarning, match="resuming with freshly reset environments"):
+            agent.learn(64, reset=False)
+    else:
+        agent.learn(64, reset=how == "reset")
+    fresh = how in ("reset", "resume-not-exact")
+    assert (seen[0] >= -16.3).all() if fresh else (seen[0] <= 0.99 * carried).all()  # γ·ret + a reward ≤ 0
+    agent.close()
+
+
 def test_load_with_changes_continues_the_run_with_other_settings_and_records_them(tmp_path):
     """natpg.load(path, max_kl=...) builds every part from the changed settings around the saved networks; the
     config is frozen, so changing it in place is an error rather than a silent no-op that config.json would

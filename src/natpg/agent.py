@@ -242,8 +242,10 @@ class Agent:
         if reset or self._sampler is None:
             self._close_sampler()
             self._sampler = self._make_sampler(self.seed + self.updates)
-            if not reset and self._saved_sampler is not None and hasattr(self._sampler, "load_state_dict"):
-                self._sampler.load_state_dict(self._saved_sampler)
+            restored = (not reset and self._saved_sampler is not None and hasattr(self._sampler, "load_state_dict")
+                        and self._sampler.load_state_dict(self._saved_sampler))
+            if not restored:  # fresh episodes: the discounted returns reward normalisation tracks start at 0
+                self.reward_scaler.ret[:] = 0.0
         self._saved_sampler = None
         self.obs_normalizer.frozen = False
         if out_dir and not continuing:  # a new run directory holds a checkpoint before any log row (as natpg train's)
