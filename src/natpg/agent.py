@@ -114,8 +114,7 @@ class Agent:
         self.action_mask_fn = mask_fn if callable(mask_fn) else None
         self._config = config
         observation_space, action_space = probe_spaces(env, self.action_mask_source, config.env.env_kwargs)
-        image = input_layout(observation_space, action_space, config.env.action_mask is not None)[2] is not None
-        warn_unread(config, env, overrides, type(action_space).__name__, image)
+        warn_unread(config, env, overrides, (observation_space, action_space))
         self._build(env, seed, config, observation_space, action_space)
 
     @property

@@ -332,10 +332,16 @@ def config_for(algorithm: str, env_id: str, overrides: dict[str, Any] | None = N
     return config
 
 
-def warn_unread(config: Config, env_id: str, overrides: dict[str, Any], action_space_type: str | None = None,
-                image: bool | None = None, stacklevel: int = 3) -> None:
+def warn_unread(config: Config, env_id: str, overrides: dict[str, Any], spaces: tuple | None = None,
+                stacklevel: int = 3) -> None:
     """Warn of the ``overrides`` that change a preset's value of a setting the run would not read (given the
-    spaces, also of those they leave unread: ``unread_because``)."""
+    (observation, action) ``spaces``, also of those they leave unread: ``unread_because``)."""
+    action_space_type = image = None
+    if spaces is not None:
+        from .policies import input_layout
+
+        action_space_type = type(spaces[1]).__name__
+        image = input_layout(*spaces, config.env.action_mask is not None)[2] is not None
     preset = default_config(config.algorithm, env_family(env_id), env_id)
     unused = [f"{key} ({why})" for key in changed_by(preset, overrides)
               if (why := unread_because(config, key, action_space_type, image))]

@@ -348,7 +348,7 @@ class _StopOnSignal:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from .algorithms import config_for, default_config, inert_preset_values, setting_sources
+    from .algorithms import config_for, default_config, inert_preset_values, setting_sources, warn_unread
     from .envs import env_family, probe_spaces
 
     algorithm_class(args.algo)
@@ -357,11 +357,12 @@ def cmd_config(args: argparse.Namespace) -> int:
     overrides = file_settings | given
     family = env_family(args.env_id)
     with naming_settings_file(args.config, set(file_settings) - set(given)):
-        config = config_for(args.algo, args.env_id, overrides)
+        config = config_for(args.algo, args.env_id, overrides, warn=False)
     # what train checks against the environment itself (its spaces, env_kwargs), without training
-    _, action_space = probe_spaces(args.env_id, config.env.action_mask, config.env.env_kwargs)
+    observation_space, action_space = probe_spaces(args.env_id, config.env.action_mask, config.env.env_kwargs)
     if refusal := config.refusal("action_squash", type(action_space).__name__):
         raise ValueError(refusal)
+    warn_unread(config, args.env_id, overrides, (observation_space, action_space))
     sources = setting_sources(args.algo, family, args.env_id, given, {args.config: file_settings} if args.config else {})
     preset = default_config(args.algo, family, args.env_id)
     for key in inert_preset_values(preset, preset.override(**overrides), overrides):
