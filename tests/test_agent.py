@@ -903,6 +903,12 @@ def test_settings_that_the_spaces_or_other_settings_leave_unread_are_named_in_on
     with pytest.warns(UserWarning, match=r"does not read these settings: hidden \(image observations get the "
                                          r"Nature-CNN torso.*critic_hidden .*activation .*obs_clip \(images are scaled"):
         natpg.PPO("natpg_test/Image-v0", hidden=(8,), critic_hidden=(8,), activation="relu", obs_clip=3.0, **small())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # the preset's own values, as a config.json (JSON lists) or a TOML file gives them: nothing changed
+        natpg.PPO("natpg_test/Image-v0", hidden=[64, 64], critic_hidden=[64, 64], **small())
+        with pytest.raises(ValueError, match="action_squash='tanh' would not be read"):  # refused, not also warned
+            natpg.NPG("CartPole-v1", action_squash="tanh", **small())
 
 def test_the_cli_prints_natpgs_warnings_as_one_line(tmp_path):
     import subprocess
@@ -997,7 +1003,7 @@ def test_load_with_other_n_envs_continues_from_fresh_environments_with_a_warning
         else:
             with pytest.warns(RuntimeWarning, match="saved with 2 environment copies and goes on with 4"):
                 more.learn(128, reset=False)
-            assert more._sampler.episodes > agent._sampler.episodes  # its statistics went on
+            assert more._sampler.total_steps == 256  # its counters went on
         assert more.env_steps == 256
 
 

@@ -213,12 +213,24 @@ def test_kl_step_is_measured_with_the_exact_fisher(float64):
 
 
 def test_nac_facade_cli_and_checkpoint(tmp_path):
+    from natpg import checkpoint
     from natpg.cli import main as cli
 
     with pytest.raises(ValueError, match="fisher must be 'empirical'"):
         natpg.NAC("CartPole-v1", fisher="cg")
     with pytest.raises(ValueError, match="which step='ppo_clip' would replace by PPO's clipped objective: for that, use ppo"):
         natpg.NAC("CartPole-v1", step="ppo_clip")  # was PPO under NAC's name
+    ppo = natpg.PPO("CartPole-v1", seed=0, n_envs=2, n_steps=32, tensorboard=False).learn(64)
+    ppo.save(str(tmp_path / "ppo"))
+    meta, tensors = checkpoint.read(str(tmp_path / "ppo"))  # what such a run wrote: nac, NAC's fisher, PPO's step
+    meta["algorithm"] = meta["config"]["algorithm"] = "nac"
+    meta["config"]["curvature"]["fisher"] = "empirical"
+    checkpoint.write(str(tmp_path / "old"), meta, tensors)
+    with pytest.warns(UserWarning, match="recorded as nac with step='ppo_clip'.*loads as the PPO run it was"):
+        old = natpg.load(str(tmp_path / "old"))
+    assert type(old) is natpg.PPO and old.env_steps == 64
+    np.testing.assert_array_equal(old.predict(np.zeros((3, 4))), ppo.predict(np.zeros((3, 4))))
+    old.learn(64, reset=False)
     agent = natpg.NAC("CartPole-v1", seed=0, n_envs=2, n_steps=32, tensorboard=False).learn(128)
     loaded = natpg.load(agent.save(str(tmp_path / "m")))
     assert type(loaded) is natpg.NAC and loaded.config.curvature.fisher == "empirical"

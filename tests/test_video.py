@@ -27,17 +27,18 @@ class FrameEnv(gym.Env):
     observation_space = gym.spaces.Box(-10.0, 10.0, (1,))
     action_space = gym.spaces.Discrete(2)
 
-    def __init__(self, render_mode=None, fail_at=None, nan_at=None):
-        self.render_mode, self.fail_at, self.nan_at, self.t = render_mode, fail_at, nan_at, 0
+    def __init__(self, render_mode=None, fail_at=None, nan_at=None, nan_seed=None):
+        self.render_mode, self.fail_at, self.nan_at, self.nan_seed, self.t = render_mode, fail_at, nan_at, nan_seed, 0
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
-        self.t = 0
+        self.t, self.nan_here = 0, self.nan_seed in (None, seed)  # NaN in every episode, or the one reset with nan_seed
         return np.zeros(1, np.float32), {}
 
     def step(self, action):
         self.t += 1
-        return np.full(1, np.nan if self.t == self.nan_at else self.t, np.float32), float(action), False, self.t >= 10, {}
+        nan = self.t == self.nan_at and self.nan_here
+        return np.full(1, np.nan if nan else self.t, np.float32), float(action), False, self.t >= 10, {}
 
     def render(self):
         if self.fail_at is not None and self.t >= self.fail_at:
@@ -82,6 +83,7 @@ for _id, _kwargs, _entry in [("natpg_test/Frames-v0", {}, FrameEnv),
                              ("natpg_test/Plain-v0", {}, PlainEnv),
                              ("natpg_test/BrokenFrames-v0", {"fail_at": 3}, FrameEnv),
                              ("natpg_test/NaNFrames-v0", {"nan_at": 4}, FrameEnv),
+                             ("natpg_test/NaNFramesSeed9-v0", {"nan_at": 4, "nan_seed": 9}, FrameEnv),
                              ("natpg_test/NoFrames-v0", {}, NoRenderEnv),
                              ("natpg_test/Endless-v0", {}, EndlessEnv)]:
     if _id not in gym.registry:
@@ -116,6 +118,10 @@ def test_a_video_treats_a_non_finite_observation_as_the_evaluation_does(tmp_path
     with pytest.raises(natpg.NonFiniteEnvError, match=r"step 4 of evaluation episode"):
         record_video(agent, tmp_path / "v.gif", episodes=2)
     assert not os.listdir(tmp_path)
+    third = natpg.NPG("natpg_test/NaNFramesSeed9-v0", seed=0)  # NaN in the episode reset with seed 9: the third
+    for play in (natpg.evaluate, lambda *a, **k: record_video(a[0], tmp_path / "v.gif", **k)):
+        with pytest.raises(natpg.NonFiniteEnvError, match=r"step 4 of evaluation episode\(s\) \[2\]"):
+            play(third, episodes=4, seed=7)
     dropping = natpg.NPG("natpg_test/NaNFrames-v0", seed=0, nonfinite_env="drop")
     with pytest.warns(RuntimeWarning, match="2 of 2 evaluation episodes .* ended at a non-finite"):
         returns = record_video(dropping, tmp_path / "v.gif", episodes=2, deterministic=False)

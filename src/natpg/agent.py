@@ -709,14 +709,15 @@ def load(path: str, action_mask=None, **changes: Any) -> Agent:
     ``changes`` continue the run with other settings, e.g. ``natpg.load(path, max_kl=0.005, device="cpu")``: the
     networks, optimiser and normaliser statistics are the checkpoint's, every part is built from the changed
     settings (a step rule or curvature of another kind starts without the saved momentum, moments or factors;
-    other ``n_envs`` go on from freshly reset environments), and the agent records them (learning on into the run's own directory is then refused as another
-    run: give a new out_dir). Settings the saved networks are shaped by (``SHAPED_BY_CHECKPOINT``) cannot change.
+    other ``n_envs`` go on from freshly reset environments), and the agent records them (learning on into the
+    run's own directory is then refused as another run: give a new out_dir). Settings the saved networks are shaped by (``SHAPED_BY_CHECKPOINT``) cannot change.
     A run trained on CUDA loads on the CPU, with a warning, where CUDA is not available."""
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"path must be a run directory or a .pt checkpoint file, got {path!r}")
     path = os.fspath(path)
     meta, tensors = checkpoint.read(path)
     _warn_edited_config_json(path, meta)
+    meta = _nac_that_ran_ppo(meta)
     algo = meta.get("algorithm")
     if algo not in ALGORITHM_CLASSES:
         raise ValueError(f"checkpoint at {path!r} is for algorithm {algo!r}, unknown to this natpg "
@@ -728,6 +729,17 @@ def load(path: str, action_mask=None, **changes: Any) -> Agent:
     except (RuntimeError, TypeError) as exc:  # tensors that do not fit the recorded config
         raise ValueError(f"checkpoint at {path!r} is inconsistent with its recorded config: "
                          f"{first_line(exc)}") from None
+
+
+def _nac_that_ran_ppo(meta: dict[str, Any]) -> dict[str, Any]:
+    """Before natpg refused it, nac with step='ppo_clip' ran PPO's update under nac's name: such a run loads as the
+    PPO run it was, with a warning."""
+    step = (meta.get("config") or {}).get("step")
+    if meta.get("algorithm") != "nac" or not isinstance(step, dict) or step.get("step") != "ppo_clip":
+        return meta
+    warnings.warn("this run was recorded as nac with step='ppo_clip', which natpg ran as PPO before refusing it: "
+                  "it loads as the PPO run it was", UserWarning, stacklevel=3)
+    return {**meta, "algorithm": "ppo", "config": {**meta["config"], "algorithm": "ppo"}}
 
 
 def _config_json(meta: dict[str, Any]) -> dict[str, Any]:
@@ -989,13 +1001,15 @@ def evaluate(agent: Agent, env: str | None = None, episodes: int = 10, seed: int
 
 
 def nonfinite_steps(env_id: str, obs: np.ndarray, rew: np.ndarray, running: np.ndarray, step: int,
-               drop: bool) -> np.ndarray:
+                    drop: bool, first_episode: int = 0) -> np.ndarray:
     """The running evaluation episodes whose observation [E, D] or reward [E] is NaN or infinite: returned with
-    ``drop`` (nonfinite_env='drop'), a ``NonFiniteEnvError`` naming them otherwise."""
+    ``drop`` (nonfinite_env='drop'), a ``NonFiniteEnvError`` naming them otherwise (row i is episode
+    ``first_episode + i``)."""
     bad = running & ~(np.isfinite(obs).all(axis=1) & np.isfinite(np.asarray(rew, np.float64)))
     if bad.any() and not drop:
         raise NonFiniteEnvError(f"evaluation on {env_id!r}: the environment returned a non-finite observation or "
-                                f"reward at step {step} of evaluation episode(s) {np.flatnonzero(bad).tolist()} "
+                                f"reward at step {step} of evaluation episode(s) "
+                                f"{(first_episode + np.flatnonzero(bad)).tolist()} "
                                 f"(nonfinite_env='drop' ends such episodes instead)")
     return bad
 

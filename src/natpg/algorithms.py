@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributions import kl_divergence
 
 from . import fisher
-from .config import Config, unread_because
+from .config import REFUSED_WHEN_UNREAD, Config, unread_because
 from .critics import ValueCritic
 from .envs import env_family
 from .params import flatten
@@ -127,9 +127,6 @@ class NaturalGradientUpdate:
 def make_actor_update(cfg: Config, generator: torch.Generator | None):
     """PPO's clipped objective for step='ppo_clip', else curvature × step rule."""
     s = cfg.step
-    if cfg.algorithm == "nac" and s.step == "ppo_clip":
-        raise ValueError("nac's direction is the compatible critic's least-squares weights, which step='ppo_clip' "
-                         "would replace by PPO's clipped objective: for that, use ppo")
     if s.step == "ppo_clip":
         from .ppo import ClippedSurrogateUpdate
 
@@ -138,9 +135,6 @@ def make_actor_update(cfg: Config, generator: torch.Generator | None):
     if cfg.algorithm == "nac":  # d = the compatible critic's weights, (F_emp + λI)⁻¹g with λ = damping
         from .nac import NaturalActorCritic
 
-        if cfg.curvature.fisher != "empirical":
-            raise ValueError(f"nac's direction is the compatible critic's least-squares weights, i.e. the empirical "
-                             f"Fisher solve: fisher must be 'empirical', got {cfg.curvature.fisher!r}")
         return NaturalActorCritic(cfg.curvature.damping, make_step_rule(cfg))
     return NaturalGradientUpdate(make_curvature(cfg, generator), make_step_rule(cfg), s.ent_coef)
 
@@ -343,16 +337,17 @@ def warn_unread(config: Config, env_id: str, overrides: dict[str, Any], spaces: 
         action_space_type = type(spaces[1]).__name__
         image = input_layout(*spaces, config.env.action_mask is not None)[2] is not None
     preset = default_config(config.algorithm, env_family(env_id), env_id)
-    unused = [f"{key} ({why})" for key in changed_by(preset, overrides)
-              if (why := unread_because(config, key, action_space_type, image))]
+    unused = [f"{key} ({why})" for key in changed_by(preset, overrides) if key not in REFUSED_WHEN_UNREAD
+              and (why := unread_because(config, key, action_space_type, image))]  # those are refused, not warned of
     if unused:
         warnings.warn(f"{config.algorithm} on {env_id} does not read these settings: {'; '.join(unused)}",
                       UserWarning, stacklevel=stacklevel)
 
 
 def changed_by(preset: Config, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The overrides that change the preset's value (a whole config.json repeats most of them)."""
-    return {k: v for k, v in overrides.items() if preset.get(k) != v}
+    """The overrides that change the preset's value (a whole config.json repeats most of them, tuples as lists)."""
+    as_list = lambda v: [as_list(x) for x in v] if isinstance(v, (tuple, list)) else v  # noqa: E731
+    return {k: v for k, v in overrides.items() if as_list(preset.get(k)) != as_list(v)}
 
 
 def inert_preset_values(preset: Config, config: Config, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -272,8 +272,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         try:
             agent.learn(steps, out_dir=out, progress_bar=not args.no_progress, reset=reset, callback=stop.callback)
             recent = agent.recent_return()  # from the sampler's episodes: before it closes
+            # Its workers end now, not terminated at the interpreter's exit; after an exception they are (a close
+            # would wait for an environment that may be the one that hung).
+            agent.close()
         finally:
-            agent.close()  # the sampler's workers end now, not when the interpreter's exit terminates them
             stop.restore()
         if stop.signum is not None:
             name = signal.Signals(stop.signum).name

@@ -565,6 +565,13 @@ class Config:
             need(d.sampler == "local" or e.vectorization == "sync",
                  f"vectorization={e.vectorization!r} applies to sampler='local' only: each rollout worker steps its "
                  f"copies in its own process")
+        if self.algorithm == "nac" and relate("fisher"):
+            need(self.curvature.fisher == "empirical",
+                 f"nac's direction is the compatible critic's least-squares weights, i.e. the empirical Fisher solve: "
+                 f"fisher must be 'empirical', got {self.curvature.fisher!r}")
+        if self.algorithm == "nac" and relate("step"):
+            need(self.step.step != "ppo_clip", "nac's direction is the compatible critic's least-squares weights, "
+                 "which step='ppo_clip' would replace by PPO's clipped objective: for that, use ppo")
         if algorithm_ok and relate("step", "fisher"):  # what unread_because reads
             problems += [msg for key in REFUSED_WHEN_UNREAD if key not in invalid if (msg := self.refusal(key))]
         if problems:
@@ -669,7 +676,8 @@ def unread_because(cfg: Config, key: str, action_space_type: str | None = None,
     if key == "action_squash" and action_space_type not in (None, "Box"):
         return f"squashes Box actions into their bounds; this run's action space is a {action_space_type}"
     if key == "log_std_init" and action_space_type not in (None, "Box"):
-        return f"the Gaussian policy's starting log σ, for Box actions; this run's action space is a {action_space_type}"
+        return (f"the Gaussian policy's starting log σ, for Box actions; this run's action space is a "
+                f"{action_space_type}")
     if key in ("hidden", "critic_hidden", "activation") and image:
         return "image observations get the Nature-CNN torso, whatever the MLP settings say"
     if key in ("normalize_obs", "obs_clip") and image:

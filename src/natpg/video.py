@@ -122,7 +122,7 @@ def record_video(agent: Agent, path: str | os.PathLike, env: str | None = None, 
             for i, generator in enumerate(episode_generators(seed, episodes)):
                 obs, _ = rendered.reset(seed=seed + i)
                 flat = np.asarray(obs, np.float64).reshape(1, -1)
-                nonfinite_steps(env_id, flat, np.zeros(1), np.ones(1, bool), 0, drop=False)  # as evaluate's
+                nonfinite_steps(env_id, flat, np.zeros(1), np.ones(1, bool), 0, False, i)  # as evaluate's
                 draws = None if deterministic else [generator]  # evaluation episode i's draws
                 total, t, done = 0.0, 0, False
                 while True:
@@ -134,7 +134,7 @@ def record_video(agent: Agent, path: str | os.PathLike, env: str | None = None, 
                     obs, rew, term, trunc, _ = rendered.step(agent._act(flat, deterministic, draws)[0])
                     t += 1
                     flat = np.asarray(obs, np.float64).reshape(1, -1)
-                    if nonfinite_steps(env_id, flat, np.array([rew]), np.ones(1, bool), t, drop).any():
+                    if nonfinite_steps(env_id, flat, np.array([rew]), np.ones(1, bool), t, drop, i).any():
                         dropped += 1  # the episode ends at its last finite observation, as in evaluate
                         break
                     total += float(rew)
