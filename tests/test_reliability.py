@@ -812,6 +812,28 @@ def test_cli_resume_is_bit_exact(tmp_path):
     assert [r["env_steps"] for r in progress_rows(tmp_path / "b") if r["eval/return_mean"] != "nan"] == ["64", "96", "160"]
 
 
+def test_tensorboard_drops_what_a_killed_run_logged_after_its_checkpoint(tmp_path):
+    """A run killed between log rows and its next checkpoint resumes from the checkpoint: progress.csv drops the
+    rows after it, and TensorBoard (purge_step) the scalars after it, so each step has the resumed run's value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from natpg.logger import Logger
+
+    killed = Logger(str(tmp_path), tensorboard=True)
+    for step in (64, 128, 192, 256):
+        killed.record({"env_steps": step, "x": float(step)})
+    killed.close()  # its checkpoint holds step 128
+    resumed = Logger(str(tmp_path), tensorboard=True, resume=True, resume_step=128)
+    for step in (192, 256, 320):
+        resumed.record({"env_steps": step, "x": -float(step)})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    expected = [(64, 64.0), (128, 128.0), (192, -192.0), (256, -256.0), (320, -320.0)]
+    assert [(e.step, e.value) for e in events.Scalars("x")] == expected
+    assert [(int(r["env_steps"]), float(r["x"])) for r in progress_rows(tmp_path)] == expected
+
+
 ENV_STATE_IDS = ["CartPole-v1", "Pendulum-v1", "MountainCar-v0", "MountainCarContinuous-v0", "Acrobot-v1",
                  "HalfCheetah-v5", "Hopper-v5", "Ant-v5", "Humanoid-v5", "Reacher-v5"]
 

@@ -64,7 +64,10 @@ class Logger:
                 except ImportError:  # tensorboard is a dependency, but a stripped install should still train
                     SummaryWriter = None
                 if SummaryWriter is not None:
-                    self._writer = SummaryWriter(os.path.join(out_dir, TENSORBOARD_DIR))
+                    # On resume, TensorBoard drops what an earlier session logged after the checkpoint (a run killed
+                    # between a row and its next checkpoint), as progress.csv does.
+                    purge = resume_step + 1 if resume and resume_step is not None else None
+                    self._writer = SummaryWriter(os.path.join(out_dir, TENSORBOARD_DIR), purge_step=purge)
         if progress_bar:
             from tqdm.auto import tqdm
 
