@@ -1032,6 +1032,35 @@ def test_reward_normalisation_tracks_each_episodes_own_discounted_return(tmp_pat
     agent.close()
 
 
+def test_a_runs_episode_statistics_go_on_when_its_environments_start_afresh(tmp_path):
+    """learn(reset=True) (the default: fresh environments), a load without the environments' state and
+    Agent.close keep the run's episode count and its window of recent returns: progress.csv's episodes and
+    ep_return_mean go on from episodes.csv's, rather than restarting at 0 and NaN."""
+    run = tmp_path / "run"
+    agent = natpg.NPG("CartPole-v1", seed=0, **small())
+    agent.learn(256, out_dir=str(run))
+    agent.learn(128, out_dir=str(run))  # reset=True
+    natpg.load(str(run)).learn(128, out_dir=str(run))  # reset=True
+    closing = natpg.load(str(run))
+    closing.learn(128, out_dir=str(run), reset=False)
+    closing.close()
+    with open(run / "progress.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert closing.recent_return() == pytest.approx(float(rows[-1]["ep_return_mean"]))
+    closing.save(str(run))  # its episode statistics are saved too
+    with pytest.warns(RuntimeWarning, match=r"freshly reset environments.*closed before \(Agent.close\)"):
+        natpg.load(str(run)).learn(128, out_dir=str(run), reset=False)
+    with open(run / "episodes.csv") as f:
+        episodes = list(csv.DictReader(f))
+    with open(run / "progress.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12  # 768 steps, 64 a row
+    for row in rows:
+        done = [float(e["return"]) for e in episodes if int(e["env_steps"]) <= int(row["env_steps"])]
+        assert int(row["episodes"]) == len(done)
+        assert float(row["ep_return_mean"]) == pytest.approx(np.mean(done[-100:]), rel=1e-6)
+
+
 def test_load_with_changes_continues_the_run_with_other_settings_and_records_them(tmp_path):
     """natpg.load(path, max_kl=...) builds every part from the changed settings around the saved networks; the
     config is frozen, so changing it in place is an error rather than a silent no-op that config.json would

@@ -29,7 +29,7 @@ from .fisher.dense import check_dense_size
 from .logger import Logger
 from .params import num_params
 from .policies import env_action, input_layout, make_policy
-from .rollout import NonFiniteEnvError, Sampler
+from .rollout import NonFiniteEnvError, Sampler, episode_counters, restore_episode_counters
 from .train import CriticFit, TrainingFault, fault_of, iteration, restore_parameters
 
 
@@ -245,6 +245,8 @@ class Agent:
                         and self._sampler.load_state_dict(self._saved_sampler))
             if not restored:  # fresh episodes: the discounted returns reward normalisation tracks start at 0
                 self.reward_scaler.ret[:] = 0.0
+            if reset and self._saved_sampler is not None:  # the run's episode statistics go on all the same
+                restore_episode_counters(self._sampler, self._saved_sampler)
         self._saved_sampler = None
         self.obs_normalizer.frozen = False
         if out_dir and not continuing:  # a new run directory holds a checkpoint before any log row (as natpg train's)
@@ -414,7 +416,10 @@ class Agent:
         return _mean(self._sampler.recent_returns)
 
     def _close_sampler(self) -> None:
+        """Close the environments; the run's episode statistics stay (for the next sampler, a checkpoint, logs)."""
         if self._sampler is not None:
+            self._saved_sampler = {**episode_counters(self._sampler), "env_states": None,
+                                   "env_state_error": "the environments were closed before (Agent.close)"}
             self._sampler.close()
             self._sampler = None
 
