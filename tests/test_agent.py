@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import warnings
 from functools import partial
 
@@ -521,6 +522,17 @@ def test_plot_seeds_counts_a_run_given_twice_once_and_ignores_the_ray_address(tm
         runs.append(str(run))
     plotted = plot_runs(runs + [runs[0], str(tmp_path / "." / "s1")], str(tmp_path / "p.png"), seeds=True)
     assert plotted == {"npg CartPole-v1 (2 seeds)": ([100.0, 200.0], [0.5, 1.5])}
+    # a copy of s1 (natpg train --resume s1 --out copy), with a row being written: the seed counts once, with a
+    # warning, and the half-written row is not a row
+    shutil.copytree(tmp_path / "s1", tmp_path / "copy")
+    with open(tmp_path / "copy" / "progress.csv", "a") as f:
+        f.write("300,9")
+    with pytest.warns(UserWarning, match=r"copy' has the settings and seed of .*s1' .*: counted once"):
+        plotted = plot_runs(runs + [str(tmp_path / "copy")], str(tmp_path / "p.png"), seeds=True)
+    assert plotted == {"npg CartPole-v1 (2 seeds)": ([100.0, 200.0], [0.5, 1.5])}
+    from natpg.plotting import read_progress
+
+    assert read_progress(str(tmp_path / "copy")) == {"env_steps": [100.0, 200.0], "ep_return_mean": [1.0, 2.0]}
 
 
 # --- run directories, failures mid-run, acting beside training ---------------------------------------------

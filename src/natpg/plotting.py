@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
+import warnings
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +20,10 @@ def read_progress(run_dir: str) -> dict[str, list[float]]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no progress.csv in {run_dir!r}")
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        text = f.read()
+    if not text.endswith("\n"):  # a row being written, or cut off by a kill: not a row yet (the logger drops it too)
+        text = text[:text.rfind("\n") + 1]
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
     if not rows:
         raise ValueError(f"{path!r} has no rows yet")
     columns: dict[str, list[float]] = {k: [] for k in rows[0]}
@@ -49,6 +55,11 @@ def run_settings(run_dir: str) -> dict[str, str] | None:
         else:
             flat[key] = json.dumps(value)
     return flat
+
+
+def _seed(run_dir: str) -> Any:
+    with open(os.path.join(os.path.dirname(run_dir) if run_dir.endswith(".csv") else run_dir, CONFIG_JSON)) as f:
+        return json.load(f).get("seed")
 
 
 NOT_LEARNING = {"distributed.ray_address", "distributed.worker_timeout", "distributed.worker_start_timeout"}
@@ -83,9 +94,14 @@ def group_by_settings(run_dirs: list[str]) -> list[tuple[str, list[str]]]:
     which the groups differ (e.g. 'npg Hopper-v5 max_kl=0.02'). Runs without a config.json stay alone."""
     groups: dict[str, list[str]] = {}
     keyed: dict[str, dict[str, str]] = {}
+    seeds: dict[tuple[str, Any], str] = {}  # (settings, seed) -> the run counted for it
     for run in _distinct(run_dirs):
         flat = run_settings(run)
         key = run if flat is None else json.dumps(flat, sort_keys=True)
+        if flat is not None and (first := seeds.setdefault((key, _seed(run)), run)) is not run:
+            warnings.warn(f"{run!r} has the settings and seed of {first!r} (a copy of it, or the same run again): "
+                          f"counted once, as {first!r}", UserWarning, stacklevel=2)
+            continue
         groups.setdefault(key, []).append(run)
         if flat is not None:
             keyed[key] = flat
