@@ -812,6 +812,31 @@ def test_cli_resume_is_bit_exact(tmp_path):
     assert [r["env_steps"] for r in progress_rows(tmp_path / "b") if r["eval/return_mean"] != "nan"] == ["64", "96", "160"]
 
 
+def test_a_run_resumes_with_other_logging_checkpoint_and_evaluation_settings(tmp_path, capsys):
+    """log_interval, checkpoint_every, tensorboard, eval_every and eval_episodes say how a run is recorded, not
+    what it learns: --resume (or natpg.load with them) takes new values, records them and goes on in the run's
+    own directory, with the same numbers as without the change; another setting is still refused."""
+    common = ["--n-envs", "2", "--set", "n_steps=16", "--set", "tensorboard=False", "--set", "hidden=(16,)",
+              "--no-progress", "--seed", "4"]
+    run, ref = str(tmp_path / "run"), str(tmp_path / "ref")
+    assert cli(["train", "npg", "CartPole-v1", "--steps", "64", "--out", run, *common]) == 0
+    assert cli(["train", "npg", "CartPole-v1", "--steps", "128", "--resume", run, "--eval-every", "96", "--set",
+                "eval_episodes=2", "--set", "checkpoint_every=1", *common]) == 0
+    natpg.load(run, log_interval=2).learn(64, out_dir=run, reset=False)
+    assert cli(["train", "npg", "CartPole-v1", "--steps", "192", "--out", ref, *common]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["run"]
+    assert (config["eval_every"], config["eval_episodes"], config["checkpoint_every"], config["log_interval"]) == \
+        (96, 2, 1, 2)
+    assert torch.equal(flat_params(natpg.load(run).policy), flat_params(natpg.load(ref).policy))
+    rows = progress_rows(tmp_path / "run")
+    assert [int(r["env_steps"]) for r in rows] == [32, 64, 96, 128, 192]  # 160 not logged (log_interval 2)
+    assert [r["env_steps"] for r in rows if r.get("eval/return_mean", "nan") != "nan"] == ["96", "192"]
+    capsys.readouterr()
+    assert cli(["train", "npg", "CartPole-v1", "--steps", "256", "--resume", run, "--set", "max_kl=0.1", *common]) == 2
+    assert "settings cannot change it (got different ['max_kl']; those of logging and evaluation can" in \
+        capsys.readouterr().err
+
+
 def test_tensorboard_drops_what_a_killed_run_logged_after_its_checkpoint(tmp_path):
     """A run killed between log rows and its next checkpoint resumes from the checkpoint: progress.csv drops the
     rows after it, and TensorBoard (purge_step) the scalars after it, so each step has the resumed run's value."""

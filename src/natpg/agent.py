@@ -689,6 +689,10 @@ ALGORITHM_CLASSES: dict[str, type[Agent]] = {"npg": NPG, "trpo": TRPO, "vpg": VP
 
 # Settings the saved state is made by (the networks' shapes, their initial σ, the inputs the normaliser's statistics
 # scale): loading cannot change them.
+# How a run is logged, checkpointed and evaluated, not what it learns: a run continued with other values of these
+# (natpg train --resume DIR --eval-every N, natpg.load(DIR, log_interval=2).learn(..., out_dir=DIR)) is the same
+# run, and goes on in its own directory.
+BOOKKEEPING = ("log_interval", "checkpoint_every", "tensorboard", "eval_every", "eval_episodes")
 SHAPED_BY_CHECKPOINT = ("hidden", "critic_hidden", "activation", "action_squash", "action_mask", "critic_optimizer",
                         "log_std_init", "normalize_obs", "algorithm")
 
@@ -849,8 +853,8 @@ def copy_run(src: str, dst: str) -> None:
 def _changed_settings(agent: Agent, meta: dict[str, Any]) -> list[str] | None:
     """The settings (``'max_kl 0.01 → 0.005'``) in which ``agent`` differs from the run a checkpoint's metadata
     records, when it is the same algorithm, environment and seed; None when it is not, or not readable. The device
-    (where a run computes: a CUDA run goes on on a CPU) and the info_keys (what it records of its episodes) are not
-    what a run is."""
+    (where a run computes: a CUDA run goes on on a CPU), the info_keys (what it records of its episodes) and the
+    BOOKKEEPING settings are not what a run is."""
     if (meta.get("algorithm"), meta.get("env_id"), meta.get("seed")) != (agent.algorithm, agent.env_id, agent.seed):
         return None
     try:
@@ -858,7 +862,7 @@ def _changed_settings(agent: Agent, meta: dict[str, Any]) -> list[str] | None:
     except (ValueError, TypeError, AttributeError):
         return None
     return [f"{k} {recorded.get(k)!r} → {agent.config.get(k)!r}" for k in Config.field_index()
-            if recorded.get(k) != agent.config.get(k) and k not in ("device", "info_keys")]
+            if recorded.get(k) != agent.config.get(k) and k not in ("device", "info_keys", *BOOKKEEPING)]
 
 
 def _other_settings(agent: Agent, meta: dict[str, Any]) -> str:

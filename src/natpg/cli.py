@@ -298,13 +298,13 @@ def _resumable(run_dir: str) -> str:
 
 
 def _resume(args: argparse.Namespace, overrides: dict[str, Any]):
-    from .agent import load
+    from .agent import BOOKKEEPING, load
 
-    agent = load(args.resume)
+    agent = load(args.resume, **{k: v for k, v in overrides.items() if k in BOOKKEEPING})  # logging, evaluation
     changed = sorted(k for k, v in overrides.items() if agent.config.override(**{k: v}) != agent.config)
     if changed:  # repeating the original command line with --resume is fine; changing the config is not
         raise ValueError(f"--resume continues a run with its recorded config; settings cannot change it "
-                         f"(got different {changed})")
+                         f"(got different {changed}; those of logging and evaluation can: {', '.join(BOOKKEEPING)})")
     if (agent.algorithm, agent.env_id) != (args.algo, args.env_id):
         raise ValueError(f"--resume {args.resume!r}: that run is {agent.algorithm} on {agent.env_id}, not "
                          f"{args.algo} on {args.env_id}")
