@@ -480,9 +480,15 @@ def test_plot_seeds_averages_runs_that_differ_only_in_their_seed(tmp_path, capsy
     capsys.readouterr()
     late = run("a2", 2, 0.01, [(400, 1.0), (500, 2.0)])
     assert cli(["plot", runs[0], late, "--seeds", "-o", str(tmp_path / "x.png")]) == 2
-    assert "share no range of x" in capsys.readouterr().err
+    assert "npg Hopper-v5: the runs share no range of x" in capsys.readouterr().err  # names the group
     assert cli(["plot", *runs, "--seeds", "--x", "ep_return_mean", "--y", "env_steps", "-o", str(tmp_path / "y.png")]) == 2
     assert "x column that increases" in capsys.readouterr().err  # b0's return falls
+    young = run("b1", 1, 0.02, [(100, "nan")])  # no episode over yet: left out, with a warning, beside the others
+    with pytest.warns(UserWarning, match=r"column 'ep_return_mean' of '.*b1' has no finite values to plot: left out"):
+        again = plot_runs([*runs, young], str(tmp_path / "seeds.png"), seeds=True)
+    assert again == plotted
+    assert cli(["plot", young, "-o", str(tmp_path / "z.png")]) == 2  # alone: nothing to plot
+    assert "has no finite values to plot" in capsys.readouterr().err
 
 
 

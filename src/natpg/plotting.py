@@ -119,6 +119,10 @@ def group_by_settings(run_dirs: list[str]) -> list[tuple[str, list[str]]]:
     return labelled
 
 
+class NothingToPlot(ValueError):
+    """A run whose progress.csv has no row with finite x and y (yet)."""
+
+
 def _points(run: str, x: str, y: str) -> tuple[list[float], list[float]]:
     data = read_progress(run)
     for col in (x, y):
@@ -126,7 +130,7 @@ def _points(run: str, x: str, y: str) -> tuple[list[float], list[float]]:
             raise ValueError(f"column {col!r} not in {run!r}; columns: {sorted(data)}")
     points = [(a, b) for a, b in zip(data[x], data[y]) if math.isfinite(a) and math.isfinite(b)]
     if not points:
-        raise ValueError(f"column {y!r} of {run!r} has no finite values to plot")
+        raise NothingToPlot(f"column {y!r} of {run!r} has no finite values to plot")
     xs, ys = (list(v) for v in zip(*points))
     return xs, ys
 
@@ -158,12 +162,28 @@ def plot_runs(run_dirs: list[str], output: str, x: str = "env_steps", y: str = "
     except ImportError:
         raise ImportError("natpg plot needs matplotlib: pip install 'natpg[plot]'") from None
     groups = group_by_settings(run_dirs) if seeds else list(zip(run_labels(run_dirs), ([run] for run in run_dirs)))
-    curves = [(label, [_points(run, x, y) for run in runs]) for label, runs in groups]  # all read before drawing
+    curves, empty = [], []
+    for label, runs in groups:  # all read before drawing
+        points = []
+        for run in runs:
+            try:
+                points.append(_points(run, x, y))
+            except NothingToPlot as exc:  # a run too young to have a value yet, beside others that have
+                empty.append(exc)
+        if points:
+            curves.append((label, points))
+    if not curves:
+        raise empty[0]
+    for exc in empty:
+        warnings.warn(f"{exc}: left out", UserWarning, stacklevel=2)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plotted: dict[str, tuple[list[float], list[float]]] = {}
     for label, runs in curves:
         if seeds:
-            xs, ys, low, high = seed_band(runs)
+            try:
+                xs, ys, low, high = seed_band(runs)
+            except ValueError as exc:
+                raise ValueError(f"{label}: {exc}") from None
             label = f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
         else:
             xs, ys = runs[0]
