@@ -528,17 +528,25 @@ def test_plot_seeds_counts_a_run_given_twice_once_and_ignores_the_ray_address(tm
         runs.append(str(run))
     plotted = plot_runs(runs + [runs[0], str(tmp_path / "." / "s1")], str(tmp_path / "p.png"), seeds=True)
     assert plotted == {"npg CartPole-v1 (2 seeds)": ([100.0, 200.0], [0.5, 1.5])}
-    # a copy of s1 (natpg train --resume s1 --out copy), with a row being written: the seed counts once, with a
-    # warning, and the half-written row is not a row
+    # s1 continued in a copy (natpg train --resume s1 --out copy), with a row being written: the seed counts once,
+    # as the run that logged more, with a warning; the half-written row is not a row
     shutil.copytree(tmp_path / "s1", tmp_path / "copy")
     with open(tmp_path / "copy" / "progress.csv", "a") as f:
-        f.write("300,9")
-    with pytest.warns(UserWarning, match=r"copy' has the settings and seed of .*s1' .*: counted once"):
+        f.write("300,3\n400,4")
+    with pytest.warns(UserWarning, match=r"s1' and '.*copy' have the same settings and seed .*counted once, as "
+                                         r"'.*copy', which logged the most rows"):
         plotted = plot_runs(runs + [str(tmp_path / "copy")], str(tmp_path / "p.png"), seeds=True)
     assert plotted == {"npg CartPole-v1 (2 seeds)": ([100.0, 200.0], [0.5, 1.5])}
     from natpg.plotting import read_progress
 
-    assert read_progress(str(tmp_path / "copy")) == {"env_steps": [100.0, 200.0], "ep_return_mean": [1.0, 2.0]}
+    assert read_progress(str(tmp_path / "copy")) == {"env_steps": [100.0, 200.0, 300.0],
+                                                     "ep_return_mean": [1.0, 2.0, 3.0]}
+    (tmp_path / "young").mkdir()  # started, no row logged yet: left out beside the others, with a warning
+    shutil.copy(tmp_path / "s0" / "config.json", tmp_path / "young" / "config.json")
+    (tmp_path / "young" / "progress.csv").write_text("")
+    with pytest.warns(UserWarning, match=r"young.*has no rows yet: left out"):
+        assert plot_runs(runs + [str(tmp_path / "young")], str(tmp_path / "p.png")) == \
+            {"s0": ([100.0, 200.0], [0.0, 1.0]), "s1": ([100.0, 200.0], [1.0, 2.0])}
 
 
 # --- run directories, failures mid-run, acting beside training ---------------------------------------------
@@ -1068,11 +1076,29 @@ def test_a_runs_episode_statistics_go_on_when_its_environments_start_afresh(tmp_
     closing.save(str(run))  # its episode statistics are saved too
     with pytest.warns(RuntimeWarning, match=r"freshly reset environments.*closed before \(Agent.close\)"):
         natpg.load(str(run)).learn(128, out_dir=str(run), reset=False)
+    # interrupted mid-rollout (after episodes ended in it): its checkpoint and the agent keep the statistics of the
+    # last completed update, and both go on from them
+    interrupted = natpg.load(str(run))
+    interrupted.learn(64, out_dir=str(run), reset=False)
+    collect = interrupted._sampler.collect
+
+    def collect_then_interrupt(policy, n_steps):
+        collect(policy, n_steps)
+        raise KeyboardInterrupt
+
+    interrupted._sampler.collect = collect_then_interrupt
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.learn(64, out_dir=str(run), reset=False)
+    saved = natpg.load(str(run))
+    assert saved._saved_sampler["episodes"] == interrupted._sampler.episodes > 0  # the lost rollout's are out
+    assert saved.recent_return() == interrupted.recent_return()
+    with pytest.warns(RuntimeWarning, match=r"freshly reset environments.*interrupted mid-rollout"):
+        saved.learn(64, out_dir=str(run), reset=False)
     with open(run / "episodes.csv") as f:
         episodes = list(csv.DictReader(f))
     with open(run / "progress.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 12  # 768 steps, 64 a row
+    assert len(rows) == 14  # 896 steps, 64 a row
     for row in rows:
         done = [float(e["return"]) for e in episodes if int(e["env_steps"]) <= int(row["env_steps"])]
         assert int(row["episodes"]) == len(done)

@@ -194,7 +194,9 @@ class Agent:
         (``updates`` done so far), so that each call steps other episodes. ``reset=False`` keeps stepping the
         environments where the previous ``learn`` left them — or, for an
         agent just loaded from a checkpoint, where the saved run left them (bit-exact for classic-control and
-        MuJoCo tasks with vectorization='sync'; otherwise from freshly reset environments, with a warning).
+        MuJoCo tasks with vectorization='sync'; otherwise, and after ``close``, from freshly reset environments,
+        with a warning). The run's episode statistics (``episodes``, the window of ``ep_return_mean``) go on
+        either way.
 
         An exception while collecting a rollout or updating from it (the environment's own error, a non-finite
         observation, Ctrl-C) leaves the agent at its last completed update (policy, critic and normalisers); with
@@ -265,7 +267,7 @@ class Agent:
         try:
             for i in range(n_updates):
                 schedule = self._schedule(step_rule, schedule_end)
-                normalisers = self._normaliser_state()
+                normalisers, counters = self._normaliser_state(), episode_counters(self._sampler)
                 try:
                     rollout, collect_s = self._collect()
                     policy = [p.detach().clone() for p in self.policy.parameters()]
@@ -278,8 +280,10 @@ class Agent:
                         raise
                 except BaseException as exc:  # Ctrl-C, the environment's error: back to the last completed update
                     self._restore_normalisers(normalisers)
+                    restore_episode_counters(self._sampler, counters)  # the lost rollout's episodes are not logged
                     if out_dir:
-                        file = self._write_checkpoint(out_dir, sampler_state=None)
+                        file = self._write_checkpoint(out_dir, sampler_state={
+                            **counters, "env_states": None, "env_state_error": "the run was interrupted mid-rollout"})
                         exc.add_note(f"natpg: the last completed update ({self.updates} updates, {self.env_steps} "
                                      f"env steps) is saved in {file}; continue from it with natpg.load("
                                      f"{str(out_dir)!r}) (or natpg train ... --resume {out_dir}); the environments "
@@ -718,9 +722,11 @@ def load(path: str, action_mask=None, **changes: Any) -> Agent:
     ``changes`` continue the run with other settings, e.g. ``natpg.load(path, max_kl=0.005, device="cpu")``: the
     networks, optimiser and normaliser statistics are the checkpoint's, every part is built from the changed
     settings (a step rule or curvature of another kind starts without the saved momentum, moments or factors;
-    other ``n_envs`` go on from freshly reset environments), and the agent records them (learning on into the
-    run's own directory is then refused as another run: give a new out_dir). Settings the saved networks are shaped by (``SHAPED_BY_CHECKPOINT``) cannot change.
-    A run trained on CUDA loads on the CPU, with a warning, where CUDA is not available."""
+    other ``n_envs`` go on from freshly reset environments), and the agent records them. Learning on into the
+    run's own directory is then refused as another run (give a new out_dir), except where only the ``BOOKKEEPING``
+    settings (logging, checkpoints, evaluation) changed. Settings the saved networks are shaped by
+    (``SHAPED_BY_CHECKPOINT``) cannot change. A run trained on CUDA loads on the CPU, with a warning, where CUDA is
+    not available."""
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"path must be a run directory or a .pt checkpoint file, got {path!r}")
     path = os.fspath(path)
@@ -782,7 +788,8 @@ def _warn_edited_config_json(path: str, meta: dict[str, Any]) -> None:
     if differ:
         warnings.warn(f"{file} differs from the settings recorded in the checkpoint ({', '.join(differ)}): natpg "
                       f"reads the checkpoint's, and writes them back to config.json at its next save. To continue "
-                      f"with other settings: natpg.load(dir, setting=value) and a new out_dir", RuntimeWarning,
+                      f"with other settings: natpg.load(dir, setting=value), into a new out_dir unless only "
+                      f"{', '.join(BOOKKEEPING)} change", RuntimeWarning,
                       stacklevel=3)
 
 

@@ -15,6 +15,10 @@ import numpy as np
 from .checkpoint import CONFIG_JSON, PROGRESS_CSV
 
 
+class NothingToPlot(ValueError):
+    """A run whose progress.csv has no row with finite x and y (yet)."""
+
+
 def read_progress(run_dir: str) -> dict[str, list[float]]:
     path = run_dir if run_dir.endswith(".csv") else os.path.join(run_dir, PROGRESS_CSV)
     if not os.path.exists(path):
@@ -25,7 +29,7 @@ def read_progress(run_dir: str) -> dict[str, list[float]]:
         text = text[:text.rfind("\n") + 1]
     rows = list(csv.DictReader(io.StringIO(text, newline="")))
     if not rows:
-        raise ValueError(f"{path!r} has no rows yet")
+        raise NothingToPlot(f"{path!r} has no rows yet")
     columns: dict[str, list[float]] = {k: [] for k in rows[0]}
     for line, row in enumerate(rows, start=2):  # line 1 is the header
         for k, values in columns.items():
@@ -55,6 +59,15 @@ def run_settings(run_dir: str) -> dict[str, str] | None:
         else:
             flat[key] = json.dumps(value)
     return flat
+
+
+def _logged_rows(run_dir: str) -> int:
+    path = run_dir if run_dir.endswith(".csv") else os.path.join(run_dir, PROGRESS_CSV)
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"\n")
+    except OSError:
+        return 0
 
 
 def _seed(run_dir: str) -> Any:
@@ -94,17 +107,20 @@ def group_by_settings(run_dirs: list[str]) -> list[tuple[str, list[str]]]:
     which the groups differ (e.g. 'npg Hopper-v5 max_kl=0.02'). Runs without a config.json stay alone."""
     groups: dict[str, list[str]] = {}
     keyed: dict[str, dict[str, str]] = {}
-    seeds: dict[tuple[str, Any], str] = {}  # (settings, seed) -> the run counted for it
+    seeds: dict[tuple[str, Any], list[str]] = {}  # (settings, seed) -> its runs
     for run in _distinct(run_dirs):
         flat = run_settings(run)
         key = run if flat is None else json.dumps(flat, sort_keys=True)
-        if flat is not None and (first := seeds.setdefault((key, _seed(run)), run)) is not run:
-            warnings.warn(f"{run!r} has the settings and seed of {first!r} (a copy of it, or the same run again): "
-                          f"counted once, as {first!r}", UserWarning, stacklevel=2)
-            continue
-        groups.setdefault(key, []).append(run)
+        seeds.setdefault((key, None if flat is None else _seed(run)), []).append(run)
         if flat is not None:
             keyed[key] = flat
+    for (key, seed), runs in seeds.items():
+        kept = max(runs, key=_logged_rows)  # of a run and its --resume copy, the longer
+        if len(runs) > 1:
+            warnings.warn(f"{', '.join(repr(r) for r in runs if r != kept)} and {kept!r} have the same settings "
+                          f"and seed (copies of one run, or the same run again): counted once, as {kept!r}, which "
+                          f"logged the most rows", UserWarning, stacklevel=2)
+        groups.setdefault(key, []).append(kept)
     varying = sorted({k for flat in keyed.values() for k in flat
                       if len({f.get(k) for f in keyed.values()}) > 1} - {"algorithm", "env_id"})
     labelled = []
@@ -117,10 +133,6 @@ def group_by_settings(run_dirs: list[str]) -> list[tuple[str, list[str]]]:
         words += [f"{k.split('.', 1)[-1]}={json.loads(flat[k]) if k in flat else None}" for k in varying]
         labelled.append((" ".join(str(w) for w in words), runs))
     return labelled
-
-
-class NothingToPlot(ValueError):
-    """A run whose progress.csv has no row with finite x and y (yet)."""
 
 
 def _points(run: str, x: str, y: str) -> tuple[list[float], list[float]]:

@@ -285,6 +285,8 @@ def episode_counters(sampler) -> dict[str, Any]:
 
 def restore_episode_counters(sampler, state: dict[str, Any]) -> None:
     """Inverse of ``episode_counters`` (also into a sampler of another number of copies: natpg.load with n_envs)."""
+    for window in (sampler.recent_returns, sampler.recent_lengths, sampler.recent_infos):
+        window.clear()
     sampler.recent_returns.extend(float(x) for x in state["recent_returns"])
     sampler.recent_lengths.extend(int(x) for x in state["recent_lengths"])
     if state.get("info_keys", []) == list(sampler.info_keys):  # other keys (load with changes): a new window
