@@ -544,6 +544,7 @@ class Agent:
             "env_steps": self.env_steps, "updates": self.updates, "target_steps": self.target_steps,
             "consecutive_faults": self.consecutive_faults, "train_wall_s": self.train_wall_s,
             "best_eval_return": self.best_eval_return,
+            **({"critic_kfac_fallbacks": self.critic.curvature.fallbacks} if hasattr(self.critic, "curvature") else {}),
             # Everything needed to continue bit-exactly (learn(..., reset=False) after load; CLI --resume):
             "sampler": sampler_state,
         }
@@ -591,6 +592,8 @@ class Agent:
         agent.consecutive_faults = int(meta.get("consecutive_faults", 0))
         agent.train_wall_s = float(meta.get("train_wall_s", 0.0))
         agent.best_eval_return = meta.get("best_eval_return")
+        if hasattr(agent.critic, "curvature"):  # the K-FAC critic's count of fallbacks goes on (critic/kfac_fallbacks)
+            agent.critic.curvature.fallbacks = int(meta.get("critic_kfac_fallbacks", 0))
         agent._saved_sampler = meta.get("sampler")
         if "rng" in tensors:
             rng = tensors["rng"]
