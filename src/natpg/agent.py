@@ -29,7 +29,7 @@ from .fisher.dense import check_dense_size
 from .logger import Logger
 from .params import num_params
 from .policies import env_action, input_layout, make_policy
-from .rollout import NonFiniteEnvError, Sampler, episode_counters, restore_episode_counters
+from .rollout import NonFiniteEnvError, Sampler, episode_counters, restore_episode_counters, state_without_envs
 from .train import CriticFit, TrainingFault, fault_of, iteration, restore_parameters
 
 
@@ -282,8 +282,8 @@ class Agent:
                     self._restore_normalisers(normalisers)
                     restore_episode_counters(self._sampler, counters)  # the lost rollout's episodes are not logged
                     if out_dir:
-                        file = self._write_checkpoint(out_dir, sampler_state={
-                            **counters, "env_states": None, "env_state_error": "the run was interrupted mid-rollout"})
+                        file = self._write_checkpoint(out_dir, state_without_envs(
+                            counters, "the run was interrupted mid-rollout"))
                         exc.add_note(f"natpg: the last completed update ({self.updates} updates, {self.env_steps} "
                                      f"env steps) is saved in {file}; continue from it with natpg.load("
                                      f"{str(out_dir)!r}) (or natpg train ... --resume {out_dir}); the environments "
@@ -422,8 +422,8 @@ class Agent:
     def _close_sampler(self) -> None:
         """Close the environments; the run's episode statistics stay (for the next sampler, a checkpoint, logs)."""
         if self._sampler is not None:
-            self._saved_sampler = {**episode_counters(self._sampler), "env_states": None,
-                                   "env_state_error": "the environments were closed before (Agent.close)"}
+            self._saved_sampler = state_without_envs(episode_counters(self._sampler),
+                                                     "the environments were closed before (Agent.close)")
             self._sampler.close()
             self._sampler = None
 
@@ -694,12 +694,12 @@ ALGORITHM_CLASSES: dict[str, type[Agent]] = {"npg": NPG, "trpo": TRPO, "vpg": VP
                                              "ppo": PPO}
 
 
-# Settings the saved state is made by (the networks' shapes, their initial σ, the inputs the normaliser's statistics
-# scale): loading cannot change them.
 # How a run is logged, checkpointed and evaluated, not what it learns: a run continued with other values of these
 # (natpg train --resume DIR --eval-every N, natpg.load(DIR, log_interval=2).learn(..., out_dir=DIR)) is the same
 # run, and goes on in its own directory.
 BOOKKEEPING = ("log_interval", "checkpoint_every", "tensorboard", "eval_every", "eval_episodes")
+# Settings the saved state is made by (the networks' shapes, their initial σ, the inputs the normaliser's statistics
+# scale): loading cannot change them.
 SHAPED_BY_CHECKPOINT = ("hidden", "critic_hidden", "activation", "action_squash", "action_mask", "critic_optimizer",
                         "log_std_init", "normalize_obs", "algorithm")
 

@@ -172,13 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a saved agent with deterministic actions")
     e.add_argument("run_dir", help="run directory or checkpoint file written by natpg train / agent.save")
     e.add_argument("--episodes", type=int, default=10, help="evaluation episodes (default 10)")
-    e.add_argument("--seed", type=int, default=123, help="seed of the evaluation episodes: episode i's environment (and, with --stochastic, "
-                        "its actions) seeded SEED + i (default 123)")
+    e.add_argument("--seed", type=int, default=123,
+                   help="seed of the evaluation episodes: episode i's environment (and, with --stochastic, its "
+                        "actions) seeded SEED + i (default 123)")
     e.add_argument("--max-episode-steps", type=int, default=EVAL_MAX_EPISODE_STEPS, metavar="STEPS",
                    help="cut an episode the environment has not ended after STEPS steps, with a warning "
                         f"(default {EVAL_MAX_EPISODE_STEPS:,}; for environments without a time limit)")
     e.add_argument("--env", default=None, help="environment id (default: the one trained on)")
-    e.add_argument("--stochastic", action="store_true", help="sample actions instead of the mode (on the CPU, the same on any device)")
+    e.add_argument("--stochastic", action="store_true",
+                   help="sample actions instead of the mode (on the CPU, the same on any device)")
     e.add_argument("--env-kwargs", default=None, metavar="DICT",
                    help="how to make the environment, e.g. \"{'g': 10.0}\" (default: the run's own env_kwargs on "
                         "its own id, none on another id)")

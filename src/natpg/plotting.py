@@ -19,8 +19,21 @@ class NothingToPlot(ValueError):
     """A run whose progress.csv has no row with finite x and y (yet)."""
 
 
+def _progress_path(run_dir: str) -> str:
+    return run_dir if run_dir.endswith(".csv") else os.path.join(run_dir, PROGRESS_CSV)
+
+
+def _run_config(run_dir: str) -> dict[str, Any] | None:
+    """The run's config.json (beside its progress.csv), or None when it has none."""
+    path = os.path.join(os.path.dirname(run_dir) if run_dir.endswith(".csv") else run_dir, CONFIG_JSON)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def read_progress(run_dir: str) -> dict[str, list[float]]:
-    path = run_dir if run_dir.endswith(".csv") else os.path.join(run_dir, PROGRESS_CSV)
+    path = _progress_path(run_dir)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no progress.csv in {run_dir!r}")
     with open(path, newline="") as f:
@@ -40,16 +53,13 @@ def read_progress(run_dir: str) -> dict[str, list[float]]:
     return columns
 
 
-def run_settings(run_dir: str) -> dict[str, str] | None:
-    """The run's settings from its config.json as flat 'section.key' entries, each value JSON-encoded (algorithm
-    and env_id included), or None when the run has none (a bare progress.csv). The seed and the ``run`` section
-    (logging, checkpoints, evaluation, device, threads) and the Ray sampler's address and timeouts are left out:
-    they do not change what is learned."""
-    path = os.path.join(os.path.dirname(run_dir) if run_dir.endswith(".csv") else run_dir, CONFIG_JSON)
-    if not os.path.exists(path):
+def run_settings(config: dict[str, Any] | None) -> dict[str, str] | None:
+    """A run's settings from its config.json (``_run_config``) as flat 'section.key' entries, each value
+    JSON-encoded (algorithm and env_id included), or None when the run has none (a bare progress.csv). The seed and
+    the ``run`` section (logging, checkpoints, evaluation, device, threads) and the Ray sampler's address and
+    timeouts are left out: they do not change what is learned."""
+    if config is None:
         return None
-    with open(path) as f:
-        config = json.load(f)
     flat: dict[str, str] = {}
     for key, value in config.items():
         if key == "seed" or key == "run":
@@ -62,17 +72,11 @@ def run_settings(run_dir: str) -> dict[str, str] | None:
 
 
 def _logged_rows(run_dir: str) -> int:
-    path = run_dir if run_dir.endswith(".csv") else os.path.join(run_dir, PROGRESS_CSV)
     try:
-        with open(path, "rb") as f:
+        with open(_progress_path(run_dir), "rb") as f:
             return f.read().count(b"\n")
     except OSError:
         return 0
-
-
-def _seed(run_dir: str) -> Any:
-    with open(os.path.join(os.path.dirname(run_dir) if run_dir.endswith(".csv") else run_dir, CONFIG_JSON)) as f:
-        return json.load(f).get("seed")
 
 
 NOT_LEARNING = {"distributed.ray_address", "distributed.worker_timeout", "distributed.worker_start_timeout"}
@@ -109,9 +113,10 @@ def group_by_settings(run_dirs: list[str]) -> list[tuple[str, list[str]]]:
     keyed: dict[str, dict[str, str]] = {}
     seeds: dict[tuple[str, Any], list[str]] = {}  # (settings, seed) -> its runs
     for run in _distinct(run_dirs):
-        flat = run_settings(run)
+        config = _run_config(run)
+        flat = run_settings(config)
         key = run if flat is None else json.dumps(flat, sort_keys=True)
-        seeds.setdefault((key, None if flat is None else _seed(run)), []).append(run)
+        seeds.setdefault((key, None if config is None else config.get("seed")), []).append(run)
         if flat is not None:
             keyed[key] = flat
     for (key, seed), runs in seeds.items():

@@ -283,6 +283,12 @@ def episode_counters(sampler) -> dict[str, Any]:
             "total_steps": sampler.total_steps, "steps": sampler.steps, "dropped": sampler.dropped}
 
 
+def state_without_envs(counters: dict[str, Any], reason: str) -> dict[str, Any]:
+    """A resume state of ``episode_counters`` alone: resuming from it restores the statistics and counters and
+    starts the environments afresh, with a warning giving ``reason``."""
+    return {**counters, "env_states": None, "env_state_error": reason}
+
+
 def restore_episode_counters(sampler, state: dict[str, Any]) -> None:
     """Inverse of ``episode_counters`` (also into a sampler of another number of copies: natpg.load with n_envs)."""
     for window in (sampler.recent_returns, sampler.recent_lengths, sampler.recent_infos):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..envs import ObsNormalizer, RewardScaler
-from ..rollout import Rollout, episode_counters, restore_episode_counters
+from ..rollout import Rollout, episode_counters, restore_episode_counters, state_without_envs
 from .processes import ProcessPool
 from .ray_pool import RayPool
 from .workers import RolloutWorker, WorkerPlan, WorkerResult
@@ -151,7 +151,7 @@ class DistributedSampler:
     # --- resume (statistics only: remote environments are not snapshot) ----------------------------
     def state_dict(self) -> dict[str, Any]:
         reason = "the environments of a worker sampler live in its rollout workers and are not snapshot"
-        return {**episode_counters(self), "env_states": None, "env_state_error": reason}
+        return state_without_envs(episode_counters(self), reason)
 
     def load_state_dict(self, state: dict[str, Any]) -> bool:
         restore_episode_counters(self, state)
