@@ -717,6 +717,25 @@ def test_a_dense_fisher_too_large_for_memory_is_refused_when_the_agent_is_built(
     natpg.NPG("Pendulum-v1", fisher="dense", hidden=(8,), **small()).learn(64)  # a small one trains
 
 
+def test_an_empirical_score_matrix_too_large_for_memory_is_refused_when_the_agent_is_built(tmp_path):
+    """S [N, P] and the Gram matrix of the smaller side (the empirical Fisher's when N < P, NAC's always) that
+    cannot fit: refused naming the batch;
+    a small one trains, its conjugate gradient (N ≥ P) capped by the run's cg_iters."""
+    with pytest.raises(ValueError, match=r"empirical Fisher's 1024x1054722 score matrix and its 1024x1024 Gram "
+                                         r"matrix need 4\.03 GiB.*lower the batch, n_envs × n_steps, or use another "
+                                         r"fisher"):  # N < P: Woodbury's Gram matrix
+        natpg.NPG("Pendulum-v1", fisher="empirical", hidden=(1024, 1024), n_envs=2, n_steps=512, tensorboard=False)
+    with pytest.raises(ValueError, match=r"80000x67074 score matrix needs 19\.99 GiB"):  # N ≥ P: CG, no Gram
+        natpg.NPG("Pendulum-v1", fisher="empirical", hidden=(256, 256), n_envs=2, n_steps=40000, tensorboard=False)
+    with pytest.raises(ValueError, match=r"1024x1054722 score matrix and its 1024x1024 Gram matrix need 4\.03 GiB"
+                                         r".*or use another algorithm"):
+        natpg.NAC("Pendulum-v1", hidden=(1024, 1024), n_envs=2, n_steps=512, tensorboard=False)
+    agent = natpg.NPG("Pendulum-v1", fisher="empirical", hidden=(4,), cg_iters=2, cg_tol=0.0, **small())
+    rows = []
+    agent.learn(128, callback=lambda a, row: rows.append(row))
+    assert [row["fisher/cg_iters"] for row in rows] == [2.0, 2.0] and agent.actor_update.curvature.cg_iters == 2
+
+
 def test_numpy_integers_count_as_integers_everywhere_a_count_is_taken(tmp_path):
     agent = natpg.NPG("CartPole-v1", seed=np.int64(2), **small())
     agent.learn(np.int64(64), schedule_end=np.int64(128))
@@ -929,10 +948,13 @@ def test_settings_that_the_spaces_or_other_settings_leave_unread_are_named_in_on
     with pytest.warns(UserWarning, match=r"does not read these settings: hidden \(image observations get the "
                                          r"Nature-CNN torso.*critic_hidden .*activation .*obs_clip \(images are scaled"):
         natpg.PPO("natpg_test/Image-v0", hidden=(8,), critic_hidden=(8,), activation="relu", obs_clip=3.0, **small())
+    with pytest.warns(UserWarning, match=r"cg_iters \(nac solves its compatible least squares directly"):
+        natpg.NAC("CartPole-v1", cg_iters=3, **small())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         # the preset's own values, as a config.json (JSON lists) or a TOML file gives them: nothing changed
         natpg.PPO("natpg_test/Image-v0", hidden=[64, 64], critic_hidden=[64, 64], **small())
+        natpg.NPG("CartPole-v1", fisher="empirical", cg_iters=3, cg_tol=0.0, **small())  # its CG reads them
         with pytest.raises(ValueError, match="action_squash='tanh' would not be read"):  # refused, not also warned
             natpg.NPG("CartPole-v1", action_squash="tanh", **small())
 

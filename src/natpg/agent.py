@@ -26,6 +26,7 @@ from .config import EVAL_MAX_EPISODE_STEPS, Config, env_kwargs_problem, is_integ
 from .envs import ObsNormalizer, RewardScaler, check_env_id, check_spaces, make_vec_env, probe_spaces
 from .errors import first_line
 from .fisher.dense import check_dense_size
+from .fisher.empirical import check_score_size
 from .logger import Logger
 from .params import num_params
 from .policies import env_action, input_layout, make_policy
@@ -153,9 +154,16 @@ class Agent:
         self.policy = make_policy(observation_space, action_space, p.hidden, p.activation, p.log_std_init,
                                   p.action_squash, masked).to(self.device)
         self.critic = make_critic(config, features + mask_dim, image).to(self.device)
-        if config.curvature.fisher == "dense":  # refuse a P×P matrix that cannot fit now, not after a rollout
-            actor = list(self.policy.actor_parameters())
+        # Refuse a matrix that cannot fit now, not after a rollout.
+        actor = list(self.policy.actor_parameters())
+        if config.curvature.fisher == "dense":
             check_dense_size(num_params(actor), actor[0].dtype)
+        elif config.curvature.fisher == "empirical" and config.step.step != "ppo_clip":
+            N, P = config.batch_size, num_params(actor)
+            nac = config.algorithm == "nac"  # its least squares forms the Gram matrix on the smaller side
+            check_score_size(N, P, min(N, P) if nac else (N if N < P else 0), actor[0].dtype,
+                             how_to_lower="lower the batch, n_envs × n_steps, or use another "
+                                          + ("algorithm" if nac else "fisher"))
         # Images are scaled by 1/255 inside the CNN instead of normalised by running statistics.
         self.obs_normalizer = ObsNormalizer((features + mask_dim,), config.env.obs_clip,
                                             config.env.normalize_obs and image is None, passthrough=mask_dim)

@@ -81,7 +81,7 @@ def make_curvature(cfg: Config, generator: torch.Generator | None):
                            generator=generator, **estimator)
     if c.fisher == "diagonal":
         return fisher.Diagonal(damping=c.damping, generator=generator, **estimator)
-    return fisher.Empirical(damping=c.damping, generator=generator)
+    return fisher.Empirical(damping=c.damping, cg_iters=c.cg_iters, cg_tol=c.cg_tol, generator=generator)
 
 
 def make_step_rule(cfg: Config):

@@ -652,7 +652,11 @@ def unread_because(cfg: Config, key: str, action_space_type: str | None = None,
         return f"read by step {' / '.join(READ_BY_STEP[key])}; this run's step is {step!r}"
     if key in CURVATURE_SETTINGS and step == "ppo_clip":
         return "PPO's clipped objective uses no Fisher"
-    if key in ("cg_iters", "cg_tol", "cg_warm_start", "cg_preconditioner") and fisher != "cg":
+    if key in ("cg_iters", "cg_tol") and fisher not in ("cg", "empirical"):
+        return f"read by fisher='cg' and 'empirical'; this run's fisher is {fisher!r}"
+    if key in ("cg_iters", "cg_tol") and cfg.algorithm == "nac":
+        return "nac solves its compatible least squares directly, without conjugate gradient"
+    if key in ("cg_warm_start", "cg_preconditioner") and fisher != "cg":
         return f"read by fisher='cg'; this run's fisher is {fisher!r}"
     if key in ("fvp_subsample", "fvp_subsample_step_length") and fisher not in ("cg", "dense"):
         return f"subsamples the Fisher-vector products of fisher='cg' or 'dense'; this run's fisher is {fisher!r}"

@@ -26,6 +26,17 @@ def per_sample_scores(policy: nn.Module, obs: torch.Tensor, act: torch.Tensor, c
     return torch.cat([p.reshape(obs.shape[0], -1) for p in parts], dim=1).detach()
 
 
+def check_score_size(N: int, P: int, gram: int, dtype: torch.dtype, max_bytes: int = DEFAULT_MAX_BYTES,
+                     how_to_lower: str = "lower subsample or use another fisher") -> None:
+    """Refuse, before any is formed, a score matrix S [N, P] in ``dtype`` and a float64 Gram matrix [gram, gram]
+    (0: none) that together need more than ``max_bytes``."""
+    nbytes = N * P * torch.empty((), dtype=dtype).element_size() + gram * gram * 8
+    if nbytes > max_bytes:
+        also = f" and its {gram}x{gram} Gram matrix" if gram else ""
+        raise ValueError(f"the empirical Fisher's {N}x{P} score matrix{also} need{'' if gram else 's'} {nbytes / 2**30:.2f} GiB, more "
+                         f"than max_bytes={max_bytes / 2**30:.2f} GiB; {how_to_lower}")
+
+
 class Empirical:
     """F_emp = (1/N) Σ_b s_b s_bᵀ with s_b = ∇_θ log π(a_b|s_b) for the TAKEN actions a_b; solves (F_emp + λI) x = g.
 
@@ -47,7 +58,7 @@ class Empirical:
     Gram matrix in float64, formed once per fit; λ = 0 uses the pseudo-inverse); with N ≥ P, conjugate
     gradient (``cg_iters``, ``cg_tol``, from zero) on the matrix-free ``v ↦ Sᵀ(Sv)/N + λv``.
     Cost per fit: N per-sample gradients (``torch.func.vmap(grad)``) and, for N < P, the N×N Gram matrix;
-    memory N·P for S (refused above ``max_bytes``: lower ``subsample``).
+    memory N·P for S and, for N < P, N² for the Gram matrix (refused above ``max_bytes``: lower ``subsample``).
     """
 
     def __init__(self, damping: float = 0.01, cg_iters: int = 10, cg_tol: float = 1e-10, subsample: float = 1.0,
@@ -65,10 +76,7 @@ class Empirical:
             raise ValueError("the empirical Fisher needs the taken actions: fit(policy, obs, act)")
         obs, act = fixed_subsample(self.subsample, self.generator, obs, act)
         N, P = obs.shape[0], num_params(list(policy.actor_parameters()))
-        nbytes = N * P * obs.element_size()
-        if nbytes > self.max_bytes:
-            raise ValueError(f"the empirical Fisher's {N}x{P} score matrix needs {nbytes / 2**30:.2f} GiB, more than "
-                             f"max_bytes={self.max_bytes / 2**30:.2f} GiB; lower subsample or use another fisher")
+        check_score_size(N, P, N if N < P else 0, obs.dtype, self.max_bytes)
         S = per_sample_scores(policy, obs, act, self.chunk)
         woodbury = N < P
         self.scores, self._gram, self._factor_cache = S, (S @ S.T).double() if woodbury else None, None
