@@ -1310,14 +1310,16 @@ class _OffApiCartPole(CartPoleEnv):
 
     def step(self, action):
         obs, rew, term, trunc, info = super().step(action)
-        return {"short_obs": (obs[:3], rew, term, trunc, info), "four": (obs, rew, term, info),
+        return {"short_obs": (obs[:3], rew, term, trunc, info), "one_obs": (obs[:1], rew, term, trunc, info),
+                "scalar_obs": (obs[0], rew, term, trunc, info), "four": (obs, rew, term, info),
                 "vector_reward": (obs, np.array([rew, rew]), term, trunc, info),
                 "string_reward": (obs, str(rew), term, trunc, info), "none_reward": (obs, None, term, trunc, info)
                 }[self.mode]
 
     def reset(self, **kwargs):
         obs, info = super().reset(**kwargs)
-        return obs if self.mode == "bare_reset" else (obs, info)
+        return {"bare_reset": obs, "obs_pair_reset": (obs, obs), "short_reset": (obs[:1], info)}.get(self.mode,
+                                                                                                    (obs, info))
 
 
 if "natpgtest/OffApiCartPole-v0" not in gym.registry:
@@ -1325,18 +1327,25 @@ if "natpgtest/OffApiCartPole-v0" not in gym.registry:
                  disable_env_checker=True)
 
 
+@pytest.mark.parametrize("vectorization", ["sync", "async"])
 @pytest.mark.parametrize("mode, call, detail", [
-    ("short_obs", "step", r"5-tuple: could not broadcast input array from shape \(3,\) into shape \(4,\)"),
+    ("short_obs", "step", r"5-tuple: an observation of shape \(3,\), not the space's \(4,\)"),
+    # numpy would broadcast these two into the observation buffer and train on them
+    ("one_obs", "step", r"5-tuple: an observation of shape \(1,\), not the space's \(4,\)"),
+    ("scalar_obs", "step", r"5-tuple: an observation of shape \(\), not the space's \(4,\)"),
     ("four", "step", r"not enough values to unpack \(expected 5, got 4\)"),
-    ("vector_reward", "step", "5-tuple: setting an array element with a sequence"),
+    ("vector_reward", "step", r"5-tuple: the reward array\(\[.*\]\) is not a number"),
     ("string_reward", "step", "5-tuple: the reward '1.0' is not a number"),
     ("none_reward", "step", "5-tuple: the reward None is not a number"),
-    ("bare_reset", "reset", "ndarray: too many values to unpack")])
-def test_an_environment_off_gymnasiums_api_is_named_with_what_it_returned(mode, call, detail):
-    with pytest.raises(ValueError, match=rf"environment 'natpgtest/OffApiCartPole-v0' \(copy 0\) returned from "
+    ("bare_reset", "reset", r"ndarray: not an \(observation, info dict\) pair"),
+    ("obs_pair_reset", "reset", r"2-tuple: not an \(observation, info dict\) pair"),  # a 2-element obs alone too
+    ("short_reset", "reset", r"2-tuple: an observation of shape \(1,\), not the space's \(4,\)")])
+def test_an_environment_off_gymnasiums_api_is_named_with_what_it_returned(mode, call, detail, vectorization):
+    with pytest.raises(ValueError, match=rf"environment 'natpgtest/OffApiCartPole-v0' \(copy \d\) returned from "
                                          rf"{call}\(\) what natpg cannot read \({detail}.*Gymnasium's API: reset\(\) "
                                          rf"returns \(observation, info\)"):
-        natpg.NPG("natpgtest/OffApiCartPole-v0", env_kwargs={"mode": mode}, **small()).learn(BATCH)
+        natpg.NPG("natpgtest/OffApiCartPole-v0", env_kwargs={"mode": mode}, vectorization=vectorization,
+                  **small()).learn(BATCH)
 
 
 def test_an_edited_config_json_is_named_as_not_read(tmp_path):

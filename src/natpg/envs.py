@@ -277,8 +277,10 @@ def make_vec_env(env_id: str, n_envs: int, vectorization: str = "sync", n_worker
         from .vector import SerialVectorEnv
 
         return SerialVectorEnv([lambda: make_env(env_id, action_mask, env_kwargs=env_kwargs) for _ in range(n_envs)])
-    return gym.vector.AsyncVectorEnv([lambda: make_env(env_id, action_mask, env_kwargs=env_kwargs)] * n_envs,
-                                     autoreset_mode=AutoresetMode.SAME_STEP)
+    from .vector import ApiChecked
+
+    return gym.vector.AsyncVectorEnv([lambda i=i: ApiChecked(make_env(env_id, action_mask, env_kwargs=env_kwargs), i)
+                                      for i in range(n_envs)], autoreset_mode=AutoresetMode.SAME_STEP)
 
 
 class RunningMeanStd:

@@ -20,6 +20,7 @@ import signal
 import traceback
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 
 from .errors import first_line
@@ -41,6 +42,72 @@ def process_context():
     """How worker processes start: forkserver where the platform has it (a fork of the learner, which runs
     threads, could inherit a held lock), else spawn."""
     return mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+
+
+def observation_checked(obs: Any, shape: tuple[int, ...]) -> Any:
+    """``obs`` if it has the observation space's ``shape``: numpy would broadcast a wrong one into a buffer (a
+    scalar, or shape (1,), filling every entry) and train on it."""
+    if np.shape(obs) != shape:
+        raise ValueError(f"an observation of shape {np.shape(obs)}, not the space's {shape}")
+    return obs
+
+
+def reset_checked(result: Any, shape: tuple[int, ...]) -> tuple[Any, dict]:
+    """(observation, info) from what reset() returned; an observation alone (the old Gym API) is an error, also
+    where its length, 2, would unpack."""
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict)):
+        raise TypeError("not an (observation, info dict) pair")
+    return observation_checked(result[0], shape), result[1]
+
+
+def reward_checked(reward: Any) -> Any:
+    """``reward`` if it is one number: numpy would read "1.0" or None silently, or fail on an array."""
+    if reward is None or isinstance(reward, (str, bytes)) or np.ndim(reward):
+        raise TypeError(f"the reward {reward!r} is not a number")
+    return reward
+
+
+def api_error(env, i: int, call: str, result: Any, exc: Exception, observation_space) -> str:
+    """What environment copy ``i`` returned that natpg cannot read, against what Gymnasium's API asks."""
+    name = env.spec.id if env.spec is not None else type(env.unwrapped).__name__
+    got = "" if result is None else f"{len(result)}-tuple: " if isinstance(result, tuple) else \
+        f"{type(result).__name__}: "
+    return (f"environment {name!r} (copy {i}) returned from {call}() what natpg cannot read ({got}"
+            f"{first_line(exc)}). Gymnasium's API: reset() returns (observation, info), step() returns "
+            f"(observation, reward, terminated, truncated, info), with each observation in "
+            f"{observation_space} and a number for the reward")
+
+
+class ApiChecked(gym.Wrapper):
+    """The checks of ``SerialVectorEnv`` on one copy, for Gymnasium's ``AsyncVectorEnv``: its workers would
+    broadcast a wrong-shaped observation too, or fail deep inside on the others; the error reaches the learner."""
+
+    def __init__(self, env: gym.Env, copy: int):
+        super().__init__(env)
+        self.copy, self.shape = copy, env.observation_space.shape
+
+    def _error(self, call: str, result: Any, exc: Exception) -> ValueError:
+        return ValueError(api_error(self.env, self.copy, call, result, exc, self.env.observation_space))
+
+    def reset(self, **kwargs):
+        result = self.env.reset(**kwargs)
+        try:
+            return reset_checked(result, self.shape)
+        except (ValueError, TypeError) as exc:
+            raise self._error("reset", result, exc) from None
+
+    def step(self, action):
+        try:
+            result = self.env.step(action)
+        except ValueError as exc:  # as in SerialVectorEnv.step
+            if "values to unpack" not in str(exc):
+                raise
+            raise self._error("step", None, exc) from None
+        try:
+            obs, reward, term, trunc, info = result
+            return observation_checked(obs, self.shape), reward_checked(reward), term, trunc, info
+        except (ValueError, TypeError) as exc:
+            raise self._error("step", result, exc) from None
 
 
 class SerialVectorEnv:
@@ -72,21 +139,13 @@ class SerialVectorEnv:
         for i in np.flatnonzero(mask):
             result = self.envs[i].reset(seed=None if seed is None else seed + int(i), options=options or None)
             try:
-                self._obs[i], infos[i] = result
+                self._obs[i], infos[i] = reset_checked(result, self._obs.shape[1:])
             except (ValueError, TypeError) as exc:
                 raise ValueError(self._api_error(i, "reset", result, exc)) from None
         return self._obs.copy(), {"infos": infos}
 
     def _api_error(self, i: int, call: str, result: Any, exc: Exception) -> str:
-        """What an environment returned that natpg cannot read, against what Gymnasium's API asks."""
-        env = self.envs[i]
-        name = env.spec.id if env.spec is not None else type(env.unwrapped).__name__
-        got = "" if result is None else f"{len(result)}-tuple: " if isinstance(result, tuple) else \
-            f"{type(result).__name__}: "
-        return (f"environment {name!r} (copy {i}) returned from {call}() what natpg cannot read ({got}"
-                f"{first_line(exc)}). Gymnasium's API: reset() returns (observation, info), step() returns "
-                f"(observation, reward, terminated, truncated, info), with each observation in "
-                f"{self.single_observation_space} and a number for the reward")
+        return api_error(self.envs[i], i, call, result, exc, self.single_observation_space)
 
     def step(self, actions):
         n = self.num_envs
@@ -102,13 +161,12 @@ class SerialVectorEnv:
                 raise ValueError(self._api_error(i, "step", None, exc)) from None
             try:
                 obs, reward, term[i], trunc[i], info = result
-                if reward is None or isinstance(reward, (str, bytes)):  # numpy would read "1.0" or None silently
-                    raise TypeError(f"the reward {reward!r} is not a number")
-                rew[i] = reward
+                rew[i] = reward_checked(reward)
+                obs = observation_checked(obs, self._obs.shape[1:])
                 if term[i] or trunc[i]:
                     final[i], final_info[i] = obs, info
                     result, call = env.reset(), "reset"
-                    obs, _ = result
+                    obs, _ = reset_checked(result, self._obs.shape[1:])
                 self._obs[i] = obs
             except (ValueError, TypeError) as exc:
                 raise ValueError(self._api_error(i, call, result, exc)) from None
