@@ -154,14 +154,30 @@ def test_update_threads_hold_for_the_actor_phase_only_and_runs_repeat_for_a_give
 
 
 def test_unknown_environment_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown environment id 'NoSuchEnv-v0'"):
+    with pytest.raises(ValueError, match="unknown environment id 'NoSuchEnv-v0'.* For an environment of your own, give "
+                                         "the module that registers it: 'my_module:MyEnv-v0'"):
         natpg.NPG("NoSuchEnv-v0")
+    with pytest.raises(ValueError, match=r"unknown environment id 'my_pkg/MyEnv-v0': Namespace my_pkg not found.*"
+                                         r"'my_module:MyEnv-v0'"):  # Gymnasium's own advice is to install a package
+        natpg.NPG("my_pkg/MyEnv-v0")
+    with pytest.raises(ValueError, match=r"unknown environment id 'NoSuchEnv-v0': .*doesn't exist\.$"):
+        natpg.NPG("gymnasium:NoSuchEnv-v0")  # the module is given: no advice to give one
 
 
-def test_step_budget_smaller_than_one_batch_is_rejected():
+def test_step_budget_smaller_than_one_batch_is_rejected_and_one_written_1e3_is_a_count():
     agent = natpg.NPG("CartPole-v1", **small())
     with pytest.raises(ValueError, match="total_steps must be an integer ≥ one batch"):
         agent.learn(10)
+    for not_whole in (128.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="total_steps must be an integer"):
+            agent.learn(not_whole)
+    assert agent.learn(1.28e2, schedule_end=2.56e2).env_steps == 128 and agent.target_steps == 128
+    from natpg.cli import build_parser
+
+    args = build_parser().parse_args(["train", "npg", "CartPole-v1", "--steps", "1e6", "--eval-every", "5_000"])
+    assert (args.steps, args.eval_every) == (1_000_000, 5000)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "npg", "CartPole-v1", "--steps", "1.5"])
 
 
 def test_predict_single_and_batch_and_shape_errors():
@@ -472,7 +488,9 @@ def test_plot_seeds_averages_runs_that_differ_only_in_their_seed(tmp_path, capsy
     runs = [run("a0", 0, 0.01, [(100, 1.0), (200, 3.0), (300, 5.0)]),
             run("a1", 1, 0.01, [(150, 2.0), (250, 4.0), (350, 9.0)], run_section=7),
             run("b0", 0, 0.02, [(100, 20.0), (200, 10.0)])]
-    plotted = plot_runs(runs, str(tmp_path / "seeds.png"), seeds=True)
+    with pytest.warns(UserWarning, match=r"npg Hopper-v5 max_kl=0.01: the mean over seeds is drawn where all 2 runs "
+                                         r"have points, env_steps 150 to 300; 2 of them logged outside it, left out"):
+        plotted = plot_runs(runs, str(tmp_path / "seeds.png"), seeds=True)
     # a0 at 150, 250: 2 and 4 (interpolated); a1 at 200, 300: 3 and 6.5; common range 150…300.
     assert plotted == {"npg Hopper-v5 max_kl=0.01 (2 seeds)": ([150.0, 200.0, 250.0, 300.0], [2.0, 3.0, 4.0, 5.75]),
                        "npg Hopper-v5 max_kl=0.02 (1 seed)": ([100.0, 200.0], [20.0, 10.0])}
@@ -489,6 +507,19 @@ def test_plot_seeds_averages_runs_that_differ_only_in_their_seed(tmp_path, capsy
     assert again == plotted
     assert cli(["plot", young, "-o", str(tmp_path / "z.png")]) == 2  # alone: nothing to plot
     assert "has no finite values to plot" in capsys.readouterr().err
+
+    decaying = []
+    for seed in (0, 1):
+        d = tmp_path / f"k{seed}"
+        d.mkdir()
+        config = natpg.Config().to_dict()
+        config["step"]["kl_schedule"] = "linear"
+        (d / "config.json").write_text(json.dumps({"algorithm": "npg", "env_id": "Hopper-v5", "seed": seed, **config}))
+        (d / "progress.csv").write_text("env_steps,ep_return_mean\n100,1.0\n200,2.0\n")
+        decaying.append(str(d))
+    with pytest.warns(UserWarning, match=r"'.*k0', '.*k1' decay by kl_schedule towards where each was told to end "
+                                         r"\(--steps, schedule_end\), which config.json does not record"):
+        plot_runs(decaying, str(tmp_path / "k.png"), seeds=True)
 
 
 
@@ -603,6 +634,34 @@ def test_learn_continues_its_own_run_directory_and_refuses_another_run(tmp_path)
     assert not (tmp_path / "model.pt").exists()
 
 
+def test_save_refuses_a_directory_or_file_holding_another_run_unless_overwrite(tmp_path):
+    """save into a run directory of another run (or over its model.pt) would pair that run's log with a foreign
+    checkpoint, and a later resume would drop the log's rows: refused, nothing written; the run's own agent saves
+    there as often as it likes."""
+    run = tmp_path / "run"
+    a = natpg.NPG("CartPole-v1", seed=0, **small(eval_every=64, eval_episodes=1))
+    a.learn(128, out_dir=str(run))
+    a.save(str(run))  # its own run: the same state again,
+    a.learn(64)
+    a.save(str(run))  # or a later one
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    other = natpg.PPO("Pendulum-v1", **small())
+    for path, kind in [(run, "out_dir"), (run / "model.pt", "file")]:
+        with pytest.raises(ValueError, match=rf"{kind} '{path}' already holds a natpg run \(npg on CartPole-v1, seed 0, "
+                                             rf"192 env steps\); choose another .*save\(\.\.\., overwrite=True\)"):
+            other.save(str(path))
+    with pytest.raises(ValueError, match=r"already holds a natpg run \(npg on CartPole-v1, seed 0, 192 env steps\)"):
+        natpg.load(str(run / "best")).save(str(run))  # an earlier state of the run over its later one
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing written, nothing lost
+    foreign = tmp_path / "weights.pt"
+    foreign.write_bytes(b"not natpg's")
+    with pytest.raises(ValueError, match=r"file '.*weights.pt' already holds a file that is not this run's"):
+        other.save(str(foreign))
+    assert other.save(str(foreign), overwrite=True) == str(foreign) and natpg.load(str(foreign)).algorithm == "ppo"
+    other.save(str(run), overwrite=True)
+    assert natpg.load(str(run)).algorithm == "ppo" and not (run / "progress.csv").exists()
+
+
 def test_cli_train_refuses_a_run_directory_unless_resumed_or_overwritten(tmp_path, capsys):
     out = str(tmp_path / "run")
     args = ["train", "npg", "CartPole-v1", "--steps", "128", "--out", out, "--no-progress", "--n-envs", "2",
@@ -684,11 +743,21 @@ def test_a_stochastic_evaluation_episode_is_its_own_whatever_runs_beside_it(env_
     assert (returns != evaluation_episodes(agent, episodes=4, seed=5)["return"]).any()  # nor act by the mode
 
 
-def test_every_evaluation_is_logged_whatever_the_log_interval(tmp_path):
+def test_every_evaluation_and_each_learn_calls_last_update_are_logged_whatever_the_log_interval(tmp_path):
+    """The last update of a learn call is the saved model's: its row is written, also where a callback stops."""
     agent = natpg.NPG("CartPole-v1", **small(eval_every=192, eval_episodes=1, log_interval=2))
     agent.learn(64 * 7, out_dir=str(tmp_path))
     rows = {int(r["updates"]): float(r["eval/return_mean"]) for r in csv.DictReader(open(tmp_path / "progress.csv"))}
-    assert sorted(rows) == [2, 3, 4, 6] and [k for k, v in rows.items() if math.isfinite(v)] == [3, 6]
+    assert sorted(rows) == [2, 3, 4, 6, 7] and [k for k, v in rows.items() if math.isfinite(v)] == [3, 6]
+
+    def stop_at_11(agent, row):
+        row["custom/mark"] = row["updates"]
+        return row["updates"] < 11
+
+    agent.learn(64 * 7, out_dir=str(tmp_path), callback=stop_at_11)
+    rows = list(csv.DictReader(open(tmp_path / "progress.csv")))
+    assert [int(r["updates"]) for r in rows] == [2, 3, 4, 6, 7, 8, 9, 10, 11]
+    assert rows[-1]["custom/mark"] == "11" and natpg.load(str(tmp_path)).updates == 11
 
 
 def test_evaluation_stops_at_a_non_finite_observation_or_ends_the_episode_under_drop():
@@ -892,7 +961,7 @@ def test_a_setting_the_run_would_not_read_is_named_in_a_warning():
     with pytest.warns(UserWarning, match=r"ppo on CartPole-v1 does not read these settings: fisher \(PPO's clipped "
                                          r"objective uses no Fisher\)"):
         natpg.PPO("CartPole-v1", fisher="kfac", **small())
-    with pytest.warns(UserWarning, match=r"cg_iters \(read by fisher='cg'; this run's fisher is 'kfac'\)"):
+    with pytest.warns(UserWarning, match=r"cg_iters \(read by fisher='cg' and 'empirical'; this run's fisher is 'kfac'\)"):
         natpg.NPG("CartPole-v1", fisher="kfac", cg_iters=5, **small())
     with pytest.warns(UserWarning, match=r"alpha \(read by step fixed / adam / ppo_clip; this run's step is 'kl'\)"):
         natpg.NPG("CartPole-v1", alpha=0.05, **small())

@@ -162,6 +162,7 @@ def test_an_env_registered_under_main_is_named_as_unknown_to_the_workers(engine,
     assert done.returncode != 0
     assert ("'natpg_test/UnderMain-v0' is registered in this process but not in the worker processes, which import "
             "your script again without running its `if __name__ == '__main__':` block") in done.stderr
+    assert "For an environment of your own" not in done.stderr  # the advice for an id never registered
 
 
 

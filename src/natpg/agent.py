@@ -22,9 +22,8 @@ import torch
 
 from . import checkpoint
 from .algorithms import config_for, make_actor_update, make_critic, warn_unread
-from .config import EVAL_MAX_EPISODE_STEPS, Config, env_kwargs_problem, is_integer, plain_json
+from .config import EVAL_MAX_EPISODE_STEPS, Config, env_kwargs_problem, is_integer, plain_json, whole_number
 from .envs import ObsNormalizer, RewardScaler, check_env_id, check_spaces, make_vec_env, probe_spaces
-from .errors import first_line
 from .fisher.dense import check_dense_size
 from .fisher.empirical import check_score_size
 from .logger import Logger
@@ -224,6 +223,7 @@ class Agent:
         ``learn(100_000, schedule_end=1_000_000)``.
         """
         batch = self.config.batch_size
+        total_steps, schedule_end = whole_number(total_steps), whole_number(schedule_end)  # 1e6 as well as 10**6
         if not is_integer(total_steps) or total_steps < batch:
             raise ValueError(f"total_steps must be an integer ≥ one batch ({self.config.env.n_envs} envs × "
                              f"{self.config.rollout.n_steps} steps = {batch}), got {total_steps!r}")
@@ -327,20 +327,20 @@ class Agent:
                     failed = ValueError(f"the callback changed natpg's own columns {changed}: add keys of your own "
                                         f"instead (row['custom/...'] = value)")
                     row = before
-                if self.updates % run.log_interval == 0 or fault or evaluated:
+                if self.updates % run.log_interval == 0 or fault or evaluated or stop or i == n_updates - 1:
                     logger.record(row)
                 if self.consecutive_faults >= run.max_consecutive_faults:
-                    saved = f"; checkpoint written to {self.save(out_dir)}" if out_dir else ""
+                    saved = f"; checkpoint written to {self._save(out_dir)}" if out_dir else ""
                     raise TrainingFault(
                         f"training stopped: {self.consecutive_faults} consecutive updates (up to update "
                         f"{self.updates}, {self.env_steps} env steps) were skipped for numerical faults, the last "
                         f"one: {fault}. The parameters are those from before the faults{saved}.")
                 if out_dir and run.checkpoint_every and self.updates % run.checkpoint_every == 0:
-                    self.save(out_dir)
+                    self._save(out_dir)
                 if failed is not None:
                     if out_dir:
                         failed.add_note(f"natpg: the callback raised after update {self.updates} ({self.env_steps} "
-                                        f"env steps); that update is saved in {self.save(out_dir)}")
+                                        f"env steps); that update is saved in {self._save(out_dir)}")
                     raise failed
                 if stop:
                     break
@@ -348,7 +348,7 @@ class Agent:
             logger.close()
             self._schedule(step_rule, None)  # back to the configured δ and α
         if out_dir:
-            self.save(out_dir)
+            self._save(out_dir)
         return self
 
     def _collect(self):
@@ -391,7 +391,7 @@ class Agent:
         if self.best_eval_return is None or mean > self.best_eval_return:
             self.best_eval_return = mean
             if out_dir:
-                self.save(os.path.join(out_dir, checkpoint.BEST_DIR))
+                self._save(os.path.join(out_dir, checkpoint.BEST_DIR))
         return {"eval/return_mean": mean, "eval/return_std": std}
 
     def _make_sampler(self, seed: int):
@@ -532,14 +532,25 @@ class Agent:
                              f"natpg.load or natpg.{type(agent).__name__}.load")
         return agent
 
-    def save(self, path: str) -> str:
+    def save(self, path: str, overwrite: bool = False) -> str:
         """Write a checkpoint to ``path`` (a directory, or a file ending in .pt); returns the file written. A
-        directory another process is training in is refused (``checkpoint.run_dir_lock``)."""
+        directory another process is training in is refused (``checkpoint.run_dir_lock``). A directory or file
+        holding another run — another algorithm, environment, seed or settings, or a later state of this one — is
+        refused unless ``overwrite=True``, which replaces it (a directory's natpg outputs, its log too:
+        ``checkpoint.RUN_OUTPUTS``); an earlier state of this run is replaced, its log kept."""
         checkpoint.checkpoint_file(path)  # a clear error for an empty path or one that is not a path
         if checkpoint.is_file_path(path):  # one checkpoint file, not a run directory: nothing to lock
+            if not overwrite and os.path.lexists(path):
+                _refuse_another_run(self, path, "file", [os.path.basename(path)], "save")
             return self._write_checkpoint(path, self._sampler_state())
         with checkpoint.run_dir_lock(check_out_dir(path)):
-            return self._write_checkpoint(path, self._sampler_state())
+            claim_run_dir(self, path, overwrite, by="save")
+            return self._save(path)
+
+    def _save(self, out_dir: str) -> str:
+        """save() into the run directory this agent is training in (locked and claimed by learn)."""
+        with checkpoint.run_dir_lock(out_dir):
+            return self._write_checkpoint(out_dir, self._sampler_state())
 
     def _write_checkpoint(self, path: str, sampler_state: dict[str, Any] | None) -> str:
         meta = {
@@ -753,8 +764,9 @@ def load(path: str, action_mask=None, **changes: Any) -> Agent:
     except KeyError as exc:
         raise ValueError(f"checkpoint at {path!r} lacks the entry {exc} (written by another natpg version?)") from None
     except (RuntimeError, TypeError) as exc:  # tensors that do not fit the recorded config
-        raise ValueError(f"checkpoint at {path!r} is inconsistent with its recorded config: "
-                         f"{first_line(exc)}") from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]  # torch: a header, then a line
+        raise ValueError(f"checkpoint at {path!r} is inconsistent with its recorded config: "  # per tensor
+                         f"{' '.join(lines[:4])}{' …' if len(lines) > 4 else ''}") from None
 
 
 def _nac_that_ran_ppo(meta: dict[str, Any]) -> dict[str, Any]:
@@ -822,31 +834,18 @@ def check_out_dir(out_dir: Any) -> str:
     return out_dir
 
 
-def claim_run_dir(agent: Agent, out_dir: Any, overwrite: bool = False) -> bool:
+def claim_run_dir(agent: Agent, out_dir: Any, overwrite: bool = False, by: str = "learn") -> bool:
     """Check ``out_dir`` before anything is written there. True: it holds an earlier state of ``agent``'s own
     run (same algorithm, environment, seed and config, at most as many env steps), whose log is continued.
     False: it is new, or holds none of natpg's outputs, or held another run and ``overwrite`` deleted those
     outputs (``checkpoint.RUN_OUTPUTS``, nothing else). Another run without ``overwrite`` is a ValueError: never
-    lost data."""
+    lost data. ``by``: 'learn' or 'save', for the error's advice."""
     out_dir = check_out_dir(out_dir)
     held = [name for name in checkpoint.RUN_OUTPUTS if os.path.lexists(os.path.join(out_dir, name))]
     if not held:
         return False
-    try:
-        meta, _ = checkpoint.read(out_dir)
-    except (OSError, ValueError):
-        meta = None
-    if meta is not None and _continues(agent, meta):
+    if not overwrite and _refuse_another_run(agent, out_dir, "out_dir", held, by):
         return True
-    # A run that failed before its first update (a cluster not reached, say) holds nothing to lose.
-    untrained = meta is not None and meta.get("env_steps") == 0 and _progress_rows(out_dir) == 0
-    if not (overwrite or untrained):
-        what = (f"a natpg run ({meta.get('algorithm')} on {meta.get('env_id')}, seed {meta.get('seed')}, "
-                f"{meta.get('env_steps')} env steps{_other_settings(agent, meta)})" if meta is not None
-                else f"natpg outputs ({', '.join(held)})")
-        raise ValueError(f"out_dir {out_dir!r} already holds {what}; choose another directory, continue that run "
-                         f"(natpg.load(dir).learn(..., out_dir=dir); natpg train ... --resume DIR), or replace it "
-                         f"with overwrite=True (natpg train --overwrite)")
     for name in held:
         path = os.path.join(out_dir, name)
         if os.path.isdir(path) and not os.path.islink(path):
@@ -854,6 +853,28 @@ def claim_run_dir(agent: Agent, out_dir: Any, overwrite: bool = False) -> bool:
         else:
             os.remove(path)
     return False
+
+
+def _refuse_another_run(agent: Agent, path: str, kind: str, held: list[str], by: str) -> bool:
+    """True when ``path`` (a run directory or a checkpoint file, ``kind`` 'out_dir' or 'file', holding ``held``)
+    holds an earlier state of ``agent``'s run; False when it holds a run that failed before its first update (a
+    cluster not reached, say: nothing to lose); else a ValueError naming what it holds."""
+    try:
+        meta, _ = checkpoint.read(path)
+    except (OSError, ValueError):
+        meta = None
+    if meta is not None and _continues(agent, meta):
+        return True
+    if meta is not None and meta.get("env_steps") == 0 and (kind == "file" or _progress_rows(path) == 0):
+        return False
+    what = (f"a natpg run ({meta.get('algorithm')} on {meta.get('env_id')}, seed {meta.get('seed')}, "
+            f"{meta.get('env_steps')} env steps{_other_settings(agent, meta)})" if meta is not None
+            else f"natpg outputs ({', '.join(held)})" if kind == "out_dir" else "a file that is not this run's")
+    advice = ("continue that run (natpg.load(dir).learn(..., out_dir=dir); natpg train ... --resume DIR), or replace "
+              "it with overwrite=True (natpg train --overwrite)" if by == "learn" else
+              "replace it with save(..., overwrite=True)")
+    other = "directory" if kind == "out_dir" else "path"
+    raise ValueError(f"{kind} {path!r} already holds {what}; choose another {other}, or {advice}")
 
 
 def copy_run(src: str, dst: str) -> None:

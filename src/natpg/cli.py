@@ -104,6 +104,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+def step_count(text: str) -> int:
+    """An env-step count as argparse reads it: 1000000, 1_000_000 or 1e6 (a whole number)."""
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)  # a ValueError here is argparse's "invalid step_count value"
+        if not value.is_integer():
+            raise
+        return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .agent import ALGORITHM_CLASSES
 
@@ -120,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`natpg config ALGO ENV_ID` shows what a run gets from the presets.")
     t.add_argument("algo", type=str.lower, help=f"algorithm: {', '.join(sorted(ALGORITHM_CLASSES))}")
     t.add_argument("env_id", help="Gymnasium environment id, e.g. CartPole-v1 or HalfCheetah-v5")
-    t.add_argument("--steps", type=int, default=None,
+    t.add_argument("--steps", type=step_count, default=None,
                    help="environment steps to train for (default 1e6; with --resume, the run's own --steps)")
     t.add_argument("--seed", type=int, default=None, help="random seed of networks, sampling and environments "
                                                           "(default 0)")
@@ -138,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "seed too, unless --seed); --set and the flags override it")
     t.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set max_kl=0.02 --set hidden=[64,64]")
-    t.add_argument("--eval-every", type=int, default=None, metavar="STEPS",
+    t.add_argument("--eval-every", type=step_count, default=None, metavar="STEPS",
                    help="evaluate the deterministic policy every STEPS env steps (eval/* columns of progress.csv; "
                         "the best policy kept in OUT/best, for natpg eval OUT/best)")
     t.add_argument("--no-progress", action="store_true", help="no live progress bar")
@@ -175,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=123,
                    help="seed of the evaluation episodes: episode i's environment (and, with --stochastic, its "
                         "actions) seeded SEED + i (default 123)")
-    e.add_argument("--max-episode-steps", type=int, default=EVAL_MAX_EPISODE_STEPS, metavar="STEPS",
+    e.add_argument("--max-episode-steps", type=step_count, default=EVAL_MAX_EPISODE_STEPS, metavar="STEPS",
                    help="cut an episode the environment has not ended after STEPS steps, with a warning "
                         f"(default {EVAL_MAX_EPISODE_STEPS:,}; for environments without a time limit)")
     e.add_argument("--env", default=None, help="environment id (default: the one trained on)")
@@ -196,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--y", default="ep_return_mean", help="y column (default ep_return_mean)")
     pl.add_argument("--seeds", action="store_true",
                     help="one line per group of runs that differ only in their seed (config.json): the mean "
-                         "across them, over a band from their min to their max")
+                         "across them, over a band from their min to their max, where all of them have points")
 
     b = sub.add_parser("bench", help="throughput of natpg against the raw environment stepping rate")
     b.add_argument("algo", type=str.lower, help="algorithm")

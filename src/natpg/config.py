@@ -229,7 +229,8 @@ class RunConfig:
     subsampling). HalfCheetah-v5, NPG, 2048 samples, 2 cores: +10 % env-steps/s in one process and with worker
     processes. False: always after the actor update, in this thread."""
     log_interval: int = 1
-    """Write a progress row every this many updates."""
+    """Write a progress row every this many updates, and for the last update of each learn call (the saved
+    model's; also one its callback stopped) and every update that evaluated or faulted."""
     checkpoint_every: int = 50
     """With an output directory, write a checkpoint every this many updates (0: only at the end)."""
     tensorboard: bool = True
@@ -334,6 +335,11 @@ def plain_json(v: Any) -> Any:
 def is_integer(v: Any) -> bool:
     """An int or a NumPy integer (np.arange gives those); a bool is not a count."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def whole_number(v: Any) -> Any:
+    """A float that is a whole number (1e6, as step counts are often written) as an int; anything else as given."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
 def is_real(v: Any) -> bool:

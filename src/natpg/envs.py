@@ -149,6 +149,10 @@ def make_env(env_id: str, action_mask=None, wrap: bool = True, env_kwargs: dict[
     return env
 
 
+OWN_ENV_HINT = (" For an environment of your own, give the module that registers it: 'my_module:MyEnv-v0' (natpg "
+                "imports my_module first, in every process)")
+
+
 def check_env_id(env_id: str) -> gym.envs.registration.EnvSpec:
     """The registered spec of ``env_id``, or a ValueError that says what went wrong.
 
@@ -156,8 +160,8 @@ def check_env_id(env_id: str) -> gym.envs.registration.EnvSpec:
     registers on import exists in every process that builds one, rollout worker processes included."""
     if not isinstance(env_id, str) or not env_id:
         hint = ""
-        spec = getattr(env_id, "spec", None)
-        if isinstance(env_id, (gym.Env, gym.vector.VectorEnv)) and spec is not None:  # gym.make(id) or make_vec
+        spec = env_id if isinstance(env_id, gym.envs.registration.EnvSpec) else getattr(env_id, "spec", None)
+        if isinstance(env_id, (gym.Env, gym.vector.VectorEnv, gym.envs.registration.EnvSpec)) and spec is not None:
             hint = (f"; natpg makes every copy itself (in worker processes too) from a registered id: pass "
                     f"{spec.id!r} (constructor arguments: env_kwargs={{...}}; wrappers: register a factory that "
                     f"applies them, README)")
@@ -165,10 +169,12 @@ def check_env_id(env_id: str) -> gym.envs.registration.EnvSpec:
             hint = ("; natpg makes every copy itself (in worker processes too) from a registered id: at module "
                     "level, gymnasium.register('MyEnv-v0', entry_point=MyEnv), then natpg.NPG('MyEnv-v0') "
                     "(constructor arguments: env_kwargs={...})")
-        raise ValueError(f"environment id must be a non-empty string such as 'CartPole-v1', got {env_id!r}{hint}")
+        got = f"the spec of {spec.id!r}" if isinstance(env_id, gym.envs.registration.EnvSpec) else repr(env_id)
+        raise ValueError(f"environment id must be a non-empty string such as 'CartPole-v1', got {got}{hint}")
     if env_id in ("MlpPolicy", "CnnPolicy", "MultiInputPolicy"):
         raise ValueError(f"{env_id!r} is Stable-Baselines3's policy name: natpg builds the policy from the spaces, "
                          f"so the environment id comes first, e.g. natpg.PPO('CartPole-v1')")
+    module = None
     if ":" in env_id:
         module, _, name = env_id.partition(":")
         try:
@@ -187,17 +193,18 @@ def check_env_id(env_id: str) -> gym.envs.registration.EnvSpec:
     try:
         return gym.spec(env_id)
     except gym.error.Error as exc:  # NameNotFound, VersionNotFound, DeprecatedEnv, ...
-        raise ValueError(f"unknown environment id {env_id!r}: {exc}") from None
+        said = str(exc) if str(exc).endswith((".", "?")) else f"{exc}."
+        raise ValueError(f"unknown environment id {env_id!r}: {said}{'' if module else OWN_ENV_HINT}") from None
 
 
-def unregistered_in_worker_hint(env_id: str, error: str) -> str:
-    """For an 'unknown environment id' raised in a worker process while this process knows the id: why, and the
-    fix ('' otherwise)."""
+def unknown_in_worker(env_id: str, error: str) -> str:
+    """For an 'unknown environment id' raised in a worker process while this process knows the id: the worker's
+    error, why, and the fix ('' otherwise)."""
     if "unknown environment id" not in error or env_id.split(":")[-1] not in gym.registry:
         return ""
-    return (f"{env_id!r} is registered in this process but not in the worker processes, which import your script "
-            f"again without running its `if __name__ == '__main__':` block: register it at module level (or use a "
-            f"'module:{env_id}' id whose module registers it)")
+    return (f"{first_line(error).removesuffix(OWN_ENV_HINT)} {env_id!r} is registered in this process but not in "
+            f"the worker processes, which import your script again without running its `if __name__ == '__main__':` "
+            f"block: register it at module level (or use a 'module:{env_id}' id whose module registers it)")
 
 
 def env_family(env_id: str) -> str:

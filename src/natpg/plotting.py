@@ -126,6 +126,13 @@ def group_by_settings(run_dirs: list[str]) -> list[tuple[str, list[str]]]:
                           f"and seed (copies of one run, or the same run again): counted once, as {kept!r}, which "
                           f"logged the most rows", UserWarning, stacklevel=2)
         groups.setdefault(key, []).append(kept)
+    for key, runs in groups.items():
+        scheduled = [k.split(".", 1)[1] for k in ("step.kl_schedule", "step.lr_schedule")
+                     if keyed.get(key, {}).get(k, '"constant"') != '"constant"']
+        if len(runs) > 1 and scheduled:
+            warnings.warn(f"{', '.join(repr(r) for r in runs)} decay by {' and '.join(scheduled)} towards where each "
+                          f"was told to end (--steps, schedule_end), which config.json does not record: they are "
+                          f"seeds of one setting only if that end is the same", UserWarning, stacklevel=2)
     varying = sorted({k for flat in keyed.values() for k in flat
                       if len({f.get(k) for f in keyed.values()}) > 1} - {"algorithm", "env_id"})
     labelled = []
@@ -201,6 +208,10 @@ def plot_runs(run_dirs: list[str], output: str, x: str = "env_steps", y: str = "
                 xs, ys, low, high = seed_band(runs)
             except ValueError as exc:
                 raise ValueError(f"{label}: {exc}") from None
+            if cut := sum(r[0][0] < xs[0] or r[0][-1] > xs[-1] for r in runs):
+                warnings.warn(f"{label}: the mean over seeds is drawn where all {len(runs)} runs have points, {x} "
+                              f"{xs[0]:g} to {xs[-1]:g}; {cut} of them logged outside it, left out", UserWarning,
+                              stacklevel=2)
             label = f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
         else:
             xs, ys = runs[0]

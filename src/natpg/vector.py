@@ -243,10 +243,10 @@ class MultiprocVectorEnv:
         except EOFError:
             raise RuntimeError("an environment worker process died") from None
         if status == "error":
-            from .envs import unregistered_in_worker_hint
+            from .envs import unknown_in_worker
 
-            if hint := unregistered_in_worker_hint(self.env_id, payload):
-                raise ValueError(f"environment worker failed: {first_line(payload)}; {hint}")
+            if unknown := unknown_in_worker(self.env_id, payload):
+                raise ValueError(f"environment worker failed: {unknown}")
             raise RuntimeError(f"environment worker failed: {payload}")
         return payload
 

@@ -24,7 +24,7 @@ import time
 import traceback
 from typing import Any
 
-from ..envs import unregistered_in_worker_hint
+from ..envs import unknown_in_worker
 from ..vector import process_context
 from .workers import RolloutWorker, WorkerFailure, WorkerPlan, WorkerResult, WorkerSpec
 
@@ -154,9 +154,9 @@ class ProcessPool:
             self._owed[w] = 0
         if tag == "error":
             exc, remote = payload
+            if unknown := unknown_in_worker(self.plan.env_id, str(exc)):
+                raise ValueError(f"rollout worker {w}: {unknown}") from None
             exc.add_note(f"raised in rollout worker {w}:\n{remote}")
-            if hint := unregistered_in_worker_hint(self.plan.env_id, str(exc)):
-                exc.add_note(f"natpg: {hint}")
             raise exc
         assert tag == kind, (tag, kind)
         return payload
