@@ -153,6 +153,15 @@ def test_update_threads_hold_for_the_actor_phase_only_and_runs_repeat_for_a_give
     torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-5)
 
 
+def test_the_progress_bar_of_a_continued_run_starts_where_the_run_is(capsys):
+    agent = natpg.NPG("CartPole-v1", **small())
+    agent.learn(128)
+    capsys.readouterr()
+    agent.learn(128, progress_bar=True)
+    shown = [line.strip() for line in capsys.readouterr().err.split("\r") if "/256" in line]
+    assert shown[0].startswith("50%") and "128/256" in shown[0] and "256/256" in shown[-1]
+
+
 def test_unknown_environment_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown environment id 'NoSuchEnv-v0'.* For an environment of your own, give "
                                          "the module that registers it: 'my_module:MyEnv-v0'"):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from natpg.fisher import CG, KFAC, Dense, Diagonal, Empirical, dense_fisher
+from natpg.fisher.curvature import fixed_subsample
 from natpg.policies import CategoricalHead, CategoricalMLP, GaussianMLP
 
 OBS_DIM = 3
@@ -563,6 +564,30 @@ def test_kfac_solve_follows_a_changed_damping():
     torch.testing.assert_close(kfac.solve(g), torch.linalg.solve(M, g), rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(kfac.mv(g), M @ g, rtol=1e-10, atol=1e-12)
     assert not torch.allclose(kfac.solve(g), first)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CG(damping=0.1, iters=200, tol=0.0), lambda: CG(damping=0.1, iters=200, tol=0.0, preconditioner="kfac"),
+    lambda: CG(damping=0.1, iters=200, tol=0.0, subsample=0.5, generator=torch.Generator().manual_seed(3)),
+    lambda: Dense(damping=0.1)], ids=["cg", "cg+kfac", "cg-subsample", "dense"])
+def test_a_damping_changed_after_fit_acts_on_the_next_solve_and_product(make):
+    """As K-FAC's: solve inverts, and mv multiplies by, F + λI with λ as it is now — against the dense Fisher of
+    the solver's states (mv: of the whole batch, for a subsample's step length)."""
+    policy = make_policy("gauss", hidden=(5,)).double()
+    obs, act = batch(policy, n=40)
+    obs = obs.double()
+    P = sum(p.numel() for p in policy.actor_parameters())
+    g = torch.randn(P, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    curv = make()
+    curv.fit(policy, obs, act)
+    first = curv.solve(g)
+    curv.damping = 0.4
+    solver_obs, = fixed_subsample(curv.subsample, torch.Generator().manual_seed(3), obs)  # the fit's draw
+    F_solver, F_batch = dense_fisher(policy, solver_obs), dense_fisher(policy, obs)
+    eye = torch.eye(P, dtype=torch.float64)
+    torch.testing.assert_close(curv.solve(g), torch.linalg.solve(F_solver + 0.4 * eye, g), rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(curv.mv(g), (F_batch + 0.4 * eye) @ g, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(curv.solve(g), first)
 
 
 def test_damped_inverse_is_scale_equivariant_and_refuses_tiny_pivots():

@@ -1351,6 +1351,64 @@ def test_an_environment_off_gymnasiums_api_is_named_with_what_it_returned(mode, 
                   **small()).learn(BATCH)
 
 
+class _OffSpaceEnv(gym.Env):
+    """Observations off the space in the way ``kind`` names, from the 3rd step on (or a reset that raises)."""
+
+    SPACES = {"uint8_300": gym.spaces.Box(0, 255, (6,), np.uint8), "uint8_float": gym.spaces.Box(0, 255, (6,), np.uint8),
+              "discrete_below": gym.spaces.Discrete(5, start=-2), "discrete_above": gym.spaces.Discrete(5, start=-2),
+              "dict_missing": gym.spaces.Dict({"a": gym.spaces.Box(-1, 1, (3,)), "b": gym.spaces.Discrete(3)}),
+              "reset_raises": gym.spaces.Box(-1, 1, (3,))}
+
+    def __init__(self, kind: str):
+        self.kind, self.observation_space, self.action_space = kind, self.SPACES[kind], gym.spaces.Discrete(2)
+        self.episodes = 0
+
+    def _obs(self, bad: bool):
+        good = {"uint8_300": np.zeros(6, np.uint8), "uint8_float": np.zeros(6, np.uint8), "discrete_below": 0,
+                "discrete_above": 0, "dict_missing": {"a": np.zeros(3, np.float32), "b": 1},
+                "reset_raises": np.zeros(3, np.float32)}[self.kind]
+        return {"uint8_300": np.full(6, 300), "uint8_float": np.full(6, 7.5), "discrete_below": -3,
+                "discrete_above": 3, "dict_missing": {"b": 1}, "reset_raises": good}[self.kind] if bad else good
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        if self.kind == "reset_raises" and self.episodes:
+            raise ValueError("license server unreachable")  # the environment's own error, at an autoreset
+        self.episodes, self.t = self.episodes + 1, 0
+        return self._obs(False), {}
+
+    def step(self, action):
+        self.t += 1
+        return self._obs(self.t >= 3), 0.0, self.t >= 4, False, {}
+
+
+if "natpgtest/OffSpace-v0" not in gym.registry:
+    gym.register("natpgtest/OffSpace-v0", entry_point=_OffSpaceEnv, max_episode_steps=50, disable_env_checker=True)
+OFF_SPACE_ID = f"{__name__}:natpgtest/OffSpace-v0"  # importable by the multiproc workers
+
+
+@pytest.mark.parametrize("vectorization", ["sync", "async", "multiproc"])
+@pytest.mark.parametrize("kind, detail", [
+    ("uint8_300", r"5-tuple: an observation of int64 values from 300 to 300, which the space's uint8 cannot hold"),
+    ("uint8_float", r"5-tuple: an observation of float64 values from 7.5 to 7.5, which the space's uint8 cannot hold"),
+    ("discrete_below", r"an observation -3 outside Discrete\(5, start=-2\)"),  # Gymnasium would read it as 2
+    ("discrete_above", r"an observation 3 outside Discrete\(5, start=-2\)"),  # and fail deep inside on this one
+    ("dict_missing", r"an observation with keys \['b'\], not the Dict space's \['a', 'b'\]")])
+def test_an_observation_off_its_space_is_named_not_wrapped_or_read_as_another(kind, detail, vectorization):
+    """numpy would wrap 300 to 44 in a uint8 buffer; Gymnasium's flattening reads a Discrete value below its start
+    as another value and fails inside on the others: natpg names the environment and what it returned instead."""
+    with pytest.raises(ValueError, match=rf"environment 'natpgtest/OffSpace-v0' \(copy \d\) returned from step\(\) "
+                                         rf"what natpg cannot read \({detail}"):
+        natpg.NPG(OFF_SPACE_ID, env_kwargs={"kind": kind}, vectorization=vectorization, **small()).learn(BATCH)
+
+
+@pytest.mark.parametrize("vectorization", ["sync", "async", "multiproc"])
+def test_an_environments_own_error_at_an_autoreset_goes_on_as_it_is(vectorization):
+    with pytest.raises(ValueError, match=r"^license server unreachable"):
+        natpg.NPG(OFF_SPACE_ID, env_kwargs={"kind": "reset_raises"}, vectorization=vectorization,
+                  **small()).learn(BATCH)
+
+
 def test_an_edited_config_json_is_named_as_not_read(tmp_path):
     """The checkpoint's settings are the run's; a config.json edited by hand is said to be ignored, not obeyed
     silently or overwritten without a word."""

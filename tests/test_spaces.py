@@ -6,6 +6,7 @@ the dense Fisher where K-FAC is exact; every algorithm on an environment of each
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -305,6 +306,21 @@ class SpaceEnv(gym.Env):
         return self.observation_space.sample(), float(first > 0), False, self.t >= self.length, {}
 
 
+class MaskedSpaceEnv(SpaceEnv):
+    """SpaceEnv whose info carries an action mask that forbids action 1 (asserted never sent)."""
+
+    MASK = np.array([1, 0, 1], np.int8)
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = super().reset(seed=seed, options=options)
+        return obs, {**info, "action_mask": self.MASK}
+
+    def step(self, action):
+        assert action != 1, "a masked action was sent"
+        obs, rew, term, trunc, info = super().step(action)
+        return obs, rew, term, trunc, {**info, "action_mask": self.MASK}
+
+
 IMAGE = spaces.Box(0, 255, (36, 36, 1), np.uint8)  # channels last, as pixels come from most envs
 SPACE_ENVS = {
     "natpgspace/MultiDiscrete-v0": lambda: SpaceEnv(spaces.Box(-1, 1, (3,)), spaces.MultiDiscrete([3, 2])),
@@ -314,6 +330,8 @@ SPACE_ENVS = {
     "natpgspace/TupleObs-v0": lambda: SpaceEnv(spaces.Tuple([spaces.Box(-1, 1, (2,)), spaces.MultiDiscrete([2, 3])]),
                                                spaces.Box(-1, 1, (2,))),
     "natpgspace/Image-v0": lambda: SpaceEnv(IMAGE, spaces.Discrete(3), length=8),
+    # the critic's CNN reads the image and not the mask appended after it
+    "natpgspace/MaskedImage-v0": lambda: MaskedSpaceEnv(IMAGE, spaces.Discrete(3), length=8),
 }
 # MiniGrid's symbolic 7×7×3 observation: uint8 with 3 axes but too small for the Nature-CNN (not in CASES)
 SMALL_IMAGE_ENV = "natpgspace/SmallImage-v0"
@@ -324,7 +342,7 @@ for _id, _entry in SPACE_ENVS.items():
         gym.register(id=_id, entry_point=_entry)
 
 ALGOS = ["NPG", "TRPO", "ACKTR", "NAC", "VPG", "PPO"]
-CASES = [(env, {}) for env in SPACE_ENVS] + [
+CASES = [(env, {"action_mask": "action_mask"} if "Masked" in env else {}) for env in SPACE_ENVS] + [
     ("Taxi-v4", {"action_mask": "action_mask"}),  # Discrete observations (one-hot) and the info-key mask
     ("Pendulum-v1", {"action_squash": "tanh"}),
 ]
@@ -333,7 +351,7 @@ CASES = [(env, {}) for env in SPACE_ENVS] + [
 def tiny(algo: str, env: str, **kw):
     cfg = dict(n_envs=2, n_steps=8, tensorboard=False, hidden=(8,), critic_hidden=(8,), critic_epochs=1,
                cg_iters=3, ppo_epochs=1, **kw)
-    if env == "natpgspace/Image-v0" and algo == "ACKTR":
+    if env in ("natpgspace/Image-v0", "natpgspace/MaskedImage-v0") and algo == "ACKTR":
         cfg["critic_optimizer"] = "adam"  # the K-FAC critic is for MLPs (a clear error says so; tested below)
     return cfg
 
@@ -499,3 +517,38 @@ def test_worker_sampler_handles_every_space_like_the_local_one(env, extra):
         for rollout in (local, workers):
             allowed = rollout.obs[..., 500:].gather(-1, rollout.act.unsqueeze(-1))
             assert torch.all(allowed == 1.0)
+
+
+OFF_CENTRE = "natpgspace/OffCentreBox-v0"
+if OFF_CENTRE not in gym.registry:
+    gym.register(id=OFF_CENTRE, entry_point=lambda: SpaceEnv(spaces.Box(-1, 1, (3,)),
+                                                             spaces.Box(np.array([10.0, -1.0], np.float32),
+                                                                        np.array([11.0, 1.0], np.float32))))
+
+
+def test_action_bounds_that_leave_out_zero_are_named_under_clipping():
+    """The Gaussian starts centred on 0: under clipping every first action lands on the bound 10."""
+    with pytest.warns(UserWarning, match=r"the action bounds of dimension\(s\) \[0\] .* leave out 0, where the "
+                                         r"Gaussian policy starts: .*RescaleAction.* or use action_squash='tanh'"):
+        agent = natpg.NPG(OFF_CENTRE, n_envs=2, n_steps=8, tensorboard=False)
+    assert (agent.predict(np.zeros((50, 3)), deterministic=False)[:, 0] == 10.0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        natpg.NPG(OFF_CENTRE, n_envs=2, n_steps=8, tensorboard=False, action_squash="tanh")
+
+
+WIDE = "natpgspace/WideBox-v0"
+if WIDE not in gym.registry:
+    gym.register(id=WIDE, entry_point=lambda: SpaceEnv(spaces.Box(-1, 1, (1024,)), spaces.Discrete(2)))
+
+
+def test_k_fac_on_a_thousand_flat_inputs_is_named_as_slow_when_the_agent_is_built():
+    with pytest.warns(UserWarning, match=r"K-FAC inverts the policy's and the critic's first-layer factor of "
+                                         r"\(1024 \+ 1\)² entries, at O\(1024³\), each update .*critic_optimizer='adam'"):
+        natpg.ACKTR(WIDE, n_envs=2, n_steps=8, tensorboard=False)
+    with pytest.warns(UserWarning, match=r"K-FAC inverts the critic's first-layer factor"):
+        natpg.ACKTR(WIDE, n_envs=2, n_steps=8, tensorboard=False, fisher="cg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        natpg.NPG(WIDE, n_envs=2, n_steps=8, tensorboard=False)  # CG on the same inputs: no factor to invert
+        natpg.ACKTR("natpgspace/Image-v0", n_envs=2, n_steps=8, tensorboard=False, critic_optimizer="adam")

@@ -1,5 +1,7 @@
 """natpg's vector envs produce exactly the trajectories of Gymnasium's same-step-autoreset SyncVectorEnv."""
 
+import warnings
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -215,6 +217,7 @@ if "natpg_test/SuccessCartPole-v0" not in gym.registry:
 SUCCESS_ID = f"{__name__}:natpg_test/SuccessCartPole-v0"  # importable by worker processes
 
 
+@pytest.mark.filterwarnings("ignore:info_keys \\['absent'\\]")  # named in a warning: the next test
 @pytest.mark.parametrize("engine", [{}, {"vectorization": "async"}, {"vectorization": "multiproc"},
                                     {"sampler": "processes", "workers": 2}, {"sampler": "workers", "workers": 2}])
 def test_info_keys_of_each_episodes_last_step_are_recorded_in_every_engine(engine, tmp_path):
@@ -236,6 +239,18 @@ def test_info_keys_of_each_episodes_last_step_are_recorded_in_every_engine(engin
     assert rows[-1]["ep_is_success_mean"] == pytest.approx((lengths[-100:] >= 20).mean(), abs=1e-12)
     assert rows[-1]["ep_steps_mean"] == pytest.approx(rows[-1]["ep_length_mean"], abs=1e-9)
     assert np.isnan(rows[-1]["ep_absent_mean"])
+
+
+def test_an_info_key_no_finished_episode_had_is_named_in_a_warning():
+    agent = natpg.NPG(SUCCESS_ID, info_keys=("is_success", "is_sucess", "stepz"), n_envs=2, n_steps=64,
+                      tensorboard=False)
+    with pytest.warns(UserWarning, match=r"info_keys \['is_sucess', 'stepz'\]: none of the last \d+ finished "
+                                         r"episodes' info had them \(their ep_KEY_mean columns stay NaN\)"):
+        agent.learn(512)
+    assert len(agent._sampler.recent_infos) >= 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        natpg.NPG(SUCCESS_ID, info_keys=("is_success",), n_envs=2, n_steps=64, tensorboard=False).learn(512)
 
 
 @pytest.mark.filterwarnings("ignore:resuming with freshly reset environments")  # the test's own env class

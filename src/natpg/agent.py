@@ -148,11 +148,15 @@ class Agent:
         torch.set_num_threads(config.run.torch_threads)
         torch.manual_seed(seed)
         p = config.policy
+        if isinstance(action_space, gym.spaces.Box) and p.action_squash == "clip":
+            _warn_bounds_without_zero(action_space)
         masked = config.env.action_mask is not None
         features, mask_dim, image = input_layout(observation_space, action_space, masked)
         self.policy = make_policy(observation_space, action_space, p.hidden, p.activation, p.log_std_init,
                                   p.action_squash, masked).to(self.device)
         self.critic = make_critic(config, features + mask_dim, image).to(self.device)
+        if image is None:
+            _warn_wide_kfac_input(config, features + mask_dim)
         # Refuse a matrix that cannot fit now, not after a rollout.
         actor = list(self.policy.actor_parameters())
         if config.curvature.fisher == "dense":
@@ -347,9 +351,21 @@ class Agent:
         finally:
             logger.close()
             self._schedule(step_rule, None)  # back to the configured δ and α
+        self._warn_missing_info_keys()
         if out_dir:
             self._save(out_dir)
         return self
+
+    def _warn_missing_info_keys(self, enough: int = 10) -> None:
+        """A key of ``info_keys`` that none of the last ``enough`` or more finished episodes' infos had (a
+        misspelt name, say) is named: its ep_KEY_mean column would stay NaN without a word."""
+        keys, infos = self.config.env.info_keys, list(self._sampler.recent_infos)
+        if keys and len(infos) >= enough:
+            had = ~np.isnan(np.array(infos, np.float64).reshape(-1, len(keys)))
+            if missing := [k for k, any_had in zip(keys, had.any(0)) if not any_had]:
+                warnings.warn(f"info_keys {missing}: none of the last {len(infos)} finished episodes' info had "
+                              f"{'it' if len(missing) == 1 else 'them'} (their ep_KEY_mean columns stay NaN)",
+                              UserWarning, stacklevel=3)
 
     def _collect(self):
         """The next rollout and the seconds it took."""
@@ -656,6 +672,35 @@ def _without_inert_settings(config: dict[str, Any], action_space: dict[str, Any]
     except (ValueError, TypeError, AttributeError, KeyError):
         return config
     return json.loads(json.dumps(cfg.override(**reset).to_dict()))
+
+
+KFAC_WIDE_INPUT = 1024  # flat observation entries above which K-FAC's O(n³) factor inversions dominate an update
+
+
+def _warn_wide_kfac_input(config: Config, inputs: int) -> None:
+    """K-FAC inverts an (n+1)² factor for a first layer of n inputs, at every critic minibatch for ACKTR's critic:
+    with a flattened image's thousands of inputs an update takes minutes (the audit measured 4 s at n = 1024 and
+    31 s at n = 2304 on 2 cores, against seconds for the other curvatures). A CNN's own layers are K-FAC's design."""
+    c = config.curvature
+    users = [name for name, uses in [
+        ("the policy's", config.step.step != "ppo_clip" and (c.fisher == "kfac" or c.cg_preconditioner == "kfac")),
+        ("the critic's", config.critic.critic_optimizer == "kfac")] if uses]
+    if users and inputs >= KFAC_WIDE_INPUT:
+        warnings.warn(f"K-FAC inverts {' and '.join(users)} first-layer factor of ({inputs} + 1)² entries, at "
+                      f"O({inputs}³), each update (minutes at a few thousand inputs). For flat images prefer "
+                      f"[C, H, W] uint8 frames (a CNN), critic_optimizer='adam' or fisher='cg'", UserWarning,
+                      stacklevel=4)
+
+
+def _warn_bounds_without_zero(space: gym.spaces.Box) -> None:
+    """The Gaussian policy starts centred on 0 with σ about 1: where a Box's bounds leave 0 out, every early action
+    is clipped onto the same bound and nothing is learned about that dimension."""
+    low, high = np.broadcast_to(space.low, space.shape).ravel(), np.broadcast_to(space.high, space.shape).ravel()
+    if outside := np.flatnonzero((low > 0) | (high < 0)).tolist():
+        warnings.warn(f"the action bounds of dimension(s) {outside} ({space}) leave out 0, where the Gaussian policy "
+                      f"starts: with action_squash='clip' its first actions are all clipped onto one bound there. "
+                      f"Rescale the actions to about [-1, 1] (gymnasium.wrappers.RescaleAction in a registered "
+                      f"factory) or use action_squash='tanh'", UserWarning, stacklevel=4)
 
 
 def _policy_stats(policy: torch.nn.Module) -> dict[str, float]:

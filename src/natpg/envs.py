@@ -97,17 +97,55 @@ def atari_wrappers() -> list:
             lambda e: FrameStackObservation(e, 4)]
 
 
+def off_space(obs: Any, space: gym.Space) -> str | None:
+    """Why ``obs`` cannot be flattened as a point of ``space`` (a missing key, a wrong shape, a discrete value out of
+    range), or None. Box bounds are not checked: an environment's observations often leave them."""
+    S = gym.spaces
+    if isinstance(space, S.Dict):
+        if not isinstance(obs, dict):
+            return f"an observation of type {type(obs).__name__}, not a dict with keys {sorted(space.spaces)}"
+        if set(obs) != set(space.spaces):
+            return f"an observation with keys {sorted(obs)}, not the Dict space's {sorted(space.spaces)}"
+        return next((f"[{k!r}]: {why}" for k, sub in space.spaces.items() if (why := off_space(obs[k], sub))), None)
+    if isinstance(space, S.Tuple):
+        if not isinstance(obs, (tuple, list)) or len(obs) != len(space.spaces):
+            return f"an observation {type(obs).__name__} that is not a tuple of {len(space.spaces)}"
+        return next((f"[{i}]: {why}" for i, (o, sub) in enumerate(zip(obs, space.spaces))
+                     if (why := off_space(o, sub))), None)
+    value = np.asarray(obs)
+    if value.shape != space.shape:
+        return f"an observation of shape {value.shape}, not the space's {space.shape}"
+    if isinstance(space, (S.Discrete, S.MultiDiscrete)):
+        high = space.start + (space.n if isinstance(space, S.Discrete) else space.nvec)
+        if value.dtype.kind not in "ui" or (value < space.start).any() or (value >= high).any():
+            return f"an observation {obs!r} outside {space}"
+    if isinstance(space, S.MultiBinary) and not np.isin(value, (0, 1)).all():
+        return f"an observation {obs!r} that is not 0/1 everywhere"
+    return None
+
+
+class CheckedFlatten(gym.wrappers.FlattenObservation):
+    """Gymnasium's flattening, after ``off_space``: it fails deep inside on a Dict without a key or a Discrete
+    above its range, and reads one below its start as another value."""
+
+    def observation(self, observation):
+        if why := off_space(observation, self.env.observation_space):
+            from .vector import OffSpace
+
+            raise OffSpace(why)
+        return super().observation(observation)
+
+
 def input_wrappers(action_mask=None) -> list:
     """Flattening of non-Box observations (Dict, Tuple, Discrete, ...), then the action mask appended."""
-    from gymnasium.wrappers import FlattenObservation
 
     def flatten(e: gym.Env) -> gym.Env:
-        return e if isinstance(e.observation_space, gym.spaces.Box) else FlattenObservation(e)
+        return e if isinstance(e.observation_space, gym.spaces.Box) else CheckedFlatten(e)
 
     def mask(e: gym.Env) -> gym.Env:
         check_maskable(e.action_space)
         if len(e.observation_space.shape) > 1:
-            e = FlattenObservation(e)
+            e = CheckedFlatten(e)
         return ActionMaskObservation(e, action_mask, int(e.action_space.n))
 
     return [flatten] if action_mask is None else [flatten, mask]

@@ -71,7 +71,8 @@ class Logger:
         if progress_bar:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_steps, unit="step", unit_scale=True, dynamic_ncols=True)
+            self._bar = tqdm(total=total_steps, initial=resume_step or 0,  # a resumed run's bar starts where it is
+                             unit="step", unit_scale=True, dynamic_ncols=True)
 
     def record(self, row: dict[str, Any]) -> None:
         numeric = {k: x for k, v in row.items() if (x := _number(v)) is not None}

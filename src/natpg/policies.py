@@ -285,7 +285,8 @@ class NatureCNN(nn.Module):
     """The DQN torso (Mnih et al. 2015): conv 32×8×8/4, 64×4×4/2, 64×3×3/1, then a 512-unit ReLU layer.
 
     Takes flattened images [B, C·H·W] (natpg keeps every observation flat), reshapes them to ``shape``
-    ([C, H, W], or [H, W, C] with ``channels_last``) and scales pixels by 1/255.
+    ([C, H, W], or [H, W, C] with ``channels_last``) and scales pixels by 1/255. Entries after the image (an
+    action mask a critic is given) are not read.
     """
 
     def __init__(self, shape: Sequence[int], channels_last: bool = False, features: int = 512,
@@ -310,7 +311,7 @@ class NatureCNN(nn.Module):
         return (self.shape[2], self.shape[0], self.shape[1]) if self.channels_last else self.shape
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        x = obs.reshape(obs.shape[0], *self.shape)
+        x = obs[:, : math.prod(self.shape)].reshape(obs.shape[0], *self.shape)
         if self.channels_last:
             x = x.permute(0, 3, 1, 2)
         return self.fc(self.convs(x / 255.0))

@@ -16,6 +16,7 @@ vector envs, so with the same seed all of them produce the same trajectories.
 from __future__ import annotations
 
 import multiprocessing as mp
+import pickle
 import signal
 import traceback
 from typing import Any
@@ -44,20 +45,34 @@ def process_context():
     return mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
 
 
-def observation_checked(obs: Any, shape: tuple[int, ...]) -> Any:
-    """``obs`` if it has the observation space's ``shape``: numpy would broadcast a wrong one into a buffer (a
-    scalar, or shape (1,), filling every entry) and train on it."""
-    if np.shape(obs) != shape:
-        raise ValueError(f"an observation of shape {np.shape(obs)}, not the space's {shape}")
+class OffSpace(ValueError):
+    """An observation that is not in the environment's observation space, found before natpg reads it."""
+
+
+def observation_checked(obs: Any, space) -> Any:
+    """``obs`` if it has the Box ``space``'s shape and, for an integer dtype (images), values that dtype holds:
+    numpy would broadcast a wrong shape into a buffer (a scalar, or shape (1,), filling every entry) and wrap an
+    image's 300 to 44."""
+    if np.shape(obs) != space.shape:
+        raise OffSpace(f"an observation of shape {np.shape(obs)}, not the space's {space.shape}")
+    dtype = space.dtype
+    if dtype.kind in "ui" and getattr(obs, "dtype", None) != dtype:  # checked only where a cast could change it
+        values = np.asarray(obs)
+        if values.size and values.dtype.kind in "uif":
+            lowest, highest = values.min(), values.max()
+            fits = np.iinfo(dtype).min <= lowest and highest <= np.iinfo(dtype).max
+            if not fits or (values.dtype.kind == "f" and not np.array_equal(values, np.floor(values))):
+                raise OffSpace(f"an observation of {values.dtype} values from {lowest} to {highest}, which the "
+                               f"space's {dtype} cannot hold")
     return obs
 
 
-def reset_checked(result: Any, shape: tuple[int, ...]) -> tuple[Any, dict]:
+def reset_checked(result: Any, space) -> tuple[Any, dict]:
     """(observation, info) from what reset() returned; an observation alone (the old Gym API) is an error, also
     where its length, 2, would unpack."""
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict)):
         raise TypeError("not an (observation, info dict) pair")
-    return observation_checked(result[0], shape), result[1]
+    return observation_checked(result[0], space), result[1]
 
 
 def reward_checked(reward: Any) -> Any:
@@ -84,28 +99,33 @@ class ApiChecked(gym.Wrapper):
 
     def __init__(self, env: gym.Env, copy: int):
         super().__init__(env)
-        self.copy, self.shape = copy, env.observation_space.shape
+        self.copy = copy
 
     def _error(self, call: str, result: Any, exc: Exception) -> ValueError:
         return ValueError(api_error(self.env, self.copy, call, result, exc, self.env.observation_space))
 
     def reset(self, **kwargs):
-        result = self.env.reset(**kwargs)
         try:
-            return reset_checked(result, self.shape)
+            result = self.env.reset(**kwargs)  # the environment's own errors pass as they are
+        except OffSpace as exc:  # natpg's own input wrappers' check (envs.CheckedFlatten)
+            raise self._error("reset", None, exc) from None
+        try:
+            return reset_checked(result, self.env.observation_space)
         except (ValueError, TypeError) as exc:
             raise self._error("reset", result, exc) from None
 
     def step(self, action):
         try:
             result = self.env.step(action)
+        except OffSpace as exc:
+            raise self._error("step", None, exc) from None
         except ValueError as exc:  # as in SerialVectorEnv.step
             if "values to unpack" not in str(exc):
                 raise
             raise self._error("step", None, exc) from None
         try:
             obs, reward, term, trunc, info = result
-            return observation_checked(obs, self.shape), reward_checked(reward), term, trunc, info
+            return observation_checked(obs, self.env.observation_space), reward_checked(reward), term, trunc, info
         except (ValueError, TypeError) as exc:
             raise self._error("step", result, exc) from None
 
@@ -137,12 +157,20 @@ class SerialVectorEnv:
         mask = np.asarray(options.pop("reset_mask", np.ones(self.num_envs, bool)), bool)
         infos = [{} for _ in self.envs]
         for i in np.flatnonzero(mask):
-            result = self.envs[i].reset(seed=None if seed is None else seed + int(i), options=options or None)
-            try:
-                self._obs[i], infos[i] = reset_checked(result, self._obs.shape[1:])
-            except (ValueError, TypeError) as exc:
-                raise ValueError(self._api_error(i, "reset", result, exc)) from None
+            self._obs[i], infos[i] = self._reset(i, seed=None if seed is None else seed + int(i),
+                                                 options=options or None)
         return self._obs.copy(), {"infos": infos}
+
+    def _reset(self, i: int, **kwargs) -> tuple[Any, dict]:
+        """Copy i's reset, its result checked; the environment's own errors pass as they are."""
+        try:
+            result = self.envs[i].reset(**kwargs)
+        except OffSpace as exc:  # natpg's own input wrappers' check (envs.CheckedFlatten)
+            raise ValueError(self._api_error(i, "reset", None, exc)) from None
+        try:
+            return reset_checked(result, self.single_observation_space)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(self._api_error(i, "reset", result, exc)) from None
 
     def _api_error(self, i: int, call: str, result: Any, exc: Exception) -> str:
         return api_error(self.envs[i], i, call, result, exc, self.single_observation_space)
@@ -152,9 +180,12 @@ class SerialVectorEnv:
         rew = np.zeros(n, np.float64)
         term, trunc = np.zeros(n, bool), np.zeros(n, bool)
         final, final_info = np.full(n, None, dtype=object), np.full(n, None, dtype=object)
+        space = self.single_observation_space
         for i, env in enumerate(self.envs):
             try:
-                result, call = env.step(actions[i]), "step"
+                result = env.step(actions[i])
+            except OffSpace as exc:  # natpg's own input wrappers' check (envs.CheckedFlatten)
+                raise ValueError(self._api_error(i, "step", None, exc)) from None
             except ValueError as exc:  # a wrapper (Gymnasium's time limit, say) unpacking what the env returned
                 if "values to unpack" not in str(exc):
                     raise
@@ -162,14 +193,13 @@ class SerialVectorEnv:
             try:
                 obs, reward, term[i], trunc[i], info = result
                 rew[i] = reward_checked(reward)
-                obs = observation_checked(obs, self._obs.shape[1:])
-                if term[i] or trunc[i]:
-                    final[i], final_info[i] = obs, info
-                    result, call = env.reset(), "reset"
-                    obs, _ = reset_checked(result, self._obs.shape[1:])
-                self._obs[i] = obs
+                obs = observation_checked(obs, space)
             except (ValueError, TypeError) as exc:
-                raise ValueError(self._api_error(i, call, result, exc)) from None
+                raise ValueError(self._api_error(i, "step", result, exc)) from None
+            if term[i] or trunc[i]:
+                final[i], final_info[i] = obs, info
+                obs, _ = self._reset(i)
+            self._obs[i] = obs
         return self._obs.copy(), rew, term, trunc, {"final_obs": final, "final_info": final_info}
 
     def close(self) -> None:
@@ -204,12 +234,21 @@ def _worker(conn, env_id: str, n_envs: int, action_mask, env_kwargs: dict[str, A
                 break
     except (KeyboardInterrupt, EOFError):
         pass
-    except Exception as exc:  # report to the parent instead of dying silently
-        conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    except Exception as exc:  # report to the parent instead of dying silently: the exception itself where it pickles
+        conn.send(("error", (_picklable(exc), f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")))
     finally:
         if envs is not None:
             envs.close()
         conn.close()
+
+
+def _picklable(exc: Exception) -> Exception | None:
+    """``exc`` if it crosses a pipe intact (an exception class whose constructor wants more than its message does
+    not), else None."""
+    try:
+        return exc if type(pickle.loads(pickle.dumps(exc))) is type(exc) else None
+    except Exception:
+        return None
 
 
 class MultiprocVectorEnv:
@@ -242,12 +281,16 @@ class MultiprocVectorEnv:
             status, payload = conn.recv()
         except EOFError:
             raise RuntimeError("an environment worker process died") from None
-        if status == "error":
+        if status == "error":  # the worker's exception, as sync and async raise it, or its text
             from .envs import unknown_in_worker
 
-            if unknown := unknown_in_worker(self.env_id, payload):
+            exc, text = payload
+            if unknown := unknown_in_worker(self.env_id, text):
                 raise ValueError(f"environment worker failed: {unknown}")
-            raise RuntimeError(f"environment worker failed: {payload}")
+            if exc is None:
+                raise RuntimeError(f"environment worker failed: {text}")
+            exc.add_note(f"raised in an environment worker process:\n{text}")
+            raise exc
         return payload
 
     def reset(self, seed: int | None = None, options: dict | None = None):

@@ -71,12 +71,24 @@ def checked_step_length(step_length: str) -> str:
 
 
 def step_length_products(policy: nn.Module, obs: torch.Tensor, solver_obs: torch.Tensor, step_length: str,
-                         damping: float):
-    """The whole batch's Fisher-vector product for the step rule's dᵀFd, or None when the solver's own
-    matrix serves (no subsample, or ``step_length="subsample"``). Built now, at the parameters of the fit."""
+                         owner):
+    """The whole batch's Fisher-vector product for the step rule's dᵀFd, damped as ``owner`` is (``damped``), or
+    None when the solver's own matrix serves (no subsample, or ``step_length="subsample"``). Built now, at the
+    parameters of the fit."""
     if solver_obs is obs or step_length == "subsample":
         return None
-    return fisher_vector_product(policy, obs, damping)
+    return damped(fisher_vector_product(policy, obs), owner)
+
+
+def damped(fvp, owner):
+    """``v ↦ fvp(v) + owner.damping·v``, reading the damping at each product: a damping changed between fit and
+    solve (a Levenberg–Marquardt adaptation, say) acts at once, as K-FAC's and the diagonal's do."""
+
+    def mv(v: torch.Tensor) -> torch.Tensor:
+        Fv = fvp(v)
+        return Fv + owner.damping * v if owner.damping else Fv
+
+    return mv
 
 
 class CG:
@@ -103,8 +115,8 @@ class CG:
 
     def fit(self, policy: nn.Module, obs: torch.Tensor, act: torch.Tensor | None = None) -> None:
         solver_obs, = fixed_subsample(self.subsample, self.generator, obs)
-        self._fvp = fisher_vector_product(policy, solver_obs, self.damping)
-        self._step_fvp = step_length_products(policy, obs, solver_obs, self.step_length, self.damping) or self._fvp
+        self._fvp = damped(fisher_vector_product(policy, solver_obs), self)
+        self._step_fvp = step_length_products(policy, obs, solver_obs, self.step_length, self) or self._fvp
         if self.preconditioner is not None:
             self.preconditioner.damping = self.damping
             self.preconditioner.fit(policy, solver_obs, act)
@@ -114,6 +126,8 @@ class CG:
 
     def solve(self, g: torch.Tensor) -> torch.Tensor:
         x0 = self._last if self.warm_start else None
+        if self.preconditioner is not None:
+            self.preconditioner.damping = self.damping
         pre = None if self.preconditioner is None else self.preconditioner.solve
         x, info = conjugate_gradient(self._fvp, g, x0=x0, max_iters=self.iters, tol=self.tol, precondition=pre)
         self._last = x.detach()
@@ -150,7 +164,8 @@ class Dense:
                  step_length: str = "batch"):
         self.damping, self.subsample, self.generator = damping, subsample, generator
         self.step_length = checked_step_length(step_length)
-        self.matrix: torch.Tensor | None = None
+        self.matrix: torch.Tensor | None = None  # F + λI
+        self._damping_in_matrix = damping
         self._step_fvp = None
         self.stats: dict[str, float] = {}
 
@@ -158,13 +173,21 @@ class Dense:
         solver_obs, = fixed_subsample(self.subsample, self.generator, obs)
         F = dense_fisher(policy, solver_obs)
         self.matrix = F + self.damping * torch.eye(F.shape[0], dtype=F.dtype, device=F.device)
-        self._step_fvp = step_length_products(policy, obs, solver_obs, self.step_length, self.damping)
+        self._damping_in_matrix = self.damping
+        self._step_fvp = step_length_products(policy, obs, solver_obs, self.step_length, self)
+
+    def _damped_matrix(self) -> torch.Tensor:
+        """F + λI for the damping as it is now (one changed since fit is moved onto the diagonal in place)."""
+        if self.damping != self._damping_in_matrix:
+            self.matrix.diagonal().add_(self.damping - self._damping_in_matrix)
+            self._damping_in_matrix = self.damping
+        return self.matrix
 
     def mv(self, v: torch.Tensor) -> torch.Tensor:
-        return self.matrix @ v if self._step_fvp is None else self._step_fvp(v)
+        return self._damped_matrix() @ v if self._step_fvp is None else self._step_fvp(v)
 
     def solve(self, g: torch.Tensor) -> torch.Tensor:
-        return psd_solve(self.matrix, g, cholesky=self.damping > 0)
+        return psd_solve(self._damped_matrix(), g, cholesky=self.damping > 0)
 
 
 class Identity:
