@@ -900,3 +900,42 @@ def test_batch_diagnostics_entropy_and_explained_variance_against_closed_forms(k
     assert math.isnan(batch_diagnostics(policy, batch, 0.0)["critic/explained_variance"])
     batch.ret = 2.0 + 1e-16 * torch.arange(batch.obs.shape[0], dtype=torch.float64)  # equal up to rounding
     assert math.isnan(batch_diagnostics(policy, batch, 1e-3)["critic/explained_variance"])
+
+
+@pytest.mark.parametrize("hidden", [(64, 64), (8,), (16, 8, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kfac_critic_values_and_output_gradients_are_autograds_bit_for_bit(hidden, dtype):
+    """The K-FAC critic's hand-written forward/backward (a plain MLP) gives the hooks-and-autograd construction's
+    values, layer inputs and ∂ΣV/∂s bit for bit, so its fit is unchanged."""
+    import natpg.acktr as acktr
+
+    torch.manual_seed(0)
+    critic = ValueCritic(5, hidden).to(dtype)
+    obs = torch.randn(37, 5, dtype=dtype)
+    layers = acktr.linear_layers(critic.net)
+    fast = acktr._values_and_output_gradients(critic.net, layers, obs)
+    handle = critic.net[0].register_forward_hook(lambda *args: None)  # a hook: the autograd construction
+    try:
+        slow = acktr._values_and_output_gradients(critic.net, layers, obs)
+    finally:
+        handle.remove()
+    assert torch.equal(fast[0], slow[0])
+    for a, b in [*zip(fast[1], slow[1]), *zip(fast[2], slow[2])]:
+        assert a.shape == b.shape and torch.equal(a, b)
+
+
+def test_categorical_draw_is_multinomial_bit_for_bit():
+    """Same actions and the same generator state after as torch.multinomial(p, 1).squeeze(-1); a NaN still raises."""
+    from natpg.policies import categorical_draw
+
+    for seed, (B, K) in enumerate([(8, 2), (1, 3), (16, 6), (5, 1)]):
+        logits = torch.randn(B, K) * 3
+        logits[0, 0] = -1e9  # a masked action
+        p = torch.softmax(logits, -1)
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        for _ in range(50):
+            assert torch.equal(torch.multinomial(p, 1, generator=g1).squeeze(-1), categorical_draw(p, g2))
+        assert torch.equal(torch.multinomial(p[0], 1, generator=g1).squeeze(-1), categorical_draw(p[0], g2))
+        assert torch.equal(g1.get_state(), g2.get_state())
+    with pytest.raises(RuntimeError, match="nan"):
+        categorical_draw(torch.tensor([[float("nan"), 1.0]]))

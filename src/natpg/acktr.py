@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from .critics import ValueCritic, mean_squared_error, minibatch_indices
-from .fisher.kfac import damped_inverse, pi_correction
+from .fisher.kfac import damped_inverse, identity, pi_correction
+from .policies import BACKWARD_FROM_OUTPUT, linear_activation_pairs, mlp_outputs
 from .steps import KFACClip
 
 
@@ -41,6 +42,44 @@ def linear_layers(net: nn.Module) -> list[nn.Linear]:
     if sum(p.numel() for m in layers for p in m.parameters()) != sum(p.numel() for p in net.parameters()):
         raise ValueError("the K-FAC critic needs a network whose parameters all belong to nn.Linear layers")
     return layers
+
+
+def _values_and_output_gradients(net: nn.Module, layers: list[nn.Linear], obs: torch.Tensor):
+    """(V [B], each Linear layer's input [B, in], ∂(Σ_b V_b)/∂s at each layer's output s [B, out]).
+
+    A plain MLP (``policies.linear_activation_pairs``, no hooks) by its modules' forward kernels and the backward
+    kernels autograd runs for it, in its order (as ``policies.mlp_backward``): bit-identical to the autograd
+    construction below it, without registering hooks and building a graph on every minibatch (test)."""
+    pairs = linear_activation_pairs(net)
+    if pairs is not None and not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules()):
+        with torch.no_grad():
+            outs = mlp_outputs(pairs, obs)
+            V = outs[-1].squeeze(-1)
+            # ∂ΣV/∂V as autograd forms it (the scalar 1 expanded), through the squeeze: [B, 1]
+            g = torch.ones((), dtype=V.dtype, device=V.device).expand(V.shape).unsqueeze(-1)
+            grads = [g] * len(pairs)
+            for i in range(len(pairs) - 1, 0, -1):
+                g = g.mm(pairs[i][0].weight)  # ∂ΣV/∂a_{i-1}: the input gradient of addmm
+                activation = pairs[i - 1][1]
+                g = BACKWARD_FROM_OUTPUT[type(activation)](g, outs[i]) if activation is not None else g
+                grads[i - 1] = g
+        return V, outs[:-1], grads
+    inputs, outputs = {}, {}
+
+    def hook(i):
+        def fn(module, args, out):
+            inputs[i], outputs[i] = args[0].detach(), out
+        return fn
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(layers)]
+    try:
+        with torch.enable_grad():
+            V = net(obs).squeeze(-1)
+            dV_ds = torch.autograd.grad(V.sum(), [outputs[i] for i in range(len(layers))])
+    finally:
+        for h in handles:
+            h.remove()
+    return V.detach(), [inputs[i] for i in range(len(layers))], list(dV_ds)
 
 
 class GaussNewtonKFAC:
@@ -59,22 +98,8 @@ class GaussNewtonKFAC:
     def fit(self, net: nn.Module, obs: torch.Tensor, returns: torch.Tensor, sigma: float) -> torch.Tensor:
         """Factors A_l, G_l on this batch and g = −∇_θ ½ mean_b (V(s_b) − R_b)² / σ² (flat [P]), one forward."""
         layers = linear_layers(net)
-        inputs, outputs = {}, {}
-
-        def hook(i):
-            def fn(module, args, out):
-                inputs[i], outputs[i] = args[0].detach(), out
-            return fn
-
-        handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(layers)]
-        try:
-            with torch.enable_grad():
-                V = net(obs).squeeze(-1)
-                # Per-sample ∂V_b/∂s_b at every layer: the samples do not interact, so ∂(Σ_b V_b)/∂s = rows.
-                dV_ds = torch.autograd.grad(V.sum(), [outputs[i] for i in range(len(layers))])
-        finally:
-            for h in handles:
-                h.remove()
+        # Per-sample ∂V_b/∂s_b at every layer: the samples do not interact, so ∂(Σ_b V_b)/∂s = rows.
+        V, inputs, dV_ds = _values_and_output_gradients(net, layers, obs)
         B = obs.shape[0]
         self.sigma2 = sigma * sigma
         r = (V.detach() - returns) / self.sigma2  # ∂(½(V − R)²/σ²)/∂V
@@ -89,8 +114,8 @@ class GaussNewtonKFAC:
             pi = pi_correction(A, G)
             # The actor's K-FAC inverse: Cholesky, with jitter and then the diagonal where the damped factor
             # is numerically singular (damping 0); A_d, G_d are the matrices inverted, so mv and solve agree.
-            A_d, A_inv, failA = damped_inverse(A + pi * sq * torch.eye(A.shape[0], dtype=A.dtype, device=A.device))
-            G_d, G_inv, failG = damped_inverse(G + sq / pi * torch.eye(G.shape[0], dtype=G.dtype, device=G.device))
+            A_d, A_inv, failA = damped_inverse(A + pi * sq * identity(A.shape[0], A.dtype, A.device))
+            G_d, G_inv, failG = damped_inverse(G + sq / pi * identity(G.shape[0], G.dtype, G.device))
             self.fallbacks += failA + failG
             self.factors.append((A, G))
             self._damped.append((A_d, G_d, A_inv, G_inv))

@@ -83,13 +83,14 @@ class ClippedSurrogateUpdate:
                                              self.clip_range)
             if self.ent_coef:
                 L = L + self.ent_coef * dist.entropy().mean()
-            self.optimizer.zero_grad(set_to_none=True)
+            for p in params:  # optimizer.zero_grad(set_to_none=True), without its profiler scope per step
+                p.grad = None
             (-L).backward()
             if self.max_grad_norm:
                 grad_norms.append(float(nn.utils.clip_grad_norm_(params, self.max_grad_norm)))
             else:
                 grad_norms.append(float(flatten([p.grad for p in params]).norm()))
-            self.optimizer.step()
+            adam_step(self.optimizer)  # optimizer.step() by the same foreach kernels, without its per-call overhead
             steps += 1
             clip_fracs.append(float(clip_frac))
         surr_after, kl = surrogate_and_kl(policy, batch, self.ent_coef)

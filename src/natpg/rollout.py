@@ -158,6 +158,7 @@ class Sampler:
             # one check of everything first (next_obs differs from after only where an episode ended); the
             # per-copy masks only when something is not finite
             finite = np.isfinite(rew).all() and np.isfinite(after).all()
+            all_valid = True  # valid[t].all(), which only a non-finite step changes
             if not (finite and (not any_done or np.isfinite(next_obs).all())):
                 next_ok = np.isfinite(next_obs).all(1)
                 bad = ~np.isfinite(rew) | ~np.isfinite(after).all(1) | ~next_ok
@@ -171,14 +172,15 @@ class Sampler:
                 after[bad] = self.obs[bad]  # a finite placeholder; the transition is not used
                 term, trunc = term & ~bad, trunc | bad
                 done = term | trunc
+                any_done, all_valid = done.any(), bool(valid[t].all())
             self.ep_return += rew
             self.ep_length += 1
-            rew_buf[t] = self.rew_scale(rew, done, None if valid[t].all() else valid[t])
+            rew_buf[t] = self.rew_scale(rew, done, None if all_valid else valid[t])
             term_buf[t], trunc_buf[t] = term, trunc
-            finished = done & valid[t]
-            if finished.any():
-                self._record_episodes(finished, info)
-            if done.any():
+            if any_done:
+                finished = done if all_valid else done & valid[t]
+                if finished.any():
+                    self._record_episodes(finished, info)
                 self.ep_return[done] = 0.0
                 self.ep_length[done] = 0
             next_buf[t] = self.obs_norm.normalize(after)
