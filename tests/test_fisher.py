@@ -255,6 +255,31 @@ def test_dense_fisher_refuses_sizes_that_do_not_fit():
         dense_fisher(policy, torch.randn(2, 3), max_bytes=1000)
 
 
+@pytest.mark.parametrize("call", ["dense_fisher", "fisher_vector_product", "kl_hessian_vector_product",
+                                  "per_sample_scores", "KFAC", "Diagonal", "CG", "Empirical"])
+def test_curvature_functions_name_observations_they_cannot_read(call):
+    """A numpy array, one unbatched state, or float64 states for a float32 policy: a clear error before torch."""
+    from natpg.fisher import KFAC, Diagonal, Empirical, kl_hessian_vector_product, per_sample_scores
+
+    policy = GaussianMLP(3, 1, hidden=(4,))
+    act = torch.zeros(2, 1)
+    run = {"dense_fisher": lambda o: dense_fisher(policy, o),
+           "fisher_vector_product": lambda o: fisher_vector_product(policy, o),
+           "kl_hessian_vector_product": lambda o: kl_hessian_vector_product(policy, o),
+           "per_sample_scores": lambda o: per_sample_scores(policy, o, act), "KFAC": lambda o: KFAC().fit(policy, o),
+           "Diagonal": lambda o: Diagonal().fit(policy, o), "CG": lambda o: CG().fit(policy, o),
+           "Empirical": lambda o: Empirical().fit(policy, o, act)}[call]
+    with pytest.raises(TypeError, match=r"observations must be a torch.Tensor \[B, obs_dim\], got ndarray: "
+                                        r"torch.as_tensor\(obs, dtype=torch.float32\) first"):
+        run(np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match=r"must be a batch \[B, obs_dim\], got shape \(3,\) \(one state: obs.unsqueeze"):
+        run(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"observations are torch.float64 on cpu, the policy's parameters torch.float32 "
+                                         r"on cpu: .*policy.double\(\)"):
+        run(torch.zeros(2, 3, dtype=torch.float64))
+    run(torch.zeros(2, 3))  # as it should be
+
+
 PLAIN_MLPS = {
     "gaussian": lambda act: GaussianMLP(17, 6, (64, 64), act, log_std_init=-0.5),
     "gaussian_1d": lambda act: GaussianMLP(3, 1, (32,), act),  # Pendulum's shape: a one-column mean slice

@@ -7,7 +7,7 @@ from torch import nn
 from torch.func import jacrev, vmap
 
 from ..params import num_params
-from .fvp import functional_policy
+from .fvp import checked_states, functional_policy
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
 
@@ -37,6 +37,7 @@ def dense_fisher(policy: nn.Module, obs: torch.Tensor, chunk: int = 256,
     Actions are integrated out analytically through ``policy.head.fisher``. Refuses, with a
     ValueError, a matrix larger than ``max_bytes``.
     """
+    obs = checked_states(policy, obs)
     params = list(policy.actor_parameters())
     P = num_params(params)
     check_dense_size(P, params[0].dtype, max_bytes)

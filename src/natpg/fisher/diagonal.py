@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .fvp import checked_states
 from .kfac import Estimator, capture, checked_estimator, find_layers, make_cotangents, rest_block
 
 
@@ -37,6 +38,7 @@ class Diagonal:
         self.stats: dict[str, float] = {}
 
     def fit(self, policy: nn.Module, obs: torch.Tensor, act: torch.Tensor | None = None) -> None:
+        obs = checked_states(policy, obs)
         s = find_layers(policy)
         cap = capture(policy, obs, s.layers, make_cotangents(self.estimator, policy, act, self.generator))
         B = obs.shape[0]

@@ -10,12 +10,13 @@ from ..params import num_params
 from .cg import conjugate_gradient
 from .curvature import fixed_subsample
 from .dense import DEFAULT_MAX_BYTES
-from .fvp import functional_policy
+from .fvp import checked_states, functional_policy
 
 
 def per_sample_scores(policy: nn.Module, obs: torch.Tensor, act: torch.Tensor, chunk: int | None = 256
                       ) -> torch.Tensor:
     """s_b = ∇_θ log π(a_b|s_b) for every sample, in ``actor_parameters()`` order: obs [N, obs_dim], act [N, …] → [N, P]."""
+    obs = checked_states(policy, obs)
     f, theta = functional_policy(policy)
     head = policy.head
 
@@ -74,6 +75,7 @@ class Empirical:
     def fit(self, policy: nn.Module, obs: torch.Tensor, act: torch.Tensor | None = None) -> None:
         if act is None:
             raise ValueError("the empirical Fisher needs the taken actions: fit(policy, obs, act)")
+        obs = checked_states(policy, obs)
         obs, act = fixed_subsample(self.subsample, self.generator, obs, act)
         N, P = obs.shape[0], num_params(list(policy.actor_parameters()))
         check_score_size(N, P, N if N < P else 0, obs.dtype, self.max_bytes)

@@ -28,6 +28,22 @@ from ..policies import (BACKWARD_FROM_OUTPUT, DiscreteMLP, GaussianMLP, linear_a
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
 
+def checked_states(policy: nn.Module, obs) -> torch.Tensor:
+    """``obs`` if the curvature functions can read it as the policy's batch of states: a tensor [B, obs_dim] of the
+    actor parameters' dtype and device (a clear error here, not one from inside torch.func or a matmul)."""
+    param = next(iter(policy.actor_parameters()), None)
+    if not isinstance(obs, torch.Tensor):
+        raise TypeError(f"observations must be a torch.Tensor [B, obs_dim], got {type(obs).__name__}: "
+                        f"torch.as_tensor(obs, dtype={getattr(param, 'dtype', torch.float32)}) first")
+    if obs.dim() != 2:
+        raise ValueError(f"observations must be a batch [B, obs_dim], got shape {tuple(obs.shape)} (one state: "
+                         f"obs.unsqueeze(0); images flattened, as natpg keeps every observation)")
+    if param is not None and (obs.dtype, obs.device) != (param.dtype, param.device):
+        raise ValueError(f"observations are {obs.dtype} on {obs.device}, the policy's parameters {param.dtype} on "
+                         f"{param.device}: move one to the other (policy.double() for float64 maths checks)")
+    return obs
+
+
 def functional_policy(policy: nn.Module):
     """``(θ-tuple, obs) ↦ η = policy(obs)`` as a pure function of the actor parameters, and the current θ."""
     params = list(policy.actor_parameters())
@@ -53,6 +69,7 @@ def fisher_vector_product(policy: nn.Module, obs: torch.Tensor, damping: float =
     (which recomputes the primal every call) followed by vjp (measured, docs/curvature.md).
     A plain MLP policy takes ``_mlp_fisher_vector_product``: the same numbers, bit for bit, cheaper.
     """
+    obs = checked_states(policy, obs)
     plain = _plain_mlp(policy)
     if plain is not None:
         return _mlp_fisher_vector_product(policy, obs, damping, *plain)
@@ -146,6 +163,7 @@ def _mlp_fisher_vector_product(policy: nn.Module, obs: torch.Tensor, damping: fl
 
 def kl_hessian_vector_product(policy: nn.Module, obs: torch.Tensor) -> MatVec:
     """``v ↦ ∇²_θ mean_b KL(π_old ‖ π_θ) v`` at θ = θ_old, by double backward (test oracle)."""
+    obs = checked_states(policy, obs)
     params = list(policy.actor_parameters())
     with torch.no_grad():
         old = policy.head.dist(policy(obs))  # detached: KL(old‖new) has zero value and gradient here

@@ -41,6 +41,7 @@ from torch.func import functional_call, jacfwd, vmap
 from ..config import FISHER_ESTIMATORS
 from ..params import parameter_names
 from ..policies import CategoricalHead, GaussianMLP
+from .fvp import checked_states
 
 Estimator = Literal["sampled", "exact", "empirical"]
 ESTIMATORS = tuple(e for e in FISHER_ESTIMATORS if e is not None)
@@ -428,6 +429,7 @@ class KFAC:
 
     def fit(self, policy: nn.Module, obs: torch.Tensor, act: torch.Tensor | None = None) -> None:
         """Fold the batch's factors into the moving averages; refresh the inverses when due."""
+        obs = checked_states(policy, obs)
         structure = find_layers(policy)
         if self.structure is None and self._loaded is not None:
             self._adopt(structure, obs.device)
