@@ -330,6 +330,7 @@ SPACE_ENVS = {
     "natpgspace/TupleObs-v0": lambda: SpaceEnv(spaces.Tuple([spaces.Box(-1, 1, (2,)), spaces.MultiDiscrete([2, 3])]),
                                                spaces.Box(-1, 1, (2,))),
     "natpgspace/Image-v0": lambda: SpaceEnv(IMAGE, spaces.Discrete(3), length=8),
+    "natpgspace/EmptyObs-v0": lambda: SpaceEnv(spaces.Box(-1, 1, (0,)), spaces.Discrete(2)),  # a bandit: no state
     # the critic's CNN reads the image and not the mask appended after it
     "natpgspace/MaskedImage-v0": lambda: MaskedSpaceEnv(IMAGE, spaces.Discrete(3), length=8),
 }

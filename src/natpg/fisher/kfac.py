@@ -129,7 +129,7 @@ def _layer_input(m: nn.Module, x: torch.Tensor, homogeneous: bool) -> torch.Tens
         pad = 0 if m.padding == "valid" else m.padding
         x = Fn.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride).transpose(1, 2)
     else:
-        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        x = x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])  # not -1: a layer of 0 inputs
     if homogeneous:
         x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
     return x
