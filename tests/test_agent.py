@@ -162,6 +162,22 @@ def test_the_progress_bar_of_a_continued_run_starts_where_the_run_is(capsys):
     assert shown[0].startswith("50%") and "128/256" in shown[0] and "256/256" in shown[-1]
 
 
+def test_a_later_learn_call_that_restarts_episodes_none_of_which_end_is_named():
+    """Pendulum's 200-step episodes in calls of 64 steps per copy: with reset=True none ever ends."""
+    agent = natpg.NPG("Pendulum-v1", **small())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        agent.learn(128)  # a first call: nothing to say
+    with pytest.warns(UserWarning, match=r"no training episode ended in this learn call \(64 steps per environment "
+                                         r"copy\), which started from freshly reset environments .* reset=False"):
+        agent.learn(128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(4):
+            agent.learn(128, reset=False)
+    assert agent._sampler.episodes > 0
+
+
 def test_unknown_environment_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown environment id 'NoSuchEnv-v0'.* For an environment of your own, give "
                                          "the module that registers it: 'my_module:MyEnv-v0'"):

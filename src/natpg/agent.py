@@ -207,7 +207,7 @@ class Agent:
         agent just loaded from a checkpoint, where the saved run left them (bit-exact for classic-control and
         MuJoCo tasks with vectorization='sync'; otherwise, and after ``close``, from freshly reset environments,
         with a warning). The run's episode statistics (``episodes``, the window of ``ep_return_mean``) go on
-        either way.
+        either way. A later call with ``reset=True`` in which no episode ends (episodes longer than the call) warns.
 
         An exception while collecting a rollout or updating from it (the environment's own error, a non-finite
         observation, Ctrl-C) leaves the agent at its last completed update (policy, critic and normalisers); with
@@ -252,6 +252,7 @@ class Agent:
         """learn's loop, its arguments checked (and ``out_dir`` locked and claimed)."""
         batch = self.config.batch_size
         self.target_steps = end_steps  # recorded, so that natpg train --resume without --steps knows where to stop
+        restarted = reset and self.updates > 0  # a later call that resets the environments the last one left
         if reset or self._sampler is None:
             self._close_sampler()
             self._sampler = self._make_sampler(self.seed + self.updates)
@@ -268,6 +269,7 @@ class Agent:
             self.best_eval_return = None
             self._write_checkpoint(out_dir, self._sampler_state())
         run = self.config.run
+        episodes_before = self._sampler.episodes
         logger = Logger(out_dir, run.tensorboard, progress_bar, total_steps=end_steps,
                         resume=continuing, resume_step=self.env_steps, info_keys=self.config.env.info_keys)
         start = time.perf_counter()
@@ -352,6 +354,11 @@ class Agent:
             logger.close()
             self._schedule(step_rule, None)  # back to the configured δ and α
         self._warn_missing_info_keys()
+        if restarted and self._sampler.episodes == episodes_before:
+            warnings.warn(f"no training episode ended in this learn call ({n_updates * self.config.rollout.n_steps} "
+                          f"steps per environment copy), which started from freshly reset environments "
+                          f"(reset=True, the default): episodes longer than one call never end that way. Pass "
+                          f"reset=False to go on where the last call left the environments", UserWarning, stacklevel=3)
         if out_dir:
             self._save(out_dir)
         return self
