@@ -891,13 +891,75 @@ def test_env_state_round_trip_is_bit_exact(env_id):
 def test_unsnapshottable_env_resumes_with_a_warning(tmp_path):
     env = gym.make("natpgtest/Drift-v0")
     env.reset(seed=0)
-    with pytest.raises(EnvStateError, match="classic-control and MuJoCo tasks only"):
+    with pytest.raises(EnvStateError, match="classic-control and MuJoCo tasks, and of an environment with "
+                                            r"natpg_state\(\) and natpg_set_state\(state\) methods"):
         env_state(env)
     natpg.NPG("natpgtest/Drift-v0", **small()).learn(BATCH, out_dir=str(tmp_path))
     agent = natpg.load(str(tmp_path))
     with pytest.warns(RuntimeWarning, match="not bit-exact: cannot snapshot environment"):
         agent.learn(BATCH, out_dir=str(tmp_path), reset=False)
     assert agent.env_steps == 2 * BATCH and [int(r["env_steps"]) for r in progress_rows(tmp_path)] == [32, 64]
+
+
+class SnapshotDriftEnv(DriftEnv):
+    """DriftEnv saying how to save its state (the natpg_state protocol)."""
+
+    def natpg_state(self):
+        return {"x": self.x.tolist()}
+
+    def natpg_set_state(self, state):
+        self.x = np.asarray(state["x"], np.float64)
+
+
+class ScaleReward(gym.RewardWrapper):
+    natpg_stateless = True  # declared: nothing of its own to save
+
+    def reward(self, reward):
+        return 0.5 * reward
+
+
+class CountSteps(gym.Wrapper):
+    """A stateful wrapper with its own snapshot: the steps seen, added to the reward."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.count = 0
+
+    def step(self, action):
+        obs, rew, term, trunc, info = self.env.step(action)
+        self.count += 1
+        return obs, rew + 1e-3 * self.count, term, trunc, info
+
+    def natpg_state(self):
+        return self.count
+
+    def natpg_set_state(self, state):
+        self.count = state
+
+
+if "natpgtest/SnapshotDrift-v0" not in gym.registry:
+    gym.register("natpgtest/SnapshotDrift-v0", max_episode_steps=60,
+                 entry_point=lambda: CountSteps(ScaleReward(SnapshotDriftEnv())))
+
+
+def test_an_environment_and_wrappers_that_say_how_to_save_their_state_resume_bit_exactly(tmp_path):
+    """natpg_state()/natpg_set_state(state) on the environment and on a wrapper class, natpg_stateless on another:
+    a resume from a checkpoint equals the run without one, episodes.csv too; natpg_state must give JSON."""
+    kw, N, M = small(), 3 * BATCH, 2 * BATCH
+    one = natpg.NPG("natpgtest/SnapshotDrift-v0", seed=5, **kw).learn(N + M, out_dir=str(tmp_path / "one"))
+    natpg.NPG("natpgtest/SnapshotDrift-v0", seed=5, **kw).learn(N, out_dir=str(tmp_path / "two"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not bit-exact" warning: the environments were restored
+        two = natpg.load(str(tmp_path / "two")).learn(M, out_dir=str(tmp_path / "two"), reset=False)
+    _assert_same_run(one, two, tmp_path / "one", tmp_path / "two")
+    env = gym.make("natpgtest/SnapshotDrift-v0")
+    env.reset(seed=1)
+    env.step(1)
+    state = json.loads(json.dumps(env_state(env)))
+    assert state["own"] == {"x": env.unwrapped.x.tolist()} and state["wrappers"]["CountSteps"] == {"own": 1}
+    env.unwrapped.natpg_state = lambda: {"x": env.unwrapped.x}  # an array: not JSON
+    with pytest.raises(EnvStateError, match=r"SnapshotDriftEnv.natpg_state\(\) returned what JSON cannot hold"):
+        env_state(env)
 
 
 # ------------------------------------------------------------------------------------------------------

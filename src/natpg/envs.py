@@ -9,6 +9,7 @@ a run by resetting the environments (documented as not bit-exact).
 from __future__ import annotations
 
 import importlib
+import json
 from typing import Any
 
 import gymnasium as gym
@@ -442,8 +443,16 @@ def _wrapper_chain(env: gym.Env) -> list[gym.Env]:
     return chain
 
 
+def _has_own_state(obj: Any) -> bool:
+    """An environment or wrapper that says how to save and restore its state: ``natpg_state()`` returning
+    JSON-able data and ``natpg_set_state(data)`` putting it back."""
+    return callable(getattr(obj, "natpg_state", None)) and callable(getattr(obj, "natpg_set_state", None))
+
+
 def _family(env: gym.Env) -> str:
     u = env.unwrapped
+    if _has_own_state(u):
+        return "own"
     module = type(u).__module__
     if module.startswith("gymnasium.envs.classic_control"):
         return "classic"
@@ -454,7 +463,18 @@ def _family(env: gym.Env) -> str:
     if MujocoEnv and isinstance(u, MujocoEnv):
         return "mujoco"
     raise EnvStateError(f"cannot snapshot environment {type(u).__module__}.{type(u).__name__}: natpg saves the "
-                        f"simulator state of Gymnasium classic-control and MuJoCo tasks only")
+                        f"simulator state of Gymnasium classic-control and MuJoCo tasks, and of an environment "
+                        f"with natpg_state() and natpg_set_state(state) methods (docs/RELIABILITY.md)")
+
+
+def _own_state(obj: Any) -> Any:
+    """``obj.natpg_state()``, checked to survive the checkpoint's JSON."""
+    data = obj.natpg_state()
+    try:
+        json.dumps(data, allow_nan=True)
+    except (TypeError, ValueError) as exc:
+        raise EnvStateError(f"{type(obj).__name__}.natpg_state() returned what JSON cannot hold ({exc})") from None
+    return data
 
 
 def _array_to_json(a: Any) -> Any:
@@ -498,16 +518,22 @@ def env_state(env: gym.Env) -> dict[str, Any]:
     wrappers = {}
     for w in _wrapper_chain(env):
         name = type(w).__name__
-        if name in _STATEFUL_WRAPPERS:
+        if _has_own_state(type(w)):  # the wrapper's class: a wrapper forwards unknown attributes to its env
+            wrappers[name] = {"own": _own_state(w)}
+        elif name in _STATEFUL_WRAPPERS:
             wrappers[name] = {a: _array_to_json(getattr(w, a)) for a in _STATEFUL_WRAPPERS[name]}
-        elif name not in _STATELESS_WRAPPERS:
+        elif not (name in _STATELESS_WRAPPERS or getattr(type(w), "natpg_stateless", False)):
             raise EnvStateError(f"cannot snapshot wrapper {name} of {env.spec.id if env.spec else env}: "
-                                f"natpg knows the state of {sorted(_STATEFUL_WRAPPERS) + list(_STATELESS_WRAPPERS)}")
+                                f"natpg knows the state of {sorted(_STATEFUL_WRAPPERS) + list(_STATELESS_WRAPPERS)}, "
+                                f"of a wrapper class with natpg_state() and natpg_set_state(state) methods, and "
+                                f"that a class with natpg_stateless = True has none")
     u = env.unwrapped
     out: dict[str, Any] = {"family": family, "class": f"{type(u).__module__}.{type(u).__name__}",
                            "wrappers": wrappers, "np_random": u.np_random.bit_generator.state,
                            "np_random_seed": getattr(u, "_np_random_seed", None)}
-    if family == "classic":
+    if family == "own":
+        out["own"] = _own_state(u)
+    elif family == "classic":
         out["attrs"] = {a: _array_to_json(getattr(u, a)) for a in _CLASSIC_DYNAMIC if hasattr(u, a)}
     else:
         import mujoco
@@ -528,16 +554,21 @@ def set_env_state(env: gym.Env, state: dict[str, Any]) -> None:
     if state.get("family") != family or state.get("class") != cls:
         raise EnvStateError(f"snapshot of {state.get('class')!r} cannot be restored into {cls!r}")
     chain = {type(w).__name__: w for w in _wrapper_chain(env)}
-    if set(state["wrappers"]) != {n for n in chain if n in _STATEFUL_WRAPPERS}:
+    if set(state["wrappers"]) != {n for n, w in chain.items() if n in _STATEFUL_WRAPPERS or _has_own_state(type(w))}:
         raise EnvStateError(f"snapshot has wrappers {sorted(state['wrappers'])}, the environment "
                             f"{sorted(chain)}")
     for name, attrs in state["wrappers"].items():
+        if _has_own_state(type(chain[name])):
+            chain[name].natpg_set_state(attrs["own"])
+            continue
         for a, v in attrs.items():
             setattr(chain[name], a, _array_from_json(v))
     u.np_random.bit_generator.state = state["np_random"]
     if state.get("np_random_seed") is not None:
         u._np_random_seed = state["np_random_seed"]
-    if family == "classic":
+    if family == "own":
+        u.natpg_set_state(state["own"])
+    elif family == "classic":
         for a, v in state["attrs"].items():
             setattr(u, a, _array_from_json(v))
     else:
