@@ -192,6 +192,9 @@ def test_env_action_maps_each_space():
     np.testing.assert_array_equal(env_action(u, box), [[1.0, 0.0], [0.0, 0.0]])
     np.testing.assert_allclose(env_action(u, box, squash=True), [[np.tanh(5.0), 2 * (np.tanh(-5.0) + 1)], [0.0, 2.0]],
                                rtol=1e-6)
+    ints = spaces.Box(-3, 3, (4,), np.int64)  # to the nearest integer: -0.7 is -1, not 0
+    out = env_action(np.array([[-0.7, 0.4, 2.6, 9.0]]), ints)
+    assert out.dtype == np.int64 and out.tolist() == [[-1, 0, 3, 3]]
     md = spaces.MultiDiscrete([[2, 3], [4, 5]])
     assert env_action(np.array([[1, 2, 3, 4]]), md).shape == (1, 2, 2)
     mb = spaces.MultiBinary(3)

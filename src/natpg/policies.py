@@ -513,7 +513,7 @@ def make_policy(observation_space, action_space, hidden: Sequence[int], activati
 
 def env_action(act: np.ndarray, action_space, squash: bool = False) -> np.ndarray:
     """What the environment receives for the policy's action(s) ``act`` [..., *]: Box → clipped to the bounds
-    (or tanh-rescaled with ``squash``), MultiDiscrete and MultiBinary → reshaped to the space in its dtype,
+    (or tanh-rescaled with ``squash``; rounded for an integer dtype), MultiDiscrete and MultiBinary → reshaped to the space in its dtype,
     Discrete → as is. The policy's actions are flat; the reshape restores the space's shape."""
     if isinstance(action_space, gym.spaces.Discrete):
         return act
@@ -521,4 +521,6 @@ def env_action(act: np.ndarray, action_space, squash: bool = False) -> np.ndarra
     if isinstance(action_space, gym.spaces.Box):
         low, high = action_space.low, action_space.high
         act = low + (np.tanh(act) + 1.0) * 0.5 * (high - low) if squash else act.clip(low, high)
+        if action_space.dtype.kind in "ui":  # an integer Box: to the nearest value, not truncated towards 0
+            act = np.rint(act)
     return act.astype(action_space.dtype)
