@@ -187,6 +187,8 @@ def test_unknown_environment_is_a_clear_error():
         natpg.NPG("my_pkg/MyEnv-v0")
     with pytest.raises(ValueError, match=r"unknown environment id 'NoSuchEnv-v0': .*doesn't exist\.$"):
         natpg.NPG("gymnasium:NoSuchEnv-v0")  # the module is given: no advice to give one
+    with pytest.raises(ValueError, match=r"unknown environment id 'Taxi-v3': .*deprecated.*Taxi-v4.*\.$"):
+        natpg.NPG("Taxi-v3")  # a deprecated version: Gymnasium names the new one, nothing to add
 
 
 def test_step_budget_smaller_than_one_batch_is_rejected_and_one_written_1e3_is_a_count():
@@ -197,6 +199,8 @@ def test_step_budget_smaller_than_one_batch_is_rejected_and_one_written_1e3_is_a
         with pytest.raises(ValueError, match="total_steps must be an integer"):
             agent.learn(not_whole)
     assert agent.learn(1.28e2, schedule_end=2.56e2).env_steps == 128 and agent.target_steps == 128
+    counted = natpg.NPG("CartPole-v1", eval_every=1e4, **small()).config.run.eval_every
+    assert counted == 10_000 and type(counted) is int  # a count setting written 1e4 too
     from natpg.cli import build_parser
 
     args = build_parser().parse_args(["train", "npg", "CartPole-v1", "--steps", "1e6", "--eval-every", "5_000"])
@@ -545,6 +549,15 @@ def test_plot_seeds_averages_runs_that_differ_only_in_their_seed(tmp_path, capsy
     with pytest.warns(UserWarning, match=r"'.*k0', '.*k1' decay by kl_schedule towards where each was told to end "
                                          r"\(--steps, schedule_end\), which config.json does not record"):
         plot_runs(decaying, str(tmp_path / "k.png"), seeds=True)
+    trained = [str(tmp_path / f"t{seed}") for seed in (0, 1)]  # checkpoints that say the same end: no warning
+    for seed, out in enumerate(trained):
+        natpg.NPG("CartPole-v1", seed=seed, kl_schedule="linear", **small()).learn(128, out_dir=out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(plot_runs(trained, str(tmp_path / "t.png"), seeds=True)) == ["npg CartPole-v1 (2 seeds)"]
+    natpg.load(trained[1]).learn(64, out_dir=trained[1], schedule_end=256)  # one told to end elsewhere
+    with pytest.warns(UserWarning, match="decay by kl_schedule towards where each was told to end"):
+        plot_runs(trained, str(tmp_path / "t.png"), seeds=True)
 
 
 
@@ -671,7 +684,7 @@ def test_save_refuses_a_directory_or_file_holding_another_run_unless_overwrite(t
     a.save(str(run))  # or a later one
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     other = natpg.PPO("Pendulum-v1", **small())
-    for path, kind in [(run, "out_dir"), (run / "model.pt", "file")]:
+    for path, kind in [(run, "directory"), (run / "model.pt", "file")]:
         with pytest.raises(ValueError, match=rf"{kind} '{path}' already holds a natpg run \(npg on CartPole-v1, seed 0, "
                                              rf"192 env steps\); choose another .*save\(\.\.\., overwrite=True\)"):
             other.save(str(path))
@@ -685,6 +698,12 @@ def test_save_refuses_a_directory_or_file_holding_another_run_unless_overwrite(t
     assert other.save(str(foreign), overwrite=True) == str(foreign) and natpg.load(str(foreign)).algorithm == "ppo"
     other.save(str(run), overwrite=True)
     assert natpg.load(str(run)).algorithm == "ppo" and not (run / "progress.csv").exists()
+    own = tmp_path / "own"  # overwrite=True replaces another run, never the agent's own: its log stays
+    b = natpg.NPG("CartPole-v1", seed=0, **small())
+    b.learn(128, out_dir=str(own), overwrite=True)
+    b.learn(128, out_dir=str(own), overwrite=True)
+    b.save(str(own), overwrite=True)
+    assert _rows(own) == [64, 128, 192, 256] and (own / "episodes.csv").exists()
 
 
 def test_cli_train_refuses_a_run_directory_unless_resumed_or_overwritten(tmp_path, capsys):

@@ -32,7 +32,7 @@ import natpg
 from natpg import bench, checkpoint
 from natpg.advantages import gae, normalize_advantages
 from natpg.cli import main as cli
-from natpg.envs import EnvStateError, ObsNormalizer, RewardScaler, env_state, set_env_state
+from natpg.envs import EnvStateError, ObsNormalizer, RewardScaler, env_state, make_env, set_env_state
 from natpg.fisher import CG, KFAC, Dense, Diagonal, Empirical, conjugate_gradient
 from natpg.policies import CategoricalMLP, GaussianMLP
 from natpg.rollout import NonFiniteEnvError, Rollout, Sampler
@@ -937,6 +937,20 @@ class CountSteps(gym.Wrapper):
         self.count = state
 
 
+class SnapshotDictEnv(SnapshotDriftEnv):
+    observation_space = spaces.Dict({"x": spaces.Box(-np.inf, np.inf, (2,), np.float64)})
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = super().reset(seed=seed, options=options)
+        return {"x": obs}, info
+
+    def step(self, action):
+        obs, *rest = super().step(action)
+        return {"x": obs}, *rest
+
+
+if "natpgtest/SnapshotDict-v0" not in gym.registry:
+    gym.register("natpgtest/SnapshotDict-v0", entry_point=SnapshotDictEnv, max_episode_steps=60)
 if "natpgtest/SnapshotDrift-v0" not in gym.registry:
     gym.register("natpgtest/SnapshotDrift-v0", max_episode_steps=60,
                  entry_point=lambda: CountSteps(ScaleReward(SnapshotDriftEnv())))
@@ -957,6 +971,9 @@ def test_an_environment_and_wrappers_that_say_how_to_save_their_state_resume_bit
     env.step(1)
     state = json.loads(json.dumps(env_state(env)))
     assert state["own"] == {"x": env.unwrapped.x.tolist()} and state["wrappers"]["CountSteps"] == {"own": 1}
+    flattened = make_env("natpgtest/SnapshotDict-v0", None)  # natpg's own flattening wrapper has no state
+    flattened.reset(seed=0)
+    assert set(env_state(flattened)["wrappers"]) == {"TimeLimit", "OrderEnforcing"}
     env.unwrapped.natpg_state = lambda: {"x": env.unwrapped.x}  # an array: not JSON
     with pytest.raises(EnvStateError, match=r"SnapshotDriftEnv.natpg_state\(\) returned what JSON cannot hold"):
         env_state(env)
@@ -1419,7 +1436,8 @@ class _OffSpaceEnv(gym.Env):
     SPACES = {"uint8_300": gym.spaces.Box(0, 255, (6,), np.uint8), "uint8_float": gym.spaces.Box(0, 255, (6,), np.uint8),
               "discrete_below": gym.spaces.Discrete(5, start=-2), "discrete_above": gym.spaces.Discrete(5, start=-2),
               "dict_missing": gym.spaces.Dict({"a": gym.spaces.Box(-1, 1, (3,)), "b": gym.spaces.Discrete(3)}),
-              "reset_raises": gym.spaces.Box(-1, 1, (3,))}
+              "reset_raises": gym.spaces.Box(-1, 1, (3,)),
+              "dict_uint8_300": gym.spaces.Dict({"img": gym.spaces.Box(0, 255, (6,), np.uint8)})}
 
     def __init__(self, kind: str):
         self.kind, self.observation_space, self.action_space = kind, self.SPACES[kind], gym.spaces.Discrete(2)
@@ -1428,9 +1446,10 @@ class _OffSpaceEnv(gym.Env):
     def _obs(self, bad: bool):
         good = {"uint8_300": np.zeros(6, np.uint8), "uint8_float": np.zeros(6, np.uint8), "discrete_below": 0,
                 "discrete_above": 0, "dict_missing": {"a": np.zeros(3, np.float32), "b": 1},
-                "reset_raises": np.zeros(3, np.float32)}[self.kind]
+                "reset_raises": np.zeros(3, np.float32), "dict_uint8_300": {"img": np.zeros(6, np.uint8)}}[self.kind]
         return {"uint8_300": np.full(6, 300), "uint8_float": np.full(6, 7.5), "discrete_below": -3,
-                "discrete_above": 3, "dict_missing": {"b": 1}, "reset_raises": good}[self.kind] if bad else good
+                "discrete_above": 3, "dict_missing": {"b": 1}, "reset_raises": good,
+                "dict_uint8_300": {"img": np.full(6, 300)}}[self.kind] if bad else good
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
@@ -1455,7 +1474,8 @@ OFF_SPACE_ID = f"{__name__}:natpgtest/OffSpace-v0"  # importable by the multipro
     ("uint8_float", r"5-tuple: an observation of float64 values from 7.5 to 7.5, which the space's uint8 cannot hold"),
     ("discrete_below", r"an observation -3 outside Discrete\(5, start=-2\)"),  # Gymnasium would read it as 2
     ("discrete_above", r"an observation 3 outside Discrete\(5, start=-2\)"),  # and fail deep inside on this one
-    ("dict_missing", r"an observation with keys \['b'\], not the Dict space's \['a', 'b'\]")])
+    ("dict_missing", r"an observation with keys \['b'\], not the Dict space's \['a', 'b'\]"),
+    ("dict_uint8_300", r"\['img'\]: an observation of int64 values from 300 to 300, which the space's uint8")])
 def test_an_observation_off_its_space_is_named_not_wrapped_or_read_as_another(kind, detail, vectorization):
     """numpy would wrap 300 to 44 in a uint8 buffer; Gymnasium's flattening reads a Discrete value below its start
     as another value and fails inside on the others: natpg names the environment and what it returned instead."""

@@ -556,3 +556,40 @@ def test_k_fac_on_a_thousand_flat_inputs_is_named_as_slow_when_the_agent_is_buil
         warnings.simplefilter("error")
         natpg.NPG(WIDE, n_envs=2, n_steps=8, tensorboard=False)  # CG on the same inputs: no factor to invert
         natpg.ACKTR("natpgspace/Image-v0", n_envs=2, n_steps=8, tensorboard=False, critic_optimizer="adam")
+
+
+class OddButValidObs(gym.Env):
+    """Observations in forms Gymnasium accepts but natpg's checks could trip over: ``form`` names one."""
+
+    FORMS = {"tuple_as_array": (spaces.Tuple([spaces.Discrete(2), spaces.Discrete(3)]), lambda t: np.array([t % 2, t % 3])),
+             "discrete_bool": (spaces.Discrete(2), lambda t: bool(t % 2)),
+             "discrete_numpy": (spaces.Discrete(3, start=-1), lambda t: np.int64(t % 3 - 1)),
+             "multibinary_bool": (spaces.MultiBinary(3), lambda t: np.array([t % 2, 1, 0], bool)),
+             "int_box": (spaces.Box(-5, 5, (2,), np.int32), lambda t: np.array([t % 5, -1], np.int32)),
+             "nested": (spaces.Dict({"a": spaces.Tuple([spaces.Box(-1, 1, (2,)), spaces.Discrete(2)]),
+                                     "b": spaces.MultiDiscrete([2, 3])}),
+                        lambda t: {"a": [np.zeros(2, np.float32), t % 2], "b": np.array([1, t % 3])})}
+
+    def __init__(self, form: str):
+        self.observation_space, self._obs = self.FORMS[form]
+        self.action_space = spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._obs(0), {}
+
+    def step(self, action):
+        self.t += 1
+        return self._obs(self.t), float(action), False, self.t >= 5, {}
+
+
+if "natpgspace/OddButValid-v0" not in gym.registry:
+    gym.register("natpgspace/OddButValid-v0", entry_point=OddButValidObs, disable_env_checker=True)
+
+
+@pytest.mark.parametrize("form", sorted(OddButValidObs.FORMS))
+def test_observations_in_any_form_gymnasium_accepts_train(form):
+    agent = natpg.NPG("natpgspace/OddButValid-v0", env_kwargs={"form": form}, n_envs=2, n_steps=8, tensorboard=False)
+    agent.learn(32)
+    assert agent.env_steps == 32 and agent._sampler.episodes > 0

@@ -241,13 +241,18 @@ def test_info_keys_of_each_episodes_last_step_are_recorded_in_every_engine(engin
     assert np.isnan(rows[-1]["ep_absent_mean"])
 
 
-def test_an_info_key_no_finished_episode_had_is_named_in_a_warning():
+def test_an_info_key_no_finished_episode_had_is_named_in_a_warning(tmp_path):
     agent = natpg.NPG(SUCCESS_ID, info_keys=("is_success", "is_sucess", "stepz"), n_envs=2, n_steps=64,
                       tensorboard=False)
     with pytest.warns(UserWarning, match=r"info_keys \['is_sucess', 'stepz'\]: none of the last \d+ finished "
                                          r"episodes' info had them \(their ep_KEY_mean columns stay NaN\)"):
         agent.learn(512)
     assert len(agent._sampler.recent_infos) >= 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned after the final checkpoint is written: an error costs nothing
+        with pytest.raises(UserWarning, match="info_keys"):
+            agent.learn(512, out_dir=str(tmp_path))
+    assert natpg.load(str(tmp_path)).env_steps == 1024
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         natpg.NPG(SUCCESS_ID, info_keys=("is_success",), n_envs=2, n_steps=64, tensorboard=False).learn(512)

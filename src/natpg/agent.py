@@ -353,14 +353,15 @@ class Agent:
         finally:
             logger.close()
             self._schedule(step_rule, None)  # back to the configured δ and α
+        if out_dir:
+            self._save(out_dir)
+        # Advice after the save: a warning turned into an error must not cost the checkpoint.
         self._warn_missing_info_keys()
         if restarted and self._sampler.episodes == episodes_before:
             warnings.warn(f"no training episode ended in this learn call ({n_updates * self.config.rollout.n_steps} "
                           f"steps per environment copy), which started from freshly reset environments "
                           f"(reset=True, the default): episodes longer than one call never end that way. Pass "
                           f"reset=False to go on where the last call left the environments", UserWarning, stacklevel=3)
-        if out_dir:
-            self._save(out_dir)
         return self
 
     def _warn_missing_info_keys(self, enough: int = 10) -> None:
@@ -563,8 +564,8 @@ class Agent:
         ``checkpoint.RUN_OUTPUTS``); an earlier state of this run is replaced, its log kept."""
         checkpoint.checkpoint_file(path)  # a clear error for an empty path or one that is not a path
         if checkpoint.is_file_path(path):  # one checkpoint file, not a run directory: nothing to lock
-            if not overwrite and os.path.lexists(path):
-                _refuse_another_run(self, path, "file", [os.path.basename(path)], "save")
+            if os.path.lexists(path):
+                holds_this_run(self, path, [os.path.basename(path)], overwrite, "save", file=True)
             return self._write_checkpoint(path, self._sampler_state())
         with checkpoint.run_dir_lock(check_out_dir(path)):
             claim_run_dir(self, path, overwrite, by="save")
@@ -888,15 +889,15 @@ def check_out_dir(out_dir: Any) -> str:
 
 def claim_run_dir(agent: Agent, out_dir: Any, overwrite: bool = False, by: str = "learn") -> bool:
     """Check ``out_dir`` before anything is written there. True: it holds an earlier state of ``agent``'s own
-    run (same algorithm, environment, seed and config, at most as many env steps), whose log is continued.
-    False: it is new, or holds none of natpg's outputs, or held another run and ``overwrite`` deleted those
-    outputs (``checkpoint.RUN_OUTPUTS``, nothing else). Another run without ``overwrite`` is a ValueError: never
-    lost data. ``by``: 'learn' or 'save', for the error's advice."""
+    run (same algorithm, environment, seed and config, at most as many env steps), whose log is continued, with
+    ``overwrite`` too. False: it is new, or holds none of natpg's outputs, or held another run and ``overwrite``
+    deleted those outputs (``checkpoint.RUN_OUTPUTS``, nothing else). Another run without ``overwrite`` is a
+    ValueError: never lost data. ``by``: 'learn' or 'save', for the error's words."""
     out_dir = check_out_dir(out_dir)
     held = [name for name in checkpoint.RUN_OUTPUTS if os.path.lexists(os.path.join(out_dir, name))]
     if not held:
         return False
-    if not overwrite and _refuse_another_run(agent, out_dir, "out_dir", held, by):
+    if holds_this_run(agent, out_dir, held, overwrite, by):
         return True
     for name in held:
         path = os.path.join(out_dir, name)
@@ -907,26 +908,27 @@ def claim_run_dir(agent: Agent, out_dir: Any, overwrite: bool = False, by: str =
     return False
 
 
-def _refuse_another_run(agent: Agent, path: str, kind: str, held: list[str], by: str) -> bool:
-    """True when ``path`` (a run directory or a checkpoint file, ``kind`` 'out_dir' or 'file', holding ``held``)
-    holds an earlier state of ``agent``'s run; False when it holds a run that failed before its first update (a
-    cluster not reached, say: nothing to lose); else a ValueError naming what it holds."""
+def holds_this_run(agent: Agent, path: str, held: list[str], overwrite: bool, by: str, file: bool = False) -> bool:
+    """True when ``path`` (a run directory holding ``held``, or with ``file`` a checkpoint file) holds an earlier
+    state of ``agent``'s run; False when what it holds may be replaced: with ``overwrite``, or a run that failed
+    before its first update (a cluster not reached, say: nothing to lose); else a ValueError naming it."""
     try:
         meta, _ = checkpoint.read(path)
     except (OSError, ValueError):
         meta = None
     if meta is not None and _continues(agent, meta):
         return True
-    if meta is not None and meta.get("env_steps") == 0 and (kind == "file" or _progress_rows(path) == 0):
+    if overwrite or (meta is not None and meta.get("env_steps") == 0 and (file or _progress_rows(path) == 0)):
         return False
     what = (f"a natpg run ({meta.get('algorithm')} on {meta.get('env_id')}, seed {meta.get('seed')}, "
             f"{meta.get('env_steps')} env steps{_other_settings(agent, meta)})" if meta is not None
-            else f"natpg outputs ({', '.join(held)})" if kind == "out_dir" else "a file that is not this run's")
-    advice = ("continue that run (natpg.load(dir).learn(..., out_dir=dir); natpg train ... --resume DIR), or replace "
-              "it with overwrite=True (natpg train --overwrite)" if by == "learn" else
-              "replace it with save(..., overwrite=True)")
-    other = "directory" if kind == "out_dir" else "path"
-    raise ValueError(f"{kind} {path!r} already holds {what}; choose another {other}, or {advice}")
+            else "a file that is not this run's" if file else f"natpg outputs ({', '.join(held)})")
+    if by == "learn":
+        raise ValueError(f"out_dir {path!r} already holds {what}; choose another directory, continue that run "
+                         f"(natpg.load(dir).learn(..., out_dir=dir); natpg train ... --resume DIR), or replace it "
+                         f"with overwrite=True (natpg train --overwrite)")
+    raise ValueError(f"{'file' if file else 'directory'} {path!r} already holds {what}; choose another path, or "
+                     f"replace it with save(..., overwrite=True)")
 
 
 def copy_run(src: str, dst: str) -> None:

@@ -500,7 +500,9 @@ class Config:
             raise ValueError(f"unknown setting(s) {unknown}{hint}; valid settings: {sorted(index)}")
         cfg = self.to_dict()
         for k, v in overrides.items():
-            cfg[index[k]][k] = v
+            current = cfg[index[k]][k]
+            counted = isinstance(current, int) and not isinstance(current, bool)
+            cfg[index[k]][k] = whole_number(v) if counted else v  # eval_every=1e5 as a count
         return Config.from_dict(cfg)
 
     def to_dict(self) -> dict[str, Any]:

@@ -35,6 +35,8 @@ class ActionMaskObservation(gym.ObservationWrapper):
     appended entries are not normalised (``ObsNormalizer`` leaves the last ``n`` entries as they are).
     """
 
+    natpg_stateless = True  # for a snapshot: the mask is read afresh at every reset and step
+
     def __init__(self, env: gym.Env, source, n_actions: int):
         super().__init__(env)
         if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
@@ -98,6 +100,19 @@ def atari_wrappers() -> list:
             lambda e: FrameStackObservation(e, 4)]
 
 
+def integer_overflow(value: np.ndarray, dtype: np.dtype) -> str | None:
+    """Why ``value``'s entries do not fit an integer ``dtype`` (an image's 300 in uint8, which numpy would wrap to
+    44; 7.5), or None. Checked only where the dtypes differ: equal ones fit by construction."""
+    if dtype.kind not in "ui" or value.dtype == dtype or not value.size or value.dtype.kind not in "uif":
+        return None
+    lowest, highest = value.min(), value.max()
+    if (lowest < np.iinfo(dtype).min or highest > np.iinfo(dtype).max
+            or (value.dtype.kind == "f" and not np.array_equal(value, np.floor(value)))):
+        return (f"an observation of {value.dtype} values from {lowest} to {highest}, which the space's {dtype} "
+                f"cannot hold")
+    return None
+
+
 def off_space(obs: Any, space: gym.Space) -> str | None:
     """Why ``obs`` cannot be flattened as a point of ``space`` (a missing key, a wrong shape, a discrete value out of
     range), or None. Box bounds are not checked: an environment's observations often leave them."""
@@ -108,17 +123,21 @@ def off_space(obs: Any, space: gym.Space) -> str | None:
         if set(obs) != set(space.spaces):
             return f"an observation with keys {sorted(obs)}, not the Dict space's {sorted(space.spaces)}"
         return next((f"[{k!r}]: {why}" for k, sub in space.spaces.items() if (why := off_space(obs[k], sub))), None)
-    if isinstance(space, S.Tuple):
-        if not isinstance(obs, (tuple, list)) or len(obs) != len(space.spaces):
-            return f"an observation {type(obs).__name__} that is not a tuple of {len(space.spaces)}"
+    if isinstance(space, S.Tuple):  # a tuple, a list or a numpy array of the parts, as Gymnasium takes
+        parts = len(obs) if isinstance(obs, (tuple, list)) or (isinstance(obs, np.ndarray) and obs.ndim) else None
+        if parts != len(space.spaces):
+            return (f"an observation {type(obs).__name__} of {'no' if parts is None else parts} parts, not the "
+                    f"Tuple space's {len(space.spaces)}")
         return next((f"[{i}]: {why}" for i, (o, sub) in enumerate(zip(obs, space.spaces))
                      if (why := off_space(o, sub))), None)
     value = np.asarray(obs)
     if value.shape != space.shape:
         return f"an observation of shape {value.shape}, not the space's {space.shape}"
+    if isinstance(space, S.Box):
+        return integer_overflow(value, space.dtype)
     if isinstance(space, (S.Discrete, S.MultiDiscrete)):
         high = space.start + (space.n if isinstance(space, S.Discrete) else space.nvec)
-        if value.dtype.kind not in "ui" or (value < space.start).any() or (value >= high).any():
+        if value.dtype.kind not in "uib" or (value < space.start).any() or (value >= high).any():
             return f"an observation {obs!r} outside {space}"
     if isinstance(space, S.MultiBinary) and not np.isin(value, (0, 1)).all():
         return f"an observation {obs!r} that is not 0/1 everywhere"
@@ -128,6 +147,8 @@ def off_space(obs: Any, space: gym.Space) -> str | None:
 class CheckedFlatten(gym.wrappers.FlattenObservation):
     """Gymnasium's flattening, after ``off_space``: it fails deep inside on a Dict without a key or a Discrete
     above its range, and reads one below its start as another value."""
+
+    natpg_stateless = True  # for a snapshot
 
     def observation(self, observation):
         if why := off_space(observation, self.env.observation_space):
@@ -233,7 +254,9 @@ def check_env_id(env_id: str) -> gym.envs.registration.EnvSpec:
         return gym.spec(env_id)
     except gym.error.Error as exc:  # NameNotFound, VersionNotFound, DeprecatedEnv, ...
         said = str(exc) if str(exc).endswith((".", "?")) else f"{exc}."
-        raise ValueError(f"unknown environment id {env_id!r}: {said}{'' if module else OWN_ENV_HINT}") from None
+        never_registered = isinstance(exc, (gym.error.NameNotFound, gym.error.NamespaceNotFound))
+        own = OWN_ENV_HINT if never_registered and not module else ""  # not for a deprecated version, say
+        raise ValueError(f"unknown environment id {env_id!r}: {said}{own}") from None
 
 
 def unknown_in_worker(env_id: str, error: str) -> str:

@@ -71,6 +71,17 @@ def run_settings(config: dict[str, Any] | None) -> dict[str, str] | None:
     return flat
 
 
+def _target_steps(run_dir: str) -> Any:
+    """Where the run's last learn call was to end (its checkpoint's target_steps), or the directory when that
+    cannot be read (so that it counts as different)."""
+    try:
+        from .checkpoint import read
+
+        return read(run_dir)[0].get("target_steps")
+    except Exception:  # no checkpoint, or not one natpg reads: unknown
+        return run_dir
+
+
 def _logged_rows(run_dir: str) -> int:
     try:
         with open(_progress_path(run_dir), "rb") as f:
@@ -129,10 +140,11 @@ def group_by_settings(run_dirs: list[str]) -> list[tuple[str, list[str]]]:
     for key, runs in groups.items():
         scheduled = [k.split(".", 1)[1] for k in ("step.kl_schedule", "step.lr_schedule")
                      if keyed.get(key, {}).get(k, '"constant"') != '"constant"']
-        if len(runs) > 1 and scheduled:
+        if len(runs) > 1 and scheduled and len({_target_steps(run) for run in runs}) > 1:
             warnings.warn(f"{', '.join(repr(r) for r in runs)} decay by {' and '.join(scheduled)} towards where each "
-                          f"was told to end (--steps, schedule_end), which config.json does not record: they are "
-                          f"seeds of one setting only if that end is the same", UserWarning, stacklevel=2)
+                          f"was told to end (--steps, schedule_end), which config.json does not record and their "
+                          f"checkpoints give differently (or not at all): seeds of one setting only if that end is "
+                          f"the same", UserWarning, stacklevel=2)
     varying = sorted({k for flat in keyed.values() for k in flat
                       if len({f.get(k) for f in keyed.values()}) > 1} - {"algorithm", "env_id"})
     labelled = []

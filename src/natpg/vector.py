@@ -24,6 +24,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from .envs import integer_overflow
 from .errors import first_line
 
 
@@ -55,15 +56,9 @@ def observation_checked(obs: Any, space) -> Any:
     image's 300 to 44."""
     if np.shape(obs) != space.shape:
         raise OffSpace(f"an observation of shape {np.shape(obs)}, not the space's {space.shape}")
-    dtype = space.dtype
-    if dtype.kind in "ui" and getattr(obs, "dtype", None) != dtype:  # checked only where a cast could change it
-        values = np.asarray(obs)
-        if values.size and values.dtype.kind in "uif":
-            lowest, highest = values.min(), values.max()
-            fits = np.iinfo(dtype).min <= lowest and highest <= np.iinfo(dtype).max
-            if not fits or (values.dtype.kind == "f" and not np.array_equal(values, np.floor(values))):
-                raise OffSpace(f"an observation of {values.dtype} values from {lowest} to {highest}, which the "
-                               f"space's {dtype} cannot hold")
+    if space.dtype.kind in "ui" and getattr(obs, "dtype", None) != space.dtype:  # where a cast could change it
+        if why := integer_overflow(np.asarray(obs), space.dtype):
+            raise OffSpace(why)
     return obs
 
 
