@@ -555,9 +555,10 @@ def test_plot_seeds_averages_runs_that_differ_only_in_their_seed(tmp_path, capsy
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert list(plot_runs(trained, str(tmp_path / "t.png"), seeds=True)) == ["npg CartPole-v1 (2 seeds)"]
-    natpg.load(trained[1]).learn(64, out_dir=trained[1], schedule_end=256)  # one told to end elsewhere
+    ended = str(tmp_path / "t2")  # the same steps, its schedule told to end elsewhere
+    natpg.NPG("CartPole-v1", seed=2, kl_schedule="linear", **small()).learn(128, out_dir=ended, schedule_end=256)
     with pytest.warns(UserWarning, match="decay by kl_schedule towards where each was told to end"):
-        plot_runs(trained, str(tmp_path / "t.png"), seeds=True)
+        plot_runs([*trained, ended], str(tmp_path / "t.png"), seeds=True)
 
 
 

@@ -977,6 +977,27 @@ def test_an_environment_and_wrappers_that_say_how_to_save_their_state_resume_bit
     env.unwrapped.natpg_state = lambda: {"x": env.unwrapped.x}  # an array: not JSON
     with pytest.raises(EnvStateError, match=r"SnapshotDriftEnv.natpg_state\(\) returned what JSON cannot hold"):
         env_state(env)
+    env.unwrapped.natpg_state = lambda: {"x": tuple(env.unwrapped.x)}  # JSON gives a list back
+    with pytest.raises(EnvStateError, match=r"natpg_state\(\) returned what JSON does not give back as it is"):
+        env_state(env)
+    twice = CountSteps(CountSteps(SnapshotDriftEnv()))
+    twice.reset(seed=0)
+    with pytest.raises(EnvStateError, match="two wrappers named CountSteps"):  # snapshots are kept by name
+        env_state(twice)
+
+
+def test_a_restore_that_fails_in_the_users_code_goes_on_from_fresh_environments(tmp_path, monkeypatch):
+    natpg.NPG("natpgtest/SnapshotDrift-v0", seed=5, **small()).learn(2 * BATCH, out_dir=str(tmp_path))
+
+    def broken(self, state):
+        raise TypeError("state vector must be a tuple")
+
+    monkeypatch.setattr(SnapshotDriftEnv, "natpg_set_state", broken)
+    agent = natpg.load(str(tmp_path))
+    with pytest.warns(RuntimeWarning, match=r"not bit-exact: SnapshotDriftEnv.natpg_set_state failed: TypeError: "
+                                            r"state vector must be a tuple"):
+        agent.learn(BATCH, out_dir=str(tmp_path), reset=False)
+    assert agent.env_steps == 3 * BATCH
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -185,6 +185,7 @@ class Agent:
         self.env_steps = 0
         self.updates = 0
         self.target_steps: int | None = None  # where the last learn call was to end
+        self.schedule_end: int | None = None  # where its kl_schedule / lr_schedule decayed towards
         self.consecutive_faults = 0  # updates in a row skipped for a numerical fault
         self.train_wall_s = 0.0  # wall-clock seconds spent in learn, summed over resumes
         self.best_eval_return: float | None = None  # the best periodic evaluation so far (run.eval_every)
@@ -276,7 +277,7 @@ class Agent:
         eval_s = 0.0  # seconds spent in periodic evaluations, left out of the training wall-clock
         wall_before = self.train_wall_s
         steps_at_start = self.env_steps
-        schedule_end = end_steps if schedule_end is None else int(schedule_end)
+        schedule_end = self.schedule_end = end_steps if schedule_end is None else int(schedule_end)
         step_rule = getattr(self.actor_update, "step_rule", None)
         try:
             for i in range(n_updates):
@@ -358,7 +359,8 @@ class Agent:
         # Advice after the save: a warning turned into an error must not cost the checkpoint.
         self._warn_missing_info_keys()
         if restarted and self._sampler.episodes == episodes_before:
-            warnings.warn(f"no training episode ended in this learn call ({n_updates * self.config.rollout.n_steps} "
+            ran = (self.env_steps - steps_at_start) // self.config.env.n_envs
+            warnings.warn(f"no training episode ended in this learn call ({ran} "
                           f"steps per environment copy), which started from freshly reset environments "
                           f"(reset=True, the default): episodes longer than one call never end that way. Pass "
                           f"reset=False to go on where the last call left the environments", UserWarning, stacklevel=3)
@@ -585,6 +587,7 @@ class Agent:
             "reward_scaler": self.reward_scaler.rms.state_dict(),
             "reward_scaler_ret": self.reward_scaler.ret.tolist(),
             "env_steps": self.env_steps, "updates": self.updates, "target_steps": self.target_steps,
+            "schedule_end": self.schedule_end,
             "consecutive_faults": self.consecutive_faults, "train_wall_s": self.train_wall_s,
             "best_eval_return": self.best_eval_return,
             **({"critic_kfac_fallbacks": self.critic.curvature.fallbacks} if hasattr(self.critic, "curvature") else {}),
@@ -628,7 +631,7 @@ class Agent:
         agent.obs_normalizer.rms.load_state_dict(meta["obs_normalizer"])
         agent.reward_scaler.rms.load_state_dict(meta["reward_scaler"])
         agent.env_steps, agent.updates = int(meta["env_steps"]), int(meta["updates"])
-        agent.target_steps = meta.get("target_steps")
+        agent.target_steps, agent.schedule_end = meta.get("target_steps"), meta.get("schedule_end")
         ret = np.asarray(meta.get("reward_scaler_ret", []), np.float64)
         if ret.shape == agent.reward_scaler.ret.shape:  # per copy: a run loaded with other n_envs starts them at 0
             agent.reward_scaler.ret = ret

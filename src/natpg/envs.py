@@ -102,15 +102,23 @@ def atari_wrappers() -> list:
 
 def integer_overflow(value: np.ndarray, dtype: np.dtype) -> str | None:
     """Why ``value``'s entries do not fit an integer ``dtype`` (an image's 300 in uint8, which numpy would wrap to
-    44; 7.5), or None. Checked only where the dtypes differ: equal ones fit by construction."""
+    44; 7.5; NaN), or None. Checked only where the dtypes differ: equal ones fit by construction."""
     if dtype.kind not in "ui" or value.dtype == dtype or not value.size or value.dtype.kind not in "uif":
         return None
-    lowest, highest = value.min(), value.max()
-    if (lowest < np.iinfo(dtype).min or highest > np.iinfo(dtype).max
-            or (value.dtype.kind == "f" and not np.array_equal(value, np.floor(value)))):
-        return (f"an observation of {value.dtype} values from {lowest} to {highest}, which the space's {dtype} "
-                f"cannot hold")
-    return None
+    info = np.iinfo(dtype)
+    if value.dtype.kind == "f":
+        v = value.astype(np.float64)
+        # float(info.max) + 1 is a power of two, exact in float64 (info.max itself may not be)
+        fits = not np.isnan(v).any() and v.min() >= float(info.min) and v.max() < float(info.max) + 1.0 \
+            and np.array_equal(v, np.floor(v))
+    else:
+        fits = int(value.min()) >= info.min and int(value.max()) <= info.max
+    if fits:
+        return None
+    if value.dtype.kind == "f" and np.isnan(value).any():
+        return f"an observation holding NaN, which the space's {dtype} cannot hold"
+    return f"an observation of {value.dtype} values from {value.min()} to {value.max()}, which the space's {dtype} " \
+           f"cannot hold"
 
 
 def off_space(obs: Any, space: gym.Space) -> str | None:
@@ -491,13 +499,40 @@ def _family(env: gym.Env) -> str:
 
 
 def _own_state(obj: Any) -> Any:
-    """``obj.natpg_state()``, checked to survive the checkpoint's JSON."""
+    """``obj.natpg_state()``, checked to come back from the checkpoint's JSON as it is (a tuple would come back a
+    list, an int key a string)."""
     data = obj.natpg_state()
     try:
-        json.dumps(data, allow_nan=True)
+        back = json.loads(json.dumps(data, allow_nan=True))
     except (TypeError, ValueError) as exc:
         raise EnvStateError(f"{type(obj).__name__}.natpg_state() returned what JSON cannot hold ({exc})") from None
+    if not _same_json(back, data):
+        raise EnvStateError(f"{type(obj).__name__}.natpg_state() returned what JSON does not give back as it is "
+                            f"(tuples come back as lists, non-string keys as strings): use lists and string keys")
     return data
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """``a == b`` with the types JSON keeps: a tuple or an int key in ``b`` differs from the list and string key
+    JSON gives back; NaN equals NaN."""
+    if type(a) is not type(b) and not (isinstance(a, (int, float)) and isinstance(b, (int, float))
+                                       and not isinstance(a, bool) and not isinstance(b, bool)):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b))
+    return a == b or (a != a and b != b)
+
+
+def _set_own_state(obj: Any, data: Any) -> None:
+    """``obj.natpg_set_state(data)``; its failure is a snapshot that cannot be restored (the run goes on from
+    freshly reset environments, with a warning), not the end of the run."""
+    try:
+        obj.natpg_set_state(data)
+    except Exception as exc:
+        raise EnvStateError(f"{type(obj).__name__}.natpg_set_state failed: {type(exc).__name__}: "
+                            f"{first_line(exc)}") from exc
 
 
 def _array_to_json(a: Any) -> Any:
@@ -541,6 +576,9 @@ def env_state(env: gym.Env) -> dict[str, Any]:
     wrappers = {}
     for w in _wrapper_chain(env):
         name = type(w).__name__
+        if name in wrappers:  # snapshots are kept by class name
+            raise EnvStateError(f"cannot snapshot {env.spec.id if env.spec else env}: it has two wrappers named "
+                                f"{name}")
         if _has_own_state(type(w)):  # the wrapper's class: a wrapper forwards unknown attributes to its env
             wrappers[name] = {"own": _own_state(w)}
         elif name in _STATEFUL_WRAPPERS:
@@ -582,7 +620,7 @@ def set_env_state(env: gym.Env, state: dict[str, Any]) -> None:
                             f"{sorted(chain)}")
     for name, attrs in state["wrappers"].items():
         if _has_own_state(type(chain[name])):
-            chain[name].natpg_set_state(attrs["own"])
+            _set_own_state(chain[name], attrs["own"])
             continue
         for a, v in attrs.items():
             setattr(chain[name], a, _array_from_json(v))
@@ -590,7 +628,7 @@ def set_env_state(env: gym.Env, state: dict[str, Any]) -> None:
     if state.get("np_random_seed") is not None:
         u._np_random_seed = state["np_random_seed"]
     if family == "own":
-        u.natpg_set_state(state["own"])
+        _set_own_state(u, state["own"])
     elif family == "classic":
         for a, v in state["attrs"].items():
             setattr(u, a, _array_from_json(v))

@@ -71,15 +71,17 @@ def run_settings(config: dict[str, Any] | None) -> dict[str, str] | None:
     return flat
 
 
-def _target_steps(run_dir: str) -> Any:
-    """Where the run's last learn call was to end (its checkpoint's target_steps), or the directory when that
-    cannot be read (so that it counts as different)."""
+def _schedule_end(run_dir: str) -> Any:
+    """Where the run's schedules decayed towards (its checkpoint's schedule_end; before natpg recorded it, where
+    its last learn call was to end), or the directory when that cannot be read, so that it counts as different."""
     try:
         from .checkpoint import read
 
-        return read(run_dir)[0].get("target_steps")
+        meta = read(run_dir)[0]
     except Exception:  # no checkpoint, or not one natpg reads: unknown
         return run_dir
+    end = meta.get("schedule_end", meta.get("target_steps"))
+    return run_dir if end is None else end
 
 
 def _logged_rows(run_dir: str) -> int:
@@ -140,7 +142,7 @@ def group_by_settings(run_dirs: list[str]) -> list[tuple[str, list[str]]]:
     for key, runs in groups.items():
         scheduled = [k.split(".", 1)[1] for k in ("step.kl_schedule", "step.lr_schedule")
                      if keyed.get(key, {}).get(k, '"constant"') != '"constant"']
-        if len(runs) > 1 and scheduled and len({_target_steps(run) for run in runs}) > 1:
+        if len(runs) > 1 and scheduled and len({_schedule_end(run) for run in runs}) > 1:
             warnings.warn(f"{', '.join(repr(r) for r in runs)} decay by {' and '.join(scheduled)} towards where each "
                           f"was told to end (--steps, schedule_end), which config.json does not record and their "
                           f"checkpoints give differently (or not at all): seeds of one setting only if that end is "

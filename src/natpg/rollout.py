@@ -68,6 +68,7 @@ class Sampler:
         self.n_envs = envs.num_envs
         self.action_space = envs.single_action_space
         self.steps = 0  # vector steps taken (each is n_envs transitions)
+        self._seed = seed  # of the first reset, again after a snapshot that could not be restored
         raw, _ = envs.reset(seed=seed)
         self.obs = self._flat(raw)
         bad = ~np.isfinite(self.obs).all(1)
@@ -247,6 +248,7 @@ class Sampler:
                 return True
             except EnvStateError as exc:
                 reason = str(exc)
+                self.obs = self._flat(self.envs.reset(seed=self._seed)[0])  # not half restored: a fresh reset
         warnings.warn(f"resuming with freshly reset environments, so the continuation is not bit-exact: {reason}",
                       RuntimeWarning, stacklevel=2)
         return False
