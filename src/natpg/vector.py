@@ -53,11 +53,15 @@ class OffSpace(ValueError):
 def observation_checked(obs: Any, space) -> Any:
     """``obs`` if it has the Box ``space``'s shape and, for an integer dtype (images), values that dtype holds:
     numpy would broadcast a wrong shape into a buffer (a scalar, or shape (1,), filling every entry) and wrap an
-    image's 300 to 44."""
-    if np.shape(obs) != space.shape:
-        raise OffSpace(f"an observation of shape {np.shape(obs)}, not the space's {space.shape}")
-    if space.dtype.kind in "ui" and getattr(obs, "dtype", None) != space.dtype:  # where a cast could change it
-        if why := integer_overflow(np.asarray(obs), space.dtype):
+    image's 300 to 44. Runs for every copy at every step: the usual case (an array of the space's shape and
+    dtype) takes the first two tests only."""
+    shape, dtype = space.shape, space.dtype
+    if type(obs) is np.ndarray and obs.shape == shape and (obs.dtype == dtype or dtype.kind not in "ui"):
+        return obs
+    if np.shape(obs) != shape:
+        raise OffSpace(f"an observation of shape {np.shape(obs)}, not the space's {shape}")
+    if dtype.kind in "ui" and getattr(obs, "dtype", None) != dtype:  # where a cast could change it
+        if why := integer_overflow(np.asarray(obs), dtype):
             raise OffSpace(why)
     return obs
 
@@ -70,8 +74,13 @@ def reset_checked(result: Any, space) -> tuple[Any, dict]:
     return observation_checked(result[0], space), result[1]
 
 
+NUMBER_TYPES = frozenset({float, int, bool, np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_})
+
+
 def reward_checked(reward: Any) -> Any:
     """``reward`` if it is one number: numpy would read "1.0" or None silently, or fail on an array."""
+    if type(reward) in NUMBER_TYPES:  # the usual case, at every step of every copy
+        return reward
     if reward is None or isinstance(reward, (str, bytes)) or np.ndim(reward):
         raise TypeError(f"the reward {reward!r} is not a number")
     return reward
