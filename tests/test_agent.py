@@ -178,6 +178,19 @@ def test_a_later_learn_call_that_restarts_episodes_none_of_which_end_is_named():
     assert agent._sampler.episodes > 0
 
 
+def test_a_network_assigned_by_hand_is_refused_at_save_instead_of_written_unloadable(tmp_path):
+    from natpg.policies import GaussianMLP
+
+    agent = natpg.NPG("Pendulum-v1", **small())
+    agent.policy = GaussianMLP(3, 1, hidden=(8,))  # not what hidden=(64, 64) builds: its checkpoint would not load
+    with pytest.raises(ValueError, match=r"agent.policy is not the network its config builds \(GaussianMLP with 7 "
+                                         r"tensors\), but a GaussianMLP with another layout: .*change those settings"):
+        agent.save(str(tmp_path / "m"))
+    with pytest.raises(ValueError, match="agent.policy is not the network its config builds"):
+        agent.learn(64, out_dir=str(tmp_path / "run"))  # refused at the first checkpoint, before any update
+    assert agent.env_steps == 0 and not (tmp_path / "m" / "model.pt").exists()
+
+
 def test_unknown_environment_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown environment id 'NoSuchEnv-v0'.* For an environment of your own, give "
                                          "the module that registers it: 'my_module:MyEnv-v0'"):

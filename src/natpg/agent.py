@@ -155,6 +155,7 @@ class Agent:
         self.policy = make_policy(observation_space, action_space, p.hidden, p.activation, p.log_std_init,
                                   p.action_squash, masked).to(self.device)
         self.critic = make_critic(config, features + mask_dim, image).to(self.device)
+        self._built = _layout(self.policy), _layout(self.critic)  # what a checkpoint's config rebuilds
         if image is None:
             _warn_wide_kfac_input(config, features + mask_dim)
         # Refuse a matrix that cannot fit now, not after a rollout.
@@ -579,6 +580,12 @@ class Agent:
             return self._write_checkpoint(out_dir, self._sampler_state())
 
     def _write_checkpoint(self, path: str, sampler_state: dict[str, Any] | None) -> str:
+        for name, built, now in zip(("policy", "critic"), self._built, (_layout(self.policy), _layout(self.critic))):
+            if now != built:  # a network assigned by hand: its checkpoint would not load
+                raise ValueError(f"agent.{name} is not the network its config builds ({built[0]} with "
+                                 f"{len(built[1])} tensors), but a {now[0]} with another layout: natpg saves only the "
+                                 f"networks it builds from the settings (hidden, critic_hidden, activation, ...), "
+                                 f"so that a checkpoint never holds code; change those settings instead")
         meta = {
             "algorithm": self.algorithm, "env_id": self.env_id, "seed": self.seed, "config": self.config.to_dict(),
             "observation_space": space_to_dict(self.observation_space),
@@ -701,6 +708,11 @@ def _warn_wide_kfac_input(config: Config, inputs: int) -> None:
                       f"O({inputs}³), each update (minutes at a few thousand inputs). For flat images prefer "
                       f"[C, H, W] uint8 frames (a CNN), critic_optimizer='adam' or fisher='cg'", UserWarning,
                       stacklevel=4)
+
+
+def _layout(net: torch.nn.Module) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """A network's class and the shape of each tensor of its state: what must match for a checkpoint to load."""
+    return type(net).__name__, {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
 def _warn_bounds_without_zero(space: gym.spaces.Box) -> None:
