@@ -1458,7 +1458,8 @@ class _OffSpaceEnv(gym.Env):
               "discrete_below": gym.spaces.Discrete(5, start=-2), "discrete_above": gym.spaces.Discrete(5, start=-2),
               "dict_missing": gym.spaces.Dict({"a": gym.spaces.Box(-1, 1, (3,)), "b": gym.spaces.Discrete(3)}),
               "reset_raises": gym.spaces.Box(-1, 1, (3,)),
-              "dict_uint8_300": gym.spaces.Dict({"img": gym.spaces.Box(0, 255, (6,), np.uint8)})}
+              "dict_uint8_300": gym.spaces.Dict({"img": gym.spaces.Box(0, 255, (6,), np.uint8)}),
+              "odd_copy": gym.spaces.Box(-1, 1, (3,))}
 
     def __init__(self, kind: str):
         self.kind, self.observation_space, self.action_space = kind, self.SPACES[kind], gym.spaces.Discrete(2)
@@ -1467,13 +1468,18 @@ class _OffSpaceEnv(gym.Env):
     def _obs(self, bad: bool):
         good = {"uint8_300": np.zeros(6, np.uint8), "uint8_float": np.zeros(6, np.uint8), "discrete_below": 0,
                 "discrete_above": 0, "dict_missing": {"a": np.zeros(3, np.float32), "b": 1},
-                "reset_raises": np.zeros(3, np.float32), "dict_uint8_300": {"img": np.zeros(6, np.uint8)}}[self.kind]
+                "reset_raises": np.zeros(3, np.float32), "dict_uint8_300": {"img": np.zeros(6, np.uint8)},
+                "odd_copy": np.zeros(3, np.float32)}[self.kind]
+        bad = bad and (self.kind != "odd_copy" or self.odd)  # only the copies seeded with an odd number
         return {"uint8_300": np.full(6, 300), "uint8_float": np.full(6, 7.5), "discrete_below": -3,
                 "discrete_above": 3, "dict_missing": {"b": 1}, "reset_raises": good,
-                "dict_uint8_300": {"img": np.full(6, 300)}}[self.kind] if bad else good
+                "dict_uint8_300": {"img": np.full(6, 300)}, "odd_copy": np.zeros(2, np.float32)}[self.kind] \
+            if bad else good
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
+        if seed is not None:
+            self.odd = seed % 2 == 1
         if self.kind == "reset_raises" and self.episodes:
             raise ValueError("license server unreachable")  # the environment's own error, at an autoreset
         self.episodes, self.t = self.episodes + 1, 0
@@ -1503,6 +1509,14 @@ def test_an_observation_off_its_space_is_named_not_wrapped_or_read_as_another(ki
     with pytest.raises(ValueError, match=rf"environment 'natpgtest/OffSpace-v0' \(copy \d\) returned from step\(\) "
                                          rf"what natpg cannot read \({detail}"):
         natpg.NPG(OFF_SPACE_ID, env_kwargs={"kind": kind}, vectorization=vectorization, **small()).learn(BATCH)
+
+
+@pytest.mark.parametrize("vectorization", ["sync", "async", "multiproc"])
+def test_the_copy_named_is_the_one_that_failed_among_all_copies(vectorization):
+    """Copy 1 (seeded seed + 1) fails: multiproc's second worker calls it its copy 0, the message copy 1."""
+    with pytest.raises(ValueError, match=r"environment 'natpgtest/OffSpace-v0' \(copy 1\) returned from step\(\)"):
+        natpg.NPG(OFF_SPACE_ID, env_kwargs={"kind": "odd_copy"}, vectorization=vectorization, seed=0, n_workers=2,
+                  **small()).learn(BATCH)
 
 
 @pytest.mark.parametrize("vectorization", ["sync", "async", "multiproc"])

@@ -144,7 +144,8 @@ class SerialVectorEnv:
     ``reset(options={'reset_mask': mask})`` resets only the masked copies. ``envs`` holds the copies.
     """
 
-    def __init__(self, env_fns):
+    def __init__(self, env_fns, first_copy: int = 0):
+        self.first_copy = first_copy  # the index of copy 0 among all copies (a worker's slice), for messages
         self.envs = [fn() for fn in env_fns]
         if not self.envs:
             raise ValueError("SerialVectorEnv needs at least one environment copy")
@@ -177,7 +178,7 @@ class SerialVectorEnv:
             raise ValueError(self._api_error(i, "reset", result, exc)) from None
 
     def _api_error(self, i: int, call: str, result: Any, exc: Exception) -> str:
-        return api_error(self.envs[i], i, call, result, exc, self.single_observation_space)
+        return api_error(self.envs[i], self.first_copy + i, call, result, exc, self.single_observation_space)
 
     def step(self, actions):
         n = self.num_envs
@@ -213,14 +214,16 @@ class SerialVectorEnv:
                 env.close()
 
 
-def _worker(conn, env_id: str, n_envs: int, action_mask, env_kwargs: dict[str, Any], info_keys: tuple) -> None:
+def _worker(conn, env_id: str, n_envs: int, action_mask, env_kwargs: dict[str, Any], info_keys: tuple,
+            first_copy: int = 0) -> None:
     # Ctrl-C goes to the whole process group: let the parent handle it (it saves a checkpoint, then closes us).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     envs = None
     try:
         from .envs import make_env
 
-        envs = SerialVectorEnv([lambda: make_env(env_id, action_mask, env_kwargs=env_kwargs) for _ in range(n_envs)])
+        envs = SerialVectorEnv([lambda: make_env(env_id, action_mask, env_kwargs=env_kwargs) for _ in range(n_envs)],
+                               first_copy)
         conn.send(("ok", (envs.single_observation_space, envs.single_action_space, envs.metadata)))
         while True:
             cmd, data = conn.recv()
@@ -267,10 +270,10 @@ class MultiprocVectorEnv:
         self.offsets = first_copies(sizes)
         ctx = process_context()
         self.conns, self.procs = [], []
-        for size in sizes:
+        for size, first in zip(sizes, self.offsets):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, daemon=True,
-                               args=(child, env_id, size, action_mask, env_kwargs or {}, tuple(info_keys)))
+                               args=(child, env_id, size, action_mask, env_kwargs or {}, tuple(info_keys), first))
             proc.start()
             child.close()
             self.conns.append(parent)
