@@ -97,6 +97,36 @@ def api_error(env, i: int, call: str, result: Any, exc: Exception, observation_s
             f"{observation_space} and a number for the reward")
 
 
+def checked_reset(env: gym.Env, copy: int, space, **kwargs) -> tuple[Any, dict]:
+    """``env.reset(**kwargs)`` of copy ``copy``, what it returned checked against Gymnasium's API and the Box
+    ``space`` (a ValueError naming the copy otherwise); the environment's own errors pass as they are."""
+    try:
+        result = env.reset(**kwargs)
+    except OffSpace as exc:  # natpg's own input wrappers' check (envs.CheckedFlatten)
+        raise ValueError(api_error(env, copy, "reset", None, exc, space)) from None
+    try:
+        return reset_checked(result, space)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(api_error(env, copy, "reset", result, exc, space)) from None
+
+
+def checked_step(env: gym.Env, copy: int, space, action) -> tuple[Any, float, bool, bool, dict]:
+    """``env.step(action)`` of copy ``copy``, checked as ``checked_reset``'s result is (a number for the reward)."""
+    try:
+        result = env.step(action)
+    except OffSpace as exc:
+        raise ValueError(api_error(env, copy, "step", None, exc, space)) from None
+    except ValueError as exc:  # a wrapper (Gymnasium's time limit, say) unpacking what the env returned
+        if "values to unpack" not in str(exc):
+            raise
+        raise ValueError(api_error(env, copy, "step", None, exc, space)) from None
+    try:
+        obs, reward, term, trunc, info = result
+        return observation_checked(obs, space), float(reward_checked(reward)), bool(term), bool(trunc), info
+    except (ValueError, TypeError) as exc:
+        raise ValueError(api_error(env, copy, "step", result, exc, space)) from None
+
+
 class ApiChecked(gym.Wrapper):
     """The checks of ``SerialVectorEnv`` on one copy, for Gymnasium's ``AsyncVectorEnv``: its workers would
     broadcast a wrong-shaped observation too, or fail deep inside on the others; the error reaches the learner."""
@@ -105,33 +135,11 @@ class ApiChecked(gym.Wrapper):
         super().__init__(env)
         self.copy = copy
 
-    def _error(self, call: str, result: Any, exc: Exception) -> ValueError:
-        return ValueError(api_error(self.env, self.copy, call, result, exc, self.env.observation_space))
-
     def reset(self, **kwargs):
-        try:
-            result = self.env.reset(**kwargs)  # the environment's own errors pass as they are
-        except OffSpace as exc:  # natpg's own input wrappers' check (envs.CheckedFlatten)
-            raise self._error("reset", None, exc) from None
-        try:
-            return reset_checked(result, self.env.observation_space)
-        except (ValueError, TypeError) as exc:
-            raise self._error("reset", result, exc) from None
+        return checked_reset(self.env, self.copy, self.env.observation_space, **kwargs)
 
     def step(self, action):
-        try:
-            result = self.env.step(action)
-        except OffSpace as exc:
-            raise self._error("step", None, exc) from None
-        except ValueError as exc:  # as in SerialVectorEnv.step
-            if "values to unpack" not in str(exc):
-                raise
-            raise self._error("step", None, exc) from None
-        try:
-            obs, reward, term, trunc, info = result
-            return observation_checked(obs, self.env.observation_space), reward_checked(reward), term, trunc, info
-        except (ValueError, TypeError) as exc:
-            raise self._error("step", result, exc) from None
+        return checked_step(self.env, self.copy, self.env.observation_space, action)
 
 
 class SerialVectorEnv:
@@ -161,24 +169,10 @@ class SerialVectorEnv:
         options = dict(options or {})
         mask = np.asarray(options.pop("reset_mask", np.ones(self.num_envs, bool)), bool)
         infos = [{} for _ in self.envs]
-        for i in np.flatnonzero(mask):
-            self._obs[i], infos[i] = self._reset(i, seed=None if seed is None else seed + int(i),
-                                                 options=options or None)
+        for i in np.flatnonzero(mask).tolist():
+            self._obs[i], infos[i] = checked_reset(self.envs[i], self.first_copy + i, self.single_observation_space,
+                                                   seed=None if seed is None else seed + i, options=options or None)
         return self._obs.copy(), {"infos": infos}
-
-    def _reset(self, i: int, **kwargs) -> tuple[Any, dict]:
-        """Copy i's reset, its result checked; the environment's own errors pass as they are."""
-        try:
-            result = self.envs[i].reset(**kwargs)
-        except OffSpace as exc:  # natpg's own input wrappers' check (envs.CheckedFlatten)
-            raise ValueError(self._api_error(i, "reset", None, exc)) from None
-        try:
-            return reset_checked(result, self.single_observation_space)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(self._api_error(i, "reset", result, exc)) from None
-
-    def _api_error(self, i: int, call: str, result: Any, exc: Exception) -> str:
-        return api_error(self.envs[i], self.first_copy + i, call, result, exc, self.single_observation_space)
 
     def step(self, actions):
         n = self.num_envs
@@ -187,23 +181,10 @@ class SerialVectorEnv:
         final, final_info = np.full(n, None, dtype=object), np.full(n, None, dtype=object)
         space = self.single_observation_space
         for i, env in enumerate(self.envs):
-            try:
-                result = env.step(actions[i])
-            except OffSpace as exc:  # natpg's own input wrappers' check (envs.CheckedFlatten)
-                raise ValueError(self._api_error(i, "step", None, exc)) from None
-            except ValueError as exc:  # a wrapper (Gymnasium's time limit, say) unpacking what the env returned
-                if "values to unpack" not in str(exc):
-                    raise
-                raise ValueError(self._api_error(i, "step", None, exc)) from None
-            try:
-                obs, reward, term[i], trunc[i], info = result
-                rew[i] = reward_checked(reward)
-                obs = observation_checked(obs, space)
-            except (ValueError, TypeError) as exc:
-                raise ValueError(self._api_error(i, "step", result, exc)) from None
+            obs, rew[i], term[i], trunc[i], info = checked_step(env, self.first_copy + i, space, actions[i])
             if term[i] or trunc[i]:
                 final[i], final_info[i] = obs, info
-                obs, _ = self._reset(i)
+                obs, _ = checked_reset(env, self.first_copy + i, space)
             self._obs[i] = obs
         return self._obs.copy(), rew, term, trunc, {"final_obs": final, "final_info": final_info}
 
