@@ -100,6 +100,10 @@ def atari_wrappers() -> list:
             lambda e: FrameStackObservation(e, 4)]
 
 
+class OffSpace(ValueError):
+    """An observation that is not in the environment's observation space, found before natpg reads it."""
+
+
 def integer_overflow(value: np.ndarray, dtype: np.dtype) -> str | None:
     """Why ``value``'s entries do not fit an integer ``dtype`` (an image's 300 in uint8, which numpy would wrap to
     44; 7.5; NaN), or None. Checked only where the dtypes differ: equal ones fit by construction."""
@@ -160,8 +164,6 @@ class CheckedFlatten(gym.wrappers.FlattenObservation):
 
     def observation(self, observation):
         if why := off_space(observation, self.env.observation_space):
-            from .vector import OffSpace
-
             raise OffSpace(why)
         return super().observation(observation)
 

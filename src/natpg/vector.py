@@ -24,7 +24,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from .envs import integer_overflow
+from .envs import OffSpace, off_space
 from .errors import first_line
 
 
@@ -46,23 +46,16 @@ def process_context():
     return mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
 
 
-class OffSpace(ValueError):
-    """An observation that is not in the environment's observation space, found before natpg reads it."""
-
-
 def observation_checked(obs: Any, space) -> Any:
-    """``obs`` if it has the Box ``space``'s shape and, for an integer dtype (images), values that dtype holds:
-    numpy would broadcast a wrong shape into a buffer (a scalar, or shape (1,), filling every entry) and wrap an
-    image's 300 to 44. Runs for every copy at every step: the usual case (an array of the space's shape and
-    dtype) takes the first two tests only."""
+    """``obs`` if it is a point of the Box ``space`` natpg reads as it is (``envs.off_space``): numpy would
+    broadcast a wrong shape into a buffer (a scalar, or shape (1,), filling every entry) and wrap an image's 300 to
+    44. Runs for every copy at every step: the usual case (an array of the space's shape and dtype) takes the
+    first two tests only."""
     shape, dtype = space.shape, space.dtype
     if type(obs) is np.ndarray and obs.shape == shape and (obs.dtype == dtype or dtype.kind not in "ui"):
         return obs
-    if np.shape(obs) != shape:
-        raise OffSpace(f"an observation of shape {np.shape(obs)}, not the space's {shape}")
-    if dtype.kind in "ui" and getattr(obs, "dtype", None) != dtype:  # where a cast could change it
-        if why := integer_overflow(np.asarray(obs), dtype):
-            raise OffSpace(why)
+    if why := off_space(obs, space):
+        raise OffSpace(why)
     return obs
 
 
