@@ -165,9 +165,8 @@ class Agent:
         elif config.curvature.fisher == "empirical" and config.step.step != "ppo_clip":
             N, P = config.batch_size, num_params(actor)
             nac = config.algorithm == "nac"  # its least squares forms the Gram matrix on the smaller side
-            check_score_size(N, P, min(N, P) if nac else (N if N < P else 0), actor[0].dtype,
-                             how_to_lower="lower the batch, n_envs × n_steps, or use another "
-                                          + ("algorithm" if nac else "fisher"))
+            check_score_size(N, P, actor[0].dtype, how_to_lower="lower the batch, n_envs × n_steps, or use another "
+                             + ("algorithm" if nac else "fisher"), gram=min(N, P) if nac else None)
         # Images are scaled by 1/255 inside the CNN instead of normalised by running statistics.
         self.obs_normalizer = ObsNormalizer((features + mask_dim,), config.env.obs_clip,
                                             config.env.normalize_obs and image is None, passthrough=mask_dim)

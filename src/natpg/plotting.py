@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import CONFIG_JSON, PROGRESS_CSV
+from .checkpoint import CONFIG_JSON, PROGRESS_CSV, read
 
 
 class NothingToPlot(ValueError):
@@ -75,8 +75,6 @@ def _schedule_end(run_dir: str) -> Any:
     """Where the run's schedules decayed towards (its checkpoint's schedule_end; before natpg recorded it, where
     its last learn call was to end), or the directory when that cannot be read, so that it counts as different."""
     try:
-        from .checkpoint import read
-
         meta = read(run_dir)[0]
     except Exception:  # no checkpoint, or not one natpg reads: unknown
         return run_dir

@@ -27,15 +27,17 @@ def per_sample_scores(policy: nn.Module, obs: torch.Tensor, act: torch.Tensor, c
     return torch.cat([p.reshape(obs.shape[0], -1) for p in parts], dim=1).detach()
 
 
-def check_score_size(N: int, P: int, gram: int, dtype: torch.dtype, max_bytes: int = DEFAULT_MAX_BYTES,
-                     how_to_lower: str = "lower subsample or use another fisher") -> None:
+def check_score_size(N: int, P: int, dtype: torch.dtype, max_bytes: int = DEFAULT_MAX_BYTES,
+                     how_to_lower: str = "lower subsample or use another fisher", gram: int | None = None) -> None:
     """Refuse, before any is formed, a score matrix S [N, P] in ``dtype`` and a float64 Gram matrix [gram, gram]
-    (0: none) that together need more than ``max_bytes``."""
+    that together need more than ``max_bytes``; ``gram`` defaults to the empirical Fisher's own (N×N for its
+    Woodbury solve when N < P, none for its conjugate gradient otherwise)."""
+    gram = (N if N < P else 0) if gram is None else gram
     nbytes = N * P * torch.empty((), dtype=dtype).element_size() + gram * gram * 8
     if nbytes > max_bytes:
         also = f" and its {gram}x{gram} Gram matrix" if gram else ""
-        raise ValueError(f"the empirical Fisher's {N}x{P} score matrix{also} need{'' if gram else 's'} {nbytes / 2**30:.2f} GiB, more "
-                         f"than max_bytes={max_bytes / 2**30:.2f} GiB; {how_to_lower}")
+        raise ValueError(f"the empirical Fisher's {N}x{P} score matrix{also} need{'' if gram else 's'} "
+                         f"{nbytes / 2**30:.2f} GiB, more than max_bytes={max_bytes / 2**30:.2f} GiB; {how_to_lower}")
 
 
 class Empirical:
@@ -78,7 +80,7 @@ class Empirical:
         obs = checked_states(policy, obs)
         obs, act = fixed_subsample(self.subsample, self.generator, obs, act)
         N, P = obs.shape[0], num_params(list(policy.actor_parameters()))
-        check_score_size(N, P, N if N < P else 0, obs.dtype, self.max_bytes)
+        check_score_size(N, P, obs.dtype, self.max_bytes)
         S = per_sample_scores(policy, obs, act, self.chunk)
         woodbury = N < P
         self.scores, self._gram, self._factor_cache = S, (S @ S.T).double() if woodbury else None, None
