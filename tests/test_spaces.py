@@ -593,3 +593,23 @@ def test_observations_in_any_form_gymnasium_accepts_train(form):
     agent = natpg.NPG("natpgspace/OddButValid-v0", env_kwargs={"form": form}, n_envs=2, n_steps=8, tensorboard=False)
     agent.learn(32)
     assert agent.env_steps == 32 and agent._sampler.episodes > 0
+
+
+@pytest.mark.parametrize("value, dtype, fits", [
+    (np.array([255.0, 0.0]), np.uint8, True), (np.array([256.0]), np.uint8, False), (np.array([-1]), np.uint8, False),
+    (np.array([7.5]), np.uint8, False), (np.array([3.0, np.nan]), np.uint8, False),
+    (np.array([2**31 - 1]), np.int32, True), (np.array([np.float32(2**31)]), np.int32, False),
+    (np.array([-2.0**31]), np.int32, True), (np.array([2.0**63]), np.int64, False), (np.array([2.0**64]), np.uint64, False),
+    (np.array([True, False]), np.uint8, True), (np.zeros(0), np.uint8, True), (np.array([300.0]), np.float32, True)])
+def test_integer_overflow_against_the_integers_the_dtype_holds(value, dtype, fits):
+    """Whether each value is a whole number within [iinfo.min, iinfo.max], decided exactly with Python integers."""
+    from natpg.envs import integer_overflow
+
+    def reference():
+        if np.dtype(dtype).kind not in "ui":
+            return True
+        info = np.iinfo(dtype)
+        return all(v == v and float(v).is_integer() and info.min <= int(v) <= info.max for v in value.tolist())
+
+    assert reference() == fits
+    assert (integer_overflow(value, np.dtype(dtype)) is None) == fits
