@@ -195,6 +195,13 @@ def test_env_action_maps_each_space():
     ints = spaces.Box(-3, 3, (4,), np.int64)  # to the nearest integer: -0.7 is -1, not 0
     out = env_action(np.array([[-0.7, 0.4, 2.6, 9.0]]), ints)
     assert out.dtype == np.int64 and out.tolist() == [[-1, 0, 3, 3]]
+    for dtype in (np.int64, np.uint64, np.int32, np.uint8):  # bounds the whole dtype: its ends, not wrapped
+        info = np.iinfo(dtype)
+        full = spaces.Box(info.min, info.max, (3,), dtype)
+        out = env_action(np.array([[-1e300, 1e300, 2.4]]), full)
+        lo, hi = int(out[0, 0]), int(out[0, 1])  # Python integers: exact
+        assert out.dtype == dtype and out[0, 2] == 2 and full.contains(out[0])
+        assert lo == info.min and 0 <= info.max - hi <= 2048, (dtype, lo, hi)  # a float ULP there
     md = spaces.MultiDiscrete([[2, 3], [4, 5]])
     assert env_action(np.array([[1, 2, 3, 4]]), md).shape == (1, 2, 2)
     mb = spaces.MultiBinary(3)
@@ -482,6 +489,46 @@ def test_callable_action_mask_and_load_asks_for_it_again(tmp_path):
     assert loaded.predict(7, action_mask=moves_only(None)) in range(4)
     mean, _ = natpg.evaluate(loaded, episodes=2, seed=1)
     assert np.isfinite(mean)
+
+
+class GameOverMaskEnv(SpaceEnv):
+    """An episode of three steps whose last info allows no action (a board game that is over)."""
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = super().reset(seed=seed, options=options)
+        return obs, {**info, "action_mask": np.array([1, 1, 0])}
+
+    def step(self, action):
+        assert action != 2, "a masked action was sent"
+        obs, rew, term, trunc, info = super().step(action)
+        done = self.t >= 3
+        return obs, rew, done, False, {**info, "action_mask": np.array([0, 0, 0] if done else [1, 1, 0])}
+
+
+GAME_OVER = "natpgspace/GameOverMask-v0"
+if GAME_OVER not in gym.registry:
+    gym.register(id=GAME_OVER, entry_point=lambda: GameOverMaskEnv(spaces.Box(-1, 1, (3,)), spaces.Discrete(3)))
+
+
+@pytest.mark.parametrize("vectorization", ["sync", "async"])
+def test_a_mask_allowing_nothing_names_the_copy_and_step_and_a_finished_game_may_allow_nothing(vectorization):
+    seen = []  # the unwrapped env of each copy, in the order the copies first call the mask
+
+    def fails_in_copy_1(env):
+        if env not in seen:
+            seen.append(env)
+        fail = seen.index(env) == 1 and env.t == 2
+        return np.zeros(3) if fail else np.array([1, 1, 0])
+
+    if vectorization == "sync":  # the callable's bookkeeping lives in this process
+        agent = natpg.NPG(GAME_OVER, action_mask=fails_in_copy_1, n_envs=2, n_steps=4, tensorboard=False)
+        with pytest.raises(ValueError, match=r"\(copy 1\), step\(\): action mask allows no action at step 2 of "
+                                             r"the episode \(1 = allowed\): \[0.0, 0.0, 0.0\]; end the episode"):
+            agent.learn(8)
+    agent = natpg.NPG(GAME_OVER, action_mask="action_mask", n_envs=2, n_steps=6, tensorboard=False,
+                      vectorization=vectorization)
+    agent.learn(12)  # every third step ends an episode on a mask allowing nothing: trains on
+    assert agent.env_steps == 12 and agent._sampler.episodes == 2 * 2
 
 
 def test_atari_preprocessing_gives_stacked_84x84_frames():

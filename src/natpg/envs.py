@@ -27,6 +27,10 @@ OBS_LEAVES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym
 ACTION_SPACES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
 
 
+class MaskError(ValueError):
+    """An action mask natpg cannot use (missing, wrongly sized, allowing nothing); the vector env names the copy."""
+
+
 class ActionMaskObservation(gym.ObservationWrapper):
     """Appends the action mask (1 = allowed) to the flat observation, so the policy sees it as input.
 
@@ -46,30 +50,40 @@ class ActionMaskObservation(gym.ObservationWrapper):
         high = np.concatenate([env.observation_space.high, np.ones(n_actions)]).astype(np.float64)
         self.observation_space = gym.spaces.Box(low, high, dtype=np.float64)
         self._mask = np.ones(n_actions)
+        self._t = 0  # steps since the last reset, to say where a mask went wrong
 
-    def _read(self, info: dict) -> None:
+    def _read(self, info: dict, episode_over: bool = False) -> None:
+        where = "after reset" if self._t == 0 else f"at step {self._t} of the episode"
         if callable(self.source):
             mask = self.source(self.env.unwrapped)
         elif self.source in info:
             mask = info[self.source]
         else:
-            raise ValueError(f"action_mask={self.source!r}: the environment's info has no such key "
-                             f"(keys: {sorted(info)})")
-        mask = np.asarray(mask, np.float64).reshape(-1)
+            raise MaskError(f"action_mask={self.source!r}: the environment's info has no such key {where} "
+                            f"(keys: {sorted(info)})")
+        try:
+            mask = np.asarray(mask, np.float64).reshape(-1)
+        except (TypeError, ValueError) as exc:
+            raise MaskError(f"action mask {where} is not an array of numbers ({type(mask).__name__}: "
+                            f"{first_line(exc)})") from None
         if mask.shape != (self.n,):
-            raise ValueError(f"action mask must have {self.n} entries (one per action), got shape {mask.shape}")
-        if not (mask > 0.5).any():
-            raise ValueError("action mask allows no action")
+            raise MaskError(f"action mask must have {self.n} entries (one per action), got shape {mask.shape} "
+                            f"{where}")
+        if not (mask > 0.5).any() and not episode_over:  # a finished game may allow nothing: no action is drawn
+            raise MaskError(f"action mask allows no action {where} (1 = allowed): {mask.tolist()}; end the "
+                            f"episode instead where no action is legal")
         self._mask = mask
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
+        self._t = 0
         self._read(info)
         return self.observation(obs), info
 
     def step(self, action):
         obs, rew, term, trunc, info = self.env.step(action)
-        self._read(info)
+        self._t += 1
+        self._read(info, episode_over=bool(term) or bool(trunc))
         return self.observation(obs), rew, term, trunc, info
 
     def observation(self, obs):

@@ -24,7 +24,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from .envs import OffSpace, off_space
+from .envs import MaskError, OffSpace, off_space
 from .errors import first_line
 
 
@@ -90,6 +90,11 @@ def api_error(env, i: int, call: str, result: Any, exc: Exception, observation_s
             f"{observation_space} and a number for the reward")
 
 
+def mask_error(env, i: int, call: str, exc: MaskError) -> str:
+    name = env.spec.id if env.spec is not None else type(env.unwrapped).__name__
+    return f"environment {name!r} (copy {i}), {call}(): {exc}"
+
+
 def checked_reset(env: gym.Env, copy: int, space, **kwargs) -> tuple[Any, dict]:
     """``env.reset(**kwargs)`` of copy ``copy``, what it returned checked against Gymnasium's API and the Box
     ``space`` (a ValueError naming the copy otherwise); the environment's own errors pass as they are."""
@@ -97,6 +102,8 @@ def checked_reset(env: gym.Env, copy: int, space, **kwargs) -> tuple[Any, dict]:
         result = env.reset(**kwargs)
     except OffSpace as exc:  # natpg's own input wrappers' check (envs.CheckedFlatten)
         raise ValueError(api_error(env, copy, "reset", None, exc, space)) from None
+    except MaskError as exc:
+        raise ValueError(mask_error(env, copy, "reset", exc)) from None
     try:
         return reset_checked(result, space)
     except (ValueError, TypeError) as exc:
@@ -109,6 +116,8 @@ def checked_step(env: gym.Env, copy: int, space, action) -> tuple[Any, float, bo
         result = env.step(action)
     except OffSpace as exc:
         raise ValueError(api_error(env, copy, "step", None, exc, space)) from None
+    except MaskError as exc:
+        raise ValueError(mask_error(env, copy, "step", exc)) from None
     except ValueError as exc:  # a wrapper (Gymnasium's time limit, say) unpacking what the env returned
         if "values to unpack" not in str(exc):
             raise
