@@ -622,6 +622,27 @@ def test_damped_inverse_diagonal_fallback_is_floored(monkeypatch):
     assert torch.equal(M_inv, torch.diag(torch.tensor([0.25, 1.0 / (PIVOT_FLOOR * 4.0), 1.0])))
 
 
+def test_identity_is_shared_for_small_sizes_and_the_cache_is_bounded():
+    """K-FAC's identities: one shared tensor per (n, dtype, device) up to SHARED_IDENTITY_MAX rows, a fresh one
+    above; the cache forgets the least recently used beyond 32 sizes, so a run over many layer widths (or a
+    sweep in one process) does not keep every identity it ever built."""
+    from natpg.fisher.kfac import SHARED_IDENTITY_MAX, _shared_identity, identity
+
+    _shared_identity.cache_clear()
+    eye = identity(5, torch.float64, "cpu")
+    assert torch.equal(eye, torch.eye(5, dtype=torch.float64))
+    assert identity(5, torch.float64, torch.device("cpu")) is eye  # a device as a string or a torch.device
+    assert identity(5, torch.float32, "cpu") is not eye and identity(5, torch.float32, "cpu").dtype == torch.float32
+    big = SHARED_IDENTITY_MAX + 1
+    assert identity(big, torch.float32, "cpu") is not identity(big, torch.float32, "cpu")
+    assert torch.equal(identity(big, torch.float32, "cpu"), torch.eye(big))
+    for n in range(6, 6 + 40):
+        identity(n, torch.float64, "cpu")
+    info = _shared_identity.cache_info()
+    assert info.currsize == info.maxsize == 32
+    assert identity(5, torch.float64, "cpu") is not eye  # forgotten, built again
+
+
 def test_generic_rest_block_is_the_dense_block_whatever_the_chunk():
     """Parameters outside the Linear layers, read through their Jacobian (here a bias and the log-std, asked for
     as the rest): the chunked sum equals the dense Fisher's block, exact and empirical, for any chunk size."""

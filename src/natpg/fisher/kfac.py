@@ -29,6 +29,7 @@ number, which is meant to be small).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -50,6 +51,7 @@ ESTIMATORS = tuple(e for e in FISHER_ESTIMATORS if e is not None)
 # (the matrix is numerically singular): jitter is added, and counted as a fallback.
 PIVOT_FLOOR = 1e-10
 JITTERS = (1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1.0)  # relative to the largest diagonal entry, tried in turn
+SHARED_IDENTITY_MAX = 1024  # rows of the largest identity ``identity`` keeps (8 MiB in float64)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -304,17 +306,19 @@ def _state_independent_log_std(policy: nn.Module, rest: list[nn.Parameter]) -> b
 # Damped symmetric inverses with a fallback
 # ----------------------------------------------------------------------------------------------------
 
-_IDENTITIES: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+@functools.lru_cache(maxsize=32)
+def _shared_identity(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.eye(n, dtype=dtype, device=device)
 
 
 def identity(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``torch.eye(n)``, made once per (n, dtype, device) and shared: read only, never modify it in place. The
-    K-FAC critic damps and inverts six factors per minibatch step, where building identities cost ~2 %."""
-    key = (n, dtype, torch.device(device))
-    eye = _IDENTITIES.get(key)
-    if eye is None:
-        eye = _IDENTITIES[key] = torch.eye(n, dtype=dtype, device=device)
-    return eye
+    """``torch.eye(n)``, shared for small n: read only, never modify it in place. The K-FAC critic damps and
+    inverts six factors per minibatch step, where building identities cost ~2 %. The cache keeps the last 32
+    (size, dtype, device) it was asked for, of at most ``SHARED_IDENTITY_MAX`` rows: a larger one is built each
+    time (its inversion costs far more), so the cache holds at most 32 × 8 MiB."""
+    if n > SHARED_IDENTITY_MAX:
+        return torch.eye(n, dtype=dtype, device=device)
+    return _shared_identity(n, dtype, torch.device(device))
 
 
 def damped_inverse(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
