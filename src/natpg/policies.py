@@ -522,5 +522,13 @@ def env_action(act: np.ndarray, action_space, squash: bool = False) -> np.ndarra
         low, high = action_space.low, action_space.high
         act = low + (np.tanh(act) + 1.0) * 0.5 * (high - low) if squash else act.clip(low, high)
         if action_space.dtype.kind in "ui":  # an integer Box: to the nearest value, not truncated towards 0
-            act = np.rint(act)
+            act = np.rint(act).clip(*integer_range(action_space.dtype))
     return act.astype(action_space.dtype)
+
+
+def integer_range(dtype: np.dtype) -> tuple[float, float]:
+    """The floats an integer ``dtype`` holds at both ends: int64's largest, 2**63 - 1, is no float (it rounds up to
+    2**63, which the cast would wrap to -2**63), so the top is the float below it."""
+    info = np.iinfo(dtype)
+    top = float(info.max)
+    return float(info.min), top if top <= info.max else float(np.nextafter(top, 0.0))
