@@ -548,6 +548,44 @@ def test_numerical_fault_leaves_parameters_untouched_then_stops(tmp_path, monkey
         assert torch.equal(flat_params(loaded.policy), actor0)
 
 
+def _state_tensors(state) -> list[torch.Tensor]:
+    """Every tensor of a (nested) state dict, in order."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for k in sorted(state, key=str) for t in _state_tensors(state[k])]
+    if isinstance(state, (list, tuple)):
+        return [t for v in state for t in _state_tensors(v)]
+    return []
+
+
+@pytest.mark.parametrize("algo,extra", [("PPO", {}), ("VPG", {"step": "adam"}), ("ACKTR", {})])
+def test_a_faulty_update_undoes_the_steps_own_state_and_the_next_one_trains(algo, extra):
+    """A NaN gradient reaches PPO's Adam (or the Adam step rule's moments) before the guard sees the stepped
+    parameters: the guard puts back the moments (ACKTR: its momentum) with the parameters, so that the next
+    update, on a finite batch, trains instead of faulting for good."""
+    from natpg.train import _step_state
+
+    agent = getattr(natpg, algo)("Pendulum-v1", seed=4, **small(**extra))
+    rows = []
+    agent.learn(BATCH, callback=lambda ag, row: rows.append(row))  # the step's state now exists
+    before = _step_state(agent.actor_update)
+    assert _state_tensors(before), "nothing to check: the step rule keeps no state"
+    params0 = flat_params(agent.policy)
+    hooks = [p.register_hook(lambda g: g * float("nan")) for p in agent.policy.parameters()]
+    agent.learn(BATCH, reset=False, callback=lambda ag, row: rows.append(row))
+    for h in hooks:
+        h.remove()
+    assert rows[-1]["step/skipped"] == 1.0 and torch.equal(flat_params(agent.policy), params0)
+    after = _step_state(agent.actor_update)
+    assert len(_state_tensors(after)) == len(_state_tensors(before))
+    for t0, t1 in zip(_state_tensors(before), _state_tensors(after)):
+        assert torch.equal(t0, t1)
+    agent.learn(BATCH, reset=False, callback=lambda ag, row: rows.append(row))
+    assert rows[-1]["step/skipped"] == 0.0 and not torch.equal(flat_params(agent.policy), params0)
+    assert torch.isfinite(flat_params(agent.policy)).all()
+
+
 OVERLAP_CASES = [("npg", "Pendulum-v1", {}, True), ("trpo", "CartPole-v1", {}, True),
                  ("acktr", "Pendulum-v1", {}, False),  # K-FAC samples actions from the shared generator
                  ("ppo", "CartPole-v1", {}, False),  # PPO draws its minibatches from it

@@ -30,7 +30,7 @@ from .logger import Logger
 from .params import num_params
 from .policies import env_action, input_layout, make_policy
 from .rollout import NonFiniteEnvError, Sampler, episode_counters, restore_episode_counters, state_without_envs
-from .train import CriticFit, TrainingFault, fault_of, iteration, restore_parameters
+from .train import CriticFit, TrainingFault, fault_of, iteration, restore_parameters, stateful_update_parts
 
 
 def space_to_dict(space: gym.Space) -> dict[str, Any]:
@@ -666,13 +666,6 @@ class Agent:
             if name in tensors.get("actor_update", {}) and (written_by is None or written_by.get(name) is type(part)):
                 part.load_state_dict(tensors["actor_update"][name])
         return agent
-
-
-def stateful_update_parts(actor_update: Any) -> dict[str, Any]:
-    """Parts of an actor update that carry state across updates and can save it (``state_dict``)."""
-    parts = {"update": actor_update, "step_rule": getattr(actor_update, "step_rule", None),
-             "curvature": getattr(actor_update, "curvature", None)}
-    return {k: v for k, v in parts.items() if hasattr(v, "state_dict") and hasattr(v, "load_state_dict")}
 
 
 def _without_inert_settings(config: dict[str, Any], action_space: dict[str, Any]) -> dict[str, Any]:

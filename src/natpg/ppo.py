@@ -56,7 +56,9 @@ class ClippedSurrogateUpdate:
 
     def load_state_dict(self, state: dict) -> None:
         self._pending = state["adam"]
-        if self.optimizer is not None and self._pending is not None:
+        if self._pending is None:  # the state before the first update: a fresh Adam at the next one
+            self.optimizer = None
+        elif self.optimizer is not None:
             self.optimizer.load_state_dict(self._pending)
 
     def update(self, policy: nn.Module, batch: Batch) -> dict[str, Any]:

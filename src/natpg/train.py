@@ -86,10 +86,27 @@ def numerical_error(exc: BaseException) -> str | None:
     return None
 
 
+def stateful_update_parts(actor_update: Any) -> dict[str, Any]:
+    """Parts of an actor update that carry state across updates and can save it (``state_dict``)."""
+    parts = {"update": actor_update, "step_rule": getattr(actor_update, "step_rule", None),
+             "curvature": getattr(actor_update, "curvature", None)}
+    return {k: v for k, v in parts.items() if hasattr(v, "state_dict") and hasattr(v, "load_state_dict")}
+
+
+def _step_state(actor_update: Any) -> dict[str, Any]:
+    """A copy of what the actor update's step carries to the next update (PPO's Adam moments, the Adam step rule's,
+    ACKTR's momentum), to undo with the parameters. The curvature is not copied: K-FAC leaves a non-finite
+    batch out of its averages by itself, and the other curvatures keep nothing from one update to the next."""
+    return {name: copy.deepcopy(part.state_dict())
+            for name, part in stateful_update_parts(actor_update).items() if name != "curvature"}
+
+
 def guarded_actor_update(actor_update, policy: nn.Module, batch: Batch) -> dict[str, Any]:
     """``actor_update.update(policy, batch)``, undone when it reports a fault, raises a numerical error or leaves a
-    non-finite parameter or KL behind. Always returns ``step/skipped`` (0 or 1); ``step/fault`` names the reason."""
+    non-finite parameter or KL behind: the parameters and the step's own state (``_step_state``). Always returns
+    ``step/skipped`` (0 or 1); ``step/fault`` names the reason."""
     saved = [p.detach().clone() for p in policy.parameters()]
+    step_state = _step_state(actor_update)
     try:
         stats = actor_update.update(policy, batch)
     except (RuntimeError, ValueError) as exc:
@@ -104,6 +121,9 @@ def guarded_actor_update(actor_update, policy: nn.Module, batch: Batch) -> dict[
         fault = "non-finite KL after the step (the stepped policy is not finite)"
     if fault is not None:
         restore_parameters(policy, saved)
+        parts = stateful_update_parts(actor_update)
+        for name, state in step_state.items():
+            parts[name].load_state_dict(state)
         stats = {**stats, **skipped(fault)}
     stats.setdefault("step/skipped", 0.0)
     return stats
