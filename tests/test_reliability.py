@@ -90,6 +90,13 @@ class NaNAt(gym.Wrapper):
     def __init__(self, env, at: int = 5, what: str = "obs"):
         super().__init__(env)
         self.at, self.what, self.count = at, what, 0
+        if what == "huge_obs":  # float64 observations: a float32 buffer would make 1e39 inf before natpg sees it
+            space = env.observation_space
+            self.observation_space = spaces.Box(space.low, space.high, dtype=np.float64)
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        return np.asarray(obs, self.observation_space.dtype), info
 
     def step(self, action):
         obs, rew, term, trunc, info = self.env.step(action)
@@ -99,9 +106,13 @@ class NaNAt(gym.Wrapper):
                 obs = np.full_like(obs, np.nan)
             elif self.what == "inf_obs":
                 obs = np.full_like(obs, np.inf)
+            elif self.what == "huge_obs":  # finite, but no float32
+                obs = np.full(obs.shape, 1e39)
+            elif self.what == "huge_reward":  # its square overflows even float64
+                rew = 1e200
             else:
                 rew = float("nan")
-        return obs, rew, term, trunc, info
+        return np.asarray(obs, self.observation_space.dtype), rew, term, trunc, info
 
 
 def _nan_cartpole(at: int = 7, what: str = "obs"):
@@ -122,6 +133,7 @@ TEST_ENVS = {
     "natpgtest/Drift-v0": DriftEnv,
     "natpgtest/UnboundedBox-v0": lambda: _SpaceEnv(spaces.Box(-1, 1, (3,)), spaces.Box(-np.inf, np.inf, (2,))),
     "natpgtest/NaNCartPole-v0": _nan_cartpole,
+    "natpgtest/HugeObsCartPole-v0": lambda: _nan_cartpole(at=3, what="huge_obs"),
 }
 for _id, _entry in TEST_ENVS.items():
     if _id not in gym.registry:
@@ -409,7 +421,8 @@ def test_cli_bad_input_exits_2_with_one_message(artifacts, argv, pattern, capsys
 # ------------------------------------------------------------------------------------------------------
 
 def _nan_vec_env(at=6, what="obs"):
-    return SyncVectorEnv([lambda: NaNAt(gym.make("CartPole-v1"), at=at, what=what), lambda: gym.make("CartPole-v1")],
+    return SyncVectorEnv([lambda: NaNAt(gym.make("CartPole-v1"), at=at, what=what),
+                          lambda: NaNAt(gym.make("CartPole-v1"), at=0, what=what)],  # never: the same spaces
                          autoreset_mode=AutoresetMode.SAME_STEP)
 
 
@@ -420,8 +433,10 @@ def _sampler(envs, nonfinite):
     return policy, sampler
 
 
-@pytest.mark.parametrize("what,shown", [("obs", r"observation \[nan"), ("inf_obs", r"observation \[inf"),
-                                        ("reward", "reward nan")])
+@pytest.mark.parametrize("what,shown", [("obs", r"non-finite observation \[nan"), ("inf_obs", r"non-finite observation \[inf"),
+                                        ("reward", "non-finite reward nan"),
+                                        ("huge_obs", r"beyond float32's range \(\|x\| > 3.4e\+38\) observation \[1.e\+39"),
+                                        ("huge_reward", r"beyond float32's range \(\|x\| > 3.4e\+38\) reward 1e\+200")])
 def test_nonfinite_env_raise_names_the_step_and_copy(what, shown):
     policy, sampler = _sampler(_nan_vec_env(at=6, what=what), "raise")
     with pytest.raises(NonFiniteEnvError, match=shown + r".* at sampler step 5 \(env copy 0, step \d+ of its episode"
@@ -459,6 +474,29 @@ def test_nonfinite_env_drop_leaves_the_dropped_copy_out_of_the_reward_statistics
     ro = sampler.collect(policy, 12)
     assert int((~ro.valid).sum()) == 1
     assert scaler.rms.count == pytest.approx(1e-4 + int(ro.valid.sum()), abs=1e-9)
+
+
+def test_values_beyond_float32_are_non_finite_in_training_prediction_and_evaluation():
+    """A finite value past float32's range would become inf in natpg's float32 buffers (1e39), and one past about
+    1e154 would overflow the normalisers' float64 running variance, blinding that input (or zeroing every later
+    reward) for the rest of the run: both are non-finite. Under 'drop' the run trains on with finite statistics."""
+    policy, sampler = _sampler(_nan_vec_env(at=6, what="huge_reward"), "drop")
+    scaler = RewardScaler(2, 0.99, 10.0, enabled=True)
+    sampler.rew_scale = scaler
+    ro = sampler.collect(policy, 12)
+    assert int((~ro.valid).sum()) == 1 and torch.isfinite(ro.rew).all() and np.isfinite(scaler.rms.var).all()
+    obs_norm = ObsNormalizer((4,), 10.0, enabled=True)
+    policy, sampler = _sampler(_nan_vec_env(at=6, what="huge_obs"), "drop")
+    sampler.obs_norm = obs_norm
+    sampler.collect(policy, 12)
+    assert sampler.dropped == 1 and np.isfinite(obs_norm.rms.var).all() and (obs_norm.rms.var < 1e3).all()
+    agent = natpg.NPG("CartPole-v1", **small(normalize_obs=False))
+    with pytest.raises(ValueError, match=r"observation contains beyond float32's range \(\|x\| > 3.4e\+38\) values"):
+        agent.predict(np.array([1e39, 0.0, 0.0, 0.0]))
+    assert agent.predict(np.array([3e38, 0.0, 0.0, 0.0])) in (0, 1)  # float32's largest are storable
+    with pytest.raises(NonFiniteEnvError, match=r"evaluation on 'natpgtest/HugeObsCartPole-v0': the environment "
+                                                r"returned a beyond float32's range .* observation or reward at step 3"):
+        natpg.evaluate(agent, "natpgtest/HugeObsCartPole-v0", episodes=2)
 
 
 def test_nonfinite_env_through_the_agent_and_the_cli(tmp_path, capsys):

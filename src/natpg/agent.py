@@ -29,7 +29,8 @@ from .fisher.empirical import check_score_size
 from .logger import Logger
 from .params import num_params
 from .policies import env_action, input_layout, make_policy
-from .rollout import NonFiniteEnvError, Sampler, episode_counters, restore_episode_counters, state_without_envs
+from .rollout import (NonFiniteEnvError, Sampler, episode_counters, restore_episode_counters, state_without_envs,
+                      storable, unstorable_word)
 from .train import CriticFit, TrainingFault, fault_of, iteration, restore_parameters, stateful_update_parts
 
 
@@ -490,8 +491,8 @@ class Agent:
             except (TypeError, ValueError, KeyError, IndexError, AssertionError) as exc:
                 raise ValueError(f"observation {obs!r:.120} is not in the policy's observation space {space} "
                                  f"(nor a vector env's batch of them, nor a list of them): {exc}") from None
-            if not np.isfinite(flat).all():
-                raise ValueError(f"observation contains non-finite values (NaN or inf): {obs!r:.200}")
+            if not storable(flat).all():
+                raise ValueError(f"observation contains {unstorable_word(flat)} values: {obs!r:.200}")
         if self.config.env.action_mask is not None:
             flat = np.concatenate([flat, self._mask_rows(action_mask, flat.shape[0])], axis=1)
         elif action_mask is not None:
@@ -506,8 +507,8 @@ class Agent:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"observation must be numeric (an array of shape {shape} or a batch of them), "
                              f"got {type(obs).__name__}: {exc}") from None
-        if not np.isfinite(obs).all():
-            raise ValueError(f"observation contains non-finite values (NaN or inf): {obs.tolist()!r:.200}")
+        if not storable(obs).all():
+            raise ValueError(f"observation contains {unstorable_word(obs)} values: {obs.tolist()!r:.200}")
         if obs.shape == shape:
             single = True
         elif obs.shape[1:] == shape and obs.ndim == len(shape) + 1:
@@ -1080,7 +1081,7 @@ def evaluation_episodes(agent: Agent, env: str | None = None, episodes: int = 10
                 last_obs[bad] = flat[bad]
                 dropped |= bad
                 finished |= bad
-            new[~np.isfinite(new)] = 0.0  # ended copies go on stepping uncounted: keep their actions finite
+            new[~storable(new)] = 0.0  # ended copies go on stepping uncounted: keep their actions finite
             flat = new
             returns += np.where(finished, 0.0, rew)
             lengths += ~finished
@@ -1111,12 +1112,15 @@ def evaluate(agent: Agent, env: str | None = None, episodes: int = 10, seed: int
 
 def nonfinite_steps(env_id: str, obs: np.ndarray, rew: np.ndarray, running: np.ndarray, step: int,
                     drop: bool, first_episode: int = 0) -> np.ndarray:
-    """The running evaluation episodes whose observation [E, D] or reward [E] is NaN or infinite: returned with
+    """The running evaluation episodes whose observation [E, D] or reward [E] is NaN, infinite or beyond float32's
+    range (``rollout.storable``): returned with
     ``drop`` (nonfinite_env='drop'), a ``NonFiniteEnvError`` naming them otherwise (row i is episode
     ``first_episode + i``)."""
-    bad = running & ~(np.isfinite(obs).all(axis=1) & np.isfinite(np.asarray(rew, np.float64)))
+    rew = np.asarray(rew, np.float64)
+    bad = running & ~(storable(obs).all(axis=1) & storable(rew))
     if bad.any() and not drop:
-        raise NonFiniteEnvError(f"evaluation on {env_id!r}: the environment returned a non-finite observation or "
+        word = unstorable_word(np.concatenate([obs[bad].reshape(-1), rew[bad]]))
+        raise NonFiniteEnvError(f"evaluation on {env_id!r}: the environment returned a {word} observation or "
                                 f"reward at step {step} of evaluation episode(s) "
                                 f"{(first_episode + np.flatnonzero(bad)).tolist()} "
                                 f"(nonfinite_env='drop' ends such episodes instead)")

@@ -44,6 +44,21 @@ class Rollout:
         return self.rew.numel()
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def storable(x: np.ndarray) -> np.ndarray:
+    """Elementwise: the values natpg can store in its float32 buffers and tensors: finite, and within float32's
+    range (NaN fails the comparison). A larger finite value (1e39) would turn into inf there, and one past about
+    1e154 would overflow the normalisers' float64 variance: both count as non-finite."""
+    return np.abs(x) <= FLOAT32_MAX
+
+
+def unstorable_word(x: np.ndarray) -> str:
+    """How to name the values of ``x`` that ``storable`` refuses."""
+    return "non-finite" if not np.isfinite(x).all() else f"beyond float32's range (|x| > {FLOAT32_MAX:.3g})"
+
+
 class NonFiniteEnvError(RuntimeError):
     """The environment produced a NaN or infinite observation or reward (``nonfinite_env='raise'``)."""
 
@@ -71,9 +86,9 @@ class Sampler:
         self._seed = seed  # of the first reset, again after a snapshot that could not be restored
         raw, _ = envs.reset(seed=seed)
         self.obs = self._flat(raw)
-        bad = ~np.isfinite(self.obs).all(1)
+        bad = ~storable(self.obs).all(1)
         if bad.any():
-            raise NonFiniteEnvError(f"environment returned a non-finite observation at reset (env copies "
+            raise NonFiniteEnvError(f"environment returned a {unstorable_word(self.obs[bad])} observation at reset (env copies "
                                     f"{np.flatnonzero(bad).tolist()}): {self.obs[bad][0].tolist()}")
         self.ep_return = np.zeros(self.n_envs)
         self.ep_length = np.zeros(self.n_envs, np.int64)
@@ -92,12 +107,12 @@ class Sampler:
 
     def _nonfinite_message(self, bad: np.ndarray, rew: np.ndarray, after: np.ndarray, next_obs: np.ndarray) -> str:
         i = int(np.flatnonzero(bad)[0])
-        if not np.isfinite(rew[i]):
-            what = f"reward {float(rew[i])!r}"
+        if not storable(rew[i]):
+            what = f"{unstorable_word(rew[i])} reward {float(rew[i])!r}"
         else:
-            o = after[i] if not np.isfinite(after[i]).all() else next_obs[i]
-            what = f"observation {np.array2string(o, precision=4, threshold=8)}"
-        return (f"environment returned a non-finite {what} at sampler step {self.steps} (env copy {i}, step "
+            o = after[i] if not storable(after[i]).all() else next_obs[i]
+            what = f"{unstorable_word(o)} observation {np.array2string(o, precision=4, threshold=8)}"
+        return (f"environment returned a {what} at sampler step {self.steps} (env copy {i}, step "
                 f"{int(self.ep_length[i]) + 1} of its episode; affected copies {np.flatnonzero(bad).tolist()}). "
                 f"Set nonfinite_env='drop' to end such episodes and leave the transition out instead.")
 
@@ -158,11 +173,11 @@ class Sampler:
                     after[i] = np.asarray(info["final_obs"][i], np.float64).reshape(-1)
             # one check of everything first (next_obs differs from after only where an episode ended); the
             # per-copy masks only when something is not finite
-            finite = np.isfinite(rew).all() and np.isfinite(after).all()
+            finite = storable(rew).all() and storable(after).all()
             all_valid = True  # valid[t].all(), which only a non-finite step changes
-            if not (finite and (not any_done or np.isfinite(next_obs).all())):
-                next_ok = np.isfinite(next_obs).all(1)
-                bad = ~np.isfinite(rew) | ~np.isfinite(after).all(1) | ~next_ok
+            if not (finite and (not any_done or storable(next_obs).all())):
+                next_ok = storable(next_obs).all(1)
+                bad = ~storable(rew) | ~storable(after).all(1) | ~next_ok
                 if self.nonfinite == "raise":
                     raise NonFiniteEnvError(self._nonfinite_message(bad, rew, after, next_obs))
                 next_obs = self._drop(bad, done, next_ok, next_obs)
@@ -209,8 +224,8 @@ class Sampler:
             fresh = self._flat(raw)
             next_obs = next_obs.copy()
             next_obs[need] = fresh[need]
-            if not np.isfinite(next_obs[need]).all():
-                raise NonFiniteEnvError(f"environment returned a non-finite observation again right after "
+            if not storable(next_obs[need]).all():
+                raise NonFiniteEnvError(f"environment returned a {unstorable_word(next_obs[need])} observation again right after "
                                         f"resetting env copies {np.flatnonzero(need).tolist()} at sampler step "
                                         f"{self.steps}; cannot drop the episode")
         return next_obs
