@@ -132,6 +132,8 @@ TEST_ENVS = {
     "natpgtest/ShiftedDiscrete-v0": lambda: _SpaceEnv(spaces.Box(-1, 1, (3,)), spaces.Discrete(3, start=1)),
     "natpgtest/Drift-v0": DriftEnv,
     "natpgtest/UnboundedBox-v0": lambda: _SpaceEnv(spaces.Box(-1, 1, (3,)), spaces.Box(-np.inf, np.inf, (2,))),
+    "natpgtest/Float32MaxBox-v0": lambda: _SpaceEnv(spaces.Box(-1, 1, (3,)),
+                                                    spaces.Box(-np.finfo(np.float32).max, np.finfo(np.float32).max, (2,))),
     "natpgtest/NaNCartPole-v0": _nan_cartpole,
     "natpgtest/HugeObsCartPole-v0": lambda: _nan_cartpole(at=3, what="huge_obs"),
 }
@@ -203,6 +205,8 @@ API_CASES = [
      ValueError, r"action_mask='nokey': the environment's info has no such key"),
     ("tanh squash with unbounded actions", lambda a: natpg.NPG("natpgtest/UnboundedBox-v0", action_squash="tanh"),
      ValueError, r"action_squash='tanh' needs finite action bounds"),
+    ("tanh squash with float32's largest as bounds", lambda a: natpg.NPG("natpgtest/Float32MaxBox-v0", action_squash="tanh"),
+     ValueError, r"action_squash='tanh' needs finite action bounds whose width, high - low, is finite in the space's float dtype"),
     ("unknown action_squash", lambda a: natpg.NPG("Pendulum-v1", action_squash="sigmoid"), ValueError,
      r"action_squash must be one of \['clip', 'tanh'\]"),
     ("tanh squash on Discrete actions", lambda a: natpg.NPG("MountainCar-v0", action_squash="tanh"), ValueError,

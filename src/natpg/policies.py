@@ -497,8 +497,10 @@ def make_policy(observation_space, action_space, hidden: Sequence[int], activati
         check_maskable(action_space)
     if isinstance(action_space, gym.spaces.Box):
         squash = action_squash == "tanh"
-        if squash and not (np.isfinite(action_space.low).all() and np.isfinite(action_space.high).all()):
-            raise ValueError(f"action_squash='tanh' needs finite action bounds, got {action_space}")
+        if squash and not _squashable(action_space):
+            raise ValueError(f"action_squash='tanh' needs finite action bounds whose width, high - low, is "
+                             f"finite in the space's float dtype (the rescaled actions are computed in it), got "
+                             f"{action_space}")
         return GaussianMLP(obs_dim, int(np.prod(action_space.shape)), hidden, activation, log_std_init, squash, image)
     if isinstance(action_space, gym.spaces.Discrete):
         return CategoricalMLP(obs_dim, int(action_space.n), hidden, activation, masked, image)
@@ -509,6 +511,15 @@ def make_policy(observation_space, action_space, hidden: Sequence[int], activati
     from .envs import SUPPORTED
 
     raise ValueError(f"unsupported action space {action_space}; supported {SUPPORTED}")
+
+
+def _squashable(space: gym.spaces.Box) -> bool:
+    """Finite bounds whose width ``env_action`` can compute: in the dtype of its arithmetic (the policy's float32
+    actions with the bounds), ±3.4e38 (float32's largest, a common way to write "unbounded") overflows."""
+    dtype = np.result_type(space.dtype, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        width = np.asarray(space.high, dtype) - np.asarray(space.low, dtype)
+    return bool(np.isfinite(width).all())
 
 
 def env_action(act: np.ndarray, action_space, squash: bool = False) -> np.ndarray:
