@@ -63,6 +63,23 @@ def test_advantage_normalisation_uses_std_plus_eps_and_survives_degenerate_batch
     assert torch.all(normalize_advantages(torch.zeros(7)) == 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_advantages_equal_up_to_rounding_normalise_to_zero_and_a_real_spread_does_not(dtype):
+    """Equal advantages (a bandit with a constant reward) carry no signal: their centred values are the mean's
+    rounding error, which (A − mean)/std would scale up to ±0.4..1 (float32, 0.1 × 64 gave 0.4255 each)."""
+    for value, n in ((0.1, 64), (1.1, 512), (-3e5, 100_000), (7e-30, 33)):
+        out = normalize_advantages(torch.full((n,), value, dtype=dtype))
+        assert torch.equal(out, torch.zeros(n, dtype=dtype)), (value, n)
+    base = torch.full((256,), 0.1, dtype=dtype)
+    base[::2] = base[::2] + torch.finfo(dtype).eps * 0.1  # one ULP apart: still rounding
+    assert torch.equal(normalize_advantages(base), torch.zeros(256, dtype=dtype))
+    a = torch.full((256,), 1000.0, dtype=dtype)  # a real signal on a large common offset is kept
+    a[::2] += 0.5
+    out = normalize_advantages(a)
+    torch.testing.assert_close(out, (a - a.mean()) / (a.std() + 1e-8))
+    assert float(out.abs().min()) > 0.9
+
+
 # --- the wiring around gae: what the sampler stores as the next observation, what make_batch passes -------------
 
 def test_the_sampler_stores_the_final_observation_at_an_episode_end_and_the_next_one_otherwise():
