@@ -579,10 +579,18 @@ def test_numerical_fault_leaves_parameters_untouched_then_stops(tmp_path, monkey
     assert torch.isfinite(flat_params(agent.policy)).all() and torch.isfinite(flat_params(agent.critic)).all()
     assert agent.consecutive_faults == 1
     assert re.search(reason, (tmp_path / "events.log").read_text())  # logged with its reason
-    with pytest.raises(TrainingFault, match=r"3 consecutive updates .* skipped for numerical faults.*checkpoint written"
+    with pytest.raises(TrainingFault, match=r"3 consecutive updates .* skipped, in whole or in part, for numerical "
+                                            r"faults.*checkpoint written"
                        ) as stopped:
         agent.learn(4 * BATCH, out_dir=str(tmp_path), reset=False)
     assert len(re.findall(reason, str(stopped.value))) == 1  # named once, though actor and critic both skipped
+    undone = {"actor": "The last update undid the policy's step and kept the critic's fit",
+              "critic": "The last update undid the critic's fit and kept the policy's step",
+              "both": "The last update undid both the policy's step and the critic's fit"}[side]
+    assert undone in str(stopped.value)
+    assert ("normalize_reward=True scales them" in str(stopped.value)) == (side != "actor")
+    if side == "actor":  # the critic went on learning
+        assert not torch.equal(flat_params(agent.critic), critic0)
     assert agent.env_steps == 3 * BATCH
     loaded = natpg.load(str(tmp_path))  # a usable checkpoint, with the parameters from before the faults
     assert loaded.env_steps == 3 * BATCH and torch.isfinite(flat_params(loaded.policy)).all()

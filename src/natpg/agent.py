@@ -341,8 +341,8 @@ class Agent:
                     saved = f"; checkpoint written to {self._save(out_dir)}" if out_dir else ""
                     raise TrainingFault(
                         f"training stopped: {self.consecutive_faults} consecutive updates (up to update "
-                        f"{self.updates}, {self.env_steps} env steps) were skipped for numerical faults, the last "
-                        f"one: {fault}. The parameters are those from before the faults{saved}.")
+                        f"{self.updates}, {self.env_steps} env steps) were skipped, in whole or in part, for "
+                        f"numerical faults, the last one: {fault}. {self._undone(stats)}{saved}.")
                 if out_dir and run.checkpoint_every and self.updates % run.checkpoint_every == 0:
                     self._save(out_dir)
                 if failed is not None:
@@ -436,6 +436,18 @@ class Agent:
                             e.env_kwargs, e.info_keys)
         return Sampler(envs, self.obs_normalizer, self.reward_scaler, seed, self.device, self.sampling_generator,
                        e.nonfinite_env, e.info_keys)
+
+    def _undone(self, stats: dict[str, Any]) -> str:
+        """What a TrainingFault's last update undid, and a hint where the critic failed on large returns."""
+        actor, critic = bool(stats.get("step/skipped")), bool(stats.get("critic/skipped"))
+        what = ("The last update undid both the policy's step and the critic's fit" if actor and critic else
+                "The last update undid the policy's step and kept the critic's fit" if actor else
+                "The last update undid the critic's fit and kept the policy's step: the policy went on training on "
+                "advantages from a critic that no longer learns")
+        if critic and not self.config.env.normalize_reward:
+            what += (". Where rewards are large (the squared error of returns past ≈ 1e19 overflows float32), "
+                     "normalize_reward=True scales them")
+        return what
 
     def _recent_info_means(self) -> dict[str, float]:
         """``ep_KEY_mean`` of each of ``info_keys``: its mean over the last (up to) 100 finished training episodes
