@@ -221,10 +221,14 @@ def test_a_zero_direction_is_no_step_and_no_fault(rule):
     before = get_flat(policy.actor_parameters())
     curvature = fisher.Dense(damping=0.1)
     curvature.fit(policy, batch.obs)
-    g = torch.zeros_like(before)
-    stats = rule.apply(policy.actor_parameters(), curvature.solve(g), g, curvature, evaluator(policy, batch))
-    assert stats["step/skipped"] == 0.0 and "step/fault" not in stats and stats["step/size"] == 0.0
-    assert torch.equal(get_flat(policy.actor_parameters()), before)
+    tiny = torch.finfo(before.dtype).tiny ** 0.5 * 1e-10  # a direction whose dᵀFd underflows to 0
+    for g in (torch.zeros_like(before), torch.full_like(before, tiny)):
+        stats = rule.apply(policy.actor_parameters(), curvature.solve(g), g, curvature, evaluator(policy, batch))
+        assert stats["step/skipped"] == 0.0 and "step/fault" not in stats and stats["step/size"] == 0.0
+        assert torch.equal(get_flat(policy.actor_parameters()), before)
+        assert stats.get("step/backtracks", 0.0) == 0.0  # not logged as a failed line search
+        assert stats.get("step/kl_bound_active", 0.0) == 0.0  # nor as a step the KL bound set
+        rule.v = None  # ACKTR: no momentum carried into the second case
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1639,15 +1639,19 @@ def test_continuing_a_run_whose_log_is_not_text_names_the_file(tmp_path):
     assert natpg.load(str(tmp_path)).env_steps == BATCH  # nothing written over
 
 
-@pytest.mark.parametrize("cls", [natpg.NPG, natpg.TRPO, natpg.ACKTR])
-def test_a_policy_that_has_become_deterministic_trains_on_without_faults(cls):
+@pytest.mark.parametrize("cls,extra,gap", [(natpg.NPG, {}, 200.0), (natpg.TRPO, {}, 200.0), (natpg.ACKTR, {}, 200.0),
+                                           (natpg.NPG, {"fisher": "dense"}, 55.0),
+                                           (natpg.NPG, {"fisher": "diagonal"}, 55.0),
+                                           (natpg.TRPO, {"fisher": "dense"}, 55.0)])
+def test_a_policy_that_has_become_deterministic_trains_on_without_faults(cls, extra, gap):
     """Logits 200 apart: every sampled action is the mode and its score is exactly 0, so the gradient, the
-    direction and dᵀFd vanish. That is nothing to learn, not a numerical fault (it used to stop training)."""
-    agent = cls("CartPole-v1", seed=0, **small(max_consecutive_faults=2))
+    direction and dᵀFd vanish. That is nothing to learn, not a numerical fault (it used to stop training).
+    55 apart: the gradient is subnormal, not 0, and dᵀFd underflows to 0 (dense and diagonal Fishers): no step."""
+    agent = cls("CartPole-v1", seed=0, **small(max_consecutive_faults=2, **extra))
     last = [m for m in agent.policy.modules() if isinstance(m, torch.nn.Linear)][-1]
     with torch.no_grad():
         last.weight.zero_()
-        last.bias.copy_(torch.tensor([100.0, -100.0]))
+        last.bias.copy_(torch.tensor([gap / 2, -gap / 2]))
     before, rows = flat_params(agent.policy), []
     agent.learn(4 * BATCH, callback=lambda a, row: rows.append(row))
     assert [r["step/skipped"] for r in rows] == [0.0] * 4 and agent.consecutive_faults == 0

@@ -28,14 +28,17 @@ def quadratic_kl_step(d: torch.Tensor, curvature: Curvature, max_kl: float) -> t
 
     Returns (α, dᵀFd, fault) with fault None when the step is safe to take. A zero direction (the batch's
     gradient vanished, as for a policy that has become deterministic: nothing in it to learn) is no step, not a
-    fault: (0, 0, None).
+    fault: (0, 0, None); so is a direction whose dᵀFd is exactly 0, one too small for its square to be a float
+    (a nearly deterministic policy's subnormal gradient) or, undamped, one that does not change the policy.
     """
     if not bool(torch.isfinite(d).all()):
         return 0.0, float("nan"), "non-finite direction"
     if not bool(d.any()):
         return 0.0, 0.0, None
     dFd = float(torch.dot(d, curvature.mv(d)))
-    if not math.isfinite(dFd) or dFd <= 0.0:
+    if dFd == 0.0:
+        return 0.0, 0.0, None
+    if not math.isfinite(dFd) or dFd < 0.0:
         return 0.0, dFd, f"dᵀFd = {dFd!r} is not positive and finite"
     return math.sqrt(2.0 * max_kl / dFd), dFd, None
 
@@ -86,6 +89,10 @@ class LineSearch:
         alpha, dFd, fault = quadratic_kl_step(d, curvature, self.max_kl)
         if fault:
             return skipped(fault)
+        if alpha == 0.0:  # no step to search along: not a failed search
+            return {"step/size": 0.0, "step/dFd": dFd, "step/backtracks": 0.0, "step/accepted": 0.0,
+                    "step/skipped": 0.0, "step/kl": 0.0, "step/kl_full_step": 0.0, "step/expected_improve": 0.0,
+                    "step/actual_improve": 0.0, "step/improve_ratio": float("nan")}
         theta_old = get_flat(params)
         surr_before, _ = evaluate()
         expected = alpha * float(torch.dot(g, d))  # first-order improvement gᵀΔ of the full step
@@ -182,7 +189,7 @@ class KFACClip:
         eta = min(self.eta_max, eta_kl)
         self.v = v.detach().clone()
         add_flat(params, v, eta)
-        return {"step/size": eta, "step/dFd": vFv, "step/kl_bound_active": float(eta_kl < self.eta_max),
+        return {"step/size": eta, "step/dFd": vFv, "step/kl_bound_active": float(0.0 < eta_kl < self.eta_max),
                 "step/quadratic_kl": 0.5 * eta * eta * vFv, "step/momentum_reset": float(reset),
                 "step/skipped": 0.0}
 
