@@ -622,6 +622,21 @@ def test_damped_inverse_diagonal_fallback_is_floored(monkeypatch):
     assert torch.equal(M_inv, torch.diag(torch.tensor([0.25, 1.0 / (PIVOT_FLOOR * 4.0), 1.0])))
 
 
+def test_a_factor_zero_to_float32_has_an_inverse_float32_holds():
+    """Undamped (damping=0), a layer whose gradients all vanished (a single action: the Fisher is exactly 0) has a
+    zero factor; one of 1e-40 is zero to float32. Their inverses were inf (1/subnormal), and G⁻¹·0·A⁻¹ NaN: every
+    update a "non-finite direction" fault. Now ZERO_FACTOR·I, whose inverse is finite in float32."""
+    from natpg.fisher.kfac import ZERO_FACTOR, damped_inverse
+
+    for M in (torch.zeros(3, 3), torch.eye(3) * 1e-40, torch.full((3, 3), float("nan"))):
+        Md, M_inv, fell_back = damped_inverse(M)
+        assert fell_back and torch.equal(Md, ZERO_FACTOR * torch.eye(3, dtype=torch.float64))
+        zero = torch.zeros(3, dtype=torch.float32)
+        assert torch.isfinite(M_inv.float()).all() and torch.equal(M_inv.float() @ zero, zero)
+    Md, _, fell_back = damped_inverse(torch.eye(3) * 1e-30)  # small, but a float32 number: inverted as it is
+    assert not fell_back and torch.equal(Md, torch.eye(3, dtype=torch.float64) * 1e-30)
+
+
 def test_identity_is_shared_for_small_sizes_and_the_cache_is_bounded():
     """K-FAC's identities: one shared tensor per (n, dtype, device) up to SHARED_IDENTITY_MAX rows, a fresh one
     above; the cache forgets the least recently used beyond 32 sizes, so a run over many layer widths (or a

@@ -134,6 +134,7 @@ TEST_ENVS = {
     "natpgtest/UnboundedBox-v0": lambda: _SpaceEnv(spaces.Box(-1, 1, (3,)), spaces.Box(-np.inf, np.inf, (2,))),
     "natpgtest/Float32MaxBox-v0": lambda: _SpaceEnv(spaces.Box(-1, 1, (3,)),
                                                     spaces.Box(-np.finfo(np.float32).max, np.finfo(np.float32).max, (2,))),
+    "natpgtest/OneAction-v0": lambda: _SpaceEnv(spaces.Box(-1, 1, (3,)), spaces.Discrete(1)),
     "natpgtest/NaNCartPole-v0": _nan_cartpole,
     "natpgtest/HugeObsCartPole-v0": lambda: _nan_cartpole(at=3, what="huge_obs"),
 }
@@ -1656,6 +1657,17 @@ def test_a_policy_that_has_become_deterministic_trains_on_without_faults(cls, ex
     agent.learn(4 * BATCH, callback=lambda a, row: rows.append(row))
     assert [r["step/skipped"] for r in rows] == [0.0] * 4 and agent.consecutive_faults == 0
     assert torch.equal(flat_params(agent.policy), before)
+
+
+@pytest.mark.parametrize("algo", ["NPG", "ACKTR"])
+def test_undamped_kfac_on_a_single_action_takes_no_step_and_no_fault(algo):
+    """damping=0 and a single action: K-FAC's G factors are exactly 0, and the gradient too. The direction is 0,
+    no step, not a "non-finite direction" fault from inverting a zero factor."""
+    extra = {"fisher": "kfac"} if algo == "NPG" else {}
+    agent = getattr(natpg, algo)("natpgtest/OneAction-v0", damping=0.0, **small(max_consecutive_faults=2, **extra))
+    rows = []
+    agent.learn(3 * BATCH, callback=lambda a, row: rows.append(row))
+    assert [r["step/skipped"] for r in rows] == [0.0] * 3 and agent.consecutive_faults == 0
 
 
 # ------------------------------------------------------------------------------------------------------

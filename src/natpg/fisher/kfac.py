@@ -51,6 +51,7 @@ ESTIMATORS = tuple(e for e in FISHER_ESTIMATORS if e is not None)
 # (the matrix is numerically singular): jitter is added, and counted as a fallback.
 PIVOT_FLOOR = 1e-10
 JITTERS = (1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1.0)  # relative to the largest diagonal entry, tried in turn
+ZERO_FACTOR = torch.finfo(torch.float32).tiny  # a factor whose diagonal is below float32's smallest normal is zero
 SHARED_IDENTITY_MAX = 1024  # rows of the largest identity ``identity`` keeps (8 MiB in float64)
 
 
@@ -326,15 +327,19 @@ def damped_inverse(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
 
     Returns (M', M'⁻¹, fell_back) where M' is the matrix actually inverted: M itself when its Cholesky
     factor exists with pivots² ≥ PIVOT_FLOOR·max, else M + εI for the first ε in ``JITTERS`` (relative to
-    the largest diagonal entry) that gives one, else its diagonal (floored). Cholesky rather than an
+    the largest diagonal entry) that gives one, else its diagonal (floored); a factor zero to float32 (its largest
+    diagonal entry below float32's smallest normal, ``ZERO_FACTOR``: undamped, a layer whose inputs or gradients
+    all vanished) is taken as ZERO_FACTOR·I, whose inverse float32 still holds. Cholesky rather than an
     eigendecomposition: ~10× cheaper, and ``eigh`` with several threads is pathologically slow on a
     loaded CPU (observed 100× on 2 cores).
     """
     M = M.double()
     if not bool(torch.isfinite(M).all()):
         M = torch.nan_to_num(M, nan=0.0, posinf=0.0, neginf=0.0)
-    scale = max(float(M.diagonal().abs().max()) if M.numel() else 0.0, torch.finfo(torch.float64).tiny)
+    scale = float(M.diagonal().abs().max()) if M.numel() else 0.0
     eye = identity(M.shape[0], M.dtype, M.device)
+    if scale < ZERO_FACTOR:  # zero to float32 (a layer whose inputs or gradients all vanished, undamped): its
+        return ZERO_FACTOR * eye, eye / ZERO_FACTOR, True  # inverse must stay finite there, to multiply a zero
     for jitter in (0.0, *JITTERS):
         Mj = M + (jitter * scale) * eye if jitter else M
         L, info = torch.linalg.cholesky_ex(Mj)
