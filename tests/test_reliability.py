@@ -265,6 +265,8 @@ API_CASES = [
     ("negative delta", lambda a: natpg.NPG("CartPole-v1", max_kl=-0.01), ValueError,
      "max_kl must be a finite number > 0, got -0.01"),
     ("NaN delta", lambda a: natpg.NPG("CartPole-v1", max_kl=float("nan")), ValueError, "max_kl must be a finite number"),
+    ("log σ whose σ overflows float32", lambda a: natpg.PPO("Pendulum-v1", log_std_init=100.0), ValueError,
+     r"log_std_init must be in \[-20, 20\] \(the initial σ = e\^log_std_init, 2e-9 to 5e8\), got 100.0"),
     ("zero envs", lambda a: natpg.NPG("CartPole-v1", n_envs=0), ValueError, "n_envs must be an integer ≥ 1, got 0"),
     ("non-integer envs", lambda a: natpg.NPG("CartPole-v1", n_envs=2.5), ValueError, "n_envs must be an integer ≥ 1"),
     ("string n_steps", lambda a: natpg.NPG("CartPole-v1", n_steps="32"), ValueError, "n_steps must be an integer ≥ 1"),

@@ -409,7 +409,8 @@ SETTING_RULES: dict[str, Rule] = {
     "normalize_advantages": FLAG,
     "hidden": LAYER_SIZES,
     "activation": one_of(ACTIVATIONS),
-    "log_std_init": Rule(lambda v: is_real(v) and math.isfinite(v), "a finite number"),
+    # σ = e^x from 2e-9 to 5e8: beyond, the Gaussian's float32 log-densities and ratios overflow
+    "log_std_init": Rule(interval("[-20, 20]").ok, "in [-20, 20] (the initial σ = e^log_std_init, 2e-9 to 5e8)"),
     "action_squash": one_of(("clip", "tanh")),
     "critic_hidden": LAYER_SIZES,
     "critic_lr": POSITIVE,
