@@ -524,6 +524,18 @@ def test_ppo_update_improves_surrogate_and_target_kl_stops_early():
                                     generator=torch.Generator().manual_seed(0))
     stats = update.update(policy, batch)
     assert stats["step/sgd_steps"] == 1 and stats["step/early_stop"] == 1.0
+    assert stats["step/epochs"] == 32 / 128
+
+
+@pytest.mark.parametrize("n,minibatch,steps", [(128, 32, 16), (96, 64, 8), (32, 256, 4)])
+def test_ppo_logs_the_passes_over_the_batch_it_made(n, minibatch, steps):
+    """step/epochs counts the samples stepped on: 4 passes whatever the minibatch (one of 64 over 96 samples is
+    64 + 32; one of 256 over 32 is the whole batch), not sgd_steps × minibatch / n (which read 16 for the last)."""
+    policy = make_policy("gauss")
+    update = ClippedSurrogateUpdate(alpha=1e-3, clip_range=0.2, epochs=4, minibatch=minibatch,
+                                    generator=torch.Generator().manual_seed(0))
+    stats = update.update(policy, make_batch(policy, n=n))
+    assert stats["step/sgd_steps"] == steps and stats["step/epochs"] == 4.0
 
 
 def test_ppo_target_kl_stops_at_the_first_minibatch_whose_kl_old_new_exceeds_it(float64):

@@ -98,7 +98,7 @@ class PolicyConfig:
     activation: str = "tanh"
     """Hidden activation of actor and critic: 'tanh', 'relu' or 'elu'."""
     log_std_init: float = 0.0
-    """Initial log standard deviation of the Gaussian policy (Box actions)."""
+    """Initial log standard deviation of the Gaussian policy (Box actions), in [-20, 20]."""
     action_squash: str = "clip"
     """Box actions: 'clip' (Gaussian samples clipped to the bounds when sent to the environment) or 'tanh'
     (low + (tanh(u) + 1)(high − low)/2; needs finite bounds; same Fisher and KL as the Gaussian over u)."""

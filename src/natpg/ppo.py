@@ -72,7 +72,7 @@ class ClippedSurrogateUpdate:
         with torch.no_grad():
             surr_before = float(surrogate(policy, batch, self.ent_coef))
         B = batch.obs.shape[0]
-        steps, clip_fracs, grad_norms, stopped = 0, [], [], False
+        steps, samples, clip_fracs, grad_norms, stopped = 0, 0, [], [], False
         for idx in minibatch_indices(B, self.epochs, self.minibatch, self.generator, batch.obs.device):
             dist = policy.dist(batch.obs[idx])
             if self.target_kl:
@@ -94,10 +94,11 @@ class ClippedSurrogateUpdate:
                 grad_norms.append(float(flatten([p.grad for p in params]).norm()))
             adam_step(self.optimizer)  # optimizer.step() by the same foreach kernels, without its per-call overhead
             steps += 1
+            samples += len(idx)
             clip_fracs.append(float(clip_frac))
         surr_after, kl = surrogate_and_kl(policy, batch, self.ent_coef)
         return {"step/kl": kl, "step/surrogate_gain": surr_after - surr_before, "step/sgd_steps": float(steps),
-                "step/epochs": steps * self.minibatch / B, "step/early_stop": float(stopped),
+                "step/epochs": samples / B, "step/early_stop": float(stopped),
                 "step/clip_fraction": sum(clip_fracs) / max(len(clip_fracs), 1),
                 "grad/norm": sum(grad_norms) / max(len(grad_norms), 1), "step/skipped": 0.0}
 
