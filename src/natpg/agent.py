@@ -30,7 +30,7 @@ from .logger import Logger
 from .params import num_params
 from .policies import env_action, input_layout, make_policy
 from .rollout import (NonFiniteEnvError, Sampler, episode_counters, restore_episode_counters, state_without_envs,
-                      storable, unstorable_word)
+                      storable, unstorable)
 from .train import CriticFit, TrainingFault, fault_of, iteration, restore_parameters, stateful_update_parts
 
 
@@ -504,7 +504,7 @@ class Agent:
                 raise ValueError(f"observation {obs!r:.120} is not in the policy's observation space {space} "
                                  f"(nor a vector env's batch of them, nor a list of them): {exc}") from None
             if not storable(flat).all():
-                raise ValueError(f"observation contains {unstorable_word(flat)} values: {obs!r:.200}")
+                raise ValueError(f"observation holds {unstorable('value', flat)}: {obs!r:.200}")
         if self.config.env.action_mask is not None:
             flat = np.concatenate([flat, self._mask_rows(action_mask, flat.shape[0])], axis=1)
         elif action_mask is not None:
@@ -520,7 +520,7 @@ class Agent:
             raise ValueError(f"observation must be numeric (an array of shape {shape} or a batch of them), "
                              f"got {type(obs).__name__}: {exc}") from None
         if not storable(obs).all():
-            raise ValueError(f"observation contains {unstorable_word(obs)} values: {obs.tolist()!r:.200}")
+            raise ValueError(f"observation holds {unstorable('value', obs)}: {obs.tolist()!r:.200}")
         if obs.shape == shape:
             single = True
         elif obs.shape[1:] == shape and obs.ndim == len(shape) + 1:
@@ -1131,9 +1131,8 @@ def nonfinite_steps(env_id: str, obs: np.ndarray, rew: np.ndarray, running: np.n
     rew = np.asarray(rew, np.float64)
     bad = running & ~(storable(obs).all(axis=1) & storable(rew))
     if bad.any() and not drop:
-        word = unstorable_word(np.concatenate([obs[bad].reshape(-1), rew[bad]]))
-        raise NonFiniteEnvError(f"evaluation on {env_id!r}: the environment returned a {word} observation or "
-                                f"reward at step {step} of evaluation episode(s) "
+        what = unstorable("observation or reward", np.concatenate([obs[bad].reshape(-1), rew[bad]]))
+        raise NonFiniteEnvError(f"evaluation on {env_id!r}: the environment returned {what} at step {step} of evaluation episode(s) "
                                 f"{(first_episode + np.flatnonzero(bad)).tolist()} "
                                 f"(nonfinite_env='drop' ends such episodes instead)")
     return bad

@@ -54,9 +54,12 @@ def storable(x: np.ndarray) -> np.ndarray:
     return np.abs(x) <= FLOAT32_MAX
 
 
-def unstorable_word(x: np.ndarray) -> str:
-    """How to name the values of ``x`` that ``storable`` refuses."""
-    return "non-finite" if not np.isfinite(x).all() else f"beyond float32's range (|x| > {FLOAT32_MAX:.3g})"
+def unstorable(noun: str, x: np.ndarray) -> str:
+    """``noun`` named as what ``storable`` refuses in ``x``, with its article: 'a non-finite reward', 'an
+    observation beyond float32's range (|x| > 3.4e+38)'."""
+    if not np.isfinite(x).all():
+        return f"a non-finite {noun}"
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun} beyond float32's range (|x| > {FLOAT32_MAX:.3g})"
 
 
 class NonFiniteEnvError(RuntimeError):
@@ -88,8 +91,8 @@ class Sampler:
         self.obs = self._flat(raw)
         bad = ~storable(self.obs).all(1)
         if bad.any():
-            raise NonFiniteEnvError(f"environment returned a {unstorable_word(self.obs[bad])} observation at reset (env copies "
-                                    f"{np.flatnonzero(bad).tolist()}): {self.obs[bad][0].tolist()}")
+            raise NonFiniteEnvError(f"environment returned {unstorable('observation', self.obs[bad])} at reset (env "
+                                    f"copies {np.flatnonzero(bad).tolist()}): {self.obs[bad][0].tolist()}")
         self.ep_return = np.zeros(self.n_envs)
         self.ep_length = np.zeros(self.n_envs, np.int64)
         self.recent_returns: deque[float] = deque(maxlen=100)
@@ -108,11 +111,11 @@ class Sampler:
     def _nonfinite_message(self, bad: np.ndarray, rew: np.ndarray, after: np.ndarray, next_obs: np.ndarray) -> str:
         i = int(np.flatnonzero(bad)[0])
         if not storable(rew[i]):
-            what = f"{unstorable_word(rew[i])} reward {float(rew[i])!r}"
+            what = unstorable(f"reward {float(rew[i])!r}", rew[i])
         else:
             o = after[i] if not storable(after[i]).all() else next_obs[i]
-            what = f"{unstorable_word(o)} observation {np.array2string(o, precision=4, threshold=8)}"
-        return (f"environment returned a {what} at sampler step {self.steps} (env copy {i}, step "
+            what = unstorable(f"observation {np.array2string(o, precision=4, threshold=8)}", o)
+        return (f"environment returned {what} at sampler step {self.steps} (env copy {i}, step "
                 f"{int(self.ep_length[i]) + 1} of its episode; affected copies {np.flatnonzero(bad).tolist()}). "
                 f"Set nonfinite_env='drop' to end such episodes and leave the transition out instead.")
 
@@ -225,8 +228,8 @@ class Sampler:
             next_obs = next_obs.copy()
             next_obs[need] = fresh[need]
             if not storable(next_obs[need]).all():
-                raise NonFiniteEnvError(f"environment returned a {unstorable_word(next_obs[need])} observation again right after "
-                                        f"resetting env copies {np.flatnonzero(need).tolist()} at sampler step "
+                raise NonFiniteEnvError(f"environment returned {unstorable('observation', next_obs[need])} again "
+                                        f"right after resetting env copies {np.flatnonzero(need).tolist()} at sampler step "
                                         f"{self.steps}; cannot drop the episode")
         return next_obs
 
