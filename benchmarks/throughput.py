@@ -19,7 +19,7 @@ profiling before/after, e.g. ``--set fvp_subsample=0.2``: Fisher-vector products
 drawn once per update); the sb3-contrib row keeps its settings (its ``sub_sampling_factor`` thins the whole
 actor update, gradient and line search included, so it is not the same knob).
 
-Needs sb3-contrib (pip install 'natpg[bench]'); without it only natpg and the raw rate are measured.
+Needs sb3-contrib (pip install -e ".[bench]"); without it only natpg and the raw rate are measured.
 """
 
 from __future__ import annotations

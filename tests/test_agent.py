@@ -1085,6 +1085,19 @@ def test_settings_that_the_spaces_or_other_settings_leave_unread_are_named_in_on
         with pytest.raises(ValueError, match="action_squash='tanh' would not be read"):  # refused, not also warned
             natpg.NPG("CartPole-v1", action_squash="tanh", **small())
 
+def test_the_cli_stops_quietly_when_its_reader_goes_away():
+    """natpg config ... | head: the pipe closes before natpg writes; it exits as a pipeline's writer does (141 =
+    128 + SIGPIPE) without 'error: [Errno 32] Broken pipe' or a second error when Python flushes at exit."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "natpg.cli", "config", "npg", "CartPole-v1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before natpg has imported torch, let alone printed
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and err.decode() == ""
+
+
 def test_the_cli_prints_natpgs_warnings_as_one_line(tmp_path):
     import subprocess
     import sys

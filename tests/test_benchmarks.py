@@ -334,6 +334,13 @@ def test_distributed_bench_refuses_bad_combinations_before_measuring(monkeypatch
             bench.main(["CartPole-v1", *argv])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and says in err and "Traceback" not in err
+    monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed: find_spec → None
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["CartPole-v1", "--workers", "1"])  # the default sampler is Ray's
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after argparse's usage lines
+    assert exit_.value.code == 2 and "Traceback" not in err and last.startswith("python -m natpg.distributed.bench: error:")
+    assert "needs Ray" in last and last.endswith("or measure --samplers processes, which needs no Ray")
     assert measured == []
     bench.main(["CartPole-v1", "--samplers", "processes", "--workers", "1", "2", "--n-envs", "2"])
     assert measured == [("local", 1), ("processes", 1), ("processes", 2)]

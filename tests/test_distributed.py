@@ -88,9 +88,9 @@ def test_importing_natpg_does_not_import_ray():
 
 def test_ray_sampler_without_ray_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError, find_spec → None
-    with pytest.raises(ImportError, match=r"pip install 'natpg\[ray\]'"):
+    with pytest.raises(ImportError, match=r"pip install -e \"\.\[ray\]\" in natpg's source directory"):
         natpg.NPG("Pendulum-v1", sampler="ray", workers=2, n_envs=4)
-    with pytest.raises(ImportError, match=r"pip install 'natpg\[ray\]'"):
+    with pytest.raises(ImportError, match=r"pip install -e \"\.\[ray\]\""):
         require_ray()
 
 

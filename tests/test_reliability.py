@@ -1661,6 +1661,18 @@ def test_a_policy_that_has_become_deterministic_trains_on_without_faults(cls, ex
     assert torch.equal(flat_params(agent.policy), before)
 
 
+def test_a_missing_dependency_names_natpgs_extra_only_where_it_has_one():
+    """MuJoCo and Atari tasks name natpg's extra (installed from the source directory, natpg is not on PyPI);
+    Box2D's LunarLander has none: gymnasium's own hint stands alone, without an unrelated Atari one."""
+    from natpg.envs import check_env_id, extra_for
+
+    assert extra_for("HalfCheetah-v5") == '. natpg\'s extra for MuJoCo: pip install -e ".[mujoco]" in natpg\'s source directory'
+    check_env_id("ALE/Pong-v5")  # registers ale_py's ids where it is installed
+    if "ALE/Pong-v5" in gym.registry:
+        assert "natpg's extra for Atari: pip install -e \".[atari]\"" in extra_for("ALE/Pong-v5")
+    assert extra_for("LunarLander-v3") == "" and extra_for("CartPole-v1") == ""
+
+
 @pytest.mark.parametrize("algo", ["NPG", "ACKTR"])
 def test_undamped_kfac_on_a_single_action_takes_no_step_and_no_fault(algo):
     """damping=0 and a single action: K-FAC's G factors are exactly 0, and the gradient too. The direction is 0,

@@ -170,6 +170,18 @@ def test_bad_requests_are_refused_before_any_work(tmp_path):
     assert os.listdir(tmp_path) == ["dir.mp4"]
 
 
+@pytest.mark.parametrize("missing,suffix", [("imageio", ".gif"), ("imageio", ".mp4"), ("imageio_ffmpeg", ".mp4")])
+def test_a_missing_video_dependency_names_the_extra_before_any_work(tmp_path, monkeypatch, missing, suffix):
+    """A GIF needs imageio too (the README once said Pillow alone): each missing module is named, with natpg's
+    [video] extra and how to install it from the source directory."""
+    agent = natpg.NPG("natpg_test/Frames-v0", seed=0)
+    monkeypatch.setitem(sys.modules, missing, None)  # import → ImportError
+    with pytest.raises(ImportError, match=rf"writing \{suffix} video needs {missing.replace('_', '-')}: "
+                                          r"pip install -e \"\.\[video\]\" in natpg's source directory"):
+        record_video(agent, tmp_path / f"walk{suffix}")
+    assert os.listdir(tmp_path) == []
+
+
 def test_env_without_render_mode_is_a_render_error(tmp_path, capsys):
     """Gymnasium passes render_mode to the constructor; a plain ``__init__(self)`` rejects it with a TypeError."""
     agent = natpg.NPG("natpg_test/Plain-v0", seed=0)

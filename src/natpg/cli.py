@@ -180,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an override, as in natpg train")
     c.add_argument("--json", action="store_true", help="print {setting: {value, source}} as JSON")
 
-    e = sub.add_parser("eval", help="evaluate a saved agent with deterministic actions")
+    e = sub.add_parser("eval", help="evaluate a saved agent: mean and std of its return over episodes",
+                       description="Run --episodes episodes of the saved agent (deterministic actions unless "
+                                   "--stochastic) with frozen observation normalisation, episode i seeded SEED + i, "
+                                   "and print the mean and std of the undiscounted return; --video records them.")
     e.add_argument("run_dir", help="run directory or checkpoint file written by natpg train / agent.save")
     e.add_argument("--episodes", type=int, default=10, help="evaluation episodes (default 10)")
     e.add_argument("--seed", type=int, default=123,
@@ -198,9 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.add_argument("--video", default=None, metavar="FILE",
                    help="also record the episodes, back to back, to FILE (.mp4 and other ffmpeg formats with "
-                        "pip install 'natpg[video]', or .gif); the returns are the same")
+                        "the [video] extra: pip install -e \".[video]\"; .gif too needs it); the returns are the same")
 
-    pl = sub.add_parser("plot", help="plot learning curves of one or more runs into a PNG")
+    pl = sub.add_parser("plot", help="plot learning curves of one or more runs into a PNG",
+                        description="Draw one column of progress.csv (--y) against another (--x) for each run "
+                                    "directory, or with --seeds one mean line and min–max band per group of seeds. "
+                                    "Needs matplotlib (the [plot] extra); the output's suffix sets its format.")
     pl.add_argument("run_dirs", nargs="+", help="run directories containing progress.csv")
     pl.add_argument("-o", "--output", default="curve.png", help="output PNG (default curve.png)")
     pl.add_argument("--x", default="env_steps", help="x column (default env_steps)")
@@ -209,13 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one line per group of runs that differ only in their seed (config.json): the mean "
                          "across them, over a band from their min to their max, where all of them have points")
 
-    b = sub.add_parser("bench", help="throughput of natpg against the raw environment stepping rate")
-    b.add_argument("algo", type=str.lower, help="algorithm")
-    b.add_argument("env_id", help="environment id")
+    b = sub.add_parser("bench", help="throughput of natpg against the raw environment stepping rate",
+                       description="Time --updates training updates of ALGO on ENV_ID (after one warm-up) and the "
+                                   "raw stepping rate of one copy of the environment with random actions (the ceiling), "
+                                   "and print env steps per second of both and their ratio (one measurement, seed 0). benchmarks/ and "
+                                   "docs/BENCHMARKS.md compare natpg with its peers.")
+    b.add_argument("algo", type=str.lower, help=f"algorithm: {', '.join(sorted(ALGORITHM_CLASSES))}")
+    b.add_argument("env_id", help="Gymnasium environment id")
     b.add_argument("--batch", type=int, default=2048, help="env steps per update (default 2048)")
     b.add_argument("--updates", type=int, default=5, help="timed updates after one warm-up (default 5)")
-    b.add_argument("--n-envs", type=int, default=None, help="environment copies")
-    b.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
+    b.add_argument("--n-envs", type=int, default=None, help="environment copies (default 8)")
+    b.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="any setting, as for natpg train (repeatable)")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
@@ -470,6 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = warning_line
     try:
         return handler(args)
+    except BrokenPipeError as exc:  # the reader went away (natpg config ... | head): stop as a pipeline expects
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        if notes := _natpg_notes(exc):
+            print(f"natpg {args.command}: its output was closed (broken pipe){notes}", file=sys.stderr)
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer the pipe stopped
     except (ValueError, OSError, ImportError, TrainingFault, NonFiniteEnvError, WorkerFailure,
             RenderError) as exc:  # OSError: a full disk, a read-only directory, a file where a directory goes
         print(f"natpg {args.command}: error: {one_line(str(exc))}{_natpg_notes(exc)}", file=sys.stderr)

@@ -16,7 +16,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
-from .errors import first_line
+from .errors import first_line, install_hint
 
 SUPPORTED = ("observations: Box (flat or any shape, flattened; uint8 images [C,H,W] or [H,W,C] of at least 36×36 "
              "go to a CNN), Discrete, MultiDiscrete, MultiBinary (one-hot/flattened), Dict and Tuple of these "
@@ -272,7 +272,7 @@ def check_env_id(env_id: str) -> gym.envs.registration.EnvSpec:
 
             gym.register_envs(ale_py)
         except ImportError:
-            raise ValueError(f"environment {env_id!r} is an Atari game: pip install 'natpg[atari]' (ale-py and "
+            raise ValueError(f"environment {env_id!r} is an Atari game: {install_hint('atari')} (ale-py and "
                              f"OpenCV for the preprocessing)") from None
     try:
         return gym.spec(env_id)
@@ -324,6 +324,16 @@ def check_spaces(observation_space: gym.Space, action_space: gym.Space) -> None:
                          f"supported {SUPPORTED}")
 
 
+def extra_for(env_id: str) -> str:
+    """natpg's extra for an environment whose dependency is missing, as a sentence ('' where natpg has none)."""
+    entry = str(gym.spec(env_id).entry_point) if env_id in gym.registry else ""
+    if "mujoco" in entry:
+        return f". natpg's extra for MuJoCo: {install_hint('mujoco')}"
+    if "ale_py" in entry:
+        return f". natpg's extra for Atari: {install_hint('atari')}"
+    return ""
+
+
 def probe_spaces(env_id: str, action_mask=None, env_kwargs: dict[str, Any] | None = None) -> tuple[gym.Space, gym.Space]:
     """Observation space (after Atari preprocessing, before flattening: the space of the observations a user
     passes to ``predict``) and action space of one copy of the environment (checked)."""
@@ -332,10 +342,9 @@ def probe_spaces(env_id: str, action_mask=None, env_kwargs: dict[str, Any] | Non
     try:
         env = make_env(env_id, wrap=False, env_kwargs=env_kwargs)
     except gym.error.DependencyNotInstalled as exc:
-        raise ValueError(f"environment {env_id!r} needs an optional dependency: {exc}. For MuJoCo tasks: "
-                         f"pip install 'natpg[mujoco]'; for Atari: pip install 'natpg[atari]'") from None
+        raise ValueError(f"environment {env_id!r} needs an optional dependency: {exc}{extra_for(env_id)}") from None
     except gym.error.NamespaceNotFound as exc:
-        raise ValueError(f"environment {env_id!r}: {exc}. For Atari games: pip install 'natpg[atari]'") from None
+        raise ValueError(f"environment {env_id!r}: {exc}. For Atari games: {install_hint('atari')}") from None
     obs_space, act_space = env.observation_space, env.action_space
     env.close()
     check_spaces(obs_space, act_space)

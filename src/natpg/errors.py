@@ -9,6 +9,11 @@ def one_line(message: str) -> str:
     return message.replace(":\n  ", ": ", 1).replace("\n  ", "; ")
 
 
+def install_hint(extra: str) -> str:
+    """How to install one of natpg's optional extras (pyproject.toml): natpg installs from its source directory."""
+    return f"pip install -e \".[{extra}]\" in natpg's source directory"
+
+
 def first_line(error: BaseException | str) -> str:
     """The first line of an error's text ('' when it has none), to quote it inside natpg's own message."""
     text = str(error)

@@ -1,4 +1,4 @@
-"""Learning-curve plots from progress.csv files (needs matplotlib: pip install 'natpg[plot]')."""
+"""Learning-curve plots from progress.csv files (needs matplotlib: natpg's [plot] extra)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import CONFIG_JSON, PROGRESS_CSV, read
+from .errors import install_hint
 
 
 class NothingToPlot(ValueError):
@@ -196,7 +197,7 @@ def plot_runs(run_dirs: list[str], output: str, x: str = "env_steps", y: str = "
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError("natpg plot needs matplotlib: pip install 'natpg[plot]'") from None
+        raise ImportError(f"natpg plot needs matplotlib: {install_hint('plot')}") from None
     groups = group_by_settings(run_dirs) if seeds else list(zip(run_labels(run_dirs), ([run] for run in run_dirs)))
     curves, empty = [], []
     for label, runs in groups:  # all read before drawing

@@ -9,6 +9,7 @@ returns equal ``evaluate``'s episode for episode.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import warnings
@@ -21,7 +22,7 @@ from .agent import (Agent, check_evaluation, episode_generators, evaluation_env_
                     warn_cut_episodes, warn_dropped_episodes)
 from .config import EVAL_MAX_EPISODE_STEPS
 from .envs import make_env
-from .errors import first_line
+from .errors import first_line, install_hint
 
 FFMPEG_FORMATS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 VIDEO_FORMATS = FFMPEG_FORMATS + (".gif",)
@@ -41,12 +42,13 @@ def _check_path(path: str | os.PathLike) -> Path:
         raise ValueError(f"video file {str(out)!r} is a directory")
     if out.suffix.lower() not in VIDEO_FORMATS:
         raise ValueError(f"video file {str(out)!r} must end in one of {', '.join(VIDEO_FORMATS)}")
-    if out.suffix.lower() in FFMPEG_FORMATS:
+    needs = ["imageio", "imageio_ffmpeg"] if out.suffix.lower() in FFMPEG_FORMATS else ["imageio"]
+    for module in needs:
         try:
-            import imageio_ffmpeg  # noqa: F401
+            importlib.import_module(module)
         except ImportError:
-            raise ImportError(f"writing {out.suffix} video needs imageio-ffmpeg: pip install 'natpg[video]' "
-                              f"(or write a .gif, which needs only Pillow)") from None
+            raise ImportError(f"writing {out.suffix} video needs {module.replace('_', '-')}: "
+                              f"{install_hint('video')}") from None
     return out
 
 
@@ -63,7 +65,8 @@ def _render(env, env_id: str) -> np.ndarray:
     try:
         frame = env.render()
     except gym.error.DependencyNotInstalled as exc:
-        raise RenderError(f"environment {env_id!r} needs an optional dependency to render: {exc}") from None
+        raise RenderError(f"environment {env_id!r} needs an optional dependency to render: {exc}. natpg's "
+                          f"[video] extra installs it for the classic-control tasks: {install_hint('video')}") from None
     except Exception as exc:  # the OpenGL back end fails in many ways; report it once, with the usual fix
         raise RenderError(f"environment {env_id!r} could not render a frame ({type(exc).__name__}: "
                           f"{first_line(exc)}). On a machine without a display, "
@@ -89,10 +92,12 @@ def record_video(agent: Agent, path: str | os.PathLike, env: str | None = None, 
                  seed: int = 123, deterministic: bool = True, max_episode_steps: int = EVAL_MAX_EPISODE_STEPS,
                  env_kwargs: dict | None = None) -> list[float]:
     """Play ``episodes`` episodes of ``agent`` on ``env`` (default: its own) and write them, back to back, to
-    ``path`` (.mp4/.mkv/.webm/.avi/.mov through ffmpeg, needs ``natpg[video]``; or .gif). Returns each
+    ``path`` (.mp4/.mkv/.webm/.avi/.mov through ffmpeg, or .gif; needs natpg's ``[video]`` extra). Returns each
     episode's undiscounted return. The file appears only when complete (written beside it, then renamed).
     An episode not ended after ``max_episode_steps`` steps is cut there, with a warning, as in ``evaluate``."""
     out = _check_path(path)
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame (classic control) draws without a window
     env_id = check_evaluation(agent, env, episodes, seed, max_episode_steps, env_kwargs, deterministic)
     env_kwargs = evaluation_env_kwargs(agent, env_id, env_kwargs)
     episodes, seed, max_episode_steps = int(episodes), int(seed), int(max_episode_steps)  # numpy's too

@@ -4,7 +4,7 @@ or as Ray actors.
 ``DistributedSampler`` merges the workers' rollouts; a pool runs the same ``RolloutWorker`` code:
 ``InProcessPool`` (``sampler='workers'``, one worker after the other in this process: the reference the
 others equal bit for bit), ``ProcessPool`` (``'processes'``) or ``RayPool`` (``'ray'``). Ray is optional
-and imported only when a ``RayPool`` is built (``pip install 'natpg[ray]'``). See docs/distributed.md.
+and imported only when a ``RayPool`` is built (natpg's ``[ray]`` extra). See docs/distributed.md.
 """
 
 from .processes import ProcessPool

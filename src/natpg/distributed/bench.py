@@ -75,6 +75,13 @@ def main(argv: list[str] | None = None) -> None:
     # Every configuration is checked before the first is measured (the local baseline included).
     from ..algorithms import config_for
     from ..errors import one_line
+    from .ray_pool import check_ray_installed
+
+    if "ray" in args.samplers:
+        try:
+            check_ray_installed()
+        except ImportError as exc:
+            p.error(f"{exc}; or measure --samplers processes, which needs no Ray")
 
     for sampler in ["local"] * (not args.no_local) + args.samplers:
         for w in [1] if sampler == "local" else args.workers:

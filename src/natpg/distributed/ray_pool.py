@@ -1,6 +1,6 @@
 """Rollout workers as Ray actors (``sampler='ray'``): one CPU each, on this machine or a Ray cluster.
 
-Ray is an optional dependency, imported only when a ``RayPool`` is built (``pip install 'natpg[ray]'``).
+Ray is an optional dependency, imported only when a ``RayPool`` is built (natpg's ``[ray]`` extra).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import threading
 import time
 from typing import Any
 
-from ..errors import first_line
+from ..errors import first_line, install_hint
 from .workers import RolloutWorker, WorkerFailure, WorkerPlan, WorkerResult
 
-RAY_INSTALL_HINT = "pip install 'natpg[ray]'"
+RAY_INSTALL_HINT = install_hint("ray")
 
 
 def require_ray():
