@@ -652,7 +652,7 @@ class _BreaksAfter(gym.Wrapper):
         return obs, rew, term, trunc, info
 
 
-for _id, _kw in {"natpg_test/CartPoleBreaks-v0": {"at": 100}, "natpg_test/CartPoleSound-v0": {},
+for _id, _kw in {"natpg_test/CartPoleBreaks-v0": {"at": 125}, "natpg_test/CartPoleSound-v0": {},
                  "natpg_test/CartPoleBreaksAt1-v0": {"at": 1},
                  "natpg_test/PendulumNaNAt5-v0": {"env_id": "Pendulum-v1", "at": 5, "fail": "nan"}}.items():
     if _id not in gym.registry:
@@ -742,7 +742,7 @@ def test_cli_train_refuses_a_run_directory_unless_resumed_or_overwritten(tmp_pat
 
 def test_an_environment_error_mid_run_keeps_every_completed_update(tmp_path, capsys):
     run = tmp_path / "run"
-    a = natpg.NPG("natpg_test/CartPoleBreaks-v0", seed=3, **small())  # copy 0 breaks in its 100th step: rollout 4
+    a = natpg.NPG("natpg_test/CartPoleBreaks-v0", seed=3, **small())  # copy 0 breaks in its 125th step: rollout 4
     with pytest.raises(RuntimeError, match="the simulator broke") as info:
         a.learn(640, out_dir=str(run))
     assert a.updates == 3 and any("(3 updates, 192 env steps) is saved" in n for n in info.value.__notes__)
@@ -752,10 +752,16 @@ def test_an_environment_error_mid_run_keeps_every_completed_update(tmp_path, cap
     assert saved.env_steps == 192 and _rows(run) == [64, 128, 192]
     assert all(torch.equal(p, q) for p, q in zip(saved.policy.parameters(), ref.policy.parameters()))
     assert all(torch.equal(p, q) for p, q in zip(saved.critic.parameters(), ref.critic.parameters()))
-    # the normalisers as they were after update 3, not with the broken rollout's first 35 steps merged in
+    # the normalisers as they were after update 3, not with the broken rollout's first steps merged in
     assert saved.obs_normalizer.rms.count == ref.obs_normalizer.rms.count
     np.testing.assert_array_equal(saved.obs_normalizer.rms.mean, ref.obs_normalizer.rms.mean)
     np.testing.assert_array_equal(a.obs_normalizer.rms.var, ref.obs_normalizer.rms.var)
+    # the episode statistics too: the broken rollout's finished episodes are not counted, the window not doubled
+    assert a._sampler.episodes == ref._sampler.episodes > 0
+    assert list(a._sampler.recent_returns) == list(ref._sampler.recent_returns)
+    assert list(a._sampler.recent_lengths) == list(ref._sampler.recent_lengths)
+    assert saved.recent_return() == ref.recent_return()
+    assert a._sampler.episodes < ref.learn(64, reset=False)._sampler.episodes  # the broken rollout ended some
     with pytest.raises(RuntimeError, match="the simulator broke"):  # the environment's own error, shown as it is
         cli(["train", "npg", "natpg_test/CartPoleBreaks-v0", "--seed", "3", "--steps", "640", "--out",
              str(tmp_path / "c"), "--no-progress", "--n-envs", "2", "--set", "n_steps=32"])
@@ -857,6 +863,8 @@ def test_an_empirical_score_matrix_too_large_for_memory_is_refused_when_the_agen
     with pytest.raises(ValueError, match=r"1024x1054722 score matrix and its 1024x1024 Gram matrix need 4\.03 GiB"
                                          r".*or use another algorithm"):
         natpg.NAC("Pendulum-v1", hidden=(1024, 1024), n_envs=2, n_steps=512, tensorboard=False)
+    with pytest.raises(ValueError, match=r"24576x20722 score matrix and its 20722x20722 Gram matrix need 5\.10 GiB"):
+        natpg.NAC("CartPole-v1", hidden=(140, 140), n_envs=1, n_steps=24576, tensorboard=False)  # N ≥ P: S alone fits
     agent = natpg.NPG("Pendulum-v1", fisher="empirical", hidden=(4,), cg_iters=2, cg_tol=0.0, **small())
     rows = []
     agent.learn(128, callback=lambda a, row: rows.append(row))

@@ -527,6 +527,29 @@ def test_ppo_update_improves_surrogate_and_target_kl_stops_early():
     assert stats["step/epochs"] == 32 / 128
 
 
+def test_ppo_update_is_a_plain_adam_loop_over_its_minibatches_bit_for_bit():
+    """The update against the textbook loop: for each minibatch (the same permutations), zero the gradients,
+    backpropagate −L^CLIP, torch's Adam step. Equal bit for bit, so the update's own gradient clearing and its
+    adam_step (optimizer.step() without its per-call overhead) are exactly the textbook's."""
+    from natpg.critics import minibatch_indices
+
+    policy = make_policy("gauss")
+    batch = make_batch(policy, n=128)
+    reference = copy.deepcopy(policy)
+    ClippedSurrogateUpdate(alpha=1e-2, clip_range=0.2, epochs=2, minibatch=32,
+                           generator=torch.Generator().manual_seed(0)).update(policy, batch)
+    params = list(reference.actor_parameters())
+    adam = torch.optim.Adam(params, lr=1e-2, eps=1e-5, foreach=True)
+    for idx in minibatch_indices(128, 2, 32, torch.Generator().manual_seed(0), "cpu"):
+        adam.zero_grad()
+        L, _ = clipped_surrogate(reference.dist(batch.obs[idx]).log_prob(batch.act[idx]), batch.logp_old[idx],
+                                 batch.adv[idx], 0.2)
+        (-L).backward()
+        adam.step()
+    for p, q in zip(policy.actor_parameters(), params):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("n,minibatch,steps", [(128, 32, 16), (96, 64, 8), (32, 256, 4)])
 def test_ppo_logs_the_passes_over_the_batch_it_made(n, minibatch, steps):
     """step/epochs counts the samples stepped on: 4 passes whatever the minibatch (one of 64 over 96 samples is

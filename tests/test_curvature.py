@@ -590,6 +590,27 @@ def test_a_damping_changed_after_fit_acts_on_the_next_solve_and_product(make):
     assert not torch.allclose(curv.solve(g), first)
 
 
+def test_a_short_preconditioned_cg_hands_a_changed_damping_to_its_preconditioner():
+    """Two CG iterations stop far from the solution, so the K-FAC preconditioner's damping shows in the result: one
+    changed after fit acts as if the solver had been built with it."""
+    policy = make_policy("gauss", hidden=(5,)).double()
+    obs, act = batch(policy, n=40)
+    obs = obs.double()
+    P = sum(p.numel() for p in policy.actor_parameters())
+    g = torch.randn(P, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+
+    def fitted(damping):
+        curv = CG(damping=damping, iters=2, tol=0.0, preconditioner="kfac", generator=torch.Generator().manual_seed(2))
+        curv.fit(policy, obs, act)
+        return curv
+
+    changed = fitted(0.1)
+    changed.damping = 0.5
+    built = fitted(0.5)
+    torch.testing.assert_close(changed.solve(g), built.solve(g), rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(fitted(0.1).solve(g), built.solve(g), rtol=1e-3)
+
+
 def test_damped_inverse_is_scale_equivariant_and_refuses_tiny_pivots():
     """The jitter is relative to the largest diagonal entry: damped_inverse(c·M) is (c·M', M'⁻¹/c), bit for bit for
     c a power of four. A Cholesky that succeeds with a pivot² below PIVOT_FLOOR·max is not taken: M + 1e-10·max·I

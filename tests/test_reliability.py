@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import pickle
 import random
@@ -469,6 +470,15 @@ def test_nonfinite_env_drop_ends_the_episode_and_masks_the_transition():
     assert batch.obs.shape[0] == 23 and all(torch.isfinite(t).all() for t in (batch.adv, batch.ret, batch.logp_old))
     # advantages normalised over the 23 transitions kept, not the 24 of the rollout
     assert abs(float(batch.adv.mean())) < 1e-6 and abs(float(batch.adv.std()) - 1) < 1e-6
+
+
+def test_a_dropped_step_starts_the_copys_episode_counters_afresh_when_no_other_episode_ended():
+    """Copy 0's third step is NaN and dropped; no episode ends in that step otherwise (CartPole lasts longer). Its
+    running return and length start again at 0, so that its next episode is not logged with the dropped one's."""
+    policy, sampler = _sampler(_nan_vec_env(at=3, what="obs"), "drop")
+    ro = sampler.collect(policy, 3)
+    assert not bool((ro.terminated | ro.truncated)[:, 1].any())  # copy 1 ended nothing
+    assert sampler.dropped == 1 and sampler.ep_length.tolist() == [0, 3] and sampler.ep_return[0] == 0.0
 
 
 def test_nonfinite_env_drop_leaves_the_dropped_copy_out_of_the_reward_statistics():
@@ -1047,6 +1057,20 @@ if "natpgtest/SnapshotDrift-v0" not in gym.registry:
                  entry_point=lambda: CountSteps(ScaleReward(SnapshotDriftEnv())))
 
 
+def test_an_own_state_holding_nan_or_inf_is_saved_and_given_back(monkeypatch):
+    """A natpg_state() with NaN (an unset sensor) or inf comes back from the checkpoint's JSON as it was: it is
+    not refused as "what JSON would not give back" (NaN != NaN), and set_env_state receives it."""
+    received = []
+    monkeypatch.setattr(SnapshotDriftEnv, "natpg_state", lambda self: {"x": [float("nan"), float("inf"), 1.0]})
+    monkeypatch.setattr(SnapshotDriftEnv, "natpg_set_state", lambda self, state: received.append(state))
+    env = make_env("natpgtest/SnapshotDrift-v0", wrap=False)
+    env.reset(seed=0)
+    state = json.loads(json.dumps(env_state(env), allow_nan=True))  # as the checkpoint holds it
+    set_env_state(env, state)
+    x = received[0]["x"]
+    assert math.isnan(x[0]) and x[1:] == [float("inf"), 1.0]
+
+
 def test_an_environment_and_wrappers_that_say_how_to_save_their_state_resume_bit_exactly(tmp_path):
     """natpg_state()/natpg_set_state(state) on the environment and on a wrapper class, natpg_stateless on another:
     a resume from a checkpoint equals the run without one, episodes.csv too; natpg_state must give JSON."""
@@ -1081,14 +1105,21 @@ def test_a_restore_that_fails_in_the_users_code_goes_on_from_fresh_environments(
     natpg.NPG("natpgtest/SnapshotDrift-v0", seed=5, **small()).learn(2 * BATCH, out_dir=str(tmp_path))
 
     def broken(self, state):
+        self.x = np.full(2, 99.0)  # half restored, then failing
         raise TypeError("state vector must be a tuple")
 
+    fresh = natpg.load(str(tmp_path))
+    fresh.learn(BATCH, reset=True)  # the reference: the same run from freshly reset environments
     monkeypatch.setattr(SnapshotDriftEnv, "natpg_set_state", broken)
     agent = natpg.load(str(tmp_path))
     with pytest.warns(RuntimeWarning, match=r"not bit-exact: SnapshotDriftEnv.natpg_set_state failed: TypeError: "
                                             r"state vector must be a tuple"):
         agent.learn(BATCH, out_dir=str(tmp_path), reset=False)
     assert agent.env_steps == 3 * BATCH
+    # nothing of the half-done restore is left (CountSteps' count, restored before the failure, survives a reset):
+    # the environments were made afresh, as reset=True does
+    assert torch.equal(flat_params(agent.policy), flat_params(fresh.policy))
+    assert torch.equal(flat_params(agent.critic), flat_params(fresh.critic))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -1550,7 +1581,9 @@ class _OffSpaceEnv(gym.Env):
               "dict_missing": gym.spaces.Dict({"a": gym.spaces.Box(-1, 1, (3,)), "b": gym.spaces.Discrete(3)}),
               "reset_raises": gym.spaces.Box(-1, 1, (3,)),
               "dict_uint8_300": gym.spaces.Dict({"img": gym.spaces.Box(0, 255, (6,), np.uint8)}),
-              "odd_copy": gym.spaces.Box(-1, 1, (3,))}
+              "odd_copy": gym.spaces.Box(-1, 1, (3,)), "discrete_float": gym.spaces.Discrete(3),
+              "multibinary_2": gym.spaces.MultiBinary(3), "dict_extra": gym.spaces.Dict({"a": gym.spaces.Box(-1, 1, (3,))}),
+              "reset_short": gym.spaces.Box(-1, 1, (3,))}
 
     def __init__(self, kind: str):
         self.kind, self.observation_space, self.action_space = kind, self.SPACES[kind], gym.spaces.Discrete(2)
@@ -1560,11 +1593,14 @@ class _OffSpaceEnv(gym.Env):
         good = {"uint8_300": np.zeros(6, np.uint8), "uint8_float": np.zeros(6, np.uint8), "discrete_below": 0,
                 "discrete_above": 0, "dict_missing": {"a": np.zeros(3, np.float32), "b": 1},
                 "reset_raises": np.zeros(3, np.float32), "dict_uint8_300": {"img": np.zeros(6, np.uint8)},
-                "odd_copy": np.zeros(3, np.float32)}[self.kind]
+                "odd_copy": np.zeros(3, np.float32), "discrete_float": 1, "multibinary_2": np.array([0, 1, 1], np.int8),
+                "dict_extra": {"a": np.zeros(3, np.float32)}, "reset_short": np.zeros(3, np.float32)}[self.kind]
         bad = bad and (self.kind != "odd_copy" or self.odd)  # only the copies seeded with an odd number
         return {"uint8_300": np.full(6, 300), "uint8_float": np.full(6, 7.5), "discrete_below": -3,
                 "discrete_above": 3, "dict_missing": {"b": 1}, "reset_raises": good,
-                "dict_uint8_300": {"img": np.full(6, 300)}, "odd_copy": np.zeros(2, np.float32)}[self.kind] \
+                "dict_uint8_300": {"img": np.full(6, 300)}, "odd_copy": np.zeros(2, np.float32),
+                "discrete_float": np.float64(1.0), "multibinary_2": np.array([0, 2, 1], np.int8),
+                "dict_extra": {"a": np.zeros(3, np.float32), "z": 1}, "reset_short": good}[self.kind] \
             if bad else good
 
     def reset(self, *, seed=None, options=None):
@@ -1574,6 +1610,8 @@ class _OffSpaceEnv(gym.Env):
         if self.kind == "reset_raises" and self.episodes:
             raise ValueError("license server unreachable")  # the environment's own error, at an autoreset
         self.episodes, self.t = self.episodes + 1, 0
+        if self.kind == "reset_short" and self.episodes > 1:  # an autoreset's observation of the wrong shape
+            return np.zeros(1, np.float32), {}
         return self._obs(False), {}
 
     def step(self, action):
@@ -1593,7 +1631,10 @@ OFF_SPACE_ID = f"{__name__}:natpgtest/OffSpace-v0"  # importable by the multipro
     ("discrete_below", r"an observation -3 outside Discrete\(5, start=-2\)"),  # Gymnasium would read it as 2
     ("discrete_above", r"an observation 3 outside Discrete\(5, start=-2\)"),  # and fail deep inside on this one
     ("dict_missing", r"an observation with keys \['b'\], not the Dict space's \['a', 'b'\]"),
-    ("dict_uint8_300", r"\['img'\]: an observation of int64 values from 300 to 300, which the space's uint8")])
+    ("dict_uint8_300", r"\['img'\]: an observation of int64 values from 300 to 300, which the space's uint8"),
+    ("discrete_float", r"an observation np.float64\(1.0\) outside Discrete\(3\)"),  # flattening failed inside
+    ("multibinary_2", r"an observation array\(\[0, 2, 1\], dtype=int8\) that is not 0/1 everywhere"),  # read as 2
+    ("dict_extra", r"an observation with keys \['a', 'z'\], not the Dict space's \['a'\]")])
 def test_an_observation_off_its_space_is_named_not_wrapped_or_read_as_another(kind, detail, vectorization):
     """numpy would wrap 300 to 44 in a uint8 buffer; Gymnasium's flattening reads a Discrete value below its start
     as another value and fails inside on the others: natpg names the environment and what it returned instead."""
@@ -1607,6 +1648,16 @@ def test_the_copy_named_is_the_one_that_failed_among_all_copies(vectorization):
     """Copy 1 (seeded seed + 1) fails: multiproc's second worker calls it its copy 0, the message copy 1."""
     with pytest.raises(ValueError, match=r"environment 'natpgtest/OffSpace-v0' \(copy 1\) returned from step\(\)"):
         natpg.NPG(OFF_SPACE_ID, env_kwargs={"kind": "odd_copy"}, vectorization=vectorization, seed=0, n_workers=2,
+                  **small()).learn(BATCH)
+
+
+@pytest.mark.parametrize("vectorization", ["sync", "async", "multiproc"])
+def test_an_observation_off_its_space_from_an_autoreset_is_named(vectorization):
+    """The first reset is fine; the one after the first episode (step 4) returns shape (1,), which numpy would
+    broadcast over the copy's row of the buffer: the autoreset's result is checked like every other reset."""
+    with pytest.raises(ValueError, match=r"environment 'natpgtest/OffSpace-v0' \(copy \d\) returned from reset\(\) "
+                                         r"what natpg cannot read \(2-tuple: an observation of shape \(1,\)"):
+        natpg.NPG(OFF_SPACE_ID, env_kwargs={"kind": "reset_short"}, vectorization=vectorization,
                   **small()).learn(BATCH)
 
 

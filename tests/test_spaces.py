@@ -6,6 +6,7 @@ the dense Fisher where K-FAC is exact; every algorithm on an environment of each
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 
 import gymnasium as gym
@@ -444,6 +445,28 @@ def test_image_channels_last(shape, last):
 def test_nature_cnn_rejects_images_too_small_for_its_convolutions():
     with pytest.raises(ValueError, match=r"H, W ≥ 36, got \(16, 16, 3\)"):
         natpg.policies.NatureCNN((16, 16, 3), channels_last=True)
+
+
+@pytest.mark.parametrize("algo", ["NPG", "ACKTR"])
+def test_a_masked_image_policy_and_critic_read_the_image_before_the_mask(algo):
+    """Flat observations are [image, mask]: the CNNs of the policy and the critic read the first C·H·W entries,
+    whatever the mask, and the mask acts on the logits only (a CNN reading the last entries still trained)."""
+    agent = getattr(natpg, algo)("natpgspace/MaskedImage-v0", seed=0, **tiny(algo, "natpgspace/MaskedImage-v0",
+                                                                            action_mask="action_mask"))
+    image = torch.rand(5, math.prod(IMAGE.shape), generator=torch.Generator().manual_seed(0)) * 255
+    allow_all, allow_two = torch.ones(5, 3), torch.tensor([1.0, 0.0, 1.0]).expand(5, 3)
+    cnn = agent.policy.logits_net[0]
+    assert isinstance(cnn, natpg.policies.NatureCNN)
+    torch.testing.assert_close(cnn(torch.cat([image, allow_all], 1)), cnn(torch.cat([image, allow_two], 1)),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(cnn(torch.cat([image, allow_all], 1)), cnn(image), rtol=0, atol=0)
+    shifted = torch.cat([image[:, 3:], allow_all], 1)  # the last C·H·W entries: another image
+    assert not torch.equal(cnn(torch.cat([image, allow_all], 1)), cnn(shifted))
+    with torch.no_grad():
+        values = [agent.critic(torch.cat([image, m], 1)) for m in (allow_all, allow_two)]
+        probs = agent.policy.dist(torch.cat([image, allow_two], 1)).probs
+    torch.testing.assert_close(values[0], values[1], rtol=0, atol=0)
+    assert torch.all(probs[:, 1] == 0) and torch.all(probs.sum(1) > 0.999)
 
 
 def test_predict_takes_native_dict_observations_and_batches():

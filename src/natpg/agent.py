@@ -260,6 +260,10 @@ class Agent:
             self._sampler = self._make_sampler(self.seed + self.updates)
             restored = (not reset and self._saved_sampler is not None and hasattr(self._sampler, "load_state_dict")
                         and self._sampler.load_state_dict(self._saved_sampler))
+            if getattr(self._sampler, "half_restored", False):  # as reset=True would: environments made afresh
+                self._close_sampler()
+                self._sampler = self._make_sampler(self.seed + self.updates)
+                restore_episode_counters(self._sampler, self._saved_sampler)
             if not restored:  # fresh episodes: the discounted returns reward normalisation tracks start at 0
                 self.reward_scaler.ret[:] = 0.0
             if reset and self._saved_sampler is not None:  # the run's episode statistics go on all the same

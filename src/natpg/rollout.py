@@ -87,6 +87,7 @@ class Sampler:
         self.action_space = envs.single_action_space
         self.steps = 0  # vector steps taken (each is n_envs transitions)
         self._seed = seed  # of the first reset, again after a snapshot that could not be restored
+        self.half_restored = False  # a snapshot failed part-way: some copy's wrappers may hold part of it
         raw, _ = envs.reset(seed=seed)
         self.obs = self._flat(raw)
         bad = ~storable(self.obs).all(1)
@@ -266,7 +267,10 @@ class Sampler:
                 return True
             except EnvStateError as exc:
                 reason = str(exc)
-                self.obs = self._flat(self.envs.reset(seed=self._seed)[0])  # not half restored: a fresh reset
+                # Part of the snapshot may be in place (a wrapper's state before the environment's own failed) and
+                # survive a reset: a fresh reset here, and the agent builds fresh environments (half_restored).
+                self.half_restored = True
+                self.obs = self._flat(self.envs.reset(seed=self._seed)[0])
         warnings.warn(f"resuming with freshly reset environments, so the continuation is not bit-exact: {reason}",
                       RuntimeWarning, stacklevel=2)
         return False

@@ -28,17 +28,17 @@ def quadratic_kl_step(d: torch.Tensor, curvature: Curvature, max_kl: float) -> t
 
     Returns (α, dᵀFd, fault) with fault None when the step is safe to take. A zero direction (the batch's
     gradient vanished, as for a policy that has become deterministic: nothing in it to learn) is no step, not a
-    fault: (0, 0, None); so is a direction whose dᵀFd is exactly 0, one too small for its square to be a float
-    (a nearly deterministic policy's subnormal gradient) or, undamped, one that does not change the policy.
+    fault: (0, 0, None); so is a direction too small for its square to be a float (a nearly deterministic
+    policy's subnormal gradient), whose dᵀFd underflows to 0. A dᵀFd of 0 for a direction of some size is a fault.
     """
     if not bool(torch.isfinite(d).all()):
         return 0.0, float("nan"), "non-finite direction"
     if not bool(d.any()):
         return 0.0, 0.0, None
     dFd = float(torch.dot(d, curvature.mv(d)))
-    if dFd == 0.0:
+    if dFd == 0.0 and float(torch.dot(d, d)) == 0.0:
         return 0.0, 0.0, None
-    if not math.isfinite(dFd) or dFd < 0.0:
+    if not math.isfinite(dFd) or dFd <= 0.0:
         return 0.0, dFd, f"dᵀFd = {dFd!r} is not positive and finite"
     return math.sqrt(2.0 * max_kl / dFd), dFd, None
 
