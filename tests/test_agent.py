@@ -1106,6 +1106,18 @@ def test_the_cli_stops_quietly_when_its_reader_goes_away():
     assert proc.returncode == 141 and err.decode() == ""
 
 
+def test_a_broken_pipe_that_is_not_stdouts_is_an_error(monkeypatch, capsys):
+    """A worker's pipe that breaks (its process died) is an error like any other, not a closed stdout."""
+    import natpg.cli
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(natpg.cli, "cmd_config", broken)
+    assert cli(["config", "npg", "CartPole-v1"]) == 2
+    assert capsys.readouterr().err == "natpg config: error: [Errno 32] Broken pipe\n"
+
+
 def test_the_cli_prints_natpgs_warnings_as_one_line(tmp_path):
     import subprocess
     import sys

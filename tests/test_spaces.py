@@ -203,6 +203,13 @@ def test_env_action_maps_each_space():
         lo, hi = int(out[0, 0]), int(out[0, 1])  # Python integers: exact
         assert out.dtype == dtype and out[0, 2] == 2 and full.contains(out[0])
         assert lo == info.min and 0 <= info.max - hi <= 2048, (dtype, lo, hi)  # a float ULP there
+        squashed = env_action(np.array([[-50.0, 50.0, 0.0]]), full, squash=True)  # tanh: to the ends, the middle
+        assert squashed.dtype == dtype and full.contains(squashed[0])
+        assert int(squashed[0, 0]) == info.min and 0 <= info.max - int(squashed[0, 1]) <= 2048
+        assert abs(int(squashed[0, 2]) - (info.min + info.max) / 2) <= 2048
+    int8 = spaces.Box(-100, 100, (3,), np.int8)  # a width of 200, which int8 wraps to -56
+    out = env_action(np.array([[-2.0, 0.0, 2.0]]), int8, squash=True)  # 100·tanh(±2) = ±96.4
+    assert out.tolist() == [[-96, 0, 96]] and out.dtype == np.int8
     md = spaces.MultiDiscrete([[2, 3], [4, 5]])
     assert env_action(np.array([[1, 2, 3, 4]]), md).shape == (1, 2, 2)
     mb = spaces.MultiBinary(3)

@@ -293,3 +293,24 @@ def test_episode_info_reads_both_vector_formats_and_refuses_a_value_that_is_not_
         episode_info({"final_info": np.array([{"d": "far"}], dtype=object)}, 0, ("d",))
     with pytest.raises(ValueError, match="info_keys must be a tuple of distinct info keys"):
         natpg.NPG("CartPole-v1", info_keys=("return",))
+
+
+@pytest.mark.parametrize("when", ["step", "reset"])
+def test_a_multiproc_worker_that_dies_is_named_with_its_copies(when):
+    """A worker killed from outside (the OOM killer): the next step or reset says which copies it held and how
+    it ended, whether the send to it or the receive from it notices first."""
+    import os
+    import signal
+
+    from natpg.vector import MultiprocVectorEnv
+
+    envs = MultiprocVectorEnv("CartPole-v1", 4, 2)
+    try:
+        envs.reset(seed=0)
+        os.kill(envs.procs[1].pid, signal.SIGKILL)
+        envs.procs[1].join(timeout=10)
+        with pytest.raises(RuntimeError, match=r"an environment worker process died \(exit code -9; its copies "
+                                               r"\[2, 3\]\)"):
+            envs.step(np.zeros(4, np.int64)) if when == "step" else envs.reset(seed=1)
+    finally:
+        envs.close()

@@ -29,18 +29,14 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, 
     return adv, adv + values
 
 
-ROUNDING_SPREAD = 64  # float eps's: advantages spread no wider than this (relative to the largest) are all equal
-
-
 def normalize_advantages(adv: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """(A − mean) / (std + eps); a batch of one (std undefined) is only centred, never NaN.
 
-    Advantages that are all equal up to rounding (max − min ≤ 64 float eps's of the largest |A|: a bandit with a
-    constant reward) give zeros, the centred batch they are: (A − mean) of equal values is the mean's rounding
-    error, and dividing it by its own std would blow it up to ±1, a full step on nothing."""
+    Advantages that are all equal (a bandit with a constant reward) give zeros, the centred batch they are:
+    (A − mean) of equal values is the mean's rounding error, and dividing it by its own std would blow it up
+    to ±1, a full step on nothing. A spread of a single rounding step is a signal like any other."""
     if adv.numel() < 2:
         return adv - adv.mean()
-    spread = adv.max() - adv.min()
-    if bool(spread <= ROUNDING_SPREAD * torch.finfo(adv.dtype).eps * adv.abs().max()):
+    if bool(adv.max() == adv.min()):
         return torch.zeros_like(adv)
     return (adv - adv.mean()) / (adv.std() + eps)

@@ -30,8 +30,9 @@ from .logger import Logger
 from .params import num_params
 from .policies import env_action, input_layout, make_policy
 from .rollout import (NonFiniteEnvError, Sampler, episode_counters, restore_episode_counters, state_without_envs,
-                      storable, unstorable)
-from .train import CriticFit, TrainingFault, fault_of, iteration, restore_parameters, stateful_update_parts
+                      storable, describe_unstorable)
+from .train import (CriticFit, TrainingFault, fault_of, iteration, restore_parameters, restore_step_state,
+                    stateful_update_parts, step_state_of)
 
 
 def space_to_dict(space: gym.Space) -> dict[str, Any]:
@@ -256,17 +257,18 @@ class Agent:
         self.target_steps = end_steps  # recorded, so that natpg train --resume without --steps knows where to stop
         restarted = reset and self.updates > 0  # a later call that resets the environments the last one left
         if reset or self._sampler is None:
-            self._close_sampler()
-            self._sampler = self._make_sampler(self.seed + self.updates)
-            restored = (not reset and self._saved_sampler is not None and hasattr(self._sampler, "load_state_dict")
-                        and self._sampler.load_state_dict(self._saved_sampler))
-            if getattr(self._sampler, "half_restored", False):  # as reset=True would: environments made afresh
+            for attempt in ("snapshot", "fresh"):
                 self._close_sampler()
                 self._sampler = self._make_sampler(self.seed + self.updates)
-                restore_episode_counters(self._sampler, self._saved_sampler)
+                restored = (attempt == "snapshot" and not reset and self._saved_sampler is not None
+                            and hasattr(self._sampler, "load_state_dict")
+                            and self._sampler.load_state_dict(self._saved_sampler))
+                # a snapshot that failed part-way may leave a wrapper's state behind a reset: build afresh
+                if not getattr(self._sampler, "half_restored", False):
+                    break
             if not restored:  # fresh episodes: the discounted returns reward normalisation tracks start at 0
                 self.reward_scaler.ret[:] = 0.0
-            if reset and self._saved_sampler is not None:  # the run's episode statistics go on all the same
+            if not restored and self._saved_sampler is not None:  # the run's episode statistics go on all the same
                 restore_episode_counters(self._sampler, self._saved_sampler)
         self._saved_sampler = None
         self.obs_normalizer.frozen = False
@@ -291,12 +293,15 @@ class Agent:
                 try:
                     rollout, collect_s = self._collect()
                     policy = [p.detach().clone() for p in self.policy.parameters()]
+                    step_state, draws = step_state_of(self.actor_update), self.cpu_generator.get_state()
                     try:
                         stats = iteration(rollout, collect_s, self._sampler, self.policy, self.critic,
                                           self.actor_update, self.config, self.cpu_generator,
                                           prefetch=i < n_updates - 1, critic_fit=self._critic_fit)
-                    except BaseException:
+                    except BaseException:  # the last completed update's policy, step state and draws
                         restore_parameters(self.policy, policy)  # iteration puts the critic back itself
+                        restore_step_state(self.actor_update, step_state)
+                        self.cpu_generator.set_state(draws)
                         raise
                 except BaseException as exc:  # Ctrl-C, the environment's error: back to the last completed update
                     self._restore_normalisers(normalisers)
@@ -446,8 +451,8 @@ class Agent:
         actor, critic = bool(stats.get("step/skipped")), bool(stats.get("critic/skipped"))
         what = ("The last update undid both the policy's step and the critic's fit" if actor and critic else
                 "The last update undid the policy's step and kept the critic's fit" if actor else
-                "The last update undid the critic's fit and kept the policy's step: the policy went on training on "
-                "advantages from a critic that no longer learns")
+                "The last update undid the critic's fit and kept the policy's step, taken on advantages from the "
+                "critic as it was")
         if critic and not self.config.env.normalize_reward:
             what += (". Where rewards are large (the squared error of returns past ≈ 1e19 overflows float32), "
                      "normalize_reward=True scales them")
@@ -508,7 +513,7 @@ class Agent:
                 raise ValueError(f"observation {obs!r:.120} is not in the policy's observation space {space} "
                                  f"(nor a vector env's batch of them, nor a list of them): {exc}") from None
             if not storable(flat).all():
-                raise ValueError(f"observation holds {unstorable('value', flat)}: {obs!r:.200}")
+                raise ValueError(f"observation holds {describe_unstorable('value', flat)}: {obs!r:.200}")
         if self.config.env.action_mask is not None:
             flat = np.concatenate([flat, self._mask_rows(action_mask, flat.shape[0])], axis=1)
         elif action_mask is not None:
@@ -524,7 +529,7 @@ class Agent:
             raise ValueError(f"observation must be numeric (an array of shape {shape} or a batch of them), "
                              f"got {type(obs).__name__}: {exc}") from None
         if not storable(obs).all():
-            raise ValueError(f"observation holds {unstorable('value', obs)}: {obs.tolist()!r:.200}")
+            raise ValueError(f"observation holds {describe_unstorable('value', obs)}: {obs.tolist()!r:.200}")
         if obs.shape == shape:
             single = True
         elif obs.shape[1:] == shape and obs.ndim == len(shape) + 1:
@@ -1072,8 +1077,8 @@ def evaluation_episodes(agent: Agent, env: str | None = None, episodes: int = 10
     stochastic actions (``deterministic=False``) draw from a CPU generator seeded ``seed + i`` too, so that an
     episode does not depend on how many run beside it or on the device (``record_video`` plays it). An episode the
     environment has not ended after ``max_episode_steps`` steps is cut there, with a warning (an environment
-    registered without a time limit would otherwise never return). A NaN or infinite observation or reward is
-    a ``NonFiniteEnvError`` naming the episode and step, as in training.
+    registered without a time limit would otherwise never return). A NaN, infinite or beyond-float32 observation or
+    reward is a ``NonFiniteEnvError`` naming the episode and step, as in training.
     """
     env_id = check_evaluation(agent, env, episodes, seed, max_episode_steps, env_kwargs, deterministic)
     episodes, seed, max_episode_steps = int(episodes), int(seed), int(max_episode_steps)  # numpy's too
@@ -1135,9 +1140,9 @@ def nonfinite_steps(env_id: str, obs: np.ndarray, rew: np.ndarray, running: np.n
     rew = np.asarray(rew, np.float64)
     bad = running & ~(storable(obs).all(axis=1) & storable(rew))
     if bad.any() and not drop:
-        what = unstorable("observation or reward", np.concatenate([obs[bad].reshape(-1), rew[bad]]))
-        raise NonFiniteEnvError(f"evaluation on {env_id!r}: the environment returned {what} at step {step} of evaluation episode(s) "
-                                f"{(first_episode + np.flatnonzero(bad)).tolist()} "
+        what = describe_unstorable("observation or reward", np.concatenate([obs[bad].reshape(-1), rew[bad]]))
+        raise NonFiniteEnvError(f"evaluation on {env_id!r}: the environment returned {what} at step {step} of "
+                                f"evaluation episode(s) {(first_episode + np.flatnonzero(bad)).tolist()} "
                                 f"(nonfinite_env='drop' ends such episodes instead)")
     return bad
 

@@ -408,8 +408,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .agent import evaluate, load
 
-    if args.video and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        os.environ.setdefault("MUJOCO_GL", "egl")  # headless: MuJoCo renders through EGL (read at its import),
+    if args.video and sys.platform.startswith("linux") and not (os.environ.get("DISPLAY")
+                                                                or os.environ.get("WAYLAND_DISPLAY")):
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless Linux: MuJoCo renders through EGL (read at its import),
         os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame (classic control) without a window
     agent = load(args.run_dir)
     env_kwargs = None if args.env_kwargs is None else parse_setting(f"env_kwargs={args.env_kwargs}")[1]
@@ -453,6 +454,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stdout_gone() -> bool:
+    """Whether the reader of this process's standard output has gone (a pipe into ``head`` that exited): poll
+    reports an error on a pipe's write end whose read end is closed (Linux, macOS; elsewhere: False)."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll(), or no file descriptor behind sys.stdout
+        return False
+
+
 def _natpg_notes(exc: BaseException) -> str:
     """natpg's notes on an exception (where the run was saved), each on its own line; not a worker's traceback."""
     return "".join(f"\n{note}" for note in getattr(exc, "__notes__", ()) if note.startswith("natpg:"))
@@ -481,7 +495,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = warning_line
     try:
         return handler(args)
-    except BrokenPipeError as exc:  # the reader went away (natpg config ... | head): stop as a pipeline expects
+    except BrokenPipeError as exc:
+        if not _stdout_gone():  # another pipe (a worker's): an error like any other
+            print(f"natpg {args.command}: error: {one_line(str(exc))}{_natpg_notes(exc)}", file=sys.stderr)
+            return 2
+        # the reader went away (natpg config ... | head): stop as a pipeline expects
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         if notes := _natpg_notes(exc):
             print(f"natpg {args.command}: its output was closed (broken pipe){notes}", file=sys.stderr)

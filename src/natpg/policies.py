@@ -515,8 +515,9 @@ def make_policy(observation_space, action_space, hidden: Sequence[int], activati
 
 def _squashable(space: gym.spaces.Box) -> bool:
     """Finite bounds whose width ``env_action`` can compute: in the dtype of its arithmetic (the policy's float32
-    actions with the bounds), ±3.4e38 (float32's largest, a common way to write "unbounded") overflows."""
-    dtype = np.result_type(space.dtype, np.float32)
+    actions with a float space's bounds, float64 for an integer space's), ±3.4e38 (float32's largest, a common way
+    to write "unbounded") overflows."""
+    dtype = np.float64 if space.dtype.kind in "ui" else np.result_type(space.dtype, np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
         width = np.asarray(space.high, dtype) - np.asarray(space.low, dtype)
     return bool(np.isfinite(width).all())
@@ -531,8 +532,11 @@ def env_action(act: np.ndarray, action_space, squash: bool = False) -> np.ndarra
     act = act.reshape(*act.shape[:-1], *action_space.shape)
     if isinstance(action_space, gym.spaces.Box):
         low, high = action_space.low, action_space.high
+        integer = action_space.dtype.kind in "ui"
+        if integer:  # high - low in the integer dtype would wrap (int8's -100..100 is 200)
+            low, high = low.astype(np.float64), high.astype(np.float64)
         act = low + (np.tanh(act) + 1.0) * 0.5 * (high - low) if squash else act.clip(low, high)
-        if action_space.dtype.kind in "ui":  # an integer Box: to the nearest value, not truncated towards 0
+        if integer:  # to the nearest value, not truncated towards 0
             act = np.rint(act).clip(*integer_range(action_space.dtype))
     return act.astype(action_space.dtype)
 

@@ -54,7 +54,12 @@ def storable(x: np.ndarray) -> np.ndarray:
     return np.abs(x) <= FLOAT32_MAX
 
 
-def unstorable(noun: str, x: np.ndarray) -> str:
+def all_storable(x: np.ndarray) -> bool:
+    """``storable(x).all()`` by two reductions, without the elementwise arrays (the per-step check)."""
+    return x.size == 0 or bool(x.max() <= FLOAT32_MAX and x.min() >= -FLOAT32_MAX)
+
+
+def describe_unstorable(noun: str, x: np.ndarray) -> str:
     """``noun`` named as what ``storable`` refuses in ``x``, with its article: 'a non-finite reward', 'an
     observation beyond float32's range (|x| > 3.4e+38)'."""
     if not np.isfinite(x).all():
@@ -63,14 +68,15 @@ def unstorable(noun: str, x: np.ndarray) -> str:
 
 
 class NonFiniteEnvError(RuntimeError):
-    """The environment produced a NaN or infinite observation or reward (``nonfinite_env='raise'``)."""
+    """The environment produced a NaN, infinite or float32-overflowing observation or reward (``storable``;
+    ``nonfinite_env='raise'``)."""
 
 
 class Sampler:
     """Owns the vector env, the running normalisers and episode statistics across updates.
 
-    ``nonfinite='raise'`` stops at the first NaN/inf observation or reward with the sampler step and the
-    env copy; ``'drop'`` ends that copy's episode as truncated at its last finite observation, leaves the
+    ``nonfinite='raise'`` stops at the first NaN/inf (or beyond float32) observation or reward with the sampler
+    step and the env copy; ``'drop'`` ends that copy's episode as truncated at its last finite observation, leaves the
     offending transition out of the batch (``Rollout.valid``), resets the copy and counts it in
     ``dropped``. ``state_dict``/``load_state_dict`` capture everything needed to continue bit-exactly.
     """
@@ -92,8 +98,9 @@ class Sampler:
         self.obs = self._flat(raw)
         bad = ~storable(self.obs).all(1)
         if bad.any():
-            raise NonFiniteEnvError(f"environment returned {unstorable('observation', self.obs[bad])} at reset (env "
-                                    f"copies {np.flatnonzero(bad).tolist()}): {self.obs[bad][0].tolist()}")
+            what = describe_unstorable("observation", self.obs[bad])
+            raise NonFiniteEnvError(f"environment returned {what} at reset (env copies "
+                                    f"{np.flatnonzero(bad).tolist()}): {self.obs[bad][0].tolist()}")
         self.ep_return = np.zeros(self.n_envs)
         self.ep_length = np.zeros(self.n_envs, np.int64)
         self.recent_returns: deque[float] = deque(maxlen=100)
@@ -112,10 +119,10 @@ class Sampler:
     def _nonfinite_message(self, bad: np.ndarray, rew: np.ndarray, after: np.ndarray, next_obs: np.ndarray) -> str:
         i = int(np.flatnonzero(bad)[0])
         if not storable(rew[i]):
-            what = unstorable(f"reward {float(rew[i])!r}", rew[i])
+            what = describe_unstorable(f"reward {float(rew[i])!r}", rew[i])
         else:
             o = after[i] if not storable(after[i]).all() else next_obs[i]
-            what = unstorable(f"observation {np.array2string(o, precision=4, threshold=8)}", o)
+            what = describe_unstorable(f"observation {np.array2string(o, precision=4, threshold=8)}", o)
         return (f"environment returned {what} at sampler step {self.steps} (env copy {i}, step "
                 f"{int(self.ep_length[i]) + 1} of its episode; affected copies {np.flatnonzero(bad).tolist()}). "
                 f"Set nonfinite_env='drop' to end such episodes and leave the transition out instead.")
@@ -177,9 +184,9 @@ class Sampler:
                     after[i] = np.asarray(info["final_obs"][i], np.float64).reshape(-1)
             # one check of everything first (next_obs differs from after only where an episode ended); the
             # per-copy masks only when something is not finite
-            finite = storable(rew).all() and storable(after).all()
+            finite = all_storable(rew) and all_storable(after)
             all_valid = True  # valid[t].all(), which only a non-finite step changes
-            if not (finite and (not any_done or storable(next_obs).all())):
+            if not (finite and (not any_done or all_storable(next_obs))):
                 next_ok = storable(next_obs).all(1)
                 bad = ~storable(rew) | ~storable(after).all(1) | ~next_ok
                 if self.nonfinite == "raise":
@@ -229,9 +236,10 @@ class Sampler:
             next_obs = next_obs.copy()
             next_obs[need] = fresh[need]
             if not storable(next_obs[need]).all():
-                raise NonFiniteEnvError(f"environment returned {unstorable('observation', next_obs[need])} again "
-                                        f"right after resetting env copies {np.flatnonzero(need).tolist()} at sampler step "
-                                        f"{self.steps}; cannot drop the episode")
+                what = describe_unstorable("observation", next_obs[need])
+                raise NonFiniteEnvError(f"environment returned {what} again right after resetting env copies "
+                                        f"{np.flatnonzero(need).tolist()} at sampler step {self.steps}; cannot drop "
+                                        f"the episode")
         return next_obs
 
     # --- resume -------------------------------------------------------------------------------------

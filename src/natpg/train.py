@@ -93,20 +93,25 @@ def stateful_update_parts(actor_update: Any) -> dict[str, Any]:
     return {k: v for k, v in parts.items() if hasattr(v, "state_dict") and hasattr(v, "load_state_dict")}
 
 
-def _step_state(actor_update: Any) -> dict[str, Any]:
+def step_state_of(actor_update: Any) -> dict[str, tuple[Any, Any]]:
     """A copy of what the actor update's step carries to the next update (PPO's Adam moments, the Adam step rule's,
-    ACKTR's momentum), to undo with the parameters. The curvature is not copied: K-FAC leaves a non-finite
-    batch out of its averages by itself, and the other curvatures keep nothing from one update to the next."""
-    return {name: copy.deepcopy(part.state_dict())
+    ACKTR's momentum), each with its part, to undo with the parameters (``restore_step_state``). The curvature's
+    state is not copied (K-FAC's moving averages: it leaves a non-finite batch out of them by itself)."""
+    return {name: (part, copy.deepcopy(part.state_dict()))
             for name, part in stateful_update_parts(actor_update).items() if name != "curvature"}
+
+
+def restore_step_state(actor_update: Any, saved: dict[str, tuple[Any, Any]]) -> None:
+    for part, state in saved.values():
+        part.load_state_dict(state)
 
 
 def guarded_actor_update(actor_update, policy: nn.Module, batch: Batch) -> dict[str, Any]:
     """``actor_update.update(policy, batch)``, undone when it reports a fault, raises a numerical error or leaves a
-    non-finite parameter or KL behind: the parameters and the step's own state (``_step_state``). Always returns
+    non-finite parameter or KL behind: the parameters and the step's own state (``step_state_of``). Always returns
     ``step/skipped`` (0 or 1); ``step/fault`` names the reason."""
     saved = [p.detach().clone() for p in policy.parameters()]
-    step_state = _step_state(actor_update)
+    step_state = step_state_of(actor_update)
     try:
         stats = actor_update.update(policy, batch)
     except (RuntimeError, ValueError) as exc:
@@ -121,9 +126,7 @@ def guarded_actor_update(actor_update, policy: nn.Module, batch: Batch) -> dict[
         fault = "non-finite KL after the step (the stepped policy is not finite)"
     if fault is not None:
         restore_parameters(policy, saved)
-        parts = stateful_update_parts(actor_update)
-        for name, state in step_state.items():
-            parts[name].load_state_dict(state)
+        restore_step_state(actor_update, step_state)
         stats = {**stats, **skipped(fault)}
     stats.setdefault("step/skipped", 0.0)
     return stats

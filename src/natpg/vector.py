@@ -249,7 +249,7 @@ class MultiprocVectorEnv:
     def __init__(self, env_id: str, n_envs: int, n_workers: int, action_mask=None,
                  env_kwargs: dict[str, Any] | None = None, info_keys: tuple[str, ...] = ()):
         sizes = split_copies(n_envs, n_workers, "n_workers")
-        self.num_envs, self.env_id = n_envs, env_id
+        self.num_envs, self.env_id, self.sizes = n_envs, env_id, sizes
         self.offsets = first_copies(sizes)
         ctx = process_context()
         self.conns, self.procs = [], []
@@ -263,14 +263,29 @@ class MultiprocVectorEnv:
             self.procs.append(proc)
         spaces = [self._receive(c) for c in self.conns]
         self.single_observation_space, self.single_action_space, self.metadata = spaces[0]
-        self.sizes = sizes
         self.closed = False
+
+    def _died(self, conn) -> RuntimeError:
+        proc = self.procs[self.conns.index(conn)]
+        proc.join(timeout=1.0)
+        return RuntimeError(f"an environment worker process died (exit code {proc.exitcode}; its copies "
+                            f"{self._copies(conn)})")
+
+    def _copies(self, conn) -> list[int]:
+        i = self.conns.index(conn)
+        return list(range(self.offsets[i], self.offsets[i] + self.sizes[i]))
+
+    def _send(self, conn, message) -> None:
+        try:
+            conn.send(message)
+        except (BrokenPipeError, ConnectionResetError):  # not natpg's own output: the worker is gone
+            raise self._died(conn) from None
 
     def _receive(self, conn) -> Any:
         try:
             status, payload = conn.recv()
-        except EOFError:
-            raise RuntimeError("an environment worker process died") from None
+        except (EOFError, ConnectionResetError):
+            raise self._died(conn) from None
         if status == "error":  # the worker's exception, as sync and async raise it, or its text
             from .envs import unknown_in_worker
 
@@ -285,12 +300,12 @@ class MultiprocVectorEnv:
 
     def reset(self, seed: int | None = None, options: dict | None = None):
         for conn, off in zip(self.conns, self.offsets):
-            conn.send(("reset", None if seed is None else seed + off))
+            self._send(conn, ("reset", None if seed is None else seed + off))
         return np.concatenate([self._receive(c) for c in self.conns]), {}
 
     def step(self, actions: np.ndarray):
         for conn, off, size in zip(self.conns, self.offsets, self.sizes):
-            conn.send(("step", actions[off : off + size]))
+            self._send(conn, ("step", actions[off : off + size]))
         parts = [self._receive(c) for c in self.conns]
         obs = np.concatenate([p[0] for p in parts])
         rew = np.concatenate([p[1] for p in parts])

@@ -337,11 +337,11 @@ def damped_inverse(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
     if not bool(torch.isfinite(M).all()):
         M = torch.nan_to_num(M, nan=0.0, posinf=0.0, neginf=0.0)
     scale = float(M.diagonal().abs().max()) if M.numel() else 0.0
-    eye = identity(M.shape[0], M.dtype, M.device)
     if scale < ZERO_FACTOR:  # zero to float32 (a layer whose inputs or gradients all vanished, undamped): its
-        return ZERO_FACTOR * eye, eye / ZERO_FACTOR, True  # inverse must stay finite there, to multiply a zero
+        eye = identity(M.shape[0], M.dtype, M.device)  # inverse must stay finite there, to multiply a zero
+        return ZERO_FACTOR * eye, eye / ZERO_FACTOR, True
     for jitter in (0.0, *JITTERS):
-        Mj = M + (jitter * scale) * eye if jitter else M
+        Mj = M + (jitter * scale) * identity(M.shape[0], M.dtype, M.device) if jitter else M
         L, info = torch.linalg.cholesky_ex(Mj)
         if int(info) == 0:
             piv = L.diagonal().square()
