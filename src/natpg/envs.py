@@ -115,7 +115,11 @@ def atari_wrappers() -> list:
 
 
 class OffSpace(ValueError):
-    """An observation that is not in the environment's observation space, found before natpg reads it."""
+    """An observation that is not in the environment's observation space ``space``, found before natpg reads it."""
+
+    def __init__(self, why: str, space: gym.Space | None = None):
+        super().__init__(why)
+        self.space = space
 
 
 def integer_overflow(value: np.ndarray, dtype: np.dtype) -> str | None:
@@ -178,7 +182,7 @@ class CheckedFlatten(gym.wrappers.FlattenObservation):
 
     def observation(self, observation):
         if why := off_space(observation, self.env.observation_space):
-            raise OffSpace(why)
+            raise OffSpace(why, self.env.observation_space)  # the environment's space, not the flattened Box
         return super().observation(observation)
 
 

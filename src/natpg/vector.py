@@ -55,7 +55,7 @@ def observation_checked(obs: Any, space) -> Any:
     if type(obs) is np.ndarray and obs.shape == shape and (obs.dtype == dtype or dtype.kind not in "ui"):
         return obs
     if why := off_space(obs, space):
-        raise OffSpace(why)
+        raise OffSpace(why, space)
     return obs
 
 
@@ -82,6 +82,7 @@ def reward_checked(reward: Any) -> Any:
 def api_error(env, i: int, call: str, result: Any, exc: Exception, observation_space) -> str:
     """What environment copy ``i`` returned that natpg cannot read, against what Gymnasium's API asks."""
     name = env.spec.id if env.spec is not None else type(env.unwrapped).__name__
+    observation_space = getattr(exc, "space", None) or observation_space  # OffSpace knows the space it missed
     got = "" if result is None else f"{len(result)}-tuple: " if isinstance(result, tuple) else \
         f"{type(result).__name__}: "
     return (f"environment {name!r} (copy {i}) returned from {call}() what natpg cannot read ({got}"
