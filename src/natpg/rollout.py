@@ -92,8 +92,7 @@ class Sampler:
         self.n_envs = envs.num_envs
         self.action_space = envs.single_action_space
         self.steps = 0  # vector steps taken (each is n_envs transitions)
-        self._seed = seed  # of the first reset, again after a snapshot that could not be restored
-        self.half_restored = False  # a snapshot failed part-way: some copy's wrappers may hold part of it
+        self.half_restored = False  # a snapshot failed part-way: build the environments afresh (load_state_dict)
         raw, _ = envs.reset(seed=seed)
         self.obs = self._flat(raw)
         bad = ~storable(self.obs).all(1)
@@ -257,7 +256,9 @@ class Sampler:
         """Continue from ``state_dict()``; returns True when the environments were restored exactly.
 
         Without a usable environment snapshot the environments keep their fresh reset (the run continues,
-        but not bit-exactly: a warning says so) and only the statistics and counters are restored.
+        but not bit-exactly: a warning says so) and only the statistics and counters are restored. A snapshot that
+        failed part-way sets ``half_restored``: some copy may hold part of it (a wrapper's state, restored before
+        the environment's own failed, survives a reset), so the caller builds the environments afresh (Agent does).
         """
         restore_episode_counters(self, state)
         reason = state.get("env_state_error")
@@ -275,10 +276,7 @@ class Sampler:
                 return True
             except EnvStateError as exc:
                 reason = str(exc)
-                # Part of the snapshot may be in place (a wrapper's state before the environment's own failed) and
-                # survive a reset: a fresh reset here, and the agent builds fresh environments (half_restored).
                 self.half_restored = True
-                self.obs = self._flat(self.envs.reset(seed=self._seed)[0])
         warnings.warn(f"resuming with freshly reset environments, so the continuation is not bit-exact: {reason}",
                       RuntimeWarning, stacklevel=2)
         return False
