@@ -79,21 +79,24 @@ def reward_checked(reward: Any) -> Any:
     return reward
 
 
+def env_name(env: gym.Env) -> str:
+    """The environment's registered id, or its class for one made without ``gym.make``."""
+    return env.spec.id if env.spec is not None else type(env.unwrapped).__name__
+
+
 def api_error(env, i: int, call: str, result: Any, exc: Exception, observation_space) -> str:
     """What environment copy ``i`` returned that natpg cannot read, against what Gymnasium's API asks."""
-    name = env.spec.id if env.spec is not None else type(env.unwrapped).__name__
     observation_space = getattr(exc, "space", None) or observation_space  # OffSpace knows the space it missed
     got = "" if result is None else f"{len(result)}-tuple: " if isinstance(result, tuple) else \
         f"{type(result).__name__}: "
-    return (f"environment {name!r} (copy {i}) returned from {call}() what natpg cannot read ({got}"
+    return (f"environment {env_name(env)!r} (copy {i}) returned from {call}() what natpg cannot read ({got}"
             f"{first_line(exc)}). Gymnasium's API: reset() returns (observation, info), step() returns "
             f"(observation, reward, terminated, truncated, info), with each observation in "
             f"{observation_space} and a number for the reward")
 
 
 def mask_error(env, i: int, call: str, exc: MaskError) -> str:
-    name = env.spec.id if env.spec is not None else type(env.unwrapped).__name__
-    return f"environment {name!r} (copy {i}), {call}(): {exc}"
+    return f"environment {env_name(env)!r} (copy {i}), {call}(): {exc}"
 
 
 def checked_reset(env: gym.Env, copy: int, space, **kwargs) -> tuple[Any, dict]:
