@@ -217,9 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="throughput of natpg against the raw environment stepping rate",
                        description="Time --updates training updates of ALGO on ENV_ID (after one warm-up) and the "
-                                   "raw stepping rate of one copy of the environment with random actions (the ceiling), "
-                                   "and print env steps per second of both and their ratio (one measurement, seed 0). benchmarks/ and "
-                                   "docs/BENCHMARKS.md compare natpg with its peers.")
+                                   "raw stepping rate of one copy of the environment with random actions (the "
+                                   "ceiling), and print env steps per second of both and their ratio (one "
+                                   "measurement, seed 0). benchmarks/ and docs/BENCHMARKS.md compare natpg with its "
+                                   "peers.")
     b.add_argument("algo", type=str.lower, help=f"algorithm: {', '.join(sorted(ALGORITHM_CLASSES))}")
     b.add_argument("env_id", help="Gymnasium environment id")
     b.add_argument("--batch", type=int, default=2048, help="env steps per update (default 2048)")
@@ -408,10 +409,11 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .agent import evaluate, load
 
-    if args.video and sys.platform.startswith("linux") and not (os.environ.get("DISPLAY")
-                                                                or os.environ.get("WAYLAND_DISPLAY")):
-        os.environ.setdefault("MUJOCO_GL", "egl")  # headless Linux: MuJoCo renders through EGL (read at its import),
-        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame (classic control) without a window
+    if args.video:
+        from .video import headless_linux
+
+        if headless_linux():  # MuJoCo reads MUJOCO_GL when imported, by load below; record_video sets pygame's
+            os.environ.setdefault("MUJOCO_GL", "egl")
     agent = load(args.run_dir)
     env_kwargs = None if args.env_kwargs is None else parse_setting(f"env_kwargs={args.env_kwargs}")[1]
     if args.video:

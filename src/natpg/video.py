@@ -89,6 +89,12 @@ def _builds_without_render_mode(env_id: str, action_mask, env_kwargs: dict) -> b
     return True
 
 
+def headless_linux() -> bool:
+    """Linux without a display, where no window can open: frames are drawn off-screen (MuJoCo through EGL, pygame
+    with SDL's dummy driver). Elsewhere (macOS, Windows: no DISPLAY variable, yet a screen) nothing is set."""
+    return sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
 def record_video(agent: Agent, path: str | os.PathLike, env: str | None = None, episodes: int = 1,
                  seed: int = 123, deterministic: bool = True, max_episode_steps: int = EVAL_MAX_EPISODE_STEPS,
                  env_kwargs: dict | None = None) -> list[float]:
@@ -97,8 +103,8 @@ def record_video(agent: Agent, path: str | os.PathLike, env: str | None = None, 
     episode's undiscounted return. The file appears only when complete (written beside it, then renamed).
     An episode not ended after ``max_episode_steps`` steps is cut there, with a warning, as in ``evaluate``."""
     out = _check_path(path)
-    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # headless Linux: pygame draws without a window
+    if headless_linux():
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame (classic control) draws without a window
     env_id = check_evaluation(agent, env, episodes, seed, max_episode_steps, env_kwargs, deterministic)
     env_kwargs = evaluation_env_kwargs(agent, env_id, env_kwargs)
     episodes, seed, max_episode_steps = int(episodes), int(seed), int(max_episode_steps)  # numpy's too
