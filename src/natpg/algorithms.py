@@ -112,16 +112,25 @@ class NaturalGradientUpdate:
         if not (bool(torch.isfinite(surr_before)) and bool(torch.isfinite(g).all())):  # before any curvature state
             return {**skipped("non-finite surrogate or gradient"), "grad/norm": float(g.norm())}
         self.curvature.fit(policy, batch.obs, batch.act)
-        d = self.curvature.solve(g)
-
-        def evaluate() -> tuple[float, float]:
-            return surrogate_and_kl(policy, batch, self.ent_coef)
-
-        stats = self.step_rule.apply(params, d, g, self.curvature, evaluate)
-        surr_after, stats["step/kl"] = evaluate()
-        stats["step/surrogate_gain"] = surr_after - float(surr_before.detach())
-        stats["grad/norm"] = float(g.norm())
+        d = self.curvature.solve(g)  # d ≈ F⁻¹g
+        stats = step_along(policy, batch, params, d, g, self.curvature, self.step_rule, float(surr_before.detach()),
+                           self.ent_coef)  # θ ← θ + α d
         return {**stats, **self.curvature.stats}
+
+
+def step_along(policy: nn.Module, batch: Batch, params: list[torch.Tensor], d: torch.Tensor, g: torch.Tensor,
+               metric, step_rule, surr_before: float, ent_coef: float = 0.0) -> dict[str, Any]:
+    """θ ← θ + α d, α by the step rule (its lengths measured in ``metric``'s F), then what the step achieved: the
+    KL from the old policy and the surrogate's gain."""
+
+    def evaluate() -> tuple[float, float]:
+        return surrogate_and_kl(policy, batch, ent_coef)
+
+    stats = step_rule.apply(params, d, g, metric, evaluate)
+    surr_after, stats["step/kl"] = evaluate()
+    stats["step/surrogate_gain"] = surr_after - surr_before
+    stats["grad/norm"] = float(g.norm())
+    return stats
 
 
 def make_actor_update(cfg: Config, generator: torch.Generator | None):

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .algorithms import Batch, surrogate, surrogate_and_kl
+from .algorithms import Batch, step_along, surrogate
 from .fisher import curvature
 from .fisher.empirical import per_sample_scores
 from .fisher.fvp import fisher_vector_product
@@ -112,15 +112,9 @@ class NaturalActorCritic:
         wFw, wFw_emp = float(torch.dot(w, metric.mv(w))), float(psi_w.square().mean())
         with torch.no_grad():
             surr_before = float(surrogate(policy, batch))
-
-        def evaluate() -> tuple[float, float]:
-            return surrogate_and_kl(policy, batch)
-
-        stats = self.step_rule.apply(params, w, g, metric, evaluate)
-        surr_after, stats["step/kl"] = evaluate()
-        stats["step/surrogate_gain"] = surr_after - surr_before
+        stats = step_along(policy, batch, params, w, g, metric, self.step_rule, surr_before)
         centred = adv - adv.mean()
-        return {**stats, "grad/norm": float(g.norm()), "nac/w_norm": float(w.norm()),
+        return {**stats, "nac/w_norm": float(w.norm()),
                 "nac/critic_r2": 1.0 - float((adv - psi_w).square().sum() / centred.square().sum().clamp_min(1e-30)),
                 "nac/emp_to_true_curvature": wFw_emp / wFw if wFw > 0 else float("nan"),
                 "fisher/emp_samples": float(N)}
