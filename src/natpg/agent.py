@@ -271,7 +271,6 @@ class Agent:
             if not restored and self._saved_sampler is not None:  # the run's episode statistics go on all the same
                 restore_episode_counters(self._sampler, self._saved_sampler)
         self._saved_sampler = None
-        self.obs_normalizer.frozen = False
         if out_dir and not continuing:  # a new run directory holds a checkpoint before any log row (as natpg train's)
             # and its own best policy: a best return recorded elsewhere (before a load) would keep DIR/best empty
             self.best_eval_return = None

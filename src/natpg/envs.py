@@ -421,18 +421,18 @@ class RunningMeanStd:
 
 
 class ObsNormalizer:
-    """(obs − mean) / √(var + eps), clipped; statistics update only while not ``frozen``. The last ``passthrough``
-    entries (an appended action mask) are left as they are."""
+    """(obs − mean) / √(var + eps), clipped. Calling it updates the statistics first (training); ``normalize``
+    alone leaves them frozen (evaluation, prediction). The last ``passthrough`` entries (an appended action mask)
+    are left as they are."""
 
     def __init__(self, shape: tuple[int, ...], clip: float, enabled: bool = True, passthrough: int = 0):
         self.rms = RunningMeanStd(shape)
-        self.clip, self.enabled, self.frozen, self.passthrough = clip, enabled, False, passthrough
+        self.clip, self.enabled, self.passthrough = clip, enabled, passthrough
 
-    def __call__(self, obs: np.ndarray, update: bool = True) -> np.ndarray:
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
         if not self.enabled:
             return np.asarray(obs, np.float32)
-        if update and not self.frozen:
-            self.observe(obs)
+        self.observe(obs)
         return self.normalize(obs)
 
     def observe(self, obs: np.ndarray) -> None:

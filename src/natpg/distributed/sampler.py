@@ -125,7 +125,7 @@ class DistributedSampler:
         rollout = Rollout(obs=cat("obs"), act=cat("act"), rew=cat("rew"), terminated=cat("terminated"),
                           truncated=cat("truncated"), next_obs=cat("next_obs"), valid=valid)
         # Statistics: step by step over all copies, as one sampler updating once per step would.
-        if self.obs_norm.enabled and not self.obs_norm.frozen:
+        if self.obs_norm.enabled:
             raw = np.concatenate([r.raw_obs for r in results], axis=1)
             for t in range(raw.shape[0]):
                 self.obs_norm.rms.update(raw[t])
