@@ -261,10 +261,9 @@ class Agent:
                 self._close_sampler()
                 self._sampler = self._make_sampler(self.seed + self.updates)
                 restored = (attempt == "snapshot" and not reset and self._saved_sampler is not None
-                            and hasattr(self._sampler, "load_state_dict")
                             and self._sampler.load_state_dict(self._saved_sampler))
                 # a snapshot that failed part-way may leave a wrapper's state behind a reset: build afresh
-                if not getattr(self._sampler, "half_restored", False):
+                if not self._sampler.half_restored:
                     break
             if not restored:  # fresh episodes: the discounted returns reward normalisation tracks start at 0
                 self.reward_scaler.ret[:] = 0.0
@@ -330,7 +329,7 @@ class Agent:
                        **self._recent_info_means(), "episodes": self._sampler.episodes, "wall_s": self.train_wall_s,
                        "steps_per_s": (self.env_steps - steps_at_start) / max(wall, 1e-9),
                        "faults/consecutive": self.consecutive_faults, **stats, **_policy_stats(self.policy),
-                       **getattr(self._sampler, "log_stats", dict)()}
+                       **self._sampler.log_stats()}
                 evaluated = not math.isnan(stats.get("eval/return_mean", math.nan))
                 # The callback sees the row first: numbers it adds (row["custom/x"] = ...) are logged with it.
                 failed: BaseException | None = None
@@ -634,11 +633,8 @@ class Agent:
         return file
 
     def _sampler_state(self) -> dict[str, Any] | None:
-        """The sampler's resume state (None for a sampler that cannot save one: resume then resets the envs)."""
-        if self._sampler is None:
-            return self._saved_sampler
-        state_dict = getattr(self._sampler, "state_dict", None)
-        return state_dict() if state_dict is not None else None
+        """The sampler's resume state (the one loaded with the agent, before a sampler is built)."""
+        return self._saved_sampler if self._sampler is None else self._sampler.state_dict()
 
     @classmethod
     def _from_checkpoint(cls, meta: dict[str, Any], tensors: dict[str, Any], action_mask=None,

@@ -112,6 +112,13 @@ class Sampler:
         self.dropped = 0  # episodes ended early because of a non-finite observation or reward
         self._cpu_actor: torch.nn.Module | None = None  # the acting copy of a policy that lives on a GPU
 
+    def prefetch(self, policy: torch.nn.Module, n_steps: int) -> None:
+        """Nothing: the environments step in this process, in ``collect`` (a worker sampler starts them early)."""
+
+    def log_stats(self) -> dict[str, Any]:
+        """Columns for the progress log: none of its own."""
+        return {}
+
     def _flat(self, obs: np.ndarray) -> np.ndarray:
         return np.asarray(obs, np.float64).reshape(self.n_envs, -1)
 

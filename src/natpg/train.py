@@ -286,7 +286,7 @@ def iteration(rollout: Rollout, collect_s: float, sampler, policy: nn.Module, cr
         try:
             stats: dict[str, Any] = (guarded_actor_update(actor_update, policy, batch) if usable else
                                      {**skipped(unusable), "critic/skipped": 1.0, "critic/fault": unusable})
-            if usable and prefetch and hasattr(sampler, "prefetch"):
+            if usable and prefetch:
                 sampler.prefetch(policy, n_steps)
         except BaseException:  # an interrupt or a bug: leave the critic as it was, not half-fitted
             critic_fit.cancel(fitting, critic)
@@ -299,6 +299,6 @@ def iteration(rollout: Rollout, collect_s: float, sampler, policy: nn.Module, cr
     else:
         t2 = t3 = time.perf_counter()
     # time/actor_s: the phase the environments wait for, the batch (GAE, old-policy outputs) and the actor update
-    stats |= {"env/nonfinite_dropped": float(getattr(sampler, "dropped", 0)),
+    stats |= {"env/nonfinite_dropped": float(sampler.dropped),
               "time/collect_s": collect_s, "time/actor_s": t2 - t1, "time/critic_s": t3 - t2}
     return stats

@@ -75,6 +75,7 @@ class DistributedSampler:
         self.total_steps = 0
         self.steps = 0
         self.dropped = 0
+        self.half_restored = False  # no environment snapshot to restore part of
         self._pending = None  # (weights, n_steps, handle) of a rollout started by prefetch
 
     @property
