@@ -384,7 +384,7 @@ def test_kfac_critic_counts_its_skipped_minibatch_steps_apart_from_the_skipped_f
     guard's critic/skipped (the whole fit undone: 0 or 1) must not overwrite."""
     from types import SimpleNamespace
 
-    from natpg.train import guarded_critic_fit
+    from natpg.guards import guarded_critic_fit
 
     _, obs, ret = critic_data(hidden=(), n=40)
     critic = KFACCritic(OBS_DIM, (8,), "tanh", epochs=2, minibatch=10, max_kl=0.05, eta_max=1.0, damping=0.01)

@@ -627,7 +627,7 @@ def test_a_faulty_update_undoes_the_steps_own_state_and_the_next_one_trains(algo
     """A NaN gradient reaches PPO's Adam (or the Adam step rule's moments) before the guard sees the stepped
     parameters: the guard puts back the moments (ACKTR: its momentum) with the parameters, so that the next
     update, on a finite batch, trains instead of faulting for good."""
-    from natpg.train import step_state_of
+    from natpg.guards import step_state_of
 
     def _step_state(actor_update):
         return {name: state for name, (_, state) in step_state_of(actor_update).items()}
@@ -655,7 +655,7 @@ def test_a_faulty_update_undoes_the_steps_own_state_and_the_next_one_trains(algo
 def test_an_update_interrupted_midway_leaves_the_last_completed_ones_step_state_and_draws(tmp_path, monkeypatch):
     """Ctrl-C after PPO's minibatch steps but before the update returned: the checkpoint of "the last completed
     update" holds that update's Adam moments and generator state, not those of the interrupted one."""
-    from natpg.train import step_state_of
+    from natpg.guards import step_state_of
 
     agent = natpg.PPO("Pendulum-v1", seed=4, **small())
     agent.learn(BATCH, out_dir=str(tmp_path))

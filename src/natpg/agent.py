@@ -31,8 +31,8 @@ from .params import num_params
 from .policies import env_action, input_layout, make_policy
 from .rollout import (NonFiniteEnvError, Sampler, episode_counters, restore_episode_counters, state_without_envs,
                       storable, describe_unstorable)
-from .train import (CriticFit, TrainingFault, fault_of, iteration, restore_parameters, restore_step_state,
-                    stateful_update_parts, step_state_of)
+from .guards import ActorSnapshot, fault_of, stateful_update_parts
+from .train import CriticFit, TrainingFault, iteration
 
 
 def space_to_dict(space: gym.Space) -> dict[str, Any]:
@@ -290,16 +290,14 @@ class Agent:
                 normalisers, counters = self._normaliser_state(), episode_counters(self._sampler)
                 try:
                     rollout, collect_s = self._collect()
-                    policy = [p.detach().clone() for p in self.policy.parameters()]
-                    step_state, draws = step_state_of(self.actor_update), self.cpu_generator.get_state()
+                    snapshot = ActorSnapshot(self.policy, self.actor_update, self.cpu_generator)
                     try:
                         stats = iteration(rollout, collect_s, self._sampler, self.policy, self.critic,
                                           self.actor_update, self.config, self.cpu_generator,
-                                          prefetch=i < n_updates - 1, critic_fit=self._critic_fit)
+                                          prefetch=i < n_updates - 1, critic_fit=self._critic_fit,
+                                          snapshot=snapshot)
                     except BaseException:  # the last completed update's policy, step state and draws
-                        restore_parameters(self.policy, policy)  # iteration puts the critic back itself
-                        restore_step_state(self.actor_update, step_state)
-                        self.cpu_generator.set_state(draws)
+                        snapshot.restore()  # iteration puts the critic back itself
                         raise
                 except BaseException as exc:  # Ctrl-C, the environment's error: back to the last completed update
                     self._restore_normalisers(normalisers)

@@ -1,11 +1,9 @@
 """One training iteration, in the order of the paper: collect → advantages → g → solve → step → critic.
 
-Numerical faults never reach the parameters: a batch with non-finite advantages or returns is not
-used; an actor update that reports a fault (``step/skipped`` with ``step/fault``) or leaves a
-non-finite parameter or KL behind is undone bit-exactly from a copy; a critic fit whose loss or
-parameters end non-finite is undone together with its optimiser state. Each such iteration is logged
-with its reason, and the caller counts consecutive faults (``Agent.learn`` stops with
-``TrainingFault`` after ``max_consecutive_faults``).
+Numerical faults never reach the parameters: a batch with non-finite advantages or returns is not used, and
+an actor update or critic fit that fails is undone bit-exactly (``natpg.guards``). Each such iteration is logged
+with its reason, and the caller counts consecutive faults (``Agent.learn`` stops with ``TrainingFault`` after
+``max_consecutive_faults``).
 
 The critic fit may run in a second thread beside the actor update (``CriticFit``), in the otherwise idle
 core of the phase in which the environments wait for the new policy; the numbers stay those of the order
@@ -16,8 +14,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import copy
-import math
 import os
 import time
 from typing import Any
@@ -28,7 +24,8 @@ from torch import nn
 from .advantages import gae, normalize_advantages
 from .algorithms import Batch
 from .config import AdvantageConfig, RunConfig
-from .errors import first_line
+from .guards import (ActorSnapshot, critic_restore, critic_snapshot, finite, guarded_actor_update,
+                     guarded_critic_fit)
 from .rollout import Rollout
 from .steps import skipped
 
@@ -62,114 +59,6 @@ def make_batch(rollout: Rollout, policy: nn.Module, critic: nn.Module, cfg: Adva
     return Batch(obs=obs, act=act, adv=adv, ret=ret, logp_old=logp_old, eta_old=eta_old)
 
 
-def _finite(*tensors: torch.Tensor) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def _finite_module(module: nn.Module) -> bool:
-    return _finite(*(p.detach() for p in module.parameters()))
-
-
-def restore_parameters(module: nn.Module, saved: list[torch.Tensor]) -> None:
-    with torch.no_grad():
-        for p, s in zip(module.parameters(), saved):
-            p.copy_(s)
-
-
-def numerical_error(exc: BaseException) -> str | None:
-    """The reason, when an exception raised inside an update is a numerical fault rather than a bug: a value
-    that overflows the parameters' dtype, a distribution built from NaN/inf parameters, a failed factorisation."""
-    msg = first_line(exc)
-    if isinstance(exc, torch.linalg.LinAlgError) or (isinstance(exc, RuntimeError) and "overflow" in msg) or \
-            (isinstance(exc, ValueError) and "invalid values" in str(exc)):
-        return f"{type(exc).__name__}: {msg[:200]}"
-    return None
-
-
-def stateful_update_parts(actor_update: Any) -> dict[str, Any]:
-    """Parts of an actor update that carry state across updates and can save it (``state_dict``)."""
-    parts = {"update": actor_update, "step_rule": getattr(actor_update, "step_rule", None),
-             "curvature": getattr(actor_update, "curvature", None)}
-    return {k: v for k, v in parts.items() if hasattr(v, "state_dict") and hasattr(v, "load_state_dict")}
-
-
-def step_state_of(actor_update: Any) -> dict[str, tuple[Any, Any]]:
-    """A copy of what the actor update's step carries to the next update (PPO's Adam moments, the Adam step rule's,
-    ACKTR's momentum), each with its part, to undo with the parameters (``restore_step_state``). The curvature's
-    state is not copied (K-FAC's moving averages: it leaves a non-finite batch out of them by itself)."""
-    return {name: (part, copy.deepcopy(part.state_dict()))
-            for name, part in stateful_update_parts(actor_update).items() if name != "curvature"}
-
-
-def restore_step_state(actor_update: Any, saved: dict[str, tuple[Any, Any]]) -> None:
-    for part, state in saved.values():
-        part.load_state_dict(state)
-
-
-def guarded_actor_update(actor_update, policy: nn.Module, batch: Batch) -> dict[str, Any]:
-    """``actor_update.update(policy, batch)``, undone when it reports a fault, raises a numerical error or leaves a
-    non-finite parameter or KL behind: the parameters and the step's own state (``step_state_of``). Always returns
-    ``step/skipped`` (0 or 1); ``step/fault`` names the reason."""
-    saved = [p.detach().clone() for p in policy.parameters()]
-    step_state = step_state_of(actor_update)
-    try:
-        stats = actor_update.update(policy, batch)
-    except (RuntimeError, ValueError) as exc:
-        reason = numerical_error(exc)
-        if reason is None:
-            raise
-        stats = skipped(f"numerical error in the actor update ({reason})")
-    fault = stats.get("step/fault") if stats.get("step/skipped") else None
-    if fault is None and not _finite_module(policy):
-        fault = "non-finite parameters after the step"
-    if fault is None and not math.isfinite(float(stats.get("step/kl", 0.0))):
-        fault = "non-finite KL after the step (the stepped policy is not finite)"
-    if fault is not None:
-        restore_parameters(policy, saved)
-        restore_step_state(actor_update, step_state)
-        stats = {**stats, **skipped(fault)}
-    stats.setdefault("step/skipped", 0.0)
-    return stats
-
-
-def _critic_snapshot(critic: nn.Module):
-    optimizer = getattr(critic, "optimizer", None)
-    return ([p.detach().clone() for p in critic.parameters()],
-            copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None)
-
-
-def _critic_restore(critic: nn.Module, snapshot) -> None:
-    params, optimizer_state = snapshot
-    restore_parameters(critic, params)
-    if optimizer_state is not None:
-        critic.optimizer.load_state_dict(optimizer_state)
-
-
-def guarded_critic_fit(critic: nn.Module, batch: Batch, generator: torch.Generator, snapshot=None
-                       ) -> dict[str, Any]:
-    """``critic.fit``, undone (parameters and optimiser state, to ``snapshot`` or a copy taken here) when its
-    loss or parameters end non-finite."""
-    snapshot = snapshot or _critic_snapshot(critic)
-    try:
-        stats = critic.fit(batch.obs, batch.ret, generator)
-    except (RuntimeError, ValueError) as exc:
-        reason = numerical_error(exc)
-        if reason is None:
-            raise
-        stats = {"critic/loss_after": float("nan"), "critic/error": reason}
-    loss = float(stats.get("critic/loss_after", 0.0))
-    fault = None
-    if "critic/error" in stats:
-        fault = f"numerical error in the critic fit ({stats.pop('critic/error')})"
-    elif not _finite_module(critic):
-        fault = "non-finite critic parameters after the fit"
-    elif not math.isfinite(loss):
-        fault = f"non-finite critic loss ({loss!r})"
-    if fault is not None:
-        _critic_restore(critic, snapshot)
-        return {**stats, "critic/skipped": 1.0, "critic/fault": fault}
-    return {**stats, "critic/skipped": 0.0}
-
 
 class CriticFit:
     """The critic fit of ``iteration``, run in a second thread beside the actor update when that leaves every
@@ -202,7 +91,7 @@ class CriticFit:
         state = generator.get_state()
         shuffles = torch.Generator(generator.device)
         shuffles.set_state(state)
-        snapshot = _critic_snapshot(critic)
+        snapshot = critic_snapshot(critic)
         return state, shuffles, snapshot, CriticFit._executor[1].submit(guarded_critic_fit, critic, batch, shuffles,
                                                                         snapshot)
 
@@ -220,7 +109,7 @@ class CriticFit:
             generator.set_state(shuffles.get_state())
             return stats
         self.overlap = False
-        _critic_restore(critic, snapshot)
+        critic_restore(critic, snapshot)
         return guarded_critic_fit(critic, batch, generator)
 
     @staticmethod
@@ -228,13 +117,8 @@ class CriticFit:
         """Wait for an overlapped fit and undo it (the actor update raised): the critic is left as it was."""
         if handle is not None:
             concurrent.futures.wait([handle[3]])
-            _critic_restore(critic, handle[2])
+            critic_restore(critic, handle[2])
 
-
-def fault_of(stats: dict[str, Any]) -> str | None:
-    """The reason an iteration's update was (partly) skipped, or None."""
-    reasons = dict.fromkeys(str(stats[k]) for k in ("step/fault", "critic/fault") if stats.get(k))  # once each
-    return "; ".join(reasons) or None
 
 
 @contextlib.contextmanager
@@ -265,8 +149,8 @@ def batch_diagnostics(policy: nn.Module, batch: Batch, critic_loss_before: float
 
 
 def iteration(rollout: Rollout, collect_s: float, sampler, policy: nn.Module, critic, actor_update, cfg,
-              generator: torch.Generator, prefetch: bool = False, critic_fit: CriticFit | None = None
-              ) -> dict[str, Any]:
+              generator: torch.Generator, prefetch: bool = False, critic_fit: CriticFit | None = None,
+              snapshot: ActorSnapshot | None = None) -> dict[str, Any]:
     """After ``sampler.collect`` (``rollout``, in ``collect_s`` seconds): advantages → actor update (g, d = F⁻¹g,
     step) → critic regression; returns the log row.
 
@@ -274,17 +158,18 @@ def iteration(rollout: Rollout, collect_s: float, sampler, policy: nn.Module, cr
     soon as the actor has stepped, so that it runs while the critic is fitted here. The next batch is the
     same either way: the rollout reads only the policy and the normaliser statistics, the critic is read
     only by the next ``make_batch``. ``critic_fit``: a ``CriticFit`` that may overlap the critic fit with
-    the actor update (None: the fit runs after it); ``time/critic_s`` is then the wait after the actor."""
+    the actor update (None: the fit runs after it); ``time/critic_s`` is then the wait after the actor.
+    ``snapshot``: the actor as it was before this iteration, to undo a faulty step to (None: one taken here)."""
     t1 = time.perf_counter()
     n_steps = cfg.rollout.n_steps
     unusable = "non-finite advantages, returns or old policy outputs"
     critic_fit = critic_fit or CriticFit(overlap=False)
     with _threads(cfg.run.update_threads):  # the environments wait for this phase's result
         batch = make_batch(rollout, policy, critic, cfg.advantage)
-        usable = _finite(batch.adv, batch.ret, batch.eta_old, batch.logp_old)
+        usable = finite(batch.adv, batch.ret, batch.eta_old, batch.logp_old)
         fitting = critic_fit.start(critic, batch, generator, cfg.run) if usable else None
         try:
-            stats: dict[str, Any] = (guarded_actor_update(actor_update, policy, batch) if usable else
+            stats: dict[str, Any] = (guarded_actor_update(actor_update, policy, batch, snapshot) if usable else
                                      {**skipped(unusable), "critic/skipped": 1.0, "critic/fault": unusable})
             if usable and prefetch:
                 sampler.prefetch(policy, n_steps)
