@@ -1549,3 +1549,41 @@ def test_observation_statistics_take_every_stepped_observation_and_checkpoints_c
     assert seen == [0, 0, 128, 128, 256]  # the one written before any work, then every second update's (the
     # callback runs before that update's checkpoint): a process killed at any moment leaves a run that goes on
     assert checkpoint.read(str(tmp_path))[0]["env_steps"] == 320
+
+
+def test_building_or_loading_an_agent_leaves_the_global_random_stream_alone(tmp_path):
+    """The networks' initialisation is drawn from the agent's seed without reseeding torch's global generator (a
+    user's own draws go on as they would), and is still a function of the seed alone."""
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    a = natpg.NPG("CartPole-v1", seed=0, n_envs=2, n_steps=32)
+    a.save(str(tmp_path / "m"))
+    natpg.load(str(tmp_path / "m"))
+    assert torch.equal(torch.rand(3), expected) and torch.initial_seed() == 1234
+    torch.manual_seed(999)
+    same, other = (natpg.NPG("CartPole-v1", seed=s, n_envs=2, n_steps=32) for s in (0, 1))
+    for net in ("policy", "critic"):
+        pairs = list(zip(getattr(a, net).parameters(), getattr(same, net).parameters()))
+        assert all(torch.equal(p, q) for p, q in pairs)
+        assert not all(torch.equal(p, q) for p, q in zip(getattr(a, net).parameters(), getattr(other, net).parameters()))
+
+
+@pytest.mark.parametrize("algo", ["NPG", "ACKTR", "PPO"])
+def test_learn_and_load_work_inside_the_callers_no_grad_or_inference_mode(tmp_path, algo):
+    """Training computes gradients whatever grad mode the caller is in: an agent built, trained or loaded under
+    torch.no_grad() or torch.inference_mode() trains bit-identically to one outside them."""
+    kw = dict(seed=0, n_envs=2, n_steps=32)
+    plain = getattr(natpg, algo)("CartPole-v1", **kw).learn(128)
+    with torch.no_grad():
+        no_grad = getattr(natpg, algo)("CartPole-v1", **kw).learn(128)
+    with torch.inference_mode():
+        inference = getattr(natpg, algo)("CartPole-v1", **kw).learn(128)
+        inference.save(str(tmp_path / "m"))
+        loaded = natpg.load(str(tmp_path / "m"))
+    assert torch.is_grad_enabled()
+    for agent in (no_grad, inference):
+        assert all(torch.equal(p, q) for p, q in zip(plain.policy.parameters(), agent.policy.parameters()))
+    loaded.learn(64)  # outside inference mode: its tensors, the optimiser's state too, are ordinary ones
+    plain.learn(64)
+    assert all(torch.equal(p, q) for p, q in zip(plain.policy.parameters(), loaded.policy.parameters()))

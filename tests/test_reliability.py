@@ -1538,6 +1538,38 @@ def test_a_run_directory_has_one_writer(tmp_path, capsys):
     natpg.load(str(run)).learn(BATCH, out_dir=str(run), reset=False)  # the lock died with its process
 
 
+def test_a_second_writer_in_the_same_process_is_refused(tmp_path):
+    """An agent learning into DIR from another thread, while the first holds DIR (here: from inside its callback),
+    is refused naming that thread, and the first run goes on undisturbed; nested use in one thread is fine."""
+    import threading
+
+    run = str(tmp_path / "run")
+    errors: list[str] = []
+
+    def second_writer(agent, row):
+        if row["updates"] == 1:
+            other = natpg.NPG("CartPole-v1", **small(seed=1))
+            t = threading.Thread(target=lambda: _record_error(errors, other.learn, BATCH, out_dir=run),
+                                 name="second-writer")
+            t.start()
+            t.join()
+            with checkpoint.run_dir_lock(run):  # the same thread again: nested, not refused
+                pass
+
+    first = natpg.NPG("CartPole-v1", **small()).learn(2 * BATCH, out_dir=run, callback=second_writer)
+    assert len(errors) == 1 and "in use by another natpg writer in this process (thread MainThread)" in errors[0]
+    assert first.updates == 2 and natpg.load(run).updates == 2
+    natpg.NPG("CartPole-v1", **small(seed=1)).learn(BATCH, out_dir=str(tmp_path / "free"))  # the lock was let go
+    natpg.load(run).learn(BATCH, out_dir=run, reset=False)
+
+
+def _record_error(errors: list[str], fn, *args, **kwargs) -> None:
+    try:
+        fn(*args, **kwargs)
+    except ValueError as exc:
+        errors.append(str(exc))
+
+
 def test_a_full_disk_is_one_error_line_from_the_cli(tmp_path, monkeypatch, capsys):
     import errno
 

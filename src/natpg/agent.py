@@ -135,6 +135,7 @@ class Agent:
         """Where the action mask comes from: None, an info key, or the callable given to the constructor."""
         return self.action_mask_fn if self.config.env.action_mask == CALLABLE_MASK else self.config.env.action_mask
 
+    @torch.inference_mode(False)  # trainable tensors, also where an agent is built for inference
     def _build(self, env_id: str, seed: int, config: Config, observation_space: gym.Space,
                action_space: gym.Space) -> None:
         check_spaces(observation_space, action_space)
@@ -148,15 +149,17 @@ class Agent:
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.run.device == "auto"
                                    else config.run.device)
         torch.set_num_threads(config.run.torch_threads)
-        torch.manual_seed(seed)
         p = config.policy
         if isinstance(action_space, gym.spaces.Box) and p.action_squash == "clip":
             _warn_bounds_without_zero(action_space)
         masked = config.env.action_mask is not None
         features, mask_dim, image = input_layout(observation_space, action_space, masked)
-        self.policy = make_policy(observation_space, action_space, p.hidden, p.activation, p.log_std_init,
-                                  p.action_squash, masked).to(self.device)
-        self.critic = make_critic(config, features + mask_dim, image).to(self.device)
+        # The initialisation is drawn from the seed on the CPU, the user's global random stream left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            self.policy = make_policy(observation_space, action_space, p.hidden, p.activation, p.log_std_init,
+                                      p.action_squash, masked).to(self.device)
+            self.critic = make_critic(config, features + mask_dim, image).to(self.device)
         self._built = _layout(self.policy), _layout(self.critic)  # what a checkpoint's config rebuilds
         if image is None:
             _warn_wide_kfac_input(config, features + mask_dim)
@@ -250,6 +253,8 @@ class Agent:
             return self._train(n_updates, end_steps, schedule_end, os.fspath(out_dir), continuing, progress_bar,
                                reset, callback)
 
+    @torch.inference_mode(False)  # the updates need gradients, whatever mode the caller is in
+    @torch.enable_grad()
     def _train(self, n_updates: int, end_steps: int, schedule_end: int | None, out_dir: str | None,
                continuing: bool, progress_bar: bool, reset: bool, callback) -> "Agent":
         """learn's loop, its arguments checked (and ``out_dir`` locked and claimed)."""
@@ -812,6 +817,7 @@ def _loaded_config(recorded: Config, changes: dict[str, Any]) -> Config:
     return recorded.override(**changes).validate()
 
 
+@torch.inference_mode(False)  # trainable tensors, also where a model is loaded for inference
 def load(path: str, action_mask=None, **changes: Any) -> Agent:
     """Load a checkpoint written by ``Agent.save``; the algorithm class is recorded inside. ``action_mask``: the
     callable mask a run was trained with (callables are not saved; an info-key mask needs nothing).

@@ -19,6 +19,7 @@ import json
 import os
 import stat
 import tempfile
+import threading
 import warnings
 from typing import Any
 
@@ -207,38 +208,54 @@ def read(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 LOCK_FILE = ".natpg.lock"
-_held_locks: dict[str, int] = {}  # real path of a run directory this process has locked → its lock file descriptor
+# real path of a run directory this process has locked → (its lock file descriptor, the thread holding it)
+_held_locks: dict[str, tuple[int, int]] = {}
+_held_locks_guard = threading.Lock()
 
 
 @contextlib.contextmanager
 def run_dir_lock(directory: str):
-    """Hold ``directory``'s lock while this process writes a run there, so that a second process (the same
-    ``--resume`` started twice) is refused — naming the first one's pid — instead of interleaving its log rows and
-    checkpoints with the first's. An flock on DIR/.natpg.lock: released however the process ends, so never stale;
-    nested use within one process is fine. Where there is no fcntl (Windows) nothing is locked."""
+    """Hold ``directory``'s lock while this process writes a run there, so that a second writer (the same
+    ``--resume`` started twice, or a second agent in another thread) is refused — naming the first one — instead of
+    interleaving its log rows and checkpoints with the first's. An flock on DIR/.natpg.lock: released however the
+    process ends, so never stale; nested use within one thread is fine. Where there is no fcntl (Windows) nothing
+    is locked."""
     if fcntl is None:
         yield
         return
     os.makedirs(directory, exist_ok=True)
     key = os.path.realpath(directory)
-    if key in _held_locks:  # an outer use holds it (natpg train around learn)
+    me = threading.get_ident()
+    with _held_locks_guard:
+        holder_thread = _held_locks[key][1] if key in _held_locks else None
+        if holder_thread is None:
+            fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise ValueError(f"{directory!r} is in use by another natpg process (pid {holder}) writing a run "
+                                 f"there: one writer per run directory; wait for it to end (or stop it), or use "
+                                 f"another directory") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            _held_locks[key] = fd, me
+    if holder_thread == me:  # an outer use holds it (natpg train around learn)
         yield
         return
-    fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise ValueError(f"{directory!r} is in use by another natpg process (pid {holder}) writing a run there: one "
-                         f"writer per run directory; wait for it to end (or stop it), or use another directory"
-                         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    _held_locks[key] = fd
+    if holder_thread is not None:
+        raise ValueError(f"{directory!r} is in use by another natpg writer in this process (thread "
+                         f"{_thread_name(holder_thread)}) writing a run there: one writer per run directory; wait "
+                         f"for it to end, or use another directory")
     try:
         yield
     finally:
-        del _held_locks[key]
+        with _held_locks_guard:
+            del _held_locks[key]
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _thread_name(ident: int) -> str:
+    return next((t.name for t in threading.enumerate() if t.ident == ident), str(ident))
