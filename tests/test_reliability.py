@@ -1731,6 +1731,21 @@ def test_an_environments_own_error_at_an_autoreset_goes_on_as_it_is(vectorizatio
                   **small()).learn(BATCH)
 
 
+@pytest.mark.parametrize("vectorization", ["sync", "async", "multiproc"])
+def test_learn_after_an_environments_error_mid_rollout_builds_the_environments_afresh(vectorization):
+    """Environments stopped mid-rollout by their own error (Gymnasium's AsyncVectorEnv closes itself then, a
+    multiproc worker reports and exits) are not reused by a later learn(reset=False): it builds them afresh with a
+    warning, and here meets the environment's own error again rather than a dead pipe."""
+    agent = natpg.NPG(OFF_SPACE_ID, env_kwargs={"kind": "reset_raises"}, vectorization=vectorization, **small())
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"^license server unreachable"):
+            agent.learn(BATCH, reset=False)
+        with pytest.warns(RuntimeWarning, match=r"freshly reset environments.*stopped mid-rollout \(ValueError\)"):
+            with pytest.raises(ValueError, match=r"^license server unreachable"):
+                agent.learn(BATCH, reset=False)
+    agent.close()
+
+
 def test_an_edited_config_json_is_named_as_not_read(tmp_path):
     """The checkpoint's settings are the run's; a config.json edited by hand is said to be ignored, not obeyed
     silently or overwritten without a word."""

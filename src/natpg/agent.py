@@ -6,6 +6,7 @@ owns none of the maths itself.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -293,8 +294,10 @@ class Agent:
             for i in range(n_updates):
                 schedule = self._schedule(step_rule, schedule_end)
                 normalisers, counters = self._normaliser_state(), episode_counters(self._sampler)
+                mid_rollout = True
                 try:
                     rollout, collect_s = self._collect()
+                    mid_rollout = False
                     snapshot = ActorSnapshot(self.policy, self.actor_update, self.cpu_generator)
                     try:
                         stats = iteration(rollout, collect_s, self._sampler, self.policy, self.critic,
@@ -307,6 +310,11 @@ class Agent:
                 except BaseException as exc:  # Ctrl-C, the environment's error: back to the last completed update
                     self._restore_normalisers(normalisers)
                     restore_episode_counters(self._sampler, counters)  # the lost rollout's episodes are not logged
+                    # This process's environments stopped mid-step (an async copy that raised is gone): the next
+                    # learn builds them afresh (worker samplers replace their failed workers themselves).
+                    if mid_rollout and isinstance(self._sampler, Sampler):
+                        with contextlib.suppress(Exception):  # the error goes on as it was
+                            self._close_sampler(f"the environments were stopped mid-rollout ({type(exc).__name__})")
                     if out_dir:
                         file = self._write_checkpoint(out_dir, state_without_envs(
                             counters, "the run was interrupted mid-rollout"))
@@ -345,6 +353,8 @@ class Agent:
                     failed = ValueError(f"the callback changed natpg's own columns {changed}: add keys of your own "
                                         f"instead (row['custom/...'] = value)")
                     row = before
+                if self._sampler is None:  # the callback closed the agent: no environments left to train on
+                    stop = True
                 if self.updates % run.log_interval == 0 or fault or evaluated or stop or i == n_updates - 1:
                     logger.record(row)
                 if self.consecutive_faults >= run.max_consecutive_faults:
@@ -368,6 +378,8 @@ class Agent:
         if out_dir:
             self._save(out_dir)
         # Advice after the save: a warning turned into an error must not cost the checkpoint.
+        if self._sampler is None:  # closed by the callback
+            return self
         self._warn_missing_info_keys()
         if restarted and self._sampler.episodes == episodes_before:
             ran = (self.env_steps - steps_at_start) // self.config.env.n_envs
@@ -476,13 +488,12 @@ class Agent:
             return _mean(self._saved_sampler["recent_returns"]) if self._saved_sampler else float("nan")
         return _mean(self._sampler.recent_returns)
 
-    def _close_sampler(self) -> None:
+    def _close_sampler(self, reason: str = "the environments were closed before (Agent.close)") -> None:
         """Close the environments; the run's episode statistics stay (for the next sampler, a checkpoint, logs)."""
         if self._sampler is not None:
-            self._saved_sampler = state_without_envs(episode_counters(self._sampler),
-                                                     "the environments were closed before (Agent.close)")
-            self._sampler.close()
-            self._sampler = None
+            self._saved_sampler = state_without_envs(episode_counters(self._sampler), reason)
+            sampler, self._sampler = self._sampler, None
+            sampler.close()
 
     def close(self) -> None:
         self._close_sampler()
