@@ -1435,6 +1435,19 @@ def test_device_auto_takes_the_gpu_where_there_is_one_and_is_recorded_as_auto(tm
         natpg.NPG("CartPole-v1", device="gpu")
 
 
+def test_a_callback_that_closes_the_agent_ends_learn_after_that_update(tmp_path):
+    """agent.close() inside the callback (to free the environments) stops training like a False return: that
+    update is logged and saved, and a later learn builds the environments afresh."""
+    run = tmp_path / "run"
+    agent = natpg.NPG("CartPole-v1", seed=0, **small())
+    agent.learn(4 * 64, out_dir=str(run), callback=lambda a, row: a.close())
+    assert agent.updates == 1 and agent._sampler is None and _rows(run) == [64]
+    assert natpg.load(str(run)).updates == 1
+    with pytest.warns(RuntimeWarning, match="closed before"):
+        agent.learn(64, out_dir=str(run), reset=False)
+    assert agent.updates == 2
+
+
 def test_a_callback_that_raises_leaves_the_completed_update_logged_and_saved(tmp_path):
     def callback(agent, row):
         if agent.updates == 2:
