@@ -1435,6 +1435,17 @@ def test_device_auto_takes_the_gpu_where_there_is_one_and_is_recorded_as_auto(tm
         natpg.NPG("CartPole-v1", device="gpu")
 
 
+def test_an_agent_in_a_with_block_closes_its_environments_at_its_end():
+    with natpg.NPG("CartPole-v1", seed=0, vectorization="multiproc", n_workers=2, **small()) as agent:
+        agent.learn(64)
+        envs = agent._sampler.envs
+        assert all(p.is_alive() for p in envs.procs)
+    assert agent._sampler is None and not any(p.is_alive() for p in envs.procs)
+    assert all(conn.closed for conn in envs.conns)  # the pipes' descriptors too
+    agent.learn(64)  # a closed agent learns on, from fresh environments
+    agent.close()
+
+
 def test_a_callback_that_closes_the_agent_ends_learn_after_that_update(tmp_path):
     """agent.close() inside the callback (to free the environments) stops training like a False return: that
     update is logged and saved, and a later learn builds the environments afresh."""

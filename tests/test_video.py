@@ -90,9 +90,12 @@ for _id, _kwargs, _entry in [("natpg_test/Frames-v0", {}, FrameEnv),
         gym.register(id=_id, entry_point=_entry, kwargs=_kwargs)
 
 
-def test_cartpole_video_has_evaluates_returns_and_every_kth_frame(tmp_path):
+def test_cartpole_video_has_evaluates_returns_and_every_kth_frame(tmp_path, monkeypatch):
     agent = natpg.NPG("CartPole-v1", seed=0)  # untrained: episodes of different lengths
+    monkeypatch.delenv("SDL_VIDEODRIVER", raising=False)
+    environ = dict(os.environ)
     returns = record_video(agent, tmp_path / "sub" / "cartpole.mp4", episodes=3, seed=7)
+    assert dict(os.environ) == environ  # drawn without a window where there is no display, the caller's env as it was
     mean, std = natpg.evaluate(agent, episodes=3, seed=7)
     assert len(returns) == 3
     assert np.mean(returns) == pytest.approx(mean, abs=1e-9) and np.std(returns) == pytest.approx(std, abs=1e-9)

@@ -496,7 +496,14 @@ class Agent:
             sampler.close()
 
     def close(self) -> None:
+        """End the environments (and worker processes); the agent can still act, save, and learn (afresh)."""
         self._close_sampler()
+
+    def __enter__(self) -> "Agent":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     # --- acting ---------------------------------------------------------------------------------
     def predict(self, obs: Any, deterministic: bool = True, action_mask: Any = None) -> np.ndarray:

@@ -335,6 +335,9 @@ class MultiprocVectorEnv:
             proc.join(timeout=5)
             if proc.is_alive():
                 proc.terminate()
+                proc.join(timeout=5)
+        for conn in self.conns:  # the pipes' file descriptors go now, not whenever the object is collected
+            conn.close()
 
     def __del__(self) -> None:
         try:

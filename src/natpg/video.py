@@ -9,6 +9,7 @@ returns equal ``evaluate``'s episode for episode.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -103,8 +104,26 @@ def record_video(agent: Agent, path: str | os.PathLike, env: str | None = None, 
     episode's undiscounted return. The file appears only when complete (written beside it, then renamed).
     An episode not ended after ``max_episode_steps`` steps is cut there, with a warning, as in ``evaluate``."""
     out = _check_path(path)
-    if headless_linux():
-        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame (classic control) draws without a window
+    with _windowless_pygame():
+        return _record(agent, out, env, episodes, seed, deterministic, max_episode_steps, env_kwargs)
+
+
+@contextlib.contextmanager
+def _windowless_pygame():
+    """pygame (classic control) draws without a window on a display-less Linux; the caller's environment variables
+    are as they were afterwards."""
+    if not headless_linux() or "SDL_VIDEODRIVER" in os.environ:
+        yield
+        return
+    os.environ["SDL_VIDEODRIVER"] = "dummy"
+    try:
+        yield
+    finally:
+        os.environ.pop("SDL_VIDEODRIVER", None)
+
+
+def _record(agent: Agent, out: Path, env: str | None, episodes: int, seed: int, deterministic: bool,
+            max_episode_steps: int, env_kwargs: dict | None) -> list[float]:
     env_id = check_evaluation(agent, env, episodes, seed, max_episode_steps, env_kwargs, deterministic)
     env_kwargs = evaluation_env_kwargs(agent, env_id, env_kwargs)
     episodes, seed, max_episode_steps = int(episodes), int(seed), int(max_episode_steps)  # numpy's too
