@@ -45,16 +45,17 @@ class Empirical:
 
     How it differs from the true Fisher F = E_s E_{a~π}[s sᵀ]: the inner expectation over the policy's own
     actions is replaced by the one action in the data, so F_emp is the (uncentred) second moment of the
-    data's score vectors rather than the curvature of the policy's distribution. It is a consistent
-    estimate of F only when the actions were drawn from the current π itself (on-policy, before any
-    update) — then E[F_emp] = F but with much more variance than the sampled or exact Fisher; once the
-    policy moves away from the data's action distribution (a second step on the same batch, off-policy
-    data, replay) it is biased, and for actions that π finds unlikely it is dominated by large scores.
-    Its directions are those of the gradient's own summands, so it "includes the gradient's signal":
-    F_emp⁻¹g rescales the gradient by the spread of its own terms (Adam-like) instead of by the
-    geometry of π, and can fail to be a natural gradient at all (Kunstner, Balles & Hennig, 2019,
-    "Limitations of the empirical Fisher approximation for natural gradient descent"). Use it as a
-    cheap, model-free preconditioner or to compare; prefer ``CG``/``KFAC`` for the natural gradient.
+    data's score vectors rather than the curvature of the policy's distribution. When the actions were drawn
+    from the current π itself — natpg's use: each update fits it on the batch π just collected, before the
+    step — a taken action is one sample of π, as the sampled estimator's fresh draw is, so E[F_emp] = F with
+    the same variance as the one-sample Monte-Carlo Fisher (more than the exact Fisher, which integrates the
+    actions out). Two differences remain: the same actions enter g and F_emp, so the solve's noise is
+    correlated with the gradient's; and with N < P samples F_emp has rank ≤ N, so λ sets the step along the
+    other P − N directions. Off the policy's distribution (a second step on the same batch, off-policy or
+    replayed data) it is biased and dominated by the large scores of actions π finds unlikely: that is the
+    empirical Fisher of Kunstner, Balles & Hennig (2019, "Limitations of the empirical Fisher approximation
+    for natural gradient descent"), whose labels come from the data, not the model, and which can fail to be
+    a natural gradient at all.
 
     Solve: with N < P samples, the Woodbury identity turns the P×P solve into an N×N one,
     ``(λI + SᵀS/N)⁻¹ g = (g − Sᵀ (SSᵀ + NλI)⁻¹ S g)/λ`` for the score matrix S [N, P] (Cholesky of the

@@ -17,8 +17,8 @@ How ``g`` is obtained (``estimator``):
 * ``"exact"`` — actions integrated out analytically: backward passes of the R columns of a square root
   ``F_out = L Lᵀ`` of the output distribution's Fisher (R = its dimension K, batched into one
   vectorised backward). ``G = E_s[(∂η/∂s)ᵀ F_out (∂η/∂s)]`` exactly, at R× the backward cost.
-* ``"empirical"`` — the actions taken in the batch (``act``): the empirical-Fisher variant of K-FAC, which
-  inherits the empirical Fisher's bias (see ``natpg.fisher.empirical``).
+* ``"empirical"`` — the actions taken in the batch (``act``): the empirical-Fisher variant of K-FAC, as good as
+  ``"sampled"`` on fresh on-policy data and biased off it (see ``natpg.fisher.empirical``).
 
 Parameters that are not the weight/bias of a ``nn.Linear`` or ``nn.Conv2d`` (the Gaussian log-std)
 get their own dense block ``E_s[J_sᵀ F_out J_s]`` (or, with ``"empirical"``, the taken actions' score
@@ -376,12 +376,15 @@ class _Damped:
 class KFAC:
     """Kronecker-factored approximate Fisher: F ≈ blockdiag(A_l ⊗ G_l, …, F_rest), damped and inverted per block.
 
-    The matrix that ``solve`` inverts and ``mv`` multiplies is, in ``actor_parameters()`` order,
+    The matrix that ``solve`` inverts and ``mv`` multiplies is, up to the order of coordinates within each layer
+    (``actor_parameters()`` stores W̄ = [W | b] row-major, in which the block reads (G_l + …) ⊗ (A_l + …)),
 
         blockdiag over layers of (A_l + π_l √λ I) ⊗ (G_l + √λ/π_l I),  and  F_rest + λ I,
 
     with the factored Tikhonov damping of Martens & Grosse (§6.3): π_l = sqrt((tr A_l/dim A_l)/(tr G_l/dim G_l))
-    balances the two factors so their product carries ≈ λ I. A_l = E[ā āᵀ] (layer inputs with a 1
+    balances the two factors and minimises the cross term √λ (A_l ⊗ I/π_l + π_l I ⊗ G_l) the product carries
+    beside λ I — which is O(√λ), several times λ, so K-FAC's λ regularises more than the λ I of the other
+    solvers. A_l = E[ā āᵀ] (layer inputs with a 1
     appended for the bias; for a convolution averaged over positions too), G_l = E[Σ_positions g gᵀ]
     (g = ∂ log π/∂(layer output)), each an exponential moving average over fits with decay
     ``ema_decay`` (the first fit initialises it; ``ema_decay=0`` keeps only the last batch). Factors
@@ -549,7 +552,7 @@ class KFAC:
         return out
 
     def solve(self, g: torch.Tensor) -> torch.Tensor:
-        """≈ (F + λI)⁻¹ g: the inverse of the damped K-FAC matrix times g [P] → [P]."""
+        """The inverse of the damped K-FAC matrix (an approximation of F plus at least λI) times g [P] → [P]."""
         return self._apply(g, inverse=True)
 
     def mv(self, v: torch.Tensor) -> torch.Tensor:
