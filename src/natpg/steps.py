@@ -1,9 +1,10 @@
 """Step rules: given a direction d ≈ F⁻¹g, choose how far to move the actor parameters.
 
 Every rule checks what it is about to apply: a non-finite direction (and, for the rules that measure it,
-a non-finite or non-positive curvature dᵀFd) leaves the parameters untouched and is logged as
-``step/skipped = 1`` with the reason in ``step/fault``. A step that leaves non-finite parameters or a
-non-finite KL behind is undone by the update's guard (``train.guarded_actor_update``).
+a non-finite or non-positive curvature dᵀFd of a direction of some size) leaves the parameters untouched and is
+logged as ``step/skipped = 1`` with the reason in ``step/fault``; a zero direction, or one too small to square, is
+no step. A step that leaves non-finite parameters or a non-finite KL behind is undone by the update's guard
+(``guards.guarded_actor_update``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ def skipped(reason: str) -> dict[str, float]:
     return {"step/skipped": 1.0, "step/fault": reason, "step/size": 0.0}
 
 
+def nonfinite(d: torch.Tensor) -> bool:
+    return not bool(torch.isfinite(d).all())
+
+
 def quadratic_kl_step(d: torch.Tensor, curvature: Curvature, max_kl: float) -> tuple[float, float, str | None]:
     """α = √(2δ / dᵀFd), so that the quadratic model of the KL, ½ α² dᵀFd, equals δ.
 
@@ -31,7 +36,7 @@ def quadratic_kl_step(d: torch.Tensor, curvature: Curvature, max_kl: float) -> t
     fault: (0, 0, None); so is a direction too small for its square to be a float (a nearly deterministic
     policy's subnormal gradient), whose dᵀFd underflows to 0. A dᵀFd of 0 for a direction of some size is a fault.
     """
-    if not bool(torch.isfinite(d).all()):
+    if nonfinite(d):
         return 0.0, float("nan"), "non-finite direction"
     if not bool(d.any()):
         return 0.0, 0.0, None
@@ -50,7 +55,7 @@ class FixedStep:
         self.alpha = alpha
 
     def apply(self, params, d: torch.Tensor, g: torch.Tensor, curvature: Curvature, evaluate: Evaluate) -> dict:
-        if not bool(torch.isfinite(d).all()):
+        if nonfinite(d):
             return skipped("non-finite direction")
         add_flat(params, d, self.alpha)
         return {"step/size": self.alpha, "step/skipped": 0.0}
@@ -91,10 +96,15 @@ class LineSearch:
         alpha, dFd, fault = quadratic_kl_step(d, curvature, self.max_kl)
         if fault:
             return skipped(fault)
+
+        def searched(size: float, backtracks: int, accepted: bool, kl: float, kl_full: float, expected: float,
+                     actual: float, ratio: float) -> dict:
+            return {"step/size": size, "step/dFd": dFd, "step/backtracks": float(backtracks),
+                    "step/accepted": float(accepted), "step/skipped": 0.0, "step/kl": kl, "step/kl_full_step": kl_full,
+                    "step/expected_improve": expected, "step/actual_improve": actual, "step/improve_ratio": ratio}
+
         if alpha == 0.0:  # no step to search along: not a failed search
-            return {"step/size": 0.0, "step/dFd": dFd, "step/backtracks": 0.0, "step/accepted": 0.0,
-                    "step/skipped": 0.0, "step/kl": 0.0, "step/kl_full_step": 0.0, "step/expected_improve": 0.0,
-                    "step/actual_improve": 0.0, "step/improve_ratio": float("nan")}
+            return searched(0.0, 0, False, 0.0, 0.0, 0.0, 0.0, float("nan"))
         theta_old = get_flat(params)
         surr_before, _ = evaluate()
         expected = alpha * float(torch.dot(g, d))  # first-order improvement gᵀΔ of the full step
@@ -107,14 +117,10 @@ class LineSearch:
                 kl_full = kl
             if math.isfinite(surr) and math.isfinite(kl) and kl <= self.max_kl and surr > surr_before:
                 actual = surr - surr_before
-                return {"step/size": frac * alpha, "step/dFd": dFd, "step/backtracks": float(k),
-                        "step/accepted": 1.0, "step/skipped": 0.0, "step/kl": kl, "step/kl_full_step": kl_full,
-                        "step/expected_improve": frac * expected, "step/actual_improve": actual,
-                        "step/improve_ratio": actual / (frac * expected) if expected else float("nan")}
+                return searched(frac * alpha, k, True, kl, kl_full, frac * expected, actual,
+                                actual / (frac * expected) if expected else float("nan"))
         set_flat(params, theta_old)
-        return {"step/size": 0.0, "step/dFd": dFd, "step/backtracks": float(self.tries), "step/accepted": 0.0,
-                "step/skipped": 0.0, "step/kl": 0.0, "step/kl_full_step": kl_full,
-                "step/expected_improve": expected, "step/actual_improve": 0.0, "step/improve_ratio": 0.0}
+        return searched(0.0, self.tries, False, 0.0, kl_full, expected, 0.0, 0.0)
 
 
 class AdamStep:
@@ -132,7 +138,7 @@ class AdamStep:
         self.t = 0
 
     def apply(self, params, d: torch.Tensor, g: torch.Tensor, curvature: Curvature, evaluate: Evaluate) -> dict:
-        if not bool(torch.isfinite(d).all()):
+        if nonfinite(d):
             return skipped("non-finite direction")
         norm = float(d.norm())
         if self.max_norm and norm > self.max_norm:
@@ -176,7 +182,7 @@ class KFACClip:
         self.v: torch.Tensor | None = None
 
     def apply(self, params, d: torch.Tensor, g: torch.Tensor, curvature: Curvature, evaluate: Evaluate) -> dict:
-        if not bool(torch.isfinite(d).all()):
+        if nonfinite(d):
             return skipped("non-finite direction")
         fresh = self.v is None or self.v.shape != d.shape or self.momentum == 0.0
         if not fresh and self.v.device != d.device:  # loaded from a checkpoint (on the CPU) for a GPU learner
