@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .critics import ValueCritic, mean_squared_error, minibatch_indices
-from .fisher.kfac import damped_inverse, identity, pi_correction
+from .fisher.kfac import Damped, damp_and_invert
 from .policies import BACKWARD_FROM_OUTPUT, linear_activation_pairs, mlp_outputs
 from .steps import KFACClip
 
@@ -90,7 +90,7 @@ class GaussNewtonKFAC:
         self.damping = damping
         self.sigma2 = 1.0
         self.factors: list[tuple[torch.Tensor, torch.Tensor]] = []  # undamped (A [in+1, in+1], G [out, out]), float64
-        self._damped: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # A_d, G_d, A_d⁻¹, G_d⁻¹
+        self._damped: list[Damped] = []
         self._shapes: list[tuple[int, int]] = []
         self.fallbacks = 0
         self.stats: dict[str, float] = {}
@@ -111,14 +111,10 @@ class GaussNewtonKFAC:
             W_grad = -(s * r.unsqueeze(1)).T @ a / B  # [out, in+1] = [∇W | ∇b] of the log-likelihood
             g_parts += [W_grad[:, :-1].reshape(-1), W_grad[:, -1]]
             A, G = (a.T @ a / B).double(), (s.T @ s / B).double()
-            pi = pi_correction(A, G)
-            # The actor's K-FAC inverse: Cholesky, with jitter and then the diagonal where the damped factor
-            # is numerically singular (damping 0); A_d, G_d are the matrices inverted, so mv and solve agree.
-            A_d, A_inv, failA = damped_inverse(A + pi * sq * identity(A.shape[0], A.dtype, A.device))
-            G_d, G_inv, failG = damped_inverse(G + sq / pi * identity(G.shape[0], G.dtype, G.device))
-            self.fallbacks += failA + failG
+            damped, fallbacks = damp_and_invert(A, G, sq)  # as the actor's K-FAC
+            self.fallbacks += fallbacks
             self.factors.append((A, G))
-            self._damped.append((A_d, G_d, A_inv, G_inv))
+            self._damped.append(damped)
             self._shapes.append((m.out_features, m.in_features))
         self.stats = {"critic/kfac_fallbacks": float(self.fallbacks), "critic/sigma": sigma}
         return torch.cat(g_parts).detach()
@@ -126,11 +122,11 @@ class GaussNewtonKFAC:
     def _apply(self, v: torch.Tensor, inverse: bool) -> torch.Tensor:
         """(damped K-FAC / σ²)^(±1) · v, per layer G_d V A_d / σ² or σ² G_d⁻¹ V A_d⁻¹ (float64 inside)."""
         out, i = [], 0
-        for (out_dim, in_dim), (A_d, G_d, A_inv, G_inv) in zip(self._shapes, self._damped):
+        for (out_dim, in_dim), d in zip(self._shapes, self._damped):
             nW = out_dim * in_dim
             V = torch.cat([v[i : i + nW].view(out_dim, in_dim), v[i + nW : i + nW + out_dim].view(-1, 1)], 1).double()
             i += nW + out_dim
-            M = (G_inv @ V @ A_inv) * self.sigma2 if inverse else (G_d @ V @ A_d) / self.sigma2  # (A⊗G) vec V
+            M = (d.G_inv @ V @ d.A_inv) * self.sigma2 if inverse else (d.G @ V @ d.A) / self.sigma2  # (A⊗G) vec V
             M = M.to(v.dtype)
             out += [M[:, :-1].reshape(-1), M[:, -1]]
         return torch.cat(out)

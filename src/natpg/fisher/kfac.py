@@ -360,13 +360,27 @@ def pi_correction(A: torch.Tensor, G: torch.Tensor) -> float:
 
 
 @dataclass
-class _Damped:
-    """One layer's damped factors and their inverses, in the working dtype: mv uses the first two, solve the rest."""
+class Damped:
+    """One layer's damped factors and their inverses: mv uses the first two, solve the rest."""
 
     A: torch.Tensor  # A + π√λ I  [cols, cols]
     G: torch.Tensor  # G + √λ/π I  [out, out]
     A_inv: torch.Tensor
     G_inv: torch.Tensor
+
+    def to(self, dtype: torch.dtype) -> "Damped":
+        return Damped(self.A.to(dtype), self.G.to(dtype), self.A_inv.to(dtype), self.G_inv.to(dtype))
+
+
+def damp_and_invert(A: torch.Tensor, G: torch.Tensor, sqrt_damping: float) -> tuple[Damped, int]:
+    """Factored Tikhonov damping with the π correction (Martens & Grosse §6.3), A + π√λ I and G + √λ/π I, and
+    their inverses (``damped_inverse``: Cholesky, with jitter and then the diagonal where a damped factor is
+    numerically singular, as with damping 0); with the number of such fallbacks. The damped factors are the
+    matrices inverted, so mv and solve stay each other's inverse."""
+    pi = pi_correction(A, G)
+    Ad, A_inv, failA = damped_inverse(A + pi * sqrt_damping * identity(A.shape[0], A.dtype, A.device))
+    Gd, G_inv, failG = damped_inverse(G + sqrt_damping / pi * identity(G.shape[0], G.dtype, G.device))
+    return Damped(Ad, Gd, A_inv, G_inv), failA + failG
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -432,7 +446,7 @@ class KFAC:
         self.fallbacks = 0
         self._snapshot: list[tuple[torch.Tensor, torch.Tensor]] = []  # factors at the last refresh
         self._rest_snapshot: torch.Tensor | None = None
-        self._damped: tuple[float, list[_Damped], tuple[torch.Tensor, torch.Tensor] | None] | None = None
+        self._damped: tuple[float, list[Damped], tuple[torch.Tensor, torch.Tensor] | None] | None = None
         self._dtype = torch.float32
         self._loaded: dict | None = None  # a checkpoint's state, adopted by the first fit on a matching policy
         self.stats: dict[str, float] = {}
@@ -512,19 +526,17 @@ class KFAC:
             return new
         return self.ema_decay * old + (1.0 - self.ema_decay) * new
 
-    def _inverses(self) -> tuple[list[_Damped], tuple[torch.Tensor, torch.Tensor] | None]:
+    def _inverses(self) -> tuple[list[Damped], tuple[torch.Tensor, torch.Tensor] | None]:
         """Damped snapshot factors and their inverses for the current ``damping`` (cached until either changes)."""
         if self._damped is not None and self._damped[0] == self.damping:
             return self._damped[1], self._damped[2]
         sq, dt = math.sqrt(self.damping), self._dtype
         layers, cond = [], 1.0
         for A, G in self._snapshot:
-            pi = pi_correction(A, G)
-            Ad, A_inv, failA = damped_inverse(A + pi * sq * torch.eye(A.shape[0], dtype=A.dtype, device=A.device))
-            Gd, G_inv, failG = damped_inverse(G + sq / pi * torch.eye(G.shape[0], dtype=G.dtype, device=G.device))
-            self.fallbacks += failA + failG
-            cond = max(cond, _pivot_ratio(A_inv), _pivot_ratio(G_inv))
-            layers.append(_Damped(Ad.to(dt), Gd.to(dt), A_inv.to(dt), G_inv.to(dt)))
+            damped, fallbacks = damp_and_invert(A, G, sq)
+            self.fallbacks += fallbacks
+            cond = max(cond, _pivot_ratio(damped.A_inv), _pivot_ratio(damped.G_inv))
+            layers.append(damped.to(dt))
         rest = None
         if self._rest_snapshot is not None:
             R = self._rest_snapshot
