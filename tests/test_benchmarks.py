@@ -318,6 +318,22 @@ def test_aggregate_reports_bad_input_in_one_line(tmp_path, capsys):
         assert says in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_distributed_bench_names_a_ray_address_nobody_answers(monkeypatch, capsys):
+    """The bench joins Ray as the agent does (natpg.distributed.ray_pool.init_ray): an address nobody listens on is
+    one line within seconds, not Ray's minutes of retries."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("a Ray instance already runs in this process")
+    from natpg.distributed import bench
+
+    monkeypatch.setattr(bench, "measure", lambda *args: pytest.fail("measured"))
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["CartPole-v1", "--samplers", "ray", "--workers", "1", "--no-local", "--ray-address",
+                    "127.0.0.1:9"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "no Ray cluster answers there" in err and "Traceback" not in err
+
+
 def test_distributed_bench_refuses_bad_combinations_before_measuring(monkeypatch, capsys):
     """More workers than copies, or --ray-address without a Ray sampler: one line, exit 2, nothing measured."""
     from natpg.distributed import bench

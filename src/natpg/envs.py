@@ -220,8 +220,8 @@ def make_env(env_id: str, action_mask=None, wrap: bool = True, env_kwargs: dict[
     """One copy of the environment with natpg's wrappers; ``wrap=False`` stops before flattening and masking
     (the space a user's observations come in, after Atari preprocessing); ``env_kwargs`` go to ``gym.make``.
     An environment that cannot be made with the user's ``env_kwargs`` is a ValueError naming them."""
-    env_kwargs = env_kwargs or {}
-    if is_atari(env_id) and (fixed := sorted(set(env_kwargs) & set(ATARI_FIXED_KWARGS))):
+    env_kwargs, atari = env_kwargs or {}, is_atari(env_id)
+    if atari and (fixed := sorted(set(env_kwargs) & set(ATARI_FIXED_KWARGS))):
         raise ValueError(f"environment {env_id!r}: natpg's Atari preprocessing skips frames (4) and reads the "
                          f"screen itself; leave {fixed} out of env_kwargs")
     kwargs = {**make_kwargs(env_id), **env_kwargs, **({"render_mode": render_mode} if render_mode else {})}
@@ -232,7 +232,8 @@ def make_env(env_id: str, action_mask=None, wrap: bool = True, env_kwargs: dict[
             raise
         raise ValueError(f"environment {env_id!r} cannot be made with env_kwargs={env_kwargs!r}: "
                          f"{type(exc).__name__}: {first_line(exc)}") from None
-    for w in env_wrappers(env_id, action_mask) if wrap else atari_wrappers() if is_atari(env_id) else []:
+    wrappers = atari_wrappers() if atari else []
+    for w in wrappers + (input_wrappers(action_mask) if wrap else []):
         env = w(env)
     return env
 

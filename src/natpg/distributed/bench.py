@@ -98,14 +98,14 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(measure(args.env_id, "local", 1, n_envs(1), args.n_steps, args.iterations)), flush=True)
     for sampler in args.samplers:
         if sampler == "ray":
-            from .ray_pool import require_ray
+            from .ray_pool import init_ray, require_ray
 
             ray = require_ray()
-            if not ray.is_initialized():
-                if args.ray_address:
-                    ray.init(address=args.ray_address)
-                else:
-                    ray.init(num_cpus=max(os.cpu_count() or 1, max(args.workers)), include_dashboard=False)
+            if not ray.is_initialized():  # as the agent's does: the address checked, the signal handlers kept
+                try:
+                    init_ray(ray, args.ray_address, max(args.workers))
+                except ValueError as exc:
+                    p.error(one_line(str(exc)))
         for w in args.workers:
             print(json.dumps(measure(args.env_id, sampler, w, n_envs(w), args.n_steps, args.iterations)),
                   flush=True)
