@@ -48,7 +48,7 @@ def compatible_features(policy: nn.Module, obs: torch.Tensor, act: torch.Tensor,
     return per_sample_scores(policy, obs, act, chunk)
 
 
-def psd_solve(M: torch.Tensor, b: torch.Tensor, ridge: float, formed_in: torch.dtype | None = None) -> torch.Tensor:
+def ridge_solve(M: torch.Tensor, b: torch.Tensor, ridge: float, formed_in: torch.dtype | None = None) -> torch.Tensor:
     """(M + ridge·I)⁻¹ b for a symmetric PSD M [n, n], b [n] → [n].
 
     Cholesky when ridge > 0; the pseudo-inverse (the minimum-norm solution) when ridge = 0 or the damped
@@ -79,9 +79,9 @@ def compatible_least_squares(psi: torch.Tensor, adv: torch.Tensor, ridge: float 
     root = omega.to(psi.dtype).sqrt()
     psi_t, adv_t = root[:, None] * psi, root * adv.to(psi.dtype)
     if N < P if dual is None else dual:
-        y = psd_solve((psi_t @ psi_t.T).double(), adv_t.double(), ridge, psi.dtype)
+        y = ridge_solve((psi_t @ psi_t.T).double(), adv_t.double(), ridge, psi.dtype)
         return psi_t.T @ y.to(psi.dtype)
-    return psd_solve((psi_t.T @ psi_t).double(), (psi_t.T @ adv_t).double(), ridge, psi.dtype).to(psi.dtype)
+    return ridge_solve((psi_t.T @ psi_t).double(), (psi_t.T @ adv_t).double(), ridge, psi.dtype).to(psi.dtype)
 
 
 class NaturalActorCritic:
