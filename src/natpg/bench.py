@@ -28,7 +28,7 @@ def raw_env_rate(env_id: str, steps: int = 20_000, seed: int = 0, env_kwargs: di
 
 
 def throughput(algo: str, env_id: str, batch: int = 2048, updates: int = 5, **overrides: Any) -> dict[str, Any]:
-    """Median-free single measurement: one warm-up update, then ``updates`` timed updates."""
+    """One measurement, no repeats: one warm-up update, then ``updates`` timed updates."""
     from .agent import ALGORITHM_CLASSES
     from .config import is_integer
 

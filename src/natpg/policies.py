@@ -419,8 +419,8 @@ class DiscreteMLP(nn.Module):
     Gauss–Newton Fisher Jᵀ(diag p − ppᵀ)J and the KL are those of the masked categorical.
     """
 
-    def __init__(self, obs_dim: int, out_dim: int, head, hidden: Sequence[int] = (64, 64), activation: str = "tanh",
-                 mask_dim: int = 0, image: tuple[tuple[int, ...], bool] | None = None):
+    def __init__(self, obs_dim: int, out_dim: int, head: DistributionHead, hidden: Sequence[int] = (64, 64),
+                 activation: str = "tanh", mask_dim: int = 0, image: tuple[tuple[int, ...], bool] | None = None):
         super().__init__()
         if mask_dim and mask_dim != out_dim:
             raise ValueError(f"an action mask needs one entry per logit ({out_dim}), got {mask_dim}")

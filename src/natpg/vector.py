@@ -309,6 +309,8 @@ class MultiprocVectorEnv:
         return payload
 
     def reset(self, seed: int | None = None, options: dict | None = None):
+        if options:  # natpg resets every copy at once here (a copy's own reset happens inside its worker's step)
+            raise ValueError(f"MultiprocVectorEnv.reset takes no options, got {sorted(options)}")
         for conn, off in zip(self.conns, self.offsets):
             self._send(conn, ("reset", None if seed is None else seed + off))
         return np.concatenate([self._receive(c) for c in self.conns]), {}

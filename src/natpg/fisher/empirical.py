@@ -62,7 +62,8 @@ class Empirical:
     Gram matrix in float64, formed once per fit; λ = 0 uses the pseudo-inverse); with N ≥ P, conjugate
     gradient (``cg_iters``, ``cg_tol``, from zero) on the matrix-free ``v ↦ Sᵀ(Sv)/N + λv``.
     Cost per fit: N per-sample gradients (``torch.func.vmap(grad)``) and, for N < P, the N×N Gram matrix;
-    memory N·P for S and, for N < P, N² for the Gram matrix (refused above ``max_bytes``: lower ``subsample``).
+    memory N·P for S and, for N < P, N² for the Gram matrix (refused above ``max_bytes``: lower ``subsample``, or,
+    in an agent, the batch, which it refuses when it is built).
     """
 
     def __init__(self, damping: float = 0.01, cg_iters: int = 10, cg_tol: float = 1e-10, subsample: float = 1.0,
