@@ -32,7 +32,7 @@ from torch import nn
 
 from .critics import ValueCritic, mean_squared_error, minibatch_indices
 from .fisher.kfac import Damped, damp_and_invert
-from .policies import BACKWARD_FROM_OUTPUT, linear_activation_pairs, mlp_outputs
+from .policies import BACKWARD_FROM_OUTPUT, hooked, linear_activation_pairs, mlp_outputs
 from .steps import KFACClip
 
 
@@ -51,7 +51,7 @@ def _values_and_output_gradients(net: nn.Module, layers: list[nn.Linear], obs: t
     kernels autograd runs for it, in its order (as ``policies.mlp_backward``): bit-identical to the autograd
     construction below it, without registering hooks and building a graph on every minibatch (test)."""
     pairs = linear_activation_pairs(net)
-    if pairs is not None and not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules()):
+    if pairs is not None and not hooked(net):
         with torch.no_grad():
             outs = mlp_outputs(pairs, obs)
             V = outs[-1].squeeze(-1)

@@ -55,6 +55,12 @@ BACKWARD_FROM_OUTPUT = {nn.Tanh: torch.ops.aten.tanh_backward,
                         nn.ReLU: lambda g, y: torch.ops.aten.threshold_backward(g, y, 0)}
 
 
+def hooked(module: nn.Module) -> bool:
+    """Whether a forward hook sits on ``module`` or inside it: it could change what the network computes, so the
+    hand-written passes over plain MLPs leave such a network to autograd."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
 def linear_activation_pairs(net: nn.Module) -> list[tuple[nn.Linear, nn.Module | None]] | None:
     """A plain MLP (``mlp``) as its (Linear, activation or None) layers; None for any other network (a CNN
     torso, an activation without a backward in ``BACKWARD_FROM_OUTPUT``), which autograd differentiates."""

@@ -22,7 +22,7 @@ from torch.distributions import kl_divergence
 from torch.func import functional_call
 
 from ..params import flatten, parameter_names
-from ..policies import (BACKWARD_FROM_OUTPUT, DiscreteMLP, GaussianMLP, linear_activation_pairs, mlp_backward,
+from ..policies import (BACKWARD_FROM_OUTPUT, DiscreteMLP, GaussianMLP, hooked, linear_activation_pairs, mlp_backward,
                         mlp_outputs)
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
@@ -113,7 +113,7 @@ def _plain_mlp(policy: nn.Module):
     else:
         return None
     pairs = linear_activation_pairs(net)
-    if pairs is None or any(m._forward_hooks or m._forward_pre_hooks for m in policy.modules()):
+    if pairs is None or hooked(policy):
         return None
     return pairs, tail
 
