@@ -106,7 +106,7 @@ def engine_for(algo: str, env_id: str) -> dict:
     """The settings a ``-procs`` algorithm fixes (PROCESS_ENGINE; n_steps keeps the preset's batch), else {}."""
     if not algo.endswith("-procs"):
         return {}
-    from natpg.algorithms import config_for
+    from natpg.presets import config_for
 
     batch = config_for(NATPG_ALGOS[algo].lower(), env_id).batch_size
     return {**PROCESS_ENGINE, "n_steps": batch // PROCESS_ENGINE["n_envs"]}
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{' '.join(map(str, unique))}")
             setattr(a, attr, unique)
     if a.settings:
-        from natpg.algorithms import config_for
+        from natpg.presets import config_for
         from natpg.cli import parse_setting
 
         peers_asked = [algo for algo in a.algos if library_of(algo) != "natpg"]

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="a natpg setting for every natpg row (repeatable; values as `natpg train --set`), "
                         "e.g. fvp_subsample=0.2; the sb3-contrib row is left as it is")
     args = p.parse_args(argv)
-    from natpg.algorithms import config_for
+    from natpg.presets import config_for
     from natpg.cli import parse_setting
 
     try:  # refused here, before any measurement

@@ -18,8 +18,9 @@ import time
 
 import torch
 
-from natpg.algorithms import Batch, default_config, make_actor_update, make_critic
+from natpg.algorithms import Batch, make_actor_update, make_critic
 from natpg.policies import GaussianMLP
+from natpg.presets import default_config
 
 OBS_DIM, ACT_DIM = 17, 6
 

@@ -20,12 +20,12 @@ from torch import nn
 import natpg
 from natpg import fisher
 from natpg.acktr import GaussNewtonKFAC, KFACCritic
-from natpg.algorithms import (Batch, NaturalGradientUpdate, config_for, default_config, make_actor_update, mean_kl,
-                              surrogate)
+from natpg.algorithms import Batch, NaturalGradientUpdate, make_actor_update, mean_kl, surrogate
 from natpg.config import Config
 from natpg.critics import ValueCritic
 from natpg.params import flatten, get_flat
 from natpg.policies import CategoricalMLP, GaussianMLP
+from natpg.presets import config_for, default_config
 from natpg.ppo import ClippedSurrogateUpdate, ClippedValueCritic, clipped_surrogate
 from natpg.steps import AdamStep, FixedStep, KFACClip, KLStep, LineSearch
 
@@ -673,7 +673,7 @@ def test_config_for_finds_the_family_applies_presets_then_overrides_and_validate
 def test_presets_layer_algorithm_family_environment_then_user():
     """Swimmer's (γ 0.9999, GAE λ 0.99), Ant's (σ e^−2; NPG's with K-FAC) and HalfCheetah's and
     Walker2d's (σ e^−0.5) presets sit over the MuJoCo family's, a user's keyword over all."""
-    from natpg.algorithms import ALGORITHM_DEFAULTS, FAMILY_DEFAULTS
+    from natpg.presets import ALGORITHM_DEFAULTS, FAMILY_DEFAULTS
 
     for algo in ("npg", "trpo", "acktr"):
         cfg = default_config(algo, "mujoco", "Swimmer-v5")
@@ -888,7 +888,7 @@ def test_new_settings_are_validated():
 # Learning: a return threshold within a step budget (deterministic evaluation, 10 episodes)
 # --------------------------------------------------------------------------------------------------
 
-# (algorithm, env) → (step budget, threshold). Presets come from algorithms.FAMILY_DEFAULTS / ENV_DEFAULTS.
+# (algorithm, env) → (step budget, threshold). Presets come from presets.FAMILY_DEFAULTS / ENV_DEFAULTS.
 LEARNING = {
     ("TRPO", "CartPole-v1"): (100_000, 475.0),
     ("TRPO", "Pendulum-v1"): (100_000, -300.0),

@@ -16,8 +16,9 @@ import torch
 import natpg
 from natpg import fisher
 from natpg.agent import evaluation_episodes
-from natpg.algorithms import Batch, default_config, make_actor_update, make_critic
+from natpg.algorithms import Batch, make_actor_update, make_critic
 from natpg.policies import CategoricalMLP, GaussianMLP
+from natpg.presets import default_config
 
 # NATPG_TEST_CUDA_DEVICE=cpu runs these tests with the CPU standing in for the GPU: a check of the tests' own
 # references and tolerances on a machine without one (not of the device handling, which needs two devices).

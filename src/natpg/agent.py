@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .algorithms import config_for, make_actor_update, make_critic, warn_unread
+from .algorithms import make_actor_update, make_critic
+from .presets import config_for, warn_unread
 from .config import EVAL_MAX_EPISODE_STEPS, Config, env_kwargs_problem, is_integer, plain_json, whole_number
 from .envs import ObsNormalizer, RewardScaler, check_env_id, check_spaces, make_vec_env, probe_spaces
 from .fisher.dense import check_dense_size

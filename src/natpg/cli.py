@@ -375,7 +375,7 @@ class _StopOnSignal:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from .algorithms import config_for, default_config, inert_preset_values, setting_sources, warn_unread
+    from .presets import config_for, default_config, inert_preset_values, setting_sources, warn_unread
     from .envs import env_family, probe_spaces
 
     algorithm_class(args.algo)

@@ -655,7 +655,7 @@ def unread_because(cfg: Config, key: str, action_space_type: str | None = None,
 
     The one record of which part reads which setting, mirroring what algorithms.make_step_rule,
     make_actor_update and make_curvature hand each part: Config.validate refuses a changed value of the
-    REFUSED_WHEN_UNREAD settings, algorithms.config_for warns of the others, and checkpoints written before a
+    REFUSED_WHEN_UNREAD settings, presets.config_for warns of the others, and checkpoints written before a
     refusal load with the setting put back to its default (agent.load)."""
     step, fisher = cfg.step.step, cfg.curvature.fisher
     if key in READ_BY_STEP and step not in READ_BY_STEP[key]:
