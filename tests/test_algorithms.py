@@ -893,7 +893,7 @@ LEARNING = {
     ("TRPO", "CartPole-v1"): (100_000, 475.0),
     ("TRPO", "Pendulum-v1"): (100_000, -300.0),
     ("ACKTR", "CartPole-v1"): (100_000, 475.0),
-    ("ACKTR", "Pendulum-v1"): (100_000, -300.0),
+    ("ACKTR", "Pendulum-v1"): (300_000, -300.0),  # seeds 0–15: 15 pass (docs/algorithms.md)
     ("VPG", "CartPole-v1"): (100_000, 475.0),
     ("VPG", "Pendulum-v1"): (1_000_000, -300.0),  # seeds 0–11 all pass (docs/algorithms.md)
     ("PPO", "CartPole-v1"): (100_000, 475.0),

@@ -622,7 +622,7 @@ def _state_tensors(state) -> list[torch.Tensor]:
     return []
 
 
-@pytest.mark.parametrize("algo,extra", [("PPO", {}), ("VPG", {"step": "adam"}), ("ACKTR", {})])
+@pytest.mark.parametrize("algo,extra", [("PPO", {}), ("VPG", {"step": "adam"}), ("ACKTR", {"momentum": 0.9})])
 def test_a_faulty_update_undoes_the_steps_own_state_and_the_next_one_trains(algo, extra):
     """A NaN gradient reaches PPO's Adam (or the Adam step rule's moments) before the guard sees the stepped
     parameters: the guard puts back the moments (ACKTR: its momentum) with the parameters, so that the next
@@ -883,7 +883,7 @@ def _assert_same_run(a, b, dir_a, dir_b):
 
 RESUME_CASES = [("npg", "CartPole-v1", {}), ("trpo", "Pendulum-v1", {"normalize_reward": True}),
                 ("npg", "Hopper-v5", {}),  # MuJoCo preset: reward normalisation on
-                ("acktr", "Pendulum-v1", {}),  # K-FAC's moving averages and momentum carried over
+                ("acktr", "Pendulum-v1", {"momentum": 0.9}),  # K-FAC's moving averages and momentum carried over
                 ("acktr", "CartPole-v1", {"kfac_refresh_every": 2}),  # and the snapshot between refreshes
                 ("npg", "Pendulum-v1", {"cg_preconditioner": "kfac"})]  # CG's K-FAC preconditioner's averages
 
