@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         return args.envs_per_worker * workers if args.envs_per_worker else (args.n_envs or 8)
 
     # Every configuration is checked before the first is measured (the local baseline included).
-    from ..algorithms import config_for
+    from ..presets import config_for
     from ..errors import one_line
     from .ray_pool import check_ray_installed
 
