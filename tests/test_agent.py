@@ -110,7 +110,7 @@ def test_a_gpu_runs_sampling_generator_goes_on_when_the_run_is_loaded_on_a_cpu(t
     loaded = natpg.load(path)
     assert loaded.sampling_generator is loaded.generator
     assert torch.equal(loaded.sampling_generator.get_state(), drawn.get_state())
-    assert torch.equal(loaded.cpu_generator.get_state(), agent.cpu_generator.get_state())
+    assert torch.equal(loaded.update_generator.get_state(), agent.update_generator.get_state())
 
 
 def test_update_threads_hold_for_the_actor_phase_only_and_runs_repeat_for_a_given_value():
@@ -1489,7 +1489,7 @@ def test_latest_audit_edges(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         on_cpu = natpg.load(str(run))
-        assert torch.equal(on_cpu.cpu_generator.get_state(), tensors["rng"]["cpu_generator"])  # still restored
+        assert torch.equal(on_cpu.update_generator.get_state(), tensors["rng"]["cpu_generator"])  # still restored
         on_cpu.learn(64, out_dir=str(run), reset=False)
         assert natpg.load(str(run)).env_steps == 128
 

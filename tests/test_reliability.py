@@ -660,7 +660,7 @@ def test_an_update_interrupted_midway_leaves_the_last_completed_ones_step_state_
     agent = natpg.PPO("Pendulum-v1", seed=4, **small())
     agent.learn(BATCH, out_dir=str(tmp_path))
     adam = [t.clone() for _, state in step_state_of(agent.actor_update).values() for t in _state_tensors(state)]
-    draws, params = agent.cpu_generator.get_state(), flat_params(agent.policy)
+    draws, params = agent.update_generator.get_state(), flat_params(agent.policy)
     real = agent.actor_update.update
 
     def interrupted(policy, batch):
@@ -672,7 +672,7 @@ def test_an_update_interrupted_midway_leaves_the_last_completed_ones_step_state_
         agent.learn(BATCH, out_dir=str(tmp_path), reset=False)
     now = [t for _, state in step_state_of(agent.actor_update).values() for t in _state_tensors(state)]
     assert len(now) == len(adam) > 0 and all(torch.equal(a, b) for a, b in zip(adam, now))
-    assert torch.equal(agent.cpu_generator.get_state(), draws) and torch.equal(flat_params(agent.policy), params)
+    assert torch.equal(agent.update_generator.get_state(), draws) and torch.equal(flat_params(agent.policy), params)
     saved = natpg.load(str(tmp_path))
     kept = [t for _, state in step_state_of(saved.actor_update).values() for t in _state_tensors(state)]
     assert len(kept) == len(adam) and all(torch.equal(a, b) for a, b in zip(adam, kept))
@@ -702,11 +702,11 @@ def test_critic_fit_beside_the_actor_update_is_bit_identical_to_after_it(algo, e
     sequential, overlapped = runs
     assert overlapped._critic_fit.overlap is overlaps
     if extra.get("update_threads", 0) > 1 or extra.get("critic_thread") is False:
-        assert overlapped._critic_fit.start(overlapped.critic, None, overlapped.cpu_generator,
+        assert overlapped._critic_fit.start(overlapped.critic, None, overlapped.update_generator,
                                             overlapped.config.run) is None
     assert torch.equal(flat_params(sequential.policy), flat_params(overlapped.policy))
     assert torch.equal(flat_params(sequential.critic), flat_params(overlapped.critic))
-    assert torch.equal(sequential.cpu_generator.get_state(), overlapped.cpu_generator.get_state())
+    assert torch.equal(sequential.update_generator.get_state(), overlapped.update_generator.get_state())
     opt = [_leaves(a.critic.optimizer.state_dict()) for a in runs]  # Adam's moments, or K-FAC's momentum
     assert len(opt[0]) == len(opt[1]) and all(
         torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(*opt))
@@ -875,7 +875,7 @@ def _assert_same_run(a, b, dir_a, dir_b):
         assert np.array_equal(x.mean, y.mean) and np.array_equal(x.var, y.var) and x.count == y.count
     assert np.array_equal(a.reward_scaler.ret, b.reward_scaler.ret)
     assert torch.equal(a.generator.get_state(), b.generator.get_state())
-    assert torch.equal(a.cpu_generator.get_state(), b.cpu_generator.get_state())
+    assert torch.equal(a.update_generator.get_state(), b.update_generator.get_state())
     assert (a.env_steps, a.updates) == (b.env_steps, b.updates)
     assert progress_rows(dir_a) == progress_rows(dir_b)
     assert (Path(dir_a) / "episodes.csv").read_text() == (Path(dir_b) / "episodes.csv").read_text()

@@ -183,11 +183,13 @@ class Agent:
         # The sampler acts with a CPU copy of a GPU policy (rollout.Sampler._actor), so it samples on the CPU.
         self.sampling_generator = (self.generator if self.device.type == "cpu"
                                    else torch.Generator().manual_seed(seed))
-        self.cpu_generator = torch.Generator().manual_seed(seed + 1)
+        # The updates' draws (K-FAC's sampled actions, a Fisher subsample, PPO's minibatches, the critic's shuffles),
+        # on the CPU; saved as "cpu_generator".
+        self.update_generator = torch.Generator().manual_seed(seed + 1)
         # predict(deterministic=False) draws here, so that acting between learn calls leaves training's draws alone;
         # on the CPU, as the rollouts do, so that the draws are the same whichever device the policy is on.
         self.act_generator = torch.Generator().manual_seed(seed + ACT_SEED_OFFSET)
-        self.actor_update = make_actor_update(config, self.cpu_generator)
+        self.actor_update = make_actor_update(config, self.update_generator)
         self._critic_fit = CriticFit()  # beside the actor update, bit for bit as after it
         self.env_steps = 0
         self.updates = 0
@@ -299,10 +301,10 @@ class Agent:
                 try:
                     rollout, collect_s = self._collect()
                     mid_rollout = False
-                    snapshot = ActorSnapshot(self.policy, self.actor_update, self.cpu_generator)
+                    snapshot = ActorSnapshot(self.policy, self.actor_update, self.update_generator)
                     try:
                         stats = iteration(rollout, collect_s, self._sampler, self.policy, self.critic,
-                                          self.actor_update, self.config, self.cpu_generator,
+                                          self.actor_update, self.config, self.update_generator,
                                           prefetch=i < n_updates - 1, critic_fit=self._critic_fit,
                                           snapshot=snapshot)
                     except BaseException:  # the last completed update's policy, step state and draws
@@ -644,7 +646,8 @@ class Agent:
         }
         tensors = {"policy": self.policy.state_dict(), "critic": self.critic.state_dict(),
                    "critic_optimizer": self.critic.optimizer.state_dict(),
-                   "rng": {"generator": self.generator.get_state(), "cpu_generator": self.cpu_generator.get_state(),
+                   "rng": {"generator": self.generator.get_state(),
+                           "cpu_generator": self.update_generator.get_state(),
                            **({"sampling_generator": self.sampling_generator.get_state()}
                               if self.sampling_generator is not self.generator else {})},
                    "actor_update": {name: part.state_dict()
@@ -696,7 +699,7 @@ class Agent:
             if agent.generator is not agent.sampling_generator \
                     and rng["generator"].numel() == agent.generator.get_state().numel():  # CUDA's, on a GPU
                 agent.generator.set_state(rng["generator"])
-            agent.cpu_generator.set_state(rng["cpu_generator"])
+            agent.update_generator.set_state(rng["cpu_generator"])
         # A part's state (momentum, Adam's moments, K-FAC's factors) is restored into a part of the kind that wrote
         # it; one that the changes replaced (natpg.load(path, step='adam')) starts afresh.
         written_by = {name: type(part) for name, part in

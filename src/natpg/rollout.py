@@ -108,6 +108,8 @@ class Sampler:
         self.episodes = 0
         # (return, length, info_keys' values) of each episode the last collect ended
         self.last_episodes: list[tuple[float, int, tuple[float, ...]]] = []
+        self.last_episode_steps: list[int] = []  # the step of the last collect each of them ended in
+        self._collect_start = 0
         self.total_steps = 0
         self.dropped = 0  # episodes ended early because of a non-finite observation or reward
         self._cpu_actor: torch.nn.Module | None = None  # the acting copy of a policy that lives on a GPU
@@ -136,7 +138,7 @@ class Sampler:
     def collect(self, policy: torch.nn.Module, n_steps: int) -> Rollout:
         # inference_mode is the cheapest way to run the per-step forward; the rollout's tensors are made
         # after it, so that they are ordinary tensors the updates can differentiate through.
-        self.last_episodes = []
+        self.last_episodes, self.last_episode_steps, self._collect_start = [], [], self.steps
         with torch.inference_mode():
             buffers = self._steps(self._actor(policy), n_steps)
         obs_buf, act_buf, rew_buf, term_buf, trunc_buf, next_buf, valid = buffers
@@ -230,6 +232,7 @@ class Sampler:
             self.recent_lengths.append(int(self.ep_length[i]))
             self.recent_infos.append(values)
             self.last_episodes.append((float(self.ep_return[i]), int(self.ep_length[i]), values))
+            self.last_episode_steps.append(self.steps - self._collect_start)
         self.episodes += int(finished.sum())
 
     def _drop(self, bad: np.ndarray, done: np.ndarray, next_ok: np.ndarray, next_obs: np.ndarray) -> np.ndarray:

@@ -131,19 +131,6 @@ class RecordingRewardScaler(RewardScaler):
         self.seen.append((ret.copy(), ok))
 
 
-class _StepTagged(list):
-    """Stands in for the sampler's recent-episode deque: records (step of this rollout, value) of each
-    finished episode, so that the learner can merge the workers' episodes in the order one sampler would
-    have (by step, then by copy)."""
-
-    def __init__(self, sampler: Sampler):
-        super().__init__()
-        self.sampler, self.start = sampler, sampler.steps
-
-    def append(self, value) -> None:  # the sampler appends in copy order within a step
-        super().append((self.sampler.steps - self.start, value))
-
-
 @dataclass
 class WorkerResult:
     """What one worker returns from ``collect`` (CPU tensors and numpy arrays only)."""
@@ -198,7 +185,6 @@ class RolloutWorker:
             self.rew_scale.rms.load_state_dict(reward_stats)
         self.obs_norm.seen, self.rew_scale.seen = [], []
         s = self.sampler
-        s.recent_returns, s.recent_lengths, s.recent_infos = _StepTagged(s), _StepTagged(s), _StepTagged(s)
         dropped_before = s.dropped
         rollout = s.collect(self.policy, n_steps)
         raw = np.stack(self.obs_norm.seen) if self.obs_norm.seen else None
@@ -207,8 +193,9 @@ class RolloutWorker:
             returns_valid = np.stack([v for _, v in self.rew_scale.seen])
         else:
             returns = returns_valid = None
-        episodes = [(t, ret, length, values) for (t, ret), (_, length), (_, values)
-                    in zip(s.recent_returns, s.recent_lengths, s.recent_infos)]
+        # with the step each ended in, for the learner to merge the workers' episodes in the order one sampler
+        # would have (by step, then by copy)
+        episodes = [(t, *episode) for t, episode in zip(s.last_episode_steps, s.last_episodes)]
         return WorkerResult(self.worker, rollout, raw, returns, returns_valid, episodes, s.dropped - dropped_before)
 
     def close(self) -> None:
