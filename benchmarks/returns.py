@@ -43,7 +43,7 @@ Fairness rules followed (BENCHMARKING.md)
 Settings of each library (and where they come from)
 ---------------------------------------------------
 - natpg-npg / natpg-trpo / natpg-acktr / natpg-ppo: ``natpg.NPG/TRPO/ACKTR/PPO(env, seed=seed)`` with
-  natpg's own MuJoCo presets, no overrides (src/natpg/algorithms.py ``FAMILY_DEFAULTS``; docs/algorithms.md
+  natpg's own MuJoCo presets, no overrides (src/natpg/presets.py ``FAMILY_DEFAULTS``; docs/algorithms.md
   cites their sources), trained by ``agent.learn(chunk, reset=False)`` between evaluations.
 - natpg-npg-procs (and -trpo-, -acktr-, ...): the same presets and batch size, sampled by 16 copies over
   2 worker processes (``sampler='processes', workers=2, n_envs=16``; normaliser statistics updated once

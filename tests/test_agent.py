@@ -757,13 +757,15 @@ def test_an_environment_error_mid_run_keeps_every_completed_update(tmp_path, cap
     np.testing.assert_array_equal(saved.obs_normalizer.rms.mean, ref.obs_normalizer.rms.mean)
     np.testing.assert_array_equal(a.obs_normalizer.rms.var, ref.obs_normalizer.rms.var)
     # the episode statistics too: the broken rollout's finished episodes are not counted, the window not doubled
-    # (kept for the next learn, which builds the environments afresh: the broken one is not stepped again)
-    kept = a._saved_sampler
-    assert a._sampler is None and kept["episodes"] == ref._sampler.episodes > 0
-    assert kept["recent_returns"] == list(ref._sampler.recent_returns)
-    assert kept["recent_lengths"] == list(ref._sampler.recent_lengths)
-    assert saved.recent_return() == ref.recent_return() == a.recent_return()
-    assert kept["episodes"] < ref.learn(64, reset=False)._sampler.episodes  # the broken rollout ended some
+    assert a._sampler.episodes == ref._sampler.episodes > 0
+    assert list(a._sampler.recent_returns) == list(ref._sampler.recent_returns)
+    assert list(a._sampler.recent_lengths) == list(ref._sampler.recent_lengths)
+    assert saved.recent_return() == ref.recent_return()
+    assert a._sampler.episodes < ref.learn(64, reset=False)._sampler.episodes  # the broken rollout ended some
+    # the broken environments are not stepped again: the next learn builds them afresh, the statistics kept
+    with pytest.warns(RuntimeWarning, match=r"freshly reset environments.*stopped mid-rollout \(RuntimeError\)"):
+        a.learn(64, reset=False)
+    assert a.updates == 4
     with pytest.raises(RuntimeError, match="the simulator broke"):  # the environment's own error, shown as it is
         cli(["train", "npg", "natpg_test/CartPoleBreaks-v0", "--seed", "3", "--steps", "640", "--out",
              str(tmp_path / "c"), "--no-progress", "--n-envs", "2", "--set", "n_steps=32"])
@@ -1274,9 +1276,7 @@ def test_a_runs_episode_statistics_go_on_when_its_environments_start_afresh(tmp_
     with pytest.raises(KeyboardInterrupt):
         interrupted.learn(64, out_dir=str(run), reset=False)
     saved = natpg.load(str(run))
-    # the interrupted agent closed its environments, stopped mid-step, for the next learn to build afresh
-    assert interrupted._sampler is None
-    assert saved._saved_sampler["episodes"] == interrupted._saved_sampler["episodes"] > 0  # the lost rollout's are out
+    assert saved._saved_sampler["episodes"] == interrupted._sampler.episodes > 0  # the lost rollout's are out
     assert saved.recent_return() == interrupted.recent_return()
     with pytest.warns(RuntimeWarning, match=r"freshly reset environments.*interrupted mid-rollout"):
         saved.learn(64, out_dir=str(run), reset=False)

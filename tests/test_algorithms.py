@@ -808,7 +808,8 @@ def test_algorithms_are_compositions(cls, fisher_name, step, critic, env):
 @pytest.mark.parametrize("cls", [natpg.ACKTR, natpg.PPO])
 def test_new_algorithms_save_and_load(cls, tmp_path):
     torch.set_default_dtype(torch.float32)
-    agent = cls("Pendulum-v1", seed=0, n_envs=2, n_steps=32).learn(64)
+    momentum = {"momentum": 0.9} if cls is natpg.ACKTR else {}  # Pendulum's ACKTR preset has none
+    agent = cls("Pendulum-v1", seed=0, n_envs=2, n_steps=32, **momentum).learn(64)
     agent.save(str(tmp_path / "m"))
     loaded = natpg.load(str(tmp_path / "m"))
     assert type(loaded) is cls

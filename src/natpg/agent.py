@@ -6,7 +6,6 @@ owns none of the maths itself.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import math
@@ -200,6 +199,7 @@ class Agent:
         self.best_eval_return: float | None = None  # the best periodic evaluation so far (run.eval_every)
         self._sampler: Sampler | None = None
         self._saved_sampler: dict[str, Any] | None = None  # sampler state read from a checkpoint, for reset=False
+        self._envs_stopped: str | None = None  # why the environments were left mid-step: the next learn rebuilds them
 
     # --- training -------------------------------------------------------------------------------
     def learn(self, total_steps: int, out_dir: str | None = None, progress_bar: bool = False,
@@ -215,7 +215,8 @@ class Agent:
         (``updates`` done so far), so that each call steps other episodes. ``reset=False`` keeps stepping the
         environments where the previous ``learn`` left them — or, for an
         agent just loaded from a checkpoint, where the saved run left them (bit-exact for classic-control and
-        MuJoCo tasks with vectorization='sync'; otherwise, and after ``close``, from freshly reset environments,
+        MuJoCo tasks with vectorization='sync'; otherwise, after ``close``, and after an exception stopped the last
+        call's environments mid-rollout (an environment's error, an interrupt), from freshly reset environments,
         with a warning). The run's episode statistics (``episodes``, the window of ``ep_return_mean``) go on
         either way. A later call with ``reset=True`` in which no episode ends (episodes longer than the call) warns.
 
@@ -265,9 +266,9 @@ class Agent:
         batch = self.config.batch_size
         self.target_steps = end_steps  # recorded, so that natpg train --resume without --steps knows where to stop
         restarted = reset and self.updates > 0  # a later call that resets the environments the last one left
-        if reset or self._sampler is None:
+        if reset or self._sampler is None or self._envs_stopped:
             for attempt in ("snapshot", "fresh"):
-                self._close_sampler()
+                self._close_sampler(self._envs_stopped or "the environments were closed before (Agent.close)")
                 self._sampler = self._make_sampler(self.seed + self.updates)
                 restored = (attempt == "snapshot" and not reset and self._saved_sampler is not None
                             and self._sampler.load_state_dict(self._saved_sampler))
@@ -313,11 +314,12 @@ class Agent:
                 except BaseException as exc:  # Ctrl-C, the environment's error: back to the last completed update
                     self._restore_normalisers(normalisers)
                     restore_episode_counters(self._sampler, counters)  # the lost rollout's episodes are not logged
-                    # This process's environments stopped mid-step (an async copy that raised is gone): the next
-                    # learn builds them afresh (worker samplers replace their failed workers themselves).
+                    # This process's environments stopped mid-step (an async copy that raised is shut down): the
+                    # next learn builds them afresh. Not closed here: closing may wait on a hung copy or raise the
+                    # workers' own interrupt, before the checkpoint below. (Worker samplers replace their failed
+                    # workers themselves.)
                     if mid_rollout and isinstance(self._sampler, Sampler):
-                        with contextlib.suppress(Exception):  # the error goes on as it was
-                            self._close_sampler(f"the environments were stopped mid-rollout ({type(exc).__name__})")
+                        self._envs_stopped = f"the environments were stopped mid-rollout ({type(exc).__name__})"
                     if out_dir:
                         file = self._write_checkpoint(out_dir, state_without_envs(
                             counters, "the run was interrupted mid-rollout"))
@@ -495,7 +497,7 @@ class Agent:
         """Close the environments; the run's episode statistics stay (for the next sampler, a checkpoint, logs)."""
         if self._sampler is not None:
             self._saved_sampler = state_without_envs(episode_counters(self._sampler), reason)
-            sampler, self._sampler = self._sampler, None
+            sampler, self._sampler, self._envs_stopped = self._sampler, None, None
             sampler.close()
 
     def close(self) -> None:

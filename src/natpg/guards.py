@@ -64,8 +64,9 @@ def restore_step_state(actor_update: Any, saved: dict[str, tuple[Any, Any]]) -> 
 
 
 class ActorSnapshot:
-    """What an actor update changes, copied before it: the policy's parameters, the step's own state
-    (``step_state_of``) and the update generator's draws."""
+    """What undoing an actor update puts back, copied before it: the policy's parameters, the step's own state
+    (``step_state_of``) and the update generator's draws. K-FAC's moving averages are not copied (a non-finite
+    batch is left out of them by K-FAC itself; an interrupted update's fit stays)."""
 
     def __init__(self, policy: nn.Module, actor_update: Any, generator: torch.Generator | None = None):
         self.policy, self.actor_update, self.generator = policy, actor_update, generator

@@ -63,8 +63,8 @@ class FixedStep:
 
 class KLStep:
     """The constrained reading: max gᵀΔ s.t. ½ ΔᵀFΔ ≤ δ, i.e. Δ = √(2δ / dᵀFd)·d (no line search). F is the
-    curvature's own, damped matrix (``curvature.mv``): with λ > 0 the undamped quadratic KL falls short of δ by the
-    factor dᵀF₀d / dᵀ(F₀ + λI)d."""
+    curvature's own, damped matrix (``curvature.mv``): with damping the undamped quadratic KL falls short of δ (by
+    the factor dᵀF₀d / dᵀ(F₀ + λI)d where the damping is λI; K-FAC's factored damping adds more)."""
 
     def __init__(self, max_kl: float):
         self.max_kl = max_kl

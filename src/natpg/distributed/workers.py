@@ -167,8 +167,9 @@ class RolloutWorker:
         self.generator = torch.Generator().manual_seed(spec.generator_seed)
         self.sampler = Sampler(envs, self.obs_norm, self.rew_scale, spec.reset_seed, torch.device("cpu"),
                                self.generator, spec.nonfinite, spec.info_keys)
-        self.policy = make_policy(obs_space, act_space, spec.hidden, spec.activation, spec.log_std_init,
-                                  spec.action_squash, masked)
+        with torch.random.fork_rng(devices=[]):  # its weights come from the learner: leave the process's stream
+            self.policy = make_policy(obs_space, act_space, spec.hidden, spec.activation, spec.log_std_init,
+                                      spec.action_squash, masked)
 
     def ready(self) -> int:
         """The worker's index (a cheap call to wait for the actor to have started)."""

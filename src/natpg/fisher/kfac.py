@@ -391,7 +391,8 @@ class KFAC:
     """Kronecker-factored approximate Fisher: F ≈ blockdiag(A_l ⊗ G_l, …, F_rest), damped and inverted per block.
 
     The matrix that ``solve`` inverts and ``mv`` multiplies is, up to the order of coordinates within each layer
-    (``actor_parameters()`` stores W̄ = [W | b] row-major, in which the block reads (G_l + …) ⊗ (A_l + …)),
+    (``actor_parameters()`` stores W row-major, then b; with b as W̄ = [W | b]'s last column, row-major, the block
+    reads (G_l + …) ⊗ (A_l + …)),
 
         blockdiag over layers of (A_l + π_l √λ I) ⊗ (G_l + √λ/π_l I),  and  F_rest + λ I,
 
