@@ -15,7 +15,6 @@ vector envs, so with the same seed all of them produce the same trajectories.
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing as mp
 import pickle
 import signal
@@ -100,23 +99,15 @@ def mask_error(env, i: int, call: str, exc: MaskError) -> str:
     return f"environment {env_name(env)!r} (copy {i}), {call}(): {exc}"
 
 
-@contextlib.contextmanager
-def _wrapper_checks_named(env: gym.Env, copy: int, call: str, space):
-    """natpg's own input wrappers' checks failing inside ``env.<call>`` (an observation off its space,
-    ``envs.CheckedFlatten``; an action mask allowing nothing) as a ValueError naming the copy and the call."""
-    try:
-        yield
-    except OffSpace as exc:
-        raise ValueError(api_error(env, copy, call, None, exc, space)) from None
-    except MaskError as exc:
-        raise ValueError(mask_error(env, copy, call, exc)) from None
-
-
 def checked_reset(env: gym.Env, copy: int, space, **kwargs) -> tuple[Any, dict]:
     """``env.reset(**kwargs)`` of copy ``copy``, what it returned checked against Gymnasium's API and the Box
     ``space`` (a ValueError naming the copy otherwise); the environment's own errors pass as they are."""
-    with _wrapper_checks_named(env, copy, "reset", space):
+    try:
         result = env.reset(**kwargs)
+    except OffSpace as exc:  # natpg's own input wrappers' check (envs.CheckedFlatten)
+        raise ValueError(api_error(env, copy, "reset", None, exc, space)) from None
+    except MaskError as exc:
+        raise ValueError(mask_error(env, copy, "reset", exc)) from None
     try:
         return reset_checked(result, space)
     except (ValueError, TypeError) as exc:
@@ -125,13 +116,16 @@ def checked_reset(env: gym.Env, copy: int, space, **kwargs) -> tuple[Any, dict]:
 
 def checked_step(env: gym.Env, copy: int, space, action) -> tuple[Any, float, bool, bool, dict]:
     """``env.step(action)`` of copy ``copy``, checked as ``checked_reset``'s result is (a number for the reward)."""
-    with _wrapper_checks_named(env, copy, "step", space):
-        try:
-            result = env.step(action)
-        except ValueError as exc:  # a wrapper (Gymnasium's time limit, say) unpacking what the env returned
-            if "values to unpack" not in str(exc):
-                raise
-            raise ValueError(api_error(env, copy, "step", None, exc, space)) from None
+    try:
+        result = env.step(action)
+    except OffSpace as exc:
+        raise ValueError(api_error(env, copy, "step", None, exc, space)) from None
+    except MaskError as exc:
+        raise ValueError(mask_error(env, copy, "step", exc)) from None
+    except ValueError as exc:  # a wrapper (Gymnasium's time limit, say) unpacking what the env returned
+        if "values to unpack" not in str(exc):
+            raise
+        raise ValueError(api_error(env, copy, "step", None, exc, space)) from None
     try:
         obs, reward, term, trunc, info = result
         return observation_checked(obs, space), float(reward_checked(reward)), bool(term), bool(trunc), info
