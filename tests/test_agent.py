@@ -1579,6 +1579,22 @@ def test_observation_statistics_take_every_stepped_observation_and_checkpoints_c
     assert checkpoint.read(str(tmp_path))[0]["env_steps"] == 320
 
 
+def test_torch_threads_0_leaves_the_process_thread_count_alone(tmp_path):
+    """torch_threads=0: an agent inside a program that sets its own thread count leaves it as it is (building,
+    learning, loading); the default sets it."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        agent = natpg.NPG("CartPole-v1", seed=0, torch_threads=0, n_envs=2, n_steps=32).learn(64)
+        agent.save(str(tmp_path / "m"))
+        natpg.load(str(tmp_path / "m"))
+        assert torch.get_num_threads() == 2
+        natpg.NPG("CartPole-v1", seed=0)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_building_or_loading_an_agent_leaves_the_global_random_stream_alone(tmp_path):
     """The networks' initialisation is drawn from the agent's seed without reseeding torch's global generator (a
     user's own draws go on as they would), and is still a function of the seed alone."""

@@ -1445,7 +1445,7 @@ BAD_VALUE = {
     "kfac_ema_decay": 1.0, "kfac_refresh_every": 0, "fisher_estimator": "taken", "step": "newton", "alpha": 0.0, "max_kl": 0.0,
     "kl_schedule": "cosine", "lr_schedule": "cosine", "backtrack_shrink": 1.0, "backtrack_iters": 0,
     "eta_max": 0.0, "momentum": 1.0, "clip_range": 0.0, "ppo_epochs": 0, "ppo_minibatch": 0, "target_kl": -0.01,
-    "max_grad_norm": -1.0, "ent_coef": -0.01, "device": "gpu", "torch_threads": 0, "update_threads": -1,
+    "max_grad_norm": -1.0, "ent_coef": -0.01, "device": "gpu", "torch_threads": -1, "update_threads": -1,
     "critic_thread": 0, "log_interval": 0, "checkpoint_every": -1, "tensorboard": "on",
     "max_consecutive_faults": 0, "eval_every": -1, "eval_episodes": 0, "sampler": "dask", "workers": 0,
     "ray_address": "", "worker_timeout": 0.0, "worker_start_timeout": float("nan"),

@@ -149,7 +149,8 @@ class Agent:
         self.observation_space, self.action_space = observation_space, action_space
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.run.device == "auto"
                                    else config.run.device)
-        torch.set_num_threads(config.run.torch_threads)
+        if config.run.torch_threads:  # 0: the process's own setting
+            torch.set_num_threads(config.run.torch_threads)
         p = config.policy
         if isinstance(action_space, gym.spaces.Box) and p.action_squash == "clip":
             _warn_bounds_without_zero(action_space)

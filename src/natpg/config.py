@@ -213,7 +213,8 @@ class RunConfig:
     """Device of the update computations ('cpu', 'cuda[:N]', or 'auto': the GPU where there is one, decided where the
     agent is built or loaded); environments always step on the CPU."""
     torch_threads: int = 1
-    """torch.set_num_threads for the process (1 is usually fastest for small networks on few cores)."""
+    """torch.set_num_threads for the process (1 is usually fastest for small networks on few cores); 0 leaves the
+    process's setting as it is (natpg inside a larger program that sets its own)."""
     update_threads: int = 0
     """torch threads while the batch is prepared and the actor updated (0: torch_threads). The environments,
     in this process or in worker processes, wait for the new policy then, so on a machine with idle cores 2
@@ -451,7 +452,7 @@ SETTING_RULES: dict[str, Rule] = {
     "ent_coef": NON_NEGATIVE,
     "device": Rule(lambda v: isinstance(v, str) and re.fullmatch(r"cpu|auto|cuda(:\d+)?", v) is not None,
                    "'cpu', 'cuda[:N]' or 'auto'"),
-    "torch_threads": POSITIVE_INT,
+    "torch_threads": integer_from(0, "an integer ≥ 1, or 0 to leave the process's setting as it is"),
     "update_threads": integer_from(0, "an integer ≥ 1, or 0 for torch_threads"),
     "critic_thread": FLAG,
     "log_interval": POSITIVE_INT,

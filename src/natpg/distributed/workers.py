@@ -155,7 +155,8 @@ class RolloutWorker:
     policy copy; ``collect`` is the only thing the learner calls each iteration."""
 
     def __init__(self, spec: WorkerSpec, worker: int):
-        torch.set_num_threads(spec.torch_threads)
+        if spec.torch_threads:  # 0: the process's own setting
+            torch.set_num_threads(spec.torch_threads)
         self.spec, self.worker = spec, worker
         envs = make_vec_env(spec.env_id, spec.n_envs, "sync", action_mask=spec.action_mask, env_kwargs=spec.env_kwargs)
         obs_space, act_space = probe_spaces(spec.env_id, env_kwargs=spec.env_kwargs)
