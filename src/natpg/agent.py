@@ -268,18 +268,7 @@ class Agent:
         self.target_steps = end_steps  # recorded, so that natpg train --resume without --steps knows where to stop
         restarted = reset and self.updates > 0  # a later call that resets the environments the last one left
         if reset or self._sampler is None or self._envs_stopped:
-            for attempt in ("snapshot", "fresh"):
-                self._close_sampler(self._envs_stopped or "the environments were closed before (Agent.close)")
-                self._sampler = self._make_sampler(self.seed + self.updates)
-                restored = (attempt == "snapshot" and not reset and self._saved_sampler is not None
-                            and self._sampler.load_state_dict(self._saved_sampler))
-                # a snapshot that failed part-way may leave a wrapper's state behind a reset: build afresh
-                if not self._sampler.half_restored:
-                    break
-            if not restored:  # fresh episodes: the discounted returns reward normalisation tracks start at 0
-                self.reward_scaler.ret[:] = 0.0
-            if not restored and self._saved_sampler is not None:  # the run's episode statistics go on all the same
-                restore_episode_counters(self._sampler, self._saved_sampler)
+            self._open_sampler(reset)
         self._saved_sampler = None
         if out_dir and not continuing:  # a new run directory holds a checkpoint before any log row (as natpg train's)
             # and its own best policy: a best return recorded elsewhere (before a load) would keep DIR/best empty
@@ -298,37 +287,7 @@ class Agent:
         try:
             for i in range(n_updates):
                 schedule = self._schedule(step_rule, schedule_end)
-                normalisers, counters = self._normaliser_state(), episode_counters(self._sampler)
-                mid_rollout = True
-                try:
-                    rollout, collect_s = self._collect()
-                    mid_rollout = False
-                    snapshot = ActorSnapshot(self.policy, self.actor_update, self.update_generator)
-                    try:
-                        stats = iteration(rollout, collect_s, self._sampler, self.policy, self.critic,
-                                          self.actor_update, self.config, self.update_generator,
-                                          prefetch=i < n_updates - 1, critic_fit=self._critic_fit,
-                                          snapshot=snapshot)
-                    except BaseException:  # the last completed update's policy, step state and draws
-                        snapshot.restore()  # iteration puts the critic back itself
-                        raise
-                except BaseException as exc:  # Ctrl-C, the environment's error: back to the last completed update
-                    self._restore_normalisers(normalisers)
-                    restore_episode_counters(self._sampler, counters)  # the lost rollout's episodes are not logged
-                    # This process's environments stopped mid-step (an async copy that raised is shut down): the
-                    # next learn builds them afresh. Not closed here: closing may wait on a hung copy or raise the
-                    # workers' own interrupt, before the checkpoint below. (Worker samplers replace their failed
-                    # workers themselves.)
-                    if mid_rollout and isinstance(self._sampler, Sampler):
-                        self._envs_stopped = f"the environments were stopped mid-rollout ({type(exc).__name__})"
-                    if out_dir:
-                        file = self._write_checkpoint(out_dir, state_without_envs(
-                            counters, "the run was interrupted mid-rollout"))
-                        exc.add_note(f"natpg: the last completed update ({self.updates} updates, {self.env_steps} "
-                                     f"env steps) is saved in {file}; continue from it with natpg.load("
-                                     f"{str(out_dir)!r}) (or natpg train ... --resume {out_dir}); the environments "
-                                     f"then start afresh")
-                    raise
+                stats = self._update(prefetch=i < n_updates - 1, out_dir=out_dir)
                 self.updates += 1
                 self.env_steps += batch
                 logger.record_episodes(self.env_steps, self._sampler.last_episodes)
@@ -348,17 +307,7 @@ class Agent:
                        "faults/consecutive": self.consecutive_faults, **stats, **_policy_stats(self.policy),
                        **self._sampler.log_stats()}
                 evaluated = not math.isnan(stats.get("eval/return_mean", math.nan))
-                # The callback sees the row first: numbers it adds (row["custom/x"] = ...) are logged with it.
-                failed: BaseException | None = None
-                before = dict(row)
-                try:
-                    stop = callback is not None and callback(self, row) is False
-                except BaseException as exc:  # the update is complete: logged and saved before the error goes on
-                    failed, stop = exc, True
-                if failed is None and (changed := [k for k, v in before.items() if k not in row or row[k] is not v]):
-                    failed = ValueError(f"the callback changed natpg's own columns {changed}: add keys of your own "
-                                        f"instead (row['custom/...'] = value)")
-                    row = before
+                row, stop, failed = _run_callback(callback, self, row)
                 if self._sampler is None:  # the callback closed the agent: no environments left to train on
                     stop = True
                 if self.updates % run.log_interval == 0 or fault or evaluated or stop or i == n_updates - 1:
@@ -394,6 +343,53 @@ class Agent:
                           f"(reset=True, the default): episodes longer than one call never end that way. Pass "
                           f"reset=False to go on where the last call left the environments", UserWarning, stacklevel=3)
         return self
+
+    def _open_sampler(self, reset: bool) -> None:
+        """Environments for learn: the saved run's (``reset=False`` after a load), else freshly reset ones."""
+        for attempt in ("snapshot", "fresh"):
+            self._close_sampler(self._envs_stopped or "the environments were closed before (Agent.close)")
+            self._sampler = self._make_sampler(self.seed + self.updates)
+            restored = (attempt == "snapshot" and not reset and self._saved_sampler is not None
+                        and self._sampler.load_state_dict(self._saved_sampler))
+            # a snapshot that failed part-way may leave a wrapper's state behind a reset: build afresh
+            if not self._sampler.half_restored:
+                break
+        if not restored:  # fresh episodes: the discounted returns reward normalisation tracks start at 0
+            self.reward_scaler.ret[:] = 0.0
+        if not restored and self._saved_sampler is not None:  # the run's episode statistics go on all the same
+            restore_episode_counters(self._sampler, self._saved_sampler)
+
+    def _update(self, prefetch: bool, out_dir: str | None) -> dict[str, Any]:
+        """One iteration (collect, then ``train.iteration``) and its log entries; on any exception (Ctrl-C, the
+        environment's error, a bug) the agent is back at its last completed update, saved in ``out_dir``."""
+        normalisers, counters = self._normaliser_state(), episode_counters(self._sampler)
+        mid_rollout = True
+        try:
+            rollout, collect_s = self._collect()
+            mid_rollout = False
+            snapshot = ActorSnapshot(self.policy, self.actor_update, self.update_generator)
+            try:
+                return iteration(rollout, collect_s, self._sampler, self.policy, self.critic, self.actor_update,
+                                 self.config, self.update_generator, prefetch=prefetch, critic_fit=self._critic_fit,
+                                 snapshot=snapshot)
+            except BaseException:  # the last completed update's policy, step state and draws
+                snapshot.restore()  # iteration puts the critic back itself
+                raise
+        except BaseException as exc:
+            self._restore_normalisers(normalisers)
+            restore_episode_counters(self._sampler, counters)  # the lost rollout's episodes are not logged
+            # This process's environments stopped mid-step (an async copy that raised is shut down): the next learn
+            # builds them afresh. Not closed here: closing may wait on a hung copy or raise the workers' own
+            # interrupt, before the checkpoint below. (Worker samplers replace their failed workers themselves.)
+            if mid_rollout and isinstance(self._sampler, Sampler):
+                self._envs_stopped = f"the environments were stopped mid-rollout ({type(exc).__name__})"
+            if out_dir:
+                file = self._write_checkpoint(out_dir, state_without_envs(counters, "the run was interrupted "
+                                                                                    "mid-rollout"))
+                exc.add_note(f"natpg: the last completed update ({self.updates} updates, {self.env_steps} env "
+                             f"steps) is saved in {file}; continue from it with natpg.load({str(out_dir)!r}) (or "
+                             f"natpg train ... --resume {out_dir}); the environments then start afresh")
+            raise
 
     def _warn_missing_info_keys(self, enough: int = 10) -> None:
         """A key of ``info_keys`` that none of the last ``enough`` or more finished episodes' infos had (a
@@ -1031,6 +1027,23 @@ def _continues(agent: Agent, meta: dict[str, Any]) -> bool:
     """Whether a checkpoint's metadata is an earlier (or the same) state of the run ``agent`` is training."""
     return (_changed_settings(agent, meta) == [] and isinstance(meta.get("env_steps"), int)
             and meta["env_steps"] <= agent.env_steps)
+
+
+def _run_callback(callback, agent: Agent, row: dict[str, Any]) -> tuple[dict[str, Any], bool, BaseException | None]:
+    """The callback on an update's row, which it sees first (numbers it adds, row["custom/x"] = ..., are logged
+    with it): (the row to log, whether to stop, what it raised). What it raises goes on only after the complete
+    update is logged and saved; a change to natpg's own columns is refused and the row logged as natpg wrote it."""
+    if callback is None:
+        return row, False, None
+    before = dict(row)
+    try:
+        stop = callback(agent, row) is False
+    except BaseException as exc:
+        return row, True, exc
+    if changed := [k for k, v in before.items() if k not in row or row[k] is not v]:
+        return before, stop, ValueError(f"the callback changed natpg's own columns {changed}: add keys of your own "
+                                        f"instead (row['custom/...'] = value)")
+    return row, stop, None
 
 
 def _check_callback(callback: Any) -> None:
