@@ -18,7 +18,7 @@ from torch.distributions import kl_divergence
 from . import fisher
 from .config import Config
 from .critics import ValueCritic
-from .params import flatten
+from .params import finite, flatten
 from .steps import AdamStep, FixedStep, KFACClip, KLStep, LineSearch, skipped
 
 
@@ -107,7 +107,7 @@ class NaturalGradientUpdate:
         params = policy.actor_parameters()
         surr_before = surrogate(policy, batch, self.ent_coef)
         g = flatten(torch.autograd.grad(surr_before, params)).detach()
-        if not (bool(torch.isfinite(surr_before)) and bool(torch.isfinite(g).all())):  # before any curvature state
+        if not finite(surr_before, g):  # before any curvature state
             return {**skipped("non-finite surrogate or gradient"), "grad/norm": float(g.norm())}
         self.curvature.fit(policy, batch.obs, batch.act)
         d = self.curvature.solve(g)  # d ≈ F⁻¹g

@@ -17,10 +17,8 @@ from torch import nn
 
 from .algorithms import Batch
 from .errors import first_line
+from .params import finite
 from .steps import skipped
-
-def finite(*tensors: torch.Tensor) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def finite_module(module: nn.Module) -> bool:

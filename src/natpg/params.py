@@ -8,6 +8,11 @@ import torch
 from torch import nn
 
 
+def finite(*tensors: torch.Tensor) -> bool:
+    """Whether every entry of every tensor is finite (a step, a gradient, a batch natpg may use)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Concatenate tensors into one vector [P]."""
     return torch.cat([t.reshape(-1) for t in tensors])

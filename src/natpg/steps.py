@@ -15,17 +15,13 @@ from typing import Callable
 import torch
 
 from .fisher.curvature import Curvature
-from .params import add_flat, get_flat, set_flat
+from .params import add_flat, finite, get_flat, set_flat
 
 Evaluate = Callable[[], tuple[float, float]]  # () ↦ (surrogate, mean KL(old‖new)) at the current parameters
 
 
 def skipped(reason: str) -> dict[str, float]:
     return {"step/skipped": 1.0, "step/fault": reason, "step/size": 0.0}
-
-
-def nonfinite(d: torch.Tensor) -> bool:
-    return not bool(torch.isfinite(d).all())
 
 
 def quadratic_kl_step(d: torch.Tensor, curvature: Curvature, max_kl: float) -> tuple[float, float, str | None]:
@@ -36,7 +32,7 @@ def quadratic_kl_step(d: torch.Tensor, curvature: Curvature, max_kl: float) -> t
     fault: (0, 0, None); so is a direction too small for its square to be a float (a nearly deterministic
     policy's subnormal gradient), whose dᵀFd underflows to 0. A dᵀFd of 0 for a direction of some size is a fault.
     """
-    if nonfinite(d):
+    if not finite(d):
         return 0.0, float("nan"), "non-finite direction"
     if not bool(d.any()):
         return 0.0, 0.0, None
@@ -55,7 +51,7 @@ class FixedStep:
         self.alpha = alpha
 
     def apply(self, params, d: torch.Tensor, g: torch.Tensor, curvature: Curvature, evaluate: Evaluate) -> dict:
-        if nonfinite(d):
+        if not finite(d):
             return skipped("non-finite direction")
         add_flat(params, d, self.alpha)
         return {"step/size": self.alpha, "step/skipped": 0.0}
@@ -138,7 +134,7 @@ class AdamStep:
         self.t = 0
 
     def apply(self, params, d: torch.Tensor, g: torch.Tensor, curvature: Curvature, evaluate: Evaluate) -> dict:
-        if nonfinite(d):
+        if not finite(d):
             return skipped("non-finite direction")
         norm = float(d.norm())
         if self.max_norm and norm > self.max_norm:
@@ -182,7 +178,7 @@ class KFACClip:
         self.v: torch.Tensor | None = None
 
     def apply(self, params, d: torch.Tensor, g: torch.Tensor, curvature: Curvature, evaluate: Evaluate) -> dict:
-        if nonfinite(d):
+        if not finite(d):
             return skipped("non-finite direction")
         fresh = self.v is None or self.v.shape != d.shape or self.momentum == 0.0
         if not fresh and self.v.device != d.device:  # loaded from a checkpoint (on the CPU) for a GPU learner

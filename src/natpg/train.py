@@ -24,8 +24,8 @@ from torch import nn
 from .advantages import gae, normalize_advantages
 from .algorithms import Batch
 from .config import AdvantageConfig, RunConfig
-from .guards import (ActorSnapshot, critic_restore, critic_snapshot, finite, guarded_actor_update,
-                     guarded_critic_fit)
+from .guards import ActorSnapshot, critic_restore, critic_snapshot, guarded_actor_update, guarded_critic_fit
+from .params import finite
 from .rollout import Rollout
 from .steps import skipped
 
