@@ -232,8 +232,7 @@ def make_env(env_id: str, action_mask=None, wrap: bool = True, env_kwargs: dict[
             raise
         raise ValueError(f"environment {env_id!r} cannot be made with env_kwargs={env_kwargs!r}: "
                          f"{type(exc).__name__}: {first_line(exc)}") from None
-    wrappers = atari_wrappers() if atari else []
-    for w in wrappers + (input_wrappers(action_mask) if wrap else []):
+    for w in env_wrappers(env_id, action_mask) if wrap else atari_wrappers() if atari else []:
         env = w(env)
     return env
 
