@@ -347,7 +347,7 @@ class Agent:
     def _open_sampler(self, reset: bool) -> None:
         """Environments for learn: the saved run's (``reset=False`` after a load), else freshly reset ones."""
         for attempt in ("snapshot", "fresh"):
-            self._close_sampler(self._envs_stopped or "the environments were closed before (Agent.close)")
+            self._close_sampler()
             self._sampler = self._make_sampler(self.seed + self.updates)
             restored = (attempt == "snapshot" and not reset and self._saved_sampler is not None
                         and self._sampler.load_state_dict(self._saved_sampler))
@@ -490,9 +490,10 @@ class Agent:
             return _mean(self._saved_sampler["recent_returns"]) if self._saved_sampler else float("nan")
         return _mean(self._sampler.recent_returns)
 
-    def _close_sampler(self, reason: str = "the environments were closed before (Agent.close)") -> None:
+    def _close_sampler(self) -> None:
         """Close the environments; the run's episode statistics stay (for the next sampler, a checkpoint, logs)."""
         if self._sampler is not None:
+            reason = self._envs_stopped or "the environments were closed before (Agent.close)"
             self._saved_sampler = state_without_envs(episode_counters(self._sampler), reason)
             sampler, self._sampler, self._envs_stopped = self._sampler, None, None
             sampler.close()
