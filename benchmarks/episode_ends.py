@@ -4,7 +4,7 @@ height on Ant, Hopper and Walker2d, whose 'healthy' range ends an episode when l
 
     python benchmarks/episode_ends.py runs/ant-npg --episodes 20 [--seed 123]
 
-The episodes are ``natpg.agent.evaluation_episodes``, the ones ``natpg.evaluate`` averages, so the mean printed
+The episodes are ``natpg.evaluation.evaluation_episodes``, the ones ``natpg.evaluate`` averages, so the mean printed
 last equals ``natpg eval RUN --episodes N --seed S``.
 """
 
@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 import natpg
-from natpg.agent import evaluation_episodes
+from natpg.evaluation import evaluation_episodes
 
 
 def episode_ends(run: str, episodes: int, seed: int) -> list[dict]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import natpg
-from natpg.agent import evaluation_episodes
+from natpg.evaluation import evaluation_episodes
 from natpg.cli import main as cli
 
 
@@ -834,7 +834,7 @@ def test_evaluation_stops_at_a_non_finite_observation_or_ends_the_episode_under_
         natpg.evaluate(agent, episodes=2)
     dropping = natpg.NPG("natpg_test/PendulumNaNAt5-v0", **small(nonfinite_env="drop"))
     with pytest.warns(RuntimeWarning, match="2 of 2 evaluation episodes .* ended at a non-finite"):
-        out = natpg.agent.evaluation_episodes(dropping, episodes=2)
+        out = natpg.evaluation.evaluation_episodes(dropping, episodes=2)
     assert out["length"].tolist() == [4, 4] and np.isfinite(out["return"]).all()
 
 

@@ -15,7 +15,7 @@ import torch
 
 import natpg
 from natpg import fisher
-from natpg.agent import evaluation_episodes
+from natpg.evaluation import evaluation_episodes
 from natpg.algorithms import Batch, make_actor_update, make_critic
 from natpg.policies import CategoricalMLP, GaussianMLP
 from natpg.presets import default_config

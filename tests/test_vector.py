@@ -107,14 +107,14 @@ def test_env_kwargs_reach_every_copy_in_every_engine_and_the_evaluation(engine, 
     assert [r["ep_length_mean"] for r in rows] == [10, 10] and rows[-1]["episodes"] == 12
     loaded = natpg.load(str(tmp_path))
     assert loaded.config.env.env_kwargs == {"max_episode_steps": 10, "g": 3.0}
-    episodes = natpg.agent.evaluation_episodes(loaded, episodes=2)
+    episodes = natpg.evaluation.evaluation_episodes(loaded, episodes=2)
     assert episodes["length"].tolist() == [10, 10]
-    assert natpg.agent.evaluation_episodes(loaded, env="Pendulum-v1", episodes=1)["length"].tolist() == [10]
+    assert natpg.evaluation.evaluation_episodes(loaded, env="Pendulum-v1", episodes=1)["length"].tolist() == [10]
     with pytest.warns(RuntimeWarning, match="had not ended after max_episode_steps=30"):  # another id: without them
-        other = natpg.agent.evaluation_episodes(loaded, env="natpg_test/PendulumNoLimit-v0", episodes=1,
+        other = natpg.evaluation.evaluation_episodes(loaded, env="natpg_test/PendulumNoLimit-v0", episodes=1,
                                                 max_episode_steps=30)
     assert other["length"].tolist() == [30]
-    given = natpg.agent.evaluation_episodes(loaded, episodes=2, env_kwargs={"max_episode_steps": 4})
+    given = natpg.evaluation.evaluation_episodes(loaded, episodes=2, env_kwargs={"max_episode_steps": 4})
     assert given["length"].tolist() == [4, 4]  # env_kwargs given replace the run's own
 
 
@@ -188,7 +188,7 @@ def test_env_kwargs_named_like_natpgs_parameters_reach_the_environment_and_tuple
     agent.learn(64)
     assert agent.config.env.env_kwargs["extra"] == [1, 2]  # as JSON, and so the checkpoint, holds it
     assert agent._sampler.envs.envs[0].unwrapped.given == {**given, "extra": [1, 2]}
-    assert natpg.agent.evaluation_episodes(agent, episodes=1)["length"][0] >= 1
+    assert natpg.evaluation.evaluation_episodes(agent, episodes=1)["length"][0] >= 1
 
 
 def test_an_environment_refusing_env_kwargs_in_any_way_is_named_with_them():

@@ -110,7 +110,7 @@ def test_cartpole_video_has_evaluates_returns_and_every_kth_frame(tmp_path, monk
 def test_a_stochastic_video_plays_the_stochastic_evaluations_episodes(tmp_path):
     agent = natpg.NPG("natpg_test/Frames-v0", seed=0)  # pays the action (0 or 1) for ten steps
     returns = record_video(agent, tmp_path / "p.gif", episodes=4, seed=7, deterministic=False)
-    assert returns == natpg.agent.evaluation_episodes(agent, episodes=4, seed=7, deterministic=False)["return"].tolist()
+    assert returns == natpg.evaluation.evaluation_episodes(agent, episodes=4, seed=7, deterministic=False)["return"].tolist()
     assert len(set(returns) - {0.0, 10.0}) > 0  # sampled: not all one action, as the mode's
 
 
@@ -129,7 +129,7 @@ def test_a_video_treats_a_non_finite_observation_as_the_evaluation_does(tmp_path
     with pytest.warns(RuntimeWarning, match="2 of 2 evaluation episodes .* ended at a non-finite"):
         returns = record_video(dropping, tmp_path / "v.gif", episodes=2, deterministic=False)
     with pytest.warns(RuntimeWarning, match="2 of 2 evaluation episodes .* ended at a non-finite"):
-        evaluation = natpg.agent.evaluation_episodes(dropping, episodes=2, deterministic=False)
+        evaluation = natpg.evaluation.evaluation_episodes(dropping, episodes=2, deterministic=False)
     assert returns == evaluation["return"].tolist() and evaluation["length"].tolist() == [3, 3]
     assert len(iio.imread(tmp_path / "v.gif")) == 2 * 2  # frames at t = 0 and 3 of each (k = 3)
 

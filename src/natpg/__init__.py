@@ -1,8 +1,9 @@
 """natpg — natural policy gradient methods for PyTorch and Gymnasium."""
 
 from . import fisher, policies
-from .agent import ACKTR, NAC, NPG, PPO, TRPO, VPG, Agent, evaluate, load
+from .agent import ACKTR, NAC, NPG, PPO, TRPO, VPG, Agent, load
 from .config import Config
+from .evaluation import evaluate
 from .rollout import NonFiniteEnvError
 from .train import TrainingFault
 from .video import record_video

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 import warnings
 from typing import Any
@@ -22,59 +21,24 @@ import torch
 
 from . import checkpoint
 from .algorithms import make_actor_update, make_critic
-from .presets import config_for, warn_unread
-from .config import EVAL_MAX_EPISODE_STEPS, Config, env_kwargs_problem, is_integer, plain_json, whole_number
+from .checkpoint import space_from_dict, space_to_dict
+from .config import MAX_SEED, Config, is_integer, whole_number
 from .envs import ObsNormalizer, RewardScaler, check_env_id, check_spaces, make_vec_env, probe_spaces
+from .evaluation import evaluate
 from .fisher.dense import check_dense_size
 from .fisher.empirical import check_score_size
 from .logger import Logger
 from .params import num_params
 from .policies import env_action, input_layout, make_policy
-from .rollout import (NonFiniteEnvError, Sampler, episode_counters, restore_episode_counters, state_without_envs,
-                      storable, describe_unstorable)
 from .guards import ActorSnapshot, fault_of, stateful_update_parts
+from .presets import config_for, warn_unread
+from .rollout import (Sampler, describe_unstorable, episode_counters, restore_episode_counters, state_without_envs,
+                      storable)
+from .rundir import BOOKKEEPING, check_out_dir, claim_run_dir, holds_this_run, without_inert_settings
 from .train import CriticFit, TrainingFault, iteration
 
 
-def space_to_dict(space: gym.Space) -> dict[str, Any]:
-    """A JSON-able record of a space (Box, Discrete, MultiDiscrete, MultiBinary, Dict, Tuple)."""
-    if isinstance(space, gym.spaces.Box):
-        return {"type": "Box", "low": space.low.tolist(), "high": space.high.tolist(),
-                "shape": list(space.shape), "dtype": str(space.dtype)}
-    if isinstance(space, gym.spaces.Discrete):
-        return {"type": "Discrete", "n": int(space.n), "start": int(space.start)}
-    if isinstance(space, gym.spaces.MultiDiscrete):
-        return {"type": "MultiDiscrete", "nvec": space.nvec.tolist(), "start": space.start.tolist(),
-                "dtype": str(space.dtype)}
-    if isinstance(space, gym.spaces.MultiBinary):
-        return {"type": "MultiBinary", "n": np.asarray(space.n).tolist()}
-    if isinstance(space, gym.spaces.Dict):
-        return {"type": "Dict", "spaces": [[k, space_to_dict(v)] for k, v in space.spaces.items()]}
-    if isinstance(space, gym.spaces.Tuple):
-        return {"type": "Tuple", "spaces": [space_to_dict(v) for v in space.spaces]}
-    raise ValueError(f"cannot record space {space}")
-
-
-def space_from_dict(d: dict[str, Any]) -> gym.Space:
-    kind = d["type"]
-    if kind == "Box":
-        return gym.spaces.Box(np.array(d["low"], dtype=d["dtype"]), np.array(d["high"], dtype=d["dtype"]),
-                              dtype=d["dtype"])
-    if kind == "Discrete":
-        return gym.spaces.Discrete(d["n"], start=d["start"])
-    if kind == "MultiDiscrete":
-        return gym.spaces.MultiDiscrete(np.array(d["nvec"]), dtype=d["dtype"], start=np.array(d["start"]))
-    if kind == "MultiBinary":
-        return gym.spaces.MultiBinary(d["n"])
-    if kind == "Dict":
-        return gym.spaces.Dict({k: space_from_dict(v) for k, v in d["spaces"]})
-    if kind == "Tuple":
-        return gym.spaces.Tuple([space_from_dict(v) for v in d["spaces"]])
-    raise ValueError(f"unknown space type {kind!r} in checkpoint")
-
-
 CALLABLE_MASK = "<callable>"
-MAX_SEED = 2**62  # torch.manual_seed takes a 64-bit integer; room for the offsets below and the copies' seed + i
 EVAL_SEED_OFFSET = 10_000  # periodic evaluations run on environments seeded apart from the training ones
 ACT_SEED_OFFSET = 20_000  # predict's stochastic actions come from a generator seeded apart from training's
 
@@ -665,7 +629,7 @@ class Agent:
     def _from_checkpoint(cls, meta: dict[str, Any], tensors: dict[str, Any], action_mask=None,
                          changes: dict[str, Any] | None = None) -> "Agent":
         agent = cls.__new__(cls)
-        recorded = Config.from_dict(_without_inert_settings(meta["config"], meta["action_space"]))
+        recorded = Config.from_dict(without_inert_settings(meta["config"], meta["action_space"]))
         config = _loaded_config(recorded, changes or {})
         if config.env.action_mask == CALLABLE_MASK and not callable(action_mask):
             raise ValueError("this agent was trained with a callable action mask: pass it again, "
@@ -708,22 +672,6 @@ class Agent:
             if name in tensors.get("actor_update", {}) and (written_by is None or written_by.get(name) is type(part)):
                 part.load_state_dict(tensors["actor_update"][name])
         return agent
-
-
-def _without_inert_settings(config: dict[str, Any], action_space: dict[str, Any]) -> dict[str, Any]:
-    """A recorded config with the settings that did nothing put back to their defaults: checkpoints written before
-    natpg refused them (config.REFUSED_WHEN_UNREAD: fvp_subsample beside K-FAC, a tanh squash of Discrete actions,
-    target_kl outside PPO; more multiproc workers than copies, which were clamped) still load, and train exactly as
-    they did. A config that is not natpg's is returned
-    as it is (loading it reports what is wrong)."""
-    try:
-        cfg = Config.from_dict(config)
-        reset = cfg.unread_refused_defaults(action_space.get("type"))
-        if cfg.env.vectorization == "multiproc" and cfg.env.n_workers > cfg.env.n_envs:  # was clamped, now refused
-            reset["n_workers"] = cfg.env.n_envs
-    except (ValueError, TypeError, AttributeError, KeyError):
-        return config
-    return json.loads(json.dumps(cfg.override(**reset).to_dict()))
 
 
 KFAC_WIDE_INPUT = 1024  # flat observation entries above which K-FAC's O(n³) factor inversions dominate an update
@@ -815,10 +763,6 @@ ALGORITHM_CLASSES: dict[str, type[Agent]] = {"npg": NPG, "trpo": TRPO, "vpg": VP
                                              "ppo": PPO}
 
 
-# How a run is logged, checkpointed and evaluated, not what it learns: a run continued with other values of these
-# (natpg train --resume DIR --eval-every N, natpg.load(DIR, log_interval=2).learn(..., out_dir=DIR)) is the same
-# run, and goes on in its own directory.
-BOOKKEEPING = ("log_interval", "checkpoint_every", "tensorboard", "eval_every", "eval_episodes")
 # Settings the saved state is made by (the networks' shapes, their initial σ, the inputs the normaliser's statistics
 # scale): loading cannot change them.
 SHAPED_BY_CHECKPOINT = ("hidden", "critic_hidden", "activation", "action_squash", "action_mask", "critic_optimizer",
@@ -919,117 +863,6 @@ def _warn_edited_config_json(path: str, meta: dict[str, Any]) -> None:
                       stacklevel=3)
 
 
-def check_out_dir(out_dir: Any) -> str:
-    """``out_dir`` as a path, or a ValueError when it cannot be a run directory."""
-    if not isinstance(out_dir, (str, os.PathLike)):
-        raise ValueError(f"out_dir must be a directory path, got {out_dir!r}")
-    out_dir = os.fspath(out_dir)
-    if checkpoint.is_file_path(out_dir):
-        raise ValueError(f"out_dir {out_dir!r} must be a directory (a path ending in .pt names one checkpoint "
-                         f"file, as agent.save writes)")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"out_dir {out_dir!r} exists and is not a directory")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"out_dir {out_dir!r} cannot be made: {parent!r} is a file")
-    return out_dir
-
-
-def claim_run_dir(agent: Agent, out_dir: Any, overwrite: bool = False, by: str = "learn") -> bool:
-    """Check ``out_dir`` before anything is written there. True: it holds an earlier state of ``agent``'s own
-    run (same algorithm, environment, seed and config, at most as many env steps), whose log is continued, with
-    ``overwrite`` too. False: it is new, or holds none of natpg's outputs, or held another run and ``overwrite``
-    deleted those outputs (``checkpoint.RUN_OUTPUTS``, nothing else). Another run without ``overwrite`` is a
-    ValueError: never lost data. ``by``: 'learn' or 'save', for the error's words."""
-    out_dir = check_out_dir(out_dir)
-    held = [name for name in checkpoint.RUN_OUTPUTS if os.path.lexists(os.path.join(out_dir, name))]
-    if not held:
-        return False
-    if holds_this_run(agent, out_dir, held, overwrite, by):
-        return True
-    for name in held:
-        path = os.path.join(out_dir, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-    return False
-
-
-def holds_this_run(agent: Agent, path: str, held: list[str], overwrite: bool, by: str, file: bool = False) -> bool:
-    """True when ``path`` (a run directory holding ``held``, or with ``file`` a checkpoint file) holds an earlier
-    state of ``agent``'s run; False when what it holds may be replaced: with ``overwrite``, or a run that failed
-    before its first update (a cluster not reached, say: nothing to lose); else a ValueError naming it."""
-    try:
-        meta, _ = checkpoint.read(path)
-    except (OSError, ValueError):
-        meta = None
-    if meta is not None and _continues(agent, meta):
-        return True
-    if overwrite or (meta is not None and meta.get("env_steps") == 0 and (file or _progress_rows(path) == 0)):
-        return False
-    what = (f"a natpg run ({meta.get('algorithm')} on {meta.get('env_id')}, seed {meta.get('seed')}, "
-            f"{meta.get('env_steps')} env steps{_other_settings(agent, meta)})" if meta is not None
-            else "a file that is not this run's" if file else f"natpg outputs ({', '.join(held)})")
-    if by == "learn":
-        raise ValueError(f"out_dir {path!r} already holds {what}; choose another directory, continue that run "
-                         f"(natpg.load(dir).learn(..., out_dir=dir); natpg train ... --resume DIR), or replace it "
-                         f"with overwrite=True (natpg train --overwrite)")
-    raise ValueError(f"{'file' if file else 'directory'} {path!r} already holds {what}; choose another path, or "
-                     f"replace it with save(..., overwrite=True)")
-
-
-def copy_run(src: str, dst: str) -> None:
-    """Copy natpg's outputs (``checkpoint.RUN_OUTPUTS``) of the run in ``src`` into ``dst``, which holds none: a run
-    continued in another directory (``natpg train --resume SRC --out DST``) keeps its whole log there, and the
-    best policy its best return refers to; ``src`` is left as it was."""
-    for name in checkpoint.RUN_OUTPUTS:
-        path = os.path.join(src, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.copytree(path, os.path.join(dst, name))
-        elif os.path.lexists(path):
-            shutil.copy2(path, os.path.join(dst, name))
-
-
-def _changed_settings(agent: Agent, meta: dict[str, Any]) -> list[str] | None:
-    """The settings (``'max_kl 0.01 → 0.005'``) in which ``agent`` differs from the run a checkpoint's metadata
-    records, when it is the same algorithm, environment and seed; None when it is not, or not readable. The device
-    (where a run computes: a CUDA run goes on on a CPU), the info_keys (what it records of its episodes) and the
-    BOOKKEEPING settings are not what a run is."""
-    if (meta.get("algorithm"), meta.get("env_id"), meta.get("seed")) != (agent.algorithm, agent.env_id, agent.seed):
-        return None
-    try:
-        recorded = Config.from_dict(_without_inert_settings(meta.get("config", {}), meta.get("action_space", {})))
-    except (ValueError, TypeError, AttributeError):
-        return None
-    return [f"{k} {recorded.get(k)!r} → {agent.config.get(k)!r}" for k in Config.field_index()
-            if recorded.get(k) != agent.config.get(k) and k not in ("device", "info_keys", *BOOKKEEPING)]
-
-
-def _other_settings(agent: Agent, meta: dict[str, Any]) -> str:
-    """', with other settings (max_kl 0.01 → 0.005)' where the run in a directory is ``agent``'s but for its
-    settings (natpg.load(path, max_kl=...) makes such a run); else ''."""
-    changed = _changed_settings(agent, meta)
-    return f", with other settings ({', '.join(changed)}): a changed run goes to a new directory" if changed else ""
-
-
-def _progress_rows(out_dir: str) -> int:
-    """Rows of ``out_dir``'s progress.csv (0 when it is missing or holds only its header)."""
-    try:
-        with open(os.path.join(out_dir, checkpoint.PROGRESS_CSV)) as f:
-            return max(sum(1 for line in f if line.strip()) - 1, 0)
-    except OSError:
-        return 0
-
-
-def _continues(agent: Agent, meta: dict[str, Any]) -> bool:
-    """Whether a checkpoint's metadata is an earlier (or the same) state of the run ``agent`` is training."""
-    return (_changed_settings(agent, meta) == [] and isinstance(meta.get("env_steps"), int)
-            and meta["env_steps"] <= agent.env_steps)
-
-
 def _run_callback(callback, agent: Agent, row: dict[str, Any]) -> tuple[dict[str, Any], bool, BaseException | None]:
     """The callback on an update's row, which it sees first (numbers it adds, row["custom/x"] = ..., are logged
     with it): (the row to log, whether to stop, what it raised). What it raises goes on only after the complete
@@ -1058,143 +891,3 @@ def _check_callback(callback: Any) -> None:
         raise ValueError(f"callback {callback!r} cannot be called as callback(agent, row): {exc}") from None
     except ValueError:  # a builtin without a signature: it will tell at its first call
         pass
-
-
-def evaluation_env_kwargs(agent: Agent, env_id: str, env_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``env_kwargs`` an evaluation on ``env_id`` makes its copies with: those given, else the agent's own on
-    the id it was trained on and none on another id (whose constructor need not take them)."""
-    if env_kwargs is not None:
-        if problem := env_kwargs_problem(env_kwargs):
-            raise ValueError(f"env_kwargs {problem}")
-        return plain_json(env_kwargs)
-    return agent.config.env.env_kwargs if env_id == agent.env_id else {}
-
-
-def check_evaluation(agent: Agent, env: str | None, episodes: int, seed: int,
-                     max_episode_steps: int = EVAL_MAX_EPISODE_STEPS, env_kwargs: dict[str, Any] | None = None,
-                     deterministic: bool = True) -> str:
-    """The environment id to evaluate ``agent`` on (default: its own), after checking the arguments and, for
-    another environment, that its spaces match the agent's; a ValueError that says what is wrong otherwise."""
-    if not isinstance(agent, Agent):
-        raise ValueError(f"evaluate takes an agent, got {agent!r}: natpg.evaluate(natpg.load(path)) for a saved run")
-    env_id = env or agent.env_id
-    if not is_integer(episodes) or episodes < 1:
-        raise ValueError(f"episodes must be an integer ≥ 1, got {episodes!r}")
-    if not is_integer(max_episode_steps) or max_episode_steps < 1:
-        raise ValueError(f"max_episode_steps must be an integer ≥ 1, got {max_episode_steps!r}")
-    if not is_integer(seed) or not 0 <= seed < MAX_SEED:
-        raise ValueError(f"seed must be a non-negative integer below 2**62, got {seed!r}")
-    if not isinstance(deterministic, (bool, np.bool_)):
-        raise ValueError(f"deterministic must be True or False, got {deterministic!r}")
-    if env is not None or env_kwargs is not None:  # another environment, or the same made otherwise
-        obs_space, act_space = probe_spaces(env_id, agent.config.env.action_mask,
-                                            evaluation_env_kwargs(agent, env_id, env_kwargs))
-        # A Box of the same shape with other bounds is fine (the policy reads the values); any other space must match.
-        same_obs = obs_space == agent.observation_space or (
-            isinstance(obs_space, gym.spaces.Box) and obs_space.shape == agent.observation_space.shape)
-        if not same_obs or act_space != agent.action_space:
-            raise ValueError(f"environment {env_id!r} (observations {obs_space}, actions {act_space}) does not "
-                             f"match the agent trained on {agent.env_id!r} (observations "
-                             f"{agent.observation_space}, actions {agent.action_space})")
-    return env_id
-
-
-def episode_generators(seed: int, episodes: int) -> list[torch.Generator]:
-    """The CPU generators of evaluation episodes ``0 … episodes-1``: episode i's seeded ``seed + i``, as its copy."""
-    return [torch.Generator().manual_seed(seed + i) for i in range(episodes)]
-
-
-def evaluation_episodes(agent: Agent, env: str | None = None, episodes: int = 10, seed: int = 123,
-                        deterministic: bool = True, max_episode_steps: int = EVAL_MAX_EPISODE_STEPS,
-                        env_kwargs: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
-    """Each of ``episodes`` evaluation episodes, with frozen normalisation: ``return`` (undiscounted), ``length``,
-    ``terminated`` (True where the environment ended it; False where its time limit or ``max_episode_steps`` cut
-    it) and ``last_obs`` (its last observation as the policy reads it: flattened, any action mask appended).
-
-    Episodes run in parallel copies of ``env`` (default: the agent's own), copy i seeded ``seed + i``; its
-    stochastic actions (``deterministic=False``) draw from a CPU generator seeded ``seed + i`` too, so that an
-    episode does not depend on how many run beside it or on the device (``record_video`` plays it). An episode the
-    environment has not ended after ``max_episode_steps`` steps is cut there, with a warning (an environment
-    registered without a time limit would otherwise never return). A NaN, infinite or beyond-float32 observation or
-    reward is a ``NonFiniteEnvError`` naming the episode and step, as in training.
-    """
-    env_id = check_evaluation(agent, env, episodes, seed, max_episode_steps, env_kwargs, deterministic)
-    episodes, seed, max_episode_steps = int(episodes), int(seed), int(max_episode_steps)  # numpy's too
-    generators = None if deterministic else episode_generators(seed, episodes)
-    envs = make_vec_env(env_id, episodes, "sync", action_mask=agent.action_mask_source,
-                        env_kwargs=evaluation_env_kwargs(agent, env_id, env_kwargs))
-    try:
-        obs, _ = envs.reset(seed=seed)
-        flat = np.asarray(obs, np.float64).reshape(episodes, -1)  # flattened, with the mask appended: to the policy
-        drop = agent.config.env.nonfinite_env == "drop"
-        nonfinite_steps(env_id, flat, np.zeros(episodes), np.ones(episodes, bool), 0, drop=False)  # none to end yet
-        returns, lengths = np.zeros(episodes), np.zeros(episodes, np.int64)
-        terminated, finished = np.zeros(episodes, bool), np.zeros(episodes, bool)
-        dropped = np.zeros(episodes, bool)
-        last_obs = np.empty_like(flat)
-        for t in range(max_episode_steps):
-            obs, rew, term, trunc, info = envs.step(agent._act(flat, deterministic, generators))
-            new = np.asarray(obs, np.float64).reshape(episodes, -1)
-            bad = nonfinite_steps(env_id, new, rew, ~finished, t + 1, drop)
-            if bad.any():  # nonfinite_env='drop': the episode ends at its last finite observation, as in training
-                last_obs[bad] = flat[bad]
-                dropped |= bad
-                finished |= bad
-            new[~storable(new)] = 0.0  # ended copies go on stepping uncounted: keep their actions finite
-            flat = new
-            returns += np.where(finished, 0.0, rew)
-            lengths += ~finished
-            terminated |= term & ~finished
-            for i in np.flatnonzero((term | trunc) & ~finished):  # the copy has reset: its last one is final_obs
-                last_obs[i] = np.asarray(info["final_obs"][i], np.float64).reshape(-1)
-            finished |= term | trunc
-            if finished.all():
-                break
-        last_obs[~finished] = flat[~finished]  # episodes cut at max_episode_steps end where they stand
-    finally:
-        envs.close()
-    warn_cut_episodes(env_id, int((~finished).sum()), episodes, max_episode_steps)
-    warn_dropped_episodes(env_id, int(dropped.sum()), episodes)
-    return {"return": returns, "length": lengths, "terminated": terminated, "last_obs": last_obs}
-
-
-def evaluate(agent: Agent, env: str | None = None, episodes: int = 10, seed: int = 123,
-             deterministic: bool = True, max_episode_steps: int = EVAL_MAX_EPISODE_STEPS,
-             env_kwargs: dict[str, Any] | None = None) -> tuple[float, float]:
-    """Mean and std of the undiscounted return over ``episodes`` episodes run by ``evaluation_episodes`` (copy i
-    seeded ``seed + i``, frozen normalisation, an episode not ended after ``max_episode_steps`` cut with a warning).
-    ``env_kwargs``: how the environment is made (default: the run's own on its own id, none on another id), e.g.
-    a policy trained with ``{"g": 3.0}`` evaluated under ``{"g": 10.0}``."""
-    returns = evaluation_episodes(agent, env, episodes, seed, deterministic, max_episode_steps, env_kwargs)["return"]
-    return float(returns.mean()), float(returns.std())
-
-
-def nonfinite_steps(env_id: str, obs: np.ndarray, rew: np.ndarray, running: np.ndarray, step: int,
-                    drop: bool, first_episode: int = 0) -> np.ndarray:
-    """The running evaluation episodes whose observation [E, D] or reward [E] is NaN, infinite or beyond float32's
-    range (``rollout.storable``): returned with
-    ``drop`` (nonfinite_env='drop'), a ``NonFiniteEnvError`` naming them otherwise (row i is episode
-    ``first_episode + i``)."""
-    rew = np.asarray(rew, np.float64)
-    bad = running & ~(storable(obs).all(axis=1) & storable(rew))
-    if bad.any() and not drop:
-        what = describe_unstorable("observation or reward", np.concatenate([obs[bad].reshape(-1), rew[bad]]))
-        raise NonFiniteEnvError(f"evaluation on {env_id!r}: the environment returned {what} at step {step} of "
-                                f"evaluation episode(s) {(first_episode + np.flatnonzero(bad)).tolist()} "
-                                f"(nonfinite_env='drop' ends such episodes instead)")
-    return bad
-
-
-def warn_dropped_episodes(env_id: str, dropped: int, episodes: int) -> None:
-    if dropped:
-        warnings.warn(f"{dropped} of {episodes} evaluation episodes on {env_id!r} ended at a non-finite "
-                      f"observation or reward (nonfinite_env='drop'); their returns are those of the steps before it",
-                      RuntimeWarning, stacklevel=3)
-
-
-def warn_cut_episodes(env_id: str, cut: int, episodes: int, max_episode_steps: int) -> None:
-    if cut:
-        warnings.warn(f"{cut} of {episodes} evaluation episodes on {env_id!r} had not ended after "
-                      f"max_episode_steps={max_episode_steps} steps; their returns are those of the first "
-                      f"{max_episode_steps} steps (give the environment a time limit, or a larger "
-                      f"max_episode_steps)", RuntimeWarning, stacklevel=3)

@@ -23,6 +23,8 @@ import threading
 import warnings
 from typing import Any
 
+import gymnasium as gym
+import numpy as np
 import torch
 
 from .errors import first_line
@@ -259,3 +261,40 @@ def run_dir_lock(directory: str):
 
 def _thread_name(ident: int) -> str:
     return next((t.name for t in threading.enumerate() if t.ident == ident), str(ident))
+
+
+def space_to_dict(space: gym.Space) -> dict[str, Any]:
+    """A JSON-able record of a space (Box, Discrete, MultiDiscrete, MultiBinary, Dict, Tuple)."""
+    if isinstance(space, gym.spaces.Box):
+        return {"type": "Box", "low": space.low.tolist(), "high": space.high.tolist(),
+                "shape": list(space.shape), "dtype": str(space.dtype)}
+    if isinstance(space, gym.spaces.Discrete):
+        return {"type": "Discrete", "n": int(space.n), "start": int(space.start)}
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return {"type": "MultiDiscrete", "nvec": space.nvec.tolist(), "start": space.start.tolist(),
+                "dtype": str(space.dtype)}
+    if isinstance(space, gym.spaces.MultiBinary):
+        return {"type": "MultiBinary", "n": np.asarray(space.n).tolist()}
+    if isinstance(space, gym.spaces.Dict):
+        return {"type": "Dict", "spaces": [[k, space_to_dict(v)] for k, v in space.spaces.items()]}
+    if isinstance(space, gym.spaces.Tuple):
+        return {"type": "Tuple", "spaces": [space_to_dict(v) for v in space.spaces]}
+    raise ValueError(f"cannot record space {space}")
+
+
+def space_from_dict(d: dict[str, Any]) -> gym.Space:
+    kind = d["type"]
+    if kind == "Box":
+        return gym.spaces.Box(np.array(d["low"], dtype=d["dtype"]), np.array(d["high"], dtype=d["dtype"]),
+                              dtype=d["dtype"])
+    if kind == "Discrete":
+        return gym.spaces.Discrete(d["n"], start=d["start"])
+    if kind == "MultiDiscrete":
+        return gym.spaces.MultiDiscrete(np.array(d["nvec"]), dtype=d["dtype"], start=np.array(d["start"]))
+    if kind == "MultiBinary":
+        return gym.spaces.MultiBinary(d["n"])
+    if kind == "Dict":
+        return gym.spaces.Dict({k: space_from_dict(v) for k, v in d["spaces"]})
+    if kind == "Tuple":
+        return gym.spaces.Tuple([space_from_dict(v) for v in d["spaces"]])
+    raise ValueError(f"unknown space type {kind!r} in checkpoint")

@@ -241,7 +241,7 @@ def algorithm_class(name: str):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .agent import check_out_dir, claim_run_dir, copy_run
+    from .rundir import check_out_dir, claim_run_dir, copy_run
     from .checkpoint import is_file_path, run_dir_lock
 
     agent_class = algorithm_class(args.algo)
@@ -323,7 +323,8 @@ def _resumable(run_dir: str) -> str:
 
 
 def _resume(args: argparse.Namespace, overrides: dict[str, Any]):
-    from .agent import BOOKKEEPING, load
+    from .agent import load
+    from .rundir import BOOKKEEPING
 
     agent = load(args.resume, **{k: v for k, v in overrides.items() if k in BOOKKEEPING})  # logging, evaluation
     changed = sorted(k for k, v in overrides.items() if agent.config.override(**{k: v}) != agent.config)
@@ -407,7 +408,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .agent import evaluate, load
+    from .agent import load
+    from .evaluation import evaluate
 
     if args.video:
         from .video import headless_linux

@@ -38,6 +38,8 @@ ACTIVATIONS = ("tanh", "relu", "elu")  # the names of policies.ACTIVATIONS, whic
 # An evaluation episode is cut here if the environment has not ended it: above every registered time limit
 # (Atari's 108k frames are 27k steps), and a bound for environments registered without one.
 EVAL_MAX_EPISODE_STEPS = 100_000
+# torch.manual_seed takes a 64-bit integer: room for the agent's seed offsets and its copies' seed + i
+MAX_SEED = 2**62
 
 
 @dataclass(frozen=True)

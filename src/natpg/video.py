@@ -20,8 +20,9 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
-from .agent import (Agent, check_evaluation, episode_generators, evaluation_env_kwargs, nonfinite_steps,
-                    warn_cut_episodes, warn_dropped_episodes)
+from .agent import Agent
+from .evaluation import (check_evaluation, episode_generators, evaluation_env_kwargs, nonfinite_steps,
+                         warn_cut_episodes, warn_dropped_episodes)
 from .config import EVAL_MAX_EPISODE_STEPS
 from .envs import make_env
 from .errors import first_line, install_hint
