@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         critic.fit(obs, returns, generator)
         times.append((time.perf_counter() - start) * 1e3)
     print(json.dumps({"batch": args.batch, "obs_dim": args.obs_dim, "hidden": args.hidden,
-                      "activation": args.activation, "hand_backward": getattr(critic, "_mlp", None) is not None,
+                      "activation": args.activation, "hand_backward": critic.fitter._mlp is not None,
                       "fit_ms_median": round(statistics.median(times), 1), "fit_ms_min": round(min(times), 1)}))
 
 

@@ -1294,12 +1294,12 @@ def test_a_runs_episode_statistics_go_on_when_its_environments_start_afresh(tmp_
 def test_the_k_fac_critics_count_of_fallbacks_goes_on_across_a_checkpoint(tmp_path):
     agent = natpg.ACKTR("CartPole-v1", seed=0, critic_optimizer="kfac", **small())
     agent.learn(64)
-    agent.critic.curvature.fallbacks = 3  # as after three numerically singular factors
+    agent.critic.fitter.curvature.fallbacks = 3  # as after three numerically singular factors
     agent.save(tmp_path / "m")
     loaded = natpg.load(tmp_path / "m")
-    assert loaded.critic.curvature.fallbacks == 3
+    assert loaded.critic.fitter.curvature.fallbacks == 3
     loaded.learn(64, reset=False)
-    assert loaded.critic.curvature.stats["critic/kfac_fallbacks"] >= 3
+    assert loaded.critic.fitter.curvature.stats["critic/kfac_fallbacks"] >= 3
 
 
 def test_load_with_changes_continues_the_run_with_other_settings_and_records_them(tmp_path):

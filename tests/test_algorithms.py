@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from functools import partial
 
 import numpy as np
 import pytest
@@ -19,14 +20,14 @@ from torch import nn
 
 import natpg
 from natpg import fisher
-from natpg.acktr import GaussNewtonKFAC, KFACCritic
+from natpg.acktr import GaussNewtonKFAC, KFACRegression
 from natpg.algorithms import Batch, NaturalGradientUpdate, make_actor_update, mean_kl, surrogate
 from natpg.config import Config
-from natpg.critics import ValueCritic
+from natpg.critics import AdamRegression, ValueCritic
 from natpg.params import flatten, get_flat
 from natpg.policies import CategoricalMLP, GaussianMLP
 from natpg.presets import config_for, default_config
-from natpg.ppo import ClippedSurrogateUpdate, ClippedValueCritic, clipped_surrogate
+from natpg.ppo import ClippedRegression, ClippedSurrogateUpdate, clipped_surrogate
 from natpg.steps import AdamStep, FixedStep, KFACClip, KLStep, LineSearch
 
 OBS_DIM = 3
@@ -372,7 +373,8 @@ def critic_jacobian(critic: ValueCritic, obs: torch.Tensor) -> torch.Tensor:
 
 def critic_data(hidden, n=50, seed=0):
     torch.manual_seed(seed)
-    critic = KFACCritic(OBS_DIM, hidden, "tanh", epochs=1, minibatch=n, max_kl=0.05, eta_max=1.0, damping=0.0)
+    critic = ValueCritic(OBS_DIM, hidden, "tanh", fitter=partial(KFACRegression, epochs=1, minibatch=n, max_kl=0.05,
+                                                                 eta_max=1.0, damping=0.0))
     gen = torch.Generator().manual_seed(seed + 1)
     obs = torch.randn(n, OBS_DIM, generator=gen)
     ret = 3.0 * torch.randn(n, generator=gen) + 5.0
@@ -387,14 +389,15 @@ def test_kfac_critic_counts_its_skipped_minibatch_steps_apart_from_the_skipped_f
     from natpg.guards import guarded_critic_fit
 
     _, obs, ret = critic_data(hidden=(), n=40)
-    critic = KFACCritic(OBS_DIM, (8,), "tanh", epochs=2, minibatch=10, max_kl=0.05, eta_max=1.0, damping=0.01)
-    solve, calls = critic.curvature.solve, []
+    critic = ValueCritic(OBS_DIM, (8,), "tanh", fitter=partial(KFACRegression, epochs=2, minibatch=10, max_kl=0.05,
+                                                               eta_max=1.0, damping=0.01))
+    solve, calls = critic.fitter.curvature.solve, []
 
     def every_third_nan(g):
         calls.append(1)
         return torch.full_like(g, float("nan")) if len(calls) % 3 == 0 else solve(g)
 
-    critic.curvature.solve = every_third_nan
+    critic.fitter.curvature.solve = every_third_nan
     stats = guarded_critic_fit(critic, SimpleNamespace(obs=obs, ret=ret), torch.Generator().manual_seed(0))
     assert len(calls) == 8 and stats["critic/skipped_steps"] == 2.0 and stats["critic/skipped"] == 0.0
     assert stats["critic/loss_after"] < stats["critic/loss_before"]
@@ -466,8 +469,8 @@ def test_critic_step_meets_its_kl_budget_and_a_full_step_solves_least_squares():
     # One step (one epoch, one minibatch): ½ ΔᵀF̂Δ = δ_c for N(R; V, σ²), σ² = mean (V − R)², F̂ explicit.
     critic, obs, ret = critic_data(hidden=(6,))
     lam, delta = 0.01, 0.01
-    critic.curvature.damping = lam
-    critic.optimizer = KFACClip(delta, 1e6, 0.0)
+    critic.fitter.curvature.damping = lam
+    critic.fitter.step = KFACClip(delta, 1e6, 0.0)
     with torch.no_grad():
         sigma = float(((critic(obs) - ret) ** 2).mean().sqrt())  # the ML noise of N(R; V, σ²) before the fit
     M = explicit_critic_kfac(critic, obs, lam, sigma)
@@ -480,7 +483,7 @@ def test_critic_step_meets_its_kl_budget_and_a_full_step_solves_least_squares():
     # A linear critic, no damping, a budget that does not bind: η = η_max = 1 is the Gauss-Newton step —
     # here the exact Newton step of the quadratic loss — which lands on the least-squares solution.
     critic, obs, ret = critic_data(hidden=())
-    critic.optimizer = KFACClip(1e6, 1.0, 0.0)
+    critic.fitter.step = KFACClip(1e6, 1.0, 0.0)
     critic.fit(obs, ret)
     X = torch.cat([obs, torch.ones(obs.shape[0], 1)], 1)
     w = torch.linalg.lstsq(X, ret.unsqueeze(1)).solution.squeeze(1)
@@ -613,7 +616,8 @@ def test_ppo_target_kl_stops_at_the_first_minibatch_whose_kl_old_new_exceeds_it(
 
 def test_value_clipping_limits_the_loss_to_the_clipped_range():
     torch.manual_seed(0)
-    critic = ClippedValueCritic(OBS_DIM, (8,), "tanh", lr=1e-2, epochs=5, minibatch=16, value_clip=0.1)
+    critic = ValueCritic(OBS_DIM, (8,), "tanh", fitter=partial(ClippedRegression, lr=1e-2, epochs=5, minibatch=16,
+                                                               value_clip=0.1))
     obs = torch.randn(64, OBS_DIM)
     with torch.no_grad():
         v0 = critic(obs)
@@ -639,8 +643,9 @@ def test_value_critic_fit_is_minibatch_adam_on_squared_error_bit_for_bit(activat
     hand-written backward (tanh and ReLU MLPs; ELU takes autograd) and its foreach Adam to the numbers
     every documented run was measured with."""
     torch.manual_seed(0)
-    critic = ValueCritic(OBS_DIM, (16, 16), activation, lr=3e-3, epochs=3, minibatch=20).to(dtype)
-    assert (critic._mlp is not None) == hand_backward
+    critic = ValueCritic(OBS_DIM, (16, 16), activation,
+                         fitter=partial(AdamRegression, lr=3e-3, epochs=3, minibatch=20)).to(dtype)
+    assert (critic.fitter._mlp is not None) == hand_backward
     reference = copy.deepcopy(critic.net)
     obs, returns = torch.randn(50, OBS_DIM, dtype=dtype), 3 * torch.randn(50, dtype=dtype)
     for seed in (1, 2):
@@ -658,7 +663,7 @@ def test_value_critic_fit_is_minibatch_adam_on_squared_error_bit_for_bit(activat
                 loss.backward()
                 adam.step()
     assert all(torch.equal(p, q) for p, q in zip(critic.net.parameters(), reference.parameters()))
-    ours, theirs = critic.optimizer.state_dict()["state"], adam.state_dict()["state"]  # moments and step counts
+    ours, theirs = critic.fitter.state_dict()["state"], adam.state_dict()["state"]  # moments and step counts
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[i][k], theirs[i][k]) for i in ours for k in ours[i])
 
 
@@ -732,9 +737,9 @@ def test_presets_layer_algorithm_family_environment_then_user():
     agent = natpg.TRPO("HalfCheetah-v5", n_envs=1, tensorboard=False)
     torch.testing.assert_close(agent.policy.log_std.detach(), torch.full((6,), -0.5))
     agent.close()
-    for env_id, critic_class in (("Walker2d-v5", ValueCritic), ("Ant-v5", ValueCritic), ("Hopper-v5", KFACCritic)):
+    for env_id, fitter in (("Walker2d-v5", AdamRegression), ("Ant-v5", AdamRegression), ("Hopper-v5", KFACRegression)):
         agent = natpg.ACKTR(env_id, n_envs=1, tensorboard=False)
-        assert type(agent.critic) is critic_class
+        assert type(agent.critic.fitter) is fitter
         agent.close()
 
 
@@ -787,8 +792,8 @@ def test_adam_step_clips_only_directions_longer_than_max_norm(float64):
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cls,fisher_name,step,critic", [
-    (natpg.TRPO, "cg", "linesearch", ValueCritic), (natpg.ACKTR, "kfac", "kfac_clip", KFACCritic),
-    (natpg.VPG, "identity", "fixed", ValueCritic), (natpg.PPO, None, "ppo_clip", ValueCritic)])
+    (natpg.TRPO, "cg", "linesearch", AdamRegression), (natpg.ACKTR, "kfac", "kfac_clip", KFACRegression),
+    (natpg.VPG, "identity", "fixed", AdamRegression), (natpg.PPO, None, "ppo_clip", AdamRegression)])
 @pytest.mark.parametrize("env", ["CartPole-v1", "Pendulum-v1"])
 def test_algorithms_are_compositions(cls, fisher_name, step, critic, env):
     torch.set_default_dtype(torch.float32)
@@ -796,7 +801,7 @@ def test_algorithms_are_compositions(cls, fisher_name, step, critic, env):
     if (cls, env) == (natpg.VPG, "Pendulum-v1"):
         step = "adam"  # its Pendulum preset (see docs/algorithms.md)
     assert agent.config.algorithm == cls.algorithm and agent.config.step.step == step
-    assert type(agent.critic) is critic
+    assert type(agent.critic.fitter) is critic
     if fisher_name is not None:
         assert isinstance(agent.actor_update, NaturalGradientUpdate)
         assert agent.config.curvature.fisher == fisher_name

@@ -578,7 +578,7 @@ FAULTS = [
 def test_numerical_fault_leaves_parameters_untouched_then_stops(tmp_path, monkeypatch, name, inject, side, reason):
     agent = natpg.NPG("CartPole-v1", seed=2, **small(max_consecutive_faults=3))
     actor0, critic0 = flat_params(agent.policy), flat_params(agent.critic)
-    opt0 = [s["exp_avg"].clone() for s in agent.critic.optimizer.state_dict()["state"].values()]
+    opt0 = [s["exp_avg"].clone() for s in agent.critic.fitter.state_dict()["state"].values()]
     inject(agent, monkeypatch)
     rows = []
     agent.learn(BATCH, out_dir=str(tmp_path), callback=lambda ag, row: rows.append(row))
@@ -588,7 +588,7 @@ def test_numerical_fault_leaves_parameters_untouched_then_stops(tmp_path, monkey
         assert torch.equal(flat_params(agent.policy), actor0) and rows[0]["step/skipped"] == 1.0
     if side in ("critic", "both"):
         assert torch.equal(flat_params(agent.critic), critic0) and rows[0]["critic/skipped"] == 1.0
-        assert opt0 == [] or all(torch.isfinite(s["exp_avg"]).all() for s in agent.critic.optimizer.state_dict()["state"].values())
+        assert opt0 == [] or all(torch.isfinite(s["exp_avg"]).all() for s in agent.critic.fitter.state_dict()["state"].values())
     assert torch.isfinite(flat_params(agent.policy)).all() and torch.isfinite(flat_params(agent.critic)).all()
     assert agent.consecutive_faults == 1
     assert re.search(reason, (tmp_path / "events.log").read_text())  # logged with its reason
@@ -707,7 +707,7 @@ def test_critic_fit_beside_the_actor_update_is_bit_identical_to_after_it(algo, e
     assert torch.equal(flat_params(sequential.policy), flat_params(overlapped.policy))
     assert torch.equal(flat_params(sequential.critic), flat_params(overlapped.critic))
     assert torch.equal(sequential.update_generator.get_state(), overlapped.update_generator.get_state())
-    opt = [_leaves(a.critic.optimizer.state_dict()) for a in runs]  # Adam's moments, or K-FAC's momentum
+    opt = [_leaves(a.critic.fitter.state_dict()) for a in runs]  # Adam's moments, or K-FAC's momentum
     assert len(opt[0]) == len(opt[1]) and all(
         torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(*opt))
 
@@ -724,7 +724,7 @@ def test_an_actor_update_that_raises_leaves_the_overlapped_critic_as_it_was(monk
     agent = natpg.NPG("Pendulum-v1", seed=4, **small())
     agent.learn(BATCH)
     critic0 = flat_params(agent.critic)
-    opt0 = {k: v["exp_avg"].clone() for k, v in agent.critic.optimizer.state_dict()["state"].items()}
+    opt0 = {k: v["exp_avg"].clone() for k, v in agent.critic.fitter.state_dict()["state"].items()}
 
     def broken(policy, batch):
         time.sleep(0.05)  # the critic fit is under way in its thread
@@ -735,7 +735,7 @@ def test_an_actor_update_that_raises_leaves_the_overlapped_critic_as_it_was(monk
         agent.learn(BATCH, reset=False)
     assert agent._critic_fit.overlap
     assert torch.equal(flat_params(agent.critic), critic0)
-    assert all(torch.equal(v["exp_avg"], opt0[k]) for k, v in agent.critic.optimizer.state_dict()["state"].items())
+    assert all(torch.equal(v["exp_avg"], opt0[k]) for k, v in agent.critic.fitter.state_dict()["state"].items())
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

@@ -25,7 +25,7 @@ linearised targets), and η = min(η_max, √(2δ_c / vᵀF̂v)).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -138,37 +138,39 @@ class GaussNewtonKFAC:
         return self._apply(v, inverse=False)
 
 
-class KFACCritic(ValueCritic):
-    """The value network of ``ValueCritic`` fitted by ACKTR's K-FAC step instead of Adam.
-
-    ``fit`` runs ``epochs`` shuffled passes of ``minibatch``-sized K-FAC steps (factors refitted on each
-    minibatch); each step is ``KFACClip(max_kl, eta_max, momentum)`` on the Gauss-Newton K-FAC matrix.
-    ``self.optimizer`` is that step rule (its momentum is what a checkpoint saves).
+class KFACRegression:
+    """ACKTR's fit of the value network (``critics.ValueCritic``'s fitter): ``epochs`` shuffled passes of
+    ``minibatch``-sized K-FAC steps (factors refitted on each minibatch); each step is
+    ``KFACClip(max_kl, eta_max, momentum)`` on the Gauss-Newton K-FAC matrix. Its state is that step's momentum.
     """
 
-    def __init__(self, obs_dim: int, hidden: Sequence[int] = (64, 64), activation: str = "tanh", lr: float = 1e-3,
-                 epochs: int = 10, minibatch: int = 256, *, max_kl: float = 0.01, eta_max: float = 1.0,
-                 damping: float = 0.01, momentum: float = 0.0):
-        super().__init__(obs_dim, hidden, activation, lr, epochs, minibatch)
+    def __init__(self, net: nn.Module, epochs: int = 10, minibatch: int = 256, *, max_kl: float = 0.01,
+                 eta_max: float = 1.0, damping: float = 0.01, momentum: float = 0.0):
+        self.epochs, self.minibatch = epochs, minibatch
         self.curvature = GaussNewtonKFAC(damping)
-        self.optimizer = KFACClip(max_kl, eta_max, momentum)
+        self.step = KFACClip(max_kl, eta_max, momentum)
 
-    def fit(self, obs: torch.Tensor, returns: torch.Tensor, generator: torch.Generator | None = None
-            ) -> dict[str, float]:
-        params = list(self.net.parameters())
-        before = mean_squared_error(self, obs, returns)
+    def fit(self, critic: ValueCritic, obs: torch.Tensor, returns: torch.Tensor,
+            generator: torch.Generator | None = None) -> dict[str, float]:
+        params = list(critic.net.parameters())
+        before = mean_squared_error(critic, obs, returns)
         # σ² of the output model N(R; V(s), σ²): its maximum-likelihood value at the start of the fit.
         sigma = max(before, 1e-12) ** 0.5
         sizes, kls, skipped = [], [], 0
         for idx in minibatch_indices(obs.shape[0], self.epochs, self.minibatch, generator, obs.device):
-            g = self.curvature.fit(self.net, obs[idx], returns[idx], sigma)
+            g = self.curvature.fit(critic.net, obs[idx], returns[idx], sigma)
             d = self.curvature.solve(g)
-            step = self.optimizer.apply(params, d, g, self.curvature, None)
+            step = self.step.apply(params, d, g, self.curvature, None)
             skipped += int(step["step/skipped"])
             sizes.append(step["step/size"])
             kls.append(step.get("step/quadratic_kl", 0.0))
-        after = mean_squared_error(self, obs, returns)
+        after = mean_squared_error(critic, obs, returns)
         n = max(len(sizes), 1)
         return {"critic/loss_before": before, "critic/loss_after": after, "critic/step_size": sum(sizes) / n,
                 "critic/quadratic_kl": sum(kls) / n, "critic/skipped_steps": float(skipped), **self.curvature.stats}
 
+    def state_dict(self) -> dict[str, Any]:
+        return self.step.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step.load_state_dict(state)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
+from .acktr import KFACRegression
 from .algorithms import make_actor_update, make_critic
 from .checkpoint import space_from_dict, space_to_dict
 from .config import MAX_SEED, Config, is_integer, whole_number
@@ -604,12 +605,13 @@ class Agent:
             "schedule_end": self.schedule_end,
             "consecutive_faults": self.consecutive_faults, "train_wall_s": self.train_wall_s,
             "best_eval_return": self.best_eval_return,
-            **({"critic_kfac_fallbacks": self.critic.curvature.fallbacks} if hasattr(self.critic, "curvature") else {}),
+            **({"critic_kfac_fallbacks": self.critic.fitter.curvature.fallbacks}
+               if isinstance(self.critic.fitter, KFACRegression) else {}),
             # Everything needed to continue bit-exactly (learn(..., reset=False) after load; CLI --resume):
             "sampler": sampler_state,
         }
         tensors = {"policy": self.policy.state_dict(), "critic": self.critic.state_dict(),
-                   "critic_optimizer": self.critic.optimizer.state_dict(),
+                   "critic_optimizer": self.critic.fitter.state_dict(),
                    "rng": {"generator": self.generator.get_state(),
                            "cpu_generator": self.update_generator.get_state(),
                            **({"sampling_generator": self.sampling_generator.get_state()}
@@ -639,7 +641,7 @@ class Agent:
                      space_from_dict(meta["action_space"]))
         agent.policy.load_state_dict(tensors["policy"])
         agent.critic.load_state_dict(tensors["critic"])
-        agent.critic.optimizer.load_state_dict(tensors["critic_optimizer"])
+        agent.critic.fitter.load_state_dict(tensors["critic_optimizer"])
         agent.obs_normalizer.rms.load_state_dict(meta["obs_normalizer"])
         agent.reward_scaler.rms.load_state_dict(meta["reward_scaler"])
         agent.env_steps, agent.updates = int(meta["env_steps"]), int(meta["updates"])
@@ -650,8 +652,8 @@ class Agent:
         agent.consecutive_faults = int(meta.get("consecutive_faults", 0))
         agent.train_wall_s = float(meta.get("train_wall_s", 0.0))
         agent.best_eval_return = meta.get("best_eval_return")
-        if hasattr(agent.critic, "curvature"):  # the K-FAC critic's count of fallbacks goes on (critic/kfac_fallbacks)
-            agent.critic.curvature.fallbacks = int(meta.get("critic_kfac_fallbacks", 0))
+        if isinstance(agent.critic.fitter, KFACRegression):  # its count of fallbacks goes on (critic/kfac_fallbacks)
+            agent.critic.fitter.curvature.fallbacks = int(meta.get("critic_kfac_fallbacks", 0))
         agent._saved_sampler = meta.get("sampler")
         if "rng" in tensors:
             rng = tensors["rng"]

@@ -9,6 +9,7 @@ and cites the presets' sources.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch.distributions import kl_divergence
 
 from . import fisher
 from .config import Config
-from .critics import ValueCritic
+from .critics import AdamRegression, ValueCritic
 from .params import finite, flatten
 from .steps import AdamStep, FixedStep, KFACClip, KLStep, LineSearch, skipped
 
@@ -147,21 +148,22 @@ def make_actor_update(cfg: Config, generator: torch.Generator | None):
 
 
 def make_critic(cfg: Config, obs_dim: int, image=None) -> nn.Module:
-    """The value network with its step: Adam regression, PPO's clipped regression, or ACKTR's K-FAC step.
+    """The value network with its fitter: Adam regression, PPO's clipped regression, or ACKTR's K-FAC step.
     ``image``: the CNN layout of image observations (``policies.image_layout``; Adam critics only)."""
-    c, activation = cfg.critic, cfg.policy.activation
-    args = (obs_dim, c.critic_hidden, activation, c.critic_lr, c.critic_epochs, c.critic_minibatch)
+    c = cfg.critic
     if image is not None and c.critic_optimizer == "kfac":
         raise ValueError("critic_optimizer='kfac' (ACKTR's K-FAC critic) supports MLP critics only; image "
                          "observations need critic_optimizer='adam'")
-    cnn = {"image": image} if image is not None else {}
     if c.critic_optimizer == "kfac":
-        from .acktr import KFACCritic
+        from .acktr import KFACRegression
 
-        return KFACCritic(*args, max_kl=c.critic_max_kl, eta_max=c.critic_eta_max, damping=c.critic_damping,
-                          momentum=c.critic_momentum)
-    if c.value_clip:
-        from .ppo import ClippedValueCritic
+        fitter = partial(KFACRegression, epochs=c.critic_epochs, minibatch=c.critic_minibatch, max_kl=c.critic_max_kl,
+                         eta_max=c.critic_eta_max, damping=c.critic_damping, momentum=c.critic_momentum)
+    elif c.value_clip:
+        from .ppo import ClippedRegression
 
-        return ClippedValueCritic(*args, value_clip=c.value_clip, **cnn)
-    return ValueCritic(*args, **cnn)
+        fitter = partial(ClippedRegression, lr=c.critic_lr, epochs=c.critic_epochs, minibatch=c.critic_minibatch,
+                         value_clip=c.value_clip)
+    else:
+        fitter = partial(AdamRegression, lr=c.critic_lr, epochs=c.critic_epochs, minibatch=c.critic_minibatch)
+    return ValueCritic(obs_dim, c.critic_hidden, cfg.policy.activation, image, fitter)

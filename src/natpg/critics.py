@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ _ONE = torch.tensor(1.0)  # the step increment, as torch's foreach Adam passes i
 
 @torch.no_grad()
 def adam_step(optimizer: torch.optim.Optimizer) -> None:
-    """``optimizer.step()`` of a critic's Adam (``ValueCritic``'s: one group, foreach, no AMSGrad, weight decay,
+    """``optimizer.step()`` of a critic's Adam (``AdamRegression``'s: one group, foreach, no AMSGrad, weight decay,
     maximize or capturable) by torch's own foreach kernels in torch's order, so bit-identical to it (test),
     without ``Optimizer.step``'s per-call bookkeeping: a sixth of the critic fit at minibatches of 256 × 64,
     where per-call overhead, not arithmetic, dominates. Any other optimizer, a first step (no state yet) or
@@ -61,35 +61,47 @@ def mean_squared_error(critic: nn.Module, obs: torch.Tensor, returns: torch.Tens
 
 
 class ValueCritic(nn.Module):
-    """V(s) as an MLP (a Nature-CNN torso on images) with orthogonal init; ``fit`` regresses it on return
-    targets with Adam."""
+    """V(s) as an MLP (a Nature-CNN torso on images) with orthogonal init. ``fit`` regresses it on return targets
+    by its ``fitter``, made from the network: ``AdamRegression`` (the default), PPO's ``ppo.ClippedRegression`` or
+    ACKTR's ``acktr.KFACRegression``; ``fitter.state_dict()`` is its optimiser's state (what a checkpoint saves)."""
 
-    def __init__(self, obs_dim: int, hidden: Sequence[int] = (64, 64), activation: str = "tanh",
-                 lr: float = 1e-3, epochs: int = 10, minibatch: int = 256, image=None):
+    def __init__(self, obs_dim: int, hidden: Sequence[int] = (64, 64), activation: str = "tanh", image=None,
+                 fitter: Callable[[nn.Module], Any] | None = None):
         super().__init__()
         self.net = network(obs_dim, 1, hidden, activation, 1.0, image)
-        self.epochs, self.minibatch = epochs, minibatch
-        # foreach: one call per Adam operation for all tensors, not one per tensor; on the CPU the same
-        # kernels run in the same order, so the fit is bit-identical to the default loop, and cheaper.
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr, foreach=True)
-        self._mlp = linear_activation_pairs(self.net)
+        self.fitter = (fitter or AdamRegression)(self.net)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net(obs).squeeze(-1)
 
     def fit(self, obs: torch.Tensor, returns: torch.Tensor, generator: torch.Generator | None = None
             ) -> dict[str, float]:
-        """Minimise mean (V(s) − R)² over ``epochs`` shuffled passes; obs [B, D], returns [B]."""
-        before = mean_squared_error(self, obs, returns)
+        """Regress V on ``returns`` [B] at ``obs`` [B, D]: the critic/* columns of the fit."""
+        return self.fitter.fit(self, obs, returns, generator)
+
+
+class AdamRegression:
+    """Minimise mean (V(s) − R)² over ``epochs`` shuffled passes of ``minibatch`` samples with Adam."""
+
+    def __init__(self, net: nn.Module, lr: float = 1e-3, epochs: int = 10, minibatch: int = 256):
+        self.epochs, self.minibatch = epochs, minibatch
+        # foreach: one call per Adam operation for all tensors, not one per tensor; on the CPU the same
+        # kernels run in the same order, so the fit is bit-identical to the default loop, and cheaper.
+        self.optimizer = torch.optim.Adam(net.parameters(), lr=lr, foreach=True)
+        self._mlp = linear_activation_pairs(net)
+
+    def fit(self, critic: ValueCritic, obs: torch.Tensor, returns: torch.Tensor,
+            generator: torch.Generator | None = None) -> dict[str, float]:
+        before = mean_squared_error(critic, obs, returns)
         for idx in minibatch_indices(obs.shape[0], self.epochs, self.minibatch, generator, obs.device):
             if self._mlp is not None:
                 self._set_squared_error_gradients(obs[idx], returns[idx])
             else:
-                loss = ((self(obs[idx]) - returns[idx]) ** 2).mean()
+                loss = ((critic(obs[idx]) - returns[idx]) ** 2).mean()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             adam_step(self.optimizer)
-        return {"critic/loss_before": before, "critic/loss_after": mean_squared_error(self, obs, returns)}
+        return {"critic/loss_before": before, "critic/loss_after": mean_squared_error(critic, obs, returns)}
 
     @torch.no_grad()
     def _set_squared_error_gradients(self, obs: torch.Tensor, returns: torch.Tensor) -> None:
@@ -105,3 +117,9 @@ class ValueCritic(nn.Module):
         grads = mlp_backward(self._mlp, [linear.weight for linear, _ in self._mlp], outputs, g)
         for i, (linear, _) in enumerate(self._mlp):
             linear.weight.grad, linear.bias.grad = grads[2 * i], grads[2 * i + 1]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)

@@ -110,16 +110,13 @@ def guarded_actor_update(actor_update, policy: nn.Module, batch: Batch, snapshot
 
 
 def critic_snapshot(critic: nn.Module):
-    optimizer = getattr(critic, "optimizer", None)
-    return ([p.detach().clone() for p in critic.parameters()],
-            copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None)
+    return [p.detach().clone() for p in critic.parameters()], copy.deepcopy(critic.fitter.state_dict())
 
 
 def critic_restore(critic: nn.Module, snapshot) -> None:
-    params, optimizer_state = snapshot
+    params, fitter_state = snapshot
     restore_parameters(critic, params)
-    if optimizer_state is not None:
-        critic.optimizer.load_state_dict(optimizer_state)
+    critic.fitter.load_state_dict(fitter_state)
 
 
 def guarded_critic_fit(critic: nn.Module, batch: Batch, generator: torch.Generator, snapshot=None

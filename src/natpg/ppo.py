@@ -1,4 +1,4 @@
-"""PPO (Schulman et al. 2017): the clipped surrogate as an actor update, and the optionally clipped critic.
+"""PPO (Schulman et al. 2017): the clipped surrogate as an actor update, and the optionally clipped critic fit.
 
 PPO is the first-order baseline beside the natural-gradient updates: it shares sampling, advantages
 (``train.make_batch``) and the value network (``critics.ValueCritic``) with them and replaces only the
@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributions import kl_divergence
 
 from .algorithms import Batch, surrogate, surrogate_and_kl
-from .critics import ValueCritic, adam_step, mean_squared_error, minibatch_indices
+from .critics import AdamRegression, ValueCritic, adam_step, mean_squared_error, minibatch_indices
 from .params import flatten
 
 
@@ -103,32 +103,34 @@ class ClippedSurrogateUpdate:
                 "grad/norm": sum(grad_norms) / max(len(grad_norms), 1), "step/skipped": 0.0}
 
 
-class ClippedValueCritic(ValueCritic):
-    """The value regression with PPO2's value clipping (baselines ``cliprange_vf``, SB3 ``clip_range_vf``).
+class ClippedRegression(AdamRegression):
+    """The value regression with PPO2's value clipping (baselines ``cliprange_vf``, SB3 ``clip_range_vf``):
+    ``AdamRegression`` with another loss.
 
     Loss per sample: max((V − R)², (V_old + clip(V − V_old, −c, c) − R)²), with V_old the critic's values
     at the start of ``fit`` (those GAE used). c is in return units, so it is only meaningful with
     normalised rewards.
     """
 
-    def __init__(self, *args, value_clip: float, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, net: nn.Module, lr: float = 1e-3, epochs: int = 10, minibatch: int = 256, *,
+                 value_clip: float):
+        super().__init__(net, lr, epochs, minibatch)
         self.value_clip = value_clip
 
-    def fit(self, obs: torch.Tensor, returns: torch.Tensor, generator: torch.Generator | None = None
-            ) -> dict[str, float]:
+    def fit(self, critic: ValueCritic, obs: torch.Tensor, returns: torch.Tensor,
+            generator: torch.Generator | None = None) -> dict[str, float]:
         c = self.value_clip
         with torch.no_grad():
-            v_old = self(obs)
+            v_old = critic(obs)
             before = float(((v_old - returns) ** 2).mean())
         clipped = []
         for idx in minibatch_indices(obs.shape[0], self.epochs, self.minibatch, generator, obs.device):
-            v, R, v0 = self(obs[idx]), returns[idx], v_old[idx]
+            v, R, v0 = critic(obs[idx]), returns[idx], v_old[idx]
             v_clip = v0 + torch.clamp(v - v0, -c, c)
             loss = torch.maximum((v - R) ** 2, (v_clip - R) ** 2).mean()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             adam_step(self.optimizer)
             clipped.append(float(((v - v0).abs() > c).float().mean()))
-        return {"critic/loss_before": before, "critic/loss_after": mean_squared_error(self, obs, returns),
+        return {"critic/loss_before": before, "critic/loss_after": mean_squared_error(critic, obs, returns),
                 "critic/clip_fraction": sum(clipped) / max(len(clipped), 1)}
