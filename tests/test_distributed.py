@@ -145,9 +145,9 @@ def test_worker_sampler_seeds_copies_like_the_local_sampler():
 
 
 def test_worker_normalises_with_frozen_statistics_and_returns_raw_observations():
-    spec = WorkerSpec(env_id="Pendulum-v1", offset=0, n_envs=3, reset_seed=0, generator_seed=1, hidden=(8,),
-                      activation="tanh", log_std_init=0.0, obs_clip=10.0, normalize_obs=True, gamma=0.99,
-                      reward_clip=10.0, normalize_reward=True)
+    config = natpg.Config().override(hidden=(8,), activation="tanh", log_std_init=0.0, obs_clip=10.0,
+                                     normalize_obs=True, gamma=0.99, reward_clip=10.0, normalize_reward=True)
+    spec = WorkerSpec(env_id="Pendulum-v1", offset=0, n_envs=3, reset_seed=0, generator_seed=1, config=config)
     worker = RolloutWorker(spec, 0)
     try:
         stats = {"mean": [0.5, -0.2, 1.0], "var": [0.3, 0.4, 2.0], "count": 50.0}

@@ -24,7 +24,7 @@ from .acktr import KFACRegression
 from .algorithms import make_actor_update, make_critic
 from .checkpoint import space_from_dict, space_to_dict
 from .config import MAX_SEED, Config, is_integer, whole_number
-from .envs import ObsNormalizer, RewardScaler, check_env_id, check_spaces, make_vec_env, probe_spaces
+from .envs import check_env_id, check_spaces, make_normalisers, make_vec_env, probe_spaces
 from .evaluation import evaluate
 from .fisher.dense import check_dense_size
 from .fisher.empirical import check_score_size
@@ -139,11 +139,7 @@ class Agent:
             nac = config.algorithm == "nac"  # its least squares forms the Gram matrix on the smaller side
             check_score_size(N, P, actor[0].dtype, how_to_lower="lower the batch, n_envs × n_steps, or use another "
                              + ("algorithm" if nac else "fisher"), gram=min(N, P) if nac else None)
-        # Images are scaled by 1/255 inside the CNN instead of normalised by running statistics.
-        self.obs_normalizer = ObsNormalizer((features + mask_dim,), config.env.obs_clip,
-                                            config.env.normalize_obs and image is None, passthrough=mask_dim)
-        self.reward_scaler = RewardScaler(config.env.n_envs, config.advantage.gamma, config.env.reward_clip,
-                                          config.env.normalize_reward)
+        self.obs_normalizer, self.reward_scaler = make_normalisers(config, config.env.n_envs, features, mask_dim, image)
         self.generator = torch.Generator(self.device).manual_seed(seed)
         # The sampler acts with a CPU copy of a GPU policy (rollout.Sampler._actor), so it samples on the CPU.
         self.sampling_generator = (self.generator if self.device.type == "cpu"

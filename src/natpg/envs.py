@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import importlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
 from .errors import first_line, install_hint
+
+if TYPE_CHECKING:
+    from .config import Config
 
 SUPPORTED = ("observations: Box (flat or any shape, flattened; uint8 images [C,H,W] or [H,W,C] of at least 36×36 "
              "go to a CNN), Discrete, MultiDiscrete, MultiBinary (one-hot/flattened), Dict and Tuple of these "
@@ -472,6 +475,15 @@ class RewardScaler:
         elif valid.any():
             self.rms.update(ret[valid])
 
+
+def make_normalisers(config: Config, n_envs: int, features: int, mask_dim: int, image: Any,
+                     obs_cls: type = ObsNormalizer, rew_cls: type = RewardScaler) -> tuple[Any, Any]:
+    """A run's observation normaliser (over the flat input of ``features`` entries and an appended mask of
+    ``mask_dim``; images are scaled by 1/255 inside the CNN instead) and reward scaler for ``n_envs`` copies:
+    the learner's, or (``obs_cls``, ``rew_cls``) a rollout worker's frozen ones."""
+    e = config.env
+    return (obs_cls((features + mask_dim,), e.obs_clip, e.normalize_obs and image is None, passthrough=mask_dim),
+            rew_cls(n_envs, config.advantage.gamma, e.reward_clip, e.normalize_reward))
 
 # ------------------------------------------------------------------------------------------------------
 # Environment snapshots (for bit-exact resume)

@@ -14,13 +14,14 @@ the reward scaler tracked) and the episodes that finished, each tagged with the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..envs import ObsNormalizer, RewardScaler, make_vec_env, probe_spaces
+from ..config import Config
+from ..envs import ObsNormalizer, RewardScaler, make_normalisers, make_vec_env, probe_spaces
 from ..policies import input_layout, make_policy
 from ..rollout import Rollout, Sampler
 from ..vector import first_copies, split_copies
@@ -39,23 +40,11 @@ class WorkerSpec:
     """Seed of the worker's first copy; copy j of the worker is seeded ``reset_seed + j``."""
     generator_seed: int
     """Seed of the worker's torch.Generator for action sampling."""
-    hidden: tuple
-    activation: str
-    log_std_init: float
-    obs_clip: float
-    normalize_obs: bool
-    gamma: float
-    reward_clip: float
-    normalize_reward: bool
-    nonfinite: str = "raise"
-    torch_threads: int = 1
-    action_squash: str = "clip"
+    config: Config
+    """The run's settings: the policy's shape, the normalisers', how each copy is made and stepped
+    (env_kwargs, nonfinite_env, info_keys), torch_threads."""
     action_mask: Any = None
     """None, an info key, or a callable (pickled to a worker process; cloudpickled to a Ray actor)."""
-    env_kwargs: dict = field(default_factory=dict)
-    """Keyword arguments for gymnasium.make of each copy."""
-    info_keys: tuple = ()
-    """Keys of an episode's last info to return with it."""
 
 
 def generator_seed(seed: int, worker: int, restart: int = 0) -> int:
@@ -76,28 +65,20 @@ class WorkerPlan:
     """
 
     def __init__(self, env_id: str, config, seed: int, action_mask=None):
-        e, p = config.env, config.policy
+        e = config.env
         self.env_id, self.seed, self.n_envs = env_id, seed, e.n_envs
         self.n_workers = config.distributed.workers
         self.sizes = split_copies(self.n_envs, self.n_workers, "workers")
         self.offsets = first_copies(self.sizes)
-        self.action_mask, self.info_keys = action_mask, tuple(e.info_keys)
-        self._spec_args = dict(env_id=env_id, hidden=tuple(p.hidden), activation=p.activation,
-                               log_std_init=float(p.log_std_init), obs_clip=e.obs_clip,
-                               normalize_obs=e.normalize_obs, gamma=config.advantage.gamma,
-                               reward_clip=e.reward_clip, normalize_reward=e.normalize_reward,
-                               nonfinite=e.nonfinite_env, torch_threads=config.run.torch_threads,
-                               action_squash=p.action_squash, action_mask=action_mask,
-                               env_kwargs=dict(e.env_kwargs), info_keys=tuple(e.info_keys))
+        self.action_mask, self.info_keys, self.config = action_mask, tuple(e.info_keys), config
         self.replacements = [0] * self.n_workers
 
     def spec(self, w: int) -> WorkerSpec:
         """The spec of worker w; its r-th replacement seeds its copies ``seed + i + r·n_envs`` (fresh
         episodes, no seed shared with any other copy) and its generator from ``(seed, w, r)``."""
         r = self.replacements[w]
-        return WorkerSpec(offset=self.offsets[w], n_envs=self.sizes[w],
-                          reset_seed=self.seed + self.offsets[w] + r * self.n_envs,
-                          generator_seed=generator_seed(self.seed, w, r), **self._spec_args)
+        return WorkerSpec(self.env_id, self.offsets[w], self.sizes[w], self.seed + self.offsets[w] + r * self.n_envs,
+                          generator_seed(self.seed, w, r), self.config, self.action_mask)
 
     def replace(self, w: int) -> WorkerSpec:
         """Count a replacement of worker w and return the spec it is built from."""
@@ -155,22 +136,23 @@ class RolloutWorker:
     policy copy; ``collect`` is the only thing the learner calls each iteration."""
 
     def __init__(self, spec: WorkerSpec, worker: int):
-        if spec.torch_threads:  # 0: the process's own setting
-            torch.set_num_threads(spec.torch_threads)
+        c = spec.config
+        if c.run.torch_threads:  # 0: the process's own setting
+            torch.set_num_threads(c.run.torch_threads)
         self.spec, self.worker = spec, worker
-        envs = make_vec_env(spec.env_id, spec.n_envs, "sync", action_mask=spec.action_mask, env_kwargs=spec.env_kwargs)
-        obs_space, act_space = probe_spaces(spec.env_id, env_kwargs=spec.env_kwargs)
+        envs = make_vec_env(spec.env_id, spec.n_envs, "sync", action_mask=spec.action_mask,
+                            env_kwargs=c.env.env_kwargs)
+        obs_space, act_space = probe_spaces(spec.env_id, env_kwargs=c.env.env_kwargs)
         masked = spec.action_mask is not None
-        features, mask_dim, image = input_layout(obs_space, act_space, masked)
-        self.obs_norm = RecordingObsNormalizer((features + mask_dim,), spec.obs_clip,
-                                               spec.normalize_obs and image is None, passthrough=mask_dim)
-        self.rew_scale = RecordingRewardScaler(spec.n_envs, spec.gamma, spec.reward_clip, spec.normalize_reward)
+        self.obs_norm, self.rew_scale = make_normalisers(c, spec.n_envs, *input_layout(obs_space, act_space, masked),
+                                                         RecordingObsNormalizer, RecordingRewardScaler)
         self.generator = torch.Generator().manual_seed(spec.generator_seed)
         self.sampler = Sampler(envs, self.obs_norm, self.rew_scale, spec.reset_seed, torch.device("cpu"),
-                               self.generator, spec.nonfinite, spec.info_keys)
+                               self.generator, c.env.nonfinite_env, c.env.info_keys)
         with torch.random.fork_rng(devices=[]):  # its weights come from the learner: leave the process's stream
-            self.policy = make_policy(obs_space, act_space, spec.hidden, spec.activation, spec.log_std_init,
-                                      spec.action_squash, masked)
+            p = c.policy
+            self.policy = make_policy(obs_space, act_space, p.hidden, p.activation, p.log_std_init, p.action_squash,
+                                      masked)
 
     def ready(self) -> int:
         """The worker's index (a cheap call to wait for the actor to have started)."""
