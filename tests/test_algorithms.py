@@ -675,6 +675,15 @@ def test_config_for_finds_the_family_applies_presets_then_overrides_and_validate
         config_for("trpo", "Hopper-v5", {"max_kl": -1.0})
 
 
+def test_every_atari_preset_trains_on_the_reward_signs_and_no_other_family_does():
+    for algorithm in natpg.agent.ALGORITHM_CLASSES:
+        assert default_config(algorithm, "atari").env.sign_rewards
+        assert not default_config(algorithm, "classic").env.sign_rewards
+        assert not default_config(algorithm, "mujoco").env.sign_rewards
+    with pytest.raises(ValueError, match="clip_reward.*sign_rewards"):  # SB3's name for it
+        natpg.Config().override(clip_reward=True)
+
+
 def test_presets_layer_algorithm_family_environment_then_user():
     """Swimmer's (γ 0.9999, GAE λ 0.99), Ant's (σ e^−2; NPG's with K-FAC) and HalfCheetah's and
     Walker2d's (σ e^−0.5) presets sit over the MuJoCo family's, a user's keyword over all."""

@@ -1435,7 +1435,7 @@ def test_errors_quoted_inside_natpgs_messages_by_their_first_line_even_when_empt
 # with a message naming the setting; the completeness check fails when a setting is added without a case here.
 BAD_VALUE = {
     "n_envs": 0, "vectorization": "thread", "n_workers": 0, "normalize_obs": 1, "obs_clip": 0.0,
-    "normalize_reward": "yes", "reward_clip": -1.0, "action_mask": "", "env_kwargs": "g=3", "info_keys": "is_success",
+    "normalize_reward": "yes", "reward_clip": -1.0, "sign_rewards": 1, "action_mask": "", "env_kwargs": "g=3", "info_keys": "is_success",
     "nonfinite_env": "ignore", "n_steps": 0, "gamma": 1.0, "gae_lambda": 1.01, "normalize_advantages": None,
     "hidden": (64, 0), "activation": "sigmoid", "log_std_init": float("inf"), "action_squash": "sigmoid",
     "critic_hidden": ("64",), "critic_lr": 0.0, "critic_epochs": 0, "critic_minibatch": 0, "critic_optimizer": "sgd",

@@ -258,6 +258,54 @@ def test_an_info_key_no_finished_episode_had_is_named_in_a_warning(tmp_path):
         natpg.NPG(SUCCESS_ID, info_keys=("is_success",), n_envs=2, n_steps=64, tensorboard=False).learn(512)
 
 
+class ScoredEnv(gym.Env):
+    """Episodes of five steps scoring 3, −2, 0, 0.5 and 7 points (a game's score: 8.5), whatever the actions."""
+
+    observation_space, action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32), gym.spaces.Discrete(2)
+    SCORES = (3.0, -2.0, 0.0, 0.5, 7.0)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.array([0.0, self.np_random.uniform(-1, 1)], np.float32), {}
+
+    def step(self, action):
+        rew, self.t = self.SCORES[self.t], self.t + 1
+        return np.array([self.t / 5, float(action)], np.float32), rew, self.t == 5, False, {}
+
+
+if "natpg_test/Scored-v0" not in gym.registry:
+    gym.register("natpg_test/Scored-v0", entry_point=ScoredEnv)
+SCORED_ID = f"{__name__}:natpg_test/Scored-v0"  # importable by worker processes
+
+
+@pytest.mark.parametrize("engine", [{}, {"sampler": "processes", "workers": 2}, {"sampler": "workers", "workers": 2}])
+def test_sign_rewards_trains_on_the_sign_and_logs_the_score_in_every_engine(engine, tmp_path):
+    """sign_rewards=True: the rollouts the update reads hold sign(r) (before reward scaling, whose statistics are
+    then those of the signs); episodes.csv, ep_return_mean and evaluation keep the environment's own score."""
+    import csv
+
+    rows = []
+    agent = natpg.NPG(SCORED_ID, sign_rewards=True, n_envs=2, n_steps=10, tensorboard=False, **engine)
+    agent.learn(40, out_dir=str(tmp_path), callback=lambda a, row: rows.append(row))
+    signs = torch.tensor([1.0, -1.0, 0.0, 1.0, 1.0])
+    rollout = agent._sampler.collect(agent.policy, 10)  # the sampler's next batch: steps 0–4, twice, per copy
+    torch.testing.assert_close(rollout.rew, signs.repeat(2).unsqueeze(1).expand(10, 2), rtol=0, atol=0)
+    agent.close()
+    assert {float(e["return"]) for e in csv.DictReader(open(tmp_path / "episodes.csv"))} == {8.5}
+    assert rows[-1]["ep_return_mean"] == 8.5 and natpg.evaluate(agent, episodes=2) == (8.5, 0.0)
+    scaled = natpg.NPG(SCORED_ID, sign_rewards=True, normalize_reward=True, n_envs=2, n_steps=10,
+                       tensorboard=False, **engine)
+    scaled.learn(40)
+    reference, ret = natpg.envs.RunningMeanStd(()), np.zeros(2)
+    for t in range(20):  # the discounted returns the statistics took, of the signs, both copies alike
+        ret = 0.99 * ret + float(signs[t % 5])
+        reference.update(ret)
+        ret = ret if t % 5 < 4 else np.zeros(2)  # the episode ended
+    assert scaled.reward_scaler.rms.var == pytest.approx(reference.var, rel=1e-12)
+    scaled.close()
+
+
 @pytest.mark.filterwarnings("ignore:resuming with freshly reset environments")  # the test's own env class
 def test_info_keys_window_survives_a_resume_and_keys_can_be_added_when_a_run_is_loaded(tmp_path):
     """Continued with reset=False, ep_is_success_mean still averages the episodes before the checkpoint (all in episodes.csv

@@ -60,6 +60,10 @@ class EnvConfig:
     """Divide rewards by the running std of the discounted return (VecNormalize-style reward scaling)."""
     reward_clip: float = 10.0
     """Scaled rewards are clipped to [-reward_clip, reward_clip]."""
+    sign_rewards: bool = False
+    """Train on the sign of each reward (−1, 0 or 1, before any scaling), as the Atari results of DQN, A2C, ACKTR
+    and PPO did (SB3's ``AtariWrapper(clip_reward=True)``); the logged and evaluated returns stay the environment's
+    own. The Atari presets set it."""
     action_mask: str | None = None
     """Discrete actions only: the info key holding the mask of allowed actions (e.g. 'action_mask' for Taxi);
     it is appended to the observation the policy reads and masked logits get probability 0. A callable
@@ -291,7 +295,7 @@ FOREIGN_NAMES: dict[str, str] = {
     "policy_kwargs": "hidden (actor), critic_hidden (critic), activation ('tanh', 'relu', 'elu'), log_std_init",
     "clip_range_vf": "value_clip (in return units)", "tensorboard_log": "learn(out_dir=DIR): events in DIR/tb",
     "net_arch": "hidden (actor) and critic_hidden (critic)", "activation_fn": "activation ('tanh', 'relu' or 'elu')",
-    "create_eval_env": "eval_every, eval_episodes",
+    "create_eval_env": "eval_every, eval_episodes", "clip_reward": "sign_rewards (the Atari presets set it)",
     "policy": "hidden, activation, log_std_init (the policy is built from the spaces)",
 }
 
@@ -399,6 +403,7 @@ SETTING_RULES: dict[str, Rule] = {
     "obs_clip": POSITIVE,
     "normalize_reward": FLAG,
     "reward_clip": POSITIVE,
+    "sign_rewards": FLAG,
     "action_mask": Rule(lambda v: v is None or (isinstance(v, str) and v != ""),
                         "None, an info key such as 'action_mask', or (in Python) a callable"),
     "info_keys": Rule(lambda v: isinstance(v, tuple) and all(isinstance(k, str) and k for k in v)

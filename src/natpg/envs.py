@@ -452,15 +452,18 @@ class ObsNormalizer:
 
 
 class RewardScaler:
-    """Divides rewards by the running std of the discounted return (per env copy), then clips."""
+    """Divides rewards by the running std of the discounted return (per env copy), then clips; with ``sign``
+    the rewards are first replaced by their sign (−1, 0, 1), and the statistics are those of the signs."""
 
-    def __init__(self, n_envs: int, gamma: float, clip: float, enabled: bool = False):
+    def __init__(self, n_envs: int, gamma: float, clip: float, enabled: bool = False, sign: bool = False):
         self.rms = RunningMeanStd(())
         self.ret = np.zeros(n_envs, np.float64)
-        self.gamma, self.clip, self.enabled = gamma, clip, enabled
+        self.gamma, self.clip, self.enabled, self.sign = gamma, clip, enabled, sign
 
     def __call__(self, rew: np.ndarray, done: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """Scaled rewards; ``valid`` (bool [n_envs], None: all) leaves dropped copies out of the statistics."""
+        if self.sign:
+            rew = np.sign(rew)
         if not self.enabled:
             return rew
         self.ret = self.ret * self.gamma + rew
@@ -483,7 +486,7 @@ def make_normalisers(config: Config, n_envs: int, features: int, mask_dim: int, 
     the learner's, or (``obs_cls``, ``rew_cls``) a rollout worker's frozen ones."""
     e = config.env
     return (obs_cls((features + mask_dim,), e.obs_clip, e.normalize_obs and image is None, passthrough=mask_dim),
-            rew_cls(n_envs, config.advantage.gamma, e.reward_clip, e.normalize_reward))
+            rew_cls(n_envs, config.advantage.gamma, e.reward_clip, e.normalize_reward, e.sign_rewards))
 
 # ------------------------------------------------------------------------------------------------------
 # Environment snapshots (for bit-exact resume)

@@ -103,8 +103,8 @@ class RecordingRewardScaler(RewardScaler):
     returns, scales by the statistics set from outside, and records the returns (and which copies were
     valid) so that the learner can update the shared statistics afterwards."""
 
-    def __init__(self, n_envs: int, gamma: float, clip: float, enabled: bool = False):
-        super().__init__(n_envs, gamma, clip, enabled)
+    def __init__(self, n_envs: int, gamma: float, clip: float, enabled: bool = False, sign: bool = False):
+        super().__init__(n_envs, gamma, clip, enabled, sign)
         self.seen: list[tuple[np.ndarray, np.ndarray]] = []
 
     def observe(self, ret: np.ndarray, valid: np.ndarray | None) -> None:
