@@ -1224,7 +1224,7 @@ def test_reward_normalisation_tracks_each_episodes_own_discounted_return(tmp_pat
     """The return reward normalisation accumulates per copy starts at 0 with fresh episodes (learn's default
     reset=True, a resume that cannot restore the environments) and goes on where they go on (reset=False, a
     bit-exact resume): its first value in the next learn is one reward (Pendulum: ≥ −16.3 a step) or not."""
-    agent = natpg.NPG("Pendulum-v1", seed=0, normalize_reward=True, **small())
+    agent = natpg.NPG("Pendulum-v1", seed=0, normalize_reward=True, gamma=0.99, **small())  # a long memory
     agent.learn(64)
     carried = agent.reward_scaler.ret.copy()
     assert (carried < -40).all()  # 32 steps into Pendulum's 200-step episodes

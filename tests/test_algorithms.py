@@ -906,7 +906,7 @@ def test_new_settings_are_validated():
 # (algorithm, env) → (step budget, threshold). Presets come from presets.FAMILY_DEFAULTS / ENV_DEFAULTS.
 LEARNING = {
     ("TRPO", "CartPole-v1"): (100_000, 475.0),
-    ("TRPO", "Pendulum-v1"): (100_000, -300.0),
+    ("TRPO", "Pendulum-v1"): (300_000, -300.0),  # seeds 0–15 all pass (docs/algorithms.md)
     ("ACKTR", "CartPole-v1"): (100_000, 475.0),
     ("ACKTR", "Pendulum-v1"): (300_000, -300.0),  # seeds 0–15: 15 pass (docs/algorithms.md)
     ("VPG", "CartPole-v1"): (100_000, 475.0),
