@@ -488,6 +488,7 @@ def make_normalisers(config: Config, n_envs: int, features: int, mask_dim: int, 
     return (obs_cls((features + mask_dim,), e.obs_clip, e.normalize_obs and image is None, passthrough=mask_dim),
             rew_cls(n_envs, config.advantage.gamma, e.reward_clip, e.normalize_reward, e.sign_rewards))
 
+
 # ------------------------------------------------------------------------------------------------------
 # Environment snapshots (for bit-exact resume)
 # ------------------------------------------------------------------------------------------------------
