@@ -1178,6 +1178,22 @@ def parameters_of(module):
     return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
 
 
+@pytest.mark.parametrize("value_clip", [0.0, 0.2])  # Adam's regression, and PPO's clipped one
+def test_load_with_another_critic_rate_fits_at_that_rate_with_the_saved_moments(tmp_path, value_clip):
+    """natpg.load(path, critic_lr=...) keeps the critic's Adam moments and step counts, and fits at the new rate
+    (loading Adam's state put the saved rate back, so the rate the run recorded was not the one it used)."""
+    agent = natpg.PPO("CartPole-v1", seed=0, critic_lr=1e-3, value_clip=value_clip, **small())
+    agent.learn(64)
+    agent.save(tmp_path / "m")
+    moments = agent.critic.fitter.state_dict()["state"]
+    loaded = natpg.load(tmp_path / "m", critic_lr=5e-4)
+    assert loaded.config.critic.critic_lr == 5e-4
+    assert [g["lr"] for g in loaded.critic.fitter.optimizer.param_groups] == [5e-4]
+    state = loaded.critic.fitter.state_dict()["state"]
+    assert all(torch.equal(state[i][k], moments[i][k]) for i in moments for k in moments[i])
+    assert [g["lr"] for g in natpg.load(tmp_path / "m").critic.fitter.optimizer.param_groups] == [1e-3]
+
+
 def test_load_with_another_step_rule_or_curvature_starts_their_state_afresh(tmp_path):
     """The state of a part (ACKTR's momentum, Adam's moments, K-FAC's factors) goes only into a part of the kind
     that wrote it: an Adam checkpoint's second moments are not ACKTR's momentum, nor its missing 'm' an error."""

@@ -1,7 +1,7 @@
-"""The facade: ``Agent(env, seed, **overrides)`` with learn / predict / save, plus ``load`` and ``evaluate``.
+"""The facade: ``Agent(env, seed, **overrides)`` with learn / predict / save, plus ``load``.
 
 It composes the parts — policy, critic, sampler, actor update (curvature × step rule), logger — and
-owns none of the maths itself.
+owns none of the maths itself; evaluation is ``natpg.evaluation``, the run directories ``natpg.rundir``.
 """
 
 from __future__ import annotations

@@ -166,4 +166,4 @@ def make_critic(cfg: Config, obs_dim: int, image=None) -> nn.Module:
                          value_clip=c.value_clip)
     else:
         fitter = partial(AdamRegression, lr=c.critic_lr, epochs=c.critic_epochs, minibatch=c.critic_minibatch)
-    return ValueCritic(obs_dim, c.critic_hidden, cfg.policy.activation, image, fitter)
+    return ValueCritic(obs_dim, c.critic_hidden, cfg.policy.activation, image=image, fitter=fitter)

@@ -65,7 +65,7 @@ class ValueCritic(nn.Module):
     by its ``fitter``, made from the network: ``AdamRegression`` (the default), PPO's ``ppo.ClippedRegression`` or
     ACKTR's ``acktr.KFACRegression``; ``fitter.state_dict()`` is its optimiser's state (what a checkpoint saves)."""
 
-    def __init__(self, obs_dim: int, hidden: Sequence[int] = (64, 64), activation: str = "tanh", image=None,
+    def __init__(self, obs_dim: int, hidden: Sequence[int] = (64, 64), activation: str = "tanh", *, image=None,
                  fitter: Callable[[nn.Module], Any] | None = None):
         super().__init__()
         self.net = network(obs_dim, 1, hidden, activation, 1.0, image)
@@ -84,7 +84,7 @@ class AdamRegression:
     """Minimise mean (V(s) − R)² over ``epochs`` shuffled passes of ``minibatch`` samples with Adam."""
 
     def __init__(self, net: nn.Module, lr: float = 1e-3, epochs: int = 10, minibatch: int = 256):
-        self.epochs, self.minibatch = epochs, minibatch
+        self.lr, self.epochs, self.minibatch = lr, epochs, minibatch
         # foreach: one call per Adam operation for all tensors, not one per tensor; on the CPU the same
         # kernels run in the same order, so the fit is bit-identical to the default loop, and cheaper.
         self.optimizer = torch.optim.Adam(net.parameters(), lr=lr, foreach=True)
@@ -122,4 +122,8 @@ class AdamRegression:
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Adam's moments and step counts from ``state``; the rate stays this fitter's own (the run's critic_lr,
+        which natpg.load(path, critic_lr=...) may have changed), not the one saved with them."""
         self.optimizer.load_state_dict(state)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
