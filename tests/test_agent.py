@@ -1194,6 +1194,21 @@ def test_load_with_another_critic_rate_fits_at_that_rate_with_the_saved_moments(
     assert [g["lr"] for g in natpg.load(tmp_path / "m").critic.fitter.optimizer.param_groups] == [1e-3]
 
 
+def test_load_with_another_kfac_damping_keeps_the_factors_and_damps_by_the_new_value(tmp_path):
+    """natpg.load(path, damping=...) with K-FAC (ACKTR's F⁻¹, CG's K-FAC preconditioner): the factors' moving
+    averages go on, damped by the new λ (the saved λ came back with them at the first fit, so the run recorded a
+    damping it did not use)."""
+    for cls, extra in ((natpg.ACKTR, {}), (natpg.NPG, {"cg_preconditioner": "kfac"})):
+        agent = cls("CartPole-v1", seed=0, **small(**extra))
+        agent.learn(64)
+        agent.save(tmp_path / cls.algorithm)
+        kfac = lambda a: getattr(a.actor_update.curvature, "preconditioner", None) or a.actor_update.curvature  # noqa
+        fits = kfac(agent).fits
+        loaded = natpg.load(tmp_path / cls.algorithm, damping=0.05)
+        loaded.learn(64, reset=False)
+        assert kfac(loaded).damping == loaded.config.curvature.damping == 0.05 and kfac(loaded).fits == fits + 1
+
+
 def test_load_with_another_step_rule_or_curvature_starts_their_state_afresh(tmp_path):
     """The state of a part (ACKTR's momentum, Adam's moments, K-FAC's factors) goes only into a part of the kind
     that wrote it: an Adam checkpoint's second moments are not ACKTR's momentum, nor its missing 'm' an error."""

@@ -510,7 +510,9 @@ class KFAC:
         if [list(s) for s in state["param_shapes"]] != structure.shapes:
             return
         to = lambda t: None if t is None else t.to(device)  # noqa: E731  (map_location was the CPU)
-        self.structure, self.fits, self.damping = structure, int(state["fits"]), float(state["damping"])
+        # The damping stays this instance's, the run's setting (natpg.load(path, damping=...) may change it); the
+        # saved one is written for the record only.
+        self.structure, self.fits = structure, int(state["fits"])
         self.factors = [(to(A), to(G)) for A, G in state["factors"]]
         self._snapshot = [(to(A), to(G)) for A, G in state["snapshot"]]
         self.rest_fisher, self._rest_snapshot = to(state["rest_fisher"]), to(state["rest_snapshot"])
