@@ -1194,6 +1194,22 @@ def test_load_with_another_critic_rate_fits_at_that_rate_with_the_saved_moments(
     assert [g["lr"] for g in natpg.load(tmp_path / "m").critic.fitter.optimizer.param_groups] == [1e-3]
 
 
+def test_load_with_a_change_the_run_would_not_read_warns_as_the_constructor_does(tmp_path):
+    """natpg.load(path, clip_range=...) on an NPG run: recorded but never read, which the constructor says and
+    loading said nothing of; a change equal to the run's own value, and loading with no changes, warn of nothing."""
+    agent = natpg.NPG("CartPole-v1", seed=0, **small())
+    agent.learn(64)
+    agent.save(tmp_path / "m")
+    with pytest.warns(UserWarning, match=r"npg on CartPole-v1 does not read these settings: clip_range \(read by "
+                                         r"step ppo_clip; this run's step is 'kl'\); backtrack_iters") as caught:
+        natpg.load(tmp_path / "m", clip_range=0.05, backtrack_iters=1, max_kl=0.01)
+    assert caught[0].filename == __file__  # pointing at the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        natpg.load(tmp_path / "m", max_kl=agent.config.step.max_kl)
+        natpg.load(tmp_path / "m")
+
+
 def test_load_with_another_kfac_damping_keeps_the_factors_and_damps_by_the_new_value(tmp_path):
     """natpg.load(path, damping=...) with K-FAC (ACKTR's F⁻¹, CG's K-FAC preconditioner): the factors' moving
     averages go on, damped by the new λ (the saved λ came back with them at the first fit, so the run recorded a

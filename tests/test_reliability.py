@@ -888,10 +888,11 @@ RESUME_CASES = [("npg", "CartPole-v1", {}),
                 ("npg", "Hopper-v5", {}),  # MuJoCo preset: reward normalisation on
                 ("acktr", "Pendulum-v1", {"momentum": 0.9}),  # K-FAC's moving averages and momentum carried over
                 ("acktr", "CartPole-v1", {"kfac_refresh_every": 2}),  # and the snapshot between refreshes
-                ("npg", "Pendulum-v1", {"cg_preconditioner": "kfac"})]  # CG's K-FAC preconditioner's averages
+                ("npg", "Pendulum-v1", {"cg_preconditioner": "kfac"}),  # CG's K-FAC preconditioner's averages
+                ("npg", "Pendulum-v1", {"cg_warm_start": True})]  # the solution CG starts from
 
 
-@pytest.mark.parametrize("algo,env_id,extra", RESUME_CASES, ids=[f"{c[0]}-{c[1]}" for c in RESUME_CASES])
+@pytest.mark.parametrize("algo,env_id,extra", RESUME_CASES, ids=[f"{c[0]}-{c[1]}" + "".join(f"-{k}" for k in c[2]) for c in RESUME_CASES])
 def test_resume_is_bit_exact(tmp_path, algo, env_id, extra):
     if env_id == "Hopper-v5":
         pytest.importorskip("mujoco")

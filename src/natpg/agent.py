@@ -633,8 +633,9 @@ class Agent:
             raise ValueError("this agent was trained with a callable action mask: pass it again, "
                              "natpg.load(path, action_mask=fn)")
         agent.action_mask_fn = action_mask if callable(action_mask) else None
-        agent._build(meta["env_id"], meta["seed"], config, space_from_dict(meta["observation_space"]),
-                     space_from_dict(meta["action_space"]))
+        spaces = space_from_dict(meta["observation_space"]), space_from_dict(meta["action_space"])
+        warn_unread(config, meta["env_id"], changes or {}, spaces, stacklevel=5, reference=recorded)
+        agent._build(meta["env_id"], meta["seed"], config, *spaces)
         agent.policy.load_state_dict(tensors["policy"])
         agent.critic.load_state_dict(tensors["critic"])
         agent.critic.fitter.load_state_dict(tensors["critic_optimizer"])

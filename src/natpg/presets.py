@@ -140,16 +140,17 @@ def config_for(algorithm: str, env_id: str, overrides: dict[str, Any] | None = N
 
 
 def warn_unread(config: Config, env_id: str, overrides: dict[str, Any], spaces: tuple | None = None,
-                stacklevel: int = 3) -> None:
-    """Warn of the ``overrides`` that change a preset's value of a setting the run would not read (given the
-    (observation, action) ``spaces``, also of those they leave unread: ``unread_because``)."""
+                stacklevel: int = 3, reference: Config | None = None) -> None:
+    """Warn of the ``overrides`` that change a preset's value (or ``reference``'s: a loaded run's settings) of a
+    setting the run would not read (given the (observation, action) ``spaces``, also of those they leave unread:
+    ``unread_because``)."""
     action_space_type = image = None
     if spaces is not None:
         from .policies import input_layout
 
         action_space_type = type(spaces[1]).__name__
         image = input_layout(*spaces, config.env.action_mask is not None)[2] is not None
-    preset = default_config(config.algorithm, env_family(env_id), env_id)
+    preset = reference or default_config(config.algorithm, env_family(env_id), env_id)
     unused = [f"{key} ({why})" for key in changed_by(preset, overrides) if key not in REFUSED_WHEN_UNREAD
               and (why := unread_because(config, key, action_space_type, image))]  # those are refused, not warned of
     if unused:

@@ -125,7 +125,9 @@ class CG:
         return self._step_fvp(v)
 
     def solve(self, g: torch.Tensor) -> torch.Tensor:
-        x0 = self._last if self.warm_start else None
+        x0 = None
+        if self.warm_start and self._last is not None and self._last.shape == g.shape:
+            x0 = self._last.to(device=g.device, dtype=g.dtype)  # a loaded one comes on the CPU
         if self.preconditioner is not None:
             self.preconditioner.damping = self.damping
         pre = None if self.preconditioner is None else self.preconditioner.solve
@@ -138,13 +140,16 @@ class CG:
         return x
 
     def state_dict(self) -> dict:
-        """A K-FAC preconditioner's moving averages (what a resumed run needs); nothing else carries over."""
+        """What a resumed run needs: a K-FAC preconditioner's moving averages, and with ``warm_start`` the last
+        solution, which the next solve starts from."""
         state = getattr(self.preconditioner, "state_dict", None)
-        return {"preconditioner": state()} if state is not None else {}
+        return ({"preconditioner": state()} if state is not None else {}) | (
+            {"last": self._last} if self.warm_start and self._last is not None else {})
 
     def load_state_dict(self, state: dict) -> None:
         if "preconditioner" in state and hasattr(self.preconditioner, "load_state_dict"):
             self.preconditioner.load_state_dict(state["preconditioner"])
+        self._last = state.get("last")
 
 
 def _preconditioner(name: str | None, damping: float, kfac_ema_decay: float, generator: torch.Generator | None):
