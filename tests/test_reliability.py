@@ -889,7 +889,11 @@ RESUME_CASES = [("npg", "CartPole-v1", {}),
                 ("acktr", "Pendulum-v1", {"momentum": 0.9}),  # K-FAC's moving averages and momentum carried over
                 ("acktr", "CartPole-v1", {"kfac_refresh_every": 2}),  # and the snapshot between refreshes
                 ("npg", "Pendulum-v1", {"cg_preconditioner": "kfac"}),  # CG's K-FAC preconditioner's averages
-                ("npg", "Pendulum-v1", {"cg_warm_start": True})]  # the solution CG starts from
+                ("npg", "Pendulum-v1", {"cg_warm_start": True}),  # the solution CG starts from
+                ("ppo", "Pendulum-v1", {"value_clip": 0.2, "lr_schedule": "constant"}),  # both Adams' moments
+                ("vpg", "Pendulum-v1", {"lr_schedule": "constant"}),  # its preset's Adam step rule
+                ("nac", "CartPole-v1", {}), ("npg", "CartPole-v1", {"fisher": "diagonal"}),
+                ("acktr", "Pendulum-v1", {"critic_momentum": 0.9})]  # the K-FAC critic's momentum
 
 
 @pytest.mark.parametrize("algo,env_id,extra", RESUME_CASES, ids=[f"{c[0]}-{c[1]}" + "".join(f"-{k}" for k in c[2]) for c in RESUME_CASES])
