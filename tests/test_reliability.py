@@ -933,6 +933,25 @@ def test_interrupted_run_with_a_kl_schedule_resumes_bit_exactly(tmp_path):
     assert deltas == pytest.approx([delta * (1 - k * BATCH / (N + M)) for k in range(5)], rel=0, abs=1e-15)
 
 
+@pytest.mark.parametrize("algo,extra", [("npg", {}), ("npg", {"cg_preconditioner": "kfac", "cg_warm_start": True}),
+                                         ("acktr", {"kfac_refresh_every": 3}), ("ppo", {}), ("nac", {})])
+def test_a_pickled_or_deep_copied_agent_goes_on_exactly_as_the_original(algo, extra):
+    """pickle and copy.deepcopy of an agent that has learned: the copy continues bit for bit as the original. CG's
+    Fisher products of the last batch (closures) made pickling fail; K-FAC finds its layers by the parameters'
+    identities, which a copy does not keep, and so started its factors afresh in a copy."""
+    import copy
+    import pickle
+
+    for make_copy in (lambda a: pickle.loads(pickle.dumps(a)), copy.deepcopy):
+        agent = natpg.agent.ALGORITHM_CLASSES[algo]("CartPole-v1", seed=3, **small(**extra))
+        agent.learn(3 * BATCH)
+        twin = make_copy(agent)
+        agent.learn(3 * BATCH, reset=False)
+        twin.learn(3 * BATCH, reset=False)
+        assert all(torch.equal(p, q) for p, q in zip(agent.policy.parameters(), twin.policy.parameters()))
+        assert all(torch.equal(p, q) for p, q in zip(agent.critic.parameters(), twin.critic.parameters()))
+
+
 def test_cli_resume_is_bit_exact(tmp_path):
     common = ["--n-envs", "2", "--set", "n_steps=16", "--set", "tensorboard=False", "--set", "hidden=(16,)",
               "--no-progress", "--seed", "4", "--set", "checkpoint_every=2", "--eval-every", "48",

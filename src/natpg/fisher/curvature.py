@@ -113,6 +113,11 @@ class CG:
         self._last: torch.Tensor | None = None
         self.stats: dict[str, float] = {}
 
+    def __getstate__(self) -> dict:
+        """Without the last batch's Fisher products (closures over the policy and that batch, built again by the
+        next fit): an agent pickles after it has learned, as the other curvatures' agents do."""
+        return {**self.__dict__, "_fvp": None, "_step_fvp": None}
+
     def fit(self, policy: nn.Module, obs: torch.Tensor, act: torch.Tensor | None = None) -> None:
         solver_obs, = fixed_subsample(self.subsample, self.generator, obs)
         self._fvp = damped(fisher_vector_product(policy, solver_obs), self)

@@ -452,6 +452,15 @@ class KFAC:
         self._loaded: dict | None = None  # a checkpoint's state, adopted by the first fit on a matching policy
         self.stats: dict[str, float] = {}
 
+    def __getstate__(self) -> dict:
+        """A copy (pickle, ``copy.deepcopy`` of an agent) holds the state as a checkpoint does, adopted by its next
+        fit: the layers are found by their parameters' identities, which a copy does not keep, so a copy of the
+        found layers would take its own policy for another and start the factors afresh."""
+        state = self.state_dict()
+        return {**self.__dict__, "structure": None, "factors": [], "rest_fisher": None, "_snapshot": [],
+                "_rest_snapshot": None, "_damped": None,
+                "_loaded": state if state.get("param_shapes") is not None else None}
+
     # -- fit ------------------------------------------------------------------------------------------
 
     def fit(self, policy: nn.Module, obs: torch.Tensor, act: torch.Tensor | None = None) -> None:
