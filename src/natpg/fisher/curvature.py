@@ -131,7 +131,7 @@ class CG:
 
     def solve(self, g: torch.Tensor) -> torch.Tensor:
         x0 = None
-        if self.warm_start and self._last is not None and self._last.shape == g.shape:
+        if self.warm_start and self._last is not None:
             x0 = self._last.to(device=g.device, dtype=g.dtype)  # a loaded one comes on the CPU
         if self.preconditioner is not None:
             self.preconditioner.damping = self.damping

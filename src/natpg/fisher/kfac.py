@@ -453,13 +453,17 @@ class KFAC:
         self.stats: dict[str, float] = {}
 
     def __getstate__(self) -> dict:
-        """A copy (pickle, ``copy.deepcopy`` of an agent) holds the state as a checkpoint does, adopted by its next
-        fit: the layers are found by their parameters' identities, which a copy does not keep, so a copy of the
-        found layers would take its own policy for another and start the factors afresh."""
-        state = self.state_dict()
+        """A copy (pickle, ``copy.deepcopy`` of an agent) holds the state as a checkpoint does, loaded into it by
+        ``__setstate__`` and adopted by its next fit: the layers are found by their parameters' identities, which a
+        copy does not keep, so a copy of the found layers would take its own policy for another and start the
+        factors afresh. (The factors go once, in that state, not also as the attributes the fit rebuilds.)"""
         return {**self.__dict__, "structure": None, "factors": [], "rest_fisher": None, "_snapshot": [],
-                "_rest_snapshot": None, "_damped": None,
-                "_loaded": state if state.get("param_shapes") is not None else None}
+                "_rest_snapshot": None, "_damped": None, "_loaded": None, "_copied": self.state_dict()}
+
+    def __setstate__(self, state: dict) -> None:
+        copied = state.pop("_copied")
+        self.__dict__.update(state)
+        self.load_state_dict(copied)
 
     # -- fit ------------------------------------------------------------------------------------------
 
