@@ -861,21 +861,23 @@ def test_entropy_bonus_gradient_against_hand_written_entropies():
     torch.testing.assert_close(bonus, expected, atol=1e-12, rtol=1e-10)
 
 
-def test_entropy_bonus_alone_widens_the_gaussian_by_the_kl_budget():
+@pytest.mark.parametrize("damping", [0.0, 0.1])
+def test_entropy_bonus_alone_widens_the_gaussian_by_the_kl_budget(damping):
     """Zero advantages: the objective is c·H̄ alone. The exact Fisher's log σ block is 2·I and its cross terms
     with the mean are 0, so the natural step moves every log σ_i by the same Δ and no mean parameter; the 'kl'
-    rule sizes it so that ½·dᵀFd·α² = δ, i.e. ½·2·Σ_i Δ² = δ: Δ = √(δ / act_dim)."""
+    rule sizes it so that ½·dᵀ(F + λI)d·α² = δ, i.e. ½·(2 + λ)·Σ_i Δ² = δ: Δ = √(δ / act_dim)·√(2 / (2 + λ))."""
     policy = make_policy("gauss")
     batch = make_batch(policy)
     batch.adv = torch.zeros_like(batch.adv)
     before = [p.detach().clone() for p in policy.actor_parameters()]
-    update = NaturalGradientUpdate(fisher.Dense(damping=0.0), natpg.steps.KLStep(0.01), ent_coef=0.5)
+    update = NaturalGradientUpdate(fisher.Dense(damping=damping), natpg.steps.KLStep(0.01), ent_coef=0.5)
     update.update(policy, batch)
     after = policy.actor_parameters()
     for b, a in zip(before[:-1], after[:-1]):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
-    torch.testing.assert_close(after[-1] - before[-1], torch.full((2,), math.sqrt(0.01 / 2)), atol=1e-9, rtol=0)
-    delta = math.sqrt(0.01 / 2)  # KL(old ‖ new) of σ → σe^Δ, per dimension: Δ + (e^{−2Δ} − 1)/2 (≈ Δ², the quadratic δ/2)
+    delta = math.sqrt(0.01 / 2) * math.sqrt(2 / (2 + damping))
+    torch.testing.assert_close(after[-1] - before[-1], torch.full((2,), delta), atol=1e-9, rtol=0)
+    # KL(old ‖ new) of σ → σe^Δ, per dimension: Δ + (e^{−2Δ} − 1)/2 (≈ Δ², the quadratic δ/2 when λ = 0)
     assert kl_now(policy, batch) == pytest.approx(2 * (delta + (math.exp(-2 * delta) - 1) / 2), rel=1e-9)
 
 
