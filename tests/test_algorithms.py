@@ -914,7 +914,7 @@ LEARNING = {
     ("VPG", "CartPole-v1"): (100_000, 475.0),
     ("VPG", "Pendulum-v1"): (1_000_000, -300.0),  # seeds 0–11 all pass (docs/algorithms.md)
     ("PPO", "CartPole-v1"): (100_000, 475.0),
-    ("PPO", "Pendulum-v1"): (100_000, -300.0),
+    ("PPO", "Pendulum-v1"): (200_000, -300.0),  # seeds 0–47 all pass (docs/algorithms.md)
 }
 
 
