@@ -875,10 +875,10 @@ def test_entropy_bonus_alone_widens_the_gaussian_by_the_kl_budget(damping):
     after = policy.actor_parameters()
     for b, a in zip(before[:-1], after[:-1]):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
-    delta = math.sqrt(0.01 / 2) * math.sqrt(2 / (2 + damping))
-    torch.testing.assert_close(after[-1] - before[-1], torch.full((2,), delta), atol=1e-9, rtol=0)
-    # KL(old ‖ new) of σ → σe^Δ, per dimension: Δ + (e^{−2Δ} − 1)/2 (≈ Δ², the quadratic δ/2 when λ = 0)
-    assert kl_now(policy, batch) == pytest.approx(2 * (delta + (math.exp(-2 * delta) - 1) / 2), rel=1e-9)
+    shift = math.sqrt(0.01 / 2) * math.sqrt(2 / (2 + damping))  # each log σ_i's Δ
+    torch.testing.assert_close(after[-1] - before[-1], torch.full((2,), shift), atol=1e-9, rtol=0)
+    # KL(old ‖ new) of σ → σe^Δ, per dimension: Δ + (e^{−2Δ} − 1)/2 (≈ Δ²: the quadratic δ/2 when λ = 0, less with λ)
+    assert kl_now(policy, batch) == pytest.approx(2 * (shift + (math.exp(-2 * shift) - 1) / 2), rel=1e-9)
 
 
 def test_ppo_entropy_bonus_alone_raises_the_entropy():

@@ -70,7 +70,7 @@ ENV_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
                              "log_std_init": -0.5, "critic_epochs": 20, "normalize_reward": True},
     # A decaying rate and 20 critic passes (stop 27: at 100k, 5 of 24 seeds below −300 against 9); the classic
     # family's γ 0.98, not RL Zoo's 0.9, which RL Zoo pairs with state-dependent exploration (stop 44: at 100k, 2 of
-    # 48 seeds below −300 against 8 of 24; at 200k none of 48). docs/algorithms.md, "Stop 44: PPO's Pendulum preset".
+    # 48 seeds below −300 against 8 of 24; at 200k none of 48). docs/algorithms.md, "Stop 44: PPO's Pendulum …".
     ("ppo", "Pendulum-v1"): {"gae_lambda": 0.95, "n_envs": 8, "n_steps": 128, "alpha": 2e-3,
                              "lr_schedule": "linear", "target_kl": 0.02, "ppo_minibatch": 128, "critic_epochs": 20,
                              "critic_minibatch": 128, "normalize_reward": True},
