@@ -913,7 +913,7 @@ LEARNING = {
     ("ACKTR", "Pendulum-v1"): (300_000, -300.0),  # seeds 0–15: 15 pass (docs/algorithms.md)
     ("VPG", "CartPole-v1"): (100_000, 475.0),
     ("VPG", "Pendulum-v1"): (1_000_000, -300.0),  # seeds 0–11 all pass (docs/algorithms.md)
-    ("PPO", "CartPole-v1"): (100_000, 475.0),
+    ("PPO", "CartPole-v1"): (200_000, 475.0),  # seeds 0–47: 47 pass at 200k, 37 at 100k (docs/algorithms.md)
     ("PPO", "Pendulum-v1"): (200_000, -300.0),  # seeds 0–47 all pass (docs/algorithms.md)
 }
 
