@@ -896,7 +896,8 @@ RESUME_CASES = [("npg", "CartPole-v1", {}),
                 ("acktr", "Pendulum-v1", {"critic_momentum": 0.9})]  # the K-FAC critic's momentum
 
 
-@pytest.mark.parametrize("algo,env_id,extra", RESUME_CASES, ids=[f"{c[0]}-{c[1]}" + "".join(f"-{k}" for k in c[2]) for c in RESUME_CASES])
+@pytest.mark.parametrize("algo,env_id,extra", RESUME_CASES,
+                         ids=[f"{algo}-{env}" + "".join(f"-{k}" for k in extra) for algo, env, extra in RESUME_CASES])
 def test_resume_is_bit_exact(tmp_path, algo, env_id, extra):
     if env_id == "Hopper-v5":
         pytest.importorskip("mujoco")

@@ -147,9 +147,12 @@ class CG:
     def state_dict(self) -> dict:
         """What a resumed run needs: a K-FAC preconditioner's moving averages, and with ``warm_start`` the last
         solution, which the next solve starts from."""
-        state = getattr(self.preconditioner, "state_dict", None)
-        return ({"preconditioner": state()} if state is not None else {}) | (
-            {"last": self._last} if self.warm_start and self._last is not None else {})
+        state = {}
+        if hasattr(self.preconditioner, "state_dict"):
+            state["preconditioner"] = self.preconditioner.state_dict()
+        if self.warm_start and self._last is not None:
+            state["last"] = self._last
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if "preconditioner" in state and hasattr(self.preconditioner, "load_state_dict"):
