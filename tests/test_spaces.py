@@ -6,6 +6,7 @@ the dense Fisher where K-FAC is exact; every algorithm on an environment of each
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import warnings
 
@@ -343,8 +344,9 @@ IMAGE = spaces.Box(0, 255, (36, 36, 1), np.uint8)  # channels last, as pixels co
 SPACE_ENVS = {
     "natpgspace/MultiDiscrete-v0": lambda: SpaceEnv(spaces.Box(-1, 1, (3,)), spaces.MultiDiscrete([3, 2])),
     "natpgspace/MultiBinary-v0": lambda: SpaceEnv(spaces.Box(-1, 1, (3,)), spaces.MultiBinary(4)),
-    "natpgspace/DictObs-v0": lambda: SpaceEnv(spaces.Dict({"pos": spaces.Box(-1, 1, (2,)), "mode": spaces.Discrete(3),
-                                                           "flags": spaces.MultiBinary(2)}), spaces.Discrete(2)),
+    # keys in the env's own order, not sorted (a list of pairs keeps it; a plain dict would be sorted)
+    "natpgspace/DictObs-v0": lambda: SpaceEnv(spaces.Dict([("pos", spaces.Box(-1, 1, (2,))), ("mode", spaces.Discrete(3)),
+                                                           ("flags", spaces.MultiBinary(2))]), spaces.Discrete(2)),
     "natpgspace/TupleObs-v0": lambda: SpaceEnv(spaces.Tuple([spaces.Box(-1, 1, (2,)), spaces.MultiDiscrete([2, 3])]),
                                                spaces.Box(-1, 1, (2,))),
     "natpgspace/Image-v0": lambda: SpaceEnv(IMAGE, spaces.Discrete(3), length=8),
@@ -395,6 +397,35 @@ def test_every_algorithm_runs_on_every_space(algo, env, extra, tmp_path):
     np.testing.assert_array_equal(loaded.predict(obs, **kw), act)
     mean, _ = natpg.evaluate(loaded, episodes=2, seed=5)
     assert np.isfinite(mean)
+
+
+def test_a_saved_space_keeps_its_kind_bounds_and_dict_key_order():
+    from natpg.checkpoint import space_from_dict, space_to_dict
+
+    nested = spaces.Dict([("z", spaces.Tuple([spaces.Box(-1, 2, (2, 3), np.float64), spaces.Discrete(4, start=-1)])),
+                          ("a", spaces.MultiDiscrete([2, 5], start=[1, 0])), ("m", spaces.MultiBinary([2, 2]))])
+    copied = space_from_dict(json.loads(json.dumps(space_to_dict(nested))))
+    assert copied == nested and list(copied.spaces) == ["z", "a", "m"]  # Dict's == ignores the order
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        nested.seed(int(rng.integers(1 << 30)))
+        o = nested.sample()
+        np.testing.assert_array_equal(spaces.flatten(copied, o), spaces.flatten(nested, o))
+
+
+def test_a_loaded_agent_reads_dict_observations_in_the_envs_key_order(tmp_path):
+    """The flattened input follows the Dict's key order: a loaded agent must flatten as the env's space did in
+    training (a space rebuilt from a plain dict would sort the keys, ["flags", "mode", "pos"], and feed the policy
+    shuffled inputs without an error)."""
+    agent = natpg.NPG("natpgspace/DictObs-v0", seed=0, **tiny("NPG", "natpgspace/DictObs-v0"))
+    agent.learn(64)
+    agent.save(tmp_path / "m")
+    loaded = natpg.load(tmp_path / "m")
+    assert list(loaded.observation_space.spaces) == list(gym.make("natpgspace/DictObs-v0").observation_space.spaces)
+    space = loaded.observation_space
+    space.seed(1)
+    batch = [space.sample() for _ in range(200)]
+    np.testing.assert_array_equal(loaded.predict(batch), agent.predict(batch))
 
 
 def test_acktr_kfac_critic_on_images_is_a_clear_error():

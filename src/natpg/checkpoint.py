@@ -294,7 +294,8 @@ def space_from_dict(d: dict[str, Any]) -> gym.Space:
     if kind == "MultiBinary":
         return gym.spaces.MultiBinary(d["n"])
     if kind == "Dict":
-        return gym.spaces.Dict({k: space_from_dict(v) for k, v in d["spaces"]})
+        # pairs, not a dict: gym.spaces.Dict sorts a plain dict's keys, and flattening follows the env's own order
+        return gym.spaces.Dict([(k, space_from_dict(v)) for k, v in d["spaces"]])
     if kind == "Tuple":
         return gym.spaces.Tuple([space_from_dict(v) for v in d["spaces"]])
     raise ValueError(f"unknown space type {kind!r} in checkpoint")
