@@ -53,8 +53,11 @@ def test_a_misspelt_setting_gets_the_nearest_valid_name_and_a_foreign_one_none()
     (dict(fvp_subsample_step_length="full"), r"fvp_subsample_step_length must be one of \['subsample', 'batch'\]"),
     (dict(device="tpu"), "device must be"),
     (dict(fisher="kfac", kfac_refresh_every=0), "kfac_refresh_every must be an integer ≥ 1, got 0"),
-    (dict(update_threads=-1), "update_threads must be an integer ≥ 1, or 0 for torch_threads, got -1"),
+    (dict(update_threads=-1), "update_threads must be an integer from 1 to 1024, or 0 for torch_threads, got -1"),
     (dict(update_threads=True), "update_threads must be an integer"),
+    # torch.set_num_threads(10**5) is a segmentation fault: no message, the interpreter gone
+    (dict(torch_threads=10**6), "torch_threads must be an integer from 1 to 1024, or 0 .*, got 1000000"),
+    (dict(update_threads=1025), "update_threads must be an integer from 1 to 1024"),
 ])
 def test_invalid_settings_are_named(setting, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -346,12 +349,49 @@ def test_cli_config_prints_what_a_run_gets_and_where_each_value_came_from(capsys
     (["train", "npg", "CartPole-v1", "--set", "max_kl=-1"], "max_kl must be"),
     (["train", "npg", "CartPole-v1", "--set", "oops"], "--set expects key=value"),
     (["eval", "/nonexistent/run"], "no natpg checkpoint"),
+    (["train", "npg", "CartPole-v1", "--set", "seed=3"], r"seed is given as --seed 3, not with --set"),
+    (["train", "npg", "CartPole-v1", "--steps", "2048", "--out", ""], r"out_dir must be a directory path, got ''"),
 ])
 def test_cli_errors_are_messages_without_traceback(argv, pattern, capsys):
     assert cli(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.startswith(f"natpg {argv[0]}: error: ")
     assert re.search(pattern, err)
+
+
+def test_python_dash_m_natpg_is_the_natpg_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "natpg", "config", "npg", "CartPole-v1"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("npg on CartPole-v1 (environment family: classic)")
+
+
+def test_a_full_disk_while_a_checkpoint_is_written_is_an_oserror_and_keeps_the_last_one(tmp_path, monkeypatch, capsys):
+    """torch.save reports a full disk as a RuntimeError ("[enforce fail at inline_container.cc] ... unexpected
+    pos"), the OSError only its context: natpg names the file and the OSError, and the CLI prints one line."""
+    run = tmp_path / "run"
+    agent = natpg.NPG("CartPole-v1", seed=0, **small())
+    agent.learn(64, out_dir=str(run))
+    saved = (run / "model.pt").read_bytes()
+
+    def full_disk(obj, f):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 89344 vs 89232")
+
+    monkeypatch.setattr(natpg.checkpoint.torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"cannot write checkpoint '.*model.pt': \[Errno 28\] No space left on device"):
+        agent.save(str(run))
+    assert (run / "model.pt").read_bytes() == saved  # the last checkpoint kept,
+    assert not [p for p in run.iterdir() if p.name.startswith(".model.pt.tmp")]  # its half-written successor gone
+    capsys.readouterr()
+    assert cli(["train", "npg", "CartPole-v1", "--steps", "64", "--out", str(tmp_path / "new"), "--no-progress",
+                "--n-envs", "2", "--set", "n_steps=32"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and re.match(r"natpg train: error: cannot write checkpoint .*No space left", err)
 
 
 def test_periodic_evaluation_is_logged_keeps_the_best_and_leaves_training_unchanged(tmp_path):
@@ -597,6 +637,32 @@ def test_plot_draws_every_run_even_when_two_share_a_name(tmp_path, monkeypatch):
         plot_runs(runs, str(tmp_path / "bad.png"))
 
 
+def test_plot_names_the_file_and_line_of_what_it_cannot_read(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from natpg.plotting import plot_runs
+
+    cases = {"wide": ("env_steps,ep_return_mean\n100,1\n200,2,3\n", None,
+                      r"progress.csv', line 3: 3 fields, but the header names 2"),
+             "listed": ("env_steps,ep_return_mean\n100,1\n", "[1, 2]",
+                        r"config.json' holds list, not a run's settings"),
+             "broken": ("env_steps,ep_return_mean\n100,1\n", "{broken", r"config.json' is not valid JSON: Expecting")}
+    for name, (progress, config, message) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "progress.csv").write_text(progress)
+        if config is not None:
+            (tmp_path / name / "config.json").write_text(config)
+        with pytest.raises(ValueError, match=message):
+            plot_runs([str(tmp_path / name)], str(tmp_path / "p.png"), seeds=True)
+        assert cli(["plot", str(tmp_path / name), "--seeds", "-o", str(tmp_path / "p.png")]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and re.search(message, err)
+    for runs in ([], str(tmp_path / "wide")):  # a bare string would be read as one run per character
+        with pytest.raises(ValueError, match="run_dirs must be a non-empty list of run directories"):
+            plot_runs(runs, str(tmp_path / "p.png"))
+    (tmp_path / "wide" / "progress.csv").write_text("env_steps,ep_return_mean\n100,1\n200,2\n")
+    assert plot_runs([tmp_path / "wide"], str(tmp_path / "p.png")) == {"wide": ([100.0, 200.0], [1.0, 2.0])}
+
+
 def test_plot_seeds_counts_a_run_given_twice_once_and_ignores_the_ray_address(tmp_path):
     pytest.importorskip("matplotlib")
     from natpg.plotting import plot_runs
@@ -684,6 +750,54 @@ def test_learn_continues_its_own_run_directory_and_refuses_another_run(tmp_path)
     with pytest.raises(ValueError, match="must be a directory"):
         natpg.NPG("CartPole-v1", **small()).learn(64, out_dir=str(tmp_path / "model.pt"))
     assert not (tmp_path / "model.pt").exists()
+
+
+def test_learn_and_save_take_only_true_or_false_for_their_flags(tmp_path):
+    """overwrite="False" is a truthy string: read as true it deleted another run's checkpoint and logs."""
+    run = tmp_path / "run"
+    natpg.NPG("CartPole-v1", seed=0, **small()).learn(64, out_dir=str(run))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    other = natpg.PPO("CartPole-v1", **small())
+    for call in (lambda: other.learn(64, out_dir=str(run), overwrite="False"),
+                 lambda: other.save(str(run), overwrite="no"), lambda: other.save(str(run / "model.pt"), overwrite=1)):
+        with pytest.raises(ValueError, match=r"overwrite must be True or False, got ('False'|'no'|1)"):
+            call()
+    for flag in ("reset", "progress_bar"):
+        with pytest.raises(ValueError, match=rf"{flag} must be True or False, got 'no'"):
+            other.learn(64, **{flag: "no"})
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before and other.env_steps == 0
+    other.learn(64, reset=np.bool_(True), progress_bar=False)  # NumPy's bool is a bool
+    assert other.env_steps == 64
+
+
+def test_overwrite_never_deletes_files_with_natpgs_names_that_natpg_did_not_write(tmp_path, capsys):
+    """A folder holding another tool's tb/ and progress.csv (SB3 writes both) and a user's best/, but no natpg
+    checkpoint or config.json, is refused even with overwrite, every file kept; a natpg run whose checkpoint is
+    unreadable but whose config.json is natpg's is replaced as before."""
+    foreign = tmp_path / "exp"
+    (foreign / "tb" / "other_tool").mkdir(parents=True)
+    (foreign / "tb" / "other_tool" / "events.out").write_text("theirs")
+    (foreign / "best").mkdir()
+    (foreign / "best" / "weights.h5").write_text("mine")
+    (foreign / "progress.csv").write_text("time/fps,rollout/ep_rew_mean\n100,20.0\n")
+    before = {p: p.read_bytes() for p in foreign.rglob("*") if p.is_file()}
+    agent = natpg.NPG("CartPole-v1", seed=0, **small())
+    for call in (lambda: agent.learn(64, out_dir=str(foreign), overwrite=True),
+                 lambda: agent.save(str(foreign), overwrite=True), lambda: agent.learn(64, out_dir=str(foreign))):
+        with pytest.raises(ValueError, match=r"holds progress.csv, tb, best but no natpg checkpoint or config.json: "
+                                             r"natpg did not write them"):
+            call()
+    args = ["train", "npg", "CartPole-v1", "--steps", "64", "--out", str(foreign), "--no-progress", "--n-envs", "2",
+            "--set", "n_steps=32", "--overwrite"]
+    capsys.readouterr()
+    assert cli(args) == 2 and "so overwrite does not delete them" in capsys.readouterr().err
+    after = {p: p.read_bytes() for p in foreign.rglob("*") if p.is_file() and p.name != ".natpg.lock"}
+    assert after == before  # (the lock natpg took to look there stays, as in any directory it was given)
+    run = tmp_path / "run"
+    natpg.TRPO("Pendulum-v1", seed=0, **small()).learn(64, out_dir=str(run))
+    (run / "model.pt").write_bytes(b"truncated")
+    agent.learn(64, out_dir=str(run), overwrite=True)
+    assert natpg.load(str(run)).algorithm == "npg" and _rows(run) == [64]
 
 
 def test_save_refuses_a_directory_or_file_holding_another_run_unless_overwrite(tmp_path):
@@ -811,6 +925,27 @@ def test_a_stochastic_evaluation_episode_is_its_own_whatever_runs_beside_it(env_
     assert (returns != evaluation_episodes(agent, episodes=4, seed=5)["return"]).any()  # nor act by the mode
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_a_large_evaluation_runs_in_turns_of_eval_chunk_copies_with_the_same_episodes(monkeypatch, deterministic):
+    """Episodes beyond EVAL_CHUNK run in later turns (natpg eval --episodes 10**20 built every copy at once and
+    filled the memory): each turn's copies and generators are seeded as in one turn, so the episodes are the same."""
+    from natpg import evaluation
+
+    agent = natpg.NPG("Pendulum-v1", seed=0, **small())
+    agent.learn(128)
+    at_once = evaluation_episodes(agent, episodes=7, seed=5, deterministic=deterministic)
+    built = []
+    make = evaluation.make_vec_env
+    monkeypatch.setattr(evaluation, "make_vec_env",
+                        lambda env_id, n, *a, **k: built.append(n) or make(env_id, n, *a, **k))
+    monkeypatch.setattr(evaluation, "EVAL_CHUNK", 3)
+    in_turns = evaluation_episodes(agent, episodes=7, seed=5, deterministic=deterministic)
+    assert built == [3, 3, 1] and in_turns.keys() == at_once.keys() == {"return", "length", "terminated", "last_obs"}
+    for key in at_once:  # a batch of 7, 3 or 1 rows: rounding alone differs
+        np.testing.assert_allclose(in_turns[key], at_once[key], rtol=1e-6, atol=1e-6)
+    assert len(set(at_once["return"])) == 7
+
+
 def test_every_evaluation_and_each_learn_calls_last_update_are_logged_whatever_the_log_interval(tmp_path):
     """The last update of a learn call is the saved model's: its row is written, also where a callback stops."""
     agent = natpg.NPG("CartPole-v1", **small(eval_every=192, eval_episodes=1, log_interval=2))
@@ -846,6 +981,18 @@ def test_predict_reads_a_vector_envs_batch_of_tuple_observations_as_the_single_o
     singles = [agent.predict(tuple(int(part[i]) for part in obs)) for i in range(6)]
     assert agent.predict(obs).tolist() == [int(s) for s in singles]
     envs.close()
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(hidden=(10**7, 10**7)), r"the networks \(hidden=\(10000000, 10000000\), critic_hidden=\(8,\)\) do not fit in "
+                                  r"memory on cpu: .*allocate"),
+    (dict(critic_hidden=(10**7, 10**7)), r"critic_hidden=\(10000000, 10000000\)\) do not fit in memory"),
+    (dict(n_steps=10**13), r"a batch of n_envs × n_steps = 20000000000000 observations of 4 values needs "
+                           r"596046\.4 GiB, more than this machine's .* GiB of memory; lower n_envs or n_steps")])
+def test_networks_or_a_batch_too_large_for_memory_are_refused_when_the_agent_is_built(setting, message):
+    """Not torch's allocator traceback from inside a layer, nor numpy's at the first rollout (after a checkpoint)."""
+    with pytest.raises(ValueError, match=message):
+        natpg.NPG("CartPole-v1", **{**small(), "critic_hidden": (8,), **setting})
 
 
 def test_a_dense_fisher_too_large_for_memory_is_refused_when_the_agent_is_built(tmp_path):

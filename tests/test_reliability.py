@@ -304,6 +304,12 @@ API_CASES = [
     ("predict non-numeric", lambda a: a["cart"].predict("abc"), ValueError, "observation must be numeric"),
     ("predict NaN", lambda a: a["cart"].predict(np.array([0.0, np.nan, 0.0, 0.0])), ValueError,
      "observation holds a non-finite value"),
+    ("predict None", lambda a: a["cart"].predict(None), ValueError,  # not "holds a non-finite value"
+     "observation must be numeric .*got NoneType"),
+    ("out_dir empty", lambda a: a["cart"].learn(BATCH, out_dir=""), ValueError,
+     "out_dir must be a directory path, got ''"),
+    ("video to no path", lambda a: natpg.record_video(a["cart"], None), ValueError,
+     "video file must be a path such as 'run.gif' or 'run.mp4', got None"),
     ("load missing", lambda a: natpg.load(str(a["root"] / "missing")), FileNotFoundError, "no natpg checkpoint"),
     ("load directory without model.pt", lambda a: natpg.load(str(a["root"] / "empty")), FileNotFoundError,
      "no natpg checkpoint .*directory without model.pt"),

@@ -23,7 +23,7 @@ from . import checkpoint
 from .acktr import KFACRegression
 from .algorithms import make_actor_update, make_critic
 from .checkpoint import space_from_dict, space_to_dict
-from .config import MAX_SEED, Config, is_integer, whole_number
+from .config import MAX_SEED, Config, check_flag, is_integer, whole_number
 from .envs import check_env_id, check_spaces, make_normalisers, make_vec_env, probe_spaces
 from .evaluation import evaluate
 from .fisher.dense import check_dense_size
@@ -84,6 +84,9 @@ class Agent:
         observation_space, action_space = probe_spaces(env, self.action_mask_source, config.env.env_kwargs)
         warn_unread(config, env, overrides, (observation_space, action_space))
         self._build(env, seed, config, observation_space, action_space)
+        # training's batch, here and not in _build: a loaded agent may only act, which needs none
+        features, mask_dim, _ = input_layout(observation_space, action_space, config.env.action_mask is not None)
+        _check_batch_memory(config, features + mask_dim)
 
     @property
     def config(self) -> Config:
@@ -122,11 +125,17 @@ class Agent:
         masked = config.env.action_mask is not None
         features, mask_dim, image = input_layout(observation_space, action_space, masked)
         # The initialisation is drawn from the seed on the CPU, the user's global random stream left as it was.
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            self.policy = make_policy(observation_space, action_space, p.hidden, p.activation, p.log_std_init,
-                                      p.action_squash, masked).to(self.device)
-            self.critic = make_critic(config, features + mask_dim, image).to(self.device)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)
+                self.policy = make_policy(observation_space, action_space, p.hidden, p.activation, p.log_std_init,
+                                          p.action_squash, masked).to(self.device)
+                self.critic = make_critic(config, features + mask_dim, image).to(self.device)
+        except (MemoryError, RuntimeError) as exc:  # torch's allocator raises a RuntimeError (CUDA's is one too)
+            if not isinstance(exc, MemoryError) and "allocate" not in str(exc) and "out of memory" not in str(exc):
+                raise
+            raise ValueError(f"the networks (hidden={p.hidden}, critic_hidden={config.critic.critic_hidden}) do not "
+                             f"fit in memory on {self.device}: {exc}") from None
         self._built = _layout(self.policy), _layout(self.critic)  # what a checkpoint's config rebuilds
         if image is None:
             _warn_wide_kfac_input(config, features + mask_dim)
@@ -199,6 +208,8 @@ class Agent:
         ``schedule_end`` (default: where this call ends); give it when training one run in several calls, e.g.
         ``learn(100_000, schedule_end=1_000_000)``.
         """
+        for name, flag in (("progress_bar", progress_bar), ("reset", reset), ("overwrite", overwrite)):
+            check_flag(name, flag)
         batch = self.config.batch_size
         total_steps, schedule_end = whole_number(total_steps), whole_number(schedule_end)  # 1e6 as well as 10**6
         if not is_integer(total_steps) or total_steps < batch:
@@ -477,8 +488,7 @@ class Agent:
         frames after natpg's preprocessing). Box actions are clipped to the bounds (or tanh-squashed), as when
         training. A policy trained with action masking needs ``action_mask`` (1 = allowed; [n] or [B, n]).
         """
-        if not isinstance(deterministic, (bool, np.bool_)):
-            raise ValueError(f"deterministic must be True or False, got {deterministic!r}")
+        check_flag("deterministic", deterministic)
         space = self.observation_space
         if isinstance(space, gym.spaces.Box):
             flat, single = self._box_observations(obs)
@@ -507,6 +517,8 @@ class Agent:
     def _box_observations(self, obs: Any) -> tuple[np.ndarray, bool]:
         shape = self.observation_space.shape
         try:
+            if obs is None:  # np.asarray(None, float) is NaN: "holds a non-finite value" would mislead
+                raise TypeError("None is not an observation")
             obs = np.asarray(obs, dtype=np.float64)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"observation must be numeric (an array of shape {shape} or a batch of them), "
@@ -570,6 +582,7 @@ class Agent:
         refused unless ``overwrite=True``, which replaces it (a directory's natpg outputs, its log too:
         ``checkpoint.RUN_OUTPUTS``); an earlier state of this run is replaced, its log kept."""
         checkpoint.checkpoint_file(path)  # a clear error for an empty path or one that is not a path
+        check_flag("overwrite", overwrite)
         if checkpoint.is_file_path(path):  # one checkpoint file, not a run directory: nothing to lock
             if os.path.lexists(path):
                 holds_this_run(self, path, [os.path.basename(path)], overwrite, "save", file=True)
@@ -674,6 +687,20 @@ class Agent:
 
 
 KFAC_WIDE_INPUT = 1024  # flat observation entries above which K-FAC's O(n³) factor inversions dominate an update
+
+
+def _check_batch_memory(config: Config, width: int) -> None:
+    """Refuse, when the agent is built, a batch whose observations alone (stored twice, as float32: each one and
+    the next) cannot fit in this machine's memory: numpy's allocation would otherwise fail at the first rollout."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: nothing to compare with
+        return
+    needed = 2 * config.batch_size * width * 4
+    if needed > memory:
+        raise ValueError(f"a batch of n_envs × n_steps = {config.batch_size} observations of {width} values needs "
+                         f"{needed / 2**30:.1f} GiB, more than this machine's {memory / 2**30:.1f} GiB of memory; "
+                         f"lower n_envs or n_steps")
 
 
 def _warn_wide_kfac_input(config: Config, inputs: int) -> None:

@@ -152,7 +152,11 @@ def write(path: str, meta: dict[str, Any], tensors: dict[str, Any]) -> str:
     meta_json = json.dumps(meta)
     payload = {"format": FORMAT, "version": VERSION, "meta": meta_json, "sha256": digest(meta_json, tensors),
                **tensors}
-    atomic_write(file, lambda f: torch.save(payload, f))
+    try:
+        atomic_write(file, lambda f: torch.save(payload, f))
+    except RuntimeError as exc:  # torch.save reports a full disk as "[enforce fail at inline_container.cc] ..."
+        cause = exc.__context__ if isinstance(exc.__context__, OSError) else exc
+        raise OSError(f"cannot write checkpoint {file!r}: {cause}") from exc
     return file
 
 

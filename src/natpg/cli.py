@@ -249,6 +249,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.seed is None:  # a run's config.json reproduces that run, seed included (--resume checks it)
         args.seed = file_seed
     given = dict(parse_setting(s) for s in args.settings)
+    if "seed" in given:  # not a setting: the run's identity, with its own flag
+        raise ValueError(f"seed is given as --seed {given['seed']}, not with --set")
     for key, value in (("fisher", args.fisher), ("n_envs", args.n_envs), ("device", args.device),
                        ("eval_every", args.eval_every),
                        ("workers", args.workers), ("ray_address", args.ray_address), ("sampler", args.sampler)):
@@ -268,7 +270,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 raise ValueError(f"--resume {args.resume!r} is one checkpoint file, not a run directory: give --out "
                                  f"DIR for the continued run's logs and checkpoints")
             agent = _resume(args, overrides)
-            out = args.out or args.resume
+            out = args.resume if args.out is None else args.out  # '' (an unset $OUT) is refused, not read as none
             target = args.steps if args.steps is not None else agent.target_steps or DEFAULT_STEPS
             steps, reset = target - agent.env_steps, False
             if steps < agent.config.batch_size:
@@ -283,7 +285,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             seed = 0 if args.seed is None else args.seed
             # An id such as ALE/Pong-v5 or module:Env-v0 names one directory, not a nested one.
-            out = args.out or os.path.join("runs", f"{args.algo}-{re.sub(r'[^A-Za-z0-9._-]+', '-', args.env_id)}-s{seed}")
+            out = args.out if args.out is not None else os.path.join(
+                "runs", f"{args.algo}-{re.sub(r'[^A-Za-z0-9._-]+', '-', args.env_id)}-s{seed}")
             with naming_settings_file(args.config, set(file_settings) - set(given)):
                 agent = agent_class(args.env_id, seed=seed, **overrides)
             steps, reset = (DEFAULT_STEPS if args.steps is None else args.steps), True
@@ -508,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         if notes := _natpg_notes(exc):
             print(f"natpg {args.command}: its output was closed (broken pipe){notes}", file=sys.stderr)
         return 141  # 128 + SIGPIPE, what a shell reports for a writer the pipe stopped
-    except (ValueError, OSError, ImportError, TrainingFault, NonFiniteEnvError, WorkerFailure,
+    except (ValueError, OSError, MemoryError, ImportError, TrainingFault, NonFiniteEnvError, WorkerFailure,
             RenderError) as exc:  # OSError: a full disk, a read-only directory, a file where a directory goes
         print(f"natpg {args.command}: error: {one_line(str(exc))}{_natpg_notes(exc)}", file=sys.stderr)
         return 2

@@ -344,6 +344,12 @@ def is_integer(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def check_flag(name: str, value: Any) -> None:
+    """A ValueError unless ``value`` is True or False: ``overwrite="no"`` would be true, and delete a run."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def whole_number(v: Any) -> Any:
     """A float that is a whole number (1e6, as step counts are often written) as an int; anything else as given."""
     return int(v) if isinstance(v, float) and v.is_integer() else v
@@ -361,8 +367,8 @@ class Rule(NamedTuple):
     valid: str
 
 
-def integer_from(low: int, valid: str | None = None) -> Rule:
-    return Rule(lambda v: is_integer(v) and v >= low, valid or f"an integer ≥ {low}")
+def integer_from(low: int, valid: str | None = None, high: int | None = None) -> Rule:
+    return Rule(lambda v: is_integer(v) and v >= low and (high is None or v <= high), valid or f"an integer ≥ {low}")
 
 
 def finite_from(low: float, *, strict: bool) -> Rule:
@@ -388,6 +394,7 @@ def one_of(choices: tuple) -> Rule:
     return Rule(lambda v: (v is None or isinstance(v, str)) and v in choices, f"one of {list(choices)}")
 
 
+MAX_THREADS = 1024
 FLAG = Rule(lambda v: isinstance(v, bool), "True or False")
 POSITIVE_INT, POSITIVE, NON_NEGATIVE = integer_from(1), finite_from(0, strict=True), finite_from(0, strict=False)
 LAYER_SIZES = Rule(lambda v: isinstance(v, tuple) and all(is_integer(h) and h >= 1 for h in v),
@@ -459,8 +466,10 @@ SETTING_RULES: dict[str, Rule] = {
     "ent_coef": NON_NEGATIVE,
     "device": Rule(lambda v: isinstance(v, str) and re.fullmatch(r"cpu|auto|cuda(:\d+)?", v) is not None,
                    "'cpu', 'cuda[:N]' or 'auto'"),
-    "torch_threads": integer_from(0, "an integer ≥ 1, or 0 to leave the process's setting as it is"),
-    "update_threads": integer_from(0, "an integer ≥ 1, or 0 for torch_threads"),
+    # at most MAX_THREADS: torch.set_num_threads(10**5) kills the interpreter (a segmentation fault, no message)
+    "torch_threads": integer_from(0, f"an integer from 1 to {MAX_THREADS}, or 0 to leave the process's setting as it "
+                                     f"is", MAX_THREADS),
+    "update_threads": integer_from(0, f"an integer from 1 to {MAX_THREADS}, or 0 for torch_threads", MAX_THREADS),
     "critic_thread": FLAG,
     "log_interval": POSITIVE_INT,
     "checkpoint_every": integer_from(0),

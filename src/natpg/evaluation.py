@@ -12,7 +12,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from .config import EVAL_MAX_EPISODE_STEPS, MAX_SEED, env_kwargs_problem, is_integer, plain_json
+from .config import EVAL_MAX_EPISODE_STEPS, MAX_SEED, check_flag, env_kwargs_problem, is_integer, plain_json
 from .envs import make_vec_env, probe_spaces
 from .rollout import NonFiniteEnvError, describe_unstorable, storable
 
@@ -46,8 +46,7 @@ def check_evaluation(agent: Agent, env: str | None, episodes: int, seed: int,
         raise ValueError(f"max_episode_steps must be an integer ≥ 1, got {max_episode_steps!r}")
     if not is_integer(seed) or not 0 <= seed < MAX_SEED:
         raise ValueError(f"seed must be a non-negative integer below 2**62, got {seed!r}")
-    if not isinstance(deterministic, (bool, np.bool_)):
-        raise ValueError(f"deterministic must be True or False, got {deterministic!r}")
+    check_flag("deterministic", deterministic)
     if env is not None or env_kwargs is not None:  # another environment, or the same made otherwise
         obs_space, act_space = probe_spaces(env_id, agent.config.env.action_mask,
                                             evaluation_env_kwargs(agent, env_id, env_kwargs))
@@ -73,23 +72,41 @@ def evaluation_episodes(agent: Agent, env: str | None = None, episodes: int = 10
     ``terminated`` (True where the environment ended it; False where its time limit or ``max_episode_steps`` cut
     it) and ``last_obs`` (its last observation as the policy reads it: flattened, any action mask appended).
 
-    Episodes run in parallel copies of ``env`` (default: the agent's own), copy i seeded ``seed + i``; its
-    stochastic actions (``deterministic=False``) draw from a CPU generator seeded ``seed + i`` too, so that an
-    episode does not depend on how many run beside it or on the device (``record_video`` plays it). An episode the
-    environment has not ended after ``max_episode_steps`` steps is cut there, with a warning (an environment
-    registered without a time limit would otherwise never return). A NaN, infinite or beyond-float32 observation or
-    reward is a ``NonFiniteEnvError`` naming the episode and step, as in training.
+    Episodes run in parallel copies of ``env`` (default: the agent's own; ``EVAL_CHUNK`` at a time), copy i seeded
+    ``seed + i``; its stochastic actions (``deterministic=False``) draw from a CPU generator seeded ``seed + i`` too,
+    so that an episode does not depend on how many run beside it or on the device (``record_video`` plays it). An
+    episode the environment has not ended after ``max_episode_steps`` steps is cut there, with a warning (an
+    environment registered without a time limit would otherwise never return). A NaN, infinite or beyond-float32
+    observation or reward is a ``NonFiniteEnvError`` naming the episode and step, as in training.
     """
     env_id = check_evaluation(agent, env, episodes, seed, max_episode_steps, env_kwargs, deterministic)
     episodes, seed, max_episode_steps = int(episodes), int(seed), int(max_episode_steps)  # numpy's too
-    generators = None if deterministic else episode_generators(seed, episodes)
-    envs = make_vec_env(env_id, episodes, "sync", action_mask=agent.action_mask_source,
-                        env_kwargs=evaluation_env_kwargs(agent, env_id, env_kwargs))
+    env_kwargs = evaluation_env_kwargs(agent, env_id, env_kwargs)
+    chunks = [_episode_chunk(agent, env_id, first, min(EVAL_CHUNK, episodes - first), seed, deterministic,
+                             max_episode_steps, env_kwargs) for first in range(0, episodes, EVAL_CHUNK)]
+    run = {key: np.concatenate([c[key] for c in chunks]) for key in chunks[0]}
+    warn_cut_episodes(env_id, int((~run.pop("finished")).sum()), episodes, max_episode_steps)
+    warn_dropped_episodes(env_id, int(run.pop("dropped").sum()), episodes)
+    return run
+
+
+# Episodes run side by side in at most this many environment copies at a time: a large evaluation
+# (natpg eval --episodes 10000) runs in turns instead of building every copy at once, which could fill the memory.
+EVAL_CHUNK = 100
+
+
+def _episode_chunk(agent: Agent, env_id: str, first: int, episodes: int, seed: int, deterministic: bool,
+                   max_episode_steps: int, env_kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Evaluation episodes ``first … first + episodes - 1``, side by side (copy i seeded ``seed + first + i``):
+    ``evaluation_episodes``' arrays, with ``finished`` and ``dropped`` for its warnings."""
+    generators = None if deterministic else episode_generators(seed + first, episodes)
+    envs = make_vec_env(env_id, episodes, "sync", action_mask=agent.action_mask_source, env_kwargs=env_kwargs)
     try:
-        obs, _ = envs.reset(seed=seed)
+        obs, _ = envs.reset(seed=seed + first)
         flat = np.asarray(obs, np.float64).reshape(episodes, -1)  # flattened, with the mask appended: to the policy
         drop = agent.config.env.nonfinite_env == "drop"
-        nonfinite_steps(env_id, flat, np.zeros(episodes), np.ones(episodes, bool), 0, drop=False)  # none to end yet
+        nonfinite_steps(env_id, flat, np.zeros(episodes), np.ones(episodes, bool), 0, drop=False,  # none to end yet
+                        first_episode=first)
         returns, lengths = np.zeros(episodes), np.zeros(episodes, np.int64)
         terminated, finished = np.zeros(episodes, bool), np.zeros(episodes, bool)
         dropped = np.zeros(episodes, bool)
@@ -97,7 +114,7 @@ def evaluation_episodes(agent: Agent, env: str | None = None, episodes: int = 10
         for t in range(max_episode_steps):
             obs, rew, term, trunc, info = envs.step(agent._act(flat, deterministic, generators))
             new = np.asarray(obs, np.float64).reshape(episodes, -1)
-            bad = nonfinite_steps(env_id, new, rew, ~finished, t + 1, drop)
+            bad = nonfinite_steps(env_id, new, rew, ~finished, t + 1, drop, first_episode=first)
             if bad.any():  # nonfinite_env='drop': the episode ends at its last finite observation, as in training
                 last_obs[bad] = flat[bad]
                 dropped |= bad
@@ -115,9 +132,8 @@ def evaluation_episodes(agent: Agent, env: str | None = None, episodes: int = 10
         last_obs[~finished] = flat[~finished]  # episodes cut at max_episode_steps end where they stand
     finally:
         envs.close()
-    warn_cut_episodes(env_id, int((~finished).sum()), episodes, max_episode_steps)
-    warn_dropped_episodes(env_id, int(dropped.sum()), episodes)
-    return {"return": returns, "length": lengths, "terminated": terminated, "last_obs": last_obs}
+    return {"return": returns, "length": lengths, "terminated": terminated, "last_obs": last_obs,
+            "finished": finished, "dropped": dropped}
 
 
 def evaluate(agent: Agent, env: str | None = None, episodes: int = 10, seed: int = 123,

@@ -29,8 +29,14 @@ def _run_config(run_dir: str) -> dict[str, Any] | None:
     path = os.path.join(os.path.dirname(run_dir) if run_dir.endswith(".csv") else run_dir, CONFIG_JSON)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except ValueError as exc:
+        raise ValueError(f"{path!r} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path!r} holds {type(config).__name__}, not a run's settings by name")
+    return config
 
 
 def read_progress(run_dir: str) -> dict[str, list[float]]:
@@ -44,8 +50,11 @@ def read_progress(run_dir: str) -> dict[str, list[float]]:
     rows = list(csv.DictReader(io.StringIO(text, newline="")))
     if not rows:
         raise NothingToPlot(f"{path!r} has no rows yet")
-    columns: dict[str, list[float]] = {k: [] for k in rows[0]}
+    columns: dict[str, list[float]] = {k: [] for k in rows[0] if k is not None}
     for line, row in enumerate(rows, start=2):  # line 1 is the header
+        if None in row:  # csv puts the fields beyond the header's under None
+            raise ValueError(f"{path!r}, line {line}: {len(row) - 1 + len(row[None])} fields, but the header names "
+                             f"{len(row) - 1}")
         for k, values in columns.items():
             try:
                 values.append(float(row[k]) if row[k] not in ("", None) else float("nan"))
@@ -191,6 +200,10 @@ def plot_runs(run_dirs: list[str], output: str, x: str = "env_steps", y: str = "
     """One line per run; rows where x or y is not a number (e.g. eval/* between evaluations) are left out.
     With ``seeds=True``, runs that differ only in their seed are drawn as one line, the mean across them, over a
     band from their min to their max (``group_by_settings``, ``seed_band``). Returns the plotted line per label."""
+    if isinstance(run_dirs, (str, os.PathLike)) or not run_dirs:
+        raise ValueError(f"run_dirs must be a non-empty list of run directories (or progress.csv files), got "
+                         f"{run_dirs!r}")
+    run_dirs = [os.fspath(run) for run in run_dirs]
     try:
         import matplotlib
 

@@ -40,7 +40,7 @@ def without_inert_settings(config: dict[str, Any], action_space: dict[str, Any])
 
 def check_out_dir(out_dir: Any) -> str:
     """``out_dir`` as a path, or a ValueError when it cannot be a run directory."""
-    if not isinstance(out_dir, (str, os.PathLike)):
+    if not isinstance(out_dir, (str, os.PathLike)) or os.fspath(out_dir) == "":
         raise ValueError(f"out_dir must be a directory path, got {out_dir!r}")
     out_dir = os.fspath(out_dir)
     if checkpoint.is_file_path(out_dir):
@@ -61,7 +61,9 @@ def claim_run_dir(agent: Agent, out_dir: Any, overwrite: bool = False, by: str =
     run (same algorithm, environment, seed and config, at most as many env steps), whose log is continued, with
     ``overwrite`` too. False: it is new, or holds none of natpg's outputs, or held another run and ``overwrite``
     deleted those outputs (``checkpoint.RUN_OUTPUTS``, nothing else). Another run without ``overwrite`` is a
-    ValueError: never lost data. ``by``: 'learn' or 'save', for the error's words."""
+    ValueError: never lost data; so are files with natpg's names but no natpg checkpoint or config.json beside
+    them (another tool's tb/ or progress.csv), even with ``overwrite``. ``by``: 'learn' or 'save', for the error's
+    words."""
     out_dir = check_out_dir(out_dir)
     held = [name for name in checkpoint.RUN_OUTPUTS if os.path.lexists(os.path.join(out_dir, name))]
     if not held:
@@ -87,8 +89,15 @@ def holds_this_run(agent: Agent, path: str, held: list[str], overwrite: bool, by
         meta = None
     if meta is not None and _continues(agent, meta):
         return True
-    if overwrite or (meta is not None and meta.get("env_steps") == 0 and (file or _progress_rows(path) == 0)):
+    natpgs = file or meta is not None or _holds_natpg_config(path)
+    unstarted = meta is not None and meta.get("env_steps") == 0 and (file or _progress_rows(path) == 0)
+    if overwrite and natpgs or unstarted:
         return False
+    if not natpgs:  # tb/, best/, progress.csv of another tool (SB3 writes one) or the user: never deleted
+        raise ValueError(f"{'out_dir' if by == 'learn' else 'directory'} {path!r} holds {', '.join(held)} but no "
+                         f"natpg checkpoint or config.json: natpg did not write them"
+                         f"{', so overwrite does not delete them' if overwrite else ''}; choose another directory, "
+                         f"or move them")
     what = (f"a natpg run ({meta.get('algorithm')} on {meta.get('env_id')}, seed {meta.get('seed')}, "
             f"{meta.get('env_steps')} env steps{_other_settings(agent, meta)})" if meta is not None
             else "a file that is not this run's" if file else f"natpg outputs ({', '.join(held)})")
@@ -98,6 +107,17 @@ def holds_this_run(agent: Agent, path: str, held: list[str], overwrite: bool, by
                          f"with overwrite=True (natpg train --overwrite)")
     raise ValueError(f"{'file' if file else 'directory'} {path!r} already holds {what}; choose another path, or "
                      f"replace it with save(..., overwrite=True)")
+
+
+def _holds_natpg_config(path: str) -> bool:
+    """Whether the run directory ``path`` holds natpg's config.json (a run's identity: algorithm, environment,
+    seed), the mark that its other outputs are natpg's too, when its checkpoint is unreadable."""
+    try:
+        with open(os.path.join(path, checkpoint.CONFIG_JSON)) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"algorithm", "env_id", "seed"} <= config.keys()
 
 
 def copy_run(src: str, dst: str) -> None:

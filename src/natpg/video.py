@@ -40,6 +40,8 @@ class RenderError(RuntimeError):
 
 
 def _check_path(path: str | os.PathLike) -> Path:
+    if not isinstance(path, (str, os.PathLike)) or os.fspath(path) == "":
+        raise ValueError(f"video file must be a path such as 'run.gif' or 'run.mp4', got {path!r}")
     out = Path(path)
     if out.is_dir():
         raise ValueError(f"video file {str(out)!r} is a directory")
