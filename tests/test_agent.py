@@ -1668,6 +1668,24 @@ def test_a_callback_that_raises_leaves_the_completed_update_logged_and_saved(tmp
     assert loaded.updates == 2 and torch.equal(parameters_of(loaded.policy), parameters_of(agent.policy))
 
 
+@pytest.mark.parametrize("said, stops_after", [(np.False_, 2), (np.True_, 4), ("stop", None), (0, None)])
+def test_a_callback_stops_on_false_goes_on_on_true_or_none_and_anything_else_is_an_error(tmp_path, said, stops_after):
+    """SB3 stops on any falsy return; natpg on False alone (a plain function returns None): "stop" or 0, which could
+    mean either, is an error once the update that returned it is logged and saved."""
+    def callback(agent, row):
+        return said if agent.updates == 2 else None
+
+    agent = natpg.NPG("CartPole-v1", seed=0, **small())
+    if stops_after is not None:
+        agent.learn(64 * 4, out_dir=str(tmp_path), callback=callback)
+        assert agent.updates == stops_after
+        return
+    with pytest.raises(ValueError, match=rf"the callback returned {said!r}: return False to stop training, True or "
+                                         rf"None to go on"):
+        agent.learn(64 * 4, out_dir=str(tmp_path), callback=callback)
+    assert natpg.load(str(tmp_path)).updates == 2 == len(_rows(tmp_path))
+
+
 def test_latest_audit_edges(tmp_path):
     """A CUDA run loaded on the CPU goes on in its own directory; a callback's NumPy/torch numbers are numbers, and
     changing natpg's own columns is an error (the update saved); settings the saved state is made by cannot change

@@ -157,6 +157,21 @@ def test_failure_leaves_no_file_and_keeps_an_existing_one(tmp_path):
     assert target.read_bytes() == b"an earlier video" and os.listdir(tmp_path) == ["walk.mp4"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc takes no new file on Linux alone")
+@pytest.mark.parametrize("suffix", [".gif", ".mp4"])
+def test_a_folder_that_takes_no_file_fails_before_any_frame_is_rendered(monkeypatch, suffix):
+    """A GIF is only written when closed: without a first write the failure came after every episode was played,
+    followed by the writer's own tracebacks from its __del__."""
+    import natpg.video
+
+    rendered = []
+    monkeypatch.setattr(natpg.video, "_render", lambda env, env_id: rendered.append(1) or env.render())
+    agent = natpg.NPG("natpg_test/Frames-v0", seed=0)
+    with pytest.raises(OSError, match=rf"cannot write the video file '/proc/walk{suffix}': No such file or directory"):
+        record_video(agent, f"/proc/walk{suffix}")
+    assert rendered == []
+
+
 def test_bad_requests_are_refused_before_any_work(tmp_path):
     agent = natpg.NPG("natpg_test/Frames-v0", seed=0)
     with pytest.raises(ValueError, match=r"must end in one of \.mp4"):

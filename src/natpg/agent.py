@@ -897,13 +897,16 @@ def _run_callback(callback, agent: Agent, row: dict[str, Any]) -> tuple[dict[str
         return row, False, None
     before = dict(row)
     try:
-        stop = callback(agent, row) is False
+        said = callback(agent, row)
     except BaseException as exc:
         return row, True, exc
     if changed := [k for k, v in before.items() if k not in row or row[k] is not v]:
-        return before, stop, ValueError(f"the callback changed natpg's own columns {changed}: add keys of your own "
+        return before, True, ValueError(f"the callback changed natpg's own columns {changed}: add keys of your own "
                                         f"instead (row['custom/...'] = value)")
-    return row, stop, None
+    if said is not None and not isinstance(said, (bool, np.bool_)):  # "stop" or 0: meant to stop, or not?
+        return row, True, ValueError(f"the callback returned {said!r}: return False to stop training, True or "
+                                     f"None to go on")
+    return row, said is not None and not said, None
 
 
 def _check_callback(callback: Any) -> None:

@@ -149,6 +149,10 @@ def _record(agent: Agent, out: Path, env: str | None, episodes: int, seed: int, 
         frame_every = math.ceil(fps / MAX_FPS)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp_name = str(out.with_name(f".{out.stem}.{os.getpid()}.part{out.suffix}"))  # the encoder reads the suffix
+        try:  # a GIF is written when closed: a folder that takes no file fails now, not after every episode
+            open(tmp_name, "wb").close()
+        except OSError as exc:
+            raise OSError(f"cannot write the video file {str(out)!r}: {exc.strerror or exc}") from None
         returns, cut = [], 0
         writer = _writer(Path(tmp_name), fps / frame_every)
         try:
