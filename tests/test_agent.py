@@ -973,6 +973,17 @@ def test_evaluation_stops_at_a_non_finite_observation_or_ends_the_episode_under_
     assert out["length"].tolist() == [4, 4] and np.isfinite(out["return"]).all()
 
 
+def test_predict_names_a_tuple_observation_off_its_space_as_one_observation():
+    """(32, 10, 0) is one Blackjack observation with a sum out of range, not a list of three observations (whose
+    error would end "'int' object is not iterable"); three valid ones in a tuple are still a list of them."""
+    agent = natpg.NPG("Blackjack-v1", seed=1, **small())
+    with pytest.raises(ValueError, match=r"^observation \(32, 10, 0\) is not in the policy's observation space "
+                                         r"Tuple\(Discrete\(32\), Discrete\(11\), Discrete\(2\)\)$"):
+        agent.predict((32, 10, 0))
+    three = ((3, 10, 0), (4, 2, 1), (5, 1, 0))
+    assert agent.predict(three).tolist() == [int(agent.predict(o)) for o in three]
+
+
 def test_predict_reads_a_vector_envs_batch_of_tuple_observations_as_the_single_ones():
     agent = natpg.NPG("Blackjack-v1", seed=1, **small())
     envs = gym.make_vec("Blackjack-v1", num_envs=6)

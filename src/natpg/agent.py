@@ -496,6 +496,10 @@ class Agent:
             batched = _vector_batch(space, obs)
             single = batched is None and (space.contains(obs) if not isinstance(space, gym.spaces.Dict)
                                           else isinstance(obs, dict))
+            if (batched is None and not single and isinstance(space, gym.spaces.Tuple) and isinstance(obs, tuple)
+                    and len(obs) == len(space.spaces) and not all(space.contains(o) for o in obs)):
+                # one observation off the space, not a list of them: why its parts are not observations is noise
+                raise ValueError(f"observation {obs!r:.120} is not in the policy's observation space {space}")
             items = (batched if batched is not None else [obs] if single
                      else list(obs) if isinstance(obs, (list, tuple)) else None)
             try:
