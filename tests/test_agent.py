@@ -349,7 +349,7 @@ def test_cli_config_prints_what_a_run_gets_and_where_each_value_came_from(capsys
     (["train", "npg", "CartPole-v1", "--set", "max_kl=-1"], "max_kl must be"),
     (["train", "npg", "CartPole-v1", "--set", "oops"], "--set expects key=value"),
     (["eval", "/nonexistent/run"], "no natpg checkpoint"),
-    (["train", "npg", "CartPole-v1", "--set", "seed=3"], r"seed is given as --seed 3, not with --set"),
+    (["train", "npg", "CartPole-v1", "--set", "seed=3"], r"the seed is not a --set setting: use --seed 3"),
     (["train", "npg", "CartPole-v1", "--steps", "2048", "--out", ""], r"out_dir must be a directory path, got ''"),
 ])
 def test_cli_errors_are_messages_without_traceback(argv, pattern, capsys):
@@ -382,6 +382,12 @@ def test_a_full_disk_while_a_checkpoint_is_written_is_an_oserror_and_keeps_the_l
         except OSError:
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 89344 vs 89232")
 
+    def other_failure(obj, f):
+        raise RuntimeError("a tensor that cannot be saved")
+
+    monkeypatch.setattr(natpg.checkpoint.torch, "save", other_failure)  # not a disk's: goes on as it is
+    with pytest.raises(RuntimeError, match="^a tensor that cannot be saved$"):
+        agent.save(str(run))
     monkeypatch.setattr(natpg.checkpoint.torch, "save", full_disk)
     with pytest.raises(OSError, match=r"cannot write checkpoint '.*model.pt': \[Errno 28\] No space left on device"):
         agent.save(str(run))
@@ -392,6 +398,17 @@ def test_a_full_disk_while_a_checkpoint_is_written_is_an_oserror_and_keeps_the_l
                 "--n-envs", "2", "--set", "n_steps=32"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and re.match(r"natpg train: error: cannot write checkpoint .*No space left", err)
+
+
+def test_the_cli_prints_a_memory_error_as_one_line(tmp_path, monkeypatch, capsys):
+    def out_of_memory(self, *args, **kwargs):
+        raise MemoryError("Unable to allocate 29.1 TiB for an array with shape (10, 2, 4) and data type float32")
+
+    monkeypatch.setattr(natpg.agent.Agent, "learn", out_of_memory)
+    assert cli(["train", "npg", "CartPole-v1", "--steps", "64", "--out", str(tmp_path / "run"), "--no-progress",
+                "--n-envs", "2", "--set", "n_steps=32"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("natpg train: error: Unable to allocate 29.1 TiB") and "Traceback" not in err
 
 
 def test_periodic_evaluation_is_logged_keeps_the_best_and_leaves_training_unchanged(tmp_path):
@@ -784,13 +801,13 @@ def test_overwrite_never_deletes_files_with_natpgs_names_that_natpg_did_not_writ
     agent = natpg.NPG("CartPole-v1", seed=0, **small())
     for call in (lambda: agent.learn(64, out_dir=str(foreign), overwrite=True),
                  lambda: agent.save(str(foreign), overwrite=True), lambda: agent.learn(64, out_dir=str(foreign))):
-        with pytest.raises(ValueError, match=r"holds progress.csv, tb, best but no natpg checkpoint or config.json: "
-                                             r"natpg did not write them"):
+        with pytest.raises(ValueError, match=r"holds progress.csv, tb, best but neither a readable natpg checkpoint "
+                                             r"nor natpg's config.json, so they may not be natpg's"):
             call()
     args = ["train", "npg", "CartPole-v1", "--steps", "64", "--out", str(foreign), "--no-progress", "--n-envs", "2",
             "--set", "n_steps=32", "--overwrite"]
     capsys.readouterr()
-    assert cli(args) == 2 and "so overwrite does not delete them" in capsys.readouterr().err
+    assert cli(args) == 2 and "and overwrite does not delete them" in capsys.readouterr().err
     after = {p: p.read_bytes() for p in foreign.rglob("*") if p.is_file() and p.name != ".natpg.lock"}
     assert after == before  # (the lock natpg took to look there stays, as in any directory it was given)
     run = tmp_path / "run"
@@ -1004,6 +1021,15 @@ def test_networks_or_a_batch_too_large_for_memory_are_refused_when_the_agent_is_
     """Not torch's allocator traceback from inside a layer, nor numpy's at the first rollout (after a checkpoint)."""
     with pytest.raises(ValueError, match=message):
         natpg.NPG("CartPole-v1", **{**small(), "critic_hidden": (8,), **setting})
+
+
+def test_a_batch_too_large_for_memory_given_at_load_is_refused_before_learn_writes(tmp_path):
+    natpg.NPG("CartPole-v1", seed=0, **small()).save(str(tmp_path / "run"))
+    agent = natpg.load(str(tmp_path / "run"), n_steps=10**13)  # acting needs no batch: it loads
+    assert agent.predict(np.zeros(4)) in (0, 1)
+    with pytest.raises(ValueError, match=r"a batch of n_envs × n_steps = 20000000000000 observations .* lower n_envs"):
+        agent.learn(64 * 10**13, out_dir=str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_dense_fisher_too_large_for_memory_is_refused_when_the_agent_is_built(tmp_path):
@@ -1679,10 +1705,12 @@ def test_a_callback_that_raises_leaves_the_completed_update_logged_and_saved(tmp
     assert loaded.updates == 2 and torch.equal(parameters_of(loaded.policy), parameters_of(agent.policy))
 
 
-@pytest.mark.parametrize("said, stops_after", [(np.False_, 2), (np.True_, 4), ("stop", None), (0, None)])
-def test_a_callback_stops_on_false_goes_on_on_true_or_none_and_anything_else_is_an_error(tmp_path, said, stops_after):
-    """SB3 stops on any falsy return; natpg on False alone (a plain function returns None): "stop" or 0, which could
-    mean either, is an error once the update that returned it is logged and saved."""
+@pytest.mark.parametrize("said, stops_after", [(np.False_, 2), (np.True_, 4), (0, 4), (17, 4), ("stop", None),
+                                               ("", None)])
+def test_a_callback_stops_on_false_alone_and_a_string_is_an_error(tmp_path, said, stops_after):
+    """SB3 stops on any falsy return; natpg on False alone, NumPy's too (a plain function returns None, a logging
+    one what its writer returns: 0, 17); a string, which could mean either, is an error once the update that
+    returned it is logged and saved."""
     def callback(agent, row):
         return said if agent.updates == 2 else None
 

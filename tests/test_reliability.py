@@ -223,8 +223,8 @@ API_CASES = [
      r"gae_lambda must be in \[0, 1\], got True"),
     ("bool fvp_subsample", lambda a: natpg.NPG("CartPole-v1", fvp_subsample=True), ValueError,
      r"fvp_subsample must be in \(0, 1\], got True"),
-    ("NumPy bool flag", lambda a: natpg.NPG("CartPole-v1", normalize_obs=np.bool_(True)), ValueError,
-     "normalize_obs must be True or False"),
+    ("string flag", lambda a: natpg.NPG("CartPole-v1", normalize_obs="False"), ValueError,
+     "normalize_obs must be True or False, got 'False'"),
     ("unpicklable action mask with worker processes",
      lambda a: natpg.NPG("Taxi-v4", sampler="processes", workers=2, action_mask=lambda env: np.ones(6),
                          **small()).learn(BATCH),
@@ -350,11 +350,13 @@ def test_bad_input_is_a_clear_error_from_natpg(artifacts, name, call, exc, patte
 
 
 def test_numpy_scalars_are_accepted_and_stored_as_python_numbers(tmp_path):
-    """A sweep over np.arange or np.linspace passes NumPy scalars: accepted where an int or a float is, and stored
-    as that int or float, so config.json and the numbers trained are those of the same values typed in Python."""
+    """A sweep over np.arange or np.linspace passes NumPy scalars: accepted where an int, a float or a bool is, and
+    stored as that int, float or bool, so config.json and the numbers trained are those of the same values typed in
+    Python."""
     np_kw = dict(n_envs=np.int64(2), n_steps=np.int32(16), hidden=(np.int64(16),), critic_epochs=np.uint8(2),
                  cg_iters=np.int16(5), max_kl=np.float32(0.25), gae_lambda=np.float32(0.75), gamma=np.float64(0.9),
-                 damping=np.int64(1), checkpoint_every=np.int64(0), update_threads=np.int64(0))
+                 damping=np.int64(1), checkpoint_every=np.int64(0), update_threads=np.int64(0),
+                 normalize_obs=np.bool_(True), critic_thread=np.bool_(False))
     py_kw = {k: tuple(int(x) for x in v) if isinstance(v, tuple) else v.item() for k, v in np_kw.items()}
     np_kw["env_kwargs"], py_kw["env_kwargs"] = {"sutton_barto_reward": np.bool_(False)}, {"sutton_barto_reward": False}
     common = dict(tensorboard=False, critic_hidden=(16,))

@@ -345,7 +345,8 @@ SPACE_ENVS = {
     "natpgspace/MultiDiscrete-v0": lambda: SpaceEnv(spaces.Box(-1, 1, (3,)), spaces.MultiDiscrete([3, 2])),
     "natpgspace/MultiBinary-v0": lambda: SpaceEnv(spaces.Box(-1, 1, (3,)), spaces.MultiBinary(4)),
     # keys in the env's own order, not sorted (a list of pairs keeps it; a plain dict would be sorted)
-    "natpgspace/DictObs-v0": lambda: SpaceEnv(spaces.Dict([("pos", spaces.Box(-1, 1, (2,))), ("mode", spaces.Discrete(3)),
+    "natpgspace/DictObs-v0": lambda: SpaceEnv(spaces.Dict([("pos", spaces.Box(-1, 1, (2,))),
+                                                           ("mode", spaces.Discrete(3)),
                                                            ("flags", spaces.MultiBinary(2))]), spaces.Discrete(2)),
     "natpgspace/TupleObs-v0": lambda: SpaceEnv(spaces.Tuple([spaces.Box(-1, 1, (2,)), spaces.MultiDiscrete([2, 3])]),
                                                spaces.Box(-1, 1, (2,))),
@@ -426,6 +427,21 @@ def test_a_loaded_agent_reads_dict_observations_in_the_envs_key_order(tmp_path):
     space.seed(1)
     batch = [space.sample() for _ in range(200)]
     np.testing.assert_array_equal(loaded.predict(batch), agent.predict(batch))
+
+
+def test_evaluation_on_an_env_whose_dict_has_the_same_keys_in_another_order_is_refused():
+    """gymnasium's Dict == ignores the key order, which flattening follows: the policy would read shuffled inputs."""
+    if "natpgspace/DictObsReordered-v0" not in gym.registry:
+        gym.register("natpgspace/DictObsReordered-v0", entry_point=lambda: SpaceEnv(
+            spaces.Dict([("mode", spaces.Discrete(3)), ("pos", spaces.Box(-1, 1, (2,))),
+                         ("flags", spaces.MultiBinary(2))]), spaces.Discrete(2)))
+    agent = natpg.NPG("natpgspace/DictObs-v0", seed=0, **tiny("NPG", "natpgspace/DictObs-v0"))
+    reordered = gym.make("natpgspace/DictObsReordered-v0").observation_space
+    assert reordered == agent.observation_space  # to gymnasium
+    with pytest.raises(ValueError, match=r"environment 'natpgspace/DictObsReordered-v0' \(observations Dict\('mode'"
+                                         r".*does not match the agent trained on 'natpgspace/DictObs-v0'"):
+        natpg.evaluate(agent, "natpgspace/DictObsReordered-v0", episodes=1)
+    assert np.isfinite(natpg.evaluate(agent, "natpgspace/DictObs-v0", episodes=1)[0])  # its own id, given
 
 
 def test_acktr_kfac_critic_on_images_is_a_clear_error():

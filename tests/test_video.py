@@ -134,6 +134,22 @@ def test_a_video_treats_a_non_finite_observation_as_the_evaluation_does(tmp_path
     assert len(iio.imread(tmp_path / "v.gif")) == 2 * 2  # frames at t = 0 and 3 of each (k = 3)
 
 
+def test_an_evaluation_in_turns_names_its_episodes_and_counts_them_across_turns(monkeypatch):
+    """EVAL_CHUNK = 2: episode 2 (reset with seed 9) is the first of the second turn, named as episode 2; the
+    warnings count every turn's episodes."""
+    monkeypatch.setattr(natpg.evaluation, "EVAL_CHUNK", 2)
+    third = natpg.NPG("natpg_test/NaNFramesSeed9-v0", seed=0)
+    with pytest.raises(natpg.NonFiniteEnvError, match=r"step 4 of evaluation episode\(s\) \[2\]"):
+        natpg.evaluate(third, episodes=5, seed=7)
+    dropping = natpg.NPG("natpg_test/NaNFramesSeed9-v0", seed=0, nonfinite_env="drop")
+    with pytest.warns(RuntimeWarning, match="1 of 5 evaluation episodes .* ended at a non-finite"):
+        out = natpg.evaluation.evaluation_episodes(dropping, episodes=5, seed=7)
+    assert out["length"].tolist() == [10, 10, 3, 10, 10]
+    endless = natpg.NPG("natpg_test/Endless-v0", seed=0)
+    with pytest.warns(RuntimeWarning, match=r"5 of 5 evaluation episodes .* had not ended after max_episode_steps=3"):
+        natpg.evaluate(endless, episodes=5, max_episode_steps=3)
+
+
 def test_gif_frames_and_timing(tmp_path):
     agent = natpg.NPG("natpg_test/Frames-v0", seed=0)
     returns = record_video(agent, tmp_path / "walk.gif", episodes=2, seed=0)

@@ -23,7 +23,7 @@ from . import checkpoint
 from .acktr import KFACRegression
 from .algorithms import make_actor_update, make_critic
 from .checkpoint import space_from_dict, space_to_dict
-from .config import MAX_SEED, Config, check_flag, is_integer, whole_number
+from .config import MAX_SEED, Config, check_flag, is_flag, is_integer, whole_number
 from .envs import check_env_id, check_spaces, make_normalisers, make_vec_env, probe_spaces
 from .evaluation import evaluate
 from .fisher.dense import check_dense_size
@@ -84,9 +84,7 @@ class Agent:
         observation_space, action_space = probe_spaces(env, self.action_mask_source, config.env.env_kwargs)
         warn_unread(config, env, overrides, (observation_space, action_space))
         self._build(env, seed, config, observation_space, action_space)
-        # training's batch, here and not in _build: a loaded agent may only act, which needs none
-        features, mask_dim, _ = input_layout(observation_space, action_space, config.env.action_mask is not None)
-        _check_batch_memory(config, features + mask_dim)
+        _check_batch_memory(config, self._input_width)  # here and in learn, not in _build: a loaded agent may only act
 
     @property
     def config(self) -> Config:
@@ -124,6 +122,7 @@ class Agent:
             _warn_bounds_without_zero(action_space)
         masked = config.env.action_mask is not None
         features, mask_dim, image = input_layout(observation_space, action_space, masked)
+        self._input_width = features + mask_dim  # what the policy reads of one observation, mask included
         # The initialisation is drawn from the seed on the CPU, the user's global random stream left as it was.
         try:
             with torch.random.fork_rng(devices=[]):
@@ -181,7 +180,8 @@ class Agent:
         ``out_dir`` receives progress.csv, TensorBoard events and checkpoints. A directory that already holds
         this run (an earlier ``learn`` of this agent, or the checkpoint it was loaded from) is continued: its
         progress.csv is appended to after dropping rows newer than the agent. One that holds another run is an
-        error unless ``overwrite=True``, which deletes natpg's outputs there (``checkpoint.RUN_OUTPUTS``) first.
+        error unless ``overwrite=True``, which deletes natpg's outputs there (``checkpoint.RUN_OUTPUTS``) first; files
+        with those names beside neither a readable natpg checkpoint nor natpg's config.json are refused even so.
         ``reset=True`` (the default) starts from freshly reset environments, copy i seeded ``seed + updates + i``
         (``updates`` done so far), so that each call steps other episodes. ``reset=False`` keeps stepping the
         environments where the previous ``learn`` left them — or, for an
@@ -216,6 +216,7 @@ class Agent:
             raise ValueError(f"total_steps must be an integer ≥ one batch ({self.config.env.n_envs} envs × "
                              f"{self.config.rollout.n_steps} steps = {batch}), got {total_steps!r}")
         total_steps = int(total_steps)
+        _check_batch_memory(self.config, self._input_width)  # natpg.load(path, n_steps=...) is not checked there
         if callback is not None:
             _check_callback(callback)
         n_updates = total_steps // batch
@@ -907,10 +908,10 @@ def _run_callback(callback, agent: Agent, row: dict[str, Any]) -> tuple[dict[str
     if changed := [k for k, v in before.items() if k not in row or row[k] is not v]:
         return before, True, ValueError(f"the callback changed natpg's own columns {changed}: add keys of your own "
                                         f"instead (row['custom/...'] = value)")
-    if said is not None and not isinstance(said, (bool, np.bool_)):  # "stop" or 0: meant to stop, or not?
+    if isinstance(said, str):  # "stop"? "continue"? A logging callback's number (f.write's) goes on, as before
         return row, True, ValueError(f"the callback returned {said!r}: return False to stop training, True or "
                                      f"None to go on")
-    return row, said is not None and not said, None
+    return row, is_flag(said) and not said, None
 
 
 def _check_callback(callback: Any) -> None:

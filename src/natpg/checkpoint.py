@@ -155,8 +155,9 @@ def write(path: str, meta: dict[str, Any], tensors: dict[str, Any]) -> str:
     try:
         atomic_write(file, lambda f: torch.save(payload, f))
     except RuntimeError as exc:  # torch.save reports a full disk as "[enforce fail at inline_container.cc] ..."
-        cause = exc.__context__ if isinstance(exc.__context__, OSError) else exc
-        raise OSError(f"cannot write checkpoint {file!r}: {cause}") from exc
+        if not isinstance(exc.__context__, OSError):
+            raise
+        raise OSError(f"cannot write checkpoint {file!r}: {exc.__context__}") from exc
     return file
 
 

@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "another run is refused unless --overwrite")
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run in --out (deletes natpg's outputs there: model.pt, config.json, "
-                        "progress.csv, episodes.csv, events.log, tb/, best/)")
+                        "progress.csv, episodes.csv, events.log, tb/, best/; never files of those names beside no "
+                        "natpg checkpoint or config.json)")
     t.add_argument("--fisher", default=None,
                    help="how F⁻¹g is applied: cg, dense, kfac, diagonal, empirical, identity")
     t.add_argument("--n-envs", type=int, default=None, help="environment copies per vector env")
@@ -250,7 +251,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.seed = file_seed
     given = dict(parse_setting(s) for s in args.settings)
     if "seed" in given:  # not a setting: the run's identity, with its own flag
-        raise ValueError(f"seed is given as --seed {given['seed']}, not with --set")
+        raise ValueError(f"the seed is not a --set setting: use --seed {given['seed']}")
     for key, value in (("fisher", args.fisher), ("n_envs", args.n_envs), ("device", args.device),
                        ("eval_every", args.eval_every),
                        ("workers", args.workers), ("ray_address", args.ray_address), ("sampler", args.sampler)):

@@ -344,9 +344,14 @@ def is_integer(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def is_flag(v: Any) -> bool:
+    """True or False, Python's or NumPy's: not a string or a number, which would be read by its truth."""
+    return isinstance(v, (bool, np.bool_))
+
+
 def check_flag(name: str, value: Any) -> None:
     """A ValueError unless ``value`` is True or False: ``overwrite="no"`` would be true, and delete a run."""
-    if not isinstance(value, (bool, np.bool_)):
+    if not is_flag(value):
         raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
@@ -395,7 +400,7 @@ def one_of(choices: tuple) -> Rule:
 
 
 MAX_THREADS = 1024
-FLAG = Rule(lambda v: isinstance(v, bool), "True or False")
+FLAG = Rule(is_flag, "True or False")
 POSITIVE_INT, POSITIVE, NON_NEGATIVE = integer_from(1), finite_from(0, strict=True), finite_from(0, strict=False)
 LAYER_SIZES = Rule(lambda v: isinstance(v, tuple) and all(is_integer(h) and h >= 1 for h in v),
                    "a tuple of positive integers such as (64, 64)")
@@ -629,6 +634,8 @@ class Config:
         def plain(v: Any) -> Any:
             if isinstance(v, bool) or type(v) in (int, float):
                 return v
+            if isinstance(v, np.bool_):
+                return bool(v)
             if isinstance(v, numbers.Integral):
                 return int(v)
             if isinstance(v, numbers.Real):

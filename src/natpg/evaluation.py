@@ -51,13 +51,25 @@ def check_evaluation(agent: Agent, env: str | None, episodes: int, seed: int,
         obs_space, act_space = probe_spaces(env_id, agent.config.env.action_mask,
                                             evaluation_env_kwargs(agent, env_id, env_kwargs))
         # A Box of the same shape with other bounds is fine (the policy reads the values); any other space must match.
-        same_obs = obs_space == agent.observation_space or (
+        same_obs = same_space(obs_space, agent.observation_space) or (
             isinstance(obs_space, gym.spaces.Box) and obs_space.shape == agent.observation_space.shape)
-        if not same_obs or act_space != agent.action_space:
+        if not same_obs or not same_space(act_space, agent.action_space):
             raise ValueError(f"environment {env_id!r} (observations {obs_space}, actions {act_space}) does not "
                              f"match the agent trained on {agent.env_id!r} (observations "
                              f"{agent.observation_space}, actions {agent.action_space})")
     return env_id
+
+
+def same_space(a: gym.Space, b: gym.Space) -> bool:
+    """``a == b``, minding a Dict's key order too, which gymnasium's == ignores and flattening follows: the same
+    keys in another order would reach the policy as shuffled inputs."""
+    if a != b:
+        return False
+    if isinstance(a, gym.spaces.Dict):
+        return list(a.spaces) == list(b.spaces) and all(same_space(a[k], b[k]) for k in a.spaces)
+    if isinstance(a, gym.spaces.Tuple):
+        return all(same_space(x, y) for x, y in zip(a.spaces, b.spaces))
+    return True
 
 
 def episode_generators(seed: int, episodes: int) -> list[torch.Generator]:

@@ -94,9 +94,9 @@ def holds_this_run(agent: Agent, path: str, held: list[str], overwrite: bool, by
     if overwrite and natpgs or unstarted:
         return False
     if not natpgs:  # tb/, best/, progress.csv of another tool (SB3 writes one) or the user: never deleted
-        raise ValueError(f"{'out_dir' if by == 'learn' else 'directory'} {path!r} holds {', '.join(held)} but no "
-                         f"natpg checkpoint or config.json: natpg did not write them"
-                         f"{', so overwrite does not delete them' if overwrite else ''}; choose another directory, "
+        raise ValueError(f"{'out_dir' if by == 'learn' else 'directory'} {path!r} holds {', '.join(held)} but "
+                         f"neither a readable natpg checkpoint nor natpg's config.json, so they may not be natpg's"
+                         f"{' and overwrite does not delete them' if overwrite else ''}; choose another directory, "
                          f"or move them")
     what = (f"a natpg run ({meta.get('algorithm')} on {meta.get('env_id')}, seed {meta.get('seed')}, "
             f"{meta.get('env_steps')} env steps{_other_settings(agent, meta)})" if meta is not None

@@ -157,11 +157,11 @@ def _record(agent: Agent, out: Path, env: str | None, episodes: int, seed: int, 
         writer = _writer(Path(tmp_name), fps / frame_every)
         try:
             drop, dropped = agent.config.env.nonfinite_env == "drop", 0
-            for i, generator in enumerate(episode_generators(seed, episodes)):
+            for i in range(episodes):
                 obs, _ = rendered.reset(seed=seed + i)
                 flat = np.asarray(obs, np.float64).reshape(1, -1)
                 nonfinite_steps(env_id, flat, np.zeros(1), np.ones(1, bool), 0, False, i)  # as evaluate's
-                draws = None if deterministic else [generator]  # evaluation episode i's draws
+                draws = None if deterministic else episode_generators(seed + i, 1)  # evaluation episode i's draws
                 total, t, done = 0.0, 0, False
                 while True:
                     if t % frame_every == 0:
