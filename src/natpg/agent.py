@@ -695,8 +695,8 @@ KFAC_WIDE_INPUT = 1024  # flat observation entries above which K-FAC's O(n³) fa
 
 
 def _check_batch_memory(config: Config, width: int) -> None:
-    """Refuse, when the agent is built, a batch whose observations alone (stored twice, as float32: each one and
-    the next) cannot fit in this machine's memory: numpy's allocation would otherwise fail at the first rollout."""
+    """Refuse a batch whose observations alone (stored twice, as float32: each one and the next) cannot fit in this
+    machine's memory: numpy's allocation would otherwise fail at the first rollout, after a checkpoint is written."""
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not a POSIX system: nothing to compare with
