@@ -67,9 +67,28 @@ class FaultyPendulum(PendulumEnv):
         return super().step(action)
 
 
+class NaNOnCopies23(PendulumEnv):
+    """Pendulum whose copies first reset with seeds 2 and 3 (of 0, 1, 2, 3) return a NaN observation at step 5."""
+
+    def reset(self, *, seed=None, options=None):
+        if seed is not None:
+            self.bad, self.t = seed % 4 in (2, 3), 0
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action):
+        obs, rew, term, trunc, info = super().step(action)
+        self.t += 1
+        return (np.full_like(obs, np.nan) if self.bad and self.t == 5 else obs), rew, term, trunc, info
+
+
+NAN_COPIES_ID = "NatpgNaNOnCopies23-v0"
+
+
 def register_faulty_env():
     if FAULTY_ID not in gym.registry:
         gym.register(FAULTY_ID, entry_point=FaultyPendulum, max_episode_steps=200)
+    if NAN_COPIES_ID not in gym.registry:
+        gym.register(NAN_COPIES_ID, entry_point=NaNOnCopies23, max_episode_steps=200)
 
 
 register_faulty_env()
@@ -270,7 +289,7 @@ def check_worker_faults(agent, fault_dir):
         assert rows[-1]["sampler/worker_restarts"] == 2 and agent.env_steps == 512
         agent._sampler.pool.timeout = 300.0
 
-        agent._sampler.pool.retries = 0
+        retries, agent._sampler.pool.retries = agent._sampler.pool.retries, 0
         token("die")  # no retry left: a clear error, not a hang
         token("slow")  # ... raised only once the other worker's share is done: none of it steps on afterwards
         start = time.monotonic()
@@ -279,11 +298,16 @@ def check_worker_faults(agent, fault_dir):
         assert time.monotonic() - start < 150
         assert agent._sampler.worker_restarts == 3
         assert not os.listdir(fault_dir)
+        agent._sampler.pool.retries = retries
 
-        token("nan")  # the environment's own error reaches the learner as it is
-        with pytest.raises(NonFiniteEnvError, match="non-finite observation"):
+        token("nan")  # the environment's own error reaches the learner as it is: its own one-line message,
+        with pytest.raises(NonFiniteEnvError, match="^environment returned a non-finite observation") as info:
             agent.learn(128, reset=False)
+        assert "\n" not in str(info.value)  # (Ray's wrapper's message was the whole remote traceback)
+        assert any(note.startswith("raised in rollout worker ") for note in info.value.__notes__)
         assert time.monotonic() - faults_start < 240  # a missed timeout would wait out the 600 s hang
+        agent.learn(128, reset=False)  # and the worker whose copies stopped mid-step was replaced, not stepped on
+        assert agent._sampler.worker_restarts == 4
     finally:
         agent.close()
         for leftover in os.listdir(fault_dir):
@@ -365,6 +389,15 @@ def test_ray_worker_faults(ray_cluster):
     check_worker_faults(agent, fault_dir)
 
 
+def test_ray_error_names_the_runs_copy(ray_cluster):
+    agent = natpg.NPG(NAN_COPIES_ID, seed=0, sampler="ray", workers=2, n_envs=4, n_steps=8, tensorboard=False)
+    try:
+        with pytest.raises(NonFiniteEnvError, match=r"\(env copy 2, step 5 of its episode; affected copies \[2, 3\]\)"):
+            agent.learn(32)
+    finally:
+        agent.close()
+
+
 # --- local worker processes -----------------------------------------------------------------------------
 
 def test_process_sampler_equals_the_in_process_reference():
@@ -441,6 +474,18 @@ def test_process_worker_faults():
     agent = natpg.NPG(FAULTY_PROCESS_ID, seed=0, sampler="processes", workers=2, n_envs=4, n_steps=32,
                       tensorboard=False)
     check_worker_faults(agent, os.environ[FAULT_DIR_VAR])
+
+
+@pytest.mark.parametrize("sampler", ["local", "workers", "processes"])
+def test_an_environment_error_names_the_runs_copy_whichever_worker_steps_it(sampler):
+    """Copies 2 and 3 are worker 1's first two: its error names them as the run's copies 2 and 3, not 0 and 1."""
+    agent = natpg.NPG(f"{__name__}:{NAN_COPIES_ID}", seed=0, sampler=sampler, n_envs=4, n_steps=8,
+                      tensorboard=False, **({} if sampler == "local" else {"workers": 2}))
+    try:
+        with pytest.raises(NonFiniteEnvError, match=r"\(env copy 2, step 5 of its episode; affected copies \[2, 3\]\)"):
+            agent.learn(32)
+    finally:
+        agent.close()
 
 
 def test_closing_the_process_pool_kills_a_worker_that_owes_an_answer_at_once():

@@ -367,14 +367,15 @@ def probe_spaces(env_id: str, action_mask=None, env_kwargs: dict[str, Any] | Non
 
 
 def make_vec_env(env_id: str, n_envs: int, vectorization: str = "sync", n_workers: int = 2, action_mask=None,
-                 env_kwargs: dict[str, Any] | None = None, info_keys: tuple[str, ...] = ()):
+                 env_kwargs: dict[str, Any] | None = None, info_keys: tuple[str, ...] = (), first_copy: int = 0):
     """``n_envs`` copies (each with ``env_wrappers``, made with ``gym.make(env_id, **env_kwargs)``) in one vector
     env that resets a finished copy in the same step.
 
     With same-step autoreset the observation returned for a finished copy is already the first one of
     its next episode, and the true last observation is in ``info['final_obs']``: the sampler reads it
     to bootstrap truncated episodes from V(final observation). The last step's info is in ``info['final_info']``
-    (the multiproc engine ships only its ``info_keys`` from the worker processes).
+    (the multiproc engine ships only its ``info_keys`` from the worker processes). ``first_copy``: the index of
+    copy 0 among all of a run's copies (a rollout worker's slice, 'sync'), for the messages that name a copy.
     """
     check_env_id(env_id)
     env_kwargs = env_kwargs or {}
@@ -385,7 +386,8 @@ def make_vec_env(env_id: str, n_envs: int, vectorization: str = "sync", n_worker
     if vectorization == "sync":  # natpg's lean in-process vector env (natpg.vector)
         from .vector import SerialVectorEnv
 
-        return SerialVectorEnv([lambda: make_env(env_id, action_mask, env_kwargs=env_kwargs) for _ in range(n_envs)])
+        return SerialVectorEnv([lambda: make_env(env_id, action_mask, env_kwargs=env_kwargs) for _ in range(n_envs)],
+                               first_copy)
     from .vector import ApiChecked
 
     return gym.vector.AsyncVectorEnv([lambda i=i: ApiChecked(make_env(env_id, action_mask, env_kwargs=env_kwargs), i)

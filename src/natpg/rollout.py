@@ -90,6 +90,7 @@ class Sampler:
         self.device, self.generator, self.nonfinite = device, generator, nonfinite
         self.info_keys = tuple(info_keys)
         self.n_envs = envs.num_envs
+        self.first_copy = getattr(envs, "first_copy", 0)  # a rollout worker's slice: messages name the run's copies
         self.action_space = envs.single_action_space
         self.steps = 0  # vector steps taken (each is n_envs transitions)
         self.half_restored = False  # a snapshot failed part-way: build the environments afresh (load_state_dict)
@@ -99,7 +100,7 @@ class Sampler:
         if bad.any():
             what = describe_unstorable("observation", self.obs[bad])
             raise NonFiniteEnvError(f"environment returned {what} at reset (env copies "
-                                    f"{np.flatnonzero(bad).tolist()}): {self.obs[bad][0].tolist()}")
+                                    f"{(self.first_copy + np.flatnonzero(bad)).tolist()}): {self.obs[bad][0].tolist()}")
         self.ep_return = np.zeros(self.n_envs)
         self.ep_length = np.zeros(self.n_envs, np.int64)
         self.recent_returns: deque[float] = deque(maxlen=100)
@@ -131,8 +132,9 @@ class Sampler:
         else:
             o = after[i] if not storable(after[i]).all() else next_obs[i]
             what = describe_unstorable(f"observation {np.array2string(o, precision=4, threshold=8)}", o)
-        return (f"environment returned {what} at sampler step {self.steps} (env copy {i}, step "
-                f"{int(self.ep_length[i]) + 1} of its episode; affected copies {np.flatnonzero(bad).tolist()}). "
+        return (f"environment returned {what} at sampler step {self.steps} (env copy {self.first_copy + i}, step "
+                f"{int(self.ep_length[i]) + 1} of its episode; affected copies "
+                f"{(self.first_copy + np.flatnonzero(bad)).tolist()}). "
                 f"Set nonfinite_env='drop' to end such episodes and leave the transition out instead.")
 
     def collect(self, policy: torch.nn.Module, n_steps: int) -> Rollout:

@@ -108,7 +108,7 @@ class RayPool:
             self.ray.get(ready)
         except self.ray.exceptions.RayTaskError as exc:
             self.close()
-            raise exc.as_instanceof_cause() from None
+            raise remote_cause(exc, "a rollout worker, while starting") from None
         except self.ray.exceptions.RayActorError as exc:
             self.close()
             raise WorkerFailure(f"a rollout worker died while starting: {exc}{self._registration_hint(str(exc))}"
@@ -167,7 +167,10 @@ class RayPool:
                 try:
                     value = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:  # raised by the environment or natpg code
-                    raise exc.as_instanceof_cause() from None
+                    # its copies stopped mid-step are never stepped on: a fresh worker, as a worker process's end
+                    self._replace(w)
+                    self._settle(pending)
+                    raise remote_cause(exc, f"rollout worker {w}") from None
                 except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
                         ray.exceptions.WorkerCrashedError) as exc:
                     failed(w, attempt, f"{type(exc).__name__} while {phase}ing: {first_line(exc)}"[:300])
@@ -203,3 +206,13 @@ class RayPool:
             except Exception:
                 pass
         self.actors = []
+
+
+def remote_cause(exc, where: str) -> BaseException:
+    """The exception a Ray actor raised, as the process pool gives it: the original one (whose message the CLI
+    prints as one line), the remote traceback as a note; not Ray's wrapper, whose message is that whole traceback."""
+    cause = getattr(exc, "cause", None)
+    if not isinstance(cause, BaseException):
+        return exc.as_instanceof_cause()
+    cause.add_note(f"raised in {where}:\n{getattr(exc, 'traceback_str', None) or exc}")  # ray.get's: str is it
+    return cause

@@ -141,7 +141,7 @@ class RolloutWorker:
             torch.set_num_threads(c.run.torch_threads)
         self.spec, self.worker = spec, worker
         envs = make_vec_env(spec.env_id, spec.n_envs, "sync", action_mask=spec.action_mask,
-                            env_kwargs=c.env.env_kwargs)
+                            env_kwargs=c.env.env_kwargs, first_copy=spec.offset)  # errors name the run's copy
         obs_space, act_space = probe_spaces(spec.env_id, env_kwargs=c.env.env_kwargs)
         masked = spec.action_mask is not None
         self.obs_norm, self.rew_scale = make_normalisers(c, spec.n_envs, *input_layout(obs_space, act_space, masked),
