@@ -576,9 +576,9 @@ def test_init_ray_keeps_this_processes_signal_handlers_and_names_an_address_it_c
 def _hang_watching(pid):  # a worker stuck in its environment, with the watchdog every worker process runs
     import threading as _threading
 
-    from natpg.distributed.processes import _exit_when_gone
+    from natpg.vector import exit_when_gone
 
-    _threading.Thread(target=_exit_when_gone, args=(pid, 0.1), daemon=True).start()
+    _threading.Thread(target=exit_when_gone, args=(pid, 0.1), daemon=True).start()
     time.sleep(600)
 
 

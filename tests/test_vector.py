@@ -343,6 +343,34 @@ def test_episode_info_reads_both_vector_formats_and_refuses_a_value_that_is_not_
         natpg.NPG("CartPole-v1", info_keys=("return",))
 
 
+def test_a_multiproc_worker_exits_when_its_learner_is_gone():
+    """A worker stuck in a hanging environment never reads the pipe's EOF: it watches the learner's pid instead
+    (here a sleeping process that is then killed, the pipe left open as a hung step leaves it unread)."""
+    import subprocess
+    import sys
+    import time
+
+    from natpg.vector import _worker, process_context
+
+    learner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    ctx = process_context()
+    parent, child = ctx.Pipe()
+    worker = ctx.Process(target=_worker, args=(child, "CartPole-v1", 1, None, {}, (), 0, learner.pid), daemon=True)
+    worker.start()
+    try:
+        assert parent.recv()[0] == "ok"  # it has made its copy
+        time.sleep(0.5)
+        assert worker.is_alive()  # the learner lives: the worker waits
+        learner.kill()
+        learner.wait()
+        worker.join(timeout=30)
+        assert not worker.is_alive() and worker.exitcode == 1
+    finally:
+        learner.kill()
+        if worker.is_alive():
+            worker.kill()
+
+
 @pytest.mark.parametrize("when", ["step", "reset"])
 def test_a_multiproc_worker_that_dies_is_named_with_its_copies(when):
     """A worker killed from outside (the OOM killer): the next step or reset says which copies it held and how
@@ -350,15 +378,15 @@ def test_a_multiproc_worker_that_dies_is_named_with_its_copies(when):
     import os
     import signal
 
-    from natpg.vector import MultiprocVectorEnv
+    from natpg.vector import EnvWorkerDied, MultiprocVectorEnv
 
     envs = MultiprocVectorEnv("CartPole-v1", 4, 2)
     try:
         envs.reset(seed=0)
         os.kill(envs.procs[1].pid, signal.SIGKILL)
         envs.procs[1].join(timeout=10)
-        with pytest.raises(RuntimeError, match=r"an environment worker process died \(exit code -9; its copies "
-                                               r"\[2, 3\]\)"):
+        with pytest.raises(EnvWorkerDied, match=r"an environment worker process died \(exit code -9; its copies "
+                                                r"\[2, 3\]\)"):
             envs.step(np.zeros(4, np.int64)) if when == "step" else envs.reset(seed=1)
     finally:
         envs.close()

@@ -484,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     from .distributed import WorkerFailure  # does not import Ray
     from .rollout import NonFiniteEnvError
     from .train import TrainingFault
+    from .vector import EnvWorkerDied
     from .video import RenderError
 
     try:
@@ -513,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"natpg {args.command}: its output was closed (broken pipe){notes}", file=sys.stderr)
         return 141  # 128 + SIGPIPE, what a shell reports for a writer the pipe stopped
     except (ValueError, OSError, MemoryError, ImportError, TrainingFault, NonFiniteEnvError, WorkerFailure,
-            RenderError) as exc:  # OSError: a full disk, a read-only directory, a file where a directory goes
+            EnvWorkerDied, RenderError) as exc:  # OSError: a full disk, a read-only directory, a file where a directory goes
         print(f"natpg {args.command}: error: {one_line(str(exc))}{_natpg_notes(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:

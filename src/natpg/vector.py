@@ -16,8 +16,11 @@ vector envs, so with the same seed all of them produce the same trajectories.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import pickle
 import signal
+import threading
+import time
 import traceback
 from typing import Any
 
@@ -201,10 +204,30 @@ class SerialVectorEnv:
                 env.close()
 
 
+class EnvWorkerDied(RuntimeError):
+    """An environment worker process of ``vectorization='multiproc'`` ended without answering (killed from outside,
+    the OOM killer): its copies are gone."""
+
+
+def exit_when_gone(pid: int, poll_s: float = 2.0) -> None:
+    """Exit this process once process ``pid`` (the learner) has gone: a worker stuck in a hanging environment
+    never reads the pipe's EOF, and would otherwise outlive a learner killed with SIGKILL."""
+    while True:
+        time.sleep(poll_s)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:  # alive, another user's (the pid was reused): not ours to judge
+            pass
+
+
 def _worker(conn, env_id: str, n_envs: int, action_mask, env_kwargs: dict[str, Any], info_keys: tuple,
-            first_copy: int = 0) -> None:
+            first_copy: int = 0, learner_pid: int | None = None) -> None:
     # Ctrl-C goes to the whole process group: let the parent handle it (it saves a checkpoint, then closes us).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if learner_pid is not None:
+        threading.Thread(target=exit_when_gone, args=(learner_pid,), daemon=True).start()
     envs = None
     try:
         from .envs import make_env
@@ -260,7 +283,8 @@ class MultiprocVectorEnv:
         for size, first in zip(sizes, self.offsets):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, daemon=True,
-                               args=(child, env_id, size, action_mask, env_kwargs or {}, tuple(info_keys), first))
+                               args=(child, env_id, size, action_mask, env_kwargs or {}, tuple(info_keys), first,
+                                     os.getpid()))
             proc.start()
             child.close()
             self.conns.append(parent)
@@ -269,10 +293,10 @@ class MultiprocVectorEnv:
         self.single_observation_space, self.single_action_space, self.metadata = spaces[0]
         self.closed = False
 
-    def _died(self, conn) -> RuntimeError:
+    def _died(self, conn) -> EnvWorkerDied:
         proc = self.procs[self.conns.index(conn)]
         proc.join(timeout=1.0)
-        return RuntimeError(f"an environment worker process died (exit code {proc.exitcode}; its copies "
+        return EnvWorkerDied(f"an environment worker process died (exit code {proc.exitcode}; its copies "
                             f"{self._copies(conn)})")
 
     def _copies(self, conn) -> list[int]:

@@ -25,7 +25,7 @@ import traceback
 from typing import Any
 
 from ..envs import unknown_in_worker
-from ..vector import process_context
+from ..vector import exit_when_gone, process_context
 from .workers import RolloutWorker, WorkerFailure, WorkerPlan, WorkerResult, WorkerSpec
 
 
@@ -33,24 +33,11 @@ def _send(conn, message: Any) -> None:
     conn.send_bytes(pickle.dumps(message, protocol=5))
 
 
-def _exit_when_gone(pid: int, poll_s: float = 2.0) -> None:
-    """Exit this process once process ``pid`` (the learner) has gone: a worker stuck in a hanging environment
-    never reads the pipe's EOF, and would otherwise outlive a learner killed with SIGKILL."""
-    while True:
-        time.sleep(poll_s)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            os._exit(1)
-        except PermissionError:  # alive, another user's (the pid was reused): not ours to judge
-            pass
-
-
 def _process_main(conn, spec: WorkerSpec, worker: int, learner_pid: int | None = None) -> None:
     # Ctrl-C goes to the whole process group: let the learner handle it (it saves a checkpoint, then closes us).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if learner_pid is not None:
-        threading.Thread(target=_exit_when_gone, args=(learner_pid,), daemon=True).start()
+        threading.Thread(target=exit_when_gone, args=(learner_pid,), daemon=True).start()
     rollout_worker = None
     try:
         rollout_worker = RolloutWorker(spec, worker)
