@@ -310,10 +310,25 @@ def cmd_train(args: argparse.Namespace) -> int:
             name = signal.Signals(stop.signum).name
             print(f"natpg train: stopped by {name} after {agent.env_steps} environment steps; checkpoint saved to "
                   f"{out} (continue with --resume {out})", file=sys.stderr)
+            _shut_ray_down_through_ctrl_c()
             return 128 + stop.signum
         print(f"trained {args.algo} on {args.env_id} for {agent.env_steps} steps; "
               f"{'no episode finished yet' if math.isnan(recent) else f'recent return {recent:.1f}'}; saved to {out}")
         return 0
+
+
+def _shut_ray_down_through_ctrl_c() -> None:
+    """After a stop by signal, with Ray running: shut it down now, Ctrl-C ignored meanwhile. Its exit hook would do
+    it after main returns, where the second of two quick Ctrl-Cs broke it with a traceback and left Ray's agent
+    processes behind; the run is saved, so nothing is left for a Ctrl-C to interrupt."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ray.shutdown()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _resumable(run_dir: str) -> str:

@@ -161,7 +161,8 @@ class RayPool:
         results: list[WorkerResult] = []
         while pending:
             wait_s = max(0.0, min(d for _, _, d, _ in pending.values()) - time.monotonic())
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
+            # in slices: Python runs a signal's handler between them, so two quick Ctrl-Cs count as two
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(wait_s, SIGNAL_SLICE_S))
             for ref in ready:
                 w, attempt, _, phase = pending.pop(ref)
                 try:
@@ -206,6 +207,9 @@ class RayPool:
             except Exception:
                 pass
         self.actors = []
+
+
+SIGNAL_SLICE_S = 0.1  # how long ray.wait blocks before the learner's signal handlers may run
 
 
 def remote_cause(exc, where: str) -> BaseException:
