@@ -528,8 +528,9 @@ def main(argv: list[str] | None = None) -> int:
         if notes := _natpg_notes(exc):
             print(f"natpg {args.command}: its output was closed (broken pipe){notes}", file=sys.stderr)
         return 141  # 128 + SIGPIPE, what a shell reports for a writer the pipe stopped
+    # OSError: a full disk, a read-only directory, a file where a directory goes
     except (ValueError, OSError, MemoryError, ImportError, TrainingFault, NonFiniteEnvError, WorkerFailure,
-            EnvWorkerDied, RenderError) as exc:  # OSError: a full disk, a read-only directory, a file where a directory goes
+            EnvWorkerDied, RenderError) as exc:
         print(f"natpg {args.command}: error: {one_line(str(exc))}{_natpg_notes(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
