@@ -277,7 +277,8 @@ def check_worker_faults(agent, fault_dir):
         # faults together are timed against the 600 s hang at the end.
         token("die")  # one copy's worker exits at its next step: the share runs again on a fresh worker
         start = faults_start = time.monotonic()
-        agent.learn(256, reset=False, callback=keep)  # two updates: the second one prefetched
+        with pytest.warns(RuntimeWarning, match=r"rollout worker \d failed \(.*\): replaced by a fresh one"):
+            agent.learn(256, reset=False, callback=keep)  # two updates: the second one prefetched
         assert time.monotonic() - start < 150  # the death was noticed, not timed out
         assert rows[-1]["sampler/worker_restarts"] == 1 and agent.env_steps == 384
         assert rollouts[-1].obs.shape == (32, 4, 3) and torch.isfinite(rollouts[-1].obs).all()

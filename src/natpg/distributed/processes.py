@@ -26,7 +26,7 @@ from typing import Any
 
 from ..envs import unknown_in_worker
 from ..vector import exit_when_gone, process_context
-from .workers import RolloutWorker, WorkerFailure, WorkerPlan, WorkerResult, WorkerSpec
+from .workers import RolloutWorker, WorkerFailure, WorkerPlan, WorkerResult, WorkerSpec, warn_replaced
 
 
 def _send(conn, message: Any) -> None:
@@ -132,11 +132,13 @@ class ProcessPool:
                     tag, payload = pickle.loads(conn.recv_bytes())
                     break
             except (EOFError, OSError) as exc:
-                raise _Died(f"worker {w} ({type(exc).__name__} while {doing}; exit code {proc.exitcode})") from None
+                proc.join(0.5)  # reaped, its exit code is known
+                raise _Died(f"its pipe closed ({type(exc).__name__}) while {doing}; exit code "
+                            f"{proc.exitcode}") from None
             if not proc.is_alive() and not conn.poll(0):
-                raise _Died(f"worker {w} exited with code {proc.exitcode} while {doing}")
+                raise _Died(f"exited with code {proc.exitcode} while {doing}")
             if time.monotonic() >= deadline:
-                raise _Died(f"worker {w} gave no answer within {limit:g} s while {doing}")
+                raise _Died(f"gave no answer within {limit:g} s while {doing}")
         if tag in ("result", "error"):
             self._owed[w] = 0
         if tag == "error":
@@ -173,7 +175,7 @@ class ProcessPool:
         for w in range(self.plan.n_workers):
             attempt, why = 0, None
             if w in failed:
-                why = f"worker {w}'s pipe was closed when the rollout was requested"
+                why = "its pipe was closed when the rollout was requested"
             while True:
                 if why is None:
                     try:
@@ -188,6 +190,7 @@ class ProcessPool:
                                         f"already retried {attempt} time(s); giving up (the worker has been "
                                         f"replaced)")
                 attempt += 1
+                warn_replaced(w, why)
                 try:
                     self._replace(w)
                     self.conns[w].send_bytes(message)

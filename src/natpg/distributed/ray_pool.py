@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from ..errors import first_line, install_hint
-from .workers import RolloutWorker, WorkerFailure, WorkerPlan, WorkerResult
+from .workers import RolloutWorker, WorkerFailure, WorkerPlan, WorkerResult, warn_replaced
 
 RAY_INSTALL_HINT = install_hint("ray")
 
@@ -156,6 +156,7 @@ class RayPool:
                 raise WorkerFailure(f"rollout worker {w} failed ({why}) and its share of this iteration was "
                                     f"already retried {attempt} time(s); giving up (the worker has been replaced)"
                                     f"{self._registration_hint(why)}")
+            warn_replaced(w, why)
             self._submit_one(args, pending, w, attempt + 1, "start")
 
         results: list[WorkerResult] = []

@@ -14,6 +14,7 @@ the reward scaler tracked) and the episodes that finished, each tagged with the 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,12 @@ def generator_seed(seed: int, worker: int, restart: int = 0) -> int:
 
 class WorkerFailure(RuntimeError):
     """A rollout worker died (or did not answer in time) again after being replaced."""
+
+
+def warn_replaced(worker: int, why: str) -> None:
+    """Say that a worker failed and is replaced (fresh episodes on its copies; sampler/worker_restarts counts it)."""
+    warnings.warn(f"rollout worker {worker} failed ({why}): replaced by a fresh one, which runs its share of this "
+                  f"iteration again on freshly reset copies", RuntimeWarning, stacklevel=2)
 
 
 class WorkerPlan:
