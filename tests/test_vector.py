@@ -1,5 +1,6 @@
 """natpg's vector envs produce exactly the trajectories of Gymnasium's same-step-autoreset SyncVectorEnv."""
 
+import time
 import warnings
 
 import gymnasium as gym
@@ -341,6 +342,33 @@ def test_episode_info_reads_both_vector_formats_and_refuses_a_value_that_is_not_
         episode_info({"final_info": np.array([{"d": "far"}], dtype=object)}, 0, ("d",))
     with pytest.raises(ValueError, match="info_keys must be a tuple of distinct info keys"):
         natpg.NPG("CartPole-v1", info_keys=("return",))
+
+
+class SleepyCartPole(CartPoleEnv):
+    """CartPole whose step hangs for ten minutes: a worker stepping it owes its answer."""
+
+    def step(self, action):
+        time.sleep(600)
+        return super().step(action)
+
+
+if "natpg_test/SleepyCartPole-v0" not in gym.registry:
+    gym.register("natpg_test/SleepyCartPole-v0", entry_point=SleepyCartPole, max_episode_steps=100)
+SLEEPY_ID = f"{__name__}:natpg_test/SleepyCartPole-v0"  # importable by worker processes
+
+
+def test_closing_multiproc_ends_a_worker_stuck_in_its_environment_at_once():
+    """After an interrupt between a step's send and its answer (here: the answers never read), close does not wait
+    5 s for each worker that owes one before ending it."""
+    from natpg.vector import MultiprocVectorEnv
+
+    envs = MultiprocVectorEnv(SLEEPY_ID, 4, 2)
+    envs.reset(seed=0)
+    for conn, off, size in zip(envs.conns, envs.offsets, envs.sizes):
+        envs._send(conn, ("step", np.zeros(size, np.int64)))  # as step does, then interrupted before receiving
+    start = time.monotonic()
+    envs.close()
+    assert time.monotonic() - start < 3 and not any(p.is_alive() for p in envs.procs)
 
 
 def test_a_multiproc_worker_exits_when_its_learner_is_gone():

@@ -289,6 +289,7 @@ class MultiprocVectorEnv:
             child.close()
             self.conns.append(parent)
             self.procs.append(proc)
+        self._owed = [False] * len(self.conns)  # a step or reset sent, its answer not read (an interrupt, a hang)
         spaces = [self._receive(c) for c in self.conns]
         self.single_observation_space, self.single_action_space, self.metadata = spaces[0]
         self.closed = False
@@ -308,12 +309,14 @@ class MultiprocVectorEnv:
             conn.send(message)
         except (BrokenPipeError, ConnectionResetError):  # not natpg's own output: the worker is gone
             raise self._died(conn) from None
+        self._owed[self.conns.index(conn)] = True
 
     def _receive(self, conn) -> Any:
         try:
             status, payload = conn.recv()
         except (EOFError, ConnectionResetError):
             raise self._died(conn) from None
+        self._owed[self.conns.index(conn)] = False
         if status == "error":  # the worker's exception, as sync and async raise it, or its text
             from .envs import unknown_in_worker
 
@@ -357,8 +360,9 @@ class MultiprocVectorEnv:
                 conn.send(("close", None))
             except (BrokenPipeError, OSError):
                 pass
-        for proc in self.procs:
-            proc.join(timeout=5)
+        for proc, owed in zip(self.procs, self._owed):
+            if not owed:  # it reads the close and ends; one that owes an answer may be stuck in its environment
+                proc.join(timeout=5)
             if proc.is_alive():
                 proc.terminate()
                 proc.join(timeout=5)
