@@ -583,21 +583,12 @@ def _hang_watching(pid):  # a worker stuck in its environment, with the watchdog
     time.sleep(600)
 
 
-def test_a_worker_stuck_in_its_environment_exits_when_the_learner_is_gone():
+def test_a_worker_stuck_in_its_environment_exits_when_the_learner_is_gone(exits_once_its_learner_is_gone):
     import multiprocessing
-    import subprocess
 
-    learner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    worker = multiprocessing.get_context("spawn").Process(target=_hang_watching, args=(learner.pid,), daemon=True)
-    worker.start()
-    try:
-        time.sleep(1.0)
-        assert worker.is_alive()  # the learner lives: the worker waits
-        learner.kill()
-        learner.wait()
-        worker.join(timeout=30)
-        assert not worker.is_alive() and worker.exitcode == 1
-    finally:
-        learner.kill()
-        if worker.is_alive():
-            worker.kill()
+    def start(pid):
+        worker = multiprocessing.get_context("spawn").Process(target=_hang_watching, args=(pid,), daemon=True)
+        worker.start()
+        return worker
+
+    exits_once_its_learner_is_gone(start)

@@ -371,32 +371,21 @@ def test_closing_multiproc_ends_a_worker_stuck_in_its_environment_at_once():
     assert time.monotonic() - start < 3 and not any(p.is_alive() for p in envs.procs)
 
 
-def test_a_multiproc_worker_exits_when_its_learner_is_gone():
+def test_a_multiproc_worker_exits_when_its_learner_is_gone(exits_once_its_learner_is_gone):
     """A worker stuck in a hanging environment never reads the pipe's EOF: it watches the learner's pid instead
-    (here a sleeping process that is then killed, the pipe left open as a hung step leaves it unread)."""
-    import subprocess
-    import sys
-    import time
-
+    (the pipe left open here, as a hung step leaves it unread)."""
     from natpg.vector import _worker, process_context
 
-    learner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     ctx = process_context()
     parent, child = ctx.Pipe()
-    worker = ctx.Process(target=_worker, args=(child, "CartPole-v1", 1, None, {}, (), 0, learner.pid), daemon=True)
-    worker.start()
-    try:
+
+    def start(pid):
+        worker = ctx.Process(target=_worker, args=(child, "CartPole-v1", 1, None, {}, (), 0, pid), daemon=True)
+        worker.start()
         assert parent.recv()[0] == "ok"  # it has made its copy
-        time.sleep(0.5)
-        assert worker.is_alive()  # the learner lives: the worker waits
-        learner.kill()
-        learner.wait()
-        worker.join(timeout=30)
-        assert not worker.is_alive() and worker.exitcode == 1
-    finally:
-        learner.kill()
-        if worker.is_alive():
-            worker.kill()
+        return worker
+
+    exits_once_its_learner_is_gone(start)
 
 
 @pytest.mark.parametrize("when", ["step", "reset"])
