@@ -27,6 +27,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from .config import is_path
 from .errors import first_line
 
 try:
@@ -51,7 +52,7 @@ def is_file_path(path: str | os.PathLike) -> bool:
 
 def checkpoint_file(path: str) -> str:
     """A path ending in '.pt' is the file itself; anything else is a directory holding model.pt."""
-    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+    if not is_path(path):
         raise ValueError(f"a checkpoint path must be a directory or a .pt file name, got {path!r}")
     path = os.fspath(path)
     return path if is_file_path(path) else os.path.join(path, FILENAME)

@@ -15,6 +15,7 @@ import difflib
 import json
 import math
 import numbers
+import os
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, NamedTuple
@@ -342,6 +343,11 @@ def plain_json(v: Any) -> Any:
 def is_integer(v: Any) -> bool:
     """An int or a NumPy integer (np.arange gives those); a bool is not a count."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_path(v: Any) -> bool:
+    """A non-empty path, as a string or an ``os.PathLike``: '' (an unset variable) names no file."""
+    return isinstance(v, (str, os.PathLike)) and bool(os.fspath(v))
 
 
 def is_flag(v: Any) -> bool:

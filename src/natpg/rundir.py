@@ -11,7 +11,7 @@ import shutil
 from typing import TYPE_CHECKING, Any
 
 from . import checkpoint
-from .config import Config
+from .config import Config, is_path
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -40,7 +40,7 @@ def without_inert_settings(config: dict[str, Any], action_space: dict[str, Any])
 
 def check_out_dir(out_dir: Any) -> str:
     """``out_dir`` as a path, or a ValueError when it cannot be a run directory."""
-    if not isinstance(out_dir, (str, os.PathLike)) or os.fspath(out_dir) == "":
+    if not is_path(out_dir):
         raise ValueError(f"out_dir must be a directory path, got {out_dir!r}")
     out_dir = os.fspath(out_dir)
     if checkpoint.is_file_path(out_dir):

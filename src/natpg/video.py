@@ -23,7 +23,7 @@ import numpy as np
 from .agent import Agent
 from .evaluation import (check_evaluation, episode_generators, evaluation_env_kwargs, nonfinite_steps,
                          warn_cut_episodes, warn_dropped_episodes)
-from .config import EVAL_MAX_EPISODE_STEPS
+from .config import EVAL_MAX_EPISODE_STEPS, is_path
 from .envs import make_env
 from .errors import first_line, install_hint
 
@@ -40,7 +40,7 @@ class RenderError(RuntimeError):
 
 
 def _check_path(path: str | os.PathLike) -> Path:
-    if not isinstance(path, (str, os.PathLike)) or os.fspath(path) == "":
+    if not is_path(path):
         raise ValueError(f"video file must be a path such as 'run.gif' or 'run.mp4', got {path!r}")
     out = Path(path)
     if out.is_dir():
