@@ -371,6 +371,20 @@ def is_real(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def is_ray_address(v: Any) -> bool:
+    """'auto', 'HOST:PORT' or a URL ('ray://HOST:PORT'): the shapes ray.init takes, checked here so that a typo is
+    refused when the agent is built rather than when Ray starts."""
+    if not isinstance(v, str) or v != v.strip() or not v:
+        return False
+    if v == "auto":
+        return True
+    scheme, sep, rest = v.partition("://")
+    host, colon, port = (rest if sep else v).rpartition(":")
+    if sep and not (scheme.isidentifier() and rest):
+        return False
+    return (bool(sep) and not colon) or (bool(host) and port.isdigit() and 1 <= int(port) <= 65535)
+
+
 class Rule(NamedTuple):
     """The check of one setting taken alone: ``ok(value)``, and what a valid value is (for the message)."""
 
@@ -490,8 +504,8 @@ SETTING_RULES: dict[str, Rule] = {
     "eval_episodes": POSITIVE_INT,
     "sampler": one_of(SAMPLERS),
     "workers": POSITIVE_INT,
-    "ray_address": Rule(lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
-                        "None, 'auto' or 'HOST:PORT'"),
+    "ray_address": Rule(lambda v: v is None or is_ray_address(v),
+                        "None, 'auto', 'HOST:PORT' (a port in 1–65535) or a Ray client address 'ray://HOST:PORT'"),
     "worker_timeout": POSITIVE,
     "worker_start_timeout": POSITIVE,
 }
