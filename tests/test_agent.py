@@ -1263,8 +1263,10 @@ def test_settings_that_the_spaces_or_other_settings_leave_unread_are_named_in_on
         "log_std_init (the Gaussian policy's starting log σ, for Box actions; this run's action space is a Discrete); "
         "reward_clip (clips scaled rewards; this run's normalize_reward is False); "
         "obs_clip (clips normalised observations; this run's normalize_obs is False); "
-        "worker_timeout (read by sampler='processes' and 'ray'; this run's sampler is 'local'); "
-        "worker_start_timeout (read by sampler='processes' and 'ray'; this run's sampler is 'local'); "
+        "worker_timeout (read by sampler='processes' and 'ray', and by vectorization='multiproc'; this run's sampler "
+        "is 'local', its vectorization 'sync'); "
+        "worker_start_timeout (read by sampler='processes' and 'ray', and by vectorization='multiproc'; this run's sampler "
+        "is 'local', its vectorization 'sync'); "
         "eval_episodes (read by the periodic evaluation; this run's eval_every is 0); "
         "fvp_subsample_step_length (where the KL step of a Fisher subsample is measured; this run's fvp_subsample "
         "is 1, the whole batch)")

@@ -371,6 +371,50 @@ def test_closing_multiproc_ends_a_worker_stuck_in_its_environment_at_once():
     assert time.monotonic() - start < 3 and not any(p.is_alive() for p in envs.procs)
 
 
+class SlowStartCartPole(CartPoleEnv):
+    """CartPole that takes ten minutes to build: a worker building it never reports its spaces."""
+
+    def __init__(self, **kwargs):
+        time.sleep(600)
+        super().__init__(**kwargs)
+
+
+if "natpg_test/SlowStartCartPole-v0" not in gym.registry:
+    gym.register("natpg_test/SlowStartCartPole-v0", entry_point=SlowStartCartPole)
+
+
+@pytest.mark.parametrize("when", ["step", "start"])
+def test_a_multiproc_worker_that_hangs_is_an_error_naming_its_copies_after_the_timeout(when):
+    """An environment that hangs in a step (or while it is built) stops the run with a message naming the worker's
+    copies and the setting, after worker_timeout (worker_start_timeout), instead of holding it forever; the hung
+    worker is ended, by close or by the failed constructor itself."""
+    from natpg.vector import EnvWorkerDied, MultiprocVectorEnv
+
+    if when == "step":
+        envs = MultiprocVectorEnv(SLEEPY_ID, 4, 2, timeout=0.5, start_timeout=60)
+        envs.reset(seed=0)
+        start = time.monotonic()
+        with pytest.raises(EnvWorkerDied, match=r"gave no answer within worker_timeout=0\.5 s while stepping its "
+                                                r"environments \(its copies \[0, 1\]\): an environment hangs"):
+            envs.step(np.zeros(4, np.int64))
+        assert 0.5 <= time.monotonic() - start < 5
+        envs.close()
+        procs = envs.procs
+    else:
+        import multiprocessing
+
+        before = set(multiprocessing.active_children())
+        with pytest.raises(EnvWorkerDied, match=r"within worker_start_timeout=1 s while starting \(its copies "
+                                                r"\[0, 1\]") as caught:  # held: the half-built object is not collected
+            MultiprocVectorEnv(f"{__name__}:natpg_test/SlowStartCartPole-v0", 4, 2, timeout=60, start_timeout=1)
+        procs = [p for p in multiprocessing.active_children() if p not in before]
+        assert caught.value.__traceback__ is not None
+    deadline = time.monotonic() + 5
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(p.is_alive() for p in procs)
+
+
 def test_a_multiproc_worker_exits_when_its_learner_is_gone(exits_once_its_learner_is_gone):
     """A worker stuck in a hanging environment never reads the pipe's EOF: it watches the learner's pid instead
     (the pipe left open here, as a hung step leaves it unread)."""

@@ -428,9 +428,9 @@ class Agent:
 
             return make_sampler(kind, self.env_id, self.config, seed, self.obs_normalizer, self.reward_scaler,
                                 self.device, self.action_mask_source)
-        e = self.config.env
+        e, d = self.config.env, self.config.distributed
         envs = make_vec_env(self.env_id, e.n_envs, e.vectorization, e.n_workers, self.action_mask_source,
-                            e.env_kwargs, e.info_keys)
+                            e.env_kwargs, e.info_keys, worker_timeouts=(d.worker_timeout, d.worker_start_timeout))
         return Sampler(envs, self.obs_normalizer, self.reward_scaler, seed, self.device, self.sampling_generator,
                        e.nonfinite_env, e.info_keys)
 

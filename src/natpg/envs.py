@@ -367,7 +367,8 @@ def probe_spaces(env_id: str, action_mask=None, env_kwargs: dict[str, Any] | Non
 
 
 def make_vec_env(env_id: str, n_envs: int, vectorization: str = "sync", n_workers: int = 2, action_mask=None,
-                 env_kwargs: dict[str, Any] | None = None, info_keys: tuple[str, ...] = (), first_copy: int = 0):
+                 env_kwargs: dict[str, Any] | None = None, info_keys: tuple[str, ...] = (), first_copy: int = 0,
+                 worker_timeouts: tuple[float | None, float | None] = (None, None)):
     """``n_envs`` copies (each with ``env_wrappers``, made with ``gym.make(env_id, **env_kwargs)``) in one vector
     env that resets a finished copy in the same step.
 
@@ -376,13 +377,15 @@ def make_vec_env(env_id: str, n_envs: int, vectorization: str = "sync", n_worker
     to bootstrap truncated episodes from V(final observation). The last step's info is in ``info['final_info']``
     (the multiproc engine ships only its ``info_keys`` from the worker processes). ``first_copy``: the index of
     copy 0 among all of a run's copies (a rollout worker's slice, 'sync'), for the messages that name a copy.
+    ``worker_timeouts``: the seconds a 'multiproc' worker may take to answer a step or reset, and to start.
     """
     check_env_id(env_id)
     env_kwargs = env_kwargs or {}
     if vectorization == "multiproc":  # several copies per worker process (natpg.vector)
         from .vector import MultiprocVectorEnv
 
-        return MultiprocVectorEnv(env_id, n_envs, min(n_workers, n_envs), action_mask, env_kwargs, info_keys)
+        return MultiprocVectorEnv(env_id, n_envs, min(n_workers, n_envs), action_mask, env_kwargs, info_keys,
+                                  *worker_timeouts)
     if vectorization == "sync":  # natpg's lean in-process vector env (natpg.vector)
         from .vector import SerialVectorEnv
 

@@ -206,7 +206,7 @@ class SerialVectorEnv:
 
 class EnvWorkerDied(RuntimeError):
     """An environment worker process of ``vectorization='multiproc'`` ended without answering (killed from outside,
-    the OOM killer): its copies are gone."""
+    the OOM killer), or gave no answer within its timeout (an environment that hangs): its copies are gone."""
 
 
 def exit_when_gone(pid: int, poll_s: float = 2.0) -> None:
@@ -271,11 +271,17 @@ def _picklable(exc: Exception) -> Exception | None:
 class MultiprocVectorEnv:
     """``n_envs`` copies of ``env_id`` split over ``n_workers`` processes (the API subset natpg's sampler uses:
     ``reset(seed)``, ``step(actions)`` with ``info['final_obs']`` and ``info['final_info']`` (the ``info_keys``
-    of each finished copy's last info), ``num_envs``, the single spaces, ``close``)."""
+    of each finished copy's last info), ``num_envs``, the single spaces, ``close``).
+
+    A worker that gives no answer to a step or reset within ``timeout`` seconds (``start_timeout`` for building its
+    environments) is an ``EnvWorkerDied`` naming its copies, and is ended at ``close``: an environment that hangs
+    stops the run with a message instead of holding it forever (None: wait forever)."""
 
     def __init__(self, env_id: str, n_envs: int, n_workers: int, action_mask=None,
-                 env_kwargs: dict[str, Any] | None = None, info_keys: tuple[str, ...] = ()):
+                 env_kwargs: dict[str, Any] | None = None, info_keys: tuple[str, ...] = (),
+                 timeout: float | None = None, start_timeout: float | None = None):
         sizes = split_copies(n_envs, n_workers, "n_workers")
+        self.timeout, self.start_timeout = timeout, start_timeout
         self.num_envs, self.env_id, self.sizes = n_envs, env_id, sizes
         self.offsets = first_copies(sizes)
         ctx = process_context()
@@ -289,10 +295,14 @@ class MultiprocVectorEnv:
             child.close()
             self.conns.append(parent)
             self.procs.append(proc)
-        self._owed = [False] * len(self.conns)  # a step or reset sent, its answer not read (an interrupt, a hang)
-        spaces = [self._receive(c) for c in self.conns]
-        self.single_observation_space, self.single_action_space, self.metadata = spaces[0]
+        self._owed = [True] * len(self.conns)  # a step, reset or start whose answer is not read (an interrupt, a hang)
         self.closed = False
+        try:
+            spaces = [self._receive(c, "starting") for c in self.conns]
+        except BaseException:
+            self.close()
+            raise
+        self.single_observation_space, self.single_action_space, self.metadata = spaces[0]
 
     def _died(self, conn) -> EnvWorkerDied:
         proc = self.procs[self.conns.index(conn)]
@@ -311,7 +321,16 @@ class MultiprocVectorEnv:
             raise self._died(conn) from None
         self._owed[self.conns.index(conn)] = True
 
-    def _receive(self, conn) -> Any:
+    def _receive(self, conn, doing: str = "stepping its environments") -> Any:
+        timeout = self.start_timeout if doing == "starting" else self.timeout
+        # poll waits out the timeout in one select (a signal's handler still runs: PEP 475 retries it after)
+        if timeout is not None and not conn.poll(timeout):
+            if not self.procs[self.conns.index(conn)].is_alive():
+                raise self._died(conn)
+            name = "worker_start_timeout" if doing == "starting" else "worker_timeout"
+            raise EnvWorkerDied(f"an environment worker process gave no answer within {name}={timeout:g} s while "
+                                f"{doing} (its copies {self._copies(conn)}): an environment hangs; the worker is "
+                                f"ended when the environments are closed")
         try:
             status, payload = conn.recv()
         except (EOFError, ConnectionResetError):
@@ -334,7 +353,7 @@ class MultiprocVectorEnv:
             raise ValueError(f"MultiprocVectorEnv.reset takes no options, got {sorted(options)}")
         for conn, off in zip(self.conns, self.offsets):
             self._send(conn, ("reset", None if seed is None else seed + off))
-        return np.concatenate([self._receive(c) for c in self.conns]), {}
+        return np.concatenate([self._receive(c, "resetting its environments") for c in self.conns]), {}
 
     def step(self, actions: np.ndarray):
         for conn, off, size in zip(self.conns, self.offsets, self.sizes):
