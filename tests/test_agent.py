@@ -1273,6 +1273,11 @@ def test_settings_that_the_spaces_or_other_settings_leave_unread_are_named_in_on
     with pytest.warns(UserWarning, match=r"does not read these settings: hidden \(image observations get the "
                                          r"Nature-CNN torso.*critic_hidden .*activation .*obs_clip \(images are scaled"):
         natpg.PPO("natpg_test/Image-v0", hidden=(8,), critic_hidden=(8,), activation="relu", obs_clip=3.0, **small())
+    with pytest.warns(UserWarning, match=r"does not read these settings: ppo_minibatch \(larger than the batch, "
+                                         r"n_envs × n_steps = 64: each minibatch is the whole batch\)$"):
+        natpg.PPO("CartPole-v1", ppo_minibatch=65, **small())
+    with pytest.warns(UserWarning, match=r"critic_minibatch \(larger than the batch, n_envs × n_steps = 64"):
+        natpg.NPG("CartPole-v1", critic_minibatch=100, **small())
     with pytest.warns(UserWarning, match=r"cg_iters \(nac solves its compatible least squares directly"):
         natpg.NAC("CartPole-v1", cg_iters=3, **small())
     with warnings.catch_warnings():

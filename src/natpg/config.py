@@ -752,6 +752,10 @@ def unread_because(cfg: Config, key: str, action_space_type: str | None = None,
                 f"{cfg.distributed.sampler!r}, its vectorization {cfg.env.vectorization!r}")
     if key == "eval_episodes" and not cfg.run.eval_every:
         return "read by the periodic evaluation; this run's eval_every is 0"
+    for minibatch, section in (("ppo_minibatch", cfg.step), ("critic_minibatch", cfg.critic)):
+        if key == minibatch and getattr(section, key) > cfg.batch_size:  # any value ≥ the batch does the same
+            return (f"larger than the batch, n_envs × n_steps = {cfg.batch_size}: each minibatch is the whole "
+                    f"batch")
     if key == "fvp_subsample_step_length" and cfg.curvature.fvp_subsample >= 1.0:
         return "where the KL step of a Fisher subsample is measured; this run's fvp_subsample is 1, the whole batch"
     return None
