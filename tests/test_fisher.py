@@ -278,6 +278,10 @@ def test_curvature_functions_name_observations_they_cannot_read(call):
                                          r"on cpu: .*policy.double\(\)"):
         run(torch.zeros(2, 3, dtype=torch.float64))
     run(torch.zeros(2, 3))  # as it should be
+    policy = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))  # no output Fisher
+    with pytest.raises(TypeError, match=r"take one of natpg.policies' networks \(GaussianMLP, CategoricalMLP, .*got "
+                                        r"Sequential"):
+        run(torch.zeros(2, 3))
 
 
 PLAIN_MLPS = {

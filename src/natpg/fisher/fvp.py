@@ -30,7 +30,13 @@ MatVec = Callable[[torch.Tensor], torch.Tensor]
 
 def checked_states(policy: nn.Module, obs) -> torch.Tensor:
     """``obs`` if the curvature functions can read it as the policy's batch of states: a tensor [B, obs_dim] of the
-    actor parameters' dtype and device (a clear error here, not one from inside torch.func or a matmul)."""
+    actor parameters' dtype and device (a clear error here, not one from inside torch.func or a matmul); and
+    ``policy`` one of natpg's policy networks."""
+    if not (callable(getattr(policy, "actor_parameters", None)) and hasattr(getattr(policy, "head", None), "fisher_mv")):
+        raise TypeError(f"the curvature functions take one of natpg.policies' networks (GaussianMLP, CategoricalMLP, "
+                        f"MultiCategoricalMLP, BernoulliMLP, or an agent's agent.policy), whose output distribution's "
+                        f"exact Fisher (policy.head.fisher_mv) and actor_parameters() they read; got "
+                        f"{type(policy).__name__}")
     param = next(iter(policy.actor_parameters()), None)
     if not isinstance(obs, torch.Tensor):
         raise TypeError(f"observations must be a torch.Tensor [B, obs_dim], got {type(obs).__name__}: "
