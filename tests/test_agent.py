@@ -477,6 +477,40 @@ def test_linear_kl_schedule_sets_the_budget_each_update_uses(algo, tmp_path):
         natpg.PPO("CartPole-v1", kl_schedule="linear")
 
 
+def test_a_learn_call_that_decays_a_schedule_towards_another_end_warns(tmp_path):
+    """Chunked calls without schedule_end decay δ towards each call's own end (a sawtooth, as SB3 with
+    reset_num_timesteps=False), and a loaded finished run goes on at a fraction of δ: both warn, naming the way to
+    one schedule; calls sharing one schedule_end, a first call, and a constant schedule do not."""
+    agent = natpg.NPG("CartPole-v1", seed=2, **small(kl_schedule="linear", max_kl=0.02))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        agent.learn(128, schedule_end=256)
+        agent.learn(128, reset=False, schedule_end=256)
+        natpg.NPG("CartPole-v1", seed=2, **small()).learn(64).learn(64)  # constant δ: nothing to restart
+    with pytest.warns(RuntimeWarning, match=r"^kl_schedule='linear': the earlier learn call decayed the step towards "
+                                            r"env step 256, this one decays it towards 320, where it ends, starting at "
+                                            r"0.2 of δ = 0.02. To train one run in several calls, give every call the "
+                                            r"same learn\(..., schedule_end=TOTAL\); for steps that do not decay, "
+                                            r"kl_schedule='constant'$") as caught:
+        agent.learn(64, reset=False)
+    assert caught[0].filename == __file__  # the user's line, not natpg's nor torch's decorator around learn
+    agent.save(tmp_path / "m")
+    with pytest.warns(RuntimeWarning, match="decayed the step towards env step 320, this one decays it towards 384"):
+        natpg.load(tmp_path / "m").learn(64)
+
+
+def test_warnings_from_inside_natpg_point_at_the_users_line():
+    """learn runs under torch's decorators and warns several calls deep: the warning names the caller's file."""
+    agent = natpg.NPG("Pendulum-v1", seed=0, **small())  # 200-step episodes: none ends in 32 steps per copy
+    agent.learn(64)
+    with pytest.warns(UserWarning, match="no training episode ended in this learn call") as caught:
+        agent.learn(64)
+    assert caught[0].filename == __file__
+    with pytest.warns(RuntimeWarning, match="had not ended after max_episode_steps=5 steps") as caught:
+        natpg.evaluate(agent, episodes=1, max_episode_steps=5)
+    assert caught[0].filename == __file__
+
+
 @pytest.mark.parametrize("algo,step", [("VPG", "adam"), ("VPG", "fixed"), ("PPO", "ppo_clip")])
 def test_linear_lr_schedule_sets_the_learning_rate_each_update_uses(algo, step, tmp_path):
     rows, used = [], []

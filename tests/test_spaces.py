@@ -532,6 +532,9 @@ def test_predict_takes_native_dict_observations_and_batches():
     assert env.action_space.contains(single) and batch.tolist() == [single, single]
     with pytest.raises(ValueError, match="not in the policy's observation space"):
         agent.predict({"pos": [0.0, 0.0]})
+    with pytest.raises(ValueError, match=r"not in the policy's observation space .*: it flattens to 8 values, the "
+                                         r"space to 7"):  # an entry of another shape, not numpy's broadcast error
+        agent.predict({**obs, "pos": np.zeros(3, np.float32)})
 
 
 def test_masked_predict_needs_the_mask():

@@ -12,13 +12,13 @@ import math
 import os
 import random
 import time
-import warnings
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 
+from .errors import warn
 from . import checkpoint
 from .acktr import KFACRegression
 from .algorithms import make_actor_update, make_critic
@@ -224,6 +224,8 @@ class Agent:
         if schedule_end is not None and (not is_integer(schedule_end) or schedule_end < end_steps):
             raise ValueError(f"schedule_end must be an env-step count ≥ {end_steps}, where this learn call ends; "
                              f"got {schedule_end!r}")
+        if schedule_end is None:
+            self._warn_of_a_restarted_schedule(end_steps)
         if out_dir is None:
             return self._train(n_updates, end_steps, schedule_end, None, False, progress_bar, reset, callback)
         check_out_dir(out_dir)
@@ -311,10 +313,10 @@ class Agent:
         self._warn_missing_info_keys()
         if restarted and self._sampler.episodes == episodes_before:
             ran = (self.env_steps - steps_at_start) // self.config.env.n_envs
-            warnings.warn(f"no training episode ended in this learn call ({ran} "
-                          f"steps per environment copy), which started from freshly reset environments "
-                          f"(reset=True, the default): episodes longer than one call never end that way. Pass "
-                          f"reset=False to go on where the last call left the environments", UserWarning, stacklevel=3)
+            warn(f"no training episode ended in this learn call ({ran} "
+                 f"steps per environment copy), which started from freshly reset environments "
+                 f"(reset=True, the default): episodes longer than one call never end that way. Pass "
+                 f"reset=False to go on where the last call left the environments", UserWarning)
         return self
 
     def _open_sampler(self, reset: bool) -> None:
@@ -371,9 +373,9 @@ class Agent:
         if keys and len(infos) >= enough:
             had = ~np.isnan(np.array(infos, np.float64).reshape(-1, len(keys)))
             if missing := [k for k, any_had in zip(keys, had.any(0)) if not any_had]:
-                warnings.warn(f"info_keys {missing}: none of the last {len(infos)} finished episodes' info had "
-                              f"{'it' if len(missing) == 1 else 'them'} (their ep_KEY_mean columns stay NaN)",
-                              UserWarning, stacklevel=3)
+                warn(f"info_keys {missing}: none of the last {len(infos)} finished episodes' info had "
+                     f"{'it' if len(missing) == 1 else 'them'} (their ep_KEY_mean columns stay NaN)",
+                     UserWarning)
 
     def _collect(self):
         """The next rollout and the seconds it took."""
@@ -391,6 +393,25 @@ class Agent:
         (self.obs_normalizer.rms.mean, self.obs_normalizer.rms.var, self.obs_normalizer.rms.count) = obs
         (self.reward_scaler.rms.mean, self.reward_scaler.rms.var, self.reward_scaler.rms.count) = rew
         self.reward_scaler.ret = ret
+
+    def _warn_of_a_restarted_schedule(self, end_steps: int) -> None:
+        """A linear schedule that an earlier call (or the loaded run) decayed towards another end is decayed by this
+        call towards its own: δ or α jumps back up, then falls to 0 again (a sawtooth over chunked calls; a loaded
+        finished run goes on at a small fraction of δ). Not an error — Stable-Baselines3 continues its schedules so
+        too — but it changes the run's steps unseen, so say so."""
+        step = self.config.step
+        linear = [(key, symbol, value) for key, symbol, value in (("kl_schedule", "δ", step.max_kl),
+                                                                  ("lr_schedule", "α", step.alpha))
+                  if getattr(step, key) == "linear"]
+        if not linear or not self.env_steps or self.schedule_end in (None, end_steps):
+            return
+        left = 1.0 - self.env_steps / end_steps
+        settings = lambda value: " and ".join(f"{key}={value!r}" for key, _, _ in linear)  # noqa: E731
+        configured = " and ".join(f"{symbol} = {value:g}" for _, symbol, value in linear)
+        warn(f"{settings('linear')}: the earlier learn call decayed the step towards env step {self.schedule_end}, "
+             f"this one decays it towards {end_steps}, where it ends, starting at {left:.3g} of {configured}. To train "
+             f"one run in several calls, give every call the same learn(..., schedule_end=TOTAL); for steps that do "
+             f"not decay, {settings('constant')}", RuntimeWarning)
 
     def _schedule(self, step_rule, schedule_end: int | None) -> dict[str, float]:
         """Set the next update's δ (``kl_schedule``) and α (``lr_schedule``), the fraction of the env steps up to
@@ -507,6 +528,8 @@ class Agent:
                 if items is None:
                     raise ValueError("not a list of observations")
                 flat = np.stack([np.asarray(gym.spaces.flatten(space, o), np.float64) for o in items])
+                if flat.shape[1] != gym.spaces.flatdim(space):  # a part of another shape (a Dict's entry, say)
+                    raise ValueError(f"it flattens to {flat.shape[1]} values, the space to {gym.spaces.flatdim(space)}")
             except (TypeError, ValueError, KeyError, IndexError, AssertionError) as exc:
                 raise ValueError(f"observation {obs!r:.120} is not in the policy's observation space {space} "
                                  f"(nor a vector env's batch of them, nor a list of them): {exc}") from None
@@ -652,7 +675,7 @@ class Agent:
                              "natpg.load(path, action_mask=fn)")
         agent.action_mask_fn = action_mask if callable(action_mask) else None
         spaces = space_from_dict(meta["observation_space"]), space_from_dict(meta["action_space"])
-        warn_unread(config, meta["env_id"], changes or {}, spaces, stacklevel=5, reference=recorded)
+        warn_unread(config, meta["env_id"], changes or {}, spaces, reference=recorded)
         agent._build(meta["env_id"], meta["seed"], config, *spaces)
         agent.policy.load_state_dict(tensors["policy"])
         agent.critic.load_state_dict(tensors["critic"])
@@ -717,10 +740,9 @@ def _warn_wide_kfac_input(config: Config, inputs: int) -> None:
         ("the policy's", config.step.step != "ppo_clip" and (c.fisher == "kfac" or c.cg_preconditioner == "kfac")),
         ("the critic's", config.critic.critic_optimizer == "kfac")] if uses]
     if users and inputs >= KFAC_WIDE_INPUT:
-        warnings.warn(f"K-FAC inverts {' and '.join(users)} first-layer factor of ({inputs} + 1)² entries, at "
-                      f"O({inputs}³), each update (minutes at a few thousand inputs). For flat images prefer "
-                      f"[C, H, W] uint8 frames (a CNN), critic_optimizer='adam' or fisher='cg'", UserWarning,
-                      stacklevel=4)
+        warn(f"K-FAC inverts {' and '.join(users)} first-layer factor of ({inputs} + 1)² entries, at "
+             f"O({inputs}³), each update (minutes at a few thousand inputs). For flat images prefer "
+             f"[C, H, W] uint8 frames (a CNN), critic_optimizer='adam' or fisher='cg'", UserWarning)
 
 
 def _layout(net: torch.nn.Module) -> tuple[str, dict[str, tuple[int, ...]]]:
@@ -733,10 +755,10 @@ def _warn_bounds_without_zero(space: gym.spaces.Box) -> None:
     is clipped onto the same bound and nothing is learned about that dimension."""
     low, high = np.broadcast_to(space.low, space.shape).ravel(), np.broadcast_to(space.high, space.shape).ravel()
     if outside := np.flatnonzero((low > 0) | (high < 0)).tolist():
-        warnings.warn(f"the action bounds of dimension(s) {outside} ({space}) leave out 0, where the Gaussian policy "
-                      f"starts: with action_squash='clip' its first actions are all clipped onto one bound there. "
-                      f"Rescale the actions to about [-1, 1] (gymnasium.wrappers.RescaleAction in a registered "
-                      f"factory) or use action_squash='tanh'", UserWarning, stacklevel=4)
+        warn(f"the action bounds of dimension(s) {outside} ({space}) leave out 0, where the Gaussian policy "
+             f"starts: with action_squash='clip' its first actions are all clipped onto one bound there. "
+             f"Rescale the actions to about [-1, 1] (gymnasium.wrappers.RescaleAction in a registered "
+             f"factory) or use action_squash='tanh'", UserWarning)
 
 
 def _policy_stats(policy: torch.nn.Module) -> dict[str, float]:
@@ -808,8 +830,8 @@ def _loaded_config(recorded: Config, changes: dict[str, Any]) -> Config:
         raise ValueError(f"natpg.load cannot change {fixed}: the saved networks, optimiser state and observation "
                          f"statistics were made with them (train a new agent instead)")
     if "device" not in changes and recorded.run.device.startswith("cuda") and not torch.cuda.is_available():
-        warnings.warn(f"this run was trained with device={recorded.run.device!r} and CUDA is not available here: "
-                      f"loaded on the CPU (natpg.load(path, device=...) chooses)", UserWarning, stacklevel=4)
+        warn(f"this run was trained with device={recorded.run.device!r} and CUDA is not available here: "
+             f"loaded on the CPU (natpg.load(path, device=...) chooses)", UserWarning)
         changes = {**changes, "device": "cpu"}
     return recorded.override(**changes).validate()
 
@@ -853,8 +875,8 @@ def _nac_that_ran_ppo(meta: dict[str, Any]) -> dict[str, Any]:
     step = (meta.get("config") or {}).get("step")
     if meta.get("algorithm") != "nac" or not isinstance(step, dict) or step.get("step") != "ppo_clip":
         return meta
-    warnings.warn("this run was recorded as nac with step='ppo_clip', which natpg ran as PPO before refusing it: "
-                  "it loads as the PPO run it was", UserWarning, stacklevel=3)
+    warn("this run was recorded as nac with step='ppo_clip', which natpg ran as PPO before refusing it: "
+         "it loads as the PPO run it was", UserWarning)
     return {**meta, "algorithm": "ppo", "config": {**meta["config"], "algorithm": "ppo"}}
 
 
@@ -887,11 +909,10 @@ def _warn_edited_config_json(path: str, meta: dict[str, Any]) -> None:
         a, b = flat(recorded), flat(shown)
         differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     if differ:
-        warnings.warn(f"{file} differs from the settings recorded in the checkpoint ({', '.join(differ)}): natpg "
-                      f"reads the checkpoint's, and writes them back to config.json at its next save. To continue "
-                      f"with other settings: natpg.load(dir, setting=value), into a new out_dir unless only "
-                      f"{', '.join(BOOKKEEPING)} change", RuntimeWarning,
-                      stacklevel=3)
+        warn(f"{file} differs from the settings recorded in the checkpoint ({', '.join(differ)}): natpg "
+             f"reads the checkpoint's, and writes them back to config.json at its next save. To continue "
+             f"with other settings: natpg.load(dir, setting=value), into a new out_dir unless only "
+             f"{', '.join(BOOKKEEPING)} change", RuntimeWarning)
 
 
 def _run_callback(callback, agent: Agent, row: dict[str, Any]) -> tuple[dict[str, Any], bool, BaseException | None]:

@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     format_warning = warnings.formatwarning
 
     def warning_line(message, category, filename, lineno, line=None):
-        if os.path.dirname(os.path.abspath(filename)).startswith(os.path.dirname(os.path.abspath(__file__))):
+        if getattr(message, "from_natpg", False):  # errors.warn's
             return f"natpg {args.command}: warning: {message}\n"
         return format_warning(message, category, filename, lineno, line)
 

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
@@ -14,6 +13,7 @@ import torch
 
 from .config import EVAL_MAX_EPISODE_STEPS, MAX_SEED, check_flag, env_kwargs_problem, is_integer, plain_json
 from .envs import make_vec_env, probe_spaces
+from .errors import warn
 from .rollout import NonFiniteEnvError, describe_unstorable, storable
 
 if TYPE_CHECKING:
@@ -177,14 +177,14 @@ def nonfinite_steps(env_id: str, obs: np.ndarray, rew: np.ndarray, running: np.n
 
 def warn_dropped_episodes(env_id: str, dropped: int, episodes: int) -> None:
     if dropped:
-        warnings.warn(f"{dropped} of {episodes} evaluation episodes on {env_id!r} ended at a non-finite "
-                      f"observation or reward (nonfinite_env='drop'); their returns are those of the steps before it",
-                      RuntimeWarning, stacklevel=3)
+        warn(f"{dropped} of {episodes} evaluation episodes on {env_id!r} ended at a non-finite "
+             f"observation or reward (nonfinite_env='drop'); their returns are those of the steps before it",
+             RuntimeWarning)
 
 
 def warn_cut_episodes(env_id: str, cut: int, episodes: int, max_episode_steps: int) -> None:
     if cut:
-        warnings.warn(f"{cut} of {episodes} evaluation episodes on {env_id!r} had not ended after "
-                      f"max_episode_steps={max_episode_steps} steps; their returns are those of the first "
-                      f"{max_episode_steps} steps (give the environment a time limit, or a larger "
-                      f"max_episode_steps)", RuntimeWarning, stacklevel=3)
+        warn(f"{cut} of {episodes} evaluation episodes on {env_id!r} had not ended after "
+             f"max_episode_steps={max_episode_steps} steps; their returns are those of the first "
+             f"{max_episode_steps} steps (give the environment a time limit, or a larger "
+             f"max_episode_steps)", RuntimeWarning)

@@ -7,13 +7,12 @@ import io
 import json
 import math
 import os
-import warnings
 from typing import Any
 
 import numpy as np
 
 from .checkpoint import CONFIG_JSON, PROGRESS_CSV, read
-from .errors import install_hint
+from .errors import install_hint, warn
 
 
 class NothingToPlot(ValueError):
@@ -143,18 +142,18 @@ def group_by_settings(run_dirs: list[str]) -> list[tuple[str, list[str]]]:
     for (key, seed), runs in seeds.items():
         kept = max(runs, key=_logged_rows)  # of a run and its --resume copy, the longer
         if len(runs) > 1:
-            warnings.warn(f"{', '.join(repr(r) for r in runs if r != kept)} and {kept!r} have the same settings "
-                          f"and seed (copies of one run, or the same run again): counted once, as {kept!r}, which "
-                          f"logged the most rows", UserWarning, stacklevel=2)
+            warn(f"{', '.join(repr(r) for r in runs if r != kept)} and {kept!r} have the same settings "
+                 f"and seed (copies of one run, or the same run again): counted once, as {kept!r}, which "
+                 f"logged the most rows", UserWarning)
         groups.setdefault(key, []).append(kept)
     for key, runs in groups.items():
         scheduled = [k.split(".", 1)[1] for k in ("step.kl_schedule", "step.lr_schedule")
                      if keyed.get(key, {}).get(k, '"constant"') != '"constant"']
         if len(runs) > 1 and scheduled and len({_schedule_end(run) for run in runs}) > 1:
-            warnings.warn(f"{', '.join(repr(r) for r in runs)} decay by {' and '.join(scheduled)} towards where each "
-                          f"was told to end (--steps, schedule_end), which config.json does not record and their "
-                          f"checkpoints give differently (or not at all): seeds of one setting only if that end is "
-                          f"the same", UserWarning, stacklevel=2)
+            warn(f"{', '.join(repr(r) for r in runs)} decay by {' and '.join(scheduled)} towards where each "
+                 f"was told to end (--steps, schedule_end), which config.json does not record and their "
+                 f"checkpoints give differently (or not at all): seeds of one setting only if that end is "
+                 f"the same", UserWarning)
     varying = sorted({k for flat in keyed.values() for k in flat
                       if len({f.get(k) for f in keyed.values()}) > 1} - {"algorithm", "env_id"})
     labelled = []
@@ -225,7 +224,7 @@ def plot_runs(run_dirs: list[str], output: str, x: str = "env_steps", y: str = "
     if not curves:
         raise empty[0]
     for exc in empty:
-        warnings.warn(f"{exc}: left out", UserWarning, stacklevel=2)
+        warn(f"{exc}: left out", UserWarning)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plotted: dict[str, tuple[list[float], list[float]]] = {}
     for label, runs in curves:
@@ -235,9 +234,8 @@ def plot_runs(run_dirs: list[str], output: str, x: str = "env_steps", y: str = "
             except ValueError as exc:
                 raise ValueError(f"{label}: {exc}") from None
             if cut := sum(r[0][0] < xs[0] or r[0][-1] > xs[-1] for r in runs):
-                warnings.warn(f"{label}: the mean over seeds is drawn where all {len(runs)} runs have points, {x} "
-                              f"{xs[0]:g} to {xs[-1]:g}; {cut} of them logged outside it, left out", UserWarning,
-                              stacklevel=2)
+                warn(f"{label}: the mean over seeds is drawn where all {len(runs)} runs have points, {x} "
+                     f"{xs[0]:g} to {xs[-1]:g}; {cut} of them logged outside it, left out", UserWarning)
             label = f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
         else:
             xs, ys = runs[0]

@@ -5,11 +5,11 @@ MuJoCo ones, the docs/BENCHMARKS.md sections the comments name."""
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from .config import REFUSED_WHEN_UNREAD, Config, unread_because
 from .envs import env_family
+from .errors import warn
 
 # Presets: algorithm defaults, then per environment family. Sources are cited in docs/algorithms.md.
 ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -137,12 +137,12 @@ def config_for(algorithm: str, env_id: str, overrides: dict[str, Any] | None = N
     config = preset.override(**(overrides or {}))
     config = config.override(**inert_preset_values(preset, config, overrides or {})).validate()
     if warn:
-        warn_unread(config, env_id, overrides or {}, stacklevel=4)
+        warn_unread(config, env_id, overrides or {})
     return config
 
 
 def warn_unread(config: Config, env_id: str, overrides: dict[str, Any], spaces: tuple | None = None,
-                stacklevel: int = 3, reference: Config | None = None) -> None:
+                reference: Config | None = None) -> None:
     """Warn of the ``overrides`` that change a preset's value (or ``reference``'s: a loaded run's settings) of a
     setting the run would not read (given the (observation, action) ``spaces``, also of those they leave unread:
     ``unread_because``)."""
@@ -156,8 +156,8 @@ def warn_unread(config: Config, env_id: str, overrides: dict[str, Any], spaces: 
     unused = [f"{key} ({why})" for key in changed_by(preset, overrides) if key not in REFUSED_WHEN_UNREAD
               and (why := unread_because(config, key, action_space_type, image))]  # those are refused, not warned of
     if unused:
-        warnings.warn(f"{config.algorithm} on {env_id} does not read these settings: {'; '.join(unused)}",
-                      UserWarning, stacklevel=stacklevel)
+        warn(f"{config.algorithm} on {env_id} does not read these settings: {'; '.join(unused)}",
+             UserWarning)
 
 
 def changed_by(preset: Config, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,6 @@ single small forward pass whatever the number of environment copies.
 from __future__ import annotations
 
 import copy
-import warnings
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 
 from .config import NONFINITE_MODES
 from .envs import EnvStateError, ObsNormalizer, RewardScaler, set_vector_env_state, vector_env_state
+from .errors import warn
 from .policies import env_action
 
 
@@ -289,8 +289,8 @@ class Sampler:
             except EnvStateError as exc:
                 reason = str(exc)
                 self.half_restored = True
-        warnings.warn(f"resuming with freshly reset environments, so the continuation is not bit-exact: {reason}",
-                      RuntimeWarning, stacklevel=2)
+        warn(f"resuming with freshly reset environments, so the continuation is not bit-exact: {reason}",
+             RuntimeWarning)
         return False
 
     def close(self) -> None:

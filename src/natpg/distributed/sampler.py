@@ -23,7 +23,6 @@ batches (docs/distributed.md).
 
 from __future__ import annotations
 
-import warnings
 from collections import deque
 from functools import partial
 from typing import Any, Protocol
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from ..envs import ObsNormalizer, RewardScaler
+from ..errors import warn
 from ..rollout import Rollout, episode_counters, restore_episode_counters, state_without_envs
 from .processes import ProcessPool
 from .ray_pool import RayPool
@@ -96,8 +96,8 @@ class DistributedSampler:
             results = self.pool.gather(handle)
             if steps == n_steps and _same_weights(policy, weights):
                 return self._merge(results, n_steps)
-            warnings.warn("the policy changed after its next rollout was started (prefetch); that rollout is "
-                          "discarded and a new one collected", RuntimeWarning, stacklevel=2)
+            warn("the policy changed after its next rollout was started (prefetch); that rollout is "
+                 "discarded and a new one collected", RuntimeWarning)
         return self._merge(self.pool.gather(self.pool.submit(*self._request(policy), n_steps)), n_steps)
 
     def prefetch(self, policy: torch.nn.Module, n_steps: int) -> None:
@@ -156,8 +156,8 @@ class DistributedSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> bool:
         restore_episode_counters(self, state)
-        warnings.warn("resuming with freshly reset environments in the rollout workers, so the continuation "
-                      "is not bit-exact", RuntimeWarning, stacklevel=2)
+        warn("resuming with freshly reset environments in the rollout workers, so the continuation "
+             "is not bit-exact", RuntimeWarning)
         return False
 
     def close(self) -> None:

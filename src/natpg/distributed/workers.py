@@ -14,7 +14,6 @@ the reward scaler tracked) and the episodes that finished, each tagged with the 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 
 from ..config import Config
 from ..envs import ObsNormalizer, RewardScaler, make_normalisers, make_vec_env, probe_spaces
+from ..errors import warn
 from ..policies import input_layout, make_policy
 from ..rollout import Rollout, Sampler
 from ..vector import first_copies, split_copies
@@ -59,8 +59,8 @@ class WorkerFailure(RuntimeError):
 
 def warn_replaced(worker: int, why: str) -> None:
     """Say that a worker failed and is replaced (fresh episodes on its copies; sampler/worker_restarts counts it)."""
-    warnings.warn(f"rollout worker {worker} failed ({why}): replaced by a fresh one, which runs its share of this "
-                  f"iteration again on freshly reset copies", RuntimeWarning, stacklevel=2)
+    warn(f"rollout worker {worker} failed ({why}): replaced by a fresh one, which runs its share of this "
+         f"iteration again on freshly reset copies", RuntimeWarning)
 
 
 class WorkerPlan:
