@@ -28,7 +28,7 @@ def test_unknown_setting_is_rejected_before_any_work_naming_valid_ones():
         natpg.NPG("CartPole-v1", max_kll=0.1)
 
 
-def test_a_misspelt_setting_gets_the_nearest_valid_name_and_a_foreign_one_none():
+def test_a_misspelt_setting_gets_the_nearest_valid_name_and_a_foreign_one_none(tmp_path):
     with pytest.raises(ValueError, match=r"did you mean 'critic_lr' for 'critic_lrr'\?"):
         natpg.NPG("CartPole-v1", critic_lrr=1e-3)
     with pytest.raises(ValueError) as err:
@@ -41,6 +41,20 @@ def test_a_misspelt_setting_gets_the_nearest_valid_name_and_a_foreign_one_none()
     with pytest.raises(ValueError, match=r"target_kl=0.01 would not be read: read by step ppo_clip.* is max_kl"):
         natpg.TRPO("CartPole-v1", target_kl=0.01)  # sb3-contrib TRPO's name for the KL budget
     assert natpg.PPO("CartPole-v1", target_kl=0.01).config.step.target_kl == 0.01
+    with pytest.raises(ValueError, match=r"^unknown setting\(s\) \['ortho_init'\] \('ortho_init' is Stable-Baselines3's, "
+                                         r"with no natpg setting: natpg's layers are always initialised orthogonally "
+                                         r"\(SB3's ortho_init=True\)\)$"):  # not "did you mean 'log_std_init'"
+        natpg.PPO("CartPole-v1", ortho_init=False)
+    agent = natpg.NPG("CartPole-v1", n_envs=2, n_steps=32, tensorboard=False)
+    agent.save(os.path.join(tmp_path, "m"))
+    with pytest.raises(ValueError, match=r"'env' is Stable-Baselines3's, with no natpg setting: an agent is built for"):
+        natpg.load(os.path.join(tmp_path, "m"), env="CartPole-v0")  # SB3's load(path, env=...), not n_envs
+    for named in (dict(learning_rate=1e-3), dict(critic_lrr=1e-3)):  # each name explained: no list of all 70
+        with pytest.raises(ValueError) as err:
+            natpg.NPG("CartPole-v1", **named)
+        assert "valid settings" not in str(err.value)
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['zzzz'\]; valid settings: \['action_mask', "):
+        natpg.NPG("CartPole-v1", zzzz=1)  # nothing near: the list
 
 
 @pytest.mark.parametrize("setting,pattern", [

@@ -303,6 +303,17 @@ FOREIGN_NAMES: dict[str, str] = {
 }
 
 
+# Stable-Baselines3 names with nothing to set in natpg, and why.
+FOREIGN_WITHOUT_EQUIVALENT: dict[str, str] = {
+    "ortho_init": "natpg's layers are always initialised orthogonally (SB3's ortho_init=True)",
+    "env": "an agent is built for an environment id, its first argument (natpg.NPG('Hopper-v5')), and a loaded "
+           "run keeps its own; natpg.evaluate(agent, env_id) evaluates on another id with the same spaces",
+    "custom_objects": "settings changed at loading are keywords of natpg.load(dir, setting=value)",
+    "use_sde": "natpg has no state-dependent exploration (gSDE)", "sde_sample_freq": "natpg has no gSDE",
+    "stats_window_size": "ep_return_mean is over the last 100 episodes",
+}
+
+
 def env_kwargs_problem(kwargs: Any) -> str | None:
     """What is wrong with ``env_kwargs`` for gymnasium.make and the checkpoint, or None."""
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
@@ -536,14 +547,18 @@ class Config:
         index = self.field_index()
         unknown = sorted(k for k in overrides if k not in index)
         if unknown:
+            foreign = {**FOREIGN_NAMES, **FOREIGN_WITHOUT_EQUIVALENT}
+            # a typo is close (max_kll, gama, n_step); 'env' is not n_envs, nor 'ortho_init' log_std_init
             near = {k: m[0] for k in unknown
-                    if k not in FOREIGN_NAMES and (m := difflib.get_close_matches(k, index, n=1))}
-            hints = [f"{k!r} is Stable-Baselines3's name: natpg's is {FOREIGN_NAMES[k]}" for k in unknown
-                     if k in FOREIGN_NAMES]
+                    if k not in foreign and (m := difflib.get_close_matches(k, index, n=1, cutoff=0.7))}
+            hints = [f"{k!r} is Stable-Baselines3's name: natpg's is {FOREIGN_NAMES[k]}" if k in FOREIGN_NAMES
+                     else f"{k!r} is Stable-Baselines3's, with no natpg setting: {FOREIGN_WITHOUT_EQUIVALENT[k]}"
+                     for k in unknown if k in foreign]
             if near:
                 hints.insert(0, "did you mean " + ", ".join(f"{m!r} for {k!r}" for k, m in near.items()) + "?")
             hint = f" ({'; '.join(hints)})" if hints else ""
-            raise ValueError(f"unknown setting(s) {unknown}{hint}; valid settings: {sorted(index)}")
+            listing = "" if all(k in foreign or k in near for k in unknown) else f"; valid settings: {sorted(index)}"
+            raise ValueError(f"unknown setting(s) {unknown}{hint}{listing}")
         cfg = self.to_dict()
         for k, v in overrides.items():
             current = cfg[index[k]][k]
