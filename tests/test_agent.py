@@ -513,6 +513,19 @@ def test_a_learn_call_that_decays_a_schedule_towards_another_end_warns(tmp_path)
         natpg.load(tmp_path / "m").learn(64)
 
 
+def test_a_learn_into_its_run_directory_after_one_without_it_names_the_gap(tmp_path):
+    """The updates of a learn call without out_dir are in none of DIR's logs: going on into DIR warns of the gap."""
+    agent = natpg.NPG("CartPole-v1", seed=0, **small())
+    agent.learn(64, out_dir=str(tmp_path)).learn(128)
+    with pytest.warns(UserWarning, match=r"holds this run at env step 64 \(update 1\), the agent is at 192 \(update "
+                                         r"3\): the updates trained since without out_dir are not in its logs"):
+        agent.learn(64, out_dir=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        agent.learn(64, out_dir=str(tmp_path))  # no gap now
+        natpg.load(str(tmp_path)).learn(64, out_dir=str(tmp_path))
+
+
 def test_warnings_from_inside_natpg_point_at_the_users_line():
     """learn runs under torch's decorators and warns several calls deep: the warning names the caller's file."""
     agent = natpg.NPG("Pendulum-v1", seed=0, **small())  # 200-step episodes: none ends in 32 steps per copy
