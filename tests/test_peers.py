@@ -1,8 +1,13 @@
-"""natpg's updates against a published implementation of the same algorithm, on the same weights and the same batch.
+"""natpg's updates against published implementations of the same algorithms, on the same weights and the same batch.
 
-sb3-contrib's TRPO (Raffin et al., the peer natpg is benchmarked against) is written independently of natpg: its own
-surrogate, KL Hessian-vector products by double backward, conjugate gradient and backtracking line search. Given the
-same policy and the same batch, one TRPO update of each must land on the same parameters, to float32 rounding.
+sb3-contrib's TRPO and Stable-Baselines3's PPO (the peers natpg is benchmarked against) are written independently of
+natpg: their own surrogates, KL Hessian-vector products by double backward, conjugate gradient, line search, clipped
+objective and Adam loop. Given the same policy and the same batch, one update of each must land on the same
+parameters; in float64, so that what is compared is the maths, not the rounding.
+
+The peers are changed in three places, none in their updates: their observations keep their float64 (they cast them
+to float32), and sb3-contrib's conjugate gradient starts from zero, as natpg's, instead of 10⁻⁴ of Gaussian noise.
+Their buffers hand out actions as float32, so the batch's actions are float32 values on both sides.
 """
 
 import numpy as np
@@ -16,18 +21,14 @@ from natpg.advantages import normalize_advantages
 from natpg.algorithms import Batch, surrogate
 
 sb3_contrib = pytest.importorskip("sb3_contrib")
+N = 512  # samples in the batch
 
 
-def sb3_trpo_like(agent, n: int, cg_iters: int, max_kl: float):
-    """sb3-contrib's TRPO with natpg's architecture and update settings, holding a copy of ``agent``'s actor."""
+def with_agents_actor(model, agent):
+    """``model`` (an SB3 on-policy algorithm with natpg's [64, 64] tanh actor) holding a float64 copy of
+    ``agent``'s actor, and the policy's Linear layers of each, in the same order."""
     from stable_baselines3.common.logger import Logger
 
-    model = sb3_contrib.TRPO("MlpPolicy", agent.env_id, n_steps=n, batch_size=n, n_critic_updates=1,
-                             cg_max_steps=cg_iters, cg_damping=agent.config.curvature.damping,
-                             line_search_shrinking_factor=agent.config.step.backtrack_shrink,
-                             line_search_max_iter=agent.config.step.backtrack_iters, target_kl=max_kl,
-                             normalize_advantage=True, device="cpu", seed=0,
-                             policy_kwargs=dict(net_arch=dict(pi=[64, 64], vf=[64, 64]), activation_fn=nn.Tanh))
     model.set_logger(Logger(folder=None, output_formats=[]))
     ours = [m for m in agent.policy.modules() if isinstance(m, nn.Linear)]
     theirs = [m for m in model.policy.mlp_extractor.policy_net if isinstance(m, nn.Linear)] + [model.policy.action_net]
@@ -38,7 +39,12 @@ def sb3_trpo_like(agent, n: int, cg_iters: int, max_kl: float):
             b.bias.copy_(a.bias)
         if hasattr(agent.policy, "log_std"):
             model.policy.log_std.copy_(agent.policy.log_std)
-    return model, theirs
+    agent.policy.double()
+    model.policy.double()
+    return ours, theirs
+
+
+ARCH = dict(net_arch=dict(pi=[64, 64], vf=[64, 64]), activation_fn=nn.Tanh)
 
 
 def actor_vector(linears, log_std=None) -> torch.Tensor:
@@ -46,40 +52,55 @@ def actor_vector(linears, log_std=None) -> torch.Tensor:
     return torch.cat(parts + ([log_std.detach().reshape(-1)] if log_std is not None else []))
 
 
-def one_update_each(env_id: str, max_kl: float, monkeypatch):
-    """One TRPO update by natpg and one by sb3-contrib's ``train()`` from the same actor weights on the same batch
-    (random states, actions drawn from the policy, random advantages), in float64 on both sides: (natpg's update
-    statistics, natpg's step, sb3-contrib's step, sb3-contrib's logged KL, and KL(new‖old) of natpg's new policy).
-
-    sb3-contrib is changed in two places, neither in its update: its conjugate gradient starts from zero, as natpg's,
-    instead of 10⁻⁴ of Gaussian noise, and its observations keep their float64 (it casts them to float32)."""
-    n, cg_iters = 512, 10
-    agent = natpg.TRPO(env_id, seed=3, max_kl=max_kl, cg_iters=cg_iters, n_envs=1, n_steps=n, torch_threads=1,
-                       tensorboard=False)
-    model, theirs = sb3_trpo_like(agent, n, cg_iters, max_kl)
-    policy = agent.policy.double()  # float64 on both sides: the comparison is of the maths, not of rounding
-    model.policy.double()
+def shared_batch(agent, model) -> Batch:
+    """A batch for ``agent`` (random states, actions drawn from its policy, random advantages), and the same in
+    ``model``'s rollout buffer (float64 arrays in place of its float32 ones; advantages raw, as SB3 normalises them
+    itself)."""
+    policy = agent.policy
     g = torch.Generator().manual_seed(0)
-    obs = torch.randn(n, agent.observation_space.shape[0], generator=g, dtype=torch.float64)
+    obs = torch.randn(N, agent.observation_space.shape[0], generator=g, dtype=torch.float64)
     with torch.no_grad():
         eta_old = policy(obs)
         dist = policy.head.dist(eta_old)
         act = dist.sample()
-        act = act.float().to(act.dtype)  # sb3-contrib's buffer hands out actions as float32: the same actions
+        act = act.float().to(act.dtype)  # SB3's buffers hand out actions as float32: the same actions
         logp_old = dist.log_prob(act)
-    adv_raw = torch.randn(n, generator=g, dtype=torch.float64) * 3.0 + 0.5
-    batch = Batch(obs=obs, act=act, adv=normalize_advantages(adv_raw), ret=torch.zeros(n, dtype=torch.float64),
-                  logp_old=logp_old, eta_old=eta_old)
-
-    buf = model.rollout_buffer  # its float32 arrays replaced by float64 ones of the same shapes
+    adv_raw = torch.randn(N, generator=g, dtype=torch.float64) * 3.0 + 0.5
+    buf = model.rollout_buffer
     buf.reset()
     for name, value in (("observations", obs), ("actions", act), ("advantages", adv_raw), ("log_probs", logp_old),
-                        ("returns", torch.zeros(n)), ("values", torch.zeros(n))):
+                        ("returns", torch.zeros(N)), ("values", torch.zeros(N))):
         setattr(buf, name, value.numpy().astype(np.float64).reshape(getattr(buf, name).shape))
-    buf.full, buf.pos = True, n
+    buf.full, buf.pos = True, N
+    return Batch(obs=obs, act=act, adv=normalize_advantages(adv_raw), ret=torch.zeros(N, dtype=torch.float64),
+                 logp_old=logp_old, eta_old=eta_old)
 
-    log_std = getattr(policy, "log_std", None)
-    ours = [m for m in policy.modules() if isinstance(m, nn.Linear)]
+
+def keep_float64(monkeypatch) -> None:
+    import stable_baselines3.common.policies as sb3_policies
+
+    monkeypatch.setattr(sb3_policies, "preprocess_obs", lambda obs, *args, **kwargs: obs)  # not cast to float32
+
+
+def largest_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| as a fraction of max |a|."""
+    return float((a - b).abs().max()) / float(a.abs().max())
+
+
+def trpo_update_each(env_id: str, max_kl: float, monkeypatch):
+    """One TRPO update by natpg and one by sb3-contrib's ``train()``: (natpg's update statistics, natpg's step,
+    sb3-contrib's step, sb3-contrib's logged KL, and KL(new‖old) of natpg's new policy)."""
+    cg_iters = 10
+    agent = natpg.TRPO(env_id, seed=3, max_kl=max_kl, cg_iters=cg_iters, n_envs=1, n_steps=N, torch_threads=1,
+                       tensorboard=False)
+    c, s = agent.config.curvature, agent.config.step
+    model = sb3_contrib.TRPO("MlpPolicy", env_id, n_steps=N, batch_size=N, n_critic_updates=1, cg_max_steps=cg_iters,
+                             cg_damping=c.damping, line_search_shrinking_factor=s.backtrack_shrink,
+                             line_search_max_iter=s.backtrack_iters, target_kl=max_kl, normalize_advantage=True,
+                             device="cpu", seed=0, policy_kwargs=ARCH)
+    ours, theirs = with_agents_actor(model, agent)
+    batch = shared_batch(agent, model)
+    policy, log_std = agent.policy, getattr(agent.policy, "log_std", None)
     before = actor_vector(ours, log_std)
     assert torch.equal(before, actor_vector(theirs, getattr(model.policy, "log_std", None)))
 
@@ -88,21 +109,14 @@ def one_update_each(env_id: str, max_kl: float, monkeypatch):
     agent.actor_update.curvature.tol = 1e-5 / float(torch.cat([t.reshape(-1) for t in gradient]).norm())
     stats = agent.actor_update.update(policy, batch)
     monkeypatch.setattr(torch, "randn_like", torch.zeros_like)  # sb3-contrib's CG start, 1e-4·N(0, 1), at zero
-    import stable_baselines3.common.policies as sb3_policies
-
-    monkeypatch.setattr(sb3_policies, "preprocess_obs", lambda obs, *args, **kwargs: obs)  # not cast to float32
+    keep_float64(monkeypatch)
     model.train()
 
     step_ours = actor_vector(ours, log_std) - before
     step_theirs = actor_vector(theirs, getattr(model.policy, "log_std", None)) - before
     with torch.no_grad():
-        kl_new_old = float(kl_divergence(policy.dist(obs), policy.head.dist(eta_old)).mean())
+        kl_new_old = float(kl_divergence(policy.dist(batch.obs), policy.head.dist(batch.eta_old)).mean())
     return stats, step_ours, step_theirs, model.logger.name_to_value["train/kl_divergence_loss"], kl_new_old
-
-
-def largest_gap(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a − b| as a fraction of max |a|."""
-    return float((a - b).abs().max()) / float(a.abs().max())
 
 
 @pytest.mark.parametrize("env_id, max_kl, backtracks", [
@@ -111,8 +125,8 @@ def largest_gap(a: torch.Tensor, b: torch.Tensor) -> float:
 ])
 def test_one_trpo_update_lands_where_sb3_contribs_does(env_id, max_kl, backtracks, monkeypatch):
     """Gradient, Fisher-vector products, conjugate gradient, the step √(2δ / dᵀ(F + λI)d) and the backtracking line
-    search: the parameters after one update of each agree to 10⁻⁹ of the step, in float64."""
-    stats, ours, theirs, their_kl, kl_new_old = one_update_each(env_id, max_kl, monkeypatch)
+    search: the parameters after one update of each agree to 10⁻⁹ of the step."""
+    stats, ours, theirs, their_kl, kl_new_old = trpo_update_each(env_id, max_kl, monkeypatch)
     assert stats["step/accepted"] == 1.0 and stats["step/backtracks"] == backtracks
     assert float(ours.norm()) > 1e-3 and largest_gap(ours, theirs) <= 1e-9
     assert np.isclose(kl_new_old, their_kl, rtol=1e-9)  # the KL sb3-contrib logs, of the same new policy
@@ -124,6 +138,36 @@ def test_trpo_constrains_kl_old_new_as_the_paper_where_sb3_contrib_measures_kl_n
     KL(π_old ‖ π_new), which natpg's line search measures; sb3-contrib's measures KL(π_new ‖ π_old), equal to second
     order only. On this Pendulum batch with δ = 0.05 the full step has KL(old‖new) = 0.0511 > δ, so natpg backtracks
     once, while its KL(new‖old) < δ, so sb3-contrib keeps it: natpg's step is exactly 0.8 of sb3-contrib's."""
-    stats, ours, theirs, their_kl, kl_new_old = one_update_each("Pendulum-v1", 0.05, monkeypatch)
+    stats, ours, theirs, their_kl, kl_new_old = trpo_update_each("Pendulum-v1", 0.05, monkeypatch)
     assert stats["step/backtracks"] == 1.0 and stats["step/kl_full_step"] > 0.05 > their_kl
     assert largest_gap(0.8 * theirs, ours) <= 1e-9
+
+
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
+def test_ppo_epochs_land_where_stable_baselines3s_do(env_id, monkeypatch):
+    """Ten epochs of PPO's clipped objective by Adam (whole-batch minibatches, so that both take the same steps
+    whatever order they shuffle the samples in; gradient norm clipped to 0.5; Adam's ε 10⁻⁵ on both sides): the actor
+    after natpg's update and after Stable-Baselines3's ``PPO.train()`` (its value loss weighted 0, so that its joint
+    loss is the actor's) agree to 10⁻⁹ of the change, in float64."""
+    from stable_baselines3 import PPO
+
+    epochs, alpha = 10, 3e-3
+    agent = natpg.PPO(env_id, seed=3, n_envs=1, n_steps=N, alpha=alpha, ppo_epochs=epochs, ppo_minibatch=N,
+                      clip_range=0.2, target_kl=0.0, max_grad_norm=0.5, torch_threads=1, tensorboard=False)
+    model = PPO("MlpPolicy", env_id, n_steps=N, batch_size=N, n_epochs=epochs, learning_rate=alpha, clip_range=0.2,
+                ent_coef=0.0, vf_coef=0.0, max_grad_norm=0.5, target_kl=None, normalize_advantage=True, device="cpu",
+                seed=0, policy_kwargs=ARCH)
+    ours, theirs = with_agents_actor(model, agent)
+    batch = shared_batch(agent, model)
+    log_std = getattr(agent.policy, "log_std", None)
+    before = actor_vector(ours, log_std)
+    stats = agent.actor_update.update(agent.policy, batch)
+    keep_float64(monkeypatch)
+    model.train()
+
+    step_ours = actor_vector(ours, log_std) - before
+    step_theirs = actor_vector(theirs, getattr(model.policy, "log_std", None)) - before
+    assert stats["step/sgd_steps"] == epochs and 0.0 < stats["step/clip_fraction"]  # the clip was reached
+    assert float(step_ours.norm()) > 1e-2 and largest_gap(step_ours, step_theirs) <= 1e-9
+    # SB3's train/clip_fraction counts |r − 1| > ε, natpg's step/clip_fraction only where the clip binds (docs/logs.md)
+    assert stats["step/clip_fraction"] < model.logger.name_to_value["train/clip_fraction"]
