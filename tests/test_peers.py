@@ -171,3 +171,37 @@ def test_ppo_epochs_land_where_stable_baselines3s_do(env_id, monkeypatch):
     assert float(step_ours.norm()) > 1e-2 and largest_gap(step_ours, step_theirs) <= 1e-9
     # SB3's train/clip_fraction counts |r − 1| > ε, natpg's step/clip_fraction only where the clip binds (docs/logs.md)
     assert stats["step/clip_fraction"] < model.logger.name_to_value["train/clip_fraction"]
+
+
+@pytest.mark.parametrize("gamma, lam", [(0.99, 0.95), (0.9, 1.0), (0.999, 0.0)])
+def test_gae_equals_stable_baselines3s_with_terminations_and_time_limits(gamma, lam):
+    """natpg's GAE against SB3's RolloutBuffer.compute_returns_and_advantage on the same rollout (4 copies × 64 steps,
+    episodes that terminate and episodes cut by a time limit, in float64). SB3 bootstraps a time limit by adding
+    γ·V(final observation) to that step's reward (OnPolicyAlgorithm.collect_rollouts) and cuts the trace at every
+    episode end; natpg reads V(final observation) as the step's next value: the same advantages and returns."""
+    from gymnasium import spaces
+    from stable_baselines3.common.buffers import RolloutBuffer
+
+    from natpg.advantages import gae
+
+    T, n = 64, 4
+    rng = np.random.default_rng(0)
+    rew, values = rng.normal(size=(T, n)), rng.normal(size=(T, n))
+    ends = rng.random((T, n))
+    terminated, truncated = ends < 0.05, (ends >= 0.05) & (ends < 0.1)
+    done = terminated | truncated
+    final_values = rng.normal(size=(T, n))  # V of the episode's last observation, where one ended
+    last_values = rng.normal(size=n)  # V(s_T), after the rollout
+    next_values = np.where(done, final_values, np.concatenate([values[1:], last_values[None]]))
+    t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
+    adv, ret = gae(t(rew), t(values), t(next_values), t(terminated), t(done), gamma, lam)
+
+    buf = RolloutBuffer(T, spaces.Box(-1, 1, (1,)), spaces.Discrete(2), device="cpu", gamma=gamma, gae_lambda=lam,
+                        n_envs=n)
+    buf.rewards = rew + gamma * final_values * truncated  # collect_rollouts' time-limit bootstrap
+    buf.values = values.copy()
+    buf.episode_starts = np.concatenate([np.zeros((1, n)), done[:-1]]).astype(np.float64)
+    buf.advantages = np.zeros((T, n))
+    buf.compute_returns_and_advantage(t(last_values), done[-1])
+    assert np.abs(adv.numpy() - buf.advantages).max() <= 1e-12 * np.abs(buf.advantages).max()
+    assert np.abs(ret.numpy() - buf.returns).max() <= 1e-12 * np.abs(buf.returns).max()
