@@ -878,6 +878,16 @@ def test_overwrite_never_deletes_files_with_natpgs_names_that_natpg_did_not_writ
     assert natpg.load(str(run)).algorithm == "npg" and _rows(run) == [64]
 
 
+def test_save_to_an_sb3_style_zip_name_is_refused_naming_the_two_forms(tmp_path):
+    """SB3's model.save("model.zip") writes one file; natpg would have made a directory named model.zip."""
+    agent = natpg.NPG("CartPole-v1", **small())
+    with pytest.raises(ValueError, match=r"natpg saves a run directory, or one file whose name ends in .pt, .*give "
+                                         r"'.*model.pt' for one file, or '.*model' for a directory"):
+        agent.save(str(tmp_path / "model.zip"))
+    assert not os.path.exists(tmp_path / "model.zip")
+    assert agent.save(str(tmp_path / "model.pt")).endswith("model.pt")
+
+
 def test_save_refuses_a_directory_or_file_holding_another_run_unless_overwrite(tmp_path):
     """save into a run directory of another run (or over its model.pt) would pair that run's log with a foreign
     checkpoint, and a later resume would drop the log's rows: refused, nothing written; the run's own agent saves

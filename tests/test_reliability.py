@@ -390,7 +390,7 @@ def _cli_cases():
         (["train", "npg", "CartPole-v1", "--resume", "{root}/logs_only"], "not a natpg run"),
         (["train", "npg", "CartPole-v1", "--resume", "{root}/pend"], "that run is npg on Pendulum-v1"),
         (["train", "npg", "CartPole-v1", "--resume", "{root}/cart", "--set", "max_kl=0.1"],
-         "settings cannot change it"),
+         r"to go on with other \['max_kl'\], give --out NEW"),
         (["train", "npg", "CartPole-v1", "--resume", "{root}/cart", "--seed", "7"], "that run has seed 0, not 7"),
         (["train", "npg", "CartPole-v1", "--out", "{root}/foreign.pt/run"], r"foreign.pt' is a file"),
         (["train", "npg", "CartPole-v1", "--seed", str(2**70)], r"seed must be a non-negative integer below 2\*\*62"),
@@ -1002,8 +1002,18 @@ def test_a_run_resumes_with_other_logging_checkpoint_and_evaluation_settings(tmp
     assert [r["env_steps"] for r in rows if r.get("eval/return_mean", "nan") != "nan"] == ["96", "192"]
     capsys.readouterr()
     assert cli(["train", "npg", "CartPole-v1", "--steps", "256", "--resume", run, "--set", "max_kl=0.1", *common]) == 2
-    assert "settings cannot change it (got different ['max_kl']; those of logging and evaluation can" in \
-        capsys.readouterr().err
+    assert ("--resume DIR keeps the run's recorded config in DIR, but for the settings of logging and evaluation "
+            "(log_interval, ") in capsys.readouterr().err
+    # into a new directory the run goes on with the change, as natpg.load(DIR, max_kl=0.1) does
+    tuned, by_hand = str(tmp_path / "tuned"), str(tmp_path / "by_hand")
+    assert cli(["train", "npg", "CartPole-v1", "--steps", "256", "--resume", run, "--out", tuned, "--set",
+                "max_kl=0.1", *common]) == 0
+    natpg.load(run, max_kl=0.1).learn(64, out_dir=by_hand, reset=False)
+    assert natpg.load(tuned).config.step.max_kl == 0.1 and natpg.load(tuned).env_steps == 256
+    assert torch.equal(flat_params(natpg.load(tuned).policy), flat_params(natpg.load(by_hand).policy))
+    assert [int(r["env_steps"]) for r in progress_rows(tmp_path / "tuned")] == [256]  # its own log (log_interval 2)
+    assert json.loads((tmp_path / "tuned" / "config.json").read_text())["step"]["max_kl"] == 0.1
+    assert natpg.load(run).config.step.max_kl != 0.1 and natpg.load(run).env_steps == 192  # left as it was
 
 
 def test_tensorboard_drops_what_a_killed_run_logged_after_its_checkpoint(tmp_path):

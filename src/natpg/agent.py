@@ -611,6 +611,10 @@ class Agent:
         ``checkpoint.RUN_OUTPUTS``); an earlier state of this run is replaced, its log kept."""
         checkpoint.checkpoint_file(path)  # a clear error for an empty path or one that is not a path
         check_flag("overwrite", overwrite)
+        if os.fspath(path).lower().endswith(".zip") and not os.path.isdir(path):  # SB3's model.zip: not a folder
+            raise ValueError(f"save({os.fspath(path)!r}): natpg saves a run directory, or one file whose name ends in "
+                             f".pt, so this would be a directory named like a zip file; give "
+                             f"{os.fspath(path)[:-4] + '.pt'!r} for one file, or {os.fspath(path)[:-4]!r} for a directory")
         if checkpoint.is_file_path(path):  # one checkpoint file, not a run directory: nothing to lock
             if os.path.lexists(path):
                 holds_this_run(self, path, [os.path.basename(path)], overwrite, "save", file=True)

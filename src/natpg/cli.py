@@ -270,7 +270,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             elif args.out is None:
                 raise ValueError(f"--resume {args.resume!r} is one checkpoint file, not a run directory: give --out "
                                  f"DIR for the continued run's logs and checkpoints")
-            agent = _resume(args, overrides)
+            agent, changed = _resume(args, overrides)
             out = args.resume if args.out is None else args.out  # '' (an unset $OUT) is refused, not read as none
             target = args.steps if args.steps is not None else agent.target_steps or DEFAULT_STEPS
             steps, reset = target - agent.env_steps, False
@@ -281,7 +281,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 return 0
             if os.path.realpath(out) != os.path.realpath(args.resume):
                 lock.enter_context(run_dir_lock(check_out_dir(out)))
-                if not claim_run_dir(agent, out) and run_dir:  # a new directory: the run goes on there, with its logs
+                # a new directory: the run goes on there with its logs, or with other settings from its own first row
+                if not claim_run_dir(agent, out) and run_dir and not changed:
                     copy_run(args.resume, out)
         else:
             seed = 0 if args.seed is None else args.seed
@@ -342,20 +343,29 @@ def _resumable(run_dir: str) -> str:
 
 
 def _resume(args: argparse.Namespace, overrides: dict[str, Any]):
+    """The agent --resume continues, and the settings --set changes in it beyond how it is logged, checkpointed and
+    evaluated (``BOOKKEEPING``): those continue the run into a new --out only, as natpg.load(DIR, key=value) does."""
     from .agent import load
     from .rundir import BOOKKEEPING
 
     agent = load(args.resume, **{k: v for k, v in overrides.items() if k in BOOKKEEPING})  # logging, evaluation
     changed = sorted(k for k, v in overrides.items() if agent.config.override(**{k: v}) != agent.config)
-    if changed:  # repeating the original command line with --resume is fine; changing the config is not
-        raise ValueError(f"--resume continues a run with its recorded config; settings cannot change it "
-                         f"(got different {changed}; those of logging and evaluation can: {', '.join(BOOKKEEPING)})")
+    if changed:  # repeating the original command line with --resume is fine
+        out = args.resume if args.out is None else args.out
+        if os.path.realpath(out) == os.path.realpath(args.resume):
+            raise ValueError(f"--resume DIR keeps the run's recorded config in DIR, but for the settings of logging "
+                             f"and evaluation ({', '.join(BOOKKEEPING)}); to go on with other {changed}, give --out "
+                             f"NEW: the run continues there from its last checkpoint with the new settings, its logs "
+                             f"starting at that step, and DIR stays as it was")
     if (agent.algorithm, agent.env_id) != (args.algo, args.env_id):
         raise ValueError(f"--resume {args.resume!r}: that run is {agent.algorithm} on {agent.env_id}, not "
                          f"{args.algo} on {args.env_id}")
     if args.seed is not None and args.seed != agent.seed:
         raise ValueError(f"--resume {args.resume!r}: that run has seed {agent.seed}, not {args.seed}")
-    return agent
+    if changed:
+        agent.close()
+        agent = load(args.resume, **{k: v for k, v in overrides.items() if k in changed or k in BOOKKEEPING})
+    return agent, changed
 
 
 class _StopOnSignal:
