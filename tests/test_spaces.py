@@ -740,3 +740,64 @@ def test_integer_overflow_against_the_integers_the_dtype_holds(value, dtype, fit
 
     assert reference() == fits
     assert (integer_overflow(value, np.dtype(dtype)) is None) == fits
+
+
+# --------------------------------------------------------------------------------------------------
+# natpg.export: the deterministic policy as a plain torch module
+# --------------------------------------------------------------------------------------------------
+
+EXPORT_CASES = CASES + [("Pendulum-v1", {}), ("CartPole-v1", {}), ("natpgspace/IntBox-v0", {}),
+                        ("natpgspace/IntBox-v0", {"action_squash": "tanh"})]
+if "natpgspace/IntBox-v0" not in gym.registry:  # integer Box actions: rounded to the nearest value
+    gym.register("natpgspace/IntBox-v0", entry_point=lambda: SpaceEnv(spaces.Box(-3, 3, (2, 2)),
+                                                                       spaces.Box(-5, 5, (2,), np.int16)))
+
+
+@pytest.mark.parametrize("env_id, kw", EXPORT_CASES, ids=[f"{e}-{sorted(k.values())}" for e, k in EXPORT_CASES])
+def test_an_exported_policy_acts_as_predict_does_without_natpg(env_id, kw, tmp_path):
+    """natpg.export(agent)(obs[, mask]) equals agent.predict(obs) on a batch of the environment's own observations
+    (normalisation statistics trained, so not the identity), in the action space's dtype, for every kind of space;
+    after torch.save/torch.load of the module alone (no natpg object in it) too."""
+    agent = natpg.NPG(env_id, seed=0, **tiny("NPG", env_id, **kw))
+    agent.learn(agent.config.batch_size * 2)
+    env = gym.make(env_id)
+    obs, info = env.reset(seed=1)
+    rows, masks = [], []
+    for _ in range(16):
+        rows.append(obs)
+        masks.append(info.get("action_mask"))
+        allowed = None if masks[-1] is None else np.asarray(masks[-1], np.int8)
+        obs, _, term, trunc, info = env.step(env.action_space.sample(allowed))
+        if term or trunc:
+            obs, info = env.reset()
+    space = agent.observation_space
+    flat = np.stack([np.asarray(o) if isinstance(space, spaces.Box) else spaces.flatten(space, o) for o in rows])
+    masked = "action_mask" in kw
+    expected = agent.predict(rows if not isinstance(space, spaces.Box) else np.stack(rows),
+                             action_mask=np.stack(masks) if masked else None)
+    module = natpg.export(agent)
+    args = (torch.as_tensor(flat),) + ((torch.as_tensor(np.stack(masks)),) if masked else ())
+    with torch.no_grad():
+        got = module(*args)
+    assert got.numpy().dtype == np.asarray(expected).dtype or isinstance(agent.action_space, spaces.Discrete)
+    if kw.get("action_squash") == "tanh" and agent.action_space.dtype.kind == "f":  # np.tanh and torch.tanh: ULPs
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(got.numpy(), expected)
+    torch.save(module, tmp_path / "policy.pt")
+    agent.learn(agent.config.batch_size)  # the module is a copy: training on does not change it
+    reloaded = torch.load(tmp_path / "policy.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(reloaded(*args), got)
+
+
+def test_an_exported_policy_goes_through_torch_export_and_asks_for_its_mask():
+    agent = natpg.PPO("Pendulum-v1", seed=0, n_envs=2, n_steps=32, tensorboard=False)
+    agent.learn(128)
+    module = natpg.export(agent)
+    obs = torch.randn(5, 3)
+    program = torch.export.export(module, (obs,))
+    assert torch.equal(program.module()(obs), module(obs))
+    masked = natpg.NPG("Taxi-v4", action_mask="action_mask", n_envs=2, n_steps=8, tensorboard=False)
+    with pytest.raises(ValueError, match=r"trained with action masking: pass action_mask \[B, n\]"):
+        natpg.export(masked)(torch.zeros(1, 500))

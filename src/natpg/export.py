@@ -1,0 +1,89 @@
+"""A trained policy as a plain torch module, for use without natpg: observations in, the environment's actions out.
+
+``natpg.export(agent)`` copies what ``agent.predict(obs)`` (deterministic) computes into one ``nn.Module`` of
+buffers and the policy network: the frozen observation normalisation, the network, the greedy action, and the
+clipping or tanh rescaling into the action space's bounds. Nothing of it reads natpg, numpy or Gymnasium at run
+time, so the module can be saved with ``torch.save``, traced with ``torch.export.export`` or handed to ONNX.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+from .policies import integer_range
+
+
+class ExportedPolicy(nn.Module):
+    """``forward(obs[, action_mask])`` → actions [B, *action_shape], equal to ``agent.predict(obs)`` row by row.
+
+    ``obs`` is a batch [B, *shape] of the agent's Box observations as the environment gives them (any dtype; an
+    image as its uint8 frame), or, for a Dict, Tuple or Discrete observation space, of
+    ``gymnasium.spaces.flatten(space, obs)`` vectors [B, flatdim]. A policy trained with action masking takes
+    ``action_mask`` [B, n] (1 = allowed) as its second argument. The actions have the action space's dtype (int64
+    for Discrete); a Gaussian policy's are its mean, clipped to the bounds or tanh-rescaled into them as in
+    training."""
+
+    def __init__(self, agent) -> None:
+        super().__init__()
+        obs_space, act_space = agent.observation_space, agent.action_space
+        self.policy = copy.deepcopy(agent.policy).to("cpu").eval()
+        for p in self.policy.parameters():
+            p.requires_grad_(False)
+        self.obs_width = math.prod(obs_space.shape) if isinstance(obs_space, gym.spaces.Box) \
+            else int(gym.spaces.flatdim(obs_space))
+        self.masked = agent.config.env.action_mask is not None
+        norm = agent.obs_normalizer
+        self.normalize, self.clip, self.passthrough = bool(norm.enabled), float(norm.clip), int(norm.passthrough)
+        # float64, as natpg normalises: the same float32 inputs reach the network
+        self.register_buffer("obs_mean", torch.as_tensor(np.asarray(norm.rms.mean), dtype=torch.float64))
+        self.register_buffer("obs_scale", torch.sqrt(torch.as_tensor(np.asarray(norm.rms.var), dtype=torch.float64)
+                                                     + 1e-8))
+        self.discrete = isinstance(act_space, gym.spaces.Discrete)
+        self.action_shape = tuple(act_space.shape)
+        self.action_dtype = torch.int64 if self.discrete else torch.from_numpy(np.zeros(0, act_space.dtype)).dtype
+        self.box = isinstance(act_space, gym.spaces.Box)
+        self.squash = bool(getattr(agent.policy, "squash", False))
+        self.integer = self.box and act_space.dtype.kind in "ui"
+        if self.box:
+            low, high = act_space.low, act_space.high
+            dtype = torch.float64 if self.integer else torch.float32  # env_action's arithmetic
+            self.register_buffer("low", torch.as_tensor(low.astype(np.float64) if self.integer else low, dtype=dtype))
+            self.register_buffer("high", torch.as_tensor(high.astype(np.float64) if self.integer else high,
+                                                         dtype=dtype))
+            self.integer_range = integer_range(act_space.dtype) if self.integer else (0.0, 0.0)
+
+    def forward(self, obs: torch.Tensor, action_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = obs.reshape(obs.shape[0], self.obs_width).to(torch.float64)
+        if self.masked:
+            if action_mask is None:
+                raise ValueError("this policy was trained with action masking: pass action_mask [B, n] (1 = allowed)")
+            x = torch.cat([x, action_mask.to(torch.float64)], dim=1)
+        if self.normalize:  # the statistics span the appended mask too, whose entries pass through
+            z = ((x - self.obs_mean) / self.obs_scale).clamp(-self.clip, self.clip)
+            if self.passthrough:
+                z = torch.cat([z[:, : -self.passthrough], x[:, -self.passthrough :]], dim=1)
+            x = z
+        act = self.policy.mode(self.policy(x.to(torch.float32)))
+        if self.discrete:
+            return act.to(torch.int64)
+        act = act.reshape(act.shape[0], *self.action_shape)
+        if self.box:
+            if self.integer:
+                act = act.to(torch.float64)
+            act = self.low + (torch.tanh(act) + 1.0) * 0.5 * (self.high - self.low) if self.squash \
+                else torch.maximum(torch.minimum(act, self.high), self.low)
+            if self.integer:  # to the nearest value, not truncated towards 0
+                act = torch.round(act).clamp(*self.integer_range)
+        return act.to(self.action_dtype)
+
+
+def export(agent) -> ExportedPolicy:
+    """The agent's deterministic policy as a standalone ``nn.Module`` (``ExportedPolicy``), on the CPU, its weights
+    and normalisation statistics copied: later training of ``agent`` does not change it."""
+    return ExportedPolicy(agent)
