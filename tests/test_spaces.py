@@ -791,13 +791,22 @@ def test_an_exported_policy_acts_as_predict_does_without_natpg(env_id, kw, tmp_p
         assert torch.equal(reloaded(*args), got)
 
 
-def test_an_exported_policy_goes_through_torch_export_and_asks_for_its_mask():
+def test_an_exported_policy_goes_through_torch_export_and_asks_for_its_mask(tmp_path):
+    """torch.export with a dynamic batch, saved and loaded as a program: the same actions as the module, for any batch
+    size, a masked policy too (torch.export.load needs no natpg: checked by hand in a process that cannot import
+    it)."""
     agent = natpg.PPO("Pendulum-v1", seed=0, n_envs=2, n_steps=32, tensorboard=False)
     agent.learn(128)
-    module = natpg.export(agent)
-    obs = torch.randn(5, 3)
-    program = torch.export.export(module, (obs,))
-    assert torch.equal(program.module()(obs), module(obs))
     masked = natpg.NPG("Taxi-v4", action_mask="action_mask", n_envs=2, n_steps=8, tensorboard=False)
+    masked.learn(32)
+    batch = torch.export.Dim("batch")
+    for module, args, dims in [
+            (natpg.export(agent), (torch.randn(5, 3),), ({0: batch},)),
+            (natpg.export(masked), (torch.eye(500)[:5], torch.ones(5, 6)), ({0: batch}, {0: batch}))]:
+        torch.export.save(torch.export.export(module, args, dynamic_shapes=dims), tmp_path / "policy.pt2")
+        program = torch.export.load(tmp_path / "policy.pt2").module()
+        assert torch.equal(program(*args), module(*args))
+        more = tuple(torch.cat([a, a, a]) for a in args)  # another batch size
+        assert torch.equal(program(*more), module(*more))
     with pytest.raises(ValueError, match=r"trained with action masking: pass action_mask \[B, n\]"):
         natpg.export(masked)(torch.zeros(1, 500))

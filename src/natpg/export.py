@@ -2,8 +2,9 @@
 
 ``natpg.export(agent)`` copies what ``agent.predict(obs)`` (deterministic) computes into one ``nn.Module`` of
 buffers and the policy network: the frozen observation normalisation, the network, the greedy action, and the
-clipping or tanh rescaling into the action space's bounds. Nothing of it reads natpg, numpy or Gymnasium at run
-time, so the module can be saved with ``torch.save``, traced with ``torch.export.export`` or handed to ONNX.
+clipping or tanh rescaling into the action space's bounds. Nothing of it calls natpg, numpy or Gymnasium at run
+time: ``torch.export.export`` (a dynamic batch dimension too) gives a program that ``torch.export.save`` writes and
+``torch.export.load`` runs without natpg installed; ``torch.save`` of the module itself pickles natpg's classes.
 """
 
 from __future__ import annotations
