@@ -810,3 +810,30 @@ def test_an_exported_policy_goes_through_torch_export_and_asks_for_its_mask(tmp_
         assert torch.equal(program(*more), module(*more))
     with pytest.raises(ValueError, match=r"trained with action masking: pass action_mask \[B, n\]"):
         natpg.export(masked)(torch.zeros(1, 500))
+
+
+@pytest.mark.parametrize("env_id, kw", [("Pendulum-v1", {"action_squash": "tanh"}), ("natpgspace/Image-v0", {}),
+                                        ("Taxi-v4", {"action_mask": "action_mask"})])
+def test_natpg_export_writes_a_program_that_acts_as_the_run_does(env_id, kw, tmp_path, capsys):
+    """natpg export DIR: DIR/policy.pt2, loaded by torch.export alone, gives natpg.export(agent)'s actions on a batch
+    of its declared input shape and dtype (a uint8 image, a one-hot Taxi state with its mask); a bad output path is
+    one line naming it."""
+    from natpg.cli import main as cli
+
+    agent = natpg.NPG(env_id, seed=0, **tiny("NPG", env_id, **kw))
+    agent.learn(agent.config.batch_size)
+    agent.save(str(tmp_path / "run"))
+    assert cli(["export", str(tmp_path / "run")]) == 0
+    assert f"wrote {tmp_path / 'run' / 'policy.pt2'}: torch.export.load(" in capsys.readouterr().out
+    program = torch.export.load(str(tmp_path / "run" / "policy.pt2")).module()
+    space = agent.observation_space
+    g = torch.Generator().manual_seed(0)
+    if isinstance(space, spaces.Box):
+        obs = torch.randint(0, 256, (3, *space.shape), generator=g).to(torch.uint8) if space.dtype == np.uint8 \
+            else torch.rand(3, *space.shape, generator=g)
+    else:
+        obs = torch.eye(500)[[3, 77, 401]]
+    args = (obs, torch.tensor([[1, 1, 0, 1, 0, 1]] * 3, dtype=torch.float32)) if "action_mask" in kw else (obs,)
+    assert torch.equal(program(*args), natpg.export(agent)(*args))
+    assert cli(["export", str(tmp_path / "run"), "-o", str(tmp_path / "no" / "p.pt2")]) == 2
+    assert "natpg export: error: cannot write" in capsys.readouterr().err

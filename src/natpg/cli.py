@@ -204,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also record the episodes, back to back, to FILE (.mp4 and other ffmpeg formats with "
                         "the [video] extra: pip install -e \".[video]\"; .gif too needs it); the returns are the same")
 
+    x = sub.add_parser("export", help="write a saved agent's deterministic policy as a torch.export program",
+                       description="Write the saved agent's deterministic policy (frozen normalisation, greedy "
+                                   "action, clipping or tanh into the bounds) as a torch.export program with a "
+                                   "dynamic batch dimension: torch.export.load(FILE).module()(obs) gives the actions "
+                                   "natpg eval takes, without natpg installed (natpg.export in Python).")
+    x.add_argument("run_dir", help="run directory or checkpoint file written by natpg train / agent.save")
+    x.add_argument("-o", "--output", default=None, help="the program file (default RUN_DIR/policy.pt2)")
+
     pl = sub.add_parser("plot", help="plot learning curves of one or more runs into a PNG",
                         description="Draw one column of progress.csv (--y) against another (--x) for each run "
                                     "directory, or with --seeds one mean line and min–max band per group of seeds. "
@@ -436,6 +444,21 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .agent import load
+    from .checkpoint import is_file_path
+    from .export import write_program
+
+    agent = load(args.run_dir)
+    output = args.output
+    if output is None:
+        output = os.path.join(os.path.dirname(args.run_dir) if is_file_path(args.run_dir) else args.run_dir,
+                              "policy.pt2")
+    takes = write_program(agent, output)
+    print(f"wrote {output}: torch.export.load({output!r}).module() takes {takes} and returns the actions")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .agent import load
     from .evaluation import evaluate
@@ -516,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # usage errors (already printed) and --help
         return exc.code if isinstance(exc.code, int) else 2
-    handler = {"train": cmd_train, "config": cmd_config, "eval": cmd_eval, "plot": cmd_plot, "bench": cmd_bench}[args.command]
+    handler = {"train": cmd_train, "config": cmd_config, "eval": cmd_eval, "export": cmd_export, "plot": cmd_plot,
+               "bench": cmd_bench}[args.command]
     # natpg's warnings (a setting the run would not read, an evaluation episode cut) as one line each, like errors;
     # other libraries' keep their own form
     format_warning = warnings.formatwarning

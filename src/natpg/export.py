@@ -10,7 +10,9 @@ time: ``torch.export.export`` (a dynamic batch dimension too) gives a program th
 from __future__ import annotations
 
 import copy
+import io
 import math
+import os
 
 import gymnasium as gym
 import numpy as np
@@ -88,3 +90,33 @@ def export(agent) -> ExportedPolicy:
     """The agent's deterministic policy as a standalone ``nn.Module`` (``ExportedPolicy``), on the CPU, its weights
     and normalisation statistics copied: later training of ``agent`` does not change it."""
     return ExportedPolicy(agent)
+
+
+def write_program(agent, path: str) -> str:
+    """``torch.export`` the agent's exported policy with a dynamic batch dimension and save the program to ``path``
+    (a .pt2 file): ``torch.export.load(path).module()(obs[, action_mask])`` runs it, natpg not needed. Returns a
+    description of the inputs it takes."""
+    path = os.fspath(path)
+    if not path.endswith(".pt2"):
+        raise ValueError(f"the program file's name must end in .pt2 (torch.export's archive), got {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory: give the program file, e.g. {os.path.join(path, 'policy.pt2')!r}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ValueError(f"cannot write {path!r}: its folder {os.path.dirname(os.path.abspath(path))!r} does not exist")
+    module = export(agent)
+    space = agent.observation_space
+    shape = tuple(space.shape) if isinstance(space, gym.spaces.Box) else (int(gym.spaces.flatdim(space)),)
+    dtype = torch.from_numpy(np.zeros(0, space.dtype)).dtype if isinstance(space, gym.spaces.Box) else torch.float32
+    args: tuple[torch.Tensor, ...] = (torch.zeros(2, *shape, dtype=dtype),)
+    takes = f"obs [B, {', '.join(map(str, shape))}] ({dtype})"
+    if module.masked:
+        n = int(agent.action_space.n)
+        args += (torch.ones(2, n),)
+        takes += f", action_mask [B, {n}] (1 = allowed)"
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(module, args, dynamic_shapes=tuple({0: batch} for _ in args))
+    archive = io.BytesIO()  # written by Python's open: a full disk or a read-only folder is an OSError naming the file
+    torch.export.save(program, archive)
+    with open(path, "wb") as f:
+        f.write(archive.getvalue())
+    return takes
