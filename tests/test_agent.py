@@ -1803,6 +1803,29 @@ def test_a_callback_stops_on_false_alone_and_a_string_is_an_error(tmp_path, said
     assert natpg.load(str(tmp_path)).updates == 2 == len(_rows(tmp_path))
 
 
+def test_a_list_of_callbacks_runs_each_in_order_and_stops_when_one_says_false(tmp_path):
+    """SB3's CallbackList: every callback sees every update's row (in order, numbers the first adds visible to the
+    second), training stops after the update where one returns False, and a bad one is refused before any work."""
+    seen = []
+
+    def first(agent, row):
+        row["custom/first"] = agent.updates
+        seen.append(("first", agent.updates))
+
+    def second(agent, row):
+        seen.append(("second", agent.updates, row["custom/first"]))
+        return agent.updates < 2
+
+    agent = natpg.NPG("CartPole-v1", seed=0, **small())
+    agent.learn(64 * 4, out_dir=str(tmp_path), callback=[first, second])
+    assert agent.updates == 2 and seen == [("first", 1), ("second", 1, 1), ("first", 2), ("second", 2, 2)]
+    assert [r["custom/first"] for r in csv.DictReader(open(tmp_path / "progress.csv"))] == ["1", "2"]
+    with pytest.raises(ValueError, match=r"cannot be called as callback\(agent, row\)"):
+        agent.learn(64, callback=(first, lambda agent: None))
+    with pytest.raises(ValueError, match=r"the callback returned 'stop'"):
+        agent.learn(64, callback=[first, lambda agent, row: "stop"])
+
+
 def test_latest_audit_edges(tmp_path):
     """A CUDA run loaded on the CPU goes on in its own directory; a callback's NumPy/torch numbers are numbers, and
     changing natpg's own columns is an error (the update saved); settings the saved state is made by cannot change

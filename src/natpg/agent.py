@@ -218,7 +218,7 @@ class Agent:
         total_steps = int(total_steps)
         _check_batch_memory(self.config, self._input_width)  # natpg.load(path, n_steps=...) is not checked there
         if callback is not None:
-            _check_callback(callback)
+            callback = _one_callback(callback)
         n_updates = total_steps // batch
         end_steps = self.env_steps + n_updates * batch  # where this call ends
         if schedule_end is not None and (not is_integer(schedule_end) or schedule_end < end_steps):
@@ -937,6 +937,25 @@ def _run_callback(callback, agent: Agent, row: dict[str, Any]) -> tuple[dict[str
         return row, True, ValueError(f"the callback returned {said!r}: return False to stop training, True or "
                                      f"None to go on")
     return row, is_flag(said) and not said, None
+
+
+def _one_callback(callback: Any):
+    """``callback``, checked; a list or tuple of them as one (SB3's CallbackList): each called in order on the same
+    row, every one of them each update; training stops if any returns False, and a string from any is the error it
+    would be alone."""
+    if not isinstance(callback, (list, tuple)):
+        _check_callback(callback)
+        return callback
+    callbacks = tuple(callback)
+    for one in callbacks:
+        _check_callback(one)
+
+    def every(agent: Agent, row: dict[str, Any]) -> Any:
+        said = [one(agent, row) for one in callbacks]
+        text = next((s for s in said if isinstance(s, str)), None)
+        return text if text is not None else not any(is_flag(s) and not s for s in said)
+
+    return every
 
 
 def _check_callback(callback: Any) -> None:
