@@ -747,14 +747,18 @@ def test_integer_overflow_against_the_integers_the_dtype_holds(value, dtype, fit
 # --------------------------------------------------------------------------------------------------
 
 EXPORT_CASES = CASES + [("Pendulum-v1", {}), ("CartPole-v1", {}), ("natpgspace/IntBox-v0", {}),
-                        ("natpgspace/IntBox-v0", {"action_squash": "tanh"})]
+                        ("natpgspace/IntBox-v0", {"action_squash": "tanh"}), ("natpgspace/Float64Box-v0", {}),
+                        ("natpgspace/Float64Box-v0", {"action_squash": "tanh"})]
 if "natpgspace/IntBox-v0" not in gym.registry:  # integer Box actions: rounded to the nearest value
     gym.register("natpgspace/IntBox-v0", entry_point=lambda: SpaceEnv(spaces.Box(-3, 3, (2, 2)),
                                                                        spaces.Box(-5, 5, (2,), np.int16)))
+if "natpgspace/Float64Box-v0" not in gym.registry:  # float64 bounds that float32 cannot hold: 0.1 clips to 0.1
+    gym.register("natpgspace/Float64Box-v0", entry_point=lambda: SpaceEnv(
+        spaces.Box(-1, 1, (3,)), spaces.Box(-0.1, np.array([0.1, 0.3]), (2,), np.float64)))
 
 
 @pytest.mark.parametrize("env_id, kw", EXPORT_CASES, ids=[f"{e}-{sorted(k.values())}" for e, k in EXPORT_CASES])
-def test_an_exported_policy_acts_as_predict_does_without_natpg(env_id, kw, tmp_path):
+def test_an_exported_policy_acts_as_predict_does(env_id, kw, tmp_path):
     """natpg.export(agent)(obs[, mask]) equals agent.predict(obs) on a batch of the environment's own observations
     (normalisation statistics trained, so not the identity), in the action space's dtype, for every kind of space;
     after torch.save/torch.load of the module alone (no natpg object in it) too."""
@@ -780,6 +784,8 @@ def test_an_exported_policy_acts_as_predict_does_without_natpg(env_id, kw, tmp_p
     with torch.no_grad():
         got = module(*args)
     assert got.numpy().dtype == np.asarray(expected).dtype or isinstance(agent.action_space, spaces.Discrete)
+    if isinstance(agent.action_space, spaces.Box) and agent.action_space.dtype.kind == "f":
+        assert all(agent.action_space.contains(a) for a in got.numpy())
     if kw.get("action_squash") == "tanh" and agent.action_space.dtype.kind == "f":  # np.tanh and torch.tanh: ULPs
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=1e-6)
     else:
@@ -810,6 +816,15 @@ def test_an_exported_policy_goes_through_torch_export_and_asks_for_its_mask(tmp_
         assert torch.equal(program(*more), module(*more))
     with pytest.raises(ValueError, match=r"trained with action masking: pass action_mask \[B, n\]"):
         natpg.export(masked)(torch.zeros(1, 500))
+    for call, error in [  # what predict refuses, refused in words, not by a reshape or a matmul
+            (lambda: natpg.export(agent)(np.zeros((2, 3))), r"obs must be a torch.Tensor batch \[B, 3\], got ndarray"),
+            (lambda: natpg.export(agent)(torch.zeros(3)), r"got shape \(3,\) \(one observation: obs.unsqueeze\(0\)\)"),
+            (lambda: natpg.export(agent)(torch.zeros(2, 4)), r"obs must be a batch \[B, 3\], got shape \(2, 4\)$"),
+            (lambda: natpg.export(agent)(torch.zeros(2, 3), torch.ones(2, 6)), "trained without action masking"),
+            (lambda: natpg.export(masked)(torch.zeros(2, 500), torch.ones(6)),
+             r"action_mask must be a torch.Tensor \[B, 6\] for the batch of 2 observations, got \(6,\)")]:
+        with pytest.raises((TypeError, ValueError), match=error):
+            call()
 
 
 @pytest.mark.parametrize("env_id, kw", [("Pendulum-v1", {"action_squash": "tanh"}), ("natpgspace/Image-v0", {}),

@@ -38,9 +38,11 @@ class ExportedPolicy(nn.Module):
         self.policy = copy.deepcopy(agent.policy).to("cpu").eval()
         for p in self.policy.parameters():
             p.requires_grad_(False)
-        self.obs_width = math.prod(obs_space.shape) if isinstance(obs_space, gym.spaces.Box) \
-            else int(gym.spaces.flatdim(obs_space))
+        self.obs_shape = tuple(obs_space.shape) if isinstance(obs_space, gym.spaces.Box) \
+            else (int(gym.spaces.flatdim(obs_space)),)
+        self.obs_width = math.prod(self.obs_shape)
         self.masked = agent.config.env.action_mask is not None
+        self.n_actions = int(act_space.n) if self.masked else 0
         norm = agent.obs_normalizer
         self.normalize, self.clip, self.passthrough = bool(norm.enabled), float(norm.clip), int(norm.passthrough)
         # float64, as natpg normalises: the same float32 inputs reach the network
@@ -53,19 +55,17 @@ class ExportedPolicy(nn.Module):
         self.box = isinstance(act_space, gym.spaces.Box)
         self.squash = bool(getattr(agent.policy, "squash", False))
         self.integer = self.box and act_space.dtype.kind in "ui"
-        if self.box:
-            low, high = act_space.low, act_space.high
-            dtype = torch.float64 if self.integer else torch.float32  # env_action's arithmetic
-            self.register_buffer("low", torch.as_tensor(low.astype(np.float64) if self.integer else low, dtype=dtype))
-            self.register_buffer("high", torch.as_tensor(high.astype(np.float64) if self.integer else high,
-                                                         dtype=dtype))
+        if self.box:  # env_action's arithmetic: the float32 action against the bounds in their own float type
+            bound = np.float64 if self.integer else act_space.dtype  # (an integer space's as float64)
+            self.register_buffer("low", torch.from_numpy(np.array(act_space.low, bound)))
+            self.register_buffer("high", torch.from_numpy(np.array(act_space.high, bound)))
+            self.work_dtype = torch.promote_types(torch.float32, self.low.dtype)
             self.integer_range = integer_range(act_space.dtype) if self.integer else (0.0, 0.0)
 
     def forward(self, obs: torch.Tensor, action_mask: torch.Tensor | None = None) -> torch.Tensor:
+        self._check(obs, action_mask)
         x = obs.reshape(obs.shape[0], self.obs_width).to(torch.float64)
         if self.masked:
-            if action_mask is None:
-                raise ValueError("this policy was trained with action masking: pass action_mask [B, n] (1 = allowed)")
             x = torch.cat([x, action_mask.to(torch.float64)], dim=1)
         if self.normalize:  # the statistics span the appended mask too, whose entries pass through
             z = ((x - self.obs_mean) / self.obs_scale).clamp(-self.clip, self.clip)
@@ -77,13 +77,33 @@ class ExportedPolicy(nn.Module):
             return act.to(torch.int64)
         act = act.reshape(act.shape[0], *self.action_shape)
         if self.box:
-            if self.integer:
-                act = act.to(torch.float64)
             act = self.low + (torch.tanh(act) + 1.0) * 0.5 * (self.high - self.low) if self.squash \
-                else torch.maximum(torch.minimum(act, self.high), self.low)
+                else torch.maximum(torch.minimum(act.to(self.work_dtype), self.high), self.low)
             if self.integer:  # to the nearest value, not truncated towards 0
                 act = torch.round(act).clamp(*self.integer_range)
         return act.to(self.action_dtype)
+
+    def _check(self, obs, action_mask) -> None:
+        """Clear errors for inputs predict would refuse, instead of torch's from a reshape or a matmul (static under
+        torch.export: shapes but the batch are fixed)."""
+        shape = ", ".join(map(str, self.obs_shape))
+        if not isinstance(obs, torch.Tensor):
+            raise TypeError(f"obs must be a torch.Tensor batch [B, {shape}], got {type(obs).__name__} "
+                            f"(torch.as_tensor(obs))")
+        if obs.dim() != len(self.obs_shape) + 1 or tuple(obs.shape[1:]) != self.obs_shape:
+            one = " (one observation: obs.unsqueeze(0))" if tuple(obs.shape) == self.obs_shape else ""
+            raise ValueError(f"obs must be a batch [B, {shape}], got shape {tuple(obs.shape)}{one}")
+        if not self.masked:
+            if action_mask is not None:
+                raise ValueError("action_mask given, but this policy was trained without action masking")
+            return
+        if action_mask is None:
+            raise ValueError("this policy was trained with action masking: pass action_mask [B, n] (1 = allowed)")
+        if not isinstance(action_mask, torch.Tensor) or action_mask.dim() != 2 \
+                or action_mask.shape[1] != self.n_actions or action_mask.shape[0] != obs.shape[0]:
+            got = tuple(action_mask.shape) if isinstance(action_mask, torch.Tensor) else type(action_mask).__name__
+            raise ValueError(f"action_mask must be a torch.Tensor [B, {self.n_actions}] for the batch of "
+                             f"{obs.shape[0]} observations, got {got}")
 
 
 def export(agent) -> ExportedPolicy:
