@@ -501,15 +501,15 @@ def test_a_learn_call_that_decays_a_schedule_towards_another_end_warns(tmp_path)
         agent.learn(128, schedule_end=256)
         agent.learn(128, reset=False, schedule_end=256)
         natpg.NPG("CartPole-v1", seed=2, **small()).learn(64).learn(64)  # constant δ: nothing to restart
-    with pytest.warns(RuntimeWarning, match=r"^kl_schedule='linear': the earlier learn call decayed the step towards "
-                                            r"env step 256, this one decays it towards 320, where it ends, starting at "
-                                            r"0.2 of δ = 0.02. To train one run in several calls, give every call the "
-                                            r"same learn\(..., schedule_end=TOTAL\); for steps that do not decay, "
-                                            r"kl_schedule='constant'$") as caught:
+    with pytest.warns(RuntimeWarning, match=r"^kl_schedule='linear': this learn call decays the step towards env step "
+                                            r"320, where it ends, starting at 0.2 of δ = 0.02; the run so far was to "
+                                            r"end at 256. To train one run in several calls, give every call the same "
+                                            r"learn\(..., schedule_end=TOTAL\) \(natpg train --resume: the run's own "
+                                            r"--steps\); for steps that do not decay, kl_schedule='constant'$") as caught:
         agent.learn(64, reset=False)
     assert caught[0].filename == __file__  # the user's line, not natpg's nor torch's decorator around learn
     agent.save(tmp_path / "m")
-    with pytest.warns(RuntimeWarning, match="decayed the step towards env step 320, this one decays it towards 384"):
+    with pytest.warns(RuntimeWarning, match="decays the step towards env step 384, .* the run so far was to end at 320"):
         natpg.load(tmp_path / "m").learn(64)
 
 
@@ -517,13 +517,19 @@ def test_a_learn_into_its_run_directory_after_one_without_it_names_the_gap(tmp_p
     """The updates of a learn call without out_dir are in none of DIR's logs: going on into DIR warns of the gap."""
     agent = natpg.NPG("CartPole-v1", seed=0, **small())
     agent.learn(64, out_dir=str(tmp_path)).learn(128)
-    with pytest.warns(UserWarning, match=r"holds this run at env step 64 \(update 1\), the agent is at 192 \(update "
-                                         r"3\): the updates trained since without out_dir are not in its logs"):
+    with pytest.warns(UserWarning, match=r"holds this run's log up to env step 64 \(update 1\), the agent is at 192 "
+                                         r"\(update 3\): the updates between, trained without this directory, are "
+                                         r"not in its logs"):
         agent.learn(64, out_dir=str(tmp_path))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         agent.learn(64, out_dir=str(tmp_path))  # no gap now
         natpg.load(str(tmp_path)).learn(64, out_dir=str(tmp_path))
+        agent = natpg.load(str(tmp_path))
+        agent.save(str(tmp_path))  # the same state again
+    agent.learn(64)
+    with pytest.warns(UserWarning, match=r"holds this run.s log up to env step 384 \(update 6\), the agent is at 448"):
+        agent.save(str(tmp_path))  # its checkpoint now ahead of its log: warned here, not at a later learn
 
 
 def test_warnings_from_inside_natpg_point_at_the_users_line():
@@ -1345,7 +1351,7 @@ def test_settings_that_the_spaces_or_other_settings_leave_unread_are_named_in_on
                                          r"Nature-CNN torso.*critic_hidden .*activation .*obs_clip \(images are scaled"):
         natpg.PPO("natpg_test/Image-v0", hidden=(8,), critic_hidden=(8,), activation="relu", obs_clip=3.0, **small())
     with pytest.warns(UserWarning, match=r"does not read these settings: ppo_minibatch \(larger than the batch, "
-                                         r"n_envs × n_steps = 64: each minibatch is the whole batch\)$"):
+                                         r"n_envs × n_steps = 64: each minibatch is the whole batch, whatever its value\)$"):
         natpg.PPO("CartPole-v1", ppo_minibatch=65, **small())
     with pytest.warns(UserWarning, match=r"critic_minibatch \(larger than the batch, n_envs × n_steps = 64"):
         natpg.NPG("CartPole-v1", critic_minibatch=100, **small())

@@ -1016,6 +1016,42 @@ def test_a_run_resumes_with_other_logging_checkpoint_and_evaluation_settings(tmp
     assert natpg.load(run).config.step.max_kl != 0.1 and natpg.load(run).env_steps == 192  # left as it was
 
 
+def test_a_resume_into_another_directory_leaves_the_first_free_and_may_overwrite_there(tmp_path, monkeypatch, capsys):
+    """--resume DIR --out NEW reads DIR, then trains in NEW: DIR is not locked while it trains (a second fine-tune
+    from DIR may start beside it), and --overwrite replaces another run in NEW (never DIR itself)."""
+    import threading
+
+    from natpg.checkpoint import run_dir_lock
+
+    common = ["--n-envs", "2", "--set", "n_steps=16", "--set", "tensorboard=False", "--no-progress"]
+    run = str(tmp_path / "run")
+    assert cli(["train", "npg", "CartPole-v1", "--steps", "64", "--out", run, *common]) == 0
+    free = []
+    learn = natpg.agent.Agent.learn
+
+    def learn_noting_whether_run_is_free(agent, *args, **kwargs):
+        def try_lock():
+            try:
+                with run_dir_lock(run):
+                    free.append(True)
+            except ValueError:
+                free.append(False)
+        t = threading.Thread(target=try_lock)
+        t.start()
+        t.join()
+        return learn(agent, *args, **kwargs)
+
+    monkeypatch.setattr(natpg.agent.Agent, "learn", learn_noting_whether_run_is_free)
+    for steps in ("128", "160"):  # the second replaces the first's NEW with --overwrite
+        extra = ["--overwrite"] if steps == "160" else []
+        assert cli(["train", "npg", "CartPole-v1", "--steps", steps, "--resume", run, "--out", str(tmp_path / "tuned"),
+                    "--set", "max_kl=0.05", *extra, *common]) == 0, capsys.readouterr().err
+    assert free == [True, True]
+    assert natpg.load(str(tmp_path / "tuned")).env_steps == 160
+    assert cli(["train", "npg", "CartPole-v1", "--resume", run, "--overwrite", *common]) == 2
+    assert "(with --out NEW, --overwrite replaces another run in NEW)" in capsys.readouterr().err
+
+
 def test_tensorboard_drops_what_a_killed_run_logged_after_its_checkpoint(tmp_path):
     """A run killed between log rows and its next checkpoint resumes from the checkpoint: progress.csv drops the
     rows after it, and TensorBoard (purge_step) the scalars after it, so each step has the resumed run's value."""

@@ -398,6 +398,9 @@ def test_a_multiproc_worker_that_hangs_is_an_error_naming_its_copies_after_the_t
                                                 r"environments \(its copies \[0, 1\]\): an environment hangs"):
             envs.step(np.zeros(4, np.int64))
         assert 0.5 <= time.monotonic() - start < 5
+        with pytest.raises(EnvWorkerDied, match=r"these environments cannot step on: an environment worker process gave "
+                                                r"no answer"):  # not the stuck step's late answer as the next one's
+            envs.step(np.zeros(4, np.int64))
         envs.close()
         procs = envs.procs
     else:

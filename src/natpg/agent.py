@@ -403,15 +403,16 @@ class Agent:
         linear = [(key, symbol, value) for key, symbol, value in (("kl_schedule", "δ", step.max_kl),
                                                                   ("lr_schedule", "α", step.alpha))
                   if getattr(step, key) == "linear"]
-        if not linear or not self.env_steps or self.schedule_end in (None, end_steps):
+        earlier = self.schedule_end if self.schedule_end is not None else self.target_steps  # older checkpoints
+        if not linear or not self.env_steps or earlier in (None, end_steps):
             return
         left = 1.0 - self.env_steps / end_steps
         settings = lambda value: " and ".join(f"{key}={value!r}" for key, _, _ in linear)  # noqa: E731
         configured = " and ".join(f"{symbol} = {value:g}" for _, symbol, value in linear)
-        warn(f"{settings('linear')}: the earlier learn call decayed the step towards env step {self.schedule_end}, "
-             f"this one decays it towards {end_steps}, where it ends, starting at {left:.3g} of {configured}. To train "
-             f"one run in several calls, give every call the same learn(..., schedule_end=TOTAL); for steps that do "
-             f"not decay, {settings('constant')}", RuntimeWarning)
+        warn(f"{settings('linear')}: this learn call decays the step towards env step {end_steps}, where it ends, "
+             f"starting at {left:.3g} of {configured}; the run so far was to end at {earlier}. To train one run in "
+             f"several calls, give every call the same learn(..., schedule_end=TOTAL) (natpg train --resume: the "
+             f"run's own --steps); for steps that do not decay, {settings('constant')}", RuntimeWarning)
 
     def _schedule(self, step_rule, schedule_end: int | None) -> dict[str, float]:
         """Set the next update's δ (``kl_schedule``) and α (``lr_schedule``), the fraction of the env steps up to

@@ -270,28 +270,33 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["sampler"] = "ray"
     with contextlib.ExitStack() as lock:
         if args.resume is not None:
-            if args.overwrite:
-                raise ValueError("--resume continues the run in DIR; --overwrite would replace it: give one of them")
+            out = args.resume if args.out is None else args.out  # '' (an unset $OUT) is refused, not read as none
+            elsewhere = os.path.realpath(out) != os.path.realpath(args.resume)
+            if args.overwrite and not elsewhere:
+                raise ValueError("--resume continues the run in DIR; --overwrite would replace it: give one of them "
+                                 "(with --out NEW, --overwrite replaces another run in NEW)")
             run_dir = not is_file_path(_resumable(args.resume))  # else one checkpoint file, not a run directory
-            if run_dir:
-                lock.enter_context(run_dir_lock(args.resume))  # no other writer while it is read
-            elif args.out is None:
+            if not run_dir and args.out is None:
                 raise ValueError(f"--resume {args.resume!r} is one checkpoint file, not a run directory: give --out "
                                  f"DIR for the continued run's logs and checkpoints")
-            agent, changed = _resume(args, overrides)
-            out = args.resume if args.out is None else args.out  # '' (an unset $OUT) is refused, not read as none
-            target = args.steps if args.steps is not None else agent.target_steps or DEFAULT_STEPS
-            steps, reset = target - agent.env_steps, False
-            if steps < agent.config.batch_size:
-                left = f"; the {steps} left are less than one batch ({agent.config.batch_size})" if steps > 0 else ""
-                print(f"the run in {args.resume} already has {agent.env_steps} of --steps {target} environment "
-                      f"steps{left}; nothing to do")
-                return 0
-            if os.path.realpath(out) != os.path.realpath(args.resume):
-                lock.enter_context(run_dir_lock(check_out_dir(out)))
-                # a new directory: the run goes on there with its logs, or with other settings from its own first row
-                if not claim_run_dir(agent, out) and run_dir and not changed:
-                    copy_run(args.resume, out)
+            # no other writer while DIR is read (and copied); a run going on in NEW leaves DIR free after that
+            with contextlib.ExitStack() as reading:
+                if run_dir:
+                    (reading if elsewhere else lock).enter_context(run_dir_lock(args.resume))
+                agent, changed = _resume(args, overrides)
+                target = args.steps if args.steps is not None else agent.target_steps or DEFAULT_STEPS
+                steps, reset = target - agent.env_steps, False
+                if steps < agent.config.batch_size:
+                    left = (f"; the {steps} left are less than one batch ({agent.config.batch_size})" if steps > 0
+                            else "")
+                    print(f"the run in {args.resume} already has {agent.env_steps} of --steps {target} environment "
+                          f"steps{left}; nothing to do")
+                    return 0
+                if elsewhere:
+                    lock.enter_context(run_dir_lock(check_out_dir(out)))
+                    # NEW goes on with the run's logs, or with other settings from its own first row
+                    if not claim_run_dir(agent, out, overwrite=args.overwrite) and run_dir and not changed:
+                        copy_run(args.resume, out)
         else:
             seed = 0 if args.seed is None else args.seed
             # An id such as ALE/Pong-v5 or module:Env-v0 names one directory, not a nested one.
@@ -357,6 +362,11 @@ def _resume(args: argparse.Namespace, overrides: dict[str, Any]):
     from .rundir import BOOKKEEPING
 
     agent = load(args.resume, **{k: v for k, v in overrides.items() if k in BOOKKEEPING})  # logging, evaluation
+    if (agent.algorithm, agent.env_id) != (args.algo, args.env_id):
+        raise ValueError(f"--resume {args.resume!r}: that run is {agent.algorithm} on {agent.env_id}, not "
+                         f"{args.algo} on {args.env_id}")
+    if args.seed is not None and args.seed != agent.seed:
+        raise ValueError(f"--resume {args.resume!r}: that run has seed {agent.seed}, not {args.seed}")
     changed = sorted(k for k, v in overrides.items() if agent.config.override(**{k: v}) != agent.config)
     if changed:  # repeating the original command line with --resume is fine
         out = args.resume if args.out is None else args.out
@@ -365,12 +375,6 @@ def _resume(args: argparse.Namespace, overrides: dict[str, Any]):
                              f"and evaluation ({', '.join(BOOKKEEPING)}); to go on with other {changed}, give --out "
                              f"NEW: the run continues there from its last checkpoint with the new settings, its logs "
                              f"starting at that step, and DIR stays as it was")
-    if (agent.algorithm, agent.env_id) != (args.algo, args.env_id):
-        raise ValueError(f"--resume {args.resume!r}: that run is {agent.algorithm} on {agent.env_id}, not "
-                         f"{args.algo} on {args.env_id}")
-    if args.seed is not None and args.seed != agent.seed:
-        raise ValueError(f"--resume {args.resume!r}: that run has seed {agent.seed}, not {args.seed}")
-    if changed:
         agent.close()
         agent = load(args.resume, **{k: v for k, v in overrides.items() if k in changed or k in BOOKKEEPING})
     return agent, changed

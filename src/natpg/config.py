@@ -770,7 +770,7 @@ def unread_because(cfg: Config, key: str, action_space_type: str | None = None,
     for minibatch, section in (("ppo_minibatch", cfg.step), ("critic_minibatch", cfg.critic)):
         if key == minibatch and getattr(section, key) > cfg.batch_size:  # any value ≥ the batch does the same
             return (f"larger than the batch, n_envs × n_steps = {cfg.batch_size}: each minibatch is the whole "
-                    f"batch")
+                    f"batch, whatever its value")
     if key == "fvp_subsample_step_length" and cfg.curvature.fvp_subsample >= 1.0:
         return "where the KL step of a Fisher subsample is measured; this run's fvp_subsample is 1, the whole batch"
     return None

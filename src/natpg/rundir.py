@@ -89,12 +89,13 @@ def holds_this_run(agent: Agent, path: str, held: list[str], overwrite: bool, by
     except (OSError, ValueError):
         meta = None
     if meta is not None and _continues(agent, meta):
-        if by == "learn" and meta["env_steps"] < agent.env_steps:
-            warn(f"out_dir {path!r} holds this run at env step {meta['env_steps']} (update {meta.get('updates')}), "
-                 f"the agent is at {agent.env_steps} (update {agent.updates}): the updates trained since without "
-                 f"out_dir are not in its logs (progress.csv goes on after a gap, episodes.csv lacks their "
-                 f"episodes, which ep_return_mean counts). Give the same out_dir to every learn call of a run to "
-                 f"keep its whole log", UserWarning)
+        logged = not file and os.path.exists(os.path.join(path, checkpoint.PROGRESS_CSV))
+        if logged and meta["env_steps"] < agent.env_steps:  # learn or save into it after calls without it
+            warn(f"{path!r} holds this run's log up to env step {meta['env_steps']} (update {meta.get('updates')}), "
+                 f"the agent is at {agent.env_steps} (update {agent.updates}): the updates between, trained "
+                 f"without this directory, are not in its logs (progress.csv goes on after a gap, episodes.csv "
+                 f"lacks their episodes, which ep_return_mean counts). Give a run's directory to every learn call "
+                 f"(out_dir=...) to keep its whole log", UserWarning)
         return True
     natpgs = file or meta is not None or _holds_natpg_config(path)
     unstarted = meta is not None and meta.get("env_steps") == 0 and (file or _progress_rows(path) == 0)

@@ -296,6 +296,7 @@ class MultiprocVectorEnv:
             self.conns.append(parent)
             self.procs.append(proc)
         self._owed = [True] * len(self.conns)  # a step, reset or start whose answer is not read (an interrupt, a hang)
+        self._broken: str | None = None  # why the copies cannot step on (a late answer would be the wrong step's)
         self.closed = False
         try:
             spaces = [self._receive(c, "starting") for c in self.conns]
@@ -315,6 +316,8 @@ class MultiprocVectorEnv:
         return list(range(self.offsets[i], self.offsets[i] + self.sizes[i]))
 
     def _send(self, conn, message) -> None:
+        if self._broken:
+            raise EnvWorkerDied(f"these environments cannot step on: {self._broken}")
         try:
             conn.send(message)
         except (BrokenPipeError, ConnectionResetError):  # not natpg's own output: the worker is gone
@@ -328,9 +331,10 @@ class MultiprocVectorEnv:
             if not self.procs[self.conns.index(conn)].is_alive():
                 raise self._died(conn)
             name = "worker_start_timeout" if doing == "starting" else "worker_timeout"
-            raise EnvWorkerDied(f"an environment worker process gave no answer within {name}={timeout:g} s while "
-                                f"{doing} (its copies {self._copies(conn)}): an environment hangs; the worker is "
-                                f"ended when the environments are closed")
+            self._broken = (f"an environment worker process gave no answer within {name}={timeout:g} s while "
+                            f"{doing} (its copies {self._copies(conn)}): an environment hangs; the worker is ended "
+                            f"when the environments are closed")
+            raise EnvWorkerDied(self._broken)
         try:
             status, payload = conn.recv()
         except (EOFError, ConnectionResetError):

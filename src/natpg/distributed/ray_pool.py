@@ -45,7 +45,7 @@ def init_ray(ray, address: str | None, n_workers: int) -> None:
     if address is not None and address != "auto" and "://" not in address:
         host, _, port = address.rpartition(":")
         try:
-            socket.create_connection((host, int(port)), timeout=10).close()
+            socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()  # [::1]:6379 too
         except (OSError, ValueError) as exc:
             raise ValueError(f"ray_address={address!r}: no Ray cluster answers there ({type(exc).__name__}: {exc}); "
                              f"give the address `ray start --head` printed (HOST:PORT), 'auto' on a node of a "
