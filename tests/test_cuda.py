@@ -287,3 +287,15 @@ def test_other_heads_and_the_cnn_match_cpu(kind):
                                fisher.fisher_vector_product(policy, obs, damping=0.1)(v), **TOL)
     on_gpu, on_cpu = solve_on_both(policy, obs, act, lambda: fisher.KFAC(damping=0.1, estimator="exact"), v)
     torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-4)
+
+
+def test_an_exported_gpu_policy_runs_on_the_cpu_and_acts_as_predict_does():
+    """natpg.export of a GPU learner: a CPU module (weights and statistics copied), whose actions are predict's within
+    float32 tolerance (predict runs the network on the GPU)."""
+    agent = natpg.NPG("Pendulum-v1", seed=0, device=CUDA.type, n_envs=4, n_steps=64, tensorboard=False)
+    agent.learn(512)
+    module = natpg.export(agent)
+    assert all(t.device.type == "cpu" for t in [*module.parameters(), *module.buffers()])
+    obs = torch.randn(16, 3)
+    expected = torch.as_tensor(agent.predict(obs.numpy()))
+    torch.testing.assert_close(module(obs), expected, **TOL)
