@@ -1403,6 +1403,12 @@ def test_the_cli_prints_natpgs_warnings_as_one_line(tmp_path):
     assert "natpg train: warning: npg on CartPole-v1 does not read these settings: clip_range" in done.stderr
     assert "UserWarning" not in done.stderr
     assert cli(["config", "npg", "CartPole-v1"]) == 0 and warnings.formatwarning is before  # put back after main
+    strict = subprocess.run([sys.executable, "-W", "error", "-m", "natpg", "train", "npg", "CartPole-v1", "--steps", "64",
+                             "--out", str(tmp_path / "s"), "--no-progress", "--n-envs", "2", "--set", "n_steps=32",
+                             "--set", "clip_range=0.1"], capture_output=True, text=True, timeout=120)
+    assert strict.returncode == 2 and "Traceback" not in strict.stderr, strict.stderr
+    assert ("natpg train: error: npg on CartPole-v1 does not read these settings: clip_range (read by step ppo_clip; "
+            "this run's step is 'kl') (a warning, made an error by -W error)") in strict.stderr
 
 
 def test_cli_config_file_reproduces_a_run_and_layers_under_set(tmp_path, capsys):

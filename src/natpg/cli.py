@@ -571,6 +571,12 @@ def main(argv: list[str] | None = None) -> int:
             EnvWorkerDied, RenderError) as exc:
         print(f"natpg {args.command}: error: {one_line(str(exc))}{_natpg_notes(exc)}", file=sys.stderr)
         return 2
+    except Warning as exc:  # python -W error: natpg's own warning as the one-line error it now is
+        if not getattr(exc, "from_natpg", False):
+            raise
+        print(f"natpg {args.command}: error: {one_line(str(exc))} (a warning, made an error by -W error)"
+              f"{_natpg_notes(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as exc:
         print(f"natpg {args.command}: interrupted{_natpg_notes(exc)}", file=sys.stderr)
         return 130
