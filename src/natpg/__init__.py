@@ -4,7 +4,7 @@ from . import fisher, policies
 from .agent import ACKTR, NAC, NPG, PPO, TRPO, VPG, Agent, load
 from .config import Config
 from .evaluation import evaluate
-from .export import export
+from .deployment import export
 from .rollout import NonFiniteEnvError
 from .train import TrainingFault
 from .video import record_video

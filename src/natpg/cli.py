@@ -449,11 +449,14 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .agent import load
-    from .checkpoint import is_file_path
-    from .export import write_program
+    from .agent import CALLABLE_MASK, load
+    from .checkpoint import is_file_path, read
+    from .deployment import write_program
 
-    agent = load(args.run_dir)
+    meta, _ = read(args.run_dir)
+    masked_by_code = meta.get("config", {}).get("env", {}).get("action_mask") == CALLABLE_MASK
+    # a callable mask is not saved, and the exported policy takes the mask as an input: all actions stand in for it
+    agent = load(args.run_dir, action_mask=_all_actions if masked_by_code else None)
     output = args.output
     if output is None:
         output = os.path.join(os.path.dirname(args.run_dir) if is_file_path(args.run_dir) else args.run_dir,
@@ -461,6 +464,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     takes = write_program(agent, output)
     print(f"wrote {output}: torch.export.load({output!r}).module() takes {takes} and returns the actions")
     return 0
+
+
+def _all_actions(env) -> Any:
+    """An action mask allowing every action: the stand-in for a run's callable mask where no episode is played."""
+    import numpy as np
+
+    return np.ones(int(env.action_space.n), np.int8)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -539,9 +539,9 @@ def env_action(act: np.ndarray, action_space, squash: bool = False) -> np.ndarra
     if isinstance(action_space, gym.spaces.Box):
         low, high = action_space.low, action_space.high
         integer = action_space.dtype.kind in "ui"
-        if integer:  # high - low in the integer dtype would wrap (int8's -100..100 is 200)
-            low, high = low.astype(np.float64), high.astype(np.float64)
-        act = low + (np.tanh(act) + 1.0) * 0.5 * (high - low) if squash else act.clip(low, high)
+        if integer or squash:  # high - low in an integer dtype would wrap (int8's -100..100 is 200); tanh in float64:
+            low, high = low.astype(np.float64), high.astype(np.float64)  # correctly rounded to float32 as torch's is
+        act = low + (np.tanh(act.astype(np.float64)) + 1.0) * 0.5 * (high - low) if squash else act.clip(low, high)
         if integer:  # to the nearest value, not truncated towards 0
             act = np.rint(act).clip(*integer_range(action_space.dtype))
     return act.astype(action_space.dtype)

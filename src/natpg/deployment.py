@@ -27,7 +27,8 @@ class ExportedPolicy(nn.Module):
 
     ``obs`` is a batch [B, *shape] of the agent's Box observations as the environment gives them (any dtype; an
     image as its uint8 frame), or, for a Dict, Tuple or Discrete observation space, of
-    ``gymnasium.spaces.flatten(space, obs)`` vectors [B, flatdim]. A policy trained with action masking takes
+    ``gymnasium.spaces.flatten(space, obs)`` vectors [B, flatdim] (a program ``write_program`` saves takes them, and
+    masks, as float32). A policy trained with action masking takes
     ``action_mask`` [B, n] (1 = allowed) as its second argument. The actions have the action space's dtype (int64
     for Discrete); a Gaussian policy's are its mean, clipped to the bounds or tanh-rescaled into them as in
     training."""
@@ -46,8 +47,8 @@ class ExportedPolicy(nn.Module):
         norm = agent.obs_normalizer
         self.normalize, self.clip, self.passthrough = bool(norm.enabled), float(norm.clip), int(norm.passthrough)
         # float64, as natpg normalises: the same float32 inputs reach the network
-        self.register_buffer("obs_mean", torch.as_tensor(np.asarray(norm.rms.mean), dtype=torch.float64))
-        self.register_buffer("obs_scale", torch.sqrt(torch.as_tensor(np.asarray(norm.rms.var), dtype=torch.float64)
+        self.register_buffer("obs_mean", torch.tensor(np.asarray(norm.rms.mean), dtype=torch.float64))  # copies
+        self.register_buffer("obs_scale", torch.sqrt(torch.tensor(np.asarray(norm.rms.var), dtype=torch.float64)
                                                      + 1e-8))
         self.discrete = isinstance(act_space, gym.spaces.Discrete)
         self.action_shape = tuple(act_space.shape)
@@ -56,7 +57,7 @@ class ExportedPolicy(nn.Module):
         self.squash = bool(getattr(agent.policy, "squash", False))
         self.integer = self.box and act_space.dtype.kind in "ui"
         if self.box:  # env_action's arithmetic: the float32 action against the bounds in their own float type
-            bound = np.float64 if self.integer else act_space.dtype  # (an integer space's as float64)
+            bound = np.float64 if self.integer or self.squash else act_space.dtype  # (tanh and integers in float64)
             self.register_buffer("low", torch.from_numpy(np.array(act_space.low, bound)))
             self.register_buffer("high", torch.from_numpy(np.array(act_space.high, bound)))
             self.work_dtype = torch.promote_types(torch.float32, self.low.dtype)
@@ -77,7 +78,7 @@ class ExportedPolicy(nn.Module):
             return act.to(torch.int64)
         act = act.reshape(act.shape[0], *self.action_shape)
         if self.box:  # policies.env_action in torch (the tests hold the two to the same actions on every space)
-            act = self.low + (torch.tanh(act) + 1.0) * 0.5 * (self.high - self.low) if self.squash \
+            act = self.low + (torch.tanh(act.to(torch.float64)) + 1.0) * 0.5 * (self.high - self.low) if self.squash \
                 else torch.maximum(torch.minimum(act.to(self.work_dtype), self.high), self.low)
             if self.integer:  # to the nearest value, not truncated towards 0
                 act = torch.round(act).clamp(*self.integer_range)
@@ -86,13 +87,13 @@ class ExportedPolicy(nn.Module):
     def _check(self, obs, action_mask) -> None:
         """Clear errors for inputs predict would refuse, instead of torch's from a reshape or a matmul (static under
         torch.export: shapes but the batch are fixed)."""
-        shape = ", ".join(map(str, self.obs_shape))
+        shape = "".join(f", {d}" for d in self.obs_shape)
         if not isinstance(obs, torch.Tensor):
-            raise TypeError(f"obs must be a torch.Tensor batch [B, {shape}], got {type(obs).__name__} "
+            raise TypeError(f"obs must be a torch.Tensor batch [B{shape}], got {type(obs).__name__} "
                             f"(torch.as_tensor(obs))")
         if obs.dim() != len(self.obs_shape) + 1 or tuple(obs.shape[1:]) != self.obs_shape:
             one = " (one observation: obs.unsqueeze(0))" if tuple(obs.shape) == self.obs_shape else ""
-            raise ValueError(f"obs must be a batch [B, {shape}], got shape {tuple(obs.shape)}{one}")
+            raise ValueError(f"obs must be a batch [B{shape}], got shape {tuple(obs.shape)}{one}")
         if not self.masked:
             if action_mask is not None:
                 raise ValueError("action_mask given, but this policy was trained without action masking")
@@ -117,10 +118,10 @@ def write_program(agent, path: str) -> str:
     (a .pt2 file): ``torch.export.load(path).module()(obs[, action_mask])`` runs it, natpg not needed. Returns a
     description of the inputs it takes."""
     path = os.fspath(path)
-    if not path.endswith(".pt2"):
-        raise ValueError(f"the program file's name must end in .pt2 (torch.export's archive), got {path!r}")
     if os.path.isdir(path):
         raise ValueError(f"{path!r} is a directory: give the program file, e.g. {os.path.join(path, 'policy.pt2')!r}")
+    if not path.lower().endswith(".pt2"):
+        raise ValueError(f"the program file's name must end in .pt2 (torch.export's archive), got {path!r}")
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise ValueError(f"cannot write {path!r}: its folder {os.path.dirname(os.path.abspath(path))!r} does not exist")
     module = export(agent)
@@ -128,11 +129,11 @@ def write_program(agent, path: str) -> str:
     shape = tuple(space.shape) if isinstance(space, gym.spaces.Box) else (int(gym.spaces.flatdim(space)),)
     dtype = torch.from_numpy(np.zeros(0, space.dtype)).dtype if isinstance(space, gym.spaces.Box) else torch.float32
     args: tuple[torch.Tensor, ...] = (torch.zeros(2, *shape, dtype=dtype),)
-    takes = f"obs [B, {', '.join(map(str, shape))}] ({dtype})"
+    takes = f"obs [B{''.join(f', {d}' for d in shape)}] ({dtype})"
     if module.masked:
         n = int(agent.action_space.n)
         args += (torch.ones(2, n),)
-        takes += f", action_mask [B, {n}] (1 = allowed)"
+        takes += f", action_mask [B, {n}] (torch.float32; 1 = allowed)"
     batch = torch.export.Dim("batch")
     program = torch.export.export(module, args, dynamic_shapes=tuple({0: batch} for _ in args))
     archive = io.BytesIO()  # written by Python's open: a full disk or a read-only folder is an OSError naming the file
