@@ -18,13 +18,13 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from .errors import warn
 from . import checkpoint
 from .acktr import KFACRegression
 from .algorithms import make_actor_update, make_critic
 from .checkpoint import space_from_dict, space_to_dict
 from .config import MAX_SEED, Config, check_flag, is_flag, is_integer, whole_number
 from .envs import check_env_id, check_spaces, make_normalisers, make_vec_env, probe_spaces
+from .errors import warn
 from .evaluation import evaluate
 from .fisher.dense import check_dense_size
 from .fisher.empirical import check_score_size
