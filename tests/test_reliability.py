@@ -1050,6 +1050,12 @@ def test_a_resume_into_another_directory_leaves_the_first_free_and_may_overwrite
     assert natpg.load(str(tmp_path / "tuned")).env_steps == 160
     assert cli(["train", "npg", "CartPole-v1", "--resume", run, "--overwrite", *common]) == 2
     assert "(with --out NEW, --overwrite replaces another run in NEW)" in capsys.readouterr().err
+    monkeypatch.setattr(natpg.agent.Agent, "learn", learn)
+    with run_dir_lock(run, shared=True):  # another fine-tune reading DIR at this moment: a reader beside it is fine,
+        assert cli(["train", "npg", "CartPole-v1", "--steps", "128", "--resume", run, "--out", str(tmp_path / "t2"),
+                    "--set", "max_kl=0.04", *common]) == 0, capsys.readouterr().err
+        assert cli(["train", "npg", "CartPole-v1", "--steps", "128", "--resume", run, *common]) == 2  # a writer not
+        assert "is being read by another natpg process (a --resume of it into another --out)" in capsys.readouterr().err
 
 
 def test_tensorboard_drops_what_a_killed_run_logged_after_its_checkpoint(tmp_path):
@@ -1996,3 +2002,22 @@ def test_a_temporary_file_left_by_a_killed_writer_is_removed_by_the_next_write(t
     stale.write_bytes(b"half a checkpoint")
     natpg.NPG("CartPole-v1", **small()).save(str(tmp_path))
     assert not stale.exists() and natpg.load(str(tmp_path)).env_steps == 0
+
+
+def test_ctrl_c_during_a_periodic_evaluation_saves_the_update_before_it(tmp_path, monkeypatch):
+    """The evaluation runs after an update is complete: an interrupt there (or an evaluation environment's error)
+    saves that update, whose checkpoint would otherwise be the last periodic one (checkpoint_every 50: the start)."""
+    agent = natpg.NPG("CartPole-v1", seed=0, n_envs=2, n_steps=32, tensorboard=False, eval_every=128,
+                      eval_episodes=1)
+    evaluate = natpg.agent.evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    agent.learn(128, out_dir=str(tmp_path))
+    monkeypatch.setattr(natpg.agent, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        agent.learn(192, out_dir=str(tmp_path), reset=False)
+    assert "stopped in the evaluation after update 4 (256 env steps), which is saved in" in str(caught.value.__notes__)
+    monkeypatch.setattr(natpg.agent, "evaluate", evaluate)
+    assert natpg.load(str(tmp_path)).updates == 4 == agent.updates

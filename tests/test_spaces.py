@@ -874,3 +874,13 @@ def test_natpg_export_of_a_run_with_a_callable_mask_needs_no_callable(tmp_path, 
     assert np.array_equal(agent.predict([5, 123], action_mask=mask.numpy()), before)
     assert cli(["export", str(tmp_path / "run"), "-o", str(tmp_path)]) == 2
     assert f"{str(tmp_path)!r} is a directory: give the program file, e.g." in capsys.readouterr().err
+
+
+def test_a_saturated_tanh_action_stays_inside_a_float64_box():
+    """low + (tanh(u) + 1)/2·(high − low) at tanh(u) = ±1 can land an ULP past a float64 bound (0.30000000000000004
+    for 0.3): clipped after the rescale, in env_action and the exported policy alike."""
+    from natpg.policies import env_action
+
+    space = spaces.Box(np.array([-0.1, -0.7]), np.array([0.3, 0.1]), (2,), np.float64)
+    for u in ([30.0, 30.0], [-30.0, -30.0], [30.0, -30.0]):
+        assert space.contains(env_action(np.array([u], np.float32), space, squash=True)[0])

@@ -271,7 +271,13 @@ class Agent:
                 self.consecutive_faults = self.consecutive_faults + 1 if fault else 0
                 if run.eval_every:
                     t_eval = time.perf_counter()
-                    stats |= self.periodic_eval(batch, out_dir)
+                    try:
+                        stats |= self.periodic_eval(batch, out_dir)
+                    except BaseException as exc:  # Ctrl-C, an evaluation environment's error: the update is done
+                        if out_dir:
+                            exc.add_note(f"natpg: stopped in the evaluation after update {self.updates} "
+                                         f"({self.env_steps} env steps), which is saved in {self._save(out_dir)}")
+                        raise
                     eval_s += time.perf_counter() - t_eval
                 wall = time.perf_counter() - start - eval_s
                 self.train_wall_s = wall_before + wall

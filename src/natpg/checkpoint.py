@@ -222,14 +222,29 @@ _held_locks_guard = threading.Lock()
 
 
 @contextlib.contextmanager
-def run_dir_lock(directory: str):
+def run_dir_lock(directory: str, shared: bool = False):
     """Hold ``directory``'s lock while this process writes a run there, so that a second writer (the same
     ``--resume`` started twice, or a second agent in another thread) is refused — naming the first one — instead of
     interleaving its log rows and checkpoints with the first's. An flock on DIR/.natpg.lock: released however the
     process ends, so never stale; nested use within one thread is fine. Where there is no fcntl (Windows) nothing
-    is locked."""
+    is locked. ``shared``: a reader's lock (``--resume DIR --out NEW`` reading DIR), refused while a writer holds
+    DIR, beside any number of other readers."""
     if fcntl is None:
         yield
+        return
+    if shared:
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise ValueError(f"{directory!r} is in use by another natpg process (pid {holder}) writing a run "
+                                 f"there: wait for it to end (or stop it) before reading it") from None
+            yield
+        finally:
+            os.close(fd)  # releases the lock
         return
     os.makedirs(directory, exist_ok=True)
     key = os.path.realpath(directory)
@@ -243,6 +258,9 @@ def run_dir_lock(directory: str):
             except OSError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
+                if _only_read(directory):
+                    raise ValueError(f"{directory!r} is being read by another natpg process (a --resume of it into "
+                                     f"another --out): wait a moment, until it has read it") from None
                 raise ValueError(f"{directory!r} is in use by another natpg process (pid {holder}) writing a run "
                                  f"there: one writer per run directory; wait for it to end (or stop it), or use "
                                  f"another directory") from None
@@ -262,6 +280,18 @@ def run_dir_lock(directory: str):
         with _held_locks_guard:
             del _held_locks[key]
         fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _only_read(directory: str) -> bool:
+    """Whether the lock on ``directory`` that refused a writer is held by readers only (a shared lock is granted)."""
+    fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
         os.close(fd)
 
 

@@ -282,7 +282,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             # no other writer while DIR is read (and copied); a run going on in NEW leaves DIR free after that
             with contextlib.ExitStack() as reading:
                 if run_dir:
-                    (reading if elsewhere else lock).enter_context(run_dir_lock(args.resume))
+                    if elsewhere:  # read only: other readers (fine-tunes from the same run) may read beside
+                        reading.enter_context(run_dir_lock(args.resume, shared=True))
+                    else:
+                        lock.enter_context(run_dir_lock(args.resume))
                 agent, changed = _resume(args, overrides)
                 target = args.steps if args.steps is not None else agent.target_steps or DEFAULT_STEPS
                 steps, reset = target - agent.env_steps, False

@@ -78,8 +78,9 @@ class ExportedPolicy(nn.Module):
             return act.to(torch.int64)
         act = act.reshape(act.shape[0], *self.action_shape)
         if self.box:  # policies.env_action in torch (the tests hold the two to the same actions on every space)
-            act = self.low + (torch.tanh(act.to(torch.float64)) + 1.0) * 0.5 * (self.high - self.low) if self.squash \
-                else torch.maximum(torch.minimum(act.to(self.work_dtype), self.high), self.low)
+            if self.squash:
+                act = self.low + (torch.tanh(act.to(torch.float64)) + 1.0) * 0.5 * (self.high - self.low)
+            act = torch.maximum(torch.minimum(act.to(self.work_dtype), self.high), self.low)
             if self.integer:  # to the nearest value, not truncated towards 0
                 act = torch.round(act).clamp(*self.integer_range)
         return act.to(self.action_dtype)

@@ -541,7 +541,9 @@ def env_action(act: np.ndarray, action_space, squash: bool = False) -> np.ndarra
         integer = action_space.dtype.kind in "ui"
         if integer or squash:  # high - low in an integer dtype would wrap (int8's -100..100 is 200); tanh in float64:
             low, high = low.astype(np.float64), high.astype(np.float64)  # correctly rounded to float32 as torch's is
-        act = low + (np.tanh(act.astype(np.float64)) + 1.0) * 0.5 * (high - low) if squash else act.clip(low, high)
+        if squash:  # clipped too: a saturated tanh can land an ULP past a bound (0.30000000000000004 for 0.3)
+            act = low + (np.tanh(act.astype(np.float64)) + 1.0) * 0.5 * (high - low)
+        act = act.clip(low, high)
         if integer:  # to the nearest value, not truncated towards 0
             act = np.rint(act).clip(*integer_range(action_space.dtype))
     return act.astype(action_space.dtype)
