@@ -127,14 +127,12 @@ def write_program(agent, path: str) -> str:
         raise ValueError(f"cannot write {path!r}: its folder {os.path.dirname(os.path.abspath(path))!r} does not exist")
     module = export(agent)
     space = agent.observation_space
-    shape = tuple(space.shape) if isinstance(space, gym.spaces.Box) else (int(gym.spaces.flatdim(space)),)
     dtype = torch.from_numpy(np.zeros(0, space.dtype)).dtype if isinstance(space, gym.spaces.Box) else torch.float32
-    args: tuple[torch.Tensor, ...] = (torch.zeros(2, *shape, dtype=dtype),)
-    takes = f"obs [B{''.join(f', {d}' for d in shape)}] ({dtype})"
+    args: tuple[torch.Tensor, ...] = (torch.zeros(2, *module.obs_shape, dtype=dtype),)
+    takes = f"obs [B{''.join(f', {d}' for d in module.obs_shape)}] ({dtype})"
     if module.masked:
-        n = int(agent.action_space.n)
-        args += (torch.ones(2, n),)
-        takes += f", action_mask [B, {n}] (torch.float32; 1 = allowed)"
+        args += (torch.ones(2, module.n_actions),)
+        takes += f", action_mask [B, {module.n_actions}] (torch.float32; 1 = allowed)"
     batch = torch.export.Dim("batch")
     program = torch.export.export(module, args, dynamic_shapes=tuple({0: batch} for _ in args))
     archive = io.BytesIO()  # written by Python's open: a full disk or a read-only folder is an OSError naming the file
