@@ -286,7 +286,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                         reading.enter_context(run_dir_lock(args.resume, shared=True))
                     else:
                         lock.enter_context(run_dir_lock(args.resume))
-                agent, changed = _resume(args, overrides)
+                agent, changed = _resume(args, overrides, elsewhere)
                 target = args.steps if args.steps is not None else agent.target_steps or DEFAULT_STEPS
                 steps, reset = target - agent.env_steps, False
                 if steps < agent.config.batch_size:
@@ -358,9 +358,9 @@ def _resumable(run_dir: str) -> str:
     return run_dir
 
 
-def _resume(args: argparse.Namespace, overrides: dict[str, Any]):
+def _resume(args: argparse.Namespace, overrides: dict[str, Any], elsewhere: bool):
     """The agent --resume continues, and the settings --set changes in it beyond how it is logged, checkpointed and
-    evaluated (``BOOKKEEPING``): those continue the run into a new --out only, as natpg.load(DIR, key=value) does."""
+    evaluated (``BOOKKEEPING``): those continue the run into a new --out only, as natpg.load(DIR, key=value) does (``elsewhere``: --out is not DIR)."""
     from .agent import load
     from .rundir import BOOKKEEPING
 
@@ -372,8 +372,7 @@ def _resume(args: argparse.Namespace, overrides: dict[str, Any]):
         raise ValueError(f"--resume {args.resume!r}: that run has seed {agent.seed}, not {args.seed}")
     changed = sorted(k for k, v in overrides.items() if agent.config.override(**{k: v}) != agent.config)
     if changed:  # repeating the original command line with --resume is fine
-        out = args.resume if args.out is None else args.out
-        if os.path.realpath(out) == os.path.realpath(args.resume):
+        if not elsewhere:  # --out is DIR itself
             raise ValueError(f"--resume DIR keeps the run's recorded config in DIR, but for the settings of logging "
                              f"and evaluation ({', '.join(BOOKKEEPING)}); to go on with other {changed}, give --out "
                              f"NEW: the run continues there from its last checkpoint with the new settings, its logs "
@@ -452,14 +451,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .agent import CALLABLE_MASK, load
-    from .checkpoint import is_file_path, read
+    from .agent import load
+    from .checkpoint import is_file_path
     from .deployment import write_program
 
-    meta, _ = read(args.run_dir)
-    masked_by_code = meta.get("config", {}).get("env", {}).get("action_mask") == CALLABLE_MASK
     # a callable mask is not saved, and the exported policy takes the mask as an input: all actions stand in for it
-    agent = load(args.run_dir, action_mask=_all_actions if masked_by_code else None)
+    # (load reads the callable only for a run trained with one)
+    agent = load(args.run_dir, action_mask=_all_actions)
     output = args.output
     if output is None:
         output = os.path.join(os.path.dirname(args.run_dir) if is_file_path(args.run_dir) else args.run_dir,
