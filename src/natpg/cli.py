@@ -360,7 +360,8 @@ def _resumable(run_dir: str) -> str:
 
 def _resume(args: argparse.Namespace, overrides: dict[str, Any], elsewhere: bool):
     """The agent --resume continues, and the settings --set changes in it beyond how it is logged, checkpointed and
-    evaluated (``BOOKKEEPING``): those continue the run into a new --out only, as natpg.load(DIR, key=value) does (``elsewhere``: --out is not DIR)."""
+    evaluated (``BOOKKEEPING``): those continue the run into a new --out only (``elsewhere``: --out is not DIR), as
+    natpg.load(DIR, key=value) does."""
     from .agent import load
     from .rundir import BOOKKEEPING
 
