@@ -239,9 +239,7 @@ def run_dir_lock(directory: str, shared: bool = False):
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except OSError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                raise ValueError(f"{directory!r} is in use by another natpg process (pid {holder}) writing a run "
-                                 f"there: wait for it to end (or stop it) before reading it") from None
+                raise _held_by_writer(directory, fd, "wait for it to end (or stop it) before reading it") from None
             yield
         finally:
             os.close(fd)  # releases the lock
@@ -256,14 +254,13 @@ def run_dir_lock(directory: str, shared: bool = False):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                refused = _held_by_writer(directory, fd, "one writer per run directory; wait for it to end (or stop "
+                                                         "it), or use another directory")
                 os.close(fd)
                 if _only_read(directory):
                     raise ValueError(f"{directory!r} is being read by another natpg process (a --resume of it into "
                                      f"another --out): wait a moment, until it has read it") from None
-                raise ValueError(f"{directory!r} is in use by another natpg process (pid {holder}) writing a run "
-                                 f"there: one writer per run directory; wait for it to end (or stop it), or use "
-                                 f"another directory") from None
+                raise refused from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             _held_locks[key] = fd, me
@@ -281,6 +278,13 @@ def run_dir_lock(directory: str, shared: bool = False):
             del _held_locks[key]
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _held_by_writer(directory: str, fd: int, advice: str) -> ValueError:
+    """The refusal while another process writes a run in ``directory``, naming it by the pid it wrote into the lock
+    file ``fd``."""
+    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    return ValueError(f"{directory!r} is in use by another natpg process (pid {holder}) writing a run there: {advice}")
 
 
 def _only_read(directory: str) -> bool:
