@@ -1995,3 +1995,22 @@ def test_learn_and_load_work_inside_the_callers_no_grad_or_inference_mode(tmp_pa
     loaded.learn(64)  # outside inference mode: its tensors, the optimiser's state too, are ordinary ones
     plain.learn(64)
     assert all(torch.equal(p, q) for p, q in zip(plain.policy.parameters(), loaded.policy.parameters()))
+
+
+def test_cli_resume_into_an_older_copy_of_the_run_is_refused_or_with_overwrite_replaced(tmp_path, capsys):
+    """--resume DIR --out NEW where NEW holds the run as it was some updates before DIR: going on in NEW would leave
+    those updates out of its logs. Refused, naming the ways on; --overwrite makes NEW a whole copy of DIR's run."""
+    run, new = str(tmp_path / "run"), str(tmp_path / "new")
+    args = ["train", "npg", "CartPole-v1", "--no-progress", "--n-envs", "2", "--set", "n_steps=32",
+            "--set", "tensorboard=false"]
+    assert cli(args + ["--steps", "128", "--out", run]) == 0
+    assert cli(args + ["--steps", "192", "--resume", run, "--out", new]) == 0  # NEW: a copy at 128, then 192
+    assert cli(args + ["--steps", "320", "--resume", run]) == 0  # DIR itself goes on to 320
+    capsys.readouterr()
+    assert cli(args + ["--steps", "384", "--resume", run, "--out", new]) == 2
+    err = capsys.readouterr().err
+    assert "holds this run's log up to env step 192, the run resumed is at 320" in err and "--overwrite" in err
+    assert natpg.load(new).env_steps == 192 and _rows(tmp_path / "new") == [64, 128, 192]
+    assert cli(args + ["--steps", "384", "--resume", run, "--out", new, "--overwrite"]) == 0
+    assert natpg.load(new).env_steps == 384 and _rows(tmp_path / "new") == [64, 128, 192, 256, 320, 384]
+    assert _rows(tmp_path / "run") == [64, 128, 192, 256, 320]

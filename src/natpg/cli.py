@@ -298,7 +298,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 if elsewhere:
                     lock.enter_context(run_dir_lock(check_out_dir(out)))
                     # NEW goes on with the run's logs, or with other settings from its own first row
-                    if not claim_run_dir(agent, out, overwrite=args.overwrite) and run_dir and not changed:
+                    if not claim_run_dir(agent, out, args.overwrite, by="resume") and run_dir and not changed:
                         copy_run(args.resume, out)
         else:
             seed = 0 if args.seed is None else args.seed

@@ -63,8 +63,9 @@ def claim_run_dir(agent: Agent, out_dir: Any, overwrite: bool = False, by: str =
     ``overwrite`` too. False: it is new, or holds none of natpg's outputs, or held another run and ``overwrite``
     deleted those outputs (``checkpoint.RUN_OUTPUTS``, nothing else). Another run without ``overwrite`` is a
     ValueError: never lost data; so are files with natpg's names but no natpg checkpoint or config.json beside
-    them (another tool's tb/ or progress.csv), even with ``overwrite``. ``by``: 'learn' or 'save', for the error's
-    words."""
+    them (another tool's tb/ or progress.csv), even with ``overwrite``. ``by``: 'learn', 'save' or 'resume' (the
+    CLI's ``--resume DIR --out NEW``, where an older copy of the run in NEW is refused, or with ``overwrite``
+    replaced, rather than continued after a gap), for the error's words."""
     out_dir = check_out_dir(out_dir)
     held = [name for name in checkpoint.RUN_OUTPUTS if os.path.lexists(os.path.join(out_dir, name))]
     if not held:
@@ -90,6 +91,13 @@ def holds_this_run(agent: Agent, path: str, held: list[str], overwrite: bool, by
         meta = None
     if meta is not None and _continues(agent, meta):
         logged = not file and os.path.exists(os.path.join(path, checkpoint.PROGRESS_CSV))
+        if logged and meta["env_steps"] < agent.env_steps and by == "resume":  # an older copy of the run resumed
+            if overwrite:
+                return False
+            raise ValueError(f"--out {path!r} holds this run's log up to env step {meta['env_steps']}, the run "
+                             f"resumed is at {agent.env_steps}: going on in it would leave a gap in its logs; "
+                             f"--overwrite replaces it with the resumed run's, or --resume {path!r} goes on from "
+                             f"its own checkpoint")
         if logged and meta["env_steps"] < agent.env_steps:  # learn or save into it after calls without it
             warn(f"{path!r} holds this run's log up to env step {meta['env_steps']} (update {meta.get('updates')}), "
                  f"the agent is at {agent.env_steps} (update {agent.updates}): the updates between, trained "
@@ -109,6 +117,9 @@ def holds_this_run(agent: Agent, path: str, held: list[str], overwrite: bool, by
     what = (f"a natpg run ({meta.get('algorithm')} on {meta.get('env_id')}, seed {meta.get('seed')}, "
             f"{meta.get('env_steps')} env steps{_other_settings(agent, meta)})" if meta is not None
             else "a file that is not this run's" if file else f"natpg outputs ({', '.join(held)})")
+    if by == "resume":
+        raise ValueError(f"--out {path!r} already holds {what}; choose another --out, or replace it with "
+                         f"--overwrite")
     if by == "learn":
         raise ValueError(f"out_dir {path!r} already holds {what}; choose another directory, continue that run "
                          f"(natpg.load(dir).learn(..., out_dir=dir); natpg train ... --resume DIR), or replace it "
