@@ -418,6 +418,23 @@ def test_a_multiproc_worker_that_hangs_is_an_error_naming_its_copies_after_the_t
     assert not any(p.is_alive() for p in procs)
 
 
+def test_an_async_copy_that_hangs_is_an_error_after_worker_timeout_and_its_processes_end(tmp_path):
+    """vectorization='async' (Gymnasium's processes, which wait for ever): a hanging step stops the run after
+    worker_timeout with an error naming the setting, every copy's process ended, the run saved at its last update;
+    the next learn builds the environments afresh."""
+    from natpg.vector import EnvWorkerDied
+
+    agent = natpg.NPG(SLEEPY_ID, n_envs=2, n_steps=16, vectorization="async", worker_timeout=0.5, tensorboard=False)
+    start = time.monotonic()
+    with pytest.raises(EnvWorkerDied, match=r"an environment copy's process \(vectorization='async'\) gave no answer "
+                                            r"within worker_timeout=0\.5 s while stepping its environment") as caught:
+        agent.learn(32, out_dir=str(tmp_path / "run"))
+    assert 0.5 <= time.monotonic() - start < 10
+    assert not any(p.is_alive() for p in agent._sampler.envs.processes)
+    assert "is saved in" in "\n".join(getattr(caught.value, "__notes__", []))
+    agent.close()
+
+
 def test_a_multiproc_worker_exits_when_its_learner_is_gone(exits_once_its_learner_is_gone):
     """A worker stuck in a hanging environment never reads the pipe's EOF: it watches the learner's pid instead
     (the pipe left open here, as a hung step leaves it unread)."""

@@ -270,8 +270,9 @@ class DistributedConfig:
     one), 'auto' (the cluster this machine belongs to, after `ray start`) or 'HOST:PORT'."""
     worker_timeout: float = 300.0
     """Seconds a Ray or process worker may take to return one rollout before it counts as failed and is
-    replaced (its share of the iteration then runs again on the replacement); with vectorization='multiproc',
-    seconds an environment worker may take to answer one step or reset before the run stops with an error."""
+    replaced (its share of the iteration then runs again on the replacement); with vectorization='multiproc' or
+    'async', seconds an environment worker may take to answer one step or reset before the run stops with an
+    error."""
     worker_start_timeout: float = 600.0
     """Seconds a Ray or process worker may take to start (import natpg, build its environments; on a cluster
     also wait for a free CPU and set up its runtime environment) before it counts as failed; with
@@ -761,7 +762,11 @@ def unread_because(cfg: Config, key: str, action_space_type: str | None = None,
         return "clips normalised observations; this run's normalize_obs is False"
     if key == "reward_clip" and not cfg.env.normalize_reward:
         return "clips scaled rewards; this run's normalize_reward is False"
-    if key in ("worker_timeout", "worker_start_timeout") and cfg.distributed.sampler not in ("processes", "ray") \
+    if key == "worker_timeout" and cfg.distributed.sampler not in ("processes", "ray") \
+            and cfg.env.vectorization == "sync":
+        return (f"read by sampler='processes' and 'ray', and by vectorization='multiproc' and 'async'; this run's "
+                f"sampler is {cfg.distributed.sampler!r}, its vectorization 'sync'")
+    if key == "worker_start_timeout" and cfg.distributed.sampler not in ("processes", "ray") \
             and cfg.env.vectorization != "multiproc":
         return (f"read by sampler='processes' and 'ray', and by vectorization='multiproc'; this run's sampler is "
                 f"{cfg.distributed.sampler!r}, its vectorization {cfg.env.vectorization!r}")

@@ -377,7 +377,8 @@ def make_vec_env(env_id: str, n_envs: int, vectorization: str = "sync", n_worker
     to bootstrap truncated episodes from V(final observation). The last step's info is in ``info['final_info']``
     (the multiproc engine ships only its ``info_keys`` from the worker processes). ``first_copy``: the index of
     copy 0 among all of a run's copies (a rollout worker's slice, 'sync'), for the messages that name a copy.
-    ``worker_timeouts``: the seconds a 'multiproc' worker may take to answer a step or reset, and to start.
+    ``worker_timeouts``: the seconds a 'multiproc' worker may take to answer a step or reset (an 'async' copy's
+    process too), and to start.
     """
     check_env_id(env_id)
     env_kwargs = env_kwargs or {}
@@ -391,10 +392,10 @@ def make_vec_env(env_id: str, n_envs: int, vectorization: str = "sync", n_worker
 
         return SerialVectorEnv([lambda: make_env(env_id, action_mask, env_kwargs=env_kwargs) for _ in range(n_envs)],
                                first_copy)
-    from .vector import ApiChecked
+    from .vector import ApiChecked, TimedAsyncVectorEnv
 
-    return gym.vector.AsyncVectorEnv([lambda i=i: ApiChecked(make_env(env_id, action_mask, env_kwargs=env_kwargs), i)
-                                      for i in range(n_envs)], autoreset_mode=AutoresetMode.SAME_STEP)
+    return TimedAsyncVectorEnv([lambda i=i: ApiChecked(make_env(env_id, action_mask, env_kwargs=env_kwargs), i)
+                                for i in range(n_envs)], worker_timeouts[0], autoreset_mode=AutoresetMode.SAME_STEP)
 
 
 class RunningMeanStd:

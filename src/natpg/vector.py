@@ -151,6 +151,33 @@ class ApiChecked(gym.Wrapper):
         return checked_step(self.env, self.copy, self.env.observation_space, action)
 
 
+class TimedAsyncVectorEnv(gym.vector.AsyncVectorEnv):
+    """Gymnasium's ``AsyncVectorEnv`` (vectorization='async'), whose step and reset wait at most ``timeout``
+    seconds for the copies' answers (its own wait for ever on a hanging environment): then every copy's process is
+    ended and ``EnvWorkerDied`` names the setting."""
+
+    def __init__(self, env_fns, timeout: float | None, **kwargs):
+        super().__init__(env_fns, **kwargs)
+        self.timeout = timeout
+
+    def reset(self, *, seed=None, options=None):
+        self.reset_async(seed=seed, options=options)
+        return self._answer(self.reset_wait, "resetting")
+
+    def step(self, actions):
+        self.step_async(actions)
+        return self._answer(self.step_wait, "stepping")
+
+    def _answer(self, wait, doing: str):
+        try:
+            return wait(timeout=self.timeout)
+        except mp.TimeoutError:
+            self.close(terminate=True)
+            raise EnvWorkerDied(f"an environment copy's process (vectorization='async') gave no answer within "
+                                f"worker_timeout={self.timeout:g} s while {doing} its environment: an environment "
+                                f"hangs; every copy's process is ended") from None
+
+
 class SerialVectorEnv:
     """Copies built by ``env_fns`` stepped in turn in this process, a finished copy reset in the same step.
 
@@ -206,7 +233,8 @@ class SerialVectorEnv:
 
 class EnvWorkerDied(RuntimeError):
     """An environment worker process of ``vectorization='multiproc'`` ended without answering (killed from outside,
-    the OOM killer), or gave no answer within its timeout (an environment that hangs): its copies are gone."""
+    the OOM killer), or gave no answer within its timeout (an environment that hangs; also 'async'): its copies
+    are gone."""
 
 
 def exit_when_gone(pid: int, poll_s: float = 2.0) -> None:
