@@ -91,6 +91,74 @@ def test_compatible_least_squares_is_the_tabular_natural_gradient(float64, dual)
                                tabular.softmax_policy(tabular.npg_step(mdp, theta, eta)), rtol=0, atol=1e-10)
 
 
+class LinearFeatureSoftmax(nn.Module):
+    """π(a|s) ∝ exp φ(s, a)ᵀθ with k < S·A features (a one-hot state in): function approximation, where the
+    compatible fit, unlike the tabular one, depends on how the states are weighted."""
+
+    def __init__(self, features: np.ndarray, theta: np.ndarray):
+        super().__init__()
+        self.register_buffer("features", torch.from_numpy(features))  # [S, A, k]
+        self.theta = nn.Parameter(torch.from_numpy(theta.copy()))
+        self.head = CategoricalHead()
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("ns,sak,k->na", obs, self.features, self.theta)
+
+    def dist(self, obs: torch.Tensor):
+        return self.head.dist(self(obs))
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        return [self.theta]
+
+
+def test_compatible_least_squares_under_function_approximation_needs_the_discounted_state_distribution():
+    """Kakade's F w* = (1 − γ)∇V(ρ) for a policy with k = 6 < S·A = 15 features: natpg's compatible least squares,
+    weighted by d^π_ρ(s)π(a|s) from tabular.state_distribution, against F from a loop over the analytic scores
+    ψ = φ(s, a) − Σ_b π(b|s)φ(s, b) under the discounted distribution summed as a series, and ∇V(ρ) by central
+    differences of an explicit-inverse evaluation. The start distribution ρ in d's place (as a tabular policy's
+    fit would allow: there the weighting drops out) misses the identity by orders of magnitude."""
+    mdp = tabular.random_mdp(5, 3, gamma=0.9, seed=5, rho="dirichlet")
+    S, A, k, gamma = mdp.n_states, mdp.n_actions, 6, mdp.gamma
+    rng = np.random.default_rng(5)
+    features, theta = rng.normal(size=(S, A, k)), 0.5 * rng.normal(size=k)
+
+    def policy_of(th: np.ndarray) -> np.ndarray:
+        logits = features @ th
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    def start_value(th: np.ndarray) -> float:
+        pi = policy_of(th)
+        P_pi = np.einsum("sa,sat->st", pi, mdp.P)
+        return float(mdp.rho @ np.linalg.inv(np.eye(S) - gamma * P_pi) @ (pi * mdp.R).sum(axis=1))
+
+    pi = policy_of(theta)
+    h = 1e-5
+    grad = np.array([(start_value(theta + h * e) - start_value(theta - h * e)) / (2 * h) for e in np.eye(k)])
+    P_pi, term, d_ref = np.einsum("sa,sat->st", pi, mdp.P), mdp.rho.copy(), np.zeros(S)
+    while term.sum() > 1e-17:
+        d_ref, term = d_ref + (1 - gamma) * term, gamma * term @ P_pi
+    F_ref = np.zeros((k, k))
+    for s in range(S):
+        for a in range(A):
+            psi = features[s, a] - pi[s] @ features[s]
+            F_ref += d_ref[s] * pi[s, a] * np.outer(psi, psi)
+
+    policy = LinearFeatureSoftmax(features, theta)
+    obs = torch.eye(S, dtype=torch.float64).repeat_interleave(A, dim=0)  # row s·A + a: state s …
+    act = torch.arange(A).repeat(S)  # … and action a
+    psi = compatible_features(policy, obs, act)
+    target = torch.from_numpy(tabular.advantages(mdp, pi).ravel())
+
+    def fit(state_weights: np.ndarray) -> np.ndarray:
+        omega = torch.from_numpy((state_weights[:, None] * pi).ravel())
+        return compatible_least_squares(psi, target, 0.0, omega).numpy()
+
+    w = fit(tabular.state_distribution(mdp, pi))
+    np.testing.assert_allclose(F_ref @ w, (1 - gamma) * grad, rtol=0, atol=1e-9)
+    assert np.abs(F_ref @ fit(mdp.rho) - (1 - gamma) * grad).max() > 1e-4
+
+
 # --------------------------------------------------------------------------------------------------
 # (b) Sampled data from a neural policy: nac.py against a dense solve of a loop-built score matrix
 # --------------------------------------------------------------------------------------------------

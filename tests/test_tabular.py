@@ -322,27 +322,63 @@ def test_natural_gradient_is_steepest_ascent_under_fisher_constraint():
     assert g @ (g * np.sqrt(eps / (g @ F @ g))) < best * (1 - 1e-3)
 
 
+def ref_reparameterised_steps(mdp: MDP, G, jacobian, phi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The natural and the vanilla direction in phi for the policy softmax(G(phi)), from that policy's own scores
+    psi_phi(s, a) = J_G(phi)^T psi_theta(s, a) by a plain loop: F_phi = sum_s d(s) sum_a pi psi_phi psi_phi^T and
+    grad_phi V(rho) = sum_s d(s) sum_a pi psi_phi A(s, a) / (1 - gamma) (the policy gradient theorem); no natpg."""
+    S, A = mdp.R.shape
+    pi = ref_softmax(G(phi).reshape(S, A))
+    d = ref_state_distribution(mdp, pi)
+    V, Q = ref_evaluate_loop(mdp, pi)
+    J = jacobian(phi)
+    F_phi, g_phi = np.zeros((len(phi), len(phi))), np.zeros(len(phi))
+    for s in range(S):
+        for a in range(A):
+            score = np.zeros(S * A)  # d log pi(a|s) / d theta
+            score[s * A + a] += 1.0
+            score[s * A : (s + 1) * A] -= pi[s]
+            psi = J.T @ score
+            F_phi += d[s] * pi[s, a] * np.outer(psi, psi)
+            g_phi += d[s] * pi[s, a] * psi * (Q[s, a] - V[s]) / (1 - mdp.gamma)
+    return np.linalg.pinv(F_phi, rcond=1e-12, hermitian=True) @ g_phi, g_phi
+
+
 def test_parameterisation_invariance():
-    """One natural step in phi, with theta = M phi, moves the policy exactly as one natural step
-    in theta (Fisher M^T F M, gradient M^T g); a vanilla step does not."""
+    """A natural step in phi, for theta = G(phi), with phi's own Fisher (from the phi-policy's scores, not natpg's),
+    moves the policy as natpg's natural step in theta: exactly for a linear G = M phi, and to O(eta^2) for a
+    nonlinear G (the natural gradient flow is invariant; one step to first order). A vanilla step differs at O(eta).
+    (Building phi's Fisher as M^T F M from natpg's F would pass for any symmetric F, the identity included.)"""
     m = tiny_mdp(seed=9)
     S, A = 4, 3
     n = S * A
     rng = np.random.default_rng(9)
-    theta = rng.normal(size=(S, A))
+    phi = rng.normal(size=n)
     M = np.eye(n) + 0.3 * rng.normal(size=(n, n))
     assert np.linalg.cond(M) < 1e3
-    F, g = fisher(m, theta), policy_gradient(m, theta).ravel()
-    eta = 1.0
-    dtheta = np.linalg.pinv(F, rcond=1e-12, hermitian=True) @ g
-    dphi = np.linalg.pinv(M.T @ F @ M, rcond=1e-12, hermitian=True) @ (M.T @ g)
-    pi_theta = ref_softmax(theta + eta * dtheta.reshape(S, A))
-    pi_phi = ref_softmax(theta + eta * (M @ dphi).reshape(S, A))
-    np.testing.assert_allclose(pi_phi, pi_theta, atol=1e-10)
-    lr = 1.0
-    pg_theta = ref_softmax(theta + lr * g.reshape(S, A))
-    pg_phi = ref_softmax(theta + lr * (M @ M.T @ g).reshape(S, A))
-    assert np.max(np.abs(pg_phi - pg_theta)) > 1e-3
+    B = rng.normal(size=(n, n)) / np.sqrt(n)
+
+    def G(p):
+        return p + 0.6 * np.tanh(B @ p) + 0.2 * p**3 / 3
+
+    def J_G(p):
+        return np.eye(n) + 0.6 * (1 - np.tanh(B @ p) ** 2)[:, None] * B + 0.2 * np.diag(p**2)
+
+    def policy_gaps(G, jacobian, etas):
+        """max |pi after the step in phi - pi after the step in theta|, natural and vanilla, for each eta."""
+        theta = G(phi).reshape(S, A)
+        natural_theta, vanilla_theta = natural_gradient(m, theta), policy_gradient(m, theta)
+        natural_phi, vanilla_phi = ref_reparameterised_steps(m, G, jacobian, phi)
+        gap = lambda step_phi, step_theta, eta: np.abs(ref_softmax(G(phi + eta * step_phi).reshape(S, A))
+                                                       - ref_softmax(theta + eta * step_theta)).max()
+        return (np.array([gap(natural_phi, natural_theta, eta) for eta in etas]),
+                np.array([gap(vanilla_phi, vanilla_theta, eta) for eta in etas]))
+
+    natural, vanilla = policy_gaps(lambda p: M @ p, lambda p: M, [1.0])
+    assert natural[0] < 1e-10 and vanilla[0] > 1e-3
+    etas = 0.2 / 2.0 ** np.arange(4)
+    natural, vanilla = policy_gaps(G, J_G, etas)
+    assert (natural[:-1] / natural[1:] > 3.2).all()  # halving eta quarters the gap: O(eta^2)
+    assert (vanilla[:-1] / vanilla[1:] < 2.5).all() and natural[-1] < 0.2 * vanilla[-1]  # halves it: O(eta)
 
 
 # ------------------------------------------------------------------------------ algorithms

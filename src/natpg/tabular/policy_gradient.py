@@ -322,7 +322,7 @@ def npg(
     """Exact natural policy gradient ``theta <- theta + eta_t F(theta)^+ grad V(rho)``.
 
     Args:
-        mdp: the MDP; ``rho`` is both the objective's start distribution and the Fisher's.
+        mdp: the MDP; ``rho`` is the objective's start distribution, and the Fisher is weighted by ``d^pi_rho``.
         eta: step size (the base ``eta_0`` when a schedule is given).
         iterations: number of updates ``T``.
         theta0: ``[S, A]`` start; default zeros (the uniform policy, as in Agarwal et al.).
