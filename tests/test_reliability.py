@@ -1986,6 +1986,41 @@ def test_a_log_row_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
     assert all(None not in r.values() and None not in r for r in rows)
 
 
+def test_resume_drops_an_unreadable_log_line_and_keeps_the_rows_around_it(tmp_path):
+    """A blank or garbled line inside progress.csv or episodes.csv (an editor, a disk error) is dropped with a
+    warning naming it; the rows after it up to the checkpoint stay (they were all dropped, without a word)."""
+    natpg.NPG("CartPole-v1", **small()).learn(3 * BATCH, out_dir=str(tmp_path))
+    for name in ("progress.csv", "episodes.csv"):
+        lines = (tmp_path / name).read_text().splitlines(keepends=True)
+        (tmp_path / name).write_text("".join([*lines[:2], "\n" if name == "progress.csv" else "x,\n", *lines[2:]]))
+    episodes_before = len((tmp_path / "episodes.csv").read_text().splitlines()) - 2
+    with pytest.warns(UserWarning) as caught:
+        natpg.load(str(tmp_path)).learn(BATCH, out_dir=str(tmp_path), reset=False)
+    for name in ("progress.csv", "episodes.csv"):
+        assert any(f"{name}: line(s) [3] hold no row natpg can read" in str(w.message) for w in caught)
+    assert [r["env_steps"] for r in progress_rows(tmp_path)] == [str(k * BATCH) for k in (1, 2, 3, 4)]
+    episodes = list(csv.DictReader(open(tmp_path / "episodes.csv")))
+    assert len(episodes) >= episodes_before and all(r["env_steps"].isdigit() for r in episodes)
+
+
+def test_resume_cuts_events_log_back_to_the_checkpoint(tmp_path):
+    """events.log (a row's text values) goes back to the checkpoint with progress.csv: a run killed after logging
+    text past its checkpoint does not log those steps' lines twice."""
+    from natpg.logger import Logger
+
+    killed = Logger(str(tmp_path), tensorboard=False)
+    for step in (64, 128, 192):
+        killed.record({"env_steps": step, "note": f"update {step // 64}"})
+    killed.close()
+    with open(tmp_path / "events.log", "a") as f:
+        f.write("env_steps=256 {'no")  # cut short by the kill
+    resumed = Logger(str(tmp_path), tensorboard=False, resume=True, resume_step=128)
+    resumed.record({"env_steps": 192, "note": "update 3"})
+    resumed.close()
+    assert (tmp_path / "events.log").read_text().splitlines() == [
+        "env_steps=64 {'note': 'update 1'}", "env_steps=128 {'note': 'update 2'}", "env_steps=192 {'note': 'update 3'}"]
+
+
 def test_the_checkpoint_digest_covers_the_metadata(tmp_path):
     natpg.NPG("CartPole-v1", **small()).save(str(tmp_path))
     payload = torch.load(tmp_path / "model.pt", weights_only=True)
@@ -2004,6 +2039,32 @@ def test_a_temporary_file_left_by_a_killed_writer_is_removed_by_the_next_write(t
     assert not stale.exists() and natpg.load(str(tmp_path)).env_steps == 0
 
 
+def test_a_ctrl_c_while_a_checkpoint_is_written_waits_until_it_is_written(tmp_path, monkeypatch):
+    """A Ctrl-C that lands in a checkpoint's write (the second of two quick ones: the first asked natpg train to stop
+    after the update and save it) takes effect once the checkpoint is written in full: it left the previous
+    checkpoint in place, up to checkpoint_every - 1 updates behind the log."""
+    out = str(tmp_path)
+    agent = natpg.NPG("CartPole-v1", seed=0, **small())
+    agent.learn(64, out_dir=out)
+    real_save = torch.save
+
+    def save_interrupted(obj, f, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered at once: mid-write
+        real_save(obj, f, *args, **kwargs)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a plain interpreter
+    try:
+        monkeypatch.setattr(torch, "save", save_interrupted)
+        with pytest.raises(KeyboardInterrupt) as caught:
+            agent.learn(64, out_dir=out, reset=False)  # checkpoint_every 50: the learn call's last save only
+        monkeypatch.setattr(torch, "save", real_save)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert f"natpg: SIGINT came while {os.path.join(out, 'model.pt')} was written; it was written in full first" \
+        in caught.value.__notes__
+    assert natpg.load(out).env_steps == 128 and not [f for f in os.listdir(out) if ".tmp-" in f]
+
+
 def test_ctrl_c_during_a_periodic_evaluation_saves_the_update_before_it(tmp_path, monkeypatch):
     """The evaluation runs after an update is complete: an interrupt there (or an evaluation environment's error)
     saves that update, whose checkpoint would otherwise be the last periodic one (checkpoint_every 50: the start)."""
@@ -2018,6 +2079,11 @@ def test_ctrl_c_during_a_periodic_evaluation_saves_the_update_before_it(tmp_path
     monkeypatch.setattr(natpg.agent, "evaluate", interrupted)
     with pytest.raises(KeyboardInterrupt) as caught:
         agent.learn(192, out_dir=str(tmp_path), reset=False)
-    assert "stopped in the evaluation after update 4 (256 env steps), which is saved in" in str(caught.value.__notes__)
+    assert "stopped after update 4 (256 env steps), which is logged and saved in" in str(caught.value.__notes__)
     monkeypatch.setattr(natpg.agent, "evaluate", evaluate)
     assert natpg.load(str(tmp_path)).updates == 4 == agent.updates
+    # its row is logged (the evaluation's columns empty), so the resumed log has no gap
+    natpg.load(str(tmp_path)).learn(128, out_dir=str(tmp_path), reset=False)
+    rows = list(csv.DictReader(open(tmp_path / "progress.csv")))
+    assert [int(r["env_steps"]) for r in rows] == [64, 128, 192, 256, 320, 384]
+    assert [r["eval/return_mean"] != "nan" for r in rows] == [False, True, False, False, False, True]

@@ -6,6 +6,7 @@ owns none of the maths itself; evaluation is ``natpg.evaluation``, the run direc
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -170,6 +171,7 @@ class Agent:
         self._sampler: Sampler | None = None
         self._saved_sampler: dict[str, Any] | None = None  # sampler state read from a checkpoint, for reset=False
         self._envs_stopped: str | None = None  # why the environments were left mid-step: the next learn rebuilds them
+        self._run_log: Logger | None = None  # the run directory's log while learn writes it: on disk before a checkpoint
 
     # --- training -------------------------------------------------------------------------------
     def learn(self, total_steps: int, out_dir: str | None = None, progress_bar: bool = False,
@@ -253,6 +255,7 @@ class Agent:
         episodes_before = self._sampler.episodes
         logger = Logger(out_dir, run.tensorboard, progress_bar, total_steps=end_steps,
                         resume=continuing, resume_step=self.env_steps, info_keys=self.config.env.info_keys)
+        self._run_log = logger
         start = time.perf_counter()
         eval_s = 0.0  # seconds spent in periodic evaluations, left out of the training wall-clock
         wall_before = self.train_wall_s
@@ -265,51 +268,66 @@ class Agent:
                 stats = self._update(prefetch=i < n_updates - 1, out_dir=out_dir)
                 self.updates += 1
                 self.env_steps += batch
-                logger.record_episodes(self.env_steps, self._sampler.last_episodes)
                 stats |= schedule
                 fault = fault_of(stats)
                 self.consecutive_faults = self.consecutive_faults + 1 if fault else 0
-                if run.eval_every:
-                    t_eval = time.perf_counter()
-                    try:
+
+                def progress_row() -> dict[str, Any]:
+                    wall = time.perf_counter() - start - eval_s
+                    self.train_wall_s = wall_before + wall
+                    return {"env_steps": self.env_steps, "updates": self.updates,
+                            "ep_return_mean": self.recent_return(), "ep_length_mean": _mean(self._sampler.recent_lengths),
+                            **self._recent_info_means(), "episodes": self._sampler.episodes,
+                            "wall_s": self.train_wall_s,
+                            "steps_per_s": (self.env_steps - steps_at_start) / max(wall, 1e-9),
+                            "faults/consecutive": self.consecutive_faults, **stats, **_policy_stats(self.policy),
+                            **self._sampler.log_stats()}
+
+                # The update is complete: whatever stops the run from here on (Ctrl-C in the evaluation, say),
+                # its row is logged and it is saved, so that the log and the checkpoint agree.
+                logged = False
+                try:
+                    logger.record_episodes(self.env_steps, self._sampler.last_episodes)
+                    if run.eval_every:
+                        t_eval = time.perf_counter()
                         stats |= self.periodic_eval(batch, out_dir)
-                    except BaseException as exc:  # Ctrl-C, an evaluation environment's error: the update is done
-                        if out_dir:
-                            exc.add_note(f"natpg: stopped in the evaluation after update {self.updates} "
-                                         f"({self.env_steps} env steps), which is saved in {self._save(out_dir)}")
-                        raise
-                    eval_s += time.perf_counter() - t_eval
-                wall = time.perf_counter() - start - eval_s
-                self.train_wall_s = wall_before + wall
-                row = {"env_steps": self.env_steps, "updates": self.updates,
-                       "ep_return_mean": self.recent_return(), "ep_length_mean": _mean(self._sampler.recent_lengths),
-                       **self._recent_info_means(), "episodes": self._sampler.episodes, "wall_s": self.train_wall_s,
-                       "steps_per_s": (self.env_steps - steps_at_start) / max(wall, 1e-9),
-                       "faults/consecutive": self.consecutive_faults, **stats, **_policy_stats(self.policy),
-                       **self._sampler.log_stats()}
-                evaluated = not math.isnan(stats.get("eval/return_mean", math.nan))
-                row, stop, failed = _run_callback(callback, self, row)
-                if self._sampler is None:  # the callback closed the agent: no environments left to train on
-                    stop = True
-                if self.updates % run.log_interval == 0 or fault or evaluated or stop or i == n_updates - 1:
-                    logger.record(row)
-                if self.consecutive_faults >= run.max_consecutive_faults:
-                    saved = f"; checkpoint written to {self._save(out_dir)}" if out_dir else ""
+                        eval_s += time.perf_counter() - t_eval
+                    row = progress_row()
+                    evaluated = not math.isnan(stats.get("eval/return_mean", math.nan))
+                    row, stop, failed = _run_callback(callback, self, row)
+                    if self._sampler is None:  # the callback closed the agent: no environments left to train on
+                        stop = True
+                    if self.updates % run.log_interval == 0 or fault or evaluated or stop or i == n_updates - 1:
+                        logger.record(row)
+                        logged = True
+                    faulted_out = self.consecutive_faults >= run.max_consecutive_faults
+                    if out_dir and (faulted_out or failed is not None or
+                                    run.checkpoint_every and self.updates % run.checkpoint_every == 0):
+                        saved = self._save(out_dir)
+                except BaseException as exc:
+                    if out_dir:
+                        if not logged:
+                            with contextlib.suppress(Exception):  # the log's own error: the update is saved still
+                                logger.record(progress_row())
+                        exc.add_note(f"natpg: stopped after update {self.updates} ({self.env_steps} env steps), "
+                                     f"which is logged and saved in {self._save(out_dir)}")
+                    raise
+                if faulted_out:
                     raise TrainingFault(
                         f"training stopped: {self.consecutive_faults} consecutive updates (up to update "
                         f"{self.updates}, {self.env_steps} env steps) were skipped, in whole or in part, for "
-                        f"numerical faults, the last one: {fault}. {self._undone(stats)}{saved}.")
-                if out_dir and run.checkpoint_every and self.updates % run.checkpoint_every == 0:
-                    self._save(out_dir)
+                        f"numerical faults, the last one: {fault}. {self._undone(stats)}"
+                        f"{f'; checkpoint written to {saved}' if out_dir else ''}.")
                 if failed is not None:
                     if out_dir:
                         failed.add_note(f"natpg: the callback raised after update {self.updates} ({self.env_steps} "
-                                        f"env steps); that update is saved in {self._save(out_dir)}")
+                                        f"env steps); that update is saved in {saved}")
                     raise failed
                 if stop:
                     break
         finally:
             logger.close()
+            self._run_log = None
             self._schedule(step_rule, None)  # back to the configured δ and α
         if out_dir:
             self._save(out_dir)
@@ -642,34 +660,38 @@ class Agent:
                                  f"{len(built[1])} tensors), but a {now[0]} with another layout: natpg saves only the "
                                  f"networks it builds from the settings (hidden, critic_hidden, activation, ...), "
                                  f"so that a checkpoint never holds code; change those settings instead")
-        meta = {
-            "algorithm": self.algorithm, "env_id": self.env_id, "seed": self.seed, "config": self.config.to_dict(),
-            "observation_space": space_to_dict(self.observation_space),
-            "action_space": space_to_dict(self.action_space),
-            "obs_normalizer": self.obs_normalizer.rms.state_dict(),
-            "reward_scaler": self.reward_scaler.rms.state_dict(),
-            "reward_scaler_ret": self.reward_scaler.ret.tolist(),
-            "env_steps": self.env_steps, "updates": self.updates, "target_steps": self.target_steps,
-            "schedule_end": self.schedule_end,
-            "consecutive_faults": self.consecutive_faults, "train_wall_s": self.train_wall_s,
-            "best_eval_return": self.best_eval_return,
-            **({"critic_kfac_fallbacks": self.critic.fitter.curvature.fallbacks}
-               if isinstance(self.critic.fitter, KFACRegression) else {}),
-            # Everything needed to continue bit-exactly (learn(..., reset=False) after load; CLI --resume):
-            "sampler": sampler_state,
-        }
-        tensors = {"policy": self.policy.state_dict(), "critic": self.critic.state_dict(),
-                   "critic_optimizer": self.critic.fitter.state_dict(),
-                   "rng": {"generator": self.generator.get_state(),
-                           "cpu_generator": self.update_generator.get_state(),
-                           **({"sampling_generator": self.sampling_generator.get_state()}
-                              if self.sampling_generator is not self.generator else {})},
-                   "actor_update": {name: part.state_dict()
-                                    for name, part in stateful_update_parts(self.actor_update).items()}}
-        file = checkpoint.write(path, meta, tensors)
-        if not checkpoint.is_file_path(path):
-            checkpoint.write_json(os.path.join(path, checkpoint.CONFIG_JSON), _config_json(meta))
-        return file
+        # A Ctrl-C from here on (the second of two: stop at once) waits until the checkpoint is written
+        with checkpoint.signals_held(checkpoint.checkpoint_file(path)):
+            if self._run_log is not None:
+                self._run_log.sync()
+            meta = {
+                "algorithm": self.algorithm, "env_id": self.env_id, "seed": self.seed, "config": self.config.to_dict(),
+                "observation_space": space_to_dict(self.observation_space),
+                "action_space": space_to_dict(self.action_space),
+                "obs_normalizer": self.obs_normalizer.rms.state_dict(),
+                "reward_scaler": self.reward_scaler.rms.state_dict(),
+                "reward_scaler_ret": self.reward_scaler.ret.tolist(),
+                "env_steps": self.env_steps, "updates": self.updates, "target_steps": self.target_steps,
+                "schedule_end": self.schedule_end,
+                "consecutive_faults": self.consecutive_faults, "train_wall_s": self.train_wall_s,
+                "best_eval_return": self.best_eval_return,
+                **({"critic_kfac_fallbacks": self.critic.fitter.curvature.fallbacks}
+                   if isinstance(self.critic.fitter, KFACRegression) else {}),
+                # Everything needed to continue bit-exactly (learn(..., reset=False) after load; CLI --resume):
+                "sampler": sampler_state,
+            }
+            tensors = {"policy": self.policy.state_dict(), "critic": self.critic.state_dict(),
+                       "critic_optimizer": self.critic.fitter.state_dict(),
+                       "rng": {"generator": self.generator.get_state(),
+                               "cpu_generator": self.update_generator.get_state(),
+                               **({"sampling_generator": self.sampling_generator.get_state()}
+                                  if self.sampling_generator is not self.generator else {})},
+                       "actor_update": {name: part.state_dict()
+                                        for name, part in stateful_update_parts(self.actor_update).items()}}
+            file = checkpoint.write(path, meta, tensors)
+            if not checkpoint.is_file_path(path):
+                checkpoint.write_json(os.path.join(path, checkpoint.CONFIG_JSON), _config_json(meta))
+            return file
 
     def _sampler_state(self) -> dict[str, Any] | None:
         """The sampler's resume state (the one loaded with the agent, before a sampler is built)."""

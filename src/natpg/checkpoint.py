@@ -17,6 +17,7 @@ import glob
 import hashlib
 import json
 import os
+import signal
 import stat
 import tempfile
 import threading
@@ -120,6 +121,31 @@ def _open_mode(file: str) -> int:
         return 0o666 & ~_umask()
 
 
+@contextlib.contextmanager
+def signals_held(what: str):
+    """SIGINT and SIGTERM that arrive in the block take their course once it is done: the block writes ``what``
+    (a checkpoint: seconds at most), which a second Ctrl-C would otherwise leave unwritten, the previous one in
+    its place. Outside the main thread, or with a handler not set from Python, signals are left as they are."""
+    held = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, held):
+        yield
+        return
+    arrived: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for signum in dict.fromkeys(arrived):
+        try:
+            signal.raise_signal(signum)  # its own handler now: Ctrl-C's KeyboardInterrupt, say
+        except BaseException as exc:
+            exc.add_note(f"natpg: {signal.Signals(signum).name} came while {what} was written; it was written in "
+                         f"full first")
+            raise
+
+
 def atomic_write(file: str, write) -> None:
     directory = os.path.dirname(os.path.abspath(file))
     if os.path.exists(directory) and not os.path.isdir(directory):
@@ -132,19 +158,20 @@ def atomic_write(file: str, write) -> None:
         except OSError:
             pass
     mode = _open_mode(file)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.chmod(tmp, mode)  # mkstemp makes it 0600 whatever the umask: others could not read a shared run
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
+    with signals_held(file):
+        fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.chmod(tmp, mode)  # mkstemp makes it 0600 whatever the umask: others could not read a shared run
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, file)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(directory)
 
 
 def write(path: str, meta: dict[str, Any], tensors: dict[str, Any]) -> str:

@@ -7,11 +7,13 @@ import io
 import math
 import numbers
 import os
+import re
 from typing import Any
 
 import numpy as np
 
 from .checkpoint import EPISODES_CSV, EVENTS_LOG, PROGRESS_CSV, TENSORBOARD_DIR, atomic_write
+from .errors import warn
 
 
 EPISODE_COLUMNS = ["env_steps", "return", "length"]
@@ -26,7 +28,7 @@ class Logger:
     ``resume=True`` appends to an existing progress.csv (keeping its columns) and episodes.csv. With
     ``resume_step`` (the env_steps of the checkpoint being resumed) it first drops from both the rows written
     after that checkpoint (by a run killed between a log row and its next checkpoint) and a partly written last
-    line, so that the resumed files equal those an uninterrupted run writes.
+    line, so that the resumed files equal those an uninterrupted run writes; so too events.log's lines.
     """
 
     def __init__(self, out_dir: str | None, tensorboard: bool = True, progress_bar: bool = False,
@@ -46,6 +48,9 @@ class Logger:
                 self._csv_file = open(path, "a", newline="")
             else:
                 self._csv_file = open(path, "w", newline="")
+            path = os.path.join(out_dir, EVENTS_LOG)
+            if resume and resume_step is not None and os.path.exists(path):
+                _truncate_events(path, resume_step)
             path = os.path.join(out_dir, EPISODES_CSV)
             self._episode_columns = EPISODE_COLUMNS + list(info_keys)
             self._info_index = {key: j for j, key in enumerate(info_keys)}
@@ -118,7 +123,16 @@ class Logger:
         self._columns += new
         self._csv_file = open(path, "a", newline="")
 
+    def sync(self) -> None:
+        """progress.csv and episodes.csv on disk, before a checkpoint is: after a power cut the checkpoint is
+        never ahead of the rows it continues from."""
+        for file in (self._csv_file, self._episodes_file):
+            if file is not None and not file.closed:
+                file.flush()
+                os.fsync(file.fileno())
+
     def close(self) -> None:
+        self.sync()
         if self._csv_file is not None:
             self._csv_file.close()
         if self._episodes_file is not None:
@@ -163,6 +177,19 @@ def _fmt(v: float) -> str:
     return repr(v) if not float(v).is_integer() else str(int(v)) if abs(v) < 1e15 else repr(v)
 
 
+def _truncate_events(path: str, resume_step: int) -> None:
+    """Keep events.log's lines (``env_steps=N {...}``) with N ≤ resume_step, as ``_truncate_log`` keeps rows."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        text = f.read()
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines = lines[:-1]  # a line cut short by a kill
+    step = re.compile(r"env_steps=(\d+) ")
+    new = "".join(line for line in lines if not (found := step.match(line)) or int(found[1]) <= resume_step)
+    if new != text:
+        atomic_write(path, lambda f: f.write(new.encode("utf-8", errors="surrogateescape")))
+
+
 def _truncate_log(path: str, resume_step: int | None) -> list[str] | None:
     """Keep a log's (progress.csv's, episodes.csv's) header and its complete rows with env_steps ≤ resume_step
     (all complete rows when None); rewrite the file atomically when anything is dropped. Returns the header
@@ -182,17 +209,21 @@ def _truncate_log(path: str, resume_step: int | None) -> list[str] | None:
         header = next(csv.reader([lines[0]]))
         if "env_steps" in header and resume_step is not None:
             col = header.index("env_steps")
-            kept = [lines[0]]
-            for line in lines[1:]:
+            kept, unreadable = [lines[0]], []
+            for number, line in enumerate(lines[1:], start=2):
                 row = next(csv.reader([line]), [])
                 try:
                     step = float(row[col])
                 except (IndexError, ValueError):
-                    break
+                    unreadable.append(number)
+                    continue
                 if step > resume_step:
                     break
                 kept.append(line)
             lines = kept
+            if unreadable:
+                warn(f"{path}: line(s) {unreadable} hold no row natpg can read (no env_steps) and are dropped as the "
+                     f"run goes on; the rows around them are kept", UserWarning)
     new = "".join(lines)
     if new != text:
         atomic_write(path, lambda f: f.write(new.encode()))

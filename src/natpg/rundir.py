@@ -142,8 +142,10 @@ def _holds_natpg_config(path: str) -> bool:
 def copy_run(src: str, dst: str) -> None:
     """Copy natpg's outputs (``checkpoint.RUN_OUTPUTS``) of the run in ``src`` into ``dst``, which holds none: a run
     continued in another directory (``natpg train --resume SRC --out DST``) keeps its whole log there, and the
-    best policy its best return refers to; ``src`` is left as it was."""
-    for name in checkpoint.RUN_OUTPUTS:
+    best policy its best return refers to; ``src`` is left as it was. The checkpoint is copied last: a copy cut
+    short (a full disk, Ctrl-C) leaves ``dst`` without one, which the same command then refuses (--overwrite
+    copies afresh) instead of going on without the logs."""
+    for name in (*(n for n in checkpoint.RUN_OUTPUTS if n != checkpoint.FILENAME), checkpoint.FILENAME):
         path = os.path.join(src, name)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.copytree(path, os.path.join(dst, name))
