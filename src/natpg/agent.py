@@ -262,6 +262,17 @@ class Agent:
         steps_at_start = self.env_steps
         schedule_end = self.schedule_end = end_steps if schedule_end is None else int(schedule_end)
         step_rule = getattr(self.actor_update, "step_rule", None)
+
+        def progress_row(stats: dict[str, Any]) -> dict[str, Any]:
+            wall = time.perf_counter() - start - eval_s
+            self.train_wall_s = wall_before + wall
+            return {"env_steps": self.env_steps, "updates": self.updates,
+                    "ep_return_mean": self.recent_return(), "ep_length_mean": _mean(self._sampler.recent_lengths),
+                    **self._recent_info_means(), "episodes": self._sampler.episodes, "wall_s": self.train_wall_s,
+                    "steps_per_s": (self.env_steps - steps_at_start) / max(wall, 1e-9),
+                    "faults/consecutive": self.consecutive_faults, **stats, **_policy_stats(self.policy),
+                    **self._sampler.log_stats()}
+
         try:
             for i in range(n_updates):
                 schedule = self._schedule(step_rule, schedule_end)
@@ -272,43 +283,30 @@ class Agent:
                 fault = fault_of(stats)
                 self.consecutive_faults = self.consecutive_faults + 1 if fault else 0
 
-                def progress_row() -> dict[str, Any]:
-                    wall = time.perf_counter() - start - eval_s
-                    self.train_wall_s = wall_before + wall
-                    return {"env_steps": self.env_steps, "updates": self.updates,
-                            "ep_return_mean": self.recent_return(), "ep_length_mean": _mean(self._sampler.recent_lengths),
-                            **self._recent_info_means(), "episodes": self._sampler.episodes,
-                            "wall_s": self.train_wall_s,
-                            "steps_per_s": (self.env_steps - steps_at_start) / max(wall, 1e-9),
-                            "faults/consecutive": self.consecutive_faults, **stats, **_policy_stats(self.policy),
-                            **self._sampler.log_stats()}
-
                 # The update is complete: whatever stops the run from here on (Ctrl-C in the evaluation, say),
                 # its row is logged and it is saved, so that the log and the checkpoint agree.
-                logged = False
                 try:
                     logger.record_episodes(self.env_steps, self._sampler.last_episodes)
                     if run.eval_every:
                         t_eval = time.perf_counter()
                         stats |= self.periodic_eval(batch, out_dir)
                         eval_s += time.perf_counter() - t_eval
-                    row = progress_row()
+                    row = progress_row(stats)
                     evaluated = not math.isnan(stats.get("eval/return_mean", math.nan))
                     row, stop, failed = _run_callback(callback, self, row)
                     if self._sampler is None:  # the callback closed the agent: no environments left to train on
                         stop = True
                     if self.updates % run.log_interval == 0 or fault or evaluated or stop or i == n_updates - 1:
                         logger.record(row)
-                        logged = True
                     faulted_out = self.consecutive_faults >= run.max_consecutive_faults
                     if out_dir and (faulted_out or failed is not None or
                                     run.checkpoint_every and self.updates % run.checkpoint_every == 0):
                         saved = self._save(out_dir)
                 except BaseException as exc:
                     if out_dir:
-                        if not logged:
+                        if logger.last_step != self.env_steps:
                             with contextlib.suppress(Exception):  # the log's own error: the update is saved still
-                                logger.record(progress_row())
+                                logger.record(progress_row(stats))
                         exc.add_note(f"natpg: stopped after update {self.updates} ({self.env_steps} env steps), "
                                      f"which is logged and saved in {self._save(out_dir)}")
                     raise

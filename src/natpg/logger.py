@@ -39,6 +39,7 @@ class Logger:
         self._episodes_file = None
         self._writer = None
         self._columns: list[str] | None = None
+        self.last_step: int | None = None  # env_steps of the last row written to progress.csv
         self._bar = None
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
@@ -91,6 +92,7 @@ class Logger:
                 self._add_columns(new)
             csv.writer(self._csv_file).writerow([_fmt(numeric.get(c, float("nan"))) for c in self._columns])
             self._csv_file.flush()
+            self.last_step = step
             if text:
                 with open(os.path.join(self.out_dir, EVENTS_LOG), "a") as f:
                     f.write(f"env_steps={step} {text}\n")
