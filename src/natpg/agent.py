@@ -75,7 +75,7 @@ class Agent:
         mask_fn = overrides.get("action_mask")
         if callable(mask_fn):
             overrides["action_mask"] = CALLABLE_MASK
-        config = config_for(self.algorithm, env, overrides, warn_of_unread=False)  # warned of below, with the spaces
+        config = config_for(self.algorithm, env, overrides, warn=False)  # warned of below, with the spaces
         if config.distributed.sampler == "ray":
             from .distributed import check_ray_installed
 

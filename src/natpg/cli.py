@@ -429,7 +429,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     overrides = file_settings | given
     family = env_family(args.env_id)
     with naming_settings_file(args.config, set(file_settings) - set(given)):
-        config = config_for(args.algo, args.env_id, overrides, warn_of_unread=False)
+        config = config_for(args.algo, args.env_id, overrides, warn=False)
     # what train checks against the environment itself (its spaces, env_kwargs), without training
     observation_space, action_space = probe_spaces(args.env_id, config.env.action_mask, config.env.env_kwargs)
     if refusal := config.refusal("action_squash", type(action_space).__name__):

@@ -127,17 +127,16 @@ def default_config(algorithm: str, family: str, env_id: str | None = None) -> Co
     return Config(algorithm=algorithm).override(**merged)
 
 
-def config_for(algorithm: str, env_id: str, overrides: dict[str, Any] | None = None,
-               warn_of_unread: bool = True) -> Config:
+def config_for(algorithm: str, env_id: str, overrides: dict[str, Any] | None = None, warn: bool = True) -> Config:
     """The validated settings of one run: the presets for ``env_id`` (its family's, then its own), then
-    ``overrides``. Raises ValueError naming every invalid setting; warns (``warn_of_unread``; an agent does, once
-    it knows the spaces) of every override that changes a setting the run would not read (a warning, not an error: one
+    ``overrides``. Raises ValueError naming every invalid setting; warns (``warn``; an agent does, once it knows
+    the spaces) of every override that changes a setting the run would not read (a warning, not an error: one
     dict of settings shared by several algorithms is a fair way to run a sweep; an override equal to the preset's
     value, as a whole config.json holds, changes nothing)."""
     preset = default_config(algorithm, env_family(env_id), env_id)
     config = preset.override(**(overrides or {}))
     config = config.override(**inert_preset_values(preset, config, overrides or {})).validate()
-    if warn_of_unread:
+    if warn:
         warn_unread(config, env_id, overrides or {})
     return config
 
