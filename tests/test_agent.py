@@ -2016,31 +2016,42 @@ def test_cli_resume_into_an_older_copy_of_the_run_is_refused_or_with_overwrite_r
     assert _rows(tmp_path / "run") == [64, 128, 192, 256, 320]
 
 
-def test_cli_resume_out_cut_short_while_copying_is_refused_then_copied_afresh_with_overwrite(tmp_path, capsys,
-                                                                                            monkeypatch):
-    """--resume DIR --out NEW that fails while copying DIR's run (a full disk, Ctrl-C) leaves NEW without a
-    checkpoint (copied last): the same command then refuses NEW rather than go on there without DIR's logs, and
-    --overwrite copies the whole run afresh."""
+def test_cli_resume_out_that_fails_while_copying_leaves_nothing_and_goes_again(tmp_path, capsys, monkeypatch):
+    """--resume DIR --out NEW that fails while copying DIR's run (a full disk, Ctrl-C) deletes what it copied: the
+    same command then copies the whole run (it went on in NEW without DIR's logs). A copy cut short by a kill (no
+    chance to clean up) leaves no checkpoint, copied last, and the same command refuses NEW until --overwrite."""
     import shutil
+
+    from natpg.rundir import copy_run
 
     run, new = str(tmp_path / "run"), str(tmp_path / "new")
     args = ["train", "npg", "CartPole-v1", "--no-progress", "--n-envs", "2", "--set", "n_steps=32",
             "--set", "tensorboard=false"]
     assert cli(args + ["--steps", "128", "--out", run]) == 0
     copy = shutil.copy2
+    copied = []
 
     def disk_full(src, dst, **kwargs):
-        if os.path.basename(src) == "episodes.csv":
+        copied.append(os.path.basename(src))
+        if os.path.basename(src) == "model.pt":
             raise OSError(28, "No space left on device", dst)
         return copy(src, dst, **kwargs)
 
     monkeypatch.setattr(shutil, "copy2", disk_full)
     assert cli(args + ["--steps", "192", "--resume", run, "--out", new]) == 2
     monkeypatch.setattr(shutil, "copy2", copy)
-    assert not os.path.exists(os.path.join(new, "model.pt"))
-    capsys.readouterr()
-    assert cli(args + ["--steps", "192", "--resume", run, "--out", new]) == 2
-    err = capsys.readouterr().err
-    assert f"--out {new!r} already holds natpg outputs" in err and "replace it with --overwrite" in err
-    assert cli(args + ["--steps", "192", "--resume", run, "--out", new, "--overwrite"]) == 0
+    assert copied[-1] == "model.pt" and {"progress.csv", "episodes.csv", "config.json"} <= set(copied)
+    assert not set(os.listdir(new)) & {"model.pt", "config.json", "progress.csv", "episodes.csv", "best"}
+    assert cli(args + ["--steps", "192", "--resume", run, "--out", new]) == 0
     assert _rows(tmp_path / "new") == [64, 128, 192] and natpg.load(new).env_steps == 192
+
+    killed = str(tmp_path / "killed")  # what a kill in the copy's last file leaves: everything but the checkpoint
+    os.makedirs(killed)
+    copy_run(run, killed)
+    os.remove(os.path.join(killed, "model.pt"))
+    capsys.readouterr()
+    assert cli(args + ["--steps", "192", "--resume", run, "--out", killed]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {killed!r} already holds natpg outputs" in err and "replace it with --overwrite" in err
+    assert cli(args + ["--steps", "192", "--resume", run, "--out", killed, "--overwrite"]) == 0
+    assert _rows(tmp_path / "killed") == [64, 128, 192]

@@ -2065,6 +2065,49 @@ def test_a_ctrl_c_while_a_checkpoint_is_written_waits_until_it_is_written(tmp_pa
     assert natpg.load(out).env_steps == 128 and not [f for f in os.listdir(out) if ".tmp-" in f]
 
 
+def test_an_update_stopped_after_is_saved_once_and_the_note_says_what_was_kept(tmp_path, monkeypatch):
+    """A Ctrl-C held while update 2's periodic checkpoint is written: that checkpoint is not written a second time
+    by the stop; a progress.csv that cannot be written (a full disk) stops the run with the update saved all the
+    same, and the note does not claim the row was logged."""
+    out = str(tmp_path / "held")
+    agent = natpg.NPG("CartPole-v1", seed=0, checkpoint_every=1, **small())
+    real_save, writes = torch.save, []
+
+    def save_interrupted(obj, f, *args, **kwargs):
+        writes.append(json.loads(obj["meta"])["updates"])
+        if writes[-1] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        real_save(obj, f, *args, **kwargs)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        monkeypatch.setattr(torch, "save", save_interrupted)
+        with pytest.raises(KeyboardInterrupt) as caught:
+            agent.learn(4 * BATCH, out_dir=out)
+        monkeypatch.setattr(torch, "save", real_save)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert writes == [0, 1, 2] and natpg.load(out).updates == 2
+    assert f"natpg: stopped after update 2 ({2 * BATCH} env steps), which is logged and saved in " \
+        f"{os.path.join(out, 'model.pt')}" in caught.value.__notes__
+
+    out = str(tmp_path / "full")
+    agent = natpg.NPG("CartPole-v1", seed=0, **small())
+    record = natpg.logger.Logger.record
+
+    def disk_full(logger, row):
+        if row["updates"] == 2:
+            raise OSError(28, "No space left on device")
+        record(logger, row)
+
+    monkeypatch.setattr(natpg.logger.Logger, "record", disk_full)
+    with pytest.raises(OSError) as caught:
+        agent.learn(4 * BATCH, out_dir=out)
+    assert natpg.load(out).updates == 2 and [r["updates"] for r in progress_rows(out)] == ["1"]
+    assert f"natpg: stopped after update 2 ({2 * BATCH} env steps), which is saved in " \
+        f"{os.path.join(out, 'model.pt')}" in caught.value.__notes__
+
+
 def test_ctrl_c_during_a_periodic_evaluation_saves_the_update_before_it(tmp_path, monkeypatch):
     """The evaluation runs after an update is complete: an interrupt there (or an evaluation environment's error)
     saves that update, whose checkpoint would otherwise be the last periodic one (checkpoint_every 50: the start)."""

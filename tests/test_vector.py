@@ -1,5 +1,6 @@
 """natpg's vector envs produce exactly the trajectories of Gymnasium's same-step-autoreset SyncVectorEnv."""
 
+import signal
 import time
 import warnings
 
@@ -433,6 +434,30 @@ def test_an_async_copy_that_hangs_is_an_error_after_worker_timeout_and_its_proce
     assert not any(p.is_alive() for p in agent._sampler.envs.processes)
     assert "is saved in" in "\n".join(getattr(caught.value, "__notes__", []))
     agent.close()
+
+
+class DeafSleepyCartPole(CartPoleEnv):
+    """CartPole whose step hangs deaf to SIGTERM, as a copy stuck in C code is."""
+
+    def step(self, action):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(600)
+        return super().step(action)
+
+
+if "natpg_test/DeafSleepyCartPole-v0" not in gym.registry:
+    gym.register("natpg_test/DeafSleepyCartPole-v0", entry_point=DeafSleepyCartPole, max_episode_steps=100)
+
+
+def test_an_async_copy_deaf_to_sigterm_is_killed_after_worker_timeout():
+    from natpg.vector import EnvWorkerDied, TimedAsyncVectorEnv
+
+    envs = TimedAsyncVectorEnv([lambda: gym.make("natpg_test/DeafSleepyCartPole-v0") for _ in range(2)], 0.5)
+    envs.reset(seed=0)
+    start = time.monotonic()
+    with pytest.raises(EnvWorkerDied, match="worker_timeout=0.5 s while stepping"):
+        envs.step(np.zeros(2, np.int64))
+    assert time.monotonic() - start < 10 and not any(p.is_alive() for p in envs.processes)
 
 
 def test_a_multiproc_worker_exits_when_its_learner_is_gone(exits_once_its_learner_is_gone):

@@ -172,6 +172,7 @@ class Agent:
         self._saved_sampler: dict[str, Any] | None = None  # sampler state read from a checkpoint, for reset=False
         self._envs_stopped: str | None = None  # why the environments were left mid-step: the next learn rebuilds them
         self._run_log: Logger | None = None  # the run directory's log while learn writes it: on disk before a checkpoint
+        self._checkpointed: tuple[str, int] | None = None  # (file, updates) of the last checkpoint written
 
     # --- training -------------------------------------------------------------------------------
     def learn(self, total_steps: int, out_dir: str | None = None, progress_bar: bool = False,
@@ -277,20 +278,21 @@ class Agent:
             for i in range(n_updates):
                 schedule = self._schedule(step_rule, schedule_end)
                 stats = self._update(prefetch=i < n_updates - 1, out_dir=out_dir)
-                self.updates += 1
-                self.env_steps += batch
-                stats |= schedule
-                fault = fault_of(stats)
-                self.consecutive_faults = self.consecutive_faults + 1 if fault else 0
-
+                self.updates, self.env_steps = self.updates + 1, self.env_steps + batch
                 # The update is complete: whatever stops the run from here on (Ctrl-C in the evaluation, say),
                 # its row is logged and it is saved, so that the log and the checkpoint agree.
+                saved = None
                 try:
+                    stats |= schedule
+                    fault = fault_of(stats)
+                    self.consecutive_faults = self.consecutive_faults + 1 if fault else 0
                     logger.record_episodes(self.env_steps, self._sampler.last_episodes)
                     if run.eval_every:
                         t_eval = time.perf_counter()
-                        stats |= self.periodic_eval(batch, out_dir)
-                        eval_s += time.perf_counter() - t_eval
+                        try:
+                            stats |= self.periodic_eval(batch, out_dir)
+                        finally:
+                            eval_s += time.perf_counter() - t_eval
                     row = progress_row(stats)
                     evaluated = not math.isnan(stats.get("eval/return_mean", math.nan))
                     row, stop, failed = _run_callback(callback, self, row)
@@ -304,11 +306,7 @@ class Agent:
                         saved = self._save(out_dir)
                 except BaseException as exc:
                     if out_dir:
-                        if logger.last_step != self.env_steps:
-                            with contextlib.suppress(Exception):  # the log's own error: the update is saved still
-                                logger.record(progress_row(stats))
-                        exc.add_note(f"natpg: stopped after update {self.updates} ({self.env_steps} env steps), "
-                                     f"which is logged and saved in {self._save(out_dir)}")
+                        exc.add_note(self._keep_stopped_update(out_dir, logger, lambda: progress_row(stats)))
                     raise
                 if faulted_out:
                     raise TrainingFault(
@@ -340,6 +338,25 @@ class Agent:
                  f"(reset=True, the default): episodes longer than one call never end that way. Pass "
                  f"reset=False to go on where the last call left the environments", UserWarning)
         return self
+
+    def _keep_stopped_update(self, out_dir: str, logger: Logger, progress_row) -> str:
+        """The note for an exception that stops learn after a complete update: that update's row is logged (if it
+        is not yet) and the update saved (if it is not yet: an interrupt held while its checkpoint was written),
+        or the note says what could not be."""
+        logged = logger.last_step == self.env_steps
+        if not logged:
+            with contextlib.suppress(Exception):  # the log's own error: the update is saved all the same
+                logger.record(progress_row())
+                logged = True
+        file = checkpoint.checkpoint_file(out_dir)
+        if self._checkpointed != (file, self.updates):
+            try:
+                self._save(out_dir)
+            except Exception as failure:
+                return (f"natpg: stopped after update {self.updates} ({self.env_steps} env steps), which could not "
+                        f"be saved ({type(failure).__name__}: {failure}): {file} holds an earlier update")
+        return (f"natpg: stopped after update {self.updates} ({self.env_steps} env steps), which is "
+                f"{'logged and ' if logged else ''}saved in {file}")
 
     def _open_sampler(self, reset: bool) -> None:
         """Environments for learn: the saved run's (``reset=False`` after a load), else freshly reset ones."""
@@ -687,6 +704,7 @@ class Agent:
                        "actor_update": {name: part.state_dict()
                                         for name, part in stateful_update_parts(self.actor_update).items()}}
             file = checkpoint.write(path, meta, tensors)
+            self._checkpointed = (file, self.updates)
             if not checkpoint.is_file_path(path):
                 checkpoint.write_json(os.path.join(path, checkpoint.CONFIG_JSON), _config_json(meta))
             return file

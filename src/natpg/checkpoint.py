@@ -123,27 +123,34 @@ def _open_mode(file: str) -> int:
 
 @contextlib.contextmanager
 def signals_held(what: str):
-    """SIGINT and SIGTERM that arrive in the block take their course once it is done: the block writes ``what``
-    (a checkpoint: seconds at most), which a second Ctrl-C would otherwise leave unwritten, the previous one in
-    its place. Outside the main thread, or with a handler not set from Python, signals are left as they are."""
+    """SIGINT and SIGTERM that arrive in the block take their course once it is done, each one in the order they
+    came (also when the block raised): the block writes ``what`` (a checkpoint: seconds at most), which a second
+    Ctrl-C would otherwise leave unwritten, the previous one in its place. Outside the main thread, or with a
+    handler not set from Python, signals are left as they are."""
     held = (signal.SIGINT, signal.SIGTERM)
     if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, held):
         yield
         return
     arrived: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in held}
+    written = False
     try:
         yield
+        written = True
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    for signum in dict.fromkeys(arrived):
-        try:
-            signal.raise_signal(signum)  # its own handler now: Ctrl-C's KeyboardInterrupt, say
-        except BaseException as exc:
-            exc.add_note(f"natpg: {signal.Signals(signum).name} came while {what} was written; it was written in "
-                         f"full first")
-            raise
+        raised = None
+        for signum in arrived:  # their own handlers now: Ctrl-C's KeyboardInterrupt, natpg train's stop, ...
+            try:
+                signal.raise_signal(signum)
+            except BaseException as exc:  # the first to raise goes on; the later ones' handlers still run
+                if raised is None:
+                    exc.add_note(f"natpg: {signal.Signals(signum).name} came while {what} was written; "
+                                 f"{'it was written in full first' if written else 'the write failed'}")
+                    raised = exc
+        if raised is not None:
+            raise raised
 
 
 def atomic_write(file: str, write) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -96,6 +97,8 @@ class Logger:
             if text:
                 with open(os.path.join(self.out_dir, EVENTS_LOG), "a") as f:
                     f.write(f"env_steps={step} {text}\n")
+                    f.flush()
+                    os.fsync(f.fileno())  # rare (text values: faults), and on disk before the next checkpoint
         if self._writer is not None:
             for k, v in numeric.items():
                 if k != "env_steps" and math.isfinite(v):
@@ -127,11 +130,12 @@ class Logger:
 
     def sync(self) -> None:
         """progress.csv and episodes.csv on disk, before a checkpoint is: after a power cut the checkpoint is
-        never ahead of the rows it continues from."""
+        not ahead of the rows it continues from. A log that cannot be written does not stop the checkpoint."""
         for file in (self._csv_file, self._episodes_file):
             if file is not None and not file.closed:
-                file.flush()
-                os.fsync(file.fileno())
+                with contextlib.suppress(OSError):
+                    file.flush()
+                    os.fsync(file.fileno())
 
     def close(self) -> None:
         self.sync()

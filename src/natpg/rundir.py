@@ -5,6 +5,7 @@ A run goes on in its own directory; another run's outputs are never overwritten 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -142,15 +143,28 @@ def _holds_natpg_config(path: str) -> bool:
 def copy_run(src: str, dst: str) -> None:
     """Copy natpg's outputs (``checkpoint.RUN_OUTPUTS``) of the run in ``src`` into ``dst``, which holds none: a run
     continued in another directory (``natpg train --resume SRC --out DST``) keeps its whole log there, and the
-    best policy its best return refers to; ``src`` is left as it was. The checkpoint is copied last: a copy cut
-    short (a full disk, Ctrl-C) leaves ``dst`` without one, which the same command then refuses (--overwrite
-    copies afresh) instead of going on without the logs."""
-    for name in (*(n for n in checkpoint.RUN_OUTPUTS if n != checkpoint.FILENAME), checkpoint.FILENAME):
-        path = os.path.join(src, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.copytree(path, os.path.join(dst, name))
-        elif os.path.lexists(path):
-            shutil.copy2(path, os.path.join(dst, name))
+    best policy its best return refers to; ``src`` is left as it was. A copy that fails (a full disk, Ctrl-C)
+    deletes what it copied, so that the same command starts it again; the checkpoint goes last, so that one cut
+    short by a kill leaves none, and the same command refuses ``dst`` rather than go on there without the logs."""
+    names = [name for name in checkpoint.RUN_OUTPUTS if name != checkpoint.FILENAME] + [checkpoint.FILENAME]
+    copied = []
+    try:
+        for name in names:
+            path, target = os.path.join(src, name), os.path.join(dst, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                copied.append(target)
+                shutil.copytree(path, target)
+            elif os.path.lexists(path):
+                copied.append(target)
+                shutil.copy2(path, target)
+    except BaseException:
+        for target in copied:
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target, ignore_errors=True)
+            elif os.path.lexists(target):
+                with contextlib.suppress(OSError):
+                    os.remove(target)
+        raise
 
 
 def _changed_settings(agent: Agent, meta: dict[str, Any]) -> list[str] | None:

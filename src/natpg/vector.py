@@ -154,7 +154,7 @@ class ApiChecked(gym.Wrapper):
 class TimedAsyncVectorEnv(gym.vector.AsyncVectorEnv):
     """Gymnasium's ``AsyncVectorEnv`` (vectorization='async'), whose step and reset wait at most ``timeout``
     seconds for the copies' answers (its own wait for ever on a hanging environment): then every copy's process is
-    ended and ``EnvWorkerDied`` names the setting."""
+    killed and ``EnvWorkerDied`` names the setting."""
 
     def __init__(self, env_fns, timeout: float | None, **kwargs):
         super().__init__(env_fns, **kwargs)
@@ -172,6 +172,9 @@ class TimedAsyncVectorEnv(gym.vector.AsyncVectorEnv):
         try:
             return wait(timeout=self.timeout)
         except mp.TimeoutError:
+            for process in self.processes:  # SIGKILL: a copy hung in C code may never act on SIGTERM
+                if process.is_alive():
+                    process.kill()
             self.close(terminate=True)
             raise EnvWorkerDied(f"an environment copy's process (vectorization='async') gave no answer within "
                                 f"worker_timeout={self.timeout:g} s while {doing} its environment: an environment "
