@@ -995,3 +995,91 @@ def test_categorical_draw_is_multinomial_bit_for_bit():
         assert torch.equal(g1.get_state(), g2.get_state())
     with pytest.raises(RuntimeError, match="nan"):
         categorical_draw(torch.tensor([[float("nan"), 1.0]]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Found by stop 47's mutation audit: behaviours no test above pinned down
+# --------------------------------------------------------------------------------------------------
+
+def test_line_search_rejects_a_step_that_does_not_improve_the_surrogate():
+    """A flat surrogate (equal, not greater) is no improvement: every try rejected and θ restored bit for bit
+    (sb3-contrib's ``new_objective > objective`` too)."""
+    policy = make_policy("gauss")
+    params = policy.actor_parameters()
+    before = get_flat(params)
+    d = torch.randn(before.numel(), generator=torch.Generator().manual_seed(0))
+    stats = LineSearch(0.01, 0.8, 5).apply(params, d, d, fisher.Identity(), lambda: (0.0, 0.0))
+    assert stats["step/accepted"] == 0.0 and stats["step/size"] == 0.0 and torch.equal(get_flat(params), before)
+
+
+def test_line_search_logs_the_expected_improvement_of_the_length_it_kept():
+    """After k backtracks, step/expected_improve is the kept length times gᵀd, and the ratio is measured on it."""
+    policy = make_policy("gauss")
+    batch = make_batch(policy)
+    curvature = ScaledCurvature(fisher.Dense(damping=1e-3), 0.02)  # the full step overshoots δ: it backtracks
+    curvature.fit(policy, batch.obs)
+    g = gradient(policy, batch)
+    d = curvature.solve(g)
+    stats = LineSearch(0.005, 0.5, 15).apply(policy.actor_parameters(), d, g, curvature, evaluator(policy, batch))
+    assert stats["step/accepted"] == 1.0 and stats["step/backtracks"] >= 2
+    assert stats["step/expected_improve"] == pytest.approx(stats["step/size"] * float(g @ d), rel=1e-12)
+    assert stats["step/improve_ratio"] == pytest.approx(stats["step/actual_improve"] / stats["step/expected_improve"])
+
+
+def test_acktr_momentum_resets_on_the_combined_direction_not_the_remembered_one():
+    """The reset is decided on gᵀv for v = μ·v_prev + (1 − μ)·d: here gᵀv_prev < 0 but gᵀv > 0, so no reset and the
+    step is along v = (1.1, 0.9), not d; and gᵀv_prev > 0 with gᵀv ≤ 0 resets."""
+    param = nn.Parameter(torch.zeros(2))
+    rule = KFACClip(1e-3, eta_max=1e6, momentum=0.9)
+    rule.apply([param], torch.tensor([-1.0, 1.0]), torch.tensor([-1.0, 1.0]), fisher.Identity(), None)
+    before = param.detach().clone()
+    stats = rule.apply([param], torch.tensor([20.0, 0.0]), torch.tensor([1.0, 0.0]), fisher.Identity(), None)
+    v = torch.tensor([1.1, 0.9])
+    assert stats["step/momentum_reset"] == 0.0
+    torch.testing.assert_close(param.detach() - before, math.sqrt(2e-3 / float(v @ v)) * v, rtol=1e-12, atol=1e-15)
+    rule = KFACClip(1e-3, eta_max=1e6, momentum=0.9)
+    rule.apply([param], torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0]), fisher.Identity(), None)
+    stats = rule.apply([param], torch.tensor([-20.0, 1.0]), torch.tensor([1.0, 0.0]), fisher.Identity(), None)
+    assert stats["step/momentum_reset"] == 1.0
+
+
+@pytest.mark.parametrize("make", [lambda: fisher.Empirical(damping=0.1),
+                                  lambda: fisher.KFAC(0.1, estimator="empirical"),
+                                  lambda: fisher.Diagonal(0.1, estimator="empirical")],
+                         ids=["empirical", "kfac", "diagonal"])
+def test_an_update_fits_the_empirical_fisher_on_the_taken_actions(make):
+    policy = make_policy("gauss")
+    batch = make_batch(policy)
+    curvature = make()
+    assert NaturalGradientUpdate(curvature, KLStep(0.01)).update(policy, batch)["step/skipped"] == 0.0
+    reference = make()
+    reference.fit(make_policy("gauss"), batch.obs, batch.act)  # the policy the update started from
+    v = torch.randn(sum(p.numel() for p in policy.actor_parameters()), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(curvature.mv(v), reference.mv(v), rtol=1e-12, atol=1e-14)
+
+
+def test_the_line_search_of_an_update_with_an_entropy_bonus_measures_the_bonus():
+    """With zero advantages the objective is the entropy bonus alone: the line search must see it improve
+    (judged without ent_coef it sees a flat 0 and rejects every try)."""
+    policy = make_policy("gauss")
+    batch = make_batch(policy)
+    batch = Batch(obs=batch.obs, act=batch.act, adv=torch.zeros_like(batch.adv), ret=batch.ret,
+                  logp_old=batch.logp_old, eta_old=batch.eta_old)
+    stats = NaturalGradientUpdate(fisher.Dense(damping=0.01), LineSearch(0.01), ent_coef=0.1).update(policy, batch)
+    assert stats["step/accepted"] == 1.0 and stats["step/surrogate_gain"] > 0.0 and 0.0 < kl_now(policy, batch) <= 0.01
+
+
+@pytest.mark.parametrize("name,settings,attributes", [
+    ("diagonal", {"damping": 0.37}, {"damping": 0.37}),
+    ("kfac", {"damping": 0.37, "kfac_refresh_every": 3, "kfac_ema_decay": 0.5},
+     {"damping": 0.37, "refresh_every": 3, "ema_decay": 0.5}),
+    ("empirical", {"damping": 0.37, "cg_iters": 7, "cg_tol": 1e-5}, {"damping": 0.37, "cg_iters": 7, "cg_tol": 1e-5}),
+    ("cg", {"damping": 0.37, "cg_iters": 7, "cg_tol": 1e-5, "cg_warm_start": True},
+     {"damping": 0.37, "iters": 7, "tol": 1e-5, "warm_start": True}),
+    ("dense", {"damping": 0.37}, {"damping": 0.37}),
+])
+def test_make_curvature_hands_every_setting_to_its_solver(name, settings, attributes):
+    from natpg.algorithms import make_curvature
+
+    curvature = make_curvature(Config(algorithm="npg").override(fisher=name, **settings), None)
+    assert {key: getattr(curvature, key) for key in attributes} == attributes

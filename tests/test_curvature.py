@@ -900,3 +900,66 @@ def test_npg_learns_cartpole_with_every_fisher(fisher):
     agent.learn(total_steps=150_000)
     mean, _ = natpg.evaluate(agent, "CartPole-v1", episodes=10, seed=1000)
     assert mean >= 475, f"fisher={fisher}: mean return {mean} after 150k steps"
+
+
+# Found by stop 47's mutation audit: behaviours no test above pinned down.
+
+def test_empirical_fisher_cg_runs_exactly_cg_iters():
+    """With N ≥ P the empirical Fisher's solve is ``cg_iters`` CG steps from zero on v ↦ SᵀSv/N + λv."""
+    from natpg.fisher import conjugate_gradient
+
+    policy = make_policy("gauss", hidden=(4,))
+    obs, act = batch(policy, n=80)
+    emp = Empirical(damping=0.05, cg_iters=3, cg_tol=0.0)
+    emp.fit(policy, obs, act)
+    g = torch.randn(emp.scores.shape[1], generator=torch.Generator().manual_seed(0))
+    x = emp.solve(g)
+    want, _ = conjugate_gradient(emp.mv, g, max_iters=3, tol=0.0)
+    assert emp.stats["fisher/cg_iters"] == 3.0
+    torch.testing.assert_close(x, want, rtol=1e-12, atol=1e-14)
+
+
+def test_kfac_output_fisher_square_root_of_a_multicategorical_head():
+    """The eigendecomposition branch of output_fisher_sqrt (a MultiCategorical head: block-diagonal F_out, neither
+    diagonal nor one categorical): L Lᵀ = F_out."""
+    from natpg.fisher.kfac import output_fisher_sqrt
+    from natpg.policies import MultiCategoricalMLP
+
+    policy = MultiCategoricalMLP(4, [3, 2], (6,))
+    with torch.no_grad():
+        for p in policy.actor_parameters():
+            p.normal_(0.0, 1.0)
+        eta = policy(torch.randn(5, 4))
+    L = output_fisher_sqrt(policy.head, eta)  # [R, B, K]
+    torch.testing.assert_close(torch.einsum("rbk,rbl->bkl", L, L), policy.head.fisher(eta), rtol=1e-10, atol=1e-12)
+
+
+def test_cg_warm_start_continues_from_the_last_solution():
+    """cg_warm_start: each solve is ``iters`` CG steps from the previous solution; without it, from zero."""
+    from natpg.fisher import conjugate_gradient, fisher_vector_product
+
+    policy = make_policy("gauss")
+    obs, _ = batch(policy, n=40)
+    g = torch.randn(sum(p.numel() for p in policy.actor_parameters()), generator=torch.Generator().manual_seed(1))
+    warm = CG(damping=0.1, iters=2, tol=0.0, warm_start=True)
+    warm.fit(policy, obs)
+    first, second = warm.solve(g), warm.solve(g)
+    fvp = fisher_vector_product(policy, obs, damping=0.1)
+    torch.testing.assert_close(second, conjugate_gradient(fvp, g, x0=first, max_iters=2, tol=0.0)[0],
+                               rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(first, second)
+    cold = CG(damping=0.1, iters=2, tol=0.0)
+    cold.fit(policy, obs)
+    torch.testing.assert_close(cold.solve(g), first)
+    torch.testing.assert_close(cold.solve(g), first)
+
+
+def test_cg_preconditioner_is_fitted_on_the_solvers_subsample():
+    policy = make_policy("gauss")
+    obs, act = batch(policy, n=40)
+    cg = CG(damping=0.1, subsample=0.25, preconditioner="diagonal", generator=torch.Generator().manual_seed(0))
+    cg.fit(policy, obs, act)
+    solver_obs, = fixed_subsample(0.25, torch.Generator().manual_seed(0), obs)  # the fit's draw
+    reference = Diagonal(damping=0.1)
+    reference.fit(policy, solver_obs)
+    torch.testing.assert_close(cg.preconditioner.diag, reference.diag, rtol=1e-12, atol=1e-14)

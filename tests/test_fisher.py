@@ -330,3 +330,50 @@ def test_policies_that_are_not_plain_mlps_take_autograds_fisher_products():
     F = dense_fisher(hooked, obs)
     v = torch.randn(F.shape[0])
     assert torch.allclose(fisher_vector_product(hooked, obs)(v), F @ v, atol=1e-5, rtol=1e-4)
+
+
+# Found by stop 47's mutation audit: behaviours no test above pins down.
+
+def test_cg_stops_at_zero_or_negative_curvature_with_the_iterate_so_far(float64):
+    """pᵀFp ≤ 0 stops CG with the iterate reached (an undamped Fisher with g outside its range): F = diag(1, 1, 0),
+    b = (1, 0, 1): one step along b, then p = (0, 0, 2) with pᵀFp = 0, where α = rz/0 would make x inf/NaN; a first
+    direction of negative curvature takes no step at all."""
+    F = torch.diag(torch.tensor([1.0, 1.0, 0.0]))
+    b = torch.tensor([1.0, 0.0, 1.0])
+    x, info = conjugate_gradient(lambda v: F @ v, b, max_iters=10, tol=0.0)
+    assert info.iterations == 1 and not info.converged
+    torch.testing.assert_close(x, 2.0 * b, rtol=0, atol=0)
+    F = torch.diag(torch.tensor([1.0, -2.0]))
+    x, info = conjugate_gradient(lambda v: F @ v, torch.tensor([1.0, 1.0]), max_iters=10)
+    assert info.iterations == 0 and torch.equal(x, torch.zeros(2))
+
+
+def test_cg_stopped_by_its_iteration_cap_reports_not_converged(float64):
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(20, 20, generator=g)
+    F = A @ A.T / 20 + torch.diag(torch.logspace(-3, 2, 20))
+    b = torch.randn(20, generator=g)
+    _, info = conjugate_gradient(lambda v: F @ v, b, max_iters=2, tol=1e-12)
+    assert info.iterations == 2 and not info.converged and info.residual_norm > 1e-12 * float(b.norm())
+
+
+def test_fvp_of_a_policy_whose_output_does_not_reach_its_parameters_is_the_damping(float64):
+    """η independent of the actor's parameters (a hook cuts the graph): F = 0, so the damped product is λv."""
+    policy = CategoricalMLP(3, 4, (5,))
+    policy.logits_net.register_forward_hook(lambda module, inputs, out: out.detach().requires_grad_(True))
+    obs = torch.randn(6, 3)
+    v = torch.randn(sum(p.numel() for p in policy.actor_parameters()))
+    torch.testing.assert_close(fisher_vector_product(policy, obs, damping=0.5)(v), 0.5 * v)
+    torch.testing.assert_close(fisher_vector_product(policy, obs)(v), torch.zeros_like(v))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 7])
+def test_dense_fisher_is_the_mean_over_every_state_whatever_its_chunk(float64, chunk):
+    """The agent's batches (2048 states) are larger than dense_fisher's default chunk (256): the chunked sum must be
+    the mean over every state (an 8× larger F from dividing by the last chunk's size went unseen)."""
+    policy = perturbed(GaussianMLP(3, 2, (5,)))
+    obs = torch.randn(10, 3, generator=torch.Generator().manual_seed(2))
+    F = dense_fisher(policy, obs)
+    torch.testing.assert_close(dense_fisher(policy, obs, chunk=chunk), F, rtol=1e-12, atol=1e-13)
+    v = torch.randn(F.shape[0])
+    torch.testing.assert_close(F @ v, fisher_vector_product(policy, obs)(v), rtol=1e-10, atol=1e-12)

@@ -124,7 +124,7 @@ class CG:
         self._step_fvp = step_length_products(policy, obs, solver_obs, self.step_length, self) or self._fvp
         if self.preconditioner is not None:
             self.preconditioner.damping = self.damping
-            self.preconditioner.fit(policy, solver_obs, act)
+            self.preconditioner.fit(policy, solver_obs)  # its estimator samples its own actions (solver_obs' rows)
 
     def mv(self, v: torch.Tensor) -> torch.Tensor:
         return self._step_fvp(v)
