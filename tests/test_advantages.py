@@ -137,3 +137,42 @@ def test_make_batch_bootstraps_truncations_and_cuts_the_trace_at_every_episode_e
                         0.9, 0.8)
     np.testing.assert_allclose(batch.adv.numpy(), ref.reshape(-1), rtol=0, atol=1e-12)
     np.testing.assert_allclose(batch.ret.numpy(), (ref + obs[..., 0].numpy()).reshape(-1), rtol=0, atol=1e-12)
+
+
+# Found by stop 47's second mutation audit: the critic's targets come from the raw GAE.
+
+def test_make_batch_normalises_the_advantages_but_keeps_the_returns_of_the_raw_gae(float64):
+    """With normalize_advantages=True only the actor's advantages are standardised: the critic's targets stay
+    A + V of the raw GAE (a loop), not the normalised advantages plus V."""
+    from natpg.config import AdvantageConfig
+    from natpg.policies import CategoricalMLP
+    from natpg.rollout import Rollout
+    from natpg.train import make_batch
+
+    class FirstFeature(torch.nn.Module):
+        def forward(self, x):
+            return x[:, 0]
+
+    T, N, gamma, lam = 7, 3, 0.9, 0.8
+    g = torch.Generator().manual_seed(1)
+    obs = torch.randn(T, N, 3, generator=g)
+    after = torch.randn(T, N, 3, generator=g)
+    rew = 5.0 + 3.0 * torch.randn(T, N, generator=g)  # far from mean 0 / std 1: normalising changes everything
+    term, trunc = torch.zeros(T, N, dtype=torch.bool), torch.zeros(T, N, dtype=torch.bool)
+    term[2, 0], trunc[4, 1] = True, True
+    rollout = Rollout(obs=obs, act=torch.zeros(T, N, dtype=torch.long), rew=rew, terminated=term, truncated=trunc,
+                      next_obs=after)
+    batch = make_batch(rollout, CategoricalMLP(3, 2, (4,)), FirstFeature(),
+                       AdvantageConfig(gamma=gamma, gae_lambda=lam, normalize_advantages=True))
+    v, nv = obs[..., 0].numpy(), after[..., 0].numpy()
+    adv = np.zeros((T, N))
+    for n in range(N):  # A_t = δ_t + γλ A_{t+1}, cut at every episode end and at the rollout's end
+        running = 0.0
+        for t in range(T - 1, -1, -1):
+            delta = rew[t, n].item() + (0.0 if term[t, n] else gamma * nv[t, n]) - v[t, n]
+            running = delta + (0.0 if (term[t, n] or trunc[t, n]) else gamma * lam * running)
+            adv[t, n] = running
+    np.testing.assert_allclose(batch.ret.numpy(), (adv + v).reshape(-1), rtol=0, atol=1e-12)
+    flat = adv.reshape(-1)
+    np.testing.assert_allclose(batch.adv.numpy(), (flat - flat.mean()) / (flat.std(ddof=1) + 1e-8), rtol=0,
+                               atol=1e-10)

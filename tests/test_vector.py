@@ -509,3 +509,64 @@ def test_a_multiproc_worker_that_dies_is_named_with_its_copies(when):
             envs.step(np.zeros(4, np.int64)) if when == "step" else envs.reset(seed=1)
     finally:
         envs.close()
+
+
+# Found by stop 47's second mutation audit: the normalisers' statistics against plain moments.
+
+PRIOR = 1e-4  # RunningMeanStd's pseudo-count: a prior of mean 0, variance 1
+
+
+def pooled_mean_var(batches, prior=PRIOR):
+    """Mean and (biased) variance of the pseudo-sample (weight ``prior``, mean 0, variance 1) pooled with every
+    row of ``batches``, from first and second moments: Σw·x / Σw and Σw·x² / Σw − mean²."""
+    x = np.concatenate(batches, 0)
+    w = prior + x.shape[0]
+    mean = x.sum(0) / w
+    second = (prior * 1.0 + (x**2).sum(0)) / w  # the prior's E[x²] = var + mean² = 1
+    return mean, second - mean**2
+
+
+def test_running_mean_std_equals_the_pooled_moments_of_all_its_batches(float64):
+    """Batches of unequal sizes and far-apart means: a merge weighting the means by the wrong count, or missing
+    (or mis-scaling) the between-batch term δ²·n_a·n_b/n, is off by O(1) here."""
+    from natpg.envs import RunningMeanStd
+
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(loc, scale, size=(n, 3)) for loc, scale, n in ((5.0, 1.0, 7), (-3.0, 2.0, 50),
+                                                                          (10.0, 0.5, 1), (0.0, 3.0, 13))]
+    rms = RunningMeanStd((3,))
+    for b in batches:
+        rms.update(b)
+    mean, var = pooled_mean_var(batches)
+    np.testing.assert_allclose(rms.mean, mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(rms.var, var, rtol=1e-12)
+    assert rms.count == pytest.approx(PRIOR + 71, rel=1e-15)
+    # and the textbook numbers once the prior no longer matters
+    x = np.concatenate(batches, 0)
+    np.testing.assert_allclose(rms.mean, x.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(rms.var, x.var(0), rtol=1e-5)
+
+
+def test_the_sampler_normalises_each_observation_with_statistics_that_already_include_it():
+    """ObsNormalizer's documented order (update first, then normalise): the first stored observations are the
+    reset observations standardised by the pooled moments of exactly those observations (and the prior),
+    not passed through the initial mean 0 / variance 1; every later step's by the moments of all steps so far."""
+    from natpg.envs import ObsNormalizer, RewardScaler, make_vec_env
+    from natpg.policies import CategoricalMLP
+    from natpg.rollout import Sampler
+
+    N = 6
+    envs = make_vec_env("CartPole-v1", N)
+    sampler = Sampler(envs, ObsNormalizer((4,), 10.0), RewardScaler(N, 0.99, 10.0), 0, torch.device("cpu"),
+                      torch.Generator().manual_seed(0))
+    seen = []
+    torch.manual_seed(0)
+    policy = CategoricalMLP(4, 2, (8,))
+    for t in range(5):
+        raw = sampler.obs.copy()  # the raw observations the next step acts on
+        seen.append(raw)
+        rollout = sampler.collect(policy, 1)
+        mean, var = pooled_mean_var(seen)
+        expected = np.clip((raw - mean) / np.sqrt(var + 1e-8), -10.0, 10.0)
+        np.testing.assert_allclose(rollout.obs[0].numpy(), expected, rtol=1e-5, atol=1e-5)
+    sampler.close()
