@@ -151,6 +151,8 @@ def copy_run(src: str, dst: str) -> None:
     try:
         for name in names:
             path, target = os.path.join(src, name), os.path.join(dst, name)
+            if os.path.lexists(target):  # claim_run_dir cleared dst: never copy over (or clean up) what was there
+                raise FileExistsError(f"{target!r} exists: copy_run copies a run only into a directory without one")
             if os.path.isdir(path) and not os.path.islink(path):
                 copied.append(target)
                 shutil.copytree(path, target)
