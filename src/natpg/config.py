@@ -762,14 +762,12 @@ def unread_because(cfg: Config, key: str, action_space_type: str | None = None,
         return "clips normalised observations; this run's normalize_obs is False"
     if key == "reward_clip" and not cfg.env.normalize_reward:
         return "clips scaled rewards; this run's normalize_reward is False"
-    if key == "worker_timeout" and cfg.distributed.sampler not in ("processes", "ray") \
-            and cfg.env.vectorization == "sync":
-        return (f"read by sampler='processes' and 'ray', and by vectorization='multiproc' and 'async'; this run's "
-                f"sampler is {cfg.distributed.sampler!r}, its vectorization 'sync'")
-    if key == "worker_start_timeout" and cfg.distributed.sampler not in ("processes", "ray") \
-            and cfg.env.vectorization != "multiproc":
-        return (f"read by sampler='processes' and 'ray', and by vectorization='multiproc'; this run's sampler is "
-                f"{cfg.distributed.sampler!r}, its vectorization {cfg.env.vectorization!r}")
+    if key in ("worker_timeout", "worker_start_timeout") and cfg.distributed.sampler not in ("processes", "ray"):
+        engines = ("multiproc", "async") if key == "worker_timeout" else ("multiproc",)  # 'async' starts untimed
+        if cfg.env.vectorization not in engines:
+            return (f"read by sampler='processes' and 'ray', and by vectorization="
+                    f"{' and '.join(repr(e) for e in engines)}; this run's sampler is {cfg.distributed.sampler!r}, "
+                    f"its vectorization {cfg.env.vectorization!r}")
     if key == "eval_episodes" and not cfg.run.eval_every:
         return "read by the periodic evaluation; this run's eval_every is 0"
     for minibatch, section in (("ppo_minibatch", cfg.step), ("critic_minibatch", cfg.critic)):

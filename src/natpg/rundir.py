@@ -92,14 +92,14 @@ def holds_this_run(agent: Agent, path: str, held: list[str], overwrite: bool, by
         meta = None
     if meta is not None and _continues(agent, meta):
         logged = not file and os.path.exists(os.path.join(path, checkpoint.PROGRESS_CSV))
-        if logged and meta["env_steps"] < agent.env_steps and by == "resume":  # an older copy of the run resumed
-            if overwrite:
-                return False
-            raise ValueError(f"--out {path!r} holds this run's log up to env step {meta['env_steps']}, the run "
-                             f"resumed is at {agent.env_steps}: going on in it would leave a gap in its logs; "
-                             f"--overwrite replaces it with the resumed run's, or --resume {path!r} goes on from "
-                             f"its own checkpoint")
         if logged and meta["env_steps"] < agent.env_steps:  # learn or save into it after calls without it
+            if by == "resume":  # an older copy of the run resumed: refused, or replaced
+                if overwrite:
+                    return False
+                raise ValueError(f"--out {path!r} holds this run's log up to env step {meta['env_steps']}, the run "
+                                 f"resumed is at {agent.env_steps}: going on in it would leave a gap in its logs; "
+                                 f"--overwrite replaces it with the resumed run's, or --resume {path!r} goes on "
+                                 f"from its own checkpoint")
             warn(f"{path!r} holds this run's log up to env step {meta['env_steps']} (update {meta.get('updates')}), "
                  f"the agent is at {agent.env_steps} (update {agent.updates}): the updates between, trained "
                  f"without this directory, are not in its logs (progress.csv goes on after a gap, episodes.csv "
@@ -151,13 +151,14 @@ def copy_run(src: str, dst: str) -> None:
     try:
         for name in names:
             path, target = os.path.join(src, name), os.path.join(dst, name)
+            if not os.path.lexists(path):
+                continue
             if os.path.lexists(target):  # claim_run_dir cleared dst: never copy over (or clean up) what was there
                 raise FileExistsError(f"{target!r} exists: copy_run copies a run only into a directory without one")
+            copied.append(target)
             if os.path.isdir(path) and not os.path.islink(path):
-                copied.append(target)
                 shutil.copytree(path, target)
-            elif os.path.lexists(path):
-                copied.append(target)
+            else:
                 shutil.copy2(path, target)
     except BaseException:
         for target in copied:
