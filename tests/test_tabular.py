@@ -92,6 +92,15 @@ def ref_softmax(theta: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def ref_score(pi: np.ndarray, s: int, a: int) -> np.ndarray:
+    """``d log pi(a|s) / d theta`` of the tabular softmax, ``[S * A]``: e_{s,a} - pi(.|s) on state s's block."""
+    S, A = pi.shape
+    score = np.zeros(S * A)
+    score[s * A + a] += 1.0
+    score[s * A : (s + 1) * A] -= pi[s]
+    return score
+
+
 def ref_solve_values(mdp: MDP, pi: np.ndarray) -> np.ndarray:
     """``V^pi`` via an explicit inverse (a different route from the library's solve)."""
     P_pi = (pi[:, :, None] * mdp.P).sum(axis=1)
@@ -216,9 +225,7 @@ def test_dense_fisher_matches_score_outer_product_loop():
     F_ref = np.zeros((S * A, S * A))
     for s in range(S):
         for a in range(A):
-            score = np.zeros(S * A)  # d log pi(a|s) / d theta = e_{s,a} - pi(.|s) on block s
-            score[s * A + a] += 1.0
-            score[s * A : (s + 1) * A] -= pi[s]
+            score = ref_score(pi, s, a)
             F_ref += d[s] * pi[s, a] * np.outer(score, score)
     np.testing.assert_allclose(fisher(m, theta), F_ref, atol=1e-14)
 
@@ -287,8 +294,7 @@ def test_compatible_function_approximation_gives_natural_gradient():
     Psi = np.zeros((S * A, S * A))  # row (s, a): the compatible feature score(s, a)
     for s in range(S):
         for a in range(A):
-            Psi[s * A + a, s * A + a] += 1.0
-            Psi[s * A + a, s * A : (s + 1) * A] -= pi[s]
+            Psi[s * A + a] = ref_score(pi, s, a)
     sw = np.sqrt((d[:, None] * pi).ravel())
     w_star = np.linalg.lstsq(sw[:, None] * Psi, sw * Q.ravel(), rcond=None)[0]
     np.testing.assert_allclose(
@@ -334,10 +340,7 @@ def ref_reparameterised_steps(mdp: MDP, G, jacobian, phi: np.ndarray) -> tuple[n
     F_phi, g_phi = np.zeros((len(phi), len(phi))), np.zeros(len(phi))
     for s in range(S):
         for a in range(A):
-            score = np.zeros(S * A)  # d log pi(a|s) / d theta
-            score[s * A + a] += 1.0
-            score[s * A : (s + 1) * A] -= pi[s]
-            psi = J.T @ score
+            psi = J.T @ ref_score(pi, s, a)
             F_phi += d[s] * pi[s, a] * np.outer(psi, psi)
             g_phi += d[s] * pi[s, a] * psi * (Q[s, a] - V[s]) / (1 - mdp.gamma)
     return np.linalg.pinv(F_phi, rcond=1e-12, hermitian=True) @ g_phi, g_phi
